@@ -1,0 +1,26 @@
+"""FP8 kernels API: the one dispatch point the model calls for linears and routed experts.
+
+Contract (shapes in names; E = local experts, F = expert intermediate width, D = hidden):
+- ``linear(x, weight, scale)``: ``weight`` is ``[N, K]`` in any dtype. If it is float8_e4m3fn,
+  ``scale`` is the fp32 ``[ceil(N/128), ceil(K/128)]`` dequant multiplier (HF ``weight_scale_inv``).
+  Output has ``x.dtype``.
+- ``moe_experts(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale)``:
+  SwiGLU experts ``down(silu(gate x) * up x)`` weighted by the routing weights and summed per token.
+  ``topk_ids`` are *local* expert indices in [0, E); -1 marks a slot owned elsewhere (skipped).
+  ``w13`` stacks gate rows [0, F) and up rows [F, 2F). For FP8, ``w13_scale`` is
+  ``[E, 2*ceil(F/128), ceil(D/128)]``: the gate half and the up half are block-quantized separately
+  (so F need not be a multiple of 128), and ``w2_scale`` is ``[E, ceil(D/128), ceil(F/128)]``.
+
+This stub holds the pure-torch references; the Triton kernels plug in behind the same names.
+"""
+
+from expertpool.kernels.reference import (  # noqa: F401
+    BLOCK_SIZE,
+    FP8_E4M3_MAX,
+    act_quant_ref as act_quant,
+    weight_dequant_ref as weight_dequant,
+    weight_quant_ref as weight_quant,
+    linear_ref as linear,
+    moe_experts_ref as moe_experts,
+    dequant_w13_ref,
+)

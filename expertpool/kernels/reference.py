@@ -1,0 +1,104 @@
+"""Pure-torch references for the FP8 kernels (the CPU path and the ground truth of kernel tests).
+
+Formats follow DeepSeek-V3: e4m3 weights in 128x128 blocks with an fp32 dequant multiplier per
+block (``weight_scale_inv``; edges not a multiple of 128 are zero-padded before the amax), and
+activations in 1x128 groups. All arithmetic here is fp32.
+"""
+
+import torch
+import torch.nn.functional as F
+
+FP8_E4M3_MAX = 448.0
+BLOCK_SIZE = 128
+AMAX_FLOOR = 1e-4  # keeps all-zero groups finite (the upstream NaN bug)
+
+
+def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
+    return torch.exp2(torch.ceil(torch.log2(s)))
+
+
+def act_quant_ref(x: torch.Tensor, block_size: int = BLOCK_SIZE, scale_fmt: str | None = None):
+    """[..., K] -> (e4m3 [..., K], fp32 scales [..., K/block]). K must be a multiple of block."""
+    assert x.shape[-1] % block_size == 0, f"last dim {x.shape[-1]} is not a multiple of {block_size}"
+    xf = x.float().reshape(*x.shape[:-1], -1, block_size)
+    s = xf.abs().amax(-1).clamp_min(AMAX_FLOOR) / FP8_E4M3_MAX
+    if scale_fmt == "ue8m0":
+        s = _pow2_ceil(s)
+    y = (xf / s.unsqueeze(-1)).to(torch.float8_e4m3fn)
+    return y.reshape(x.shape), s
+
+
+def weight_quant_ref(w: torch.Tensor, block_size: int = BLOCK_SIZE, scale_fmt: str | None = None):
+    """[N, K] -> (e4m3 [N, K], fp32 [ceil(N/b), ceil(K/b)])."""
+    assert w.dim() == 2, f"weight must be 2-D, got {tuple(w.shape)}"
+    n, k = w.shape
+    nb, kb = -(-n // block_size), -(-k // block_size)
+    wp = torch.zeros(nb * block_size, kb * block_size, dtype=torch.float32, device=w.device)
+    wp[:n, :k] = w.float()
+    blocks = wp.view(nb, block_size, kb, block_size)
+    s = blocks.abs().amax(dim=(1, 3)).clamp_min(AMAX_FLOOR) / FP8_E4M3_MAX
+    if scale_fmt == "ue8m0":
+        s = _pow2_ceil(s)
+    q = (blocks / s[:, None, :, None]).to(torch.float8_e4m3fn).view(nb * block_size, kb * block_size)
+    return q[:n, :k].contiguous(), s
+
+
+def weight_dequant_ref(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32,
+                       block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """Exact: w.float() * s broadcast over 128x128 blocks, cast to ``dtype``."""
+    n, k = w.shape
+    s_full = s.repeat_interleave(block_size, 0)[:n].repeat_interleave(block_size, 1)[:, :k]
+    return (w.float() * s_full).to(dtype)
+
+
+def _weight_as(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    if w.dtype == torch.float8_e4m3fn:
+        assert scale is not None, "an fp8 weight needs its weight_scale_inv"
+        return weight_dequant_ref(w, scale, dtype)
+    return w if w.dtype == dtype else w.to(dtype)
+
+
+def linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    return F.linear(x, _weight_as(weight, scale, x.dtype))
+
+
+def dequant_w13_ref(w13: torch.Tensor, s13: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+    """One expert's fused [2F, D] gate/up weight, halves quantized separately."""
+    if w13.dtype != torch.float8_e4m3fn:
+        return w13 if w13.dtype == dtype else w13.to(dtype)
+    f = w13.shape[0] // 2
+    fb = -(-f // BLOCK_SIZE)
+    return torch.cat([weight_dequant_ref(w13[:f], s13[:fb], dtype),
+                      weight_dequant_ref(w13[f:], s13[fb:], dtype)])
+
+
+def moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale):
+    """Grouped SwiGLU experts: sort (token, slot) pairs by expert, one matmul pair per active expert."""
+    T, D = x_TD.shape
+    E = w13_E2FD.shape[0]
+    flat_ids = topk_ids_TK.reshape(-1)
+    valid = flat_ids >= 0
+    pair_idx = torch.nonzero(valid, as_tuple=True)[0]
+    out_TD = torch.zeros_like(x_TD)
+    if pair_idx.numel() == 0:
+        return out_TD
+    ids = flat_ids[pair_idx]
+    order = torch.argsort(ids, stable=True)
+    pair_idx = pair_idx[order]
+    counts = torch.bincount(ids, minlength=E).tolist()
+    tok = pair_idx // topk_ids_TK.shape[1]
+    x_sorted = x_TD[tok]
+    w_sorted = topk_weights_TK.reshape(-1)[pair_idx].to(x_TD.dtype)
+    y_sorted = torch.empty_like(x_sorted)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        xe = x_sorted[start:start + n]
+        w13 = dequant_w13_ref(w13_E2FD[e], None if w13_scale is None else w13_scale[e], x_TD.dtype)
+        w2 = _weight_as(w2_EDF[e], None if w2_scale is None else w2_scale[e], x_TD.dtype)
+        gate, up = F.linear(xe, w13).chunk(2, dim=-1)
+        y_sorted[start:start + n] = F.linear(F.silu(gate) * up, w2)
+        start += n
+    out_TD.index_add_(0, tok, y_sorted * w_sorted[:, None])
+    return out_TD
