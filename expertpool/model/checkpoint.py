@@ -1,0 +1,351 @@
+"""Hugging Face checkpoint I/O for DeepSeek-V3: BF16 and block-FP8 safetensors, sharded or not.
+
+Loading builds the module skeleton on the meta device and fills it tensor by tensor from lazily
+opened safetensors files, so peak memory is the resident model plus one tensor, and a subset of
+routed experts (``experts=``) is read without touching the others. Every linear weight is kept in
+the requested resident format (``weight_dtype``): FP8 (e4m3 + 128x128 ``weight_scale_inv``,
+dequantized on use on CPU), bf16 or fp32; activations run in ``dtype``. The router stays fp32.
+
+Saving writes the HF layout (per-expert names, MTP as ``model.layers.{L+k}``) into a temporary
+sibling directory and renames it into place, so a crash never leaves a half-written checkpoint.
+Errors name the file or tensor and what was expected (``CheckpointError``).
+"""
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from expertpool import kernels
+from expertpool.model.args import ConfigError, ModelArgs
+from expertpool.model.layers import Linear
+from expertpool.model.moe import Experts, Gate
+from expertpool.model.transformer import Transformer
+
+log = logging.getLogger(__name__)
+
+FP8 = torch.float8_e4m3fn
+WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32}
+EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded or saved; the message names the file/tensor and the fix."""
+
+
+class _Reader:
+    """Lazy tensor access across shards; validates presence, shape and dtype."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._handles = {}
+        index = path / "model.safetensors.index.json"
+        single = path / "model.safetensors"
+        if index.exists():
+            try:
+                self.weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}); it needs a 'weight_map'") from e
+        elif single.exists():
+            self.weight_map = {k: "model.safetensors" for k in self._open("model.safetensors").keys()}
+        else:
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json; "
+                                  "point --model at a Hugging Face checkpoint directory")
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            f = self.path / fname
+            if not f.exists():
+                raise CheckpointError(f"{f}: shard listed in the index is missing")
+            try:
+                h = safe_open(str(f), framework="pt")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt, "
+                                      "re-download or re-save it") from e
+            self._handles[fname] = h
+        return self._handles[fname]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def get(self, name: str, shape: tuple | None = None, dtypes: tuple | None = None) -> torch.Tensor:
+        if name not in self.weight_map:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint"
+                                  + (f" (expected shape {list(shape)})" if shape else ""))
+        fname = self.weight_map[name]
+        try:
+            t = self._open(fname).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{self.path / fname}: cannot read tensor {name!r} ({e}); "
+                                  "the file is truncated or corrupt") from e
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{self.path / fname}: tensor {name!r} has shape {list(t.shape)}, "
+                                  f"expected {list(shape)} for this config.json")
+        if dtypes is not None and t.dtype not in dtypes:
+            raise CheckpointError(f"{self.path / fname}: tensor {name!r} has dtype {t.dtype}, "
+                                  f"expected one of {[str(d) for d in dtypes]}")
+        return t
+
+
+def _scale_shape(shape) -> tuple[int, int]:
+    return (-(-shape[0] // kernels.BLOCK_SIZE), -(-shape[1] // kernels.BLOCK_SIZE))
+
+
+def _read_linear(r: _Reader, name: str, shape) -> tuple[torch.Tensor, torch.Tensor | None]:
+    w = r.get(name + ".weight", shape, (FP8, torch.bfloat16, torch.float16, torch.float32))
+    if w.dtype == FP8:
+        return w, r.get(name + ".weight_scale_inv", _scale_shape(shape), (torch.float32,))
+    return w, None
+
+
+def _resident(w: torch.Tensor, s: torch.Tensor | None, target: torch.dtype, scale_fmt=None):
+    """Convert one [N, K] weight (+ scale) to the resident format."""
+    if target == FP8:
+        return (w, s) if w.dtype == FP8 else kernels.weight_quant(w, scale_fmt=scale_fmt)
+    if w.dtype == FP8:
+        return kernels.weight_dequant(w, s, target), None
+    return w.to(target), None
+
+
+def _ckpt_name(args: ModelArgs, ours: str) -> str:
+    """Our module path -> HF checkpoint name (MTP layers are model.layers.{L+k})."""
+    if ours.startswith("model.mtp."):
+        k, _, rest = ours[len("model.mtp."):].partition(".")
+        return f"model.layers.{args.num_hidden_layers + int(k)}" + (f".{rest}" if rest else "")
+    return ours
+
+
+def _set(module: nn.Module, attr: str, t: torch.Tensor, param: bool) -> None:
+    if param:
+        setattr(module, attr, nn.Parameter(t, requires_grad=t.is_floating_point() and t.dtype != FP8))
+    else:
+        module.register_buffer(attr, t)
+
+
+def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", experts=None,
+                    weight_dtype: str | None = None, with_mtp: bool = True) -> Transformer:
+    """Load an HF-format DeepSeek-V3 checkpoint directory.
+
+    dtype: compute dtype. weight_dtype: resident linear-weight format, "fp8" | "bf16" | "fp32", or None
+    (FP8 tensors stay FP8, others take ``dtype``). experts: global routed-expert ids to load (None = all).
+    """
+    path = Path(path)
+    try:
+        args = ModelArgs.from_dir(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from e
+    if weight_dtype is not None and weight_dtype not in WEIGHT_DTYPES:
+        raise CheckpointError(f"weight_dtype {weight_dtype!r} unknown; use one of {list(WEIGHT_DTYPES)}")
+    if experts is not None:
+        experts = sorted(set(int(e) for e in experts))
+        bad = [e for e in experts if not 0 <= e < args.n_routed_experts]
+        if bad:
+            raise CheckpointError(f"experts={bad} out of range [0, {args.n_routed_experts})")
+    r = _Reader(path)
+    mtp_present = all(f"model.layers.{args.num_hidden_layers + k}.eh_proj.weight" in r
+                      for k in range(args.num_nextn_predict_layers))
+    if with_mtp and args.num_nextn_predict_layers and not mtp_present:
+        log.info("%s: config has %d MTP layer(s) but the checkpoint has none; loading without MTP",
+                 path, args.num_nextn_predict_layers)
+    with torch.device("meta"):
+        model = Transformer(args, experts, with_mtp=with_mtp and mtp_present)
+    target_of = (lambda w: WEIGHT_DTYPES[weight_dtype]) if weight_dtype else (lambda w: FP8 if w.dtype == FP8 else dtype)
+
+    for mname, module in model.named_modules():
+        cname = _ckpt_name(args, mname)
+        if isinstance(module, Linear):
+            w, s = _read_linear(r, cname, (module.out_features, module.in_features))
+            # embeddings-sized tensors (lm_head, MTP eh_proj) are never FP8 in V3 checkpoints: keep them dense
+            tgt = target_of(w)
+            if mname in ("lm_head",) or mname.endswith("eh_proj"):
+                tgt = dtype if tgt == FP8 else tgt
+            w, s = _resident(w, s, tgt, args.scale_fmt)
+            _set(module, "weight", w.to(device), True)
+            if s is not None:
+                module.register_buffer("weight_scale_inv", s.to(device))
+        elif isinstance(module, Experts):
+            _load_experts(r, args, cname, module, target_of, device)
+        elif isinstance(module, Gate):
+            _set(module, "weight", r.get(cname + ".weight", (args.n_routed_experts, args.hidden_size)).float().to(device), True)
+            bias = (r.get(cname + ".e_score_correction_bias", (args.n_routed_experts,)).float()
+                    if cname + ".e_score_correction_bias" in r else torch.zeros(args.n_routed_experts))
+            _set(module, "e_score_correction_bias", bias.to(device), False)
+        else:
+            for pname, p in list(module.named_parameters(recurse=False)):
+                _set(module, pname, r.get(f"{cname}.{pname}", tuple(p.shape)).to(dtype).to(device), True)
+    model.rope.to(device)
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.expert_ids, m.global_to_local = m.expert_ids.to(device), m.global_to_local.to(device)
+    for moe in model.moe_layers():
+        moe.expert_load = moe.expert_load.to(device)
+    leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    assert not leftover, f"loader left tensors unset: {leftover[:5]}"
+    return model.eval()
+
+
+def _load_experts(r: _Reader, args: ModelArgs, cname: str, module: Experts, target_of, device):
+    prefix = cname[: -len(".experts")]  # model.layers.N.mlp
+    F_, D = args.moe_intermediate_size, args.hidden_size
+    w13s, s13s, w2s, s2s = [], [], [], []
+    for e in module.expert_ids.tolist():
+        base = f"{prefix}.experts.{e}"
+        g, gs = _read_linear(r, base + ".gate_proj", (F_, D))
+        u, us = _read_linear(r, base + ".up_proj", (F_, D))
+        dn, ds = _read_linear(r, base + ".down_proj", (D, F_))
+        tgt = target_of(g)
+        g, gs = _resident(g, gs, tgt, args.scale_fmt)
+        u, us = _resident(u, us, tgt, args.scale_fmt)
+        dn, ds = _resident(dn, ds, tgt, args.scale_fmt)
+        w13s.append(torch.cat([g, u]))
+        w2s.append(dn)
+        if gs is not None:
+            s13s.append(torch.cat([gs, us]))
+            s2s.append(ds)
+    _set(module, "w13_weight", torch.stack(w13s).to(device), True)
+    _set(module, "w2_weight", torch.stack(w2s).to(device), True)
+    if s13s:
+        module.register_buffer("w13_weight_scale_inv", torch.stack(s13s).to(device))
+        module.register_buffer("w2_weight_scale_inv", torch.stack(s2s).to(device))
+
+
+# ---------------------------------------------------------------- saving
+
+def _dense(w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    return kernels.weight_dequant(w, s, torch.float32) if w.dtype == FP8 else w.float()
+
+
+def checkpoint_tensors(model: Transformer, *, fp8: bool = False, dtype: torch.dtype = torch.bfloat16,
+                       scale_fmt: str | None = None) -> dict[str, torch.Tensor]:
+    """The model as HF checkpoint tensors. fp8=True block-quantizes every projection (not embed/head/router)."""
+    args = model.args
+    out: dict[str, torch.Tensor] = {}
+
+    def put_linear(name, w, s, quantize):
+        if quantize:
+            if w.dtype == FP8 and s is not None:
+                out[name + ".weight"], out[name + ".weight_scale_inv"] = w.contiguous(), s.float().contiguous()
+            else:
+                q, qs = kernels.weight_quant(_dense(w, s), scale_fmt=scale_fmt)
+                out[name + ".weight"], out[name + ".weight_scale_inv"] = q, qs
+        else:
+            out[name + ".weight"] = _dense(w, s).to(dtype).contiguous()
+
+    for mname, module in model.named_modules():
+        cname = _ckpt_name(args, mname)
+        if isinstance(module, Linear):
+            quant = fp8 and mname != "lm_head" and not mname.endswith("eh_proj")
+            put_linear(cname, module.weight.detach(), module.weight_scale_inv, quant)
+        elif isinstance(module, Experts):
+            if module.num_local != args.n_routed_experts:
+                raise CheckpointError(f"{mname}: holds {module.num_local} of {args.n_routed_experts} experts; "
+                                      "only a model with all experts can be saved as a full checkpoint")
+            prefix = cname[: -len(".experts")]
+            F_ = args.moe_intermediate_size
+            fb = -(-F_ // kernels.BLOCK_SIZE)
+            s13, s2 = module.w13_weight_scale_inv, module.w2_weight_scale_inv
+            for i, e in enumerate(module.expert_ids.tolist()):
+                w13 = module.w13_weight[i].detach()
+                base = f"{prefix}.experts.{e}"
+                put_linear(base + ".gate_proj", w13[:F_], None if s13 is None else s13[i][:fb], fp8)
+                put_linear(base + ".up_proj", w13[F_:], None if s13 is None else s13[i][fb:], fp8)
+                put_linear(base + ".down_proj", module.w2_weight[i].detach(), None if s2 is None else s2[i], fp8)
+        elif isinstance(module, Gate):
+            out[cname + ".weight"] = module.weight.detach().to(dtype).contiguous()
+            out[cname + ".e_score_correction_bias"] = module.e_score_correction_bias.float().contiguous()
+        else:
+            for pname, p in module.named_parameters(recurse=False):
+                out[f"{cname}.{pname}"] = p.detach().to(dtype).contiguous()
+    for k in range(len(model.model.mtp)):
+        base = f"model.layers.{args.num_hidden_layers + k}"
+        out[base + ".embed_tokens.weight"] = out["model.embed_tokens.weight"].clone()
+        out[base + ".shared_head.head.weight"] = out["lm_head.weight"].clone()
+    return out
+
+
+def _atomic_dir(out_dir: Path):
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+
+
+def _commit_dir(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / "x")
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def write_safetensors_dir(tensors: dict[str, torch.Tensor], config: dict, out_dir, *,
+                          max_shard_bytes: int = 5 << 30, extra_files: dict[str, str] | None = None,
+                          copy_from: Path | None = None) -> Path:
+    """Write config.json + (sharded) safetensors atomically (temp dir, then rename)."""
+    out_dir = Path(out_dir)
+    tmp = _atomic_dir(out_dir)
+    try:
+        if copy_from is not None:
+            for f in Path(copy_from).iterdir():
+                if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
+                    shutil.copy2(f, tmp / f.name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        shards, cur, size = [], {}, 0
+        for name, t in tensors.items():
+            nbytes = t.numel() * t.element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[name], size = t, size + nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                weight_map.update({k: fname for k in shard})
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            (tmp / "model.safetensors.index.json").write_text(
+                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+        _commit_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def save_checkpoint(model: Transformer, out_dir, *, fp8: bool = False, dtype: torch.dtype = torch.bfloat16,
+                    scale_fmt: str | None = None, max_shard_bytes: int = 5 << 30,
+                    tokenizer_dir: str | Path | None = None) -> Path:
+    """Save as an HF-format directory (config.json + safetensors [+ tokenizer files from tokenizer_dir])."""
+    args = model.args.replace(fp8=fp8, scale_fmt=scale_fmt if fp8 else None)
+    tensors = checkpoint_tensors(model, fp8=fp8, dtype=dtype, scale_fmt=scale_fmt)
+    return write_safetensors_dir(tensors, args.to_hf_config(), out_dir, max_shard_bytes=max_shard_bytes,
+                                 copy_from=Path(tokenizer_dir) if tokenizer_dir else None)
+
+
+@torch.no_grad()
+def init_random(args: ModelArgs, seed: int = 0, std: float = 0.02, dtype=torch.float32) -> Transformer:
+    """A randomly initialised model (normal(0, std) weights, unit norms, zero router bias)."""
+    g = torch.Generator().manual_seed(seed)
+    model = Transformer(args)
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    for n, p in model.named_parameters():
+        if not n.endswith("gate.weight"):
+            p.data = p.data.to(dtype)
+    return model.eval()

@@ -1,0 +1,127 @@
+"""Building blocks: RMSNorm (fp32 compute), the kernel-dispatched Linear, SwiGLU MLP, YaRN RoPE.
+
+``Linear`` stores ``weight`` in whatever resident format the loader chose (fp32, bf16 or fp8 e4m3
+with a ``weight_scale_inv`` block-scale buffer) and always computes through
+``expertpool.kernels.linear``, the single dispatch point for FP8 GEMMs. Module and parameter names
+equal the Hugging Face checkpoint names, so state_dict keys map one to one.
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from expertpool import kernels
+from expertpool.model.args import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight.to(dtype) * xf.to(dtype)
+
+
+class Linear(nn.Module):
+    """y = x W^T without bias; W may be fp8 (then ``weight_scale_inv`` holds its 128x128 block scales)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight_scale_inv: torch.Tensor | None = None
+
+    def set_fp8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.register_buffer("weight_scale_inv", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.linear(x, self.weight, self.weight_scale_inv)
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self.weight.dtype == torch.float8_e4m3fn:
+            return kernels.weight_dequant(self.weight, self.weight_scale_inv, dtype)
+        return self.weight.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, dtype={self.weight.dtype}"
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: dense layers and the shared experts."""
+
+    def __init__(self, dim: int, inter: int):
+        super().__init__()
+        self.gate_proj = Linear(dim, inter)
+        self.up_proj = Linear(dim, inter)
+        self.down_proj = Linear(inter, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def yarn_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and the cos/sin amplitude factor, exactly as HF ``_compute_yarn_parameters``."""
+    d, base = args.qk_rope_head_dim, args.rope_theta
+    # explicit device: the loader builds the module skeleton under torch.device("meta")
+    pos_freqs = base ** (torch.arange(0, d, 2, dtype=torch.float32, device="cpu") / d)
+    inv_freq = 1.0 / pos_freqs
+    y = args.rope_scaling
+    if y is None:
+        return inv_freq, 1.0
+
+    def corr_dim(rot):
+        return d * math.log(y.original_max_position_embeddings / (rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = corr_dim(y.beta_fast), corr_dim(y.beta_slow)
+    if y.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(d // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    extrapolation = 1 - ramp
+    inv_freq = (inv_freq / y.factor) * (1 - extrapolation) + inv_freq * extrapolation
+    if y.attention_factor is not None:
+        attn_factor = y.attention_factor
+    elif y.mscale and y.mscale_all_dim:
+        attn_factor = _mscale(y.factor, y.mscale) / _mscale(y.factor, y.mscale_all_dim)
+    else:
+        attn_factor = _mscale(y.factor, 1.0)
+    return inv_freq, float(attn_factor)
+
+
+def _mscale(scale: float, m: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables over positions; applied to interleaved pairs (the official checkpoint layout)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        inv_freq, self.attn_factor = yarn_inv_freq(args)
+        self.register_buffer("inv_freq", inv_freq.to("cpu"), persistent=False)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [...] -> cos, sin [..., d/2] in fp32."""
+        freqs = positions.float()[..., None] * self.inv_freq
+        return freqs.cos() * self.attn_factor, freqs.sin() * self.attn_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [..., S, (H,) d] with interleaved pairs (x[2i], x[2i+1]); cos/sin broadcast to [..., S, (1,) d/2].
+
+    Output is de-interleaved ([rotated evens | rotated odds]) like HF's ``rope_interleave``; q and k
+    get the same permutation, so attention scores are unchanged and caches stay consistent.
+    """
+    xf = x.float()
+    x1, x2 = xf[..., 0::2], xf[..., 1::2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)

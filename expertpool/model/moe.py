@@ -1,0 +1,149 @@
+"""DeepSeek-V3 MoE: route -> dispatch -> experts -> combine, plus the load-balancing tools.
+
+Shape legend: T tokens, D hidden, E routed experts (global), El local experts, K experts per token,
+G expert groups, F expert intermediate width.
+
+- ``Gate`` is the exact V3 router: fp32 sigmoid scores; ``e_score_correction_bias`` only for
+  selection; group score = sum of the top-2 biased scores in the group; dropped groups masked with
+  -inf; weights gathered from the *unbiased* scores, normalized, times ``routed_scaling_factor``.
+- ``Experts`` holds the local routed experts as stacked tensors (w13 [El, 2F, D], w2 [El, D, F]) and
+  runs them through ``expertpool.kernels.moe_experts`` (grouped, one matmul pair per active expert;
+  the FP8 Triton kernel plugs in there).
+- The dispatcher seam: ``LocalDispatcher`` (all experts in this process; tokens routed to experts
+  not loaded contribute zero) or the all-to-all dispatcher in ``expertpool.platform.dispatch``.
+- Balance tools live outside ``forward``: ``update_router_bias`` (aux-loss-free sign rule),
+  ``sequence_balance_loss`` and per-expert token counts (``MoE.expert_load``).
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from expertpool import kernels
+from expertpool.model.args import ModelArgs
+from expertpool.model.layers import MLP
+
+
+def route(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor | None, args: ModelArgs):
+    """Returns (weights_TK fp32, ids_TK, scores_TE fp32)."""
+    T = x_TD.shape[0]
+    E, G = args.n_routed_experts, args.n_group
+    logits_TE = F.linear(x_TD.float(), weight_ED.float())
+    scores_TE = logits_TE.sigmoid() if args.scoring_func == "sigmoid" else logits_TE.softmax(-1)
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
+    if G > 1:
+        grouped_TGe = choice_TE.view(T, G, E // G)
+        if args.scoring_func == "sigmoid" and E // G >= 2:
+            group_TG = grouped_TGe.topk(2, dim=-1).values.sum(-1)
+        else:  # V2 group-limited greedy
+            group_TG = grouped_TGe.amax(-1)
+        keep_TG = group_TG.topk(args.topk_group, dim=-1).indices
+        mask_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
+        choice_TE = grouped_TGe.masked_fill(mask_TG[..., None], float("-inf")).view(T, E)
+    ids_TK = choice_TE.topk(args.num_experts_per_tok, dim=-1).indices
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if args.norm_topk_prob and args.num_experts_per_tok > 1:
+        weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+    return weights_TK * args.routed_scaling_factor, ids_TK, scores_TE
+
+
+class Gate(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts))
+
+    def forward(self, x_TD):
+        return route(x_TD, self.weight, self.e_score_correction_bias, self.args)
+
+
+class Experts(nn.Module):
+    """Local routed experts; ``expert_ids`` are their global ids (sorted)."""
+
+    def __init__(self, args: ModelArgs, expert_ids: list[int] | None = None):
+        super().__init__()
+        ids = list(range(args.n_routed_experts)) if expert_ids is None else sorted(expert_ids)
+        El, F_, D = len(ids), args.moe_intermediate_size, args.hidden_size
+        self.register_buffer("expert_ids", torch.tensor(ids, dtype=torch.long, device="cpu"), persistent=False)
+        g2l = torch.full((args.n_routed_experts,), -1, dtype=torch.long, device="cpu")
+        g2l[self.expert_ids] = torch.arange(El, device="cpu")
+        self.register_buffer("global_to_local", g2l, persistent=False)
+        self.w13_weight = nn.Parameter(torch.empty(El, 2 * F_, D))
+        self.w2_weight = nn.Parameter(torch.empty(El, D, F_))
+        self.w13_weight_scale_inv: torch.Tensor | None = None
+        self.w2_weight_scale_inv: torch.Tensor | None = None
+
+    @property
+    def num_local(self) -> int:
+        return self.expert_ids.numel()
+
+    def forward(self, x_TD, local_ids_TK, weights_TK):
+        return kernels.moe_experts(x_TD, local_ids_TK, weights_TK, self.w13_weight, self.w13_weight_scale_inv,
+                                   self.w2_weight, self.w2_weight_scale_inv)
+
+
+class LocalDispatcher:
+    """All routed compute in this process. Slots routed to experts not loaded here contribute zero."""
+
+    def __call__(self, x_TD, ids_TK, weights_TK, experts: Experts) -> torch.Tensor:
+        local_ids_TK = experts.global_to_local[ids_TK]
+        return experts(x_TD, local_ids_TK, weights_TK)
+
+
+@dataclass
+class RoutingRecord:
+    """Per-MoE-layer routing of one forward, for training losses and ESFT scoring."""
+    shape: tuple[int, ...] = ()
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # id -> (w, ids, scores)
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, expert_ids: list[int] | None = None):
+        super().__init__()
+        self.args, self.layer_id = args, layer_id
+        self.gate = Gate(args)
+        self.experts = Experts(args, expert_ids)
+        self.shared_experts = (MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size)
+                               if args.n_shared_experts else None)
+        self.dispatcher = LocalDispatcher()
+        self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.long, device="cpu"),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor, record: RoutingRecord | None = None) -> torch.Tensor:
+        shape = x.shape
+        x_TD = x.reshape(-1, shape[-1])
+        weights_TK, ids_TK, scores_TE = self.gate(x_TD)
+        with torch.no_grad():
+            self.expert_load += torch.bincount(ids_TK.flatten(), minlength=self.args.n_routed_experts)
+        if record is not None:
+            record.shape = tuple(shape[:-1])
+            record.layers[self.layer_id] = (weights_TK, ids_TK, scores_TE)
+        y_TD = self.dispatcher(x_TD, ids_TK, weights_TK.to(x.dtype), self.experts)
+        if self.shared_experts is not None:
+            y_TD = y_TD + self.shared_experts(x_TD)
+        return y_TD.view(shape)
+
+
+def sequence_balance_loss(scores_TE: torch.Tensor, ids_TK: torch.Tensor, batch: int, alpha: float,
+                          args: ModelArgs) -> torch.Tensor:
+    """L_Bal = alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eq. 17-20), averaged over sequences."""
+    E, K = args.n_routed_experts, args.num_experts_per_tok
+    scores_BSE = scores_TE.view(batch, -1, E)
+    S = scores_BSE.shape[1]
+    counts_BE = torch.zeros(batch, E, device=scores_TE.device).scatter_add_(
+        1, ids_TK.view(batch, -1), torch.ones(batch, S * K, device=scores_TE.device))
+    f_BE = counts_BE * E / (K * S)
+    p_BE = (scores_BSE / scores_BSE.sum(-1, keepdim=True)).mean(1)
+    return alpha * (f_BE * p_BE).sum(-1).mean()
+
+
+@torch.no_grad()
+def update_router_bias(gate: Gate, tokens_per_expert_E: torch.Tensor, gamma: float) -> None:
+    """Aux-loss-free balancing: b_i += gamma * sign(mean_load - load_i) over the whole batch."""
+    if gamma == 0:
+        return
+    load = tokens_per_expert_E.float()
+    gate.e_score_correction_bias += gamma * torch.sign(load.mean() - load)

@@ -1,0 +1,112 @@
+"""The DeepSeek-V3 causal LM: embedding -> [MLA + (dense MLP | MoE)] x L -> norm -> head, plus MTP.
+
+Module names equal the Hugging Face checkpoint names (``model.layers.3.self_attn.q_a_proj``), except
+two places the loader maps: routed experts are stacked per layer (``mlp.experts.w13_weight``), and the
+MTP layers (checkpoint ``model.layers.{L+k}``) live in ``model.mtp.{k}``.
+
+Two forwards:
+- ``forward(input_ids [B, S])`` -> logits [B, S, V] for every position (expanded MLA; training,
+  scoring, parity with transformers).
+- ``forward_batch(tokens_N, AttnBatch, logits_rows)`` -> logits for the requested flat rows
+  (absorbed MLA over a paged latent cache; generation and serving).
+"""
+
+import torch
+import torch.nn as nn
+
+from expertpool.model.args import ModelArgs
+from expertpool.model.attention import MLA, AttnBatch
+from expertpool.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
+from expertpool.model.moe import MoE, RoutingRecord
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int, expert_ids: list[int] | None = None, moe: bool | None = None):
+        super().__init__()
+        self.layer_id = layer_id
+        self.self_attn = MLA(args, layer_id)
+        use_moe = args.is_moe_layer(layer_id) if moe is None else moe
+        self.mlp = MoE(args, layer_id, expert_ids) if use_moe else MLP(args.hidden_size, args.intermediate_size)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x, rope, batch: AttnBatch | None = None, positions=None, record: RoutingRecord | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), rope, batch, positions)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, record) if isinstance(self.mlp, MoE) else self.mlp(h))
+
+
+class SharedHead(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class MTPLayer(Block):
+    """Multi-token prediction module k: h' = eh_proj([enorm(emb(t_{i+k+1})); hnorm(h_i)]) -> block -> head."""
+
+    def __init__(self, args: ModelArgs, k: int, expert_ids: list[int] | None = None):
+        super().__init__(args, args.num_hidden_layers + k, expert_ids, moe=True)
+        self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.eh_proj = Linear(2 * args.hidden_size, args.hidden_size)
+        self.shared_head = SharedHead(args)
+
+
+class DeepseekV3Model(nn.Module):
+    def __init__(self, args: ModelArgs, expert_ids: list[int] | None = None, with_mtp: bool = True):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(Block(args, i, expert_ids) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        n_mtp = args.num_nextn_predict_layers if with_mtp else 0
+        self.mtp = nn.ModuleList(MTPLayer(args, k, expert_ids) for k in range(n_mtp))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, expert_ids: list[int] | None = None, with_mtp: bool = True):
+        super().__init__()
+        self.args = args
+        self.model = DeepseekV3Model(args, expert_ids, with_mtp)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size)
+        self.rope = RotaryEmbedding(args)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.mlp for b in list(self.model.layers) + list(self.model.mtp) if isinstance(b.mlp, MoE)]
+
+    def set_dispatcher(self, dispatcher) -> None:
+        for moe in self.moe_layers():
+            moe.dispatcher = dispatcher
+
+    def hidden_states(self, input_ids: torch.Tensor, record: RoutingRecord | None = None) -> torch.Tensor:
+        """input_ids [B, S] (from position 0) -> final-normed hidden [B, S, D]."""
+        x = self.model.embed_tokens(input_ids).to(self.compute_dtype)
+        for layer in self.model.layers:
+            x = layer(x, self.rope, record=record)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, record: RoutingRecord | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, record))
+
+    def mtp_logits(self, hidden_BSD: torch.Tensor, input_ids: torch.Tensor, k: int = 0,
+                   record: RoutingRecord | None = None) -> torch.Tensor:
+        """Next-next-token logits: row i (0 <= i < S-1) predicts token i+2 from h_i and token i+1."""
+        mtp = self.model.mtp[k]
+        emb = self.model.embed_tokens(input_ids[:, 1:]).to(hidden_BSD.dtype)
+        h = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(hidden_BSD[:, :-1])], -1))
+        h = mtp(h, self.rope, record=record)
+        return self.lm_head(mtp.shared_head.norm(h))
+
+    def forward_batch(self, tokens_N: torch.Tensor, batch: AttnBatch,
+                      logits_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Flat tokens over the paged latent cache; logits only for ``logits_rows`` (default: all)."""
+        x = self.model.embed_tokens(tokens_N).to(self.compute_dtype)
+        for layer in self.model.layers:
+            x = layer(x, self.rope, batch)
+        if logits_rows is not None:
+            x = x[logits_rows]
+        return self.lm_head(self.model.norm(x))
