@@ -1,0 +1,804 @@
+"""The declarative platform config: the pydantic schema of ``cluster.yaml`` and everything derived from it.
+
+Usage: ``cfg = load_config("cluster.yaml")`` reads, parses and validates the file and raises
+:class:`ConfigError` (one line per problem: ``file: dotted.field: problem; fix``). Once the model
+architecture is known (``ModelArgs`` from the checkpoint), call
+``cfg.validate_against_model(args.n_routed_experts, max_position_embeddings=...)`` before any actor
+starts; a training entry point also calls ``cfg.get_job(name).check_dataset()``. The derived values
+live in methods, in one place: ``cfg.pool.placement_group_bundles()``, ``cfg.pool.experts_per_actor(n)``,
+``cfg.serving.num_kv_blocks(bytes_per_token)``, ``cfg.serve_deployment_options()`` (for
+``serve.deployment(...).options(**...)``) and ``cfg.serve_config()`` (a Serve config file for
+``serve deploy`` and a RayService ``serveConfigV2``). Kubernetes manifests come from
+:mod:`expertpool.platform.kuberay`. Inside Serve, ``parse_config(args["config"], source=...)`` rebuilds
+the config from the dict that ``serve_config()`` embeds.
+
+Contract: every model is closed (``extra="forbid"``) and every field is documented, so a typo is an
+error, never a silently ignored key. Derived defaults (``model.name``, ``model.tokenizer``,
+``esft.p``, ``output_dir``, ``domain``, ``kubernetes.name``) are filled in at validation time, so a
+loaded config is explicit and its ``model_dump()`` re-loads to the same config. Rules that need the
+model architecture (expert counts) cannot run at load time and live in ``validate_against_model``;
+rules that touch the file system (the dataset) live in ``TrainJobConfig.check_dataset``.
+
+Not here: no Ray import (this module runs in the CLI and in tests without a cluster), no actors, no
+file system access at load time other than reading the YAML itself.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+DEPLOYMENT_NAME = "ExpertPool"  # the Serve deployment that hosts one expert-parallel group per replica
+API_KEY_ENV = "EXPERTPOOL_API_KEY"
+TINY_MODEL_NAME = "expertpool-tiny"
+DEFAULT_IMPORT_PATH = "expertpool.platform.app:build_app"
+GIB = 1024**3
+_RULE = "expertpool_rule"  # pydantic error type of our own cross-field rules (carries field/problem/fix)
+_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123 label: job names end up in pod names
+_DOMAIN = re.compile(r"^[A-Za-z0-9._-]+$")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------------
+
+
+class ConfigProblem(NamedTuple):
+    field: str  # dotted path from the top of cluster.yaml, e.g. "serving.autoscaling.max_replicas"
+    message: str  # "problem; fix"
+
+
+class ConfigError(ValueError):
+    """A user-fixable config problem. ``str()`` gives one ``source: field: problem; fix`` line per problem."""
+
+    def __init__(self, problems: list[ConfigProblem], source: str = "cluster.yaml"):
+        self.problems = list(problems)
+        self.source = source
+        super().__init__("\n".join(f"{source}: {p.field}: {p.message}" if p.field else f"{source}: {p.message}"
+                                   for p in self.problems))
+
+
+def _rule(field: str, problem: str, fix: str) -> PydanticCustomError:
+    """An error raised from a model validator that names a field relative to the model being validated."""
+    return PydanticCustomError(_RULE, "{field}: {problem}; {fix}", {"field": field, "problem": problem, "fix": fix})
+
+
+class _Closed(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# model
+# ---------------------------------------------------------------------------------------------------
+
+
+class ModelConfig(_Closed):
+    path: str | None = Field(None, description="Hugging Face checkpoint directory (config.json + safetensors). "
+                             "None = the embedded tiny DeepSeek-V3-architecture model, created on first use in a cache dir.")
+    name: str | None = Field(None, description="Served model id (the OpenAI `model` field). Default: the basename "
+                             f"of `path`, or `{TINY_MODEL_NAME}` for the embedded model. Must not contain ':' "
+                             "(fine-tuned variants are served as `NAME:DOMAIN`).")
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of activations and "
+                                                  "non-quantized weights.")
+    weight_dtype: Literal["fp8", "bf16", "fp32"] | None = Field(None, description="Resident format of the expert and "
+                                                                "linear weights. None = as stored in the checkpoint.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory (tokenizer.json). Default: `path`; for the "
+                                  "embedded model, its embedded tokenizer.")
+
+    @model_validator(mode="after")
+    def _derive(self) -> ModelConfig:
+        if self.name is None:
+            self.name = Path(self.path.rstrip("/\\")).name if self.path else TINY_MODEL_NAME
+        if ":" in self.name or not self.name:
+            raise _rule("name", f"'{self.name}' is not a usable model id (empty, or contains ':', which separates "
+                        "BASE:DOMAIN variants)", "set model.name to an id without ':'")
+        if self.tokenizer is None:
+            self.tokenizer = self.path
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# pool
+# ---------------------------------------------------------------------------------------------------
+
+
+class ActorResources(_Closed):
+    cpu: float = Field(1.0, ge=0, description="Logical CPUs reserved per actor (Ray `num_cpus`; fractions allowed).")
+    gpu: float = Field(0.0, ge=0, description="GPUs reserved per actor (Ray `num_gpus`; fractions allowed).")
+    memory_gb: float | None = Field(None, gt=0, description="Memory reserved per actor in GiB (Ray `memory`). "
+                                    "None = no memory reservation.")
+    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor, e.g. "
+                                     "{accelerator_type_H100: 0.001} or a node label resource.")
+
+    @model_validator(mode="after")
+    def _check(self) -> ActorResources:
+        for key, value in self.custom.items():
+            if key in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise _rule(f"custom.{key}", "is a built-in resource", f"use the `{key.lower().split('_')[0]}` "
+                            "field instead of `custom`" if key != "object_store_memory" else "remove it")
+            if value < 0:
+                raise _rule(f"custom.{key}", f"must be >= 0, got {value}", "set a non-negative amount")
+        if not any(v > 0 for v in self.bundle().values()):
+            raise _rule("cpu", "the actor requests no resources at all (Ray rejects empty placement bundles)",
+                        "set cpu (or gpu) above 0")
+        return self
+
+    def bundle(self) -> dict[str, float]:
+        """Placement-group bundle (Ray resource names); also valid as Ray Train ``resources_per_worker``."""
+        out: dict[str, float] = {}
+        if self.cpu:
+            out["CPU"] = self.cpu
+        if self.gpu:
+            out["GPU"] = self.gpu
+        if self.memory_gb:
+            out["memory"] = float(int(self.memory_gb * GIB))
+        out.update({k: v for k, v in self.custom.items() if v})
+        return out
+
+    def ray_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``ActorClass.options(...)`` reserving exactly this bundle."""
+        out: dict[str, Any] = {"num_cpus": self.cpu, "num_gpus": self.gpu}
+        if self.memory_gb:
+            out["memory"] = int(self.memory_gb * GIB)
+        if self.custom:
+            out["resources"] = dict(self.custom)
+        return out
+
+
+class PoolConfig(_Closed):
+    actors_per_replica: int = Field(2, ge=1, description="Expert-parallel actors per Serve replica; each holds "
+                                    "n_routed_experts / actors_per_replica routed experts (must divide evenly).")
+    actor_resources: ActorResources = Field(default_factory=ActorResources, description="Resources reserved by "
+                                            "each expert-parallel actor (one placement bundle each).")
+    replica_cpu: float = Field(0.1, gt=0, description="Logical CPUs reserved for the Serve replica process itself "
+                               "(placement bundle 0). It mostly waits on its actors, so a fraction suffices.")
+    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
+        "PACK", description="Ray placement-group strategy for one replica's bundles (PACK keeps a replica's actors "
+        "on one node when they fit, which keeps all-to-all traffic local).")
+    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend between the "
+                                                     "actors of a replica. auto = nccl when actors have GPUs, else gloo.")
+
+    @model_validator(mode="after")
+    def _check(self) -> PoolConfig:
+        if self.backend == "nccl" and self.actor_resources.gpu <= 0:
+            raise _rule("backend", "nccl needs GPUs but actor_resources.gpu is 0",
+                        "set pool.actor_resources.gpu (e.g. 1) or set pool.backend to gloo or auto")
+        return self
+
+    def resolved_backend(self) -> Literal["gloo", "nccl"]:
+        if self.backend != "auto":
+            return self.backend
+        return "nccl" if self.actor_resources.gpu > 0 else "gloo"
+
+    def placement_group_bundles(self) -> list[dict[str, float]]:
+        """Bundles of one replica: bundle 0 hosts the replica actor itself (Serve places the replica in the
+        FIRST bundle, so its ``ray_actor_options`` must fit there), bundles 1..N host expert-parallel actor
+        ``rank`` at index :meth:`actor_bundle_index` ``(rank)``."""
+        return [{"CPU": self.replica_cpu}] + [self.actor_resources.bundle() for _ in range(self.actors_per_replica)]
+
+    def replica_actor_options(self) -> dict[str, Any]:
+        """``ray_actor_options`` of the replica; a subset of bundle 0 by construction."""
+        return {"num_cpus": self.replica_cpu}
+
+    @staticmethod
+    def actor_bundle_index(rank: int) -> int:
+        return rank + 1
+
+    def experts_per_actor(self, n_routed_experts: int) -> int:
+        if n_routed_experts % self.actors_per_replica:
+            raise ConfigError([ConfigProblem("pool.actors_per_replica", _divisor_message(
+                n_routed_experts, self.actors_per_replica, "actors_per_replica", "actors"))])
+        return n_routed_experts // self.actors_per_replica
+
+
+def _divisor_message(n_experts: int, parts: int, field: str, what: str) -> str:
+    divisors = [d for d in range(1, n_experts + 1) if n_experts % d == 0]
+    shown = ", ".join(map(str, divisors[:10])) + (", ..." if len(divisors) > 10 else "")
+    return (f"{n_experts} routed experts do not split evenly over {parts} {what}; "
+            f"set {field} to a divisor of {n_experts} ({shown})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# serving
+# ---------------------------------------------------------------------------------------------------
+
+
+class KVCacheConfig(_Closed):
+    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block (paged attention page).")
+    num_blocks: int | None = Field(None, ge=1, description="KV-cache blocks per replica. Set this or memory_gb, "
+                                   "not both; neither = enough for max_batch_size full sequences of max_seq_len.")
+    memory_gb: float | None = Field(None, gt=0, description="KV-cache memory budget per replica in GiB; the block "
+                                    "count is derived from the model's bytes per cached token.")
+
+    @model_validator(mode="after")
+    def _check(self) -> KVCacheConfig:
+        if self.num_blocks is not None and self.memory_gb is not None:
+            raise _rule("num_blocks", "num_blocks and memory_gb are both set, and they disagree in general",
+                        "set only one of serving.kv_cache.num_blocks or serving.kv_cache.memory_gb")
+        return self
+
+    def resolve_num_blocks(self, bytes_per_token: int | None, max_batch_size: int, max_seq_len: int) -> int:
+        """Blocks per replica: explicit, else from the memory budget, else max_batch_size * max_seq_len tokens."""
+        if self.num_blocks is not None:
+            return self.num_blocks
+        if self.memory_gb is not None:
+            if not bytes_per_token:
+                raise ValueError("kv_cache.memory_gb needs the model's KV bytes per token to derive num_blocks")
+            return int(self.memory_gb * GIB) // (bytes_per_token * self.block_size)
+        return math.ceil(max_batch_size * max_seq_len / self.block_size)
+
+
+class AutoscalingConfig(_Closed):
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (expert-parallel groups); 0 allows scale to zero.")
+    max_replicas: int = Field(1, ge=1, description="Most replicas; on Kubernetes also bounds the pool worker group.")
+    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time. None = min_replicas.")
+    target_ongoing_requests: float = Field(16.0, gt=0, description="Ongoing requests per replica the autoscaler "
+                                           "steers toward (Ray Serve `target_ongoing_requests`).")
+    upscale_delay_s: float = Field(30.0, ge=0, description="Seconds the load must stay high before adding replicas.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Seconds the load must stay low before removing replicas.")
+    metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between replica load reports.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window in seconds over which load is averaged.")
+
+    @model_validator(mode="after")
+    def _check(self) -> AutoscalingConfig:
+        if self.max_replicas < self.min_replicas:
+            raise _rule("max_replicas", f"must be >= min_replicas ({self.min_replicas})",
+                        f"set max_replicas to at least {self.min_replicas}")
+        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
+            raise _rule("initial_replicas", f"must be between min_replicas ({self.min_replicas}) and max_replicas "
+                        f"({self.max_replicas}), got {self.initial_replicas}",
+                        f"set initial_replicas within [{self.min_replicas}, {self.max_replicas}] or remove it")
+        return self
+
+    def ray_autoscaling_config(self) -> dict[str, Any]:
+        """The Ray Serve 2.60 ``autoscaling_config`` dict (field names of ``ray.serve.config.AutoscalingConfig``)."""
+        out: dict[str, Any] = {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+            "metrics_interval_s": self.metrics_interval_s,
+            "look_back_period_s": self.look_back_period_s,
+        }
+        if self.initial_replicas is not None:
+            out["initial_replicas"] = self.initial_replicas
+        return out
+
+
+class ServingConfig(_Closed):
+    app_name: str = Field("expertpool", min_length=1, description="Serve application name (also the target of "
+                          "train.jobs.*.publish_to).")
+    route_prefix: str = Field("/", description="HTTP route prefix of the application; starts with '/'.")
+    host: str = Field("127.0.0.1", description="Serve HTTP proxy bind address for local runs (Kubernetes "
+                      "manifests always bind 0.0.0.0 inside the pod).")
+    port: int = Field(8000, ge=1, le=65535, description="Serve HTTP proxy port.")
+    max_batch_size: int = Field(32, ge=1, description="Most sequences running at once in one replica's engine.")
+    max_seq_len: int = Field(512, ge=1, description="Longest sequence (prompt + completion tokens) a replica accepts.")
+    max_num_batched_tokens: int = Field(256, ge=1, description="Most tokens per engine step; bounds prefill "
+                                        "chunking. Must be >= max_batch_size so every running sequence can decode.")
+    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="Paged KV cache of one replica.")
+    max_ongoing_requests: int = Field(64, ge=1, description="Requests in flight per replica before Serve queues "
+                                      "them at the caller (Ray Serve `max_ongoing_requests`).")
+    max_queued_requests: int = Field(128, ge=-1, description="Requests queued per caller before HTTP 503; "
+                                     "-1 = unbounded (Ray Serve `max_queued_requests`).")
+    api_key: str | None = Field(None, description=f"Bearer token required on the HTTP API. None = env "
+                                f"{API_KEY_ENV} if set, else no authentication. Keep it out of files you commit.")
+    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
+    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between replica health checks.")
+    health_check_timeout_s: float = Field(30.0, gt=0, description="Seconds before a health check counts as failed.")
+
+    @field_validator("route_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v.startswith("/"):
+            raise PydanticCustomError(_RULE, "{field}: {problem}; {fix}", {
+                "field": "", "problem": f"must start with '/', got '{v}'", "fix": f"set route_prefix to '/{v}'"})
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> ServingConfig:
+        if self.max_num_batched_tokens < self.max_batch_size:
+            raise _rule("max_num_batched_tokens", f"({self.max_num_batched_tokens}) is below max_batch_size "
+                        f"({self.max_batch_size}), so a full batch cannot take one decode step",
+                        f"set max_num_batched_tokens to at least {self.max_batch_size}")
+        if self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
+            raise _rule("autoscaling.target_ongoing_requests", f"({self.autoscaling.target_ongoing_requests}) "
+                        f"exceeds max_ongoing_requests ({self.max_ongoing_requests}), so the target is unreachable",
+                        f"set it to at most {self.max_ongoing_requests}")
+        kv = self.kv_cache
+        if kv.num_blocks is not None and kv.num_blocks * kv.block_size < self.max_seq_len:
+            raise _rule("kv_cache.num_blocks", f"{kv.num_blocks} blocks x {kv.block_size} tokens cannot hold one "
+                        f"sequence of max_seq_len ({self.max_seq_len})",
+                        f"set num_blocks to at least {math.ceil(self.max_seq_len / kv.block_size)} "
+                        "or lower serving.max_seq_len")
+        return self
+
+    def num_kv_blocks(self, bytes_per_token: int | None = None) -> int:
+        """KV-cache blocks per replica (see :meth:`KVCacheConfig.resolve_num_blocks`)."""
+        return self.kv_cache.resolve_num_blocks(bytes_per_token, self.max_batch_size, self.max_seq_len)
+
+    def resolve_api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
+        """The API key: ``api_key`` if set, else env ``EXPERTPOOL_API_KEY`` (empty = unset), else None."""
+        if self.api_key:
+            return self.api_key
+        env = os.environ if environ is None else environ
+        return env.get(API_KEY_ENV) or None
+
+
+# ---------------------------------------------------------------------------------------------------
+# train
+# ---------------------------------------------------------------------------------------------------
+
+_SUFFIX_FORMAT = {".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class DatasetConfig(_Closed):
+    path: str = Field(description="Training data file (or directory of files). Relative paths are relative to "
+                      "the working directory of the job, i.e. the repository root.")
+    format: Literal["jsonl", "parquet"] | None = Field(None, description="File format. None = from the suffix "
+                                                       "(.jsonl, .parquet/.pq).")
+    field: Literal["messages", "text"] | None = Field(None, description="Record field holding the example: "
+                                                      "`messages` (chat turns) or `text`. None = detected from the "
+                                                      "first record by check_dataset().")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of records held out for evaluation.")
+
+    @model_validator(mode="after")
+    def _infer(self) -> DatasetConfig:
+        if self.format is None:
+            suffix = Path(self.path).suffix.lower()
+            if suffix in _SUFFIX_FORMAT:
+                self.format = _SUFFIX_FORMAT[suffix]  # type: ignore[assignment]
+            elif suffix:
+                raise _rule("format", f"cannot infer the format from suffix '{suffix}'",
+                            "set dataset.format to jsonl or parquet")
+        return self
+
+
+class EsftConfig(_Closed):
+    scoring: Literal["gate", "token"] = Field("token", description="ESFT expert relevance score: `token` "
+                                              "(selection ratio, ESFT-Token) or `gate` (mean gate value, ESFT-Gate).")
+    p: float | None = Field(None, description="Cumulative relevance threshold in (0, 1]: per layer, train the "
+                            "fewest experts whose scores sum to >= p. None = the paper's value: 0.2 (token), 0.1 (gate).")
+    score_tokens: int = Field(16384, ge=1, description="Training tokens sampled for the relevance probe "
+                              "(forward passes only; the paper uses 32 x 4096).")
+
+    @model_validator(mode="after")
+    def _check(self) -> EsftConfig:
+        if self.p is None:
+            self.p = 0.2 if self.scoring == "token" else 0.1
+        if not 0 < self.p <= 1:
+            raise _rule("p", f"must be in (0, 1], got {self.p}",
+                        "set p to a fraction such as 0.2 (token scoring) or 0.1 (gate scoring)")
+        return self
+
+
+class TrainJobConfig(_Closed):
+    base_model: str | None = Field(None, description="Checkpoint directory to fine-tune. None = the embedded tiny model.")
+    dataset: DatasetConfig = Field(description="Training data.")
+    mode: Literal["esft", "full"] = Field("esft", description="`esft`: train only the routed experts relevant to the "
+                                          "data (everything else frozen); `full`: train all weights.")
+    esft: EsftConfig = Field(default_factory=EsftConfig, description="Expert selection (mode esft only).")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    steps: int = Field(500, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Global batch size in sequences; must divide by workers.")
+    seq_len: int = Field(4096, ge=1, description="Training sequence length in tokens (longer examples are truncated).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup steps (<= steps).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip. None = no clipping.")
+    workers: int = Field(2, ge=1, description="Ray Train workers; routed experts are sharded over them.")
+    experts_per_worker: int | None = Field(None, ge=1, description="Routed experts per worker. None = "
+                                           "n_routed_experts / workers; if set, must equal it.")
+    worker_resources: ActorResources = Field(default_factory=ActorResources, description="Resources per train worker.")
+    zero_stage: Literal[0, 1, 2] = Field(1, description="DeepSpeed ZeRO stage for the non-expert (data-parallel) "
+                                         "parameters.")
+    mtp_loss_weight: float = Field(0.0, ge=0, description="Weight of the multi-token-prediction loss; 0 = off.")
+    balance_loss_alpha: float = Field(0.0001, ge=0, description="Sequence-wise auxiliary balance loss weight (alpha).")
+    router_bias_rate: float = Field(0.0, ge=0, description="Aux-loss-free router bias update speed (gamma). "
+                                    "0 = routing frozen, as in ESFT.")
+    checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints; 0 = only at the end.")
+    output_dir: str | None = Field(None, description="Where checkpoints and the result go. None = out/<job name>.")
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint before the job "
+                              "fails (Ray Train FailureConfig.max_failures; -1 = unlimited).")
+    publish_to: str | None = Field(None, description="Serving app (serving.app_name) to hot-swap the result into at "
+                                   "the end, served as `MODEL:DOMAIN`. None = only write output_dir.")
+    domain: str | None = Field(None, description="Variant name; the result is served as `<model.name>:<domain>`. "
+                               "None = the job name.")
+
+    _name: str = PrivateAttr("")  # set by TrainConfig; names the job in error messages
+    _source: str = PrivateAttr("cluster.yaml")  # set by parse_config
+
+    def _error(self, field: str, message: str) -> ConfigError:
+        return ConfigError([ConfigProblem(f"train.jobs.{self._name}.{field}" if self._name else field, message)],
+                           self._source)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainJobConfig:
+        if self.warmup_steps > self.steps:
+            raise _rule("warmup_steps", f"({self.warmup_steps}) exceeds steps ({self.steps})",
+                        f"set warmup_steps to at most {self.steps}")
+        if self.batch_size % self.workers:
+            raise _rule("batch_size", f"{self.batch_size} sequences do not split evenly over {self.workers} workers",
+                        f"set batch_size to a multiple of {self.workers}")
+        if self.domain is not None and not _DOMAIN.match(self.domain):
+            raise _rule("domain", f"'{self.domain}' has characters outside [A-Za-z0-9._-]",
+                        "set domain to a short name such as 'law' or 'math-v2'")
+        return self
+
+    def resolved_experts_per_worker(self, n_routed_experts: int) -> int:
+        problem = self._experts_problem(n_routed_experts)
+        if problem:
+            raise self._error(*problem)
+        return n_routed_experts // self.workers
+
+    def _experts_problem(self, n: int, prefix: str = "") -> tuple[str, str] | None:
+        if n % self.workers:
+            return prefix + "workers", _divisor_message(n, self.workers, "workers", "workers")
+        if self.experts_per_worker is not None and self.experts_per_worker != n // self.workers:
+            return (prefix + "experts_per_worker", f"{self.experts_per_worker} x {self.workers} workers != "
+                    f"{n} routed experts; set experts_per_worker to {n // self.workers} or remove it")
+        return None
+
+    def check_dataset(self, base_dir: str | Path | None = None) -> DatasetConfig:
+        """Check the dataset exists and is non-empty; return it with ``format`` and ``field`` filled in.
+
+        Run before any worker starts. Relative paths resolve against ``base_dir`` (default: the cwd)."""
+        path = Path(self.dataset.path)
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        if not path.exists():
+            raise self._error("dataset.path", f"'{path}' does not exist; create it or set dataset.path to an "
+                              "existing .jsonl or .parquet file")
+        if not files or all(f.stat().st_size == 0 for f in files):
+            raise self._error("dataset.path", f"'{path}' is empty; put training records in it or point "
+                              "dataset.path at a non-empty file")
+        fmt = self.dataset.format or _SUFFIX_FORMAT.get(files[0].suffix.lower())
+        if fmt is None:
+            raise self._error("dataset.format", f"cannot infer the format of '{files[0]}'; set dataset.format "
+                              "to jsonl or parquet")
+        field = self.dataset.field or _detect_field(files[0], fmt, self._error)
+        return self.dataset.model_copy(update={"format": fmt, "field": field})
+
+
+def _detect_field(path: Path, fmt: str, error: Callable[[str, str], ConfigError]) -> str:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq  # deferred: only needed to sniff parquet data sets
+
+        keys = set(pq.read_schema(path).names)
+    else:
+        with path.open(encoding="utf-8") as fh:
+            line = next((ln for ln in fh if ln.strip()), "")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error("dataset.path", f"first record of '{path}' is not JSON ({e.msg}); "
+                        "write one JSON object per line") from None
+        keys = set(record) if isinstance(record, dict) else set()
+    for candidate in ("messages", "text"):
+        if candidate in keys:
+            return candidate
+    raise error("dataset.field", f"records in '{path}' have neither 'messages' nor 'text' "
+                f"(found {sorted(keys)}); rename the field or set dataset.field")
+
+
+class TrainConfig(_Closed):
+    jobs: dict[str, TrainJobConfig] = Field(default_factory=dict, description="Fine-tuning jobs by name; run one "
+                                            "with `python -m expertpool.jobs.finetune --config cluster.yaml --job NAME`.")
+
+    @model_validator(mode="after")
+    def _derive(self) -> TrainConfig:
+        for name, job in self.jobs.items():
+            if not _K8S_NAME.match(name) or len(name) > 40:
+                raise _rule(f"jobs.{name}", "job names become Kubernetes object names",
+                            "use lowercase letters, digits and '-' (at most 40 characters), e.g. 'law-esft'")
+            job._name = name
+            if job.output_dir is None:
+                job.output_dir = f"out/{name}"
+            if job.domain is None:
+                job.domain = name
+        return self
+
+
+# ---------------------------------------------------------------------------------------------------
+# kubernetes
+# ---------------------------------------------------------------------------------------------------
+
+
+class HeadResources(_Closed):
+    cpu: float = Field(2.0, gt=0, description="Head pod CPUs (the head runs no replicas or actors: num-cpus 0).")
+    memory_gb: float = Field(8.0, gt=0, description="Head pod memory in GiB (GCS, dashboard, Serve controller).")
+
+
+class KubernetesConfig(_Closed):
+    name: str | None = Field(None, description="Base name of the RayService / RayCluster / RayJob objects. "
+                             "None = serving.app_name made DNS-safe.")
+    namespace: str = Field("default", description="Kubernetes namespace of the generated objects.")
+    image: str = Field("expertpool:0.1.0", description="Container image with Ray 2.60 and this repository "
+                       "installed, repository root as WORKDIR (see docs/operations.md).")
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field("IfNotPresent",
+                                                                          description="Container imagePullPolicy.")
+    ray_version: str = Field("2.60.0", description="Ray version in the image (RayCluster spec.rayVersion).")
+    head: HeadResources = Field(default_factory=HeadResources, description="Head pod size.")
+    memory_per_cpu_gb: float = Field(4.0, gt=0, description="Worker pod memory per CPU in GiB, used when "
+                                     "actor_resources.memory_gb / worker_resources.memory_gb is unset.")
+    service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = Field("ClusterIP", description="Type of the "
+                                                                           "head service (dashboard, Serve).")
+    idle_timeout_s: int = Field(60, ge=0, description="Seconds an idle worker pod lives before the autoscaler "
+                                "removes it.")
+    upscaling_mode: Literal["Default", "Aggressive", "Conservative"] = Field("Default", description="Ray "
+                                                                             "autoscaler upscaling speed.")
+    api_key_secret: str | None = Field(None, description=f"Secret (key `api-key`) exposed as env {API_KEY_ENV} "
+                                       "in every pod. Use this instead of serving.api_key on Kubernetes.")
+    node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of worker pods, e.g. "
+                                          "{nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}.")
+
+    @model_validator(mode="after")
+    def _check(self) -> KubernetesConfig:
+        if self.name is not None and (not _K8S_NAME.match(self.name) or len(self.name) > 40):
+            raise _rule("name", f"'{self.name}' is not a DNS-1123 label of at most 40 characters",
+                        "use lowercase letters, digits and '-'")
+        return self
+
+
+def _model_label(path: str | None) -> str:
+    return f"'{path}'" if path else "the embedded tiny model"
+
+
+# ---------------------------------------------------------------------------------------------------
+# top level
+# ---------------------------------------------------------------------------------------------------
+
+
+class ClusterConfig(_Closed):
+    model: ModelConfig = Field(default_factory=ModelConfig, description="What is served (and the default base).")
+    pool: PoolConfig = Field(default_factory=PoolConfig, description="The expert-parallel actor group of one replica.")
+    serving: ServingConfig = Field(default_factory=ServingConfig, description="Serve application, engine limits, "
+                                   "autoscaling.")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="Fine-tuning jobs.")
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig, description="KubeRay manifest settings.")
+
+    _source: str = PrivateAttr("cluster.yaml")
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if self.kubernetes.name is None:
+            self.kubernetes.name = re.sub(r"[^a-z0-9-]+", "-", self.serving.app_name.lower()).strip("-")[:40] or "expertpool"
+        for name, job in self.train.jobs.items():
+            if job.publish_to is None:
+                continue
+            if job.publish_to != self.serving.app_name:
+                raise _rule(f"train.jobs.{name}.publish_to", f"no serving app named '{job.publish_to}'",
+                            f"set publish_to to '{self.serving.app_name}' (serving.app_name) or remove it")
+            if job.base_model != self.model.path:
+                raise _rule(f"train.jobs.{name}.base_model", f"{_model_label(job.base_model)} differs from "
+                            f"model.path ({_model_label(self.model.path)}), so the result cannot be hot-swapped into the served model",
+                            "set base_model equal to model.path or remove publish_to")
+        return self
+
+    @property
+    def source(self) -> str:
+        """The file this config was loaded from (names the file in error messages)."""
+        return self._source
+
+    def get_job(self, name: str) -> TrainJobConfig:
+        if name not in self.train.jobs:
+            known = ", ".join(sorted(self.train.jobs)) or "none defined"
+            hint = difflib.get_close_matches(name, list(self.train.jobs), n=1)
+            raise ConfigError([ConfigProblem("train.jobs", f"no job named '{name}' (known: {known}); "
+                                             + (f"did you mean '{hint[0]}'? " if hint else "")
+                                             + "pass one of the known names or add it under train.jobs")],
+                              self._source)
+        return self.train.jobs[name]
+
+    def validate_against_model(self, n_routed_experts: int, *, max_position_embeddings: int | None = None,
+                               kv_bytes_per_token: int | None = None) -> dict[str, Any]:
+        """Rules that need the architecture. Raises ConfigError listing every problem; returns derived values
+        (for ``expertpool validate`` to print)."""
+        problems: list[ConfigProblem] = []
+        derived: dict[str, Any] = {}
+        if n_routed_experts % self.pool.actors_per_replica:
+            problems.append(ConfigProblem("pool.actors_per_replica", _divisor_message(
+                n_routed_experts, self.pool.actors_per_replica, "actors_per_replica", "actors")))
+        else:
+            derived["pool.experts_per_actor"] = n_routed_experts // self.pool.actors_per_replica
+        for name, job in self.train.jobs.items():
+            problem = job._experts_problem(n_routed_experts, prefix=f"train.jobs.{name}.")
+            if problem:
+                problems.append(ConfigProblem(*problem))
+            else:
+                derived[f"train.jobs.{name}.experts_per_worker"] = n_routed_experts // job.workers
+            if max_position_embeddings is not None and job.seq_len > max_position_embeddings:
+                problems.append(ConfigProblem(f"train.jobs.{name}.seq_len", f"({job.seq_len}) exceeds the model's "
+                                              f"max_position_embeddings ({max_position_embeddings}); set seq_len "
+                                              f"to at most {max_position_embeddings}"))
+        if max_position_embeddings is not None and self.serving.max_seq_len > max_position_embeddings:
+            problems.append(ConfigProblem("serving.max_seq_len", f"({self.serving.max_seq_len}) exceeds the model's "
+                                          f"max_position_embeddings ({max_position_embeddings}); set max_seq_len "
+                                          f"to at most {max_position_embeddings}"))
+        kv = self.serving.kv_cache
+        if kv.memory_gb is not None and kv_bytes_per_token is not None:
+            blocks = self.serving.num_kv_blocks(kv_bytes_per_token)
+            if blocks * kv.block_size < self.serving.max_seq_len:
+                need = math.ceil(self.serving.max_seq_len / kv.block_size) * kv.block_size * kv_bytes_per_token
+                problems.append(ConfigProblem("serving.kv_cache.memory_gb", f"{kv.memory_gb} GiB holds {blocks} "
+                                              f"blocks, fewer than one sequence of max_seq_len "
+                                              f"({self.serving.max_seq_len}); set memory_gb to at least "
+                                              f"{need / GIB:.3g} or lower serving.max_seq_len"))
+        if kv.memory_gb is None or kv_bytes_per_token is not None:
+            derived["serving.kv_cache.num_blocks"] = self.serving.num_kv_blocks(kv_bytes_per_token)
+        if problems:
+            raise ConfigError(problems, self._source)
+        return derived
+
+    # --- derivations for Ray Serve ------------------------------------------------------------------
+
+    def serve_deployment_options(self) -> dict[str, Any]:
+        """Options of the expert-pool deployment, for ``serve.deployment(**opts)`` or ``Deployment.options(**opts)``.
+
+        Includes ``name`` so the deployment matches the ``deployments`` entry of :meth:`serve_config`."""
+        return {
+            "name": DEPLOYMENT_NAME,
+            "max_ongoing_requests": self.serving.max_ongoing_requests,
+            "max_queued_requests": self.serving.max_queued_requests,
+            "autoscaling_config": self.serving.autoscaling.ray_autoscaling_config(),
+            "placement_group_bundles": self.pool.placement_group_bundles(),
+            "placement_group_strategy": self.pool.placement_strategy,
+            "ray_actor_options": self.pool.replica_actor_options(),
+            "health_check_period_s": self.serving.health_check_period_s,
+            "health_check_timeout_s": self.serving.health_check_timeout_s,
+        }
+
+    def serve_config(self, import_path: str = DEFAULT_IMPORT_PATH, *, host: str | None = None) -> dict[str, Any]:
+        """A Serve config file (``serve deploy``; RayService ``serveConfigV2``). ``args.config`` carries this whole
+        config, so ``build_app`` rebuilds it with :func:`parse_config`. ``host`` overrides serving.host."""
+        return {
+            "proxy_location": "EveryNode",
+            "http_options": {"host": host or self.serving.host, "port": self.serving.port},
+            "applications": [{
+                "name": self.serving.app_name,
+                "route_prefix": self.serving.route_prefix,
+                "import_path": import_path,
+                "args": {"config": self.model_dump(mode="json")},
+                "deployments": [self.serve_deployment_options()],
+            }],
+        }
+
+
+# ---------------------------------------------------------------------------------------------------
+# loading
+# ---------------------------------------------------------------------------------------------------
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys (PyYAML silently keeps the last one)."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: set = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key '{key}'", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_config(path: str | os.PathLike) -> ClusterConfig:
+    """Read and validate a cluster.yaml. Raises ConfigError naming the file, the field and the fix."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError([ConfigProblem("", "file not found; pass the path of a cluster.yaml "
+                                         "(the repository root has a documented example)")], source) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError([ConfigProblem("", f"{where}invalid YAML ({problem}); fix the syntax")], source) from None
+    return parse_config({} if data is None else data, source=source)
+
+
+def parse_config(data: Any, source: str = "cluster.yaml") -> ClusterConfig:
+    """Validate an already-parsed config (e.g. ``args["config"]`` inside Serve). Raises ConfigError."""
+    if not isinstance(data, Mapping):
+        raise ConfigError([ConfigProblem("", f"the top level must be a mapping of sections, got "
+                                         f"{type(data).__name__}; start the file with e.g. `model:`")], source)
+    try:
+        cfg = ClusterConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError([_explain(err) for err in e.errors()], source) from None
+    cfg._source = source
+    for job in cfg.train.jobs.values():
+        job._source = source
+    return cfg
+
+
+def _explain(err: Mapping[str, Any]) -> ConfigProblem:
+    """Turn one pydantic error into ``field: problem; fix``."""
+    loc = [str(part) for part in err["loc"]]
+    kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
+    if kind == _RULE:
+        path = ".".join(loc + ([ctx["field"]] if ctx["field"] else []))
+        return ConfigProblem(path, f"{ctx['problem']}; {ctx['fix']}")
+    loc = [part for part in loc if "[" not in part]  # pydantic tags like "function-after[...]" are not fields
+    path = ".".join(loc)
+    leaf = loc[-1] if loc else "value"
+    if kind == "extra_forbidden":
+        allowed = _allowed_fields(loc[:-1])
+        hint = difflib.get_close_matches(leaf, allowed, n=1)
+        return ConfigProblem(path, "unknown field; " + (f"did you mean '{hint[0]}'? " if hint else "")
+                             + f"remove it or use one of: {', '.join(allowed)}")
+    if kind == "missing":
+        return ConfigProblem(path, f"required field is missing; set {leaf}")
+    if kind == "literal_error":
+        return ConfigProblem(path, f"got {value!r}; set {leaf} to one of {ctx.get('expected', '')}")
+    if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}[kind]
+        bound = next(iter(ctx.values()))
+        return ConfigProblem(path, f"must be {op} {bound}, got {value!r}; set {leaf} to a value {op} {bound}")
+    if kind in ("model_type", "dict_type"):
+        return ConfigProblem(path, f"expected a mapping of fields, got {value!r}; write {leaf} as a YAML mapping")
+    expected = next((text for prefix, text in _EXPECTED.items() if kind.startswith(prefix)), "a valid value")
+    return ConfigProblem(path, f"{err['msg'].rstrip('.')}, got {value!r}; set {leaf} to {expected}")
+
+
+_EXPECTED = {"int_": "an integer", "float_": "a number", "bool_": "true or false", "string_": "a string",
+             "list_": "a YAML list"}
+
+
+def _annotation_model(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model inside ``Model``, ``Model | None`` or ``dict[str, Model]``."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _annotation_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _allowed_fields(loc: list[str]) -> list[str]:
+    """Field names of the model at ``loc`` (a dotted path that may pass through ``jobs.<name>``)."""
+    model: type[BaseModel] = ClusterConfig
+    parts = iter(loc)
+    for part in parts:
+        field = model.model_fields.get(part)
+        inner = _annotation_model(field.annotation) if field is not None else None
+        if inner is None:
+            break
+        if getattr(field.annotation, "__origin__", None) is dict:
+            next(parts, None)  # the dict key (a job name) is not a field
+        model = inner
+    return list(model.model_fields)
+
+
+def field_paths(model: type[BaseModel] = ClusterConfig, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every leaf field as (dotted path, FieldInfo); ``jobs.<name>`` is written ``jobs.NAME``. Used for docs."""
+    out: list[tuple[str, Any]] = []
+    for fname, field in model.model_fields.items():
+        path = f"{prefix}{fname}"
+        inner = _annotation_model(field.annotation)
+        if inner is None:
+            out.append((path, field))
+        elif getattr(field.annotation, "__origin__", None) is dict:
+            out.extend(field_paths(inner, f"{path}.NAME."))
+        else:
+            out.extend(field_paths(inner, f"{path}."))
+    return out

@@ -1,0 +1,358 @@
+"""cluster.yaml schema: the shipped example loads, bad configs name the field and the fix, derivations are
+what Ray 2.60 expects. No Ray cluster: Ray is imported only to run its own schema checks."""
+
+import copy
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import expertpool  # noqa: F401  (imported before ray: guards the `platform` stdlib-name shadowing)
+from expertpool.platform.config import (
+    API_KEY_ENV,
+    DEPLOYMENT_NAME,
+    ClusterConfig,
+    ConfigError,
+    field_paths,
+    load_config,
+    parse_config,
+)
+
+REPO = Path(__file__).parents[2]
+CLUSTER_YAML = REPO / "cluster.yaml"
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+def _bad(data: dict, *fragments: str) -> str:
+    """Parse ``data`` expecting a ConfigError whose message contains every fragment; return the message."""
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, source="cluster.yaml")
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def _mutated(data: dict, dotted: str, value) -> dict:
+    out = copy.deepcopy(data)
+    *parents, leaf = dotted.split(".")
+    node = out
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+    return out
+
+
+# --- the shipped example ------------------------------------------------------------------------------
+
+
+def test_shipped_cluster_yaml_loads_without_ray():
+    cfg = load_config(CLUSTER_YAML)
+    assert cfg.source == str(CLUSTER_YAML)
+    assert cfg.model.path is None and cfg.model.name == "expertpool-tiny"
+    assert cfg.pool.actors_per_replica == 2
+    assert (cfg.serving.host, cfg.serving.port) == ("127.0.0.1", 8000)
+    assert (cfg.serving.autoscaling.min_replicas, cfg.serving.autoscaling.max_replicas) == (1, 2)
+    demo = cfg.get_job("demo")
+    assert demo.mode == "esft" and demo.base_model is None
+    assert demo.dataset.path == "data/demo_domain.jsonl" and demo.dataset.format == "jsonl"
+    assert demo.output_dir.startswith("out/") and demo.publish_to == cfg.serving.app_name
+    assert demo.esft.p == 0.2  # derived from scoring=token
+
+
+def test_config_module_does_not_import_ray():
+    import subprocess
+
+    code = "import expertpool.platform.config as c, sys; c.load_config(sys.argv[1]); print('ray' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code, str(CLUSTER_YAML)], capture_output=True, text=True,
+                         cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_dump_round_trips(shipped):
+    cfg = parse_config(shipped)
+    again = parse_config(json.loads(json.dumps(cfg.model_dump(mode="json"))))
+    assert again == cfg
+
+
+def test_empty_file_is_all_defaults(tmp_path):
+    path = tmp_path / "cluster.yaml"
+    path.write_text("")
+    cfg = load_config(path)
+    assert cfg.model_dump() == ClusterConfig().model_dump()
+    assert cfg.pool.actors_per_replica == 2 and cfg.serving.autoscaling.max_replicas == 1
+
+
+def test_every_field_is_documented():
+    missing = [path for path, field in field_paths() if not (field.description or "").strip()]
+    assert not missing
+
+
+def test_operations_doc_lists_every_field():
+    doc = (REPO / "docs" / "operations.md").read_text()
+    missing = [path for path, _ in field_paths() if f"`{path}`" not in doc]
+    assert not missing, f"docs/operations.md does not document {missing}"
+
+
+# --- errors name the field and the fix -----------------------------------------------------------------
+
+
+def test_unknown_key_is_named_with_suggestion(shipped):
+    msg = _bad(_mutated(shipped, "serving.prot", 9000), "cluster.yaml: serving.prot: unknown field",
+               "did you mean 'port'?")
+    assert msg.count("\n") == 0
+
+
+def test_unknown_key_inside_a_job(shipped):
+    _bad(_mutated(shipped, "train.jobs.demo.dataset.pth", "x"), "train.jobs.demo.dataset.pth: unknown field",
+         "did you mean 'path'?")
+
+
+def test_wrong_type(shipped):
+    _bad(_mutated(shipped, "serving.port", "eighty"), "serving.port:", "'eighty'", "set port to an integer")
+    _bad(_mutated(shipped, "pool.placement_strategy", "pack"), "pool.placement_strategy:", "'PACK'")
+    _bad(_mutated(shipped, "pool", 3), "pool: expected a mapping")
+
+
+def test_min_above_max_replicas(shipped):
+    data = _mutated(shipped, "serving.autoscaling.min_replicas", 3)
+    msg = _bad(data, "cluster.yaml: serving.autoscaling.max_replicas: must be >= min_replicas (3); "
+                     "set max_replicas to at least 3")
+    assert msg.count("\n") == 0
+
+
+def test_initial_replicas_outside_bounds(shipped):
+    _bad(_mutated(shipped, "serving.autoscaling.initial_replicas", 5), "serving.autoscaling.initial_replicas:",
+         "[1, 2]")
+
+
+@pytest.mark.parametrize("p", [0, -0.1, 1.5])
+def test_esft_p_out_of_range(shipped, p):
+    _bad(_mutated(shipped, "train.jobs.demo.esft.p", p), "train.jobs.demo.esft.p: must be in (0, 1]", "set p to")
+
+
+def test_esft_p_default_follows_scoring(shipped):
+    cfg = parse_config(_mutated(shipped, "train.jobs.demo.esft", {"scoring": "gate"}))
+    assert cfg.get_job("demo").esft.p == 0.1
+
+
+def test_several_problems_are_all_reported(shipped):
+    data = _mutated(_mutated(shipped, "serving.autoscaling.min_replicas", 3), "pool.bogus", 1)
+    msg = _bad(data, "serving.autoscaling.max_replicas", "pool.bogus")
+    assert msg.count("\n") == 1
+
+
+def test_publish_to_unknown_app(shipped):
+    _bad(_mutated(shipped, "train.jobs.demo.publish_to", "other"), "train.jobs.demo.publish_to:",
+         "set publish_to to 'expertpool'")
+
+
+def test_cross_field_rules_without_model(shipped):
+    _bad(_mutated(shipped, "serving.kv_cache", {"num_blocks": 4}), "serving.kv_cache.num_blocks:",
+         "at least 32")
+    _bad(_mutated(shipped, "serving.kv_cache", {"num_blocks": 64, "memory_gb": 1}), "set only one of")
+    _bad(_mutated(shipped, "serving.max_num_batched_tokens", 8), "serving.max_num_batched_tokens:")
+    _bad(_mutated(shipped, "pool.backend", "nccl"), "pool.backend:", "actor_resources.gpu")
+    _bad(_mutated(shipped, "pool.actor_resources", {"cpu": 0}), "pool.actor_resources.cpu:")
+    _bad(_mutated(shipped, "train.jobs.demo.batch_size", 3), "train.jobs.demo.batch_size:", "multiple of 2")
+    _bad(_mutated(shipped, "train.jobs.demo.dataset.path", "d.csv"), "train.jobs.demo.dataset.format:")
+    _bad(_mutated(shipped, "serving.route_prefix", "v1"), "serving.route_prefix:", "'/v1'")
+    _bad(_mutated(shipped, "model.name", "a:b"), "model.name:")
+    bad_name = copy.deepcopy(shipped)
+    bad_name["train"]["jobs"]["Bad_Job"] = bad_name["train"]["jobs"].pop("demo")
+    _bad(bad_name, "train.jobs.Bad_Job:", "lowercase")
+
+
+def test_yaml_errors_name_the_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("serving:\n  port: 1\nserving:\n  port: 2\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: line 3.*duplicate key 'serving'"):
+        load_config(path)
+    path.write_text("serving: [\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: .*invalid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+# --- rules that need the model ---------------------------------------------------------------------------
+
+
+def test_experts_not_divisible_by_actors(shipped):
+    cfg = parse_config(_mutated(shipped, "pool.actors_per_replica", 3), source="cluster.yaml")
+    with pytest.raises(ConfigError) as info:
+        cfg.validate_against_model(n_routed_experts=8)
+    msg = str(info.value)
+    assert msg.startswith("cluster.yaml: pool.actors_per_replica: 8 routed experts do not split evenly over 3")
+    assert "set actors_per_replica to a divisor of 8 (1, 2, 4, 8)" in msg
+    with pytest.raises(ConfigError, match="pool.actors_per_replica"):
+        cfg.pool.experts_per_actor(8)
+
+
+def test_train_workers_checked_against_experts(shipped):
+    cfg = parse_config(_mutated(shipped, "train.jobs.demo.experts_per_worker", 3))
+    with pytest.raises(ConfigError, match=r"train\.jobs\.demo\.experts_per_worker: .*set experts_per_worker to 4"):
+        cfg.validate_against_model(n_routed_experts=8)
+    cfg = parse_config(_mutated(_mutated(shipped, "train.jobs.demo.workers", 3), "train.jobs.demo.batch_size", 6))
+    with pytest.raises(ConfigError, match=r"train\.jobs\.demo\.workers: 8 routed experts"):
+        cfg.validate_against_model(n_routed_experts=8)
+
+
+def test_validate_against_model_returns_derived_values(shipped):
+    cfg = parse_config(shipped)
+    derived = cfg.validate_against_model(n_routed_experts=8, max_position_embeddings=4096)
+    assert derived == {"pool.experts_per_actor": 4, "train.jobs.demo.experts_per_worker": 4,
+                       "serving.kv_cache.num_blocks": 32 * 512 // 16}
+    assert cfg.pool.experts_per_actor(8) == 4
+    assert cfg.get_job("demo").resolved_experts_per_worker(8) == 4
+    with pytest.raises(ConfigError, match=r"serving\.max_seq_len: \(512\) exceeds"):
+        cfg.validate_against_model(n_routed_experts=8, max_position_embeddings=256)
+
+
+def test_kv_memory_budget(shipped):
+    cfg = parse_config(_mutated(shipped, "serving.kv_cache", {"memory_gb": 0.001, "block_size": 16}))
+    bytes_per_token = 576 * 4  # MLA latent (512) + rope key (64), float32
+    assert cfg.serving.num_kv_blocks(bytes_per_token) == int(0.001 * 2**30) // (bytes_per_token * 16)
+    with pytest.raises(ConfigError, match=r"serving\.kv_cache\.memory_gb: .*set memory_gb to at least"):
+        cfg.validate_against_model(8, kv_bytes_per_token=bytes_per_token * 1000)
+
+
+def test_unknown_job_lists_known_jobs(shipped):
+    cfg = parse_config(shipped)
+    with pytest.raises(ConfigError, match=r"train\.jobs: no job named 'dem' \(known: demo\); did you mean 'demo'"):
+        cfg.get_job("dem")
+
+
+# --- dataset check (runs before workers start) -------------------------------------------------------------
+
+
+def _job_with_dataset(shipped, path) -> ClusterConfig:
+    return parse_config(_mutated(shipped, "train.jobs.demo.dataset.path", str(path)), source="cluster.yaml")
+
+
+def test_dataset_missing(shipped, tmp_path):
+    cfg = _job_with_dataset(shipped, tmp_path / "nope.jsonl")
+    with pytest.raises(ConfigError, match=r"^cluster\.yaml: train\.jobs\.demo\.dataset\.path: .* does not exist"):
+        cfg.get_job("demo").check_dataset()
+
+
+def test_dataset_empty(shipped, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg = _job_with_dataset(shipped, tmp_path / "empty.jsonl")
+    with pytest.raises(ConfigError, match=r"train\.jobs\.demo\.dataset\.path: .* is empty"):
+        cfg.get_job("demo").check_dataset()
+    (tmp_path / "dir").mkdir()
+    cfg = _job_with_dataset(shipped, tmp_path / "dir")
+    with pytest.raises(ConfigError, match="is empty"):
+        cfg.get_job("demo").check_dataset()
+
+
+def test_dataset_field_detected(shipped, tmp_path):
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n")
+    (tmp_path / "plain.jsonl").write_text("\n" + json.dumps({"text": "hello"}) + "\n")
+    (tmp_path / "other.jsonl").write_text(json.dumps({"prompt": "hello"}) + "\n")
+    assert _job_with_dataset(shipped, tmp_path / "chat.jsonl").get_job("demo").check_dataset().field == "messages"
+    relative = _mutated(shipped, "train.jobs.demo.dataset.path", "plain.jsonl")
+    checked = parse_config(relative).get_job("demo").check_dataset(base_dir=tmp_path)
+    assert (checked.field, checked.format) == ("text", "jsonl")
+    with pytest.raises(ConfigError, match=r"train\.jobs\.demo\.dataset\.field: .*\['prompt'\]"):
+        _job_with_dataset(shipped, tmp_path / "other.jsonl").get_job("demo").check_dataset()
+
+
+# --- derivations -----------------------------------------------------------------------------------------
+
+
+def test_placement_group_bundles(shipped):
+    cfg = parse_config(_mutated(shipped, "pool.actor_resources",
+                                {"cpu": 2, "gpu": 1, "memory_gb": 4, "custom": {"H100": 0.01}}))
+    bundles = cfg.pool.placement_group_bundles()
+    assert bundles[0] == {"CPU": 0.1}  # the replica actor itself goes in the first bundle
+    assert bundles[1:] == [{"CPU": 2, "GPU": 1, "memory": 4 * 2**30, "H100": 0.01}] * 2
+    assert bundles[1] is not bundles[2]
+    assert cfg.pool.actor_bundle_index(0) == 1
+    assert cfg.pool.resolved_backend() == "nccl"
+    assert cfg.pool.actor_resources.ray_options() == {"num_cpus": 2, "num_gpus": 1, "memory": 4 * 2**30,
+                                                      "resources": {"H100": 0.01}}
+
+
+def test_serve_deployment_options(shipped):
+    cfg = parse_config(_mutated(shipped, "serving.autoscaling.initial_replicas", 2))
+    opts = cfg.serve_deployment_options()
+    assert opts["name"] == DEPLOYMENT_NAME
+    assert opts["autoscaling_config"] == {
+        "min_replicas": 1, "max_replicas": 2, "initial_replicas": 2, "target_ongoing_requests": 16,
+        "upscale_delay_s": 30, "downscale_delay_s": 600, "metrics_interval_s": 10, "look_back_period_s": 30}
+    assert opts["placement_group_bundles"] == [{"CPU": 0.1}, {"CPU": 0.5}, {"CPU": 0.5}]
+    assert opts["placement_group_strategy"] == "PACK"
+    assert opts["ray_actor_options"] == {"num_cpus": 0.1}
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (64, 128)
+    assert (opts["health_check_period_s"], opts["health_check_timeout_s"]) == (10, 30)
+
+
+def test_deployment_options_accepted_by_ray_serve(shipped):
+    from ray import serve
+    from ray.serve.config import AutoscalingConfig
+
+    cfg = parse_config(shipped)
+    opts = cfg.serve_deployment_options()
+    assert set(opts["autoscaling_config"]) <= set(AutoscalingConfig.model_fields)
+    AutoscalingConfig(**opts["autoscaling_config"])
+
+    class Replica:
+        pass
+
+    deployment = serve.deployment(**opts)(Replica)  # validates bundles, strategy, bundle-0 fit; no cluster needed
+    assert deployment.name == DEPLOYMENT_NAME
+    too_big = dict(opts, ray_actor_options={"num_cpus": 1})
+    with pytest.raises(ValueError, match="first bundle"):  # the check our bundle 0 is built to pass
+        serve.deployment(**too_big)(Replica)
+
+
+def test_serve_config_validates_against_ray_schema(shipped):
+    from pydantic import ValidationError
+    from ray.serve.schema import DeploymentSchema, ServeApplicationSchema, ServeDeploySchema
+
+    cfg = parse_config(shipped)
+    serve_cfg = cfg.serve_config()
+    schema = ServeDeploySchema.model_validate(serve_cfg)
+    app = schema.applications[0]
+    assert (app.name, app.route_prefix, app.import_path) == ("expertpool", "/", "expertpool.platform.app:build_app")
+    assert app.deployments[0].name == DEPLOYMENT_NAME
+    assert app.deployments[0].autoscaling_config["max_replicas"] == 2
+    assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8000)
+    assert parse_config(app.args["config"]) == cfg  # build_app can rebuild the config from args
+    # Ray's DeploymentSchema ignores unknown keys, so check ours are all real Ray field names
+    assert set(serve_cfg["applications"][0]["deployments"][0]) <= set(DeploymentSchema.model_fields)
+    assert set(serve_cfg["applications"][0]) <= set(ServeApplicationSchema.model_fields)
+    bad_type = dict(serve_cfg["applications"][0]["deployments"][0], max_ongoing_requests="many")
+    with pytest.raises(ValidationError):  # ... and that the Ray schema does check what it knows
+        ServeDeploySchema.model_validate(dict(serve_cfg, applications=[
+            dict(serve_cfg["applications"][0], deployments=[bad_type])]))
+
+
+def test_api_key_resolution(shipped):
+    cfg = parse_config(shipped)
+    assert cfg.serving.resolve_api_key({}) is None
+    assert cfg.serving.resolve_api_key({API_KEY_ENV: ""}) is None
+    assert cfg.serving.resolve_api_key({API_KEY_ENV: "from-env"}) == "from-env"
+    keyed = parse_config(_mutated(shipped, "serving.api_key", "from-file"))
+    assert keyed.serving.resolve_api_key({API_KEY_ENV: "from-env"}) == "from-file"
+
+
+def test_derived_names(shipped):
+    cfg = parse_config(_mutated(_mutated(shipped, "model.path", "/ckpt/DeepSeek-V3/"), "train.jobs.demo.base_model",
+                                "/ckpt/DeepSeek-V3/"))
+    assert cfg.model.name == "DeepSeek-V3" and cfg.model.tokenizer == "/ckpt/DeepSeek-V3/"
+    job = copy.deepcopy(shipped["train"]["jobs"]["demo"])
+    for key in ("output_dir", "domain", "publish_to"):
+        job.pop(key)
+    cfg = parse_config(_mutated(shipped, "train.jobs", {"law-esft": job}))
+    assert cfg.get_job("law-esft").output_dir == "out/law-esft" and cfg.get_job("law-esft").domain == "law-esft"
+    assert re.fullmatch(r"[a-z0-9-]+", cfg.kubernetes.name)
