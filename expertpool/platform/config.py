@@ -69,12 +69,26 @@ class ConfigError(ValueError):
 
 
 def _rule(field: str, problem: str, fix: str) -> PydanticCustomError:
-    """An error raised from a model validator that names a field relative to the model being validated."""
+    """An error raised from a validator; ``field`` is relative to the model (or "" in a field validator)."""
     return PydanticCustomError(_RULE, "{field}: {problem}; {fix}", {"field": field, "problem": problem, "fix": fix})
 
 
 class _Closed(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, data: Any) -> Any:
+        """A section whose keys are all commented out (``serving:``) parses as null: read it as empty."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items()
+                    if not (v is None and k in cls.model_fields and _is_section(cls.model_fields[k].annotation))}
+        return data
+
+
+def _is_section(annotation: Any) -> bool:
+    return (isinstance(annotation, type) and issubclass(annotation, BaseModel)) or getattr(
+        annotation, "__origin__", None) is dict
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,7 +304,7 @@ class ServingConfig(_Closed):
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="Paged KV cache of one replica.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests in flight per replica before Serve queues "
                                       "them at the caller (Ray Serve `max_ongoing_requests`).")
-    max_queued_requests: int = Field(128, ge=-1, description="Requests queued per caller before HTTP 503; "
+    max_queued_requests: int = Field(128, description="Requests queued per caller before HTTP 503; "
                                      "-1 = unbounded (Ray Serve `max_queued_requests`).")
     api_key: str | None = Field(None, description=f"Bearer token required on the HTTP API. None = env "
                                 f"{API_KEY_ENV} if set, else no authentication. Keep it out of files you commit.")
@@ -302,8 +316,15 @@ class ServingConfig(_Closed):
     @classmethod
     def _prefix(cls, v: str) -> str:
         if not v.startswith("/"):
-            raise PydanticCustomError(_RULE, "{field}: {problem}; {fix}", {
-                "field": "", "problem": f"must start with '/', got '{v}'", "fix": f"set route_prefix to '/{v}'"})
+            raise _rule("", f"must start with '/', got '{v}'", f"set route_prefix to '/{v}'")
+        return v
+
+    @field_validator("max_queued_requests")
+    @classmethod
+    def _queue(cls, v: int) -> int:
+        if v < 1 and v != -1:
+            raise _rule("", f"must be >= 1 or -1 (unbounded), got {v}",
+                        "set max_queued_requests to a positive number of requests, or -1")
         return v
 
     @model_validator(mode="after")

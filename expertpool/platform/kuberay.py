@@ -225,7 +225,7 @@ def rayjob_manifest(cfg: ClusterConfig, job_name: str, *, cluster_name: str | No
             "rayClusterSpec": _cluster_spec(cfg, [group]),
         })
     return {"apiVersion": API_VERSION, "kind": "RayJob",
-            "metadata": _metadata(cfg, f"{cfg.kubernetes.name}-{job_name}"[:63]), "spec": spec}
+            "metadata": _metadata(cfg, f"{cfg.kubernetes.name}-{job_name}"[:63].rstrip("-")), "spec": spec}
 
 
 def manifests(cfg: ClusterConfig, out_dir: str | Path, *, config_path: str = "cluster.yaml") -> list[Path]:

@@ -90,6 +90,12 @@ def test_empty_file_is_all_defaults(tmp_path):
     assert cfg.pool.actors_per_replica == 2 and cfg.serving.autoscaling.max_replicas == 1
 
 
+def test_commented_out_section_reads_as_empty():
+    cfg = parse_config({"serving": None, "train": {"jobs": None}, "pool": {"actor_resources": None}})
+    assert cfg.serving.port == 8000 and cfg.train.jobs == {} and cfg.pool.actor_resources.cpu == 1
+    _bad({"serving": {"port": None}}, "serving.port:", "set port to an integer")  # scalars never default silently
+
+
 def test_every_field_is_documented():
     missing = [path for path, field in field_paths() if not (field.description or "").strip()]
     assert not missing
@@ -164,6 +170,7 @@ def test_cross_field_rules_without_model(shipped):
     _bad(_mutated(shipped, "train.jobs.demo.batch_size", 3), "train.jobs.demo.batch_size:", "multiple of 2")
     _bad(_mutated(shipped, "train.jobs.demo.dataset.path", "d.csv"), "train.jobs.demo.dataset.format:")
     _bad(_mutated(shipped, "serving.route_prefix", "v1"), "serving.route_prefix:", "'/v1'")
+    _bad(_mutated(shipped, "serving.max_queued_requests", 0), "serving.max_queued_requests:", "or -1")
     _bad(_mutated(shipped, "model.name", "a:b"), "model.name:")
     bad_name = copy.deepcopy(shipped)
     bad_name["train"]["jobs"]["Bad_Job"] = bad_name["train"]["jobs"].pop("demo")
