@@ -594,7 +594,8 @@ class ClusterConfig(_Closed):
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
         if self.kubernetes.name is None:
-            self.kubernetes.name = re.sub(r"[^a-z0-9-]+", "-", self.serving.app_name.lower()).strip("-")[:40] or "expertpool"
+            dns_safe = re.sub(r"[^a-z0-9-]+", "-", self.serving.app_name.lower()).strip("-")[:40].rstrip("-")
+            self.kubernetes.name = dns_safe or "expertpool"
         for name, job in self.train.jobs.items():
             if job.publish_to is None:
                 continue
@@ -603,7 +604,8 @@ class ClusterConfig(_Closed):
                             f"set publish_to to '{self.serving.app_name}' (serving.app_name) or remove it")
             if job.base_model != self.model.path:
                 raise _rule(f"train.jobs.{name}.base_model", f"{_model_label(job.base_model)} differs from "
-                            f"model.path ({_model_label(self.model.path)}), so the result cannot be hot-swapped into the served model",
+                            f"model.path ({_model_label(self.model.path)}), so the result cannot be hot-swapped "
+                            "into the served model",
                             "set base_model equal to model.path or remove publish_to")
         return self
 
