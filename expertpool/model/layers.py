@@ -36,7 +36,7 @@ class Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
-        self.weight_scale_inv: torch.Tensor | None = None
+        self.register_buffer("weight_scale_inv", None)  # set for FP8 weights
 
     def set_fp8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         self.weight = nn.Parameter(weight, requires_grad=False)

@@ -73,8 +73,8 @@ class Experts(nn.Module):
         self.register_buffer("global_to_local", g2l, persistent=False)
         self.w13_weight = nn.Parameter(torch.empty(El, 2 * F_, D))
         self.w2_weight = nn.Parameter(torch.empty(El, D, F_))
-        self.w13_weight_scale_inv: torch.Tensor | None = None
-        self.w2_weight_scale_inv: torch.Tensor | None = None
+        self.register_buffer("w13_weight_scale_inv", None)  # set for FP8 experts
+        self.register_buffer("w2_weight_scale_inv", None)
 
     @property
     def num_local(self) -> int:

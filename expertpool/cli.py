@@ -1,0 +1,158 @@
+"""The ``expertpool`` command: init-model, generate, serve, validate, manifests, publish.
+
+Every subcommand is a thin wrapper: argument parsing here, the work in the library. Heavy imports
+(torch, ray) happen inside the subcommand so ``expertpool --help`` is instant.
+"""
+
+import argparse
+import logging
+import sys
+import time
+
+
+def _cmd_init_model(a):
+    from expertpool.model.embedded import init_model
+    t = time.time()
+    out = init_model(a.preset, a.out, fp8=a.fp8, seed=a.seed)
+    print(f"wrote {a.preset} checkpoint{' (fp8)' if a.fp8 else ''} to {out} in {time.time() - t:.1f}s")
+
+
+def _cmd_generate(a):
+    import torch
+
+    from expertpool.model.checkpoint import load_checkpoint
+    from expertpool.model.embedded import ensure_embedded_model
+    from expertpool.model.sampling import SamplingParams
+    from expertpool.model.tokenizer import Tokenizer
+    from expertpool.platform.engine import generate, local_engine
+
+    model_dir = a.model or ensure_embedded_model()
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
+    t0 = time.time()
+    model = load_checkpoint(model_dir, dtype=dtype, weight_dtype=a.weight_dtype, with_mtp=False)
+    tok = Tokenizer.from_dir(model_dir)
+    logging.info("loaded %s in %.1fs", model_dir, time.time() - t0)
+    prompts = a.prompt or ["Hello, how are you?"]
+    if a.chat:
+        ids = [tok.encode(tok.apply_chat_template([{"role": "user", "content": p}]), add_bos=False) for p in prompts]
+    else:
+        ids = [tok.encode(p) for p in prompts]
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, seed=a.seed)
+    core = local_engine(model, max_batch_size=max(1, len(ids)),
+                        max_seq_len=max(len(x) for x in ids) + a.max_tokens + 1, eos_token_id=tok.eos_token_id)
+    single = len(ids) == 1
+    outs_text = [""] * len(ids)
+    counts = [0] * len(ids)
+    if single:
+        print(prompts[0], end="", flush=True)
+
+    def on_token(i, t):
+        counts[i] += 1
+        if single:
+            print(tok.decode([t]), end="", flush=True)
+
+    t1 = time.time()
+    outs = generate(core, ids, params, on_token)
+    dt = time.time() - t1
+    if single:
+        print()
+    else:
+        for p, o in zip(prompts, outs):
+            outs_text.append(tok.decode(o))
+            print(f"--- {p!r}\n{tok.decode(o)}")
+    n = sum(counts)
+    print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, batch {len(ids)}]", file=sys.stderr)
+
+
+def _cmd_serve(a):
+    from expertpool.platform.serve import serve_main
+    serve_main(a)
+
+
+def _cmd_validate(a):
+    from expertpool.platform.config import ConfigError, load_config
+    try:
+        cfg = load_config(a.config)
+        from expertpool.model.args import ModelArgs
+        from expertpool.model.embedded import ensure_embedded_model
+        args = ModelArgs.from_dir(cfg.model.path or ensure_embedded_model())
+        cfg.validate_against_model(args.n_routed_experts)
+    except ConfigError as e:
+        print(f"invalid: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"{a.config}: ok")
+
+
+def _cmd_manifests(a):
+    from expertpool.platform.config import load_config
+    from expertpool.platform.kuberay import manifests
+    cfg = load_config(a.config)
+    for p in manifests(cfg, a.out):
+        print(f"wrote {p}")
+
+
+def _cmd_publish(a):
+    from expertpool.platform.serve import publish_main
+    publish_main(a)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="expertpool", description="Serve and fine-tune DeepSeek-V3-class MoE models on Ray.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("init-model", help="write a random-weight checkpoint of a preset (with tokenizer)")
+    s.add_argument("--preset", default="tiny", help="tiny | bench-mini | deepseek-v3 (default: tiny)")
+    s.add_argument("--out", required=True, help="output checkpoint directory")
+    s.add_argument("--fp8", action="store_true", help="store projections as block-FP8 (e4m3 + weight_scale_inv)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.set_defaults(fn=_cmd_init_model)
+
+    s = sub.add_parser("generate", help="in-process batched generation, streaming to stdout")
+    s.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    s.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
+    s.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
+    s.add_argument("--max-tokens", type=int, default=32, help="new tokens per prompt (default 32)")
+    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    s.add_argument("--seed", type=int, default=None, help="sampling seed")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default float32: fastest on CPUs without AMX)")
+    s.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32"], help="resident weight format (default: as stored, non-fp8 in --dtype)")
+    s.set_defaults(fn=_cmd_generate)
+
+    s = sub.add_parser("serve", help="deploy the OpenAI-compatible expert-parallel server on Ray Serve")
+    s.add_argument("config", nargs="?", default=None, help="cluster.yaml (default: ./cluster.yaml if present, else built-in defaults)")
+    s.add_argument("--model", help="checkpoint directory (overrides model.path)")
+    s.add_argument("--port", type=int, help="HTTP port (overrides serving.port)")
+    s.add_argument("--address", help="Ray cluster address to connect to (default: start a local Ray)")
+    s.add_argument("--actors", type=int, help="expert actors per replica (overrides pool.actors_per_replica)")
+    s.add_argument("--no-block", action="store_true", help="deploy and return instead of running until Ctrl-C")
+    s.set_defaults(fn=_cmd_serve)
+
+    s = sub.add_parser("validate", help="check a cluster.yaml (schema and cross-field rules)")
+    s.add_argument("config", help="path to cluster.yaml")
+    s.set_defaults(fn=_cmd_validate)
+
+    s = sub.add_parser("manifests", help="write KubeRay RayService/RayJob/RayCluster manifests from cluster.yaml")
+    s.add_argument("config", help="path to cluster.yaml")
+    s.add_argument("--out", default="k8s", help="output directory (default k8s/)")
+    s.set_defaults(fn=_cmd_manifests)
+
+    s = sub.add_parser("publish", help="hot-swap an ESFT expert patch into a running Serve app")
+    s.add_argument("--patch", required=True, help="patch directory written by a fine-tuning job")
+    s.add_argument("--app", default="expertpool", help="Serve application name (default expertpool)")
+    s.add_argument("--domain", help="variant name (default: the patch manifest's domain)")
+    s.add_argument("--address", default="auto", help="Ray cluster address (default auto)")
+    s.set_defaults(fn=_cmd_publish)
+    return p
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The embedded tiny DeepSeek-V3-shaped model: created on first use in a cache directory, no download.
+
+``ensure_embedded_model()`` returns a complete HF-format checkpoint directory (config.json,
+safetensors, tokenizer.json, tokenizer_config.json with the DeepSeek-V3 chat template). Creation is
+deterministic (fixed seed) and guarded by a file lock, so concurrent workers share one copy.
+``init_model`` is the general form behind ``expertpool init-model``.
+"""
+
+import fcntl
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from expertpool.model.args import preset
+from expertpool.model.checkpoint import checkpoint_tensors, init_random, write_safetensors_dir
+from expertpool.model.tokenizer import build_tiny_tokenizer, tokenizer_files
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_NAME = "expertpool-tiny"
+EMBEDDED_VERSION = "v1"
+# std of the random init: large enough that greedy logits have clear margins on the tiny model
+TINY_INIT_STD = 0.1
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EXPERTPOOL_CACHE", Path.home() / ".cache" / "expertpool"))
+
+
+def init_model(preset_name: str, out_dir, *, fp8: bool = False, seed: int = 0, std: float | None = None,
+               dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Write a random-weight checkpoint of a preset with a tokenizer; loadable by transformers too."""
+    args = preset(preset_name)
+    if std is None:
+        std = TINY_INIT_STD if preset_name == "tiny" else 0.02
+    model = init_random(args, seed=seed, std=std)
+    if preset_name == "tiny":
+        g = torch.Generator().manual_seed(seed + 1)
+        for moe in model.moe_layers():  # a nonzero router bias so selection differs from gating
+            moe.gate.e_score_correction_bias.copy_(torch.randn(args.n_routed_experts, generator=g) * 0.05)
+    tok = build_tiny_tokenizer(min(args.vocab_size, 512 if preset_name == "tiny" else 2048))
+    config = args.replace(fp8=fp8).to_hf_config()
+    return write_safetensors_dir(checkpoint_tensors(model, fp8=fp8, dtype=dtype), config, out_dir,
+                                 extra_files=tokenizer_files(tok, args.max_position_embeddings))
+
+
+def ensure_embedded_model(root: Path | None = None) -> Path:
+    root = Path(root) if root else cache_dir()
+    out = root / f"{EMBEDDED_NAME}-{EMBEDDED_VERSION}"
+    if (out / "tokenizer_config.json").exists():
+        return out
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{EMBEDDED_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "tokenizer_config.json").exists():
+            log.info("creating the embedded tiny model in %s", out)
+            init_model("tiny", out, seed=0)
+    return out

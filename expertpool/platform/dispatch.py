@@ -1,0 +1,59 @@
+"""All-to-all MoE dispatcher: the expert-parallel drop-in for ``model.moe.LocalDispatcher``.
+
+Shape legend: T local tokens, K experts per token, P = T*K (token, slot) pairs, R received pairs,
+D hidden. Rank r owns global experts [r*E/W, (r+1)*E/W).
+
+dispatch: pairs are sorted by owning rank, counts exchanged, then token rows and expert ids are
+exchanged with ``all_to_all_single`` (uneven splits). Each rank runs its local experts on the rows it
+received (unweighted), sends the outputs back along the reverse splits, and the origin applies the
+routing weights and sums per token (combine). Weights never travel. The collectives come from
+``torch.distributed.nn.functional`` so gradients flow back through dispatch and combine in training.
+Every rank must call every MoE layer each step, with zero tokens if it has none: the collectives
+are matched by order. Works on gloo (CPU) and NCCL (GPU).
+"""
+
+import torch
+import torch.distributed as dist
+from torch.distributed.nn import functional as dist_fn
+
+
+class AllToAllDispatcher:
+    def __init__(self, n_routed_experts: int, group=None):
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        assert n_routed_experts % self.world == 0, \
+            f"{n_routed_experts} routed experts do not split over {self.world} ranks"
+        self.experts_per_rank = n_routed_experts // self.world
+
+    def owner_range(self, rank: int | None = None) -> list[int]:
+        r = self.rank if rank is None else rank
+        return list(range(r * self.experts_per_rank, (r + 1) * self.experts_per_rank))
+
+    def _exchange(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        out = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
+        if send.requires_grad:
+            return dist_fn.all_to_all_single(out, send, recv_counts, send_counts, group=self.group)
+        dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=self.group)
+        return out
+
+    def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts) -> torch.Tensor:
+        T, K = ids_TK.shape
+        flat_ids_P = ids_TK.reshape(-1)
+        dest_P = torch.div(flat_ids_P, self.experts_per_rank, rounding_mode="floor")
+        order_P = torch.argsort(dest_P, stable=True)
+        tok_P = torch.div(order_P, K, rounding_mode="floor")
+        send_counts_W = torch.bincount(dest_P, minlength=self.world)
+        recv_counts_W = torch.empty_like(send_counts_W)
+        dist.all_to_all_single(recv_counts_W, send_counts_W, group=self.group)
+        send_counts, recv_counts = send_counts_W.tolist(), recv_counts_W.tolist()
+
+        recv_ids_R = self._exchange(flat_ids_P[order_P], send_counts, recv_counts)
+        recv_x_RD = self._exchange(x_TD[tok_P], send_counts, recv_counts)
+        local_R1 = experts.global_to_local[recv_ids_R].unsqueeze(1)
+        assert bool((local_R1 >= 0).all()), "received tokens for experts this rank does not own"
+        ones_R1 = torch.ones(local_R1.shape, dtype=x_TD.dtype, device=x_TD.device)
+        y_RD = experts(recv_x_RD, local_R1, ones_R1)
+        back_PD = self._exchange(y_RD, recv_counts, send_counts)
+        w_P1 = weights_TK.reshape(-1)[order_P].unsqueeze(1).to(back_PD.dtype)
+        return torch.zeros_like(x_TD).index_add(0, tok_P, back_PD * w_P1)

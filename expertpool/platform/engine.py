@@ -1,0 +1,461 @@
+"""Continuous-batching engine over a (possibly expert-parallel) group of model workers.
+
+- ``EngineCore`` (sync, no Ray): the scheduler. It owns the waiting queue, per-worker paged KV block
+  accounting and the sequences. Each ``step`` admits waiting requests while a batch slot and cache
+  blocks are free (attention is data-parallel: a sequence lives on the worker with the most free
+  blocks), gives every running decode one token, spends the rest of the per-worker token budget
+  (``max_num_batched_tokens``) on prefill chunks so a long prompt never stalls running streams, runs
+  all workers together, and turns sampled tokens into events. When a decode needs a block and none
+  is free, the youngest sequence on that worker is preempted (blocks freed, recomputed later):
+  requests wait, nothing crashes.
+- Executors run one step on the workers: ``LocalExecutor`` (in-process ``ModelRunner``) and
+  ``RayExecutor`` (the expert-parallel actor group; all actors step together).
+- ``AsyncEngine``: the serving facade (``generate`` async iterator, ``abort``, ``stats``,
+  ``check_health``); a background task drives ``EngineCore.step``. Closing the iterator aborts the
+  request and frees its cache blocks.
+"""
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from expertpool.model.sampling import SamplingParams
+from expertpool.platform.worker import StepItem
+
+log = logging.getLogger(__name__)
+
+
+class EngineOverloaded(Exception):
+    def __init__(self, msg: str, retry_after_s: float = 1.0):
+        super().__init__(msg)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLong(ValueError):
+    pass
+
+
+@dataclass
+class TokenEvent:
+    token_ids: list[int]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+@dataclass
+class Sequence:
+    seq_id: str
+    prompt: list[int]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)
+    output: list[int] = field(default_factory=list)
+    worker: int = -1
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    finish_reason: str | None = None
+    aborted: bool = False
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.free = list(range(num_blocks - 1, -1, -1))
+
+    def allocate(self, n: int) -> list[int]:
+        assert n <= len(self.free)
+        return [self.free.pop() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self.free.extend(reversed(blocks))
+
+
+class EngineCore:
+    def __init__(self, executor, *, num_blocks: int, block_size: int, max_batch_size: int, max_seq_len: int,
+                 max_num_batched_tokens: int, eos_token_id: int | None, max_queued: int = 1 << 30):
+        self.executor = executor
+        self.world = executor.world
+        self.block_size, self.max_seq_len = block_size, max_seq_len
+        self.max_batch_size = max_batch_size
+        self.per_worker_batch = -(-max_batch_size // self.world)
+        self.token_budget = max(max_num_batched_tokens, self.per_worker_batch + block_size)
+        self.eos = eos_token_id
+        self.max_queued = max_queued
+        if num_blocks * block_size < max_seq_len:
+            raise ValueError(f"KV cache of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
+                             f"max_seq_len={max_seq_len}; raise serving.kv_cache or lower max_seq_len")
+        self.allocators = [BlockAllocator(num_blocks) for _ in range(self.world)]
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self.steps = 0
+        self.max_batch_seen = 0
+        self.finished_ids: list[tuple[int, str]] = []
+
+    # ---- requests
+    def add_request(self, seq_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+        if seq_id in self.seqs:
+            raise ValueError(f"duplicate request id {seq_id}")
+        if not prompt:
+            raise RequestTooLong("the prompt is empty")
+        if len(prompt) >= self.max_seq_len:
+            raise RequestTooLong(f"the prompt has {len(prompt)} tokens; the maximum sequence length is "
+                                 f"{self.max_seq_len}, leaving room for at least one new token")
+        if len(self.waiting) >= self.max_queued:
+            raise EngineOverloaded(f"{len(self.waiting)} requests are already waiting; retry later")
+        seq = Sequence(seq_id, list(prompt), params)
+        self.seqs[seq_id] = seq
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq_id: str) -> None:
+        seq = self.seqs.get(seq_id)
+        if seq is not None and seq.finish_reason is None:
+            seq.aborted = True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- blocks
+    def _blocks_needed(self, seq: Sequence, upto: int) -> int:
+        return max(0, -(-upto // self.block_size) - len(seq.blocks))
+
+    def _free_seq(self, seq: Sequence) -> None:
+        if seq.worker >= 0:
+            self.allocators[seq.worker].release(seq.blocks)
+            self.finished_ids.append((seq.worker, seq.seq_id))
+        seq.blocks, seq.num_cached = [], 0
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self._free_seq(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        self.seqs.pop(seq.seq_id, None)
+
+    def kv_blocks_used(self) -> int:
+        return sum(a.num_blocks - len(a.free) for a in self.allocators)
+
+    def kv_blocks_total(self) -> int:
+        return sum(a.num_blocks for a in self.allocators)
+
+    # ---- scheduling
+    def _drop_aborted(self, events: dict) -> None:
+        for seq in [s for s in itertools.chain(self.running, self.waiting) if s.aborted]:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self._finish(seq, "abort")
+            events[seq.seq_id] = TokenEvent([], "abort", len(seq.prompt), len(seq.output))
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.info("KV cache full on worker %d: preempting %s (%d tokens) for recompute", seq.worker, seq.seq_id,
+                 len(seq.tokens))
+        self._free_seq(seq)
+        seq.worker = -1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def _make_room(self, seq: Sequence, need: int) -> bool:
+        """Free blocks on seq's worker by preempting sequences younger than seq (not yet planned this
+        step, since planning goes oldest first); if none is younger, seq itself waits."""
+        alloc = self.allocators[seq.worker]
+        while need > len(alloc.free):
+            younger = [s for s in self.running if s.worker == seq.worker and s.arrival > seq.arrival]
+            if not younger:
+                self._preempt(seq)
+                return False
+            self._preempt(max(younger, key=lambda s: s.arrival))
+        return True
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            per_worker = [sum(1 for s in self.running if s.worker == w) for w in range(self.world)]
+            cands = [w for w in range(self.world) if per_worker[w] < self.per_worker_batch]
+            need = self._blocks_needed(seq, min(len(seq.tokens) + 1, self.max_seq_len))
+            # blocks still owed to admitted sequences whose prompt is not fully cached yet
+            owed = [sum(self._blocks_needed(s, min(len(s.tokens) + 1, self.max_seq_len))
+                        for s in self.running if s.worker == w) for w in range(self.world)]
+            room = [len(self.allocators[w].free) - owed[w] for w in range(self.world)]
+            cands = [w for w in cands if room[w] >= need]
+            if not cands:
+                return
+            w = max(cands, key=lambda w: (room[w], -per_worker[w]))
+            self.waiting.popleft()
+            seq.worker = w
+            self.running.append(seq)
+
+    def schedule(self) -> list[list[tuple[Sequence, StepItem]]]:
+        self._admit()
+        plans: list[list[tuple[Sequence, StepItem]]] = [[] for _ in range(self.world)]
+        budget = [self.token_budget] * self.world
+        # decodes first: one token each, growing the block table when a block fills
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq.worker < 0 or seq.num_cached < len(seq.tokens) - 1:
+                continue
+            need = self._blocks_needed(seq, seq.num_cached + 1)
+            if not self._make_room(seq, need):
+                continue
+            seq.blocks += self.allocators[seq.worker].allocate(need)
+            plans[seq.worker].append((seq, StepItem(seq.seq_id, [seq.tokens[-1]], seq.num_cached,
+                                                    seq.blocks, True, seq.params)))
+            budget[seq.worker] -= 1
+        # prefill chunks with the remaining per-worker budget
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq.worker < 0 or seq.num_cached >= len(seq.tokens) - 1:
+                continue
+            w = seq.worker
+            chunk = min(len(seq.tokens) - seq.num_cached, budget[w])
+            if chunk <= 0:
+                continue
+            alloc = self.allocators[w]
+            need = self._blocks_needed(seq, seq.num_cached + chunk)
+            if need > len(alloc.free):
+                chunk = min(chunk, len(seq.blocks) * self.block_size + len(alloc.free) * self.block_size
+                            - seq.num_cached)
+                need = self._blocks_needed(seq, seq.num_cached + chunk)
+                if chunk <= 0:
+                    continue
+            seq.blocks += alloc.allocate(need)
+            done = seq.num_cached + chunk == len(seq.tokens)
+            plans[w].append((seq, StepItem(seq.seq_id, seq.tokens[seq.num_cached:seq.num_cached + chunk],
+                                           seq.num_cached, seq.blocks, done, seq.params)))
+            budget[w] -= chunk
+        return plans
+
+    def process(self, plans, results) -> dict[str, TokenEvent]:
+        events: dict[str, TokenEvent] = {}
+        for plan, res in zip(plans, results):
+            for (seq, item), tok in zip(plan, res):
+                seq.num_cached = item.start_pos + len(item.tokens)
+                if seq.aborted or tok is None:
+                    continue
+                seq.output.append(tok)
+                reason = None
+                p = seq.params
+                if not p.ignore_eos and tok == self.eos:
+                    reason = "stop"
+                elif tok in p.stop_token_ids:
+                    reason = "stop"
+                elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_seq_len:
+                    reason = "length"
+                events[seq.seq_id] = TokenEvent([tok], reason, len(seq.prompt), len(seq.output))
+                if reason:
+                    self._finish(seq, reason)
+        return events
+
+    def pop_finished(self) -> list[tuple[int, str]]:
+        out, self.finished_ids = self.finished_ids, []
+        return out
+
+    def step(self) -> dict[str, TokenEvent]:
+        """Synchronous step (in-process generation)."""
+        events: dict[str, TokenEvent] = {}
+        self._drop_aborted(events)
+        self.executor.release(self.pop_finished())
+        plans = self.schedule()
+        if any(plans):
+            results = self.executor.run([[it for _, it in p] for p in plans])
+            self.steps += 1
+            self.max_batch_seen = max(self.max_batch_seen, sum(len(p) for p in plans))
+            events.update(self.process(plans, results))
+        self.executor.release(self.pop_finished())
+        return events
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "kv_blocks_used": self.kv_blocks_used(), "kv_blocks_total": self.kv_blocks_total(),
+                "kv_usage": self.kv_blocks_used() / max(1, self.kv_blocks_total()),
+                "steps": self.steps, "max_batch_seen": self.max_batch_seen}
+
+
+class LocalExecutor:
+    """One in-process ModelRunner (no expert parallelism)."""
+
+    world = 1
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, items_per_worker):
+        return [self.runner.step(items_per_worker[0])]
+
+    def release(self, finished):
+        if finished:
+            self.runner.release([s for _, s in finished])
+
+    def expert_load(self) -> list[int]:
+        return self.runner.expert_load()
+
+    async def run_async(self, items_per_worker):
+        return await asyncio.to_thread(self.run, items_per_worker)
+
+    async def check_health(self):
+        return None
+
+    async def expert_load_async(self):
+        return self.expert_load()
+
+
+class RayExecutor:
+    """The replica's expert-parallel actor group; every actor steps together (MoE layers are collectives)."""
+
+    def __init__(self, actors):
+        self.actors = actors
+        self.world = len(actors)
+
+    def run(self, items_per_worker):
+        import ray
+        return ray.get([a.step.remote(items) for a, items in zip(self.actors, items_per_worker)])
+
+    async def run_async(self, items_per_worker):
+        return await asyncio.gather(*[a.step.remote(items) for a, items in zip(self.actors, items_per_worker)])
+
+    def release(self, finished):
+        by_worker: dict[int, list[str]] = {}
+        for w, s in finished:
+            by_worker.setdefault(w, []).append(s)
+        for w, ids in by_worker.items():
+            self.actors[w].release.remote(ids)
+
+    async def check_health(self):
+        await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in self.actors]), timeout=30)
+
+    async def expert_load_async(self) -> list[int]:
+        loads = await asyncio.gather(*[a.expert_load.remote() for a in self.actors])
+        return [sum(x) for x in zip(*loads)] if loads else []
+
+
+class AsyncEngine:
+    """Serving facade over EngineCore; one background task drives the steps."""
+
+    def __init__(self, core: EngineCore, model_id: str, max_seq_len: int):
+        self.core = core
+        self.max_seq_len = max_seq_len
+        self.base_model_id = model_id
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self._expert_tokens: list[int] = []
+        self._failed: BaseException | None = None
+
+    def model_ids(self) -> list[str]:
+        return [self.base_model_id]
+
+    def _ensure_loop(self):
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       model: str | None = None):
+        if self._failed is not None:
+            raise RuntimeError(f"engine failed: {self._failed!r}")
+        self._ensure_loop()
+        self.core.add_request(request_id, prompt_token_ids, params)
+        q: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = q
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                ev = await q.get()
+                if isinstance(ev, BaseException):
+                    raise RuntimeError(f"engine step failed: {ev!r}") from ev
+                finished = ev.finish_reason is not None
+                yield ev
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self.core.abort(request_id)
+                self._wake.set()
+
+    async def abort(self, request_id: str) -> None:
+        self.core.abort(request_id)
+        self._wake.set()
+
+    async def _run(self):
+        core = self.core
+        while True:
+            if not core.has_work():
+                self._wake.clear()
+                await self._wake.wait()
+            events: dict[str, TokenEvent] = {}
+            try:
+                core._drop_aborted(events)
+                core.executor.release(core.pop_finished())
+                plans = core.schedule()
+                if any(plans):
+                    results = await core.executor.run_async([[it for _, it in p] for p in plans])
+                    core.steps += 1
+                    core.max_batch_seen = max(core.max_batch_seen, sum(len(p) for p in plans))
+                    events.update(core.process(plans, results))
+                else:
+                    await asyncio.sleep(0.005)
+                core.executor.release(core.pop_finished())
+            except Exception as e:  # a dead worker: fail every in-flight request, loudly
+                log.exception("engine step failed")
+                self._failed = e
+                for q in self._queues.values():
+                    q.put_nowait(e)
+                return
+            for rid, ev in events.items():
+                q = self._queues.get(rid)
+                if q is not None:
+                    q.put_nowait(ev)
+            await asyncio.sleep(0)
+
+    def stats(self) -> dict:
+        s = self.core.stats()
+        s["expert_tokens"] = list(self._expert_tokens)
+        return s
+
+    async def refresh_expert_tokens(self) -> list[int]:
+        self._expert_tokens = await self.core.executor.expert_load_async()
+        return self._expert_tokens
+
+    async def check_health(self) -> None:
+        if self._failed is not None:
+            raise RuntimeError(f"engine failed: {self._failed!r}")
+        await self.core.executor.check_health()
+
+
+def local_engine(model, *, max_batch_size: int = 16, max_seq_len: int = 512, block_size: int = 16,
+                 num_blocks: int | None = None, max_num_batched_tokens: int = 256,
+                 eos_token_id: int | None = None) -> EngineCore:
+    """An in-process engine over one model (all experts local): ``expertpool generate`` and tests."""
+    from expertpool.platform.worker import ModelRunner
+    if num_blocks is None:
+        num_blocks = max_batch_size * (-(-max_seq_len // block_size))
+    runner = ModelRunner(model, num_blocks, block_size)
+    eos = model.args.eos_token_id if eos_token_id is None else eos_token_id
+    return EngineCore(LocalExecutor(runner), num_blocks=num_blocks, block_size=block_size,
+                      max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                      max_num_batched_tokens=max_num_batched_tokens, eos_token_id=eos)
+
+
+def generate(core: EngineCore, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             on_token=None) -> list[list[int]]:
+    """Run prompts to completion with continuous batching; ``on_token(i, token_id)`` streams tokens."""
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+    ids = [f"gen-{time.monotonic_ns()}-{i}" for i in range(len(prompts))]
+    index = {sid: i for i, sid in enumerate(ids)}
+    outs: list[list[int]] = [[] for _ in prompts]
+    for sid, p, sp in zip(ids, prompts, plist):
+        core.add_request(sid, p, sp)
+    while core.has_work():
+        for sid, ev in core.step().items():
+            i = index[sid]
+            outs[i] += ev.token_ids
+            if on_token is not None:
+                for t in ev.token_ids:
+                    on_token(i, t)
+    return outs
