@@ -1,0 +1,132 @@
+"""The Ray Serve application: one ``ExpertPoolServer`` replica = one engine (one expert-parallel group).
+
+Thin on purpose (STYLE principle 7): the replica parses its config, builds its engine and tokenizer
+through injectable factories, and hands both to ``api.OpenAIServer``; the FastAPI app is built at
+replica start (``__serve_build_asgi_app__``, Serve's late-bound ingress), so routes are not tied to
+a module-level app object. Deployment options (placement-group bundles for the engine's actors,
+autoscaling, queue limits, health-check timing) all come from ``cfg.serve_deployment_options()``.
+
+Entry points:
+  * ``build_app(args)`` — Serve ``import_path`` target ``expertpool.platform.app:build_app`` with
+    ``args: {config: <cluster config mapping or path to cluster.yaml>, engine_factory?: "mod:attr",
+    tokenizer_factory?: "mod:attr"}`` (what ``cfg.serve_config()`` writes);
+  * ``build_app_from_config(cfg, engine_factory=None, tokenizer_factory=None)`` — in-process use and
+    tests, where the factories may be callables ``(ClusterConfig) -> Engine | Tokenizer``.
+
+Replica-level methods reachable through a Serve handle: ``check_health`` (Serve calls it every
+``serving.health_check_period_s``; it runs the engine's health check, so a dead expert-parallel
+actor fails the replica and Serve replaces it) and ``load_patch(domain, patch_dir)``. A handle
+call reaches ONE replica; the caller fans out to every replica.
+
+The API key is resolved inside the replica (``serving.api_key``, else env ``EXPERTPOOL_API_KEY`` of
+the replica process), so a key from the environment never travels in the Serve config.
+"""
+
+import importlib
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from ray.serve.deployment import Application
+
+from expertpool.platform.api import OpenAIServer, build_fastapi_app
+from expertpool.platform.config import ClusterConfig, load_config, parse_config
+from expertpool.platform.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+Factory = str | Callable[[ClusterConfig], Any]
+
+
+class AppArgs(BaseModel):
+    """``args`` of the Serve application (``applications[].args`` in a Serve config)."""
+
+    model_config = ConfigDict(extra="forbid")
+    config: dict[str, Any] | str = Field(description="The cluster config as a mapping, or the path of a cluster.yaml "
+                                         "readable where the application is built.")
+    engine_factory: str | None = Field(None, description="'module:attr' of a callable (ClusterConfig) -> Engine. "
+                                       "None = expertpool.platform.engine:build_engine.")
+    tokenizer_factory: str | None = Field(None, description="'module:attr' of a callable (ClusterConfig) -> "
+                                          "Tokenizer. None = the tokenizer of model.tokenizer (or the embedded model).")
+
+
+def import_attr(path: str) -> Any:
+    """``'pkg.mod:attr'`` (or ``'pkg.mod.attr'``) -> the object."""
+    mod, sep, attr = path.partition(":")
+    if not sep:
+        mod, _, attr = path.rpartition(".")
+    if not mod or not attr:
+        raise ValueError(f"'{path}' is not an import path; write it as 'package.module:attribute'")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def _resolve(factory: Factory | None, default: Callable[[ClusterConfig], Any]) -> Callable[[ClusterConfig], Any]:
+    if factory is None:
+        return default
+    return import_attr(factory) if isinstance(factory, str) else factory
+
+
+def default_engine(cfg: ClusterConfig) -> Any:
+    from expertpool.platform.engine import build_engine  # heavy (torch, actors): only where the engine runs
+
+    return build_engine(cfg)
+
+
+def default_tokenizer(cfg: ClusterConfig) -> Any:
+    from expertpool.model.tokenizer import Tokenizer
+
+    path = cfg.model.tokenizer
+    if path is None:
+        from expertpool.model.embedded import ensure_embedded_model
+
+        path = ensure_embedded_model()
+    return Tokenizer.from_dir(path)
+
+
+@serve.deployment
+@serve.ingress()
+class ExpertPoolServer:
+    """One replica: engine + tokenizer + OpenAI API. ``config`` is a ClusterConfig or its dict dump."""
+
+    def __init__(self, config: ClusterConfig | dict[str, Any], engine_factory: Factory | None = None,
+                 tokenizer_factory: Factory | None = None):
+        cfg = config if isinstance(config, ClusterConfig) else parse_config(config, source="serve args.config")
+        self.cfg = cfg
+        self.engine = _resolve(engine_factory, default_engine)(cfg)
+        tokenizer = _resolve(tokenizer_factory, default_tokenizer)(cfg)
+        self.api = OpenAIServer(self.engine, tokenizer, api_key=cfg.serving.resolve_api_key(),
+                                metrics=ServerMetrics(replica=serve.get_replica_context().replica_id.unique_id))
+        logger.info("replica up: serving %s (max_seq_len=%d, auth=%s)", self.engine.model_ids(),
+                    self.engine.max_seq_len, "on" if self.api.api_key else "off")
+
+    def __serve_build_asgi_app__(self):
+        return build_fastapi_app(self.api)
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    async def load_patch(self, domain: str, patch_dir: str) -> str:
+        """Hot-swap an ESFT expert patch into this replica's engine; returns the served id BASE:DOMAIN."""
+        model_id = await self.engine.load_patch(domain, patch_dir)
+        logger.info("loaded patch %s from %s as %s", domain, patch_dir, model_id)
+        return model_id
+
+
+def build_app_from_config(cfg: ClusterConfig, engine_factory: Factory | None = None,
+                          tokenizer_factory: Factory | None = None) -> Application:
+    """The Serve application for ``cfg``; run it with
+    ``serve.run(app, name=cfg.serving.app_name, route_prefix=cfg.serving.route_prefix)``."""
+    return ExpertPoolServer.options(**cfg.serve_deployment_options()).bind(
+        cfg.model_dump(mode="json"), engine_factory, tokenizer_factory)
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    """Serve ``import_path`` target: ``expertpool.platform.app:build_app``."""
+    a = AppArgs.model_validate(args)
+    if isinstance(a.config, str):
+        cfg = load_config(a.config)
+    else:
+        cfg = parse_config(a.config, source="serve application args.config")
+    return build_app_from_config(cfg, a.engine_factory, a.tokenizer_factory)

@@ -1,0 +1,17 @@
+"""Shared fixtures. ``ray_cluster``: ONE local Ray instance for the whole test session, started on
+first use only (``ray.init`` costs ~10 s), so unit tests never pay for it. ``address="local"``
+always starts a private instance, never attaching to another cluster found on the machine."""
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=8, include_dashboard=False)
+    yield ray
+    if started:
+        ray.shutdown()

@@ -1,0 +1,543 @@
+"""HTTP layer tests: pure logic in-process, then the real thing through ``serve.run`` and real HTTP.
+
+The Serve part runs ONE application for the module (built through the ``build_app`` import-path
+entry point with the fake engine of ``fake_engine.py``), with an API key set, so every request
+below authenticates; the official ``openai`` client drives the happy paths and raw ``httpx`` the
+error cases and the SSE wire format.
+"""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import httpx
+import openai
+import pytest
+
+from expertpool.platform import protocol as P
+from expertpool.platform.api import IncrementalDetokenizer, OpenAIServer, StopStringMatcher, build_fastapi_app
+from expertpool.platform.config import parse_config
+from expertpool.platform.metrics import ServerMetrics
+from tests.platform.fake_engine import REPLY, FakeEngine, FakeTokenizer, side_files
+
+API_KEY = "sk-test-" + uuid.uuid4().hex[:8]
+MAX_SEQ_LEN = 128
+TOK = FakeTokenizer()
+
+
+# ------------------------------------------------------------------------------------------------
+# Unit: stop strings, incremental detokenization, request validation, metrics
+# ------------------------------------------------------------------------------------------------
+
+def _run_matcher(stops, pieces):
+    m = StopStringMatcher(stops)
+    out = []
+    for p in pieces:
+        text, hit = m.push(p)
+        out.append(text)
+        if hit:
+            return "".join(out), True
+    out.append(m.flush())
+    return "".join(out), False
+
+
+@pytest.mark.parametrize("pieces", [["abcSTOPdef"], list("abcSTOPdef"), ["abcS", "TO", "Pdef"], ["abc", "STOP"]])
+def test_stop_string_found_across_any_split(pieces):
+    assert _run_matcher(["STOP"], pieces) == ("abc", True)
+
+
+def test_stop_string_earliest_of_several_and_false_prefix_released():
+    assert _run_matcher(["xyz", "b"], ["a", "xy", "b", "xyz"]) == ("axy", True)
+    # "ST" looked like the start of "STOP" but was not: it must still come out, in order
+    assert _run_matcher(["STOP"], ["aST", "x", "STO"]) == ("aSTxSTO", False)
+
+
+def test_stop_matcher_never_emits_a_possible_stop_prefix():
+    m = StopStringMatcher(["</end>"])
+    assert m.push("text </e") == ("text ", False)
+    assert m.push("n") == ("", False)
+    assert m.push("x") == ("</enx", False)
+
+
+def _stream_decode(tok, ids):
+    d = IncrementalDetokenizer(tok)
+    deltas = [d.push([t]) for t in ids] + [d.flush()]
+    return deltas
+
+
+def test_incremental_detokenizer_never_splits_a_character_fake_bytes():
+    ids = TOK.encode(REPLY, add_bos=False)
+    deltas = _stream_decode(TOK, ids)
+    assert "".join(deltas) == REPLY
+    assert not any("\ufffd" in d for d in deltas)
+    assert len([d for d in deltas if d]) > 20  # really incremental, not one blob at the end
+
+
+def test_incremental_detokenizer_matches_full_decode_real_tiny_bpe():
+    from tokenizers import Tokenizer as HF
+
+    from expertpool.model.tokenizer import Tokenizer, build_tiny_tokenizer
+
+    hf = build_tiny_tokenizer()
+    tok = Tokenizer(HF.from_str(hf.to_str()), "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", None)
+    text = "Hello, how are you today? Grüße aus Köln 😀 — def add(a, b): return a + b"
+    ids = tok.encode(text, add_bos=True)
+    deltas = _stream_decode(tok, ids)
+    assert "".join(deltas) == tok.decode(ids) == text
+    assert not any("\ufffd" in d for d in deltas)
+
+
+def test_incremental_detokenizer_flushes_an_unfinished_character():
+    ids = TOK.encode("a😀", add_bos=False)[:-1]  # cut the emoji's last byte
+    deltas = _stream_decode(TOK, ids)
+    assert "".join(deltas) == "a\ufffd"
+
+
+def test_stop_string_closes_the_engine_generator_at_once():
+    """Explicitly, not at garbage collection: ``gen`` stays referenced until the assert."""
+    from expertpool.model.sampling import SamplingParams
+    from expertpool.platform.api import GenerationStream
+
+    engine = FakeEngine()
+
+    async def go():
+        gen = engine.generate("r1", TOK.encode("hi"), SamplingParams(max_tokens=100))
+        stream = GenerationStream(gen, TOK, ["world"], ServerMetrics(), "m", time.perf_counter())
+        await stream.start()
+        deltas = [d async for d in stream]
+        assert engine.closed_early == ["r1"] and engine.running == 0
+        return gen, deltas
+
+    _, deltas = asyncio.run(go())
+    assert "".join(d.text for d in deltas) == "Hello " and deltas[-1].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body, param, needle", [
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "only n=1"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "logprobs are not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -0.1}, "temperature", "greater than or equal"),
+    ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, None,
+     "only allowed with stream=true"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools", "unknown or unsupported field"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "Input should be"),
+])
+def test_request_validation_names_the_field(body, param, needle):
+    with pytest.raises(Exception) as ei:
+        P.ChatCompletionRequest.model_validate(body)
+    err = P.validation_error_to_api_error(ei.value)
+    assert err.status == 400 and needle in err.message
+    if param:
+        assert err.param == param and param in err.message
+
+
+def test_completion_prompt_forms():
+    assert P.CompletionRequest.model_validate({"prompt": ["one"]}).prompt == "one"
+    assert P.CompletionRequest.model_validate({"prompt": [5, 6]}).prompt == [5, 6]
+    with pytest.raises(Exception, match="batched prompts"):
+        P.CompletionRequest.model_validate({"prompt": ["a", "b"]})
+    assert P.CompletionRequest.model_validate({"prompt": "x", "stop": "\n"}).stop_strings() == ["\n"]
+
+
+class _Recorder:
+    """Stands in for a ray.util.metrics class; keeps every recorded value with its tags."""
+
+    def __init__(self, name, description="", boundaries=None, tag_keys=()):
+        self.name, self.tag_keys, self.defaults, self.values = name, tag_keys, {}, []
+
+    def set_default_tags(self, tags):
+        self.defaults = tags
+        return self
+
+    def _rec(self, value, tags=None):
+        tags = {**self.defaults, **(tags or {})}
+        assert set(tags) == set(self.tag_keys), (self.name, tags)
+        self.values.append((value, tags))
+
+    inc = observe = set = _rec
+
+
+def test_metrics_are_recorded_per_request_and_from_engine_stats():
+    m = ServerMetrics(replica="r1", counter=_Recorder, gauge=_Recorder, histogram=_Recorder)
+    engine = FakeEngine(max_seq_len=MAX_SEQ_LEN)
+    server = OpenAIServer(engine, TOK, metrics=m)
+    app = build_fastapi_app(server)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 7})
+            assert r.status_code == 200
+            r = await c.post("/v1/completions", json={"prompt": "hi", "model": "nope"})
+            assert r.status_code == 404
+            r = await c.post("/v1/completions", json={"prompt": "hi", "stream": True, "max_tokens": 3})
+            assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+
+    asyncio.run(go())
+    assert [t for _, t in m.requests.values] == [
+        {"replica": "r1", "model": "fake-base", "status": "200"},
+        {"replica": "r1", "model": "unknown", "status": "404"},
+        {"replica": "r1", "model": "fake-base", "status": "200"}]
+    assert sum(v for v, _ in m.generated_tokens.values) == 7 + 3
+    assert len(m.ttft.values) == 2 and all(0 < v < 5 for v, _ in m.ttft.values)
+    assert len(m.itl.values) == 6 + 2  # every token event after the first
+    assert len(m.e2e.values) == 2
+
+    server.record_stats()
+    server.record_stats()
+    assert {t["expert"] for _, t in m.expert_tokens.values} == {str(e) for e in range(8)}
+    total = sum(v for v, t in m.expert_tokens.values[:8])
+    assert total == engine.steps > 0
+    assert m.kv_usage.values[-1][0] == 0.0  # nothing running any more
+    engine.expert_tokens[3] += 10  # only expert 3 got load since the last update
+    server.record_stats()
+    assert m.expert_balancedness.values[-1][0] == pytest.approx(1 / 8)
+
+
+def test_metrics_work_without_ray_initialised():
+    code = ("import ray; from expertpool.platform.metrics import ServerMetrics; m = ServerMetrics('x'); "
+            "m.request_done('m', 200); m.first_token('m', 0.1); m.tokens('m', 3, 0.05); "
+            "m.update_from_stats({'running': 1, 'waiting': 0, 'kv_usage': 0.5, 'expert_tokens': [1, 2]}); "
+            "assert not ray.is_initialized(); print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Integration: one Serve application for the module, real HTTP
+# ------------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster):
+    from ray import serve
+
+    from expertpool.platform.app import build_app
+
+    app_name = f"ep-test-{uuid.uuid4().hex[:8]}"
+    log_path, unhealthy_path = side_files(app_name)
+    for p in (log_path, unhealthy_path):
+        if os.path.exists(p):
+            os.remove(p)
+    config = {
+        "model": {"name": "fake-base"},
+        "pool": {"actors_per_replica": 1, "actor_resources": {"cpu": 0.1}},
+        "serving": {"app_name": app_name, "max_seq_len": MAX_SEQ_LEN, "api_key": API_KEY,
+                    "health_check_period_s": 600, "autoscaling": {"target_ongoing_requests": 4}},
+    }
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = build_app({"config": config, "engine_factory": "tests.platform.fake_engine:make_engine",
+                     "tokenizer_factory": "tests.platform.fake_engine:make_tokenizer"})
+    serve.run(app, name=app_name, route_prefix="/")
+    base = f"http://127.0.0.1:{port}"
+    yield {"base": base, "app_name": app_name, "log": log_path, "unhealthy": unhealthy_path,
+           "headers": {"Authorization": f"Bearer {API_KEY}"},
+           "client": openai.OpenAI(base_url=base + "/v1", api_key=API_KEY, max_retries=0, timeout=30)}
+    serve.delete(app_name)
+    serve.shutdown()
+    for p in (log_path, unhealthy_path):
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def _closed_early(served, request_id: str, timeout_s: float = 10.0) -> bool:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if os.path.exists(served["log"]):
+            with open(served["log"]) as f:
+                if any(json.loads(line)["request_id"] == request_id for line in f):
+                    return True
+        time.sleep(0.05)
+    return False
+
+
+def _chat_prompt_len(messages) -> int:
+    return len(TOK.encode(TOK.apply_chat_template(messages), add_bos=False))
+
+
+@pytest.mark.ray
+def test_chat_non_streaming_openai_client(served):
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]
+    r = served["client"].chat.completions.create(model="fake-base", messages=msgs)
+    assert r.choices[0].message.content == REPLY
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].finish_reason == "stop"
+    n_reply = len(TOK.encode(REPLY, add_bos=False))
+    assert r.usage.prompt_tokens == _chat_prompt_len(msgs)  # template text carries the BOS: no second BOS
+    assert r.usage.completion_tokens == n_reply + 1  # + EOS
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.object == "chat.completion" and r.model == "fake-base" and r.id.startswith("chatcmpl-")
+
+
+@pytest.mark.ray
+def test_chat_goes_through_the_chat_template(served):
+    r = served["client"].chat.completions.create(model="fake-base",
+                                                 messages=[{"role": "user", "content": "ECHO me"}])
+    assert r.choices[0].message.content == "<|user|>ECHO me\n<|assistant|>"
+
+
+@pytest.mark.ray
+def test_chat_streaming_with_usage_openai_client(served):
+    chunks = list(served["client"].chat.completions.create(
+        model="fake-base", messages=[{"role": "user", "content": "hi"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == REPLY
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 10
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(TOK.encode(REPLY, False)) + 1
+    assert all(c.usage is None for c in chunks[:-1])
+
+
+@pytest.mark.ray
+def test_completions_non_streaming_and_streaming(served):
+    c = served["client"]
+    r = c.completions.create(model="fake-base", prompt="Say hello", max_tokens=5)
+    assert r.choices[0].text == "Hello world! G" and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 5 and r.usage.prompt_tokens == len(TOK.encode("Say hello"))
+    chunks = list(c.completions.create(model="fake-base", prompt="Say hello", max_tokens=5, stream=True))
+    assert "".join(ch.choices[0].text for ch in chunks) == r.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == "length"
+    ids = TOK.encode("ECHO tokens")
+    r = c.completions.create(model="fake-base", prompt=ids, max_tokens=50)
+    assert r.choices[0].text == "ECHO tokens" and r.usage.prompt_tokens == len(ids)
+
+
+@pytest.mark.ray
+def test_max_completion_tokens_ignore_eos_and_seed_pass_through(served):
+    r = served["client"].chat.completions.create(
+        model="fake-base", messages=[{"role": "user", "content": "hi"}], max_completion_tokens=60, seed=7,
+        temperature=0.5, top_p=0.9, extra_body={"ignore_eos": True, "top_k": 5})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 60
+    assert r.choices[0].message.content.startswith(REPLY)  # kept going past EOS
+
+
+@pytest.mark.ray
+def test_max_tokens_clamped_to_the_context_window(served):
+    prompt = "x" * (MAX_SEQ_LEN - 4)  # + BOS = MAX_SEQ_LEN - 3 tokens: room for 3
+    r = served["client"].completions.create(model="fake-base", prompt=prompt, max_tokens=100)
+    assert r.usage.prompt_tokens == MAX_SEQ_LEN - 3
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+    r = served["client"].completions.create(model="fake-base", prompt=prompt)  # no max_tokens: fill the room
+    assert r.usage.completion_tokens == 3 and r.choices[0].finish_reason == "length"
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("stream", [False, True])
+def test_stop_string_across_tokens_truncates_and_aborts(served, stream):
+    kw = dict(model="fake-base", prompt="hi", stop=["ße 😀", "nope"], max_tokens=100)
+    c = served["client"]
+    if stream:
+        chunks = list(c.completions.create(stream=True, **kw))
+        text, finish, rid = "".join(ch.choices[0].text for ch in chunks), chunks[-1].choices[0].finish_reason, \
+            chunks[0].id
+    else:
+        r = c.completions.create(**kw)
+        text, finish, rid = r.choices[0].text, r.choices[0].finish_reason, r.id
+    assert text == "Hello world! Grü" and finish == "stop"
+    assert _closed_early(served, rid), "the engine request was not closed after the stop string"
+
+
+@pytest.mark.ray
+def test_sse_wire_format(served):
+    body = {"model": "fake-base", "messages": [{"role": "user", "content": "hi"}], "stream": True, "max_tokens": 4}
+    with httpx.stream("POST", served["base"] + "/v1/chat/completions", json=body, headers=served["headers"],
+                      timeout=30) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        raw = r.read().decode()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    payloads = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(e.startswith("data: ") for e in events[:-1])
+    assert all(p["object"] == "chat.completion.chunk" and "usage" not in p for p in payloads)
+    assert len({p["id"] for p in payloads}) == 1
+    assert payloads[-1]["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "length"}
+
+
+def _err(r, status, code=None, param=None, needle=None):
+    assert r.status_code == status, r.text
+    e = r.json()["error"]
+    assert set(e) == {"message", "type", "param", "code"}
+    if code is not None:
+        assert e["code"] == code, e
+    if param is not None:
+        assert e["param"] == param, e
+    if needle is not None:
+        assert needle in e["message"], e
+    return e
+
+
+@pytest.mark.ray
+def test_error_codes_then_still_serving(served):
+    base, h = served["base"], served["headers"]
+    chat, comp = base + "/v1/chat/completions", base + "/v1/completions"
+    msgs = [{"role": "user", "content": "hi"}]
+    with httpx.Client(timeout=30) as c:
+        _err(c.post(chat, content=b"{not json", headers=h), 400, code="invalid_json", needle="not valid JSON")
+        _err(c.post(chat, content=b"[1, 2]", headers=h), 400, needle="JSON object")
+        _err(c.post(chat, json={"model": "fake-base"}, headers=h), 400, param="messages", needle="messages")
+        _err(c.post(chat, json={"messages": msgs, "max_tokens": 0}, headers=h), 400, param="max_tokens")
+        _err(c.post(chat, json={"messages": msgs, "max_tokens": -5}, headers=h), 400, param="max_tokens")
+        _err(c.post(chat, json={"messages": msgs, "max_completion_tokens": 0}, headers=h), 400,
+             param="max_completion_tokens")
+        _err(c.post(chat, json={"messages": msgs, "temperature": 2.5}, headers=h), 400, param="temperature",
+             needle="less than or equal to 2")
+        _err(c.post(chat, json={"messages": msgs, "top_p": 0}, headers=h), 400, param="top_p")
+        _err(c.post(chat, json={"messages": msgs, "n": 3}, headers=h), 400, param="n", needle="only n=1")
+        _err(c.post(chat, json={"messages": msgs, "logprobs": True}, headers=h), 400, param="logprobs",
+             needle="logprobs are not supported")
+        _err(c.post(comp, json={"prompt": "x", "logprobs": 2}, headers=h), 400, param="logprobs")
+        _err(c.post(chat, json={"messages": msgs, "response_format": {"type": "json_object"}}, headers=h), 400,
+             param="response_format")
+        _err(c.post(chat, json={"messages": [{"role": "tool", "content": "x"}]}, headers=h), 400, param="messages",
+             needle="unsupported role")
+        long_prompt = "y" * (MAX_SEQ_LEN - 1)  # + BOS = MAX_SEQ_LEN tokens: prompt + 1 > max_seq_len
+        _err(c.post(comp, json={"prompt": long_prompt}, headers=h), 400, code="context_length_exceeded",
+             needle=f"max_seq_len={MAX_SEQ_LEN}")
+        _err(c.post(comp, json={"prompt": "x", "stream": True, "model": "nope"}, headers=h), 404,
+             code="model_not_found", param="model")
+        _err(c.post(chat, json={"messages": msgs, "model": "nope"}, headers=h), 404, code="model_not_found")
+        _err(c.post(chat, json={"messages": msgs}), 401, code="invalid_api_key")
+        _err(c.post(chat, json={"messages": msgs}, headers={"Authorization": "Bearer wrong"}), 401)
+        _err(c.get(base + "/v1/models", headers={"Authorization": "Basic " + API_KEY}), 401)
+        _err(c.get(base + "/v1/nothing-here", headers=h), 404)
+        for stream in (False, True):
+            e = c.post(comp, json={"prompt": "OVERLOAD", "stream": stream}, headers=h)
+            _err(e, 503, code="engine_overloaded")
+            assert e.headers["retry-after"] == "3"  # ceil(2.5)
+        r = c.post(chat, json={"messages": msgs, "max_tokens": 3}, headers=h)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+
+
+@pytest.mark.ray
+def test_engine_failure_is_500_or_in_band_error_and_server_survives(served):
+    base, h = served["base"], served["headers"]
+    with httpx.Client(timeout=30) as c:
+        _err(c.post(base + "/v1/completions", json={"prompt": "BOOM"}, headers=h), 500, needle="fake engine exploded")
+        raw = c.post(base + "/v1/completions", json={"prompt": "BOOM", "stream": True}, headers=h).text
+        assert '"error"' in raw and "fake engine exploded" in raw and raw.endswith("data: [DONE]\n\n")
+    r = served["client"].completions.create(model="fake-base", prompt="ok", max_tokens=2)
+    assert r.usage.completion_tokens == 2
+
+
+@pytest.mark.ray
+def test_openai_client_raises_typed_errors(served):
+    c = served["client"]
+    with pytest.raises(openai.NotFoundError):
+        c.chat.completions.create(model="missing", messages=[{"role": "user", "content": "x"}])
+    with pytest.raises(openai.BadRequestError, match="only n=1"):
+        c.chat.completions.create(model="fake-base", messages=[{"role": "user", "content": "x"}], n=2)
+    bad = openai.OpenAI(base_url=served["base"] + "/v1", api_key="nope", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+
+
+@pytest.mark.ray
+def test_client_disconnect_mid_stream_closes_the_engine_request(served):
+    body = {"model": "fake-base", "prompt": "SLOW", "stream": True, "max_tokens": 100}
+    with httpx.Client(timeout=30) as c:
+        with c.stream("POST", served["base"] + "/v1/completions", json=body, headers=served["headers"]) as r:
+            first = next(r.iter_lines())
+            rid = json.loads(first[len("data: "):])["id"]
+        # leaving the block closes the connection after 1 of 100 tokens (0.2 s each)
+    assert _closed_early(served, rid), "client went away but the engine generator was never closed"
+
+
+@pytest.mark.ray
+def test_client_disconnect_non_streaming_closes_the_engine_request(served):
+    before = 0
+    if os.path.exists(served["log"]):
+        with open(served["log"]) as f:
+            before = len(f.readlines())
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(served["base"] + "/v1/completions", json={"prompt": "SLOW", "max_tokens": 100},
+                   headers=served["headers"], timeout=1.0)
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        with open(served["log"]) as f:
+            new = [json.loads(line) for line in f.readlines()[before:]]
+        if any(rec["event"] == "closed_early" and rec["request_id"].startswith("cmpl-") for rec in new):
+            break
+        time.sleep(0.05)
+    else:
+        pytest.fail("the non-streaming request's engine generator was not closed after the client left")
+
+
+@pytest.mark.ray
+def test_models_health_and_patch_through_handle(served):
+    from ray import serve
+
+    base, h = served["base"], served["headers"]
+    with httpx.Client(timeout=30) as c:
+        assert [m["id"] for m in c.get(base + "/v1/models", headers=h).json()["data"]] == ["fake-base"]
+        handle = serve.get_app_handle(served["app_name"])
+        assert handle.load_patch.remote("legal", "/tmp/patch-legal").result() == "fake-base:legal"
+        listed = c.get(base + "/v1/models", headers=h).json()
+        assert listed["object"] == "list" and [m["id"] for m in listed["data"]] == ["fake-base", "fake-base:legal"]
+        card = c.get(base + "/v1/models/fake-base:legal", headers=h).json()
+        assert card["object"] == "model" and card["parent"] == "fake-base"
+        _err(c.get(base + "/v1/models/other", headers=h), 404, code="model_not_found")
+        r = served["client"].chat.completions.create(model="fake-base:legal", messages=[{"role": "user",
+                                                                                       "content": "hi"}])
+        assert r.model == "fake-base:legal"
+
+        assert c.get(base + "/health").status_code == 200  # no API key needed for probes
+        open(served["unhealthy"], "w").close()
+        try:
+            _err(c.get(base + "/health"), 503, code="unhealthy", needle="dead")
+            with pytest.raises(RuntimeError, match="dead"):
+                handle.check_health.remote().result()
+        finally:
+            os.remove(served["unhealthy"])
+        assert c.get(base + "/health").status_code == 200
+        handle.check_health.remote().result()
+
+
+def test_build_app_rejects_bad_args():
+    from expertpool.platform.app import build_app
+
+    with pytest.raises(ValueError, match="engine_factori"):
+        build_app({"config": {}, "engine_factori": "x:y"})
+    with pytest.raises(ValueError, match="serving.max_seq_len"):
+        build_app({"config": {"serving": {"max_seq_len": 0}}})
+    assert parse_config({}).serving.api_key is None
+
+
+@pytest.mark.ray
+def test_metrics_reach_prometheus_export(served):
+    """Last on purpose: by now the replica has served requests. The per-expert gauge is only ever set by
+    the replica's background stats task, so seeing it proves that task runs inside Serve."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    app_name = served["app_name"]
+    wanted = ["ray_expertpool_requests_total", "ray_expertpool_time_to_first_token_seconds_bucket",
+              "ray_expertpool_inter_token_latency_seconds_bucket", "ray_expertpool_generated_tokens_total",
+              "ray_expertpool_requests_running", "ray_expertpool_requests_waiting", "ray_expertpool_kv_cache_usage",
+              "ray_expertpool_expert_tokens"]
+    deadline, missing, lines = time.time() + 60, wanted, []  # Ray exports every few seconds
+    while time.time() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = [ln for ln in text.splitlines() if ln.startswith("ray_expertpool_")]
+        missing = [w for w in wanted if not any(ln.startswith(w + "{") for ln in lines)]
+        if not any('status="404"' in ln for ln in lines):
+            missing.append('requests_total{status="404"}')
+        if not any('expert="7"' in ln for ln in lines):
+            missing.append('expert_tokens{expert="7"}')
+        if not missing:
+            break
+        time.sleep(1)
+    assert not missing, f"not exported after 60 s: {missing} (app {app_name}); got {lines[:5]}"
