@@ -7,6 +7,7 @@ error cases and the SSE wire format.
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -28,6 +29,14 @@ from tests.platform.fake_engine import REPLY, FakeEngine, FakeTokenizer, side_fi
 API_KEY = "sk-test-" + uuid.uuid4().hex[:8]
 MAX_SEQ_LEN = 128
 TOK = FakeTokenizer()
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer as HF
+
+    from expertpool.model.tokenizer import BOS, EOS, Tokenizer, build_tiny_tokenizer
+
+    return Tokenizer(HF.from_str(build_tiny_tokenizer().to_str()), BOS, EOS, None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -79,12 +88,7 @@ def test_incremental_detokenizer_never_splits_a_character_fake_bytes():
 
 
 def test_incremental_detokenizer_matches_full_decode_real_tiny_bpe():
-    from tokenizers import Tokenizer as HF
-
-    from expertpool.model.tokenizer import Tokenizer, build_tiny_tokenizer
-
-    hf = build_tiny_tokenizer()
-    tok = Tokenizer(HF.from_str(hf.to_str()), "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", None)
+    tok = _tiny_tokenizer()
     text = "Hello, how are you today? Grüße aus Köln 😀 — def add(a, b): return a + b"
     ids = tok.encode(text, add_bos=True)
     deltas = _stream_decode(tok, ids)
@@ -115,6 +119,70 @@ def test_stop_string_closes_the_engine_generator_at_once():
 
     _, deltas = asyncio.run(go())
     assert "".join(d.text for d in deltas) == "Hello " and deltas[-1].finish_reason == "stop"
+
+
+def _asgi_post(app, path: str, body: dict, on_body):
+    """Drive the ASGI app like Serve does: the request body, then nothing (Serve signals a client
+    disconnect by cancelling the task, not with a message). ``on_body`` sees every body chunk."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json")], "client": ("test", 1), "server": ("test", 80)}
+    messages = [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+    async def receive():
+        if messages:
+            return messages.pop()
+        await asyncio.Event().wait()
+
+    async def send(msg):
+        if msg["type"] == "http.response.body" and msg.get("body"):
+            on_body(msg["body"])
+
+    return asyncio.create_task(app(scope, receive, send))
+
+
+def test_over_the_real_engine_cancel_mid_stream_frees_kv_blocks():
+    """The contract with the lead's engine: a cancelled handler (client gone) leaves no KV blocks."""
+    from expertpool.platform.engine import AsyncEngine, local_engine
+    from tests.model.helpers import random_model
+
+    tok = _tiny_tokenizer()
+    core = local_engine(random_model("tiny"), max_batch_size=4, max_seq_len=64, block_size=4,
+                        eos_token_id=tok.eos_token_id)
+    engine = AsyncEngine(core, "tiny", 64)
+    app = build_fastapi_app(OpenAIServer(engine, tok))
+    greedy = {"prompt": "Hello, how are you", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            r = (await c.post("/v1/completions", json=greedy)).json()
+            assert r["usage"]["completion_tokens"] == 12 and r["choices"][0]["finish_reason"] == "length"
+            raw = (await c.post("/v1/completions", json={**greedy, "stream": True})).text
+            streamed = "".join(json.loads(e[6:])["choices"][0]["text"] for e in raw.split("\n\n")[:-2])
+            assert streamed == r["choices"][0]["text"]  # greedy: streaming and not streaming agree
+        assert engine.stats()["kv_blocks_used"] == 0
+
+        chunks, two = [], asyncio.Event()
+
+        def on_body(b):
+            chunks.append(b)
+            if len(chunks) >= 2:
+                two.set()
+
+        task = _asgi_post(app, "/v1/completions", {**greedy, "max_tokens": 60, "stream": True}, on_body)
+        await asyncio.wait_for(two.wait(), 30)
+        assert engine.stats()["running"] == 1 and engine.stats()["kv_blocks_used"] > 0
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        for _ in range(200):  # the engine loop drops the aborted sequence on its next step
+            if engine.stats()["kv_blocks_used"] == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats()["kv_blocks_used"] == 0 and engine.stats()["running"] == 0
+        assert len(chunks) < 30  # really cut short
+
+    asyncio.run(go())
 
 
 @pytest.mark.parametrize("body, param, needle", [
