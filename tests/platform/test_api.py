@@ -22,7 +22,6 @@ import pytest
 
 from expertpool.platform import protocol as P
 from expertpool.platform.api import IncrementalDetokenizer, OpenAIServer, StopStringMatcher, build_fastapi_app
-from expertpool.platform.config import parse_config
 from expertpool.platform.metrics import ServerMetrics
 from tests.platform.fake_engine import REPLY, FakeEngine, FakeTokenizer, side_files
 
@@ -574,14 +573,19 @@ def test_models_health_and_patch_through_handle(served):
         handle.check_health.remote().result()
 
 
-def test_build_app_rejects_bad_args():
+def test_build_app_args_and_config_path(tmp_path):
+    from ray.serve.deployment import Application
+
     from expertpool.platform.app import build_app
 
     with pytest.raises(ValueError, match="engine_factori"):
         build_app({"config": {}, "engine_factori": "x:y"})
     with pytest.raises(ValueError, match="serving.max_seq_len"):
         build_app({"config": {"serving": {"max_seq_len": 0}}})
-    assert parse_config({}).serving.api_key is None
+    with pytest.raises(ValueError, match="missing.yaml"):
+        build_app({"config": str(tmp_path / "missing.yaml")})
+    (tmp_path / "cluster.yaml").write_text("serving:\n  max_seq_len: 64\n")
+    assert isinstance(build_app({"config": str(tmp_path / "cluster.yaml")}), Application)
 
 
 @pytest.mark.ray
