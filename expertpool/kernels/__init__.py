@@ -10,17 +10,25 @@ Contract (shapes in names; E = local experts, F = expert intermediate width, D =
   ``w13`` stacks gate rows [0, F) and up rows [F, 2F). For FP8, ``w13_scale`` is
   ``[E, 2*ceil(F/128), ceil(D/128)]``: the gate half and the up half are block-quantized separately
   (so F need not be a multiple of 128), and ``w2_scale`` is ``[E, ceil(D/128), ceil(F/128)]``.
+- ``act_quant`` / ``weight_quant`` / ``weight_dequant``: DeepSeek-V3 block quantization.
 
-This stub holds the pure-torch references; the Triton kernels plug in behind the same names.
+Every call goes through ``dispatch``: Triton kernels (``quant``, ``fp8_gemm``, ``fused_moe``) on
+CUDA with compute capability >= 8.9, the pure-torch references (``reference``) elsewhere;
+``EXPERTPOOL_KERNELS=torch|triton|auto`` or ``with use_backend(...)`` override it. This package
+imports without Triton: kernel modules are imported only when the Triton path runs.
 """
 
+from expertpool.kernels.dispatch import (  # noqa: F401
+    act_quant,
+    linear,
+    moe_experts,
+    select_backend,
+    use_backend,
+    weight_dequant,
+    weight_quant,
+)
 from expertpool.kernels.reference import (  # noqa: F401
     BLOCK_SIZE,
     FP8_E4M3_MAX,
-    act_quant_ref as act_quant,
-    weight_dequant_ref as weight_dequant,
-    weight_quant_ref as weight_quant,
-    linear_ref as linear,
-    moe_experts_ref as moe_experts,
     dequant_w13_ref,
 )

@@ -2,7 +2,19 @@
 
 Formats follow DeepSeek-V3: e4m3 weights in 128x128 blocks with an fp32 dequant multiplier per
 block (``weight_scale_inv``; edges not a multiple of 128 are zero-padded before the amax), and
-activations in 1x128 groups. All arithmetic here is fp32.
+activations in 1x128 groups. Quantization arithmetic here is fp32 with IEEE division, which the
+Triton kernels reproduce bit for bit.
+
+Contract of the CPU path: ``linear_ref`` and ``moe_experts_ref`` dequantize FP8 weights to the
+activation dtype and matmul (W8A16); they never quantize activations. ``moe_experts_ref`` loops
+over *experts that have tokens* (never over tokens) and dequantizes only those experts.
+
+ue8m0 scales are rounded up to a power of two with ``frexp`` (exact), not ``exp2(ceil(log2 s))``:
+``log2`` of a value just above a power of two can round to the integer and give a scale below
+amax/448. Both agree everywhere else.
+
+Shape legend: T tokens, K_top routing slots per token, E local experts, F expert intermediate,
+D hidden.
 """
 
 import torch
@@ -14,13 +26,15 @@ AMAX_FLOOR = 1e-4  # keeps all-zero groups finite (the upstream NaN bug)
 
 
 def _pow2_ceil(s: torch.Tensor) -> torch.Tensor:
-    return torch.exp2(torch.ceil(torch.log2(s)))
+    """Smallest power of two >= s, for positive normal fp32 s (exact, via the exponent)."""
+    mantissa, exponent = torch.frexp(s)  # s = mantissa * 2**exponent, mantissa in [0.5, 1)
+    return torch.where(mantissa == 0.5, s, torch.ldexp(torch.ones_like(s), exponent))
 
 
 def act_quant_ref(x: torch.Tensor, block_size: int = BLOCK_SIZE, scale_fmt: str | None = None):
     """[..., K] -> (e4m3 [..., K], fp32 scales [..., K/block]). K must be a multiple of block."""
     assert x.shape[-1] % block_size == 0, f"last dim {x.shape[-1]} is not a multiple of {block_size}"
-    xf = x.float().reshape(*x.shape[:-1], -1, block_size)
+    xf = x.float().reshape(*x.shape[:-1], x.shape[-1] // block_size, block_size)
     s = xf.abs().amax(-1).clamp_min(AMAX_FLOOR) / FP8_E4M3_MAX
     if scale_fmt == "ue8m0":
         s = _pow2_ceil(s)
@@ -47,6 +61,9 @@ def weight_dequant_ref(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = to
                        block_size: int = BLOCK_SIZE) -> torch.Tensor:
     """Exact: w.float() * s broadcast over 128x128 blocks, cast to ``dtype``."""
     n, k = w.shape
+    if n % block_size == 0 and k % block_size == 0:  # broadcast a view, no full-size scale copy
+        blocks = w.float().view(n // block_size, block_size, k // block_size, block_size)
+        return (blocks * s[:, None, :, None]).view(n, k).to(dtype)
     s_full = s.repeat_interleave(block_size, 0)[:n].repeat_interleave(block_size, 1)[:, :k]
     return (w.float() * s_full).to(dtype)
 
@@ -73,7 +90,11 @@ def dequant_w13_ref(w13: torch.Tensor, s13: torch.Tensor | None, dtype: torch.dt
 
 
 def moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale):
-    """Grouped SwiGLU experts: sort (token, slot) pairs by expert, one matmul pair per active expert."""
+    """Grouped SwiGLU experts: sort (token, slot) pairs by expert, one matmul pair per active expert.
+
+    Loops over experts with at least one token (a host sync for the counts, fine on CPU); experts
+    without tokens are neither dequantized nor multiplied.
+    """
     T, D = x_TD.shape
     E = w13_E2FD.shape[0]
     flat_ids = topk_ids_TK.reshape(-1)

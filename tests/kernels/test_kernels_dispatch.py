@@ -1,0 +1,119 @@
+"""Backend selection, the Triton import guard and the tuned-config tables (pure CPU, no Triton
+kernels run here; the forced-Triton path is covered by interp_dispatch.py)."""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import expertpool.kernels as K
+from expertpool.kernels import config as kconfig, dispatch, reference as ref
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch):
+    monkeypatch.delenv("EXPERTPOOL_KERNELS", raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
+
+def test_auto_on_cpu_is_torch_and_logged_once(caplog):
+    dispatch._log_once.cache_clear()
+    q, s = ref.weight_quant_ref(torch.randn(64, 128))
+    x = torch.randn(2, 128)
+    with caplog.at_level(logging.INFO, logger="expertpool.kernels.dispatch"):
+        y = K.linear(x, q, s)
+        K.linear(x, q, s)
+    assert K.select_backend(CPU)[0] == "torch"
+    assert torch.equal(y, ref.linear_ref(x, q, s))
+    assert len([r for r in caplog.records if "linear: using torch" in r.getMessage()]) == 1
+
+
+def test_env_var_and_context_manager(monkeypatch):
+    monkeypatch.setenv("EXPERTPOOL_KERNELS", "torch")
+    assert dispatch.requested_backend() == "torch"
+    with K.use_backend("triton"):
+        assert dispatch.requested_backend() == "triton"  # the context manager wins
+        with K.use_backend("auto"):
+            assert dispatch.requested_backend() == "auto"
+        assert dispatch.requested_backend() == "triton"
+    assert dispatch.requested_backend() == "torch"
+    monkeypatch.setenv("EXPERTPOOL_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="EXPERTPOOL_KERNELS must be one of"):
+        dispatch.requested_backend()
+    with pytest.raises(ValueError, match="use_backend"):
+        with K.use_backend("fast"):
+            pass
+
+
+def test_forced_triton_on_cpu_without_interpreter_raises():
+    q, s = ref.weight_quant_ref(torch.randn(64, 128))
+    with K.use_backend("triton"), pytest.raises(RuntimeError, match="needs CUDA tensors"):
+        K.linear(torch.randn(2, 128), q, s)
+
+
+def test_fp8_linear_without_scale_is_rejected():
+    q, _ = ref.weight_quant_ref(torch.randn(64, 128))
+    with pytest.raises(ValueError, match="needs its fp32 scale"):
+        K.linear(torch.randn(2, 128), q, None)
+
+
+def test_package_imports_and_runs_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, expertpool.kernels as K\n"
+        "from expertpool.kernels._triton import triton_import_error\n"
+        "assert 'triton' in (triton_import_error() or '')\n"
+        "q, s = K.weight_quant(torch.randn(64, 128))\n"
+        "y = K.linear(torch.randn(2, 128), q, s)\n"
+        "with K.use_backend('triton'):\n"
+        "    try:\n"
+        "        K.linear(torch.randn(2, 128), q, s)\n"
+        "    except RuntimeError as exc:\n"
+        "        assert 'cannot be imported' in str(exc)\n"
+        "    else:\n"
+        "        raise AssertionError('forced triton without triton must raise')\n"
+        "print('ok', tuple(y.shape))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("EXPERTPOOL_KERNELS", "TRITON_INTERPRET")}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok (2, 64)" in proc.stdout, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("kernel", kconfig.KERNELS)
+def test_config_tables_are_valid(kernel):
+    table = json.loads((kconfig.CONFIG_DIR / f"{kernel}.json").read_text())
+    entries = [table["default"]] + [e for dev in table["devices"].values() for e in dev.values()]
+    for entry in entries:
+        for bucket, cfg in entry.items():
+            assert int(bucket) > 0
+            for key in ("BLOCK_M", "BLOCK_N"):
+                assert cfg[key] >= 16 and cfg[key] & (cfg[key] - 1) == 0
+            assert ref.BLOCK_SIZE % cfg["BLOCK_N"] == 0
+            assert cfg["num_warps"] in (1, 2, 4, 8, 16) and cfg["num_stages"] >= 1
+
+
+def test_config_lookup_falls_back_to_default_and_logs_once(caplog):
+    kconfig._log_fallback.cache_clear()
+    with caplog.at_level(logging.INFO, logger="expertpool.kernels.config"):
+        small = kconfig.get_config("fp8_gemm", "N=7,K=128", 1, CPU)
+        big = kconfig.get_config("fp8_gemm", "N=7,K=128", 10 ** 6, CPU)
+    table = kconfig.load_table("fp8_gemm")["default"]
+    assert small == table[min(table, key=int)] and big == table[max(table, key=int)]
+    assert len([r for r in caplog.records if "N=7,K=128" in r.getMessage()]) == 1
+
+
+def test_config_lookup_prefers_device_entry(monkeypatch):
+    table = {"default": {"64": {"BLOCK_M": 16}},
+             "devices": {"cpu": {"N=1,K=128": {"8": {"BLOCK_M": 32}, "128": {"BLOCK_M": 64}}}}}
+    monkeypatch.setattr(kconfig, "load_table", lambda kernel: table)
+    assert kconfig.get_config("fp8_gemm", "N=1,K=128", 9, CPU) == {"BLOCK_M": 64}
+    assert kconfig.get_config("fp8_gemm", "N=1,K=128", 8, CPU) == {"BLOCK_M": 32}
+    assert kconfig.get_config("fp8_gemm", "N=2,K=128", 8, CPU) == {"BLOCK_M": 16}

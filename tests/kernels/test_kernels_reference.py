@@ -1,0 +1,71 @@
+"""Pure-torch references (the CPU production path): formats, edge cases, the grouped MoE loop."""
+
+import torch
+
+from expertpool.kernels import reference as ref
+from kernel_oracles import make_moe, moe_w8a16_f64, rel_err
+
+
+def test_act_quant_ref_zero_groups_are_finite():
+    x = torch.zeros(2, 256)
+    x[1, 128:] = torch.randn(128)
+    y, s = ref.act_quant_ref(x)
+    assert torch.isfinite(y.float()).all() and torch.isfinite(s).all()
+    assert s[0, 0] == torch.tensor(ref.AMAX_FLOOR / ref.FP8_E4M3_MAX, dtype=torch.float32)
+    assert (y[0].float() == 0).all()
+
+
+def test_ue8m0_scales_are_powers_of_two_at_least_amax_over_max():
+    x = torch.randn(8, 512) * torch.logspace(-3, 3, 8)[:, None]
+    _, s = ref.act_quant_ref(x, scale_fmt="ue8m0")
+    mantissa, _ = torch.frexp(s)
+    assert (mantissa == 0.5).all()
+    amax = x.view(8, 4, 128).abs().amax(-1)
+    assert (s * ref.FP8_E4M3_MAX >= amax).all()
+    assert (s * ref.FP8_E4M3_MAX < 2 * amax).all()
+
+
+def test_pow2_ceil_exact_at_and_just_above_powers_of_two():
+    # log2 of 2**-10 * (1 + 2**-23) rounds to exactly -10 in fp32; frexp does not.
+    s = torch.tensor([2.0 ** -10, 2.0 ** -10 * (1 + 2.0 ** -23), 3.0, 0.75], dtype=torch.float32)
+    want = torch.tensor([2.0 ** -10, 2.0 ** -9, 4.0, 1.0], dtype=torch.float32)
+    assert torch.equal(ref._pow2_ceil(s), want)
+
+
+def test_weight_quant_ref_576_rows_roundtrip():
+    w = torch.randn(576, 300)
+    q, s = ref.weight_quant_ref(w)
+    assert q.shape == (576, 300) and s.shape == (5, 3)
+    # Reason: one e4m3 rounding per element, <= 2**-4 relative (2**-4 bounds the rms with margin).
+    assert rel_err(ref.weight_dequant_ref(q, s), w) < 2.0 ** -4
+
+
+def test_weight_dequant_ref_view_path_equals_repeat_path():
+    q, s = ref.weight_quant_ref(torch.randn(256, 384))
+    full = s.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    assert torch.equal(ref.weight_dequant_ref(q, s), q.float() * full)  # exact: same fp32 products
+
+
+def test_moe_experts_ref_matches_per_token_loop_and_skips_idle_expert():
+    gen = torch.Generator().manual_seed(1)
+    x, ids, w, w13_q, w13_s, w2_q, w2_s = make_moe(gen, t=6, top_k=3, e=4, d=256, f=96, idle_expert=2)
+    w13_q[2] = float("nan")  # never dequantized: it has no tokens
+    y = ref.moe_experts_ref(x.double(), ids, w.double(), w13_q, w13_s, w2_q, w2_s)
+    want = torch.zeros(6, 256, dtype=torch.float64)
+    for t in range(6):
+        for k in range(3):
+            e = int(ids[t, k])
+            if e >= 0:
+                gate, up = (ref.dequant_w13_ref(w13_q[e], w13_s[e], torch.float64) @ x[t].double()).chunk(2)
+                w2 = ref.weight_dequant_ref(w2_q[e], w2_s[e], torch.float64)
+                want[t] += w[t, k].double() * (w2 @ (torch.nn.functional.silu(gate) * up))
+    # Reason: both sides are float64 over the same dequantized weights; only summation order differs.
+    assert rel_err(y, want) < 1e-12
+    assert torch.equal(moe_w8a16_f64(x, ids, w, w13_q, w13_s, w2_q, w2_s), y)
+
+
+def test_moe_experts_ref_all_slots_remote_gives_zeros():
+    gen = torch.Generator().manual_seed(2)
+    x, ids, w, *weights = make_moe(gen, t=3, top_k=2, e=2, d=128, f=128)
+    y = ref.moe_experts_ref(x, torch.full_like(ids, -1), w, *weights)
+    assert torch.equal(y, torch.zeros_like(x))
