@@ -67,7 +67,10 @@ def scaled_mm_or_none(a8, b8, dev):
     if not hasattr(torch, "_scaled_mm"):
         return None
     one = torch.ones((), device=dev)
-    fn = lambda: torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)  # noqa: E731
+
+    def fn():
+        return torch._scaled_mm(a8, b8.t(), scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+
     try:
         fn()
     except (RuntimeError, ValueError):
@@ -95,7 +98,8 @@ def gemm_rows(dev, ms_list, copy_gbps, mm_tflops):
             t_smm = bench_ms(smm) if smm else None
             rows.append([name, m, n, k, f"{t_fp8 * 1e3:.1f}", f"{tflops(flop, t_fp8):.0f}",
                          f"{100 * tflops(flop, t_fp8) / mm_tflops:.0f}%",
-                         f"{gbps(nbytes, t_fp8):.0f}", f"{100 * gbps(nbytes, t_fp8) / copy_gbps:.0f}%",
+                         f"{gbps(nbytes, t_fp8):.0f}",
+                         f"{100 * gbps(nbytes, t_fp8) / copy_gbps:.0f}%",
                          f"{t_lin * 1e3:.1f}", f"{t_bf16 * 1e3:.1f}", f"{t_bf16 / t_lin:.2f}x",
                          f"{t_smm * 1e3:.1f}" if t_smm else "n/a"])
             print(" | ".join(map(str, rows[-1])), flush=True)
@@ -150,7 +154,8 @@ def moe_rows(dev, tokens_list, copy_gbps, mm_tflops):
         t_loop = bench_ms(lambda: per_expert_loop(x, ids, topk_w, w13, w13_s, w2, w2_s))
         rows.append([t, active, f"{t_grouped * 1e3:.1f}", f"{tflops(flop, t_grouped):.0f}",
                      f"{100 * tflops(flop, t_grouped) / mm_tflops:.0f}%",
-                     f"{gbps(nbytes, t_grouped):.0f}", f"{100 * gbps(nbytes, t_grouped) / copy_gbps:.0f}%",
+                     f"{gbps(nbytes, t_grouped):.0f}",
+                     f"{100 * gbps(nbytes, t_grouped) / copy_gbps:.0f}%",
                      f"{t_loop * 1e3:.1f}", f"{t_loop / t_grouped:.2f}x"])
         print(" | ".join(map(str, rows[-1])), flush=True)
     return rows

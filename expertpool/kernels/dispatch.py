@@ -125,7 +125,8 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.
     return ref.weight_dequant_ref(w, s, dtype, block_size)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           scale: torch.Tensor | None = None) -> torch.Tensor:
     """``x @ W.T`` for any weight dtype; FP8 weights carry their 128x128 ``scale``."""
     if weight.dtype != torch.float8_e4m3fn:
         return F.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype))

@@ -173,7 +173,8 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.
     if s.dtype != torch.float32:
         raise TypeError(f"weight_dequant: s must be torch.float32, got {s.dtype}")
     if dtype not in SUPPORTED_FLOAT_INPUTS:
-        raise TypeError(f"weight_dequant: dtype must be one of {SUPPORTED_FLOAT_INPUTS}, got {dtype}")
+        raise TypeError(f"weight_dequant: dtype must be one of {SUPPORTED_FLOAT_INPUTS}, "
+                        f"got {dtype}")
     _check_block_size(block_size)
     if w.dim() != 2 or not row_major(w):
         raise ValueError(f"weight_dequant: w must be 2-D row-major [N, K], got shape "

@@ -38,7 +38,8 @@ def test_env_var_is_read_per_call(gen, monkeypatch):
     from expertpool.kernels import quant
 
     calls = []
-    monkeypatch.setattr(quant, "weight_dequant", lambda *a: calls.append(a) or ref.weight_dequant_ref(*a))
+    monkeypatch.setattr(quant, "weight_dequant",
+                        lambda *a: calls.append(a) or ref.weight_dequant_ref(*a))
     K.weight_dequant(q, s)
     monkeypatch.setenv("EXPERTPOOL_KERNELS", "torch")
     K.weight_dequant(q, s)
@@ -79,7 +80,8 @@ def test_k_not_multiple_of_128_falls_back_and_logs_once(gen, caplog):
     dispatch._log_once.cache_clear()
     q, s = ref.weight_quant_ref(torch.randn(64, 200, generator=gen))
     x = torch.randn(3, 200, generator=gen)
-    with caplog.at_level(logging.INFO, logger="expertpool.kernels.dispatch"), K.use_backend("triton"):
+    with caplog.at_level(logging.INFO, logger="expertpool.kernels.dispatch"), \
+            K.use_backend("triton"):
         y1, y2 = K.linear(x, q, s), K.linear(x, q, s)
     assert torch.equal(y1, ref.linear_ref(x, q, s)) and torch.equal(y2, y1)
     fallback = [r for r in caplog.records if "K=200" in r.getMessage()]

@@ -16,7 +16,8 @@ requires_triton = pytest.mark.skipif(triton_import_error() is not None,
                                      reason=f"triton unavailable: {triton_import_error()}")
 requires_interpreter = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
-    reason="needs TRITON_INTERPRET=1 before triton is imported; run via test_kernels_interpreter.py")
+    reason="needs TRITON_INTERPRET=1 before triton is imported; "
+           "run via test_kernels_interpreter.py")
 gpu = [pytest.mark.gpu,
        pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
        requires_triton]

@@ -81,7 +81,8 @@ def test_package_imports_and_runs_without_triton():
         "    else:\n"
         "        raise AssertionError('forced triton without triton must raise')\n"
         "print('ok', tuple(y.shape))\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("EXPERTPOOL_KERNELS", "TRITON_INTERPRET")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("EXPERTPOOL_KERNELS", "TRITON_INTERPRET")}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "ok (2, 64)" in proc.stdout, proc.stdout + proc.stderr

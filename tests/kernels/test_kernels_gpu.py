@@ -90,24 +90,30 @@ def test_linear_auto_dispatch_uses_triton(cuda):
 
 
 def _expert_weights(n_experts, device):
+    """Quantized like a checkpoint (bf16 randn -> weight_quant), one expert at a time."""
     w13_q = torch.empty(n_experts, 2 * MOE_INTER, DIM, dtype=torch.float8_e4m3fn, device=device)
     w13_s = torch.empty(n_experts, 2 * MOE_INTER // 128, DIM // 128, device=device)
     w2_q = torch.empty(n_experts, DIM, MOE_INTER, dtype=torch.float8_e4m3fn, device=device)
     w2_s = torch.empty(n_experts, DIM // 128, MOE_INTER // 128, device=device)
     g = _gen(5)
     for e in range(n_experts):
-        w13_q[e], w13_s[e] = K.weight_quant(
-            torch.randn(2 * MOE_INTER, DIM, device=device, generator=g, dtype=torch.bfloat16) * 0.02)
-        w2_q[e], w2_s[e] = K.weight_quant(
-            torch.randn(DIM, MOE_INTER, device=device, generator=g, dtype=torch.bfloat16) * 0.02)
+        w13 = torch.randn(2 * MOE_INTER, DIM, device=device, generator=g, dtype=torch.bfloat16)
+        w2 = torch.randn(DIM, MOE_INTER, device=device, generator=g, dtype=torch.bfloat16)
+        w13_q[e], w13_s[e] = K.weight_quant(w13 * 0.02)
+        w2_q[e], w2_s[e] = K.weight_quant(w2 * 0.02)
     return w13_q, w13_s, w2_q, w2_s
 
 
+@pytest.fixture(scope="module")
+def experts_256(cuda):
+    return _expert_weights(N_EXPERTS, cuda)  # ~11 GB of fp8 weights
+
+
 @pytest.mark.parametrize("tokens", [1, 64])
-def test_fused_moe_all_256_experts(cuda, tokens):
+def test_fused_moe_all_256_experts(cuda, experts_256, tokens):
     from expertpool.kernels.fused_moe import fused_moe
 
-    weights = _expert_weights(N_EXPERTS, cuda)
+    weights = experts_256
     x = torch.randn(tokens, DIM, device=cuda, generator=_gen(6))
     scores = torch.rand(tokens, N_EXPERTS, device=cuda, generator=_gen(7))
     topk_w, topk_ids = scores.topk(TOP_K, dim=-1)
@@ -117,9 +123,9 @@ def test_fused_moe_all_256_experts(cuda, tokens):
     assert rel_err(y, want) < E4M3_REL_ERROR_BOUND
 
 
-def test_fused_moe_32_local_experts_with_remote_slots(cuda):
-    local = 32
-    weights = _expert_weights(local, cuda)
+def test_fused_moe_32_local_experts_with_remote_slots(cuda, experts_256):
+    local = 32  # EP = 8: this rank holds experts 0..31
+    weights = tuple(w[:local] for w in experts_256)
     x = torch.randn(128, DIM, device=cuda, generator=_gen(8), dtype=torch.bfloat16)
     topk_w, global_ids = torch.rand(128, N_EXPERTS, device=cuda, generator=_gen(9)).topk(TOP_K)
     local_ids = torch.where(global_ids < local, global_ids, -1)  # this rank owns experts 0..31

@@ -20,7 +20,8 @@ CHILD_TIMEOUT_S = 300
 
 
 def test_interpreter_modules_exist():
-    assert {"interp_quant.py", "interp_gemm.py", "interp_moe.py", "interp_dispatch.py"} <= set(MODULES)
+    expected = {"interp_quant.py", "interp_gemm.py", "interp_moe.py", "interp_dispatch.py"}
+    assert expected <= set(MODULES)
 
 
 @requires_triton

@@ -48,7 +48,8 @@ def test_weight_dequant_ref_view_path_equals_repeat_path():
 
 def test_moe_experts_ref_matches_per_token_loop_and_skips_idle_expert():
     gen = torch.Generator().manual_seed(1)
-    x, ids, w, w13_q, w13_s, w2_q, w2_s = make_moe(gen, t=6, top_k=3, e=4, d=256, f=96, idle_expert=2)
+    layer = make_moe(gen, t=6, top_k=3, e=4, d=256, f=96, idle_expert=2)
+    x, ids, w, w13_q, w13_s, w2_q, w2_s = layer
     w13_q[2] = float("nan")  # never dequantized: it has no tokens
     y = ref.moe_experts_ref(x.double(), ids, w.double(), w13_q, w13_s, w2_q, w2_s)
     want = torch.zeros(6, 256, dtype=torch.float64)
@@ -56,10 +57,12 @@ def test_moe_experts_ref_matches_per_token_loop_and_skips_idle_expert():
         for k in range(3):
             e = int(ids[t, k])
             if e >= 0:
-                gate, up = (ref.dequant_w13_ref(w13_q[e], w13_s[e], torch.float64) @ x[t].double()).chunk(2)
+                w13 = ref.dequant_w13_ref(w13_q[e], w13_s[e], torch.float64)
+                gate, up = (w13 @ x[t].double()).chunk(2)
                 w2 = ref.weight_dequant_ref(w2_q[e], w2_s[e], torch.float64)
                 want[t] += w[t, k].double() * (w2 @ (torch.nn.functional.silu(gate) * up))
-    # Reason: both sides are float64 over the same dequantized weights; only summation order differs.
+    # Reason: both sides are float64 over the same dequantized weights; only the summation
+    # order differs.
     assert rel_err(y, want) < 1e-12
     assert torch.equal(moe_w8a16_f64(x, ids, w, w13_q, w13_s, w2_q, w2_s), y)
 
