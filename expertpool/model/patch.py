@@ -1,0 +1,271 @@
+"""Expert patches: the output of ESFT, a few routed experts that replace the base model's.
+
+A patch is a directory, written atomically (temp dir, then rename):
+
+- ``manifest.json``: ``format``, ``base_model`` (``path`` and ``fingerprint``, plus the expert
+  geometry), ``domain``, ``dtype`` of the stored tensors, ``layers`` ({layer id: [global expert
+  ids]}), ``num_experts`` and free-form ``info`` (how it was trained).
+- ``experts.safetensors``: HF per-expert names, ``model.layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.weight``,
+  so a patch reads like a slice of the base checkpoint.
+
+The base fingerprint (``base_fingerprint``) is cheap and robust: sha256 over the canonical
+``config.json``, the names/shapes/dtypes of every router and routed-expert tensor (safetensors
+headers only), and the bytes of the router (gate weight and correction bias) of the first MoE layer
+plus every layer's correction bias. It tells apart different architectures, renamed or resharded
+layouts and different trainings of one architecture, without reading the experts themselves.
+
+``apply_patch`` overwrites the patched experts a model holds and skips those it does not own, so
+each expert-parallel actor applies the same patch to its own share. FP8 experts are re-quantized
+(gate and up separately, as the loader does). Everything else in the model is left untouched.
+A patch does not carry router changes: ESFT keeps the router frozen.
+"""
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from expertpool import kernels
+
+log = logging.getLogger(__name__)
+
+PATCH_FORMAT = "expertpool-expert-patch/v1"
+MANIFEST = "manifest.json"
+TENSORS = "experts.safetensors"
+FP8 = torch.float8_e4m3fn
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class PatchError(ValueError):
+    """A patch that cannot be written, read or applied; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Patch:
+    path: Path
+    base_model: str                 # base checkpoint directory the patch was trained from
+    base_fingerprint: str
+    domain: str
+    dtype: str                      # dtype of the stored tensors
+    experts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]  # layer -> expert -> (w13 [2F, D], w2 [D, F])
+    manifest: dict = field(repr=False)
+
+    @property
+    def expert_ids(self) -> dict[int, list[int]]:
+        return {layer: sorted(ex) for layer, ex in sorted(self.experts.items())}
+
+    @property
+    def num_experts(self) -> int:
+        return sum(len(ex) for ex in self.experts.values())
+
+
+def _expert_name(layer: int, expert: int, proj: str) -> str:
+    return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+def base_fingerprint(model_dir) -> str:
+    """sha256 identity of a base checkpoint directory (see the module docstring)."""
+    model_dir = Path(model_dir)
+    cfg_file = model_dir / "config.json"
+    if not cfg_file.exists():
+        raise PatchError(f"{cfg_file}: not found; base_model must be an HF checkpoint directory")
+    h = hashlib.sha256()
+    h.update(json.dumps(json.loads(cfg_file.read_text()), sort_keys=True).encode())
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    else:
+        with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+            weight_map = {k: "model.safetensors" for k in f.keys()}
+    routing = sorted(k for k in weight_map if ".mlp.gate." in k or ".mlp.experts." in k)
+    handles = {}
+
+    def handle(name):
+        fname = weight_map[name]
+        if fname not in handles:
+            handles[fname] = safe_open(str(model_dir / fname), framework="pt")
+        return handles[fname]
+
+    for name in routing:
+        sl = handle(name).get_slice(name)
+        h.update(f"{name}:{sl.get_shape()}:{sl.get_dtype()};".encode())
+    gates = sorted((k for k in routing if k.endswith(".mlp.gate.weight")), key=lambda k: int(k.split(".")[2]))
+    for name in gates[:1] + [k for k in routing if k.endswith("e_score_correction_bias")]:
+        h.update(handle(name).get_tensor(name).float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: torch.dtype = torch.float32,
+               info: dict | None = None) -> Path:
+    """Write a patch directory atomically. experts: {layer_id: {expert_id: (w13 [2F, D], w2 [D, F])}}."""
+    from expertpool.model.checkpoint import _atomic_dir, _commit_dir  # shared atomic-directory helpers
+
+    dtype_name = next((k for k, v in _DTYPES.items() if v == dtype), None)
+    if dtype_name is None:
+        raise PatchError(f"dtype {dtype} cannot be stored in a patch; use one of {list(_DTYPES)}")
+    base_model_dir = Path(base_model_dir)
+    cfg = json.loads((base_model_dir / "config.json").read_text()) if (base_model_dir / "config.json").exists() else {}
+    F_, D = cfg.get("moe_intermediate_size"), cfg.get("hidden_size")
+    tensors, layers = {}, {}
+    for layer, ex in sorted(experts.items()):
+        layers[str(int(layer))] = sorted(int(e) for e in ex)
+        for e, (w13, w2) in sorted(ex.items()):
+            assert w13.dim() == 2 and w2.dim() == 2 and w13.shape[0] == 2 * w2.shape[1] and w13.shape[1] == w2.shape[0], \
+                f"layer {layer} expert {e}: w13 {list(w13.shape)} / w2 {list(w2.shape)} are not [2F, D] / [D, F]"
+            if F_ is not None and (w2.shape[1] != F_ or w2.shape[0] != D):
+                raise PatchError(f"layer {layer} expert {e}: w2 has shape {list(w2.shape)}, but {base_model_dir} "
+                                 f"has hidden_size {D} and moe_intermediate_size {F_}; save experts of that model")
+            f = w2.shape[1]
+            w13 = w13.detach().to("cpu", dtype)
+            tensors[_expert_name(layer, e, "gate_proj")] = w13[:f].contiguous()
+            tensors[_expert_name(layer, e, "up_proj")] = w13[f:].contiguous()
+            tensors[_expert_name(layer, e, "down_proj")] = w2.detach().to("cpu", dtype).contiguous()
+    if not tensors:
+        raise PatchError("no experts to save; an ESFT run that selected no experts has nothing to patch")
+    manifest = {
+        "format": PATCH_FORMAT,
+        "base_model": {"path": str(base_model_dir), "fingerprint": base_fingerprint(base_model_dir),
+                       "n_routed_experts": cfg.get("n_routed_experts"), "hidden_size": D,
+                       "moe_intermediate_size": F_},
+        "domain": domain,
+        "dtype": dtype_name,
+        "layers": layers,
+        "num_experts": sum(len(v) for v in layers.values()),
+        "tensors": TENSORS,
+        "info": info or {},
+    }
+    out_dir = Path(out_dir)
+    tmp = _atomic_dir(out_dir)
+    try:
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _commit_dir(tmp, out_dir)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_patch(patch_dir, *, base_model_dir=None) -> Patch:
+    """Read and validate a patch. With base_model_dir, also check it was trained from that base."""
+    patch_dir = Path(patch_dir)
+    mfile = patch_dir / MANIFEST
+    if not mfile.exists():
+        raise PatchError(f"{mfile}: not found; point at a patch directory written by the fine-tuning job")
+    try:
+        m = json.loads(mfile.read_text())
+    except json.JSONDecodeError as e:
+        raise PatchError(f"{mfile}: not valid JSON ({e.msg} at line {e.lineno}); rewrite the patch") from None
+    if not isinstance(m, dict) or m.get("format") != PATCH_FORMAT:
+        raise PatchError(f"{mfile}: format is {m.get('format') if isinstance(m, dict) else None!r}, expected "
+                         f"{PATCH_FORMAT!r}; this is not an expertpool expert patch (or it is from a newer version)")
+    for key in ("base_model", "domain", "dtype", "layers"):
+        if key not in m:
+            raise PatchError(f"{mfile}: missing key {key!r}; the patch is incomplete, rewrite it")
+    if m["dtype"] not in _DTYPES:
+        raise PatchError(f"{mfile}: dtype {m['dtype']!r} unknown; expected one of {list(_DTYPES)}")
+    base = m["base_model"]
+    if not isinstance(base, dict) or "fingerprint" not in base or "path" not in base:
+        raise PatchError(f"{mfile}: base_model needs 'path' and 'fingerprint'")
+    tfile = patch_dir / m.get("tensors", TENSORS)
+    if not tfile.exists():
+        raise PatchError(f"{tfile}: not found; the patch is incomplete, rewrite it")
+    experts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+    want_dtype = _DTYPES[m["dtype"]]
+    try:
+        with safe_open(str(tfile), framework="pt") as f:
+            names = set(f.keys())
+            expected = set()
+            for layer_s, ids in m["layers"].items():
+                layer = int(layer_s)
+                experts[layer] = {}
+                for e in ids:
+                    parts = []
+                    for proj in ("gate_proj", "up_proj", "down_proj"):
+                        name = _expert_name(layer, e, proj)
+                        expected.add(name)
+                        if name not in names:
+                            raise PatchError(f"{tfile}: tensor {name!r} listed in {MANIFEST} is missing; "
+                                             "the patch is incomplete, rewrite it")
+                        t = f.get_tensor(name)
+                        if t.dtype != want_dtype:
+                            raise PatchError(f"{tfile}: tensor {name!r} has dtype {t.dtype}, manifest says "
+                                             f"{m['dtype']}")
+                        parts.append(t)
+                    g, u, d = parts
+                    if g.shape != u.shape or d.shape != (g.shape[1], g.shape[0]):
+                        raise PatchError(f"{tfile}: layer {layer} expert {e}: gate {list(g.shape)}, up "
+                                         f"{list(u.shape)}, down {list(d.shape)} are not [F, D], [F, D], [D, F]")
+                    experts[layer][int(e)] = (torch.cat([g, u]), d)
+            extra = names - expected
+            if extra:
+                raise PatchError(f"{tfile}: tensors not listed in {MANIFEST}: {sorted(extra)[:3]}; "
+                                 "the manifest and tensors disagree, rewrite the patch")
+    except SafetensorError as e:
+        raise PatchError(f"{tfile}: cannot read safetensors ({e}); the file is truncated or corrupt") from e
+    patch = Patch(path=patch_dir, base_model=str(base["path"]), base_fingerprint=str(base["fingerprint"]),
+                  domain=str(m["domain"]), dtype=m["dtype"], experts=experts, manifest=m)
+    if base_model_dir is not None:
+        check_base(patch, base_model_dir)
+    return patch
+
+
+def check_base(patch: Patch, base_model_dir) -> None:
+    """Raise PatchError unless ``base_model_dir`` is the checkpoint the patch was trained from."""
+    fp = base_fingerprint(base_model_dir)
+    if fp != patch.base_fingerprint:
+        raise PatchError(f"{patch.path / MANIFEST}: trained from base {patch.base_model} (fingerprint "
+                         f"{patch.base_fingerprint[:12]}), but the model is {base_model_dir} (fingerprint {fp[:12]}); "
+                         "apply the patch to the model it was trained from, or retrain it on this one")
+
+
+@torch.no_grad()
+def apply_patch(model, patch: Patch, *, base_model_dir=None) -> dict[int, list[int]]:
+    """Overwrite the patched experts that ``model`` holds; skip experts it does not own.
+
+    Returns {layer: [global expert ids written]}. FP8 experts are re-quantized. With base_model_dir,
+    first check that the patch was trained from that base."""
+    if base_model_dir is not None:
+        check_base(patch, base_model_dir)
+    args = model.args
+    moes = {moe.layer_id: moe for moe in model.moe_layers()}
+    F_, D = args.moe_intermediate_size, args.hidden_size
+    written: dict[int, list[int]] = {}
+    for layer, ex in sorted(patch.experts.items()):
+        if layer not in moes:
+            if layer >= args.num_hidden_layers and layer < args.num_hidden_layers + args.num_nextn_predict_layers:
+                log.info("patch %s: MTP layer %d is not loaded in this model; skipping it", patch.path, layer)
+                continue
+            raise PatchError(f"{patch.path / MANIFEST}: layer {layer} is not an MoE layer of this model "
+                             f"(MoE layers: {sorted(moes)}); the patch is for a different architecture")
+        experts = moes[layer].experts
+        for e, (w13, w2) in sorted(ex.items()):
+            if not 0 <= e < args.n_routed_experts:
+                raise PatchError(f"{patch.path / MANIFEST}: layer {layer} expert {e} is outside "
+                                 f"[0, {args.n_routed_experts}); the patch is for a different architecture")
+            if tuple(w13.shape) != (2 * F_, D) or tuple(w2.shape) != (D, F_):
+                raise PatchError(f"{patch.path / TENSORS}: layer {layer} expert {e} has w13 {list(w13.shape)} / w2 "
+                                 f"{list(w2.shape)}, the model needs [{2 * F_}, {D}] / [{D}, {F_}]")
+            local = int(experts.global_to_local[e])
+            if local < 0:
+                continue
+            if experts.w13_weight.dtype == FP8:
+                g, gs = kernels.weight_quant(w13[:F_].float(), scale_fmt=args.scale_fmt)
+                u, us = kernels.weight_quant(w13[F_:].float(), scale_fmt=args.scale_fmt)
+                d, ds = kernels.weight_quant(w2.float(), scale_fmt=args.scale_fmt)
+                experts.w13_weight.data[local] = torch.cat([g, u]).to(experts.w13_weight.device)
+                experts.w13_weight_scale_inv[local] = torch.cat([gs, us]).to(experts.w13_weight_scale_inv.device)
+                experts.w2_weight.data[local] = d.to(experts.w2_weight.device)
+                experts.w2_weight_scale_inv[local] = ds.to(experts.w2_weight_scale_inv.device)
+            else:
+                experts.w13_weight.data[local] = w13.to(experts.w13_weight.device, experts.w13_weight.dtype)
+                experts.w2_weight.data[local] = w2.to(experts.w2_weight.device, experts.w2_weight.dtype)
+            written.setdefault(layer, []).append(e)
+    return written
