@@ -130,11 +130,13 @@ def _set(module: nn.Module, attr: str, t: torch.Tensor, param: bool) -> None:
 
 
 def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", experts=None,
-                    weight_dtype: str | None = None, with_mtp: bool = True) -> Transformer:
+                    weight_dtype: str | None = None, with_mtp: bool = True, patch=None) -> Transformer:
     """Load an HF-format DeepSeek-V3 checkpoint directory.
 
     dtype: compute dtype. weight_dtype: resident linear-weight format, "fp8" | "bf16" | "fp32", or None
     (FP8 tensors stay FP8, others take ``dtype``). experts: global routed-expert ids to load (None = all).
+    patch: an expert patch (directory or ``model.patch.Patch``) trained from this checkpoint, applied
+    after loading (see ``expertpool.model.patch``).
     """
     path = Path(path)
     try:
@@ -188,6 +190,10 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
         moe.expert_load = moe.expert_load.to(device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not leftover, f"loader left tensors unset: {leftover[:5]}"
+    if patch is not None:
+        from expertpool.model.patch import Patch, apply_patch, read_patch  # patch.py imports this module
+
+        apply_patch(model, patch if isinstance(patch, Patch) else read_patch(patch), base_model_dir=path)
     return model.eval()
 
 
