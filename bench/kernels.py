@@ -15,6 +15,7 @@ Ratios are the point: absolute numbers only mean something next to the ceilings 
 
 import argparse
 import datetime
+import importlib.metadata
 import platform
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ from pathlib import Path
 import expertpool.kernels as K  # noqa: F401  (expertpool before torch, per house style)
 import torch
 import torch.nn.functional as F
+
+from expertpool.kernels.tune import bench_ms  # Triton stays inside expertpool.kernels
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOC = REPO_ROOT / "docs" / "benchmarks.md"
@@ -36,12 +39,6 @@ PREFILL_M = 4096
 MOE_TOKENS = (1, 16, 128, 512, 1024, 4096)
 COPY_BYTES = 1 << 30
 CEILING_MATMUL = 8192
-
-
-def bench_ms(fn) -> float:
-    import triton
-
-    return triton.testing.do_bench(fn, warmup=10, rep=50)
 
 
 def tflops(flop: float, ms: float) -> float:
@@ -215,7 +212,7 @@ def main(argv=None) -> int:
         date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
         text = (f"\n### {date}, {gpu}\n\n"
                 f"Command: `python {' '.join(['bench/kernels.py', *sys.argv[1:]])}`; torch "
-                f"{torch.__version__}, triton {__import__('triton').__version__}, host "
+                f"{torch.__version__}, triton {importlib.metadata.version('triton')}, host "
                 f"{platform.node()}. Ceilings this run: copy {copy_gbps:.0f} GB/s, bf16 matmul "
                 f"{mm_tflops:.0f} TFLOP/s.\n\n"
                 f"{table(g_header, g_rows)}\n\n"

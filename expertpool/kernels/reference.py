@@ -68,6 +68,13 @@ def weight_dequant_ref(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = to
     return (w.float() * s_full).to(dtype)
 
 
+def fp8_gemm_ref(a, a_s, b, b_s, out_dtype=torch.float32, compute_dtype=torch.float32):
+    """Dequantize both operands exactly and matmul in ``compute_dtype`` (float64 in tests)."""
+    a_full = a.to(compute_dtype) * a_s.to(compute_dtype).repeat_interleave(BLOCK_SIZE, dim=-1)
+    b_full = weight_dequant_ref(b, b_s, torch.float32).to(compute_dtype)
+    return (a_full @ b_full.T).to(out_dtype)
+
+
 def _weight_as(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     if w.dtype == torch.float8_e4m3fn:
         assert scale is not None, "an fp8 weight needs its weight_scale_inv"

@@ -41,14 +41,21 @@ def candidates():
         yield {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
 
+def bench_ms(fn, warmup_ms: int = 10, rep_ms: int = 50) -> float:
+    """Median milliseconds of ``fn()`` on the GPU (``triton.testing.do_bench``: L2 flushed)."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms)
+
+
 def _best(fn_for_cfg, label):
-    import triton
+    from triton.runtime.errors import OutOfResources
 
     best, best_ms = None, float("inf")
     for cfg in candidates():
         try:
-            ms = triton.testing.do_bench(lambda: fn_for_cfg(cfg), warmup=5, rep=20)
-        except triton.runtime.errors.OutOfResources as exc:  # too much shared memory: skip config
+            ms = bench_ms(lambda: fn_for_cfg(cfg), warmup_ms=5, rep_ms=20)
+        except OutOfResources as exc:  # too much shared memory for this GPU: skip the config
             logger.debug("%s %s: %s", label, cfg, exc)
             continue
         if ms < best_ms:
