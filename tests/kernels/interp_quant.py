@@ -26,13 +26,17 @@ def _tricky_activations(gen) -> torch.Tensor:
     x = torch.randn(21, 384, generator=gen) * torch.logspace(-8, 3, 21)[:, None]
     x[3] = 0.0
     x[4, :128] = -0.0
-    # Row 5, group 0: amax 448 makes the scale exactly 1, so x/s hits e4m3 ties (x.5 steps),
-    # values one ulp around them, the subnormal range (< 2**-6) and the 124.7 -> 128 carry.
-    ties = torch.tensor([448.0, 1.0625, 1.1875, 2.0 ** -7 * 1.5, 2.0 ** -9 * 0.5, 2.0 ** -9 * 1.5,
-                         124.7, 240.0, 232.0, 248.0, 0.001, -3.3125, -0.0, 2.0 ** -10])
+    # Row 5, group 0: amax 448 makes the scale exactly 1, so x/s is x: e4m3 ties (1.0625 between
+    # 1 and 1.125, 232, 248 -> 256 with a carry, subnormal ties 2**-10 and 1.5 * 2**-9), one ulp
+    # either side of a tie, the subnormal range (< 2**-6) and 124.7 -> 128 (the interpreter's
+    # dropped-carry case).
+    tie = torch.tensor(1.0625)
+    ties = torch.tensor([448.0, 1.0625, torch.nextafter(tie, torch.tensor(2.0)).item(),
+                         torch.nextafter(tie, torch.tensor(0.0)).item(), 1.1875, 232.0, 248.0,
+                         2.0 ** -7 * 1.5, 2.0 ** -10, 2.0 ** -9 * 1.5, 124.7, 240.0, 0.001,
+                         -3.3125, -0.0, -(2.0 ** -9) * 1.5])
     x[5, :ties.numel()] = ties
-    x[5, ties.numel():128] = torch.nextafter(torch.linspace(-440, 440, 128 - ties.numel()),
-                                             torch.tensor(1e9))
+    x[5, ties.numel():128] = torch.linspace(-440, 440, 128 - ties.numel())
     return x
 
 
