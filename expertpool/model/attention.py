@@ -51,10 +51,11 @@ class AttnBatch:
     groups: list[_Group]
     cache: PagedLatentCache
     num_tokens: int
+    variant_N: torch.Tensor | None = None  # served variant per token (None = all base)
 
     @classmethod
     def build(cls, cache: PagedLatentCache, block_tables: list[list[int]], start_pos: list[int],
-              q_lens: list[int], device="cpu") -> "AttnBatch":
+              q_lens: list[int], device="cpu", variants: list[int] | None = None) -> "AttnBatch":
         bs = cache.block_size
         positions, slots = [], []
         offsets, off = [], 0
@@ -82,8 +83,12 @@ class AttnBatch:
                 mask_rows.append(t[None, :] <= qpos[:, None])
             groups.append(_Group(tok.to(device), torch.tensor(slot_rows, dtype=torch.long, device=device),
                                  torch.stack(mask_rows).to(device)))
+        variant_N = None
+        if variants is not None and any(variants):
+            variant_N = torch.tensor([v for v, q in zip(variants, q_lens) for _ in range(q)], dtype=torch.long,
+                                     device=device)
         return cls(torch.tensor(positions, dtype=torch.long, device=device),
-                   torch.tensor(slots, dtype=torch.long, device=device), groups, cache, off)
+                   torch.tensor(slots, dtype=torch.long, device=device), groups, cache, off, variant_N)
 
 
 class MLA(nn.Module):

@@ -67,6 +67,7 @@ class Experts(nn.Module):
         super().__init__()
         ids = list(range(args.n_routed_experts)) if expert_ids is None else sorted(expert_ids)
         El, F_, D = len(ids), args.moe_intermediate_size, args.hidden_size
+        self.n_routed = args.n_routed_experts
         self.register_buffer("expert_ids", torch.tensor(ids, dtype=torch.long, device="cpu"), persistent=False)
         g2l = torch.full((args.n_routed_experts,), -1, dtype=torch.long, device="cpu")
         g2l[self.expert_ids] = torch.arange(El, device="cpu")
@@ -79,6 +80,48 @@ class Experts(nn.Module):
     @property
     def num_local(self) -> int:
         return self.expert_ids.numel()
+
+    @property
+    def num_variants(self) -> int:
+        return self.global_to_local.numel() // self.n_routed
+
+    @torch.no_grad()
+    def add_variant(self, experts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
+        """Serve a fine-tuned variant beside the base: the given experts (global id -> (w13 [2F, D],
+        w2 [D, F])) are appended as extra local slots, every other expert is shared with the base.
+        Routing ids of variant v are offset by v * n_routed (see ``MoE.forward``). Returns v."""
+        E = self.n_routed
+        v = self.num_variants
+        table = self.global_to_local[:E].clone()
+        new_w13, new_w2, new_s13, new_s2 = [], [], [], []
+        for e, (w13, w2) in sorted(experts.items()):
+            if self.global_to_local[e] < 0:
+                continue  # owned by another rank
+            table[e] = self.num_local + len(new_w13)
+            if self.w13_weight.dtype == torch.float8_e4m3fn:
+                f = w13.shape[0] // 2
+                (g, gs), (u, us) = kernels.weight_quant(w13[:f]), kernels.weight_quant(w13[f:])
+                d, ds = kernels.weight_quant(w2)
+                new_w13.append(torch.cat([g, u]))
+                new_s13.append(torch.cat([gs, us]))
+                new_w2.append(d)
+                new_s2.append(ds)
+            else:
+                new_w13.append(w13.to(self.w13_weight.dtype))
+                new_w2.append(w2.to(self.w2_weight.dtype))
+        dev = self.w13_weight.device
+        if new_w13:
+            self.w13_weight = nn.Parameter(torch.cat([self.w13_weight.data, torch.stack(new_w13).to(dev)]),
+                                           requires_grad=False)
+            self.w2_weight = nn.Parameter(torch.cat([self.w2_weight.data, torch.stack(new_w2).to(dev)]),
+                                          requires_grad=False)
+            if new_s13:
+                self.w13_weight_scale_inv = torch.cat([self.w13_weight_scale_inv, torch.stack(new_s13).to(dev)])
+                self.w2_weight_scale_inv = torch.cat([self.w2_weight_scale_inv, torch.stack(new_s2).to(dev)])
+            self.expert_ids = torch.cat([self.expert_ids, torch.tensor(sorted(
+                e for e in experts if self.global_to_local[e] >= 0), dtype=torch.long, device=dev)])
+        self.global_to_local = torch.cat([self.global_to_local, table.to(dev)])
+        return v
 
     def forward(self, x_TD, local_ids_TK, weights_TK):
         return kernels.moe_experts(x_TD, local_ids_TK, weights_TK, self.w13_weight, self.w13_weight_scale_inv,
@@ -112,7 +155,10 @@ class MoE(nn.Module):
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.long, device="cpu"),
                              persistent=False)
 
-    def forward(self, x: torch.Tensor, record: RoutingRecord | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, record: RoutingRecord | None = None,
+                variant_T: torch.Tensor | None = None) -> torch.Tensor:
+        """variant_T: per-token served variant (0 = base); variant v routes expert e to the slot of
+        virtual id ``e + v * n_routed`` (a fine-tuned copy where the variant has one)."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
         weights_TK, ids_TK, scores_TE = self.gate(x_TD)
@@ -121,6 +167,8 @@ class MoE(nn.Module):
         if record is not None:
             record.shape = tuple(shape[:-1])
             record.layers[self.layer_id] = (weights_TK, ids_TK, scores_TE)
+        if variant_T is not None:
+            ids_TK = ids_TK + variant_T[:, None] * self.args.n_routed_experts
         y_TD = self.dispatcher(x_TD, ids_TK, weights_TK.to(x.dtype), self.experts)
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)

@@ -22,6 +22,7 @@ The API key is resolved inside the replica (``serving.api_key``, else env ``EXPE
 the replica process), so a key from the environment never travels in the Serve config.
 """
 
+import asyncio
 import importlib
 import logging
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from ray.serve.deployment import Application
 from expertpool.platform.api import OpenAIServer, build_fastapi_app
 from expertpool.platform.config import ClusterConfig, load_config, parse_config
 from expertpool.platform.metrics import ServerMetrics
+from expertpool.platform.patches import watch_patches
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +100,10 @@ class ExpertPoolServer:
         tokenizer = _resolve(tokenizer_factory, default_tokenizer)(cfg)
         self.api = OpenAIServer(self.engine, tokenizer, api_key=cfg.serving.resolve_api_key(),
                                 metrics=ServerMetrics(replica=serve.get_replica_context().replica_id.unique_id))
+        ctx = serve.get_replica_context()
+        # hot-swap: load every patch published for this app, now and whenever one is published
+        self._patch_watch = asyncio.get_running_loop().create_task(
+            watch_patches(self.engine, ctx.app_name, ctx.replica_id.unique_id), name="expertpool-patches")
         logger.info("replica up: serving %s (max_seq_len=%d, auth=%s)", self.engine.model_ids(),
                     self.engine.max_seq_len, "on" if self.api.api_key else "off")
 
@@ -106,6 +112,10 @@ class ExpertPoolServer:
 
     async def check_health(self) -> None:
         await self.engine.check_health()
+
+    async def stats(self) -> dict:
+        """Engine stats of this replica (running/waiting, KV blocks, steps, per-expert tokens)."""
+        return self.engine.stats()
 
     async def load_patch(self, domain: str, patch_dir: str) -> str:
         """Hot-swap an ESFT expert patch into this replica's engine; returns the served id BASE:DOMAIN."""

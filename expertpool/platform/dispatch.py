@@ -25,6 +25,7 @@ class AllToAllDispatcher:
         assert n_routed_experts % self.world == 0, \
             f"{n_routed_experts} routed experts do not split over {self.world} ranks"
         self.experts_per_rank = n_routed_experts // self.world
+        self.n_routed = n_routed_experts
 
     def owner_range(self, rank: int | None = None) -> list[int]:
         r = self.rank if rank is None else rank
@@ -40,7 +41,8 @@ class AllToAllDispatcher:
     def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts) -> torch.Tensor:
         T, K = ids_TK.shape
         flat_ids_P = ids_TK.reshape(-1)
-        dest_P = torch.div(flat_ids_P, self.experts_per_rank, rounding_mode="floor")
+        # ids may be variant-offset virtual ids (e + v * E): the owner is that of the base expert
+        dest_P = torch.div(flat_ids_P % self.n_routed, self.experts_per_rank, rounding_mode="floor")
         order_P = torch.argsort(dest_P, stable=True)
         tok_P = torch.div(order_P, K, rounding_mode="floor")
         send_counts_W = torch.bincount(dest_P, minlength=self.world)

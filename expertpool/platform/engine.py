@@ -16,6 +16,7 @@
 """
 
 import asyncio
+import contextvars
 import itertools
 import logging
 import time
@@ -58,6 +59,7 @@ class Sequence:
     num_cached: int = 0
     finish_reason: str | None = None
     aborted: bool = False
+    variant: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -100,7 +102,7 @@ class EngineCore:
         self.finished_ids: list[tuple[int, str]] = []
 
     # ---- requests
-    def add_request(self, seq_id: str, prompt: list[int], params: SamplingParams) -> Sequence:
+    def add_request(self, seq_id: str, prompt: list[int], params: SamplingParams, variant: int = 0) -> Sequence:
         if seq_id in self.seqs:
             raise ValueError(f"duplicate request id {seq_id}")
         if not prompt:
@@ -110,7 +112,7 @@ class EngineCore:
                                  f"{self.max_seq_len}, leaving room for at least one new token")
         if len(self.waiting) >= self.max_queued:
             raise EngineOverloaded(f"{len(self.waiting)} requests are already waiting; retry later")
-        seq = Sequence(seq_id, list(prompt), params)
+        seq = Sequence(seq_id, list(prompt), params, variant=variant)
         self.seqs[seq_id] = seq
         self.waiting.append(seq)
         return seq
@@ -205,7 +207,7 @@ class EngineCore:
                 continue
             seq.blocks += self.allocators[seq.worker].allocate(need)
             plans[seq.worker].append((seq, StepItem(seq.seq_id, [seq.tokens[-1]], seq.num_cached,
-                                                    seq.blocks, True, seq.params)))
+                                                    seq.blocks, True, seq.params, seq.variant)))
             budget[seq.worker] -= 1
         # prefill chunks with the remaining per-worker budget
         for seq in sorted(self.running, key=lambda s: s.arrival):
@@ -226,7 +228,7 @@ class EngineCore:
             seq.blocks += alloc.allocate(need)
             done = seq.num_cached + chunk == len(seq.tokens)
             plans[w].append((seq, StepItem(seq.seq_id, seq.tokens[seq.num_cached:seq.num_cached + chunk],
-                                           seq.num_cached, seq.blocks, done, seq.params)))
+                                           seq.num_cached, seq.blocks, done, seq.params, seq.variant)))
             budget[w] -= chunk
         return plans
 
@@ -300,6 +302,9 @@ class LocalExecutor:
     async def check_health(self):
         return None
 
+    async def load_patch(self, patch_dir: str) -> int:
+        return self.runner.load_patch(patch_dir)
+
     async def expert_load_async(self):
         return self.expert_load()
 
@@ -328,6 +333,11 @@ class RayExecutor:
     async def check_health(self):
         await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in self.actors]), timeout=30)
 
+    async def load_patch(self, patch_dir: str) -> int:
+        idx = set(await asyncio.gather(*[a.load_patch.remote(patch_dir) for a in self.actors]))
+        assert len(idx) == 1, f"actors disagree on the variant index: {idx}"
+        return idx.pop()
+
     async def expert_load_async(self) -> list[int]:
         loads = await asyncio.gather(*[a.expert_load.remote() for a in self.actors])
         return [sum(x) for x in zip(*loads)] if loads else []
@@ -343,22 +353,61 @@ class AsyncEngine:
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._refresh_task: asyncio.Task | None = None
         self._expert_tokens: list[int] = []
         self._failed: BaseException | None = None
+        self._variants: dict[str, int] = {}
+        self._step_lock = asyncio.Lock()
 
     def model_ids(self) -> list[str]:
-        return [self.base_model_id]
+        return [self.base_model_id] + list(self._variants)
+
+    async def load_patch(self, domain: str, patch_dir: str) -> str:
+        """Serve an ESFT expert patch as ``BASE:DOMAIN`` beside the base, without a restart. The swap
+        happens between engine steps; running requests (base or other variants) are unaffected."""
+        from expertpool.model.patch import read_patch
+        model_id = f"{self.base_model_id}:{domain}"
+        if model_id in self._variants:
+            return model_id
+        read_patch(patch_dir)  # validate here, with a clear error, before touching any actor
+        async with self._step_lock:
+            self._variants[model_id] = await self.core.executor.load_patch(patch_dir)
+        log.info("serving %s from %s (variant %d)", model_id, patch_dir, self._variants[model_id])
+        return model_id
+
+    def _variant_of(self, model: str | None) -> int:
+        if model is None or model == self.base_model_id:
+            return 0
+        if model not in self._variants:
+            raise KeyError(f"model {model!r} is not served here; available: {self.model_ids()}")
+        return self._variants[model]
 
     def _ensure_loop(self):
+        # Fresh contextvars: a task created while handling a request would otherwise inherit Ray's
+        # per-request task context, and Ray's recursive cancellation on client disconnect would then
+        # cancel the actor steps this loop submits later, leaving the group's collectives half-run.
+        loop = asyncio.get_running_loop()
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            self._task = loop.create_task(self._run(), context=contextvars.Context())
+        if self._refresh_task is None or self._refresh_task.done():
+            self._refresh_task = loop.create_task(self._refresh_loop(), context=contextvars.Context())
+
+    async def _refresh_loop(self):
+        """Per-expert token counts for observability, pulled from the workers about once a second."""
+        while self._failed is None:
+            try:
+                await self.refresh_expert_tokens()
+            except Exception as e:  # a slow or dead worker shows up in check_health; keep metrics going
+                log.warning("could not refresh expert token counts: %r", e)
+            await asyncio.sleep(1.0)
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        model: str | None = None):
         if self._failed is not None:
             raise RuntimeError(f"engine failed: {self._failed!r}")
+        variant = self._variant_of(model)
         self._ensure_loop()
-        self.core.add_request(request_id, prompt_token_ids, params)
+        self.core.add_request(request_id, prompt_token_ids, params, variant)
         q: asyncio.Queue = asyncio.Queue()
         self._queues[request_id] = q
         self._wake.set()
@@ -394,7 +443,8 @@ class AsyncEngine:
                 core.executor.release(core.pop_finished())
                 plans = core.schedule()
                 if any(plans):
-                    results = await core.executor.run_async([[it for _, it in p] for p in plans])
+                    async with self._step_lock:
+                        results = await core.executor.run_async([[it for _, it in p] for p in plans])
                     core.steps += 1
                     core.max_batch_seen = max(core.max_batch_seen, sum(len(p) for p in plans))
                     events.update(core.process(plans, results))
@@ -459,3 +509,54 @@ def generate(core: EngineCore, prompts: list[list[int]], params: SamplingParams 
                 for t in ev.token_ids:
                     on_token(i, t)
     return outs
+
+
+def build_engine(cfg) -> AsyncEngine:
+    """The engine of one Serve replica: create its expert-parallel actor group and wire the scheduler.
+
+    Actors go into the replica's placement group (bundle ``rank + 1``; bundle 0 holds the replica)
+    when there is one, so a replica and its group are scheduled as a unit (gang). Rank 0 offers the
+    torch.distributed rendezvous address; all ranks then join and load their expert shards at once.
+    """
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from expertpool.model.args import ModelArgs
+    from expertpool.model.attention import PagedLatentCache
+    from expertpool.model.embedded import ensure_embedded_model
+    from expertpool.model.tokenizer import Tokenizer
+    from expertpool.platform.worker import DTYPES, ExpertWorker
+
+    t0 = time.time()
+    model_dir = str(cfg.model.path or ensure_embedded_model())
+    args = ModelArgs.from_dir(model_dir)
+    world = cfg.pool.actors_per_replica
+    cfg.validate_against_model(args.n_routed_experts, max_position_embeddings=args.max_position_embeddings)
+    s = cfg.serving
+    bytes_per_token = PagedLatentCache.bytes_per_token(args, args.num_hidden_layers, DTYPES[cfg.model.dtype])
+    total_blocks = s.num_kv_blocks(bytes_per_token)
+    blocks_per_worker = max(-(-total_blocks // world), -(-s.max_seq_len // s.kv_cache.block_size))
+    pg = ray.util.get_current_placement_group()
+    res = cfg.pool.actor_resources
+    actor_cls = ray.remote(ExpertWorker)
+    actors = []
+    for rank in range(world):
+        opts = dict(res.ray_options())
+        if pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                pg, placement_group_bundle_index=cfg.pool.actor_bundle_index(rank))
+        actors.append(actor_cls.options(**opts).remote(rank, world))
+    addr, port = ray.get(actors[0].rendezvous_address.remote())
+    threads = max(1, int(res.cpu)) if res.cpu >= 1 else 1
+    ray.get([a.setup.remote(model_dir, addr, port, cfg.model.dtype, cfg.model.weight_dtype, blocks_per_worker,
+                            s.kv_cache.block_size, cfg.pool.backend, threads) for a in actors])
+    tok = Tokenizer.from_dir(cfg.model.tokenizer or model_dir)
+    core = EngineCore(RayExecutor(actors), num_blocks=blocks_per_worker, block_size=s.kv_cache.block_size,
+                      max_batch_size=s.max_batch_size, max_seq_len=s.max_seq_len,
+                      max_num_batched_tokens=s.max_num_batched_tokens,
+                      eos_token_id=tok.eos_token_id if tok.eos_token_id is not None else args.eos_token_id,
+                      max_queued=s.max_queued_requests if s.max_queued_requests > 0 else 1 << 30)
+    log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1fs",
+             model_dir, world, args.n_routed_experts // world, blocks_per_worker, s.kv_cache.block_size,
+             time.time() - t0)
+    return AsyncEngine(core, cfg.model.name, s.max_seq_len)

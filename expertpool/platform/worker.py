@@ -37,6 +37,7 @@ class StepItem:
     block_table: list[int]
     sample: bool               # sample one token after the last new token
     params: SamplingParams
+    variant: int = 0           # served variant (0 = base weights; see Transformer.add_variant)
 
 
 class ModelRunner:
@@ -52,7 +53,8 @@ class ModelRunner:
     def step(self, items: list[StepItem]) -> list[int | None]:
         tokens = [t for it in items for t in it.tokens]
         batch = AttnBatch.build(self.cache, [it.block_table for it in items], [it.start_pos for it in items],
-                                [len(it.tokens) for it in items], device=self.device)
+                                [len(it.tokens) for it in items], device=self.device,
+                                variants=[it.variant for it in items])
         rows, ends = [], 0
         for it in items:
             ends += len(it.tokens)
@@ -75,6 +77,12 @@ class ModelRunner:
     def release(self, seq_ids: list[str]) -> None:
         for s in seq_ids:
             self._generators.pop(s, None)
+
+    def load_patch(self, patch_dir: str) -> int:
+        """Add an ESFT expert patch as a served variant; only the experts this model holds are kept."""
+        from expertpool.model.patch import read_patch
+        patch = read_patch(patch_dir)
+        return self.model.add_variant(patch.experts_by_layer())
 
     def expert_load(self) -> list[int]:
         loads = [m.expert_load for m in self.model.moe_layers()]
@@ -135,6 +143,9 @@ class ExpertWorker:
 
     def expert_load(self) -> list[int]:
         return self.runner.expert_load()
+
+    def load_patch(self, patch_dir: str) -> int:
+        return self.runner.load_patch(patch_dir)
 
     def ping(self) -> int:
         return self.rank

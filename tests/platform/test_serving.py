@@ -1,0 +1,199 @@
+"""Expert-parallel serving end to end: the embedded tiny model behind Ray Serve, real actors
+(gloo all-to-all between them), real HTTP, the official openai client.
+
+One Serve instance hosts two apps: the tiny model with 2 expert actors per replica (/ep2) and with 4
+(/ep4). fp32 compute, so greedy outputs must equal the in-process model's greedy tokens exactly.
+"""
+
+import asyncio
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.ray
+MAX_SEQ_LEN = 256
+API_KEY = "sk-test-ep4"  # the 4-actor app requires a bearer token
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    from expertpool.model.embedded import ensure_embedded_model
+    return ensure_embedded_model()
+
+
+@pytest.fixture(scope="module")
+def served(ray_cluster, tiny_dir):
+    from ray import serve
+
+    from expertpool.platform.app import build_app_from_config
+    from expertpool.platform.config import parse_config
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    apps = {}
+    for actors in (2, 4):
+        name = f"ep{actors}"
+        cfg = parse_config({
+            "pool": {"actors_per_replica": actors, "actor_resources": {"cpu": 0.25}},
+            "serving": {"app_name": name, "route_prefix": f"/{name}", "max_seq_len": MAX_SEQ_LEN,
+                        "max_batch_size": 32, "max_num_batched_tokens": 128, "health_check_period_s": 600,
+                        "kv_cache": {"block_size": 8, "num_blocks": 1024},
+                        "api_key": API_KEY if actors == 4 else None}})
+        serve.run(build_app_from_config(cfg), name=name, route_prefix=f"/{name}", blocking=False)
+        apps[actors] = name
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        st = serve.status().applications
+        if all(st.get(n) is not None and st[n].status == "RUNNING" for n in apps.values()):
+            break
+        time.sleep(1)
+    else:
+        raise RuntimeError(f"apps did not come up: {serve.status()}")
+    base = f"http://127.0.0.1:{port}"
+    yield {"base": base, "apps": apps,
+           "client": {k: openai.OpenAI(base_url=f"{base}/{n}/v1", api_key=API_KEY if k == 4 else "none",
+                                       max_retries=0, timeout=120)
+                      for k, n in apps.items()}}
+    for n in apps.values():
+        serve.delete(n)
+    serve.shutdown()
+
+
+def _stats(app_name: str) -> dict:
+    from ray import serve
+    return serve.get_deployment_handle("ExpertPool", app_name).stats.remote().result()
+
+
+def _reference_greedy(tiny_dir, prompt_ids, n):
+    from expertpool.model.checkpoint import load_checkpoint
+    m = load_checkpoint(tiny_dir, dtype=torch.float32, with_mtp=False)
+    seq = list(prompt_ids)
+    with torch.no_grad():
+        for _ in range(n):
+            seq.append(int(m(torch.tensor([seq]))[0, -1].argmax()))
+    return seq[len(prompt_ids):]
+
+
+@pytest.mark.parametrize("actors", [2, 4])
+def test_openai_client_chat_and_completions(served, actors):
+    c = served["client"][actors]
+    assert [m.id for m in c.models.list().data] == ["expertpool-tiny"]
+    r = c.chat.completions.create(model="expertpool-tiny", messages=[{"role": "user", "content": "Hello!"}],
+                                  max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    chunks = list(c.chat.completions.create(model="expertpool-tiny", messages=[{"role": "user", "content": "Hi"}],
+                                            max_tokens=10, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}, extra_body={"ignore_eos": True}))
+    assert chunks[-1].usage.completion_tokens == 10
+    assert any(ch.choices and ch.choices[0].finish_reason == "length" for ch in chunks)
+    r = c.completions.create(model="expertpool-tiny", prompt="The quick brown fox", max_tokens=8, temperature=0,
+                             extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 8
+    s = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="expertpool-tiny", prompt="The quick brown fox", max_tokens=8, temperature=0, stream=True,
+        extra_body={"ignore_eos": True}) if ch.choices)
+    assert s == r.choices[0].text
+
+
+@pytest.mark.parametrize("actors", [2, 4])
+def test_greedy_equals_in_process_model(served, tiny_dir, actors):
+    from expertpool.model.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tiny_dir)
+    c = served["client"][actors]
+    for prompt in ["Hello, how are you today?", "def add(a, b):", "The capital of France"]:
+        ids = tok.encode(prompt)
+        ref = _reference_greedy(tiny_dir, ids, 16)
+        r = c.completions.create(model="expertpool-tiny", prompt=ids, max_tokens=16, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        assert r.choices[0].text == tok.decode(ref), prompt
+
+
+def test_32_concurrent_streams_with_continuous_batching(served):
+    c = served["client"][2]
+    before = _stats(served["apps"][2])["max_batch_seen"]
+    lengths = [4 + (i % 7) * 3 for i in range(32)]
+
+    async def one(i, ac):
+        n = 0
+        stream = await ac.completions.create(model="expertpool-tiny", prompt=f"request {i}: tell me a story",
+                                             max_tokens=lengths[i], temperature=0.7, seed=i, stream=True,
+                                             stream_options={"include_usage": True},
+                                             extra_body={"ignore_eos": True})
+        usage = None
+        async for ch in stream:
+            if ch.choices and ch.choices[0].text:
+                n += 1
+            if ch.usage:
+                usage = ch.usage
+        return usage.completion_tokens
+
+    async def main():
+        ac = openai.AsyncOpenAI(base_url=c.base_url, api_key="none", max_retries=0, timeout=300)
+        return await asyncio.gather(*[one(i, ac) for i in range(32)])
+
+    got = asyncio.run(main())
+    assert got == lengths
+    st = _stats(served["apps"][2])
+    assert max(st["max_batch_seen"], before) > 1 and st["running"] == 0 and st["kv_blocks_used"] == 0
+    assert sum(st["expert_tokens"]) > 0  # per-expert token counts pulled from the actors
+
+
+def test_bad_inputs_get_specific_4xx_and_server_keeps_serving(served):
+    url = f"{served['base']}/ep2/v1"
+    chat = url + "/chat/completions"
+    msgs = [{"role": "user", "content": "hi"}]
+    cases = [
+        (httpx.post(chat, content=b"{not json", headers={"Content-Type": "application/json"}), 400, "JSON"),
+        (httpx.post(chat, json={"model": "expertpool-tiny"}), 400, "messages"),
+        (httpx.post(chat, json={"model": "expertpool-tiny", "messages": msgs, "max_tokens": -3}), 400, "max_tokens"),
+        (httpx.post(chat, json={"model": "expertpool-tiny", "messages": msgs, "temperature": 7}), 400, "temperature"),
+        (httpx.post(chat, json={"model": "nope", "messages": msgs}), 404, "nope"),
+        (httpx.post(url + "/completions", json={"model": "expertpool-tiny", "prompt": "word " * 400}), 400, "max_seq_len"),
+    ]
+    for r, code, needle in cases:
+        assert r.status_code == code, (r.status_code, r.text)
+        err = r.json()["error"]
+        assert needle.lower() in err["message"].lower(), err
+    chat4 = f"{served['base']}/ep4/v1/chat/completions"
+    for headers in ({}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(chat4, json={"model": "expertpool-tiny", "messages": msgs}, headers=headers)
+        assert r.status_code == 401 and "api key" in r.json()["error"]["message"].lower(), r.text
+    ok = httpx.post(chat, json={"model": "expertpool-tiny", "messages": msgs, "max_tokens": 3}, timeout=60)
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_client_disconnect_mid_stream_releases_cache_blocks(served):
+    app = served["apps"][4]
+    url = f"{served['base']}/ep4/v1/completions"
+    body = {"model": "expertpool-tiny", "prompt": "a long story", "max_tokens": 200, "stream": True,
+            "temperature": 0, "ignore_eos": True}
+    seen = threading.Event()
+    with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
+        with client.stream("POST", url, json=body) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i > 5:
+                    seen.set()
+                    break
+            assert _stats(app)["kv_blocks_used"] > 0
+    deadline = time.time() + 20
+    while time.time() < deadline and (_stats(app)["kv_blocks_used"] or _stats(app)["running"]):
+        time.sleep(0.2)
+    st = _stats(app)
+    assert seen.is_set() and st["kv_blocks_used"] == 0 and st["running"] == 0
+
+
+def test_health_covers_the_actors(served):
+    r = httpx.get(f"{served['base']}/ep2/health", timeout=30)
+    assert r.status_code == 200
