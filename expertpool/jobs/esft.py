@@ -1,0 +1,142 @@
+"""ESFT (Expert-Specialized Fine-Tuning, arXiv 2407.01906): score, select, and train a few experts.
+
+Scoring (forward passes only, router record of every main MoE layer) per layer l and expert i:
+- ``gate``: mean over sequences of the per-token mean gate value (post-top-k, 0 if not selected).
+- ``token``: mean over sequences of the per-token selection ratio (1/K per selected slot).
+Both are normalized per layer over experts (the paper's definition; the public ESFT script
+normalizes across layers instead, ESFT issue #17). Per layer the selection is the smallest set of
+experts, by descending score, whose cumulative normalized score reaches p. Ties break by expert id.
+Ranks sum their partial scores with one all-reduce, so every rank selects the same experts.
+
+Training: the base's stacked expert tensors ([El, ...]) stay frozen and untouched. Each rank holds
+its selected experts as separate small parameters (``SelectedExperts``), the forward reads those
+rows instead of the frozen ones (``TrainExperts``), and only they go to the optimizer, so weight
+decay and Adam can never move a non-selected row. After each optimizer step the selected rows are
+copied into the stacked tensors so that anything reading the model sees the trained weights.
+The MTP layer is not scored or trained (its draft head stays the base's).
+"""
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from expertpool.model.moe import RoutingRecord
+
+
+def expert_scores(record: RoutingRecord, n_experts: int, n_layers: int, scoring: str) -> dict[int, torch.Tensor]:
+    """Per main MoE layer: sum over the batch's sequences of the per-sequence mean score [E] (fp64)."""
+    out = {}
+    batch = record.shape[0]
+    for layer, (w_TK, ids_TK, _) in record.layers.items():
+        if layer >= n_layers:
+            continue
+        val = w_TK.detach().double() if scoring == "gate" else torch.full(ids_TK.shape, 1.0 / ids_TK.shape[1],
+                                                                         dtype=torch.float64)
+        tok_E = torch.zeros(ids_TK.shape[0], n_experts, dtype=torch.float64).scatter_add_(1, ids_TK, val)
+        out[layer] = tok_E.view(batch, -1, n_experts).mean(1).sum(0)
+    return out
+
+
+def select_experts(scores: dict[int, torch.Tensor], p: float) -> dict[int, list[int]]:
+    """Per layer, the fewest experts whose normalized scores sum to >= p (ties: lower id first)."""
+    chosen = {}
+    for layer, s in sorted(scores.items()):
+        total = float(s.sum())
+        if total <= 0:
+            chosen[layer] = []
+            continue
+        r = (s / total).tolist()
+        order = sorted(range(len(r)), key=lambda e: (-r[e], e))
+        acc, pick = 0.0, []
+        for e in order:
+            pick.append(e)
+            acc += r[e]
+            if acc >= p - 1e-12:  # 1e-12: float summation noise must not add one more expert at p = 1
+                break
+        chosen[layer] = sorted(pick)
+    return chosen
+
+
+def all_reduce_scores(scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for v in scores.values():
+            dist.all_reduce(v)
+    return scores
+
+
+class SelectedExperts(nn.Module):
+    """The trainable copies of one layer's selected experts that this rank owns."""
+
+    def __init__(self, experts, global_ids: list[int]):
+        super().__init__()
+        local = [int(experts.global_to_local[e]) for e in global_ids]
+        assert all(i >= 0 for i in local), "selected experts must be owned by this rank"
+        self.global_ids = list(global_ids)
+        self.register_buffer("local_idx", torch.tensor(local, dtype=torch.long), persistent=False)
+        self.w13 = nn.Parameter(experts.w13_weight.detach()[self.local_idx].clone())
+        self.w2 = nn.Parameter(experts.w2_weight.detach()[self.local_idx].clone())
+
+    @torch.no_grad()
+    def write_back(self, experts) -> None:
+        experts.w13_weight.data.index_copy_(0, self.local_idx, self.w13.detach())
+        experts.w2_weight.data.index_copy_(0, self.local_idx, self.w2.detach())
+
+
+def grouped_experts(x_TD, local_ids_TK, weights_TK, w13_rows, w2_rows):
+    """SwiGLU experts with per-expert weight rows, built for autograd: outputs are concatenated (no
+    in-place slice writes, whose backward copies the whole buffer once per expert). Slots with local
+    id -1 contribute zero. The output stays connected to ``x_TD`` even with no slots, so every rank
+    runs the same collectives in backward."""
+    flat = local_ids_TK.reshape(-1)
+    pair = torch.nonzero(flat >= 0, as_tuple=True)[0]
+    if pair.numel() == 0:
+        return x_TD * 0
+    ids = flat[pair]
+    order = torch.argsort(ids, stable=True)
+    pair, ids = pair[order], ids[order]
+    tok = torch.div(pair, local_ids_TK.shape[1], rounding_mode="floor")
+    xs = x_TD[tok]
+    counts = torch.bincount(ids, minlength=len(w13_rows)).tolist()
+    outs, start = [], 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        gate, up = F.linear(xs[start:start + n], w13_rows[e]).chunk(2, dim=-1)
+        outs.append(F.linear(F.silu(gate) * up, w2_rows[e]))
+        start += n
+    y = torch.cat(outs) * weights_TK.reshape(-1)[pair].unsqueeze(1).to(x_TD.dtype)
+    return (x_TD * 0).index_add(0, tok, y)
+
+
+class TrainExperts:
+    """What the dispatcher calls in training instead of the ``Experts`` module (same call contract)."""
+
+    def __init__(self, experts, selected: SelectedExperts | None = None):
+        assert experts.w13_weight.dtype.is_floating_point and experts.w13_weight.element_size() >= 2, \
+            "training needs dense (bf16/fp32) experts; load with weight_dtype=None or 'fp32'"
+        self.experts, self.selected = experts, selected
+        self.global_to_local = experts.global_to_local
+
+    def __call__(self, x_TD, local_ids_TK, weights_TK):
+        w13 = list(self.experts.w13_weight.unbind(0))
+        w2 = list(self.experts.w2_weight.unbind(0))
+        if self.selected is not None:
+            for i, a, b in zip(self.selected.local_idx.tolist(), self.selected.w13.unbind(0), self.selected.w2.unbind(0)):
+                w13[i], w2[i] = a, b
+        return grouped_experts(x_TD, local_ids_TK, weights_TK, w13, w2)
+
+
+class TrainDispatcher:
+    """Wraps the real dispatcher (local or all-to-all): hands it ``TrainExperts`` views, and in grad
+    mode makes the MoE input require grad, so that every rank takes the autograd path of the
+    all-to-all (a rank whose layer has nothing trainable would otherwise skip the backward collective
+    and deadlock the others; ESFT's train_ep.py does the same)."""
+
+    def __init__(self, inner, views: dict[int, TrainExperts]):
+        self.inner, self.views = inner, views
+
+    def __call__(self, x_TD, ids_TK, weights_TK, experts):
+        if torch.is_grad_enabled() and not x_TD.requires_grad:
+            x_TD = x_TD.detach().requires_grad_()
+        return self.inner(x_TD, ids_TK, weights_TK, self.views[id(experts)])

@@ -1,0 +1,211 @@
+"""Fine-tune a DeepSeek-V3-class MoE on the expert-parallel pool: ESFT or full, as a Ray Train job.
+
+    ray job submit --working-dir . -- python -m expertpool.jobs.finetune --config cluster.yaml --job demo
+    python -m expertpool.jobs.finetune --config cluster.yaml --job demo --local   # one process, no Ray
+
+Order of work: validate everything a user can get wrong (job name, dataset, experts vs workers,
+seq_len, ESFT p, publishing) before any worker starts, and exit 2 with the message; then Ray Data
+reads, tokenizes and packs the data; a ``TorchTrainer`` runs ``jobs.train.train_loop`` on
+``workers`` gloo/nccl workers with ``FailureConfig(max_failures)``; rank 0 writes the result
+(``<output_dir>/patch`` for ESFT, ``<output_dir>/model`` for full), ``summary.json`` and
+``train_log.jsonl``; finally the patch is published to the serving app when ``publish_to`` is set.
+
+Each submission is a new Ray Train run (the run name carries a timestamp): a restarted worker
+group resumes from the run's latest checkpoint, a resubmitted job starts over.
+"""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+log = logging.getLogger("expertpool.finetune")
+
+
+class JobError(ValueError):
+    """A job setting that cannot run; the message names the field and the fix."""
+
+
+def _publish_fn():
+    """The lead's publish function: ``publish(app_name, patch_dir, domain)``."""
+    import importlib
+
+    for mod in ("expertpool.platform.patches", "expertpool.platform.serve"):
+        try:
+            fn = getattr(importlib.import_module(mod), "publish", None)
+        except ImportError:
+            fn = None
+        if fn is not None:
+            return fn
+    return None
+
+
+def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: str | None = None) -> dict:
+    """Validate the job and resolve everything the workers need. Raises ConfigError / JobError.
+
+    Returns the ``train_loop`` config (without data)."""
+    from expertpool.model.args import ModelArgs
+    from expertpool.platform.config import load_config
+
+    cfg = load_config(config_path)
+    job = cfg.get_job(job_name)
+    base_dir = Path(base_dir or os.getcwd())
+    dataset = job.check_dataset(base_dir)
+    prefix = f"{cfg.source}: train.jobs.{job_name}"
+    if job.base_model is None:
+        from expertpool.model.embedded import ensure_embedded_model
+
+        base = ensure_embedded_model()
+    else:
+        base = Path(job.base_model)
+        if not base.is_absolute():
+            base = base_dir / base
+        if not (base / "config.json").exists():
+            raise JobError(f"{prefix}.base_model: '{base}' has no config.json; point base_model at an HF checkpoint "
+                           "directory or remove it to use the embedded tiny model")
+    args = ModelArgs.from_dir(base)
+    job.resolved_experts_per_worker(args.n_routed_experts)
+    if job.seq_len > args.max_position_embeddings:
+        raise JobError(f"{prefix}.seq_len: ({job.seq_len}) exceeds the model's max_position_embeddings "
+                       f"({args.max_position_embeddings}); set seq_len to at most {args.max_position_embeddings}")
+    if job.mode == "esft" and job.router_bias_rate > 0:
+        raise JobError(f"{prefix}.router_bias_rate: ({job.router_bias_rate}) updates the router, but an ESFT patch "
+                       "holds only experts, so the change would be lost; set router_bias_rate: 0 or mode: full")
+    if publish and job.publish_to:
+        if job.mode != "esft":
+            raise JobError(f"{prefix}.publish_to: only ESFT patches can be hot-swapped; remove publish_to or set "
+                           "mode: esft (serve a full fine-tune as its own model.path)")
+        if _publish_fn() is None:
+            raise JobError(f"{prefix}.publish_to: is set, but this installation has no "
+                           "expertpool.platform.patches.publish; remove publish_to or pass --no-publish")
+    out = Path(job.output_dir)
+    if not out.is_absolute():
+        out = base_dir / out
+    data_path = Path(dataset.path)
+    if not data_path.is_absolute():
+        data_path = base_dir / data_path
+    return {"job": job.model_dump(mode="json"), "job_name": job_name, "domain": job.domain,
+            "base_model": str(base), "output_dir": str(out), "publish_to": job.publish_to if publish else None,
+            "dataset": {"path": str(data_path), "format": dataset.format, "field": dataset.field,
+                        "eval_fraction": dataset.eval_fraction},
+            "worker_resources": job.worker_resources.bundle()}
+
+
+def _too_little_data(config: dict, n_rows: int) -> JobError:
+    j = config["job"]
+    return JobError(f"train.jobs.{config['job_name']}.batch_size: the training data packs into {n_rows} sequences "
+                    f"of {j['seq_len']} tokens, fewer than one global batch ({j['batch_size']}); lower batch_size or "
+                    "seq_len, or add data")
+
+
+def run_local(config: dict, **extra) -> dict:
+    """The one-process path: same data functions, ``train_loop`` called directly (world 1)."""
+    from expertpool.jobs.data import local_rows
+    from expertpool.jobs.train import train_loop
+
+    d, j = config["dataset"], config["job"]
+    if j["workers"] != 1:
+        log.info("--local runs one process: workers %d -> 1 (all experts local)", j["workers"])
+        j = {**j, "workers": 1}
+    rows = local_rows(d["path"], d["format"], d["field"], config["base_model"], j["seq_len"], d["eval_fraction"])
+    if len(rows[0]["input_ids"]) < j["batch_size"]:
+        raise _too_little_data(config, len(rows[0]["input_ids"]))
+    return train_loop({**config, "job": j, "local_rows": rows, **extra})
+
+
+def run_ray(config: dict, *, fault: dict | None = None, run_name: str | None = None) -> dict:
+    """Run the job as a Ray Train ``TorchTrainer`` on the connected Ray cluster; returns the summary."""
+    import ray.train
+    from ray.data import ExecutionOptions
+    from ray.train.torch import TorchTrainer
+
+    from expertpool.jobs.data import ray_datasets
+    from expertpool.jobs.train import train_loop
+
+    d, j = config["dataset"], config["job"]
+    train_ds, eval_ds = ray_datasets(d["path"], d["format"], d["field"], config["base_model"], j["seq_len"],
+                                     d["eval_fraction"])
+    n_rows = train_ds.count()
+    if n_rows < j["batch_size"]:
+        raise _too_little_data(config, n_rows)
+    datasets = {"train": train_ds} | ({"eval": eval_ds} if eval_ds is not None else {})
+    out = Path(config["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    loop_config = {**config, "has_eval": eval_ds is not None, "fault": fault}
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ray.train.ScalingConfig(num_workers=j["workers"], use_gpu=False,
+                                               resources_per_worker=config["worker_resources"]),
+        run_config=ray.train.RunConfig(
+            name=run_name or f"{config['job_name']}-{time.strftime('%Y%m%d-%H%M%S')}",
+            storage_path=str(out / "ray"),
+            failure_config=ray.train.FailureConfig(max_failures=j["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        datasets=datasets,
+        # not split: every worker reads the same ordered global batches and keeps its slice, so the
+        # data position after a restart is a function of the step
+        dataset_config=ray.train.DataConfig(datasets_to_split=[],
+                                            execution_options=ExecutionOptions(preserve_order=True)),
+    )
+    result = trainer.fit()
+    if result.error is not None:
+        raise result.error
+    return json.loads(result.metrics["summary"])
+
+
+def _log_summary(s: dict) -> None:
+    log.info("done: %d steps (%s, %d workers), train loss %.4f, eval loss %s -> %s, %.0f tokens/s, %s%s",
+             s["step"], s["mode"], s["world"], s["train_loss_final"],
+             None if s["eval_loss_initial"] is None else round(s["eval_loss_initial"], 4),
+             None if s["eval_loss_final"] is None else round(s["eval_loss_final"], 4),
+             s["tokens_per_s"] or 0, s.get("output"),
+             f", {sum(s['experts_selected'].values())} experts selected" if "experts_selected" in s else "")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m expertpool.jobs.finetune", description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="cluster.yaml", help="cluster.yaml with the job under train.jobs "
+                   "(default: %(default)s)")
+    p.add_argument("--job", required=True, help="name of the job under train.jobs")
+    p.add_argument("--local", action="store_true", help="run in this process (one worker, no Ray) instead of "
+                   "as a Ray Train job")
+    p.add_argument("--no-publish", action="store_true", help="do not publish the patch to the serving app even "
+                   "if the job sets publish_to")
+    p.add_argument("--address", default=None, help="Ray address to connect to (default: RAY_ADDRESS, a running "
+                   "local cluster, or a new local instance)")
+    return p
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    a = build_parser().parse_args(argv)
+    from expertpool.model.args import ConfigError as ModelConfigError
+    from expertpool.platform.config import ConfigError
+
+    try:
+        config = prepare(a.config, a.job, publish=not a.no_publish)
+    except (ConfigError, JobError, ModelConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if a.local:
+        summary = run_local(config)
+    else:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=a.address, include_dashboard=False, logging_level=logging.WARNING)
+        summary = run_ray(config)
+    _log_summary(summary)
+    if config["publish_to"]:
+        model_id = _publish_fn()(config["publish_to"], summary["output"], config["domain"])
+        log.info("published %s to app %s as %s", summary["output"], config["publish_to"], model_id)
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
