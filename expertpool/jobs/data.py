@@ -118,6 +118,7 @@ def ray_datasets(path, fmt: str, field: str, model_dir, seq_len: int, eval_fract
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False  # job logs carry per-step progress; bars would flood them
     files = _files(Path(path))
     if fmt == "parquet":
         ds = ray.data.read_parquet(files, columns=[field])

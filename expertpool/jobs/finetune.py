@@ -101,6 +101,14 @@ def _too_little_data(config: dict, n_rows: int) -> JobError:
                     "seq_len, or add data")
 
 
+def _fresh_outputs(config: dict) -> None:
+    """A new run starts a new log; worker restarts within a run append to it."""
+    out = Path(config["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("train_log.jsonl", "summary.json"):
+        (out / name).unlink(missing_ok=True)
+
+
 def run_local(config: dict, **extra) -> dict:
     """The one-process path: same data functions, ``train_loop`` called directly (world 1)."""
     from expertpool.jobs.data import local_rows
@@ -113,6 +121,7 @@ def run_local(config: dict, **extra) -> dict:
     rows = local_rows(d["path"], d["format"], d["field"], config["base_model"], j["seq_len"], d["eval_fraction"])
     if len(rows[0]["input_ids"]) < j["batch_size"]:
         raise _too_little_data(config, len(rows[0]["input_ids"]))
+    _fresh_outputs(config)
     return train_loop({**config, "job": j, "local_rows": rows, **extra})
 
 
@@ -133,7 +142,7 @@ def run_ray(config: dict, *, fault: dict | None = None, run_name: str | None = N
         raise _too_little_data(config, n_rows)
     datasets = {"train": train_ds} | ({"eval": eval_ds} if eval_ds is not None else {})
     out = Path(config["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
+    _fresh_outputs(config)
     loop_config = {**config, "has_eval": eval_ds is not None, "fault": fault}
     trainer = TorchTrainer(
         train_loop,
@@ -154,7 +163,7 @@ def run_ray(config: dict, *, fault: dict | None = None, run_name: str | None = N
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return json.loads(result.metrics["summary"])
+    return json.loads((out / "summary.json").read_text())  # written by rank 0 at the end
 
 
 def _log_summary(s: dict) -> None:

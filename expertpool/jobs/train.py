@@ -537,7 +537,7 @@ class _Trainer:
         if self.in_ray:
             import ray.train
 
-            ray.train.report({k: v for k, v in summary.items() if not isinstance(v, dict)} | {"summary": json.dumps(summary)})
+            ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         return summary
 
 

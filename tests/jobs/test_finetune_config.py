@@ -1,0 +1,71 @@
+"""Bad job configs fail before any worker starts, exit 2, and name the field and the fix (no Ray)."""
+
+import json
+
+import pytest
+
+from expertpool.jobs import finetune
+
+DATA = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n'
+
+
+def _config(tmp_path, job: str, tiny_dir, data: str | None = DATA) -> str:
+    if data is not None:
+        (tmp_path / "d.jsonl").write_text(data)
+    (tmp_path / "c.yaml").write_text(f"train:\n  jobs:\n    j:\n      base_model: {tiny_dir}\n"
+                                     f"      dataset: {{path: {tmp_path / 'd.jsonl'}}}\n"
+                                     + ("" if "seq_len" in job else "      seq_len: 64\n")
+                                     + "".join(f"      {line}\n" for line in job.splitlines() if line))
+    return str(tmp_path / "c.yaml")
+
+
+@pytest.mark.parametrize("job,data,message", [
+    ("workers: 2\nbatch_size: 2", None, r"train.jobs.j.dataset.path: '.*d.jsonl' does not exist"),
+    ("workers: 2\nbatch_size: 2", "", r"train.jobs.j.dataset.path: '.*d.jsonl' is empty"),
+    ("workers: 3\nbatch_size: 3", DATA, r"train.jobs.j.workers: .*256.*3"),
+    ("esft: {p: 1.5}\nworkers: 2\nbatch_size: 2", DATA, r"train.jobs.j.esft.p: must be in \(0, 1\], got 1.5"),
+    ("esft: {p: 0}\nworkers: 2\nbatch_size: 2", DATA, r"train.jobs.j.esft.p: must be in \(0, 1\], got 0"),
+    ("workers: 2\nbatch_size: 2\nrouter_bias_rate: 0.001", DATA, r"router_bias_rate: .*set router_bias_rate: 0"),
+    ("workers: 2\nbatch_size: 2\nseq_len: 100000", DATA, r"seq_len: \(100000\) exceeds the model's max_position"),
+    ("workers: 2\nbatch_size: 3", DATA, r"batch_size: 3 sequences do not split evenly over 2 workers"),
+], ids=["missing-dataset", "empty-dataset", "experts-not-divisible", "p-above-1", "p-zero", "bias-in-esft",
+        "seq-len", "batch-split"])
+def test_bad_job_config_exits_2_with_field_and_fix(tmp_path, tiny_dir, capsys, job, data, message):
+    path = _config(tmp_path, job, tiny_dir, data)
+    assert finetune.main(["--config", path, "--job", "j"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert __import__("re").search(message, err), err
+
+
+def test_unknown_job_name_lists_known_jobs(tmp_path, tiny_dir, capsys):
+    path = _config(tmp_path, "workers: 2\nbatch_size: 2", tiny_dir)
+    assert finetune.main(["--config", path, "--job", "k"]) == 2
+    assert "train.jobs: no job named 'k' (known: j)" in capsys.readouterr().err
+
+
+def test_too_little_data_for_one_batch(tmp_path, tiny_dir, capsys):
+    path = _config(tmp_path, "workers: 1\nbatch_size: 4\nseq_len: 64\noutput_dir: " + str(tmp_path / "o"), tiny_dir)
+    config = finetune.prepare(path, "j")
+    with pytest.raises(finetune.JobError, match=r"packs into 1 sequences of 64 tokens, fewer than one global batch"):
+        finetune.run_local(config)
+
+
+def test_publish_needs_esft(tmp_path, tiny_dir):
+    path = tmp_path / "c.yaml"
+    (tmp_path / "d.jsonl").write_text(DATA)
+    path.write_text(f"model: {{path: {tiny_dir}}}\ntrain:\n  jobs:\n    j:\n      base_model: {tiny_dir}\n"
+                    f"      dataset: {{path: {tmp_path / 'd.jsonl'}}}\n      mode: full\n      workers: 2\n"
+                    "      batch_size: 2\n      seq_len: 64\n      publish_to: expertpool\n")
+    with pytest.raises(finetune.JobError, match="only ESFT patches can be hot-swapped"):
+        finetune.prepare(str(path), "j")
+    assert finetune.prepare(str(path), "j", publish=False)["publish_to"] is None
+
+
+def test_demo_job_in_cluster_yaml_is_valid(monkeypatch):
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    config = finetune.prepare(str(root / "cluster.yaml"), "demo", publish=False, base_dir=str(root))
+    assert config["job"]["mode"] == "esft" and config["dataset"]["field"] == "messages"
+    assert json.dumps(config)  # the train_loop config must travel to Ray workers as plain data
