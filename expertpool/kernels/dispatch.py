@@ -66,6 +66,9 @@ def select_backend(device: torch.device) -> tuple[str, str]:
     requested = requested_backend()
     if requested == "torch":
         return "torch", f"requested by use_backend/{ENV_VAR}"
+    if requested != "triton" and device.type != "cuda":
+        # decided without importing triton: it would cost ~70 MB of resident memory on CPU hosts
+        return "torch", f"tensors on {device.type}; FP8 Triton kernels need CUDA"
     error = triton_import_error()
     if requested == "triton":
         if error is not None:
@@ -82,8 +85,6 @@ def select_backend(device: torch.device) -> tuple[str, str]:
                                f"{torch.cuda.get_device_name(device)} has {cap}; set "
                                f"{ENV_VAR}=torch or auto")
         return "triton", "requested"
-    if device.type != "cuda":
-        return "torch", f"tensors on {device.type}; FP8 Triton kernels need CUDA"
     if error is not None:
         return "torch", f"triton unavailable ({error})"
     cap = torch.cuda.get_device_capability(device)

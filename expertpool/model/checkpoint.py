@@ -11,16 +11,17 @@ sibling directory and renames it into place, so a crash never leaves a half-writ
 Errors name the file or tensor and what was expected (``CheckpointError``).
 """
 
+import ctypes
 import json
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from expertpool import kernels
@@ -38,6 +39,51 @@ EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded or saved; the message names the file/tensor and the fix."""
+
+
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class _SafetensorsFile:
+    """Reads single tensors of a .safetensors file with plain file reads (no mmap): memory holds only
+    the tensors taken, and a truncated or corrupt file is reported with the file name."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if size < 8 or n <= 0 or 8 + n > size:
+                    raise ValueError(f"header of {n} bytes does not fit in a {size}-byte file")
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{path}: cannot read safetensors ({e}); the file is truncated or corrupt, "
+                                  "re-download or re-save it") from e
+        header.pop("__metadata__", None)
+        self.entries = header
+        self.data_start = 8 + n
+        end = max((v["data_offsets"][1] for v in header.values()), default=0)
+        if self.data_start + end > size:
+            raise CheckpointError(f"{path}: file is truncated: tensors need {self.data_start + end} bytes, the "
+                                  f"file has {size}; re-download or re-save it")
+
+    def keys(self):
+        return self.entries.keys()
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        e = self.entries[name]
+        if e["dtype"] not in _ST_DTYPES:
+            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
+        begin, end = e["data_offsets"]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            if f.readinto(memoryview(buf.numpy())) != end - begin:
+                raise CheckpointError(f"{self.path}: tensor {name!r} is cut short; the file is truncated")
+        return buf.view(_ST_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
 class _Reader:
@@ -64,13 +110,11 @@ class _Reader:
             f = self.path / fname
             if not f.exists():
                 raise CheckpointError(f"{f}: shard listed in the index is missing")
-            try:
-                h = safe_open(str(f), framework="pt")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"{f}: cannot read safetensors ({e}); the file is truncated or corrupt, "
-                                      "re-download or re-save it") from e
-            self._handles[fname] = h
+            self._handles[fname] = _SafetensorsFile(f)
         return self._handles[fname]
+
+    def close(self) -> None:
+        self._handles.clear()
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -80,11 +124,10 @@ class _Reader:
             raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint"
                                   + (f" (expected shape {list(shape)})" if shape else ""))
         fname = self.weight_map[name]
-        try:
-            t = self._open(fname).get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"{self.path / fname}: cannot read tensor {name!r} ({e}); "
-                                  "the file is truncated or corrupt") from e
+        handle = self._open(fname)
+        if name not in handle.entries:
+            raise CheckpointError(f"{self.path / fname}: tensor {name!r} is listed in the index but not in the file")
+        t = handle.get_tensor(name)
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.path / fname}: tensor {name!r} has shape {list(t.shape)}, "
                                   f"expected {list(shape)} for this config.json")
@@ -92,6 +135,16 @@ class _Reader:
             raise CheckpointError(f"{self.path / fname}: tensor {name!r} has dtype {t.dtype}, "
                                   f"expected one of {[str(d) for d in dtypes]}")
         return t
+
+
+def _release_freed_memory() -> None:
+    """Give the loader's freed temporaries (quantization scratch, casts) back to the OS: glibc keeps
+    freed small/medium blocks in its heap, which would otherwise inflate resident memory for good."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except OSError:  # not glibc (e.g. musl): nothing to trim
+            log.debug("malloc_trim unavailable")
 
 
 def _scale_shape(shape) -> tuple[int, int]:
@@ -167,7 +220,7 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
             # embeddings-sized tensors (lm_head, MTP eh_proj) are never FP8 in V3 checkpoints: keep them dense
             tgt = target_of(w)
             if mname in ("lm_head",) or mname.endswith("eh_proj"):
-                tgt = dtype if tgt == FP8 else tgt
+                tgt = torch.bfloat16 if tgt == FP8 else tgt
             w, s = _resident(w, s, tgt, args.scale_fmt)
             _set(module, "weight", w.to(device), True)
             if s is not None:
@@ -179,6 +232,10 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
             bias = (r.get(cname + ".e_score_correction_bias", (args.n_routed_experts,)).float()
                     if cname + ".e_score_correction_bias" in r else torch.zeros(args.n_routed_experts))
             _set(module, "e_score_correction_bias", bias.to(device), False)
+        elif isinstance(module, nn.Embedding):
+            # a compact resident format applies to the (vocab x hidden) embedding too; rows are cast on lookup
+            edt = torch.bfloat16 if weight_dtype in ("fp8", "bf16") else dtype
+            _set(module, "weight", r.get(cname + ".weight", (args.vocab_size, args.hidden_size)).to(edt).to(device), True)
         else:
             for pname, p in list(module.named_parameters(recurse=False)):
                 _set(module, pname, r.get(f"{cname}.{pname}", tuple(p.shape)).to(dtype).to(device), True)
@@ -190,6 +247,8 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
         moe.expert_load = moe.expert_load.to(device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not leftover, f"loader left tensors unset: {leftover[:5]}"
+    r.close()
+    _release_freed_memory()
     if patch is not None:
         from expertpool.model.patch import Patch, apply_patch, read_patch  # patch.py imports this module
 
