@@ -1,0 +1,98 @@
+"""Data (masking, packing) and ESFT pieces (scores, selection, autograd-friendly experts). Pure torch."""
+
+import numpy as np
+import pytest
+import torch
+
+from expertpool import kernels
+from expertpool.jobs.data import TokenizePack, encode_record, n_eval_records, pack
+from expertpool.jobs.esft import expert_scores, grouped_experts, select_experts
+from expertpool.model.moe import RoutingRecord
+from expertpool.model.tokenizer import Tokenizer
+
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Is the chain worn?"},
+        {"role": "assistant", "content": "Yes, replace it."}, {"role": "user", "content": "Price?"},
+        {"role": "assistant", "content": "20 euros."}]
+
+
+def test_chat_mask_covers_exactly_the_assistant_turns(tiny_dir):
+    tok = Tokenizer.from_dir(tiny_dir)
+    ids, mask = encode_record(tok, CHAT, "messages")
+    masked = [i for i, m in zip(ids, mask) if m]
+    assistant = tok.encode("Yes, replace it.", add_bos=False) + [tok.eos_token_id] + \
+        tok.encode("20 euros.", add_bos=False) + [tok.eos_token_id]
+    assert masked == assistant
+    assert tok.decode(ids[:len(ids) - len(masked)], skip_special_tokens=False).count("Assistant") >= 1
+
+
+def test_text_mask_is_everything_but_bos(tiny_dir):
+    tok = Tokenizer.from_dir(tiny_dir)
+    ids, mask = encode_record(tok, "plain domain text", "text")
+    assert ids[0] == tok.bos_token_id and mask == [False] + [True] * (len(ids) - 1)
+
+
+def test_pack_keeps_records_whole_truncates_and_pads():
+    recs = [([1, 2, 3], [False, True, True]), ([4, 5], [False, True]), ([6, 7, 8, 9, 10, 11, 12], [True] * 7)]
+    rows = pack(recs, 6, pad_id=0)
+    assert rows["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 10, 11]]
+    assert rows["loss_mask"].tolist() == [[False, True, True, False, True, False], [True] * 6]
+
+
+def test_tokenize_pack_on_a_batch(tiny_dir):
+    import pyarrow as pa
+
+    fn = TokenizePack(str(tiny_dir), "messages", 512)
+    out = fn(pa.table({"messages": [CHAT, CHAT, CHAT]}))
+    n = len(encode_record(fn.tok, CHAT, "messages")[0])
+    assert out["input_ids"].shape == (-(-3 // (512 // n)), 512)
+    assert int(out["loss_mask"].sum()) == 3 * sum(encode_record(fn.tok, CHAT, "messages")[1])
+
+
+def test_eval_split_size():
+    assert [n_eval_records(n, f) for n, f in [(200, 0.1), (5, 0.1), (1, 0.5), (10, 0.0), (3, 0.99)]] == [20, 1, 0, 0, 2]
+
+
+def test_select_smallest_prefix_reaching_p():
+    s = {1: torch.tensor([1.0, 5.0, 3.0, 1.0], dtype=torch.float64), 2: torch.tensor([1.0, 1.0, 1.0, 1.0]).double()}
+    assert select_experts(s, 0.5) == {1: [1], 2: [0, 1]}       # 5/10 reaches 0.5; ties break by id
+    assert select_experts(s, 0.51) == {1: [1, 2], 2: [0, 1, 2]}
+    assert select_experts(s, 1.0) == {1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}
+    assert select_experts({1: torch.tensor([0.0, 2.0, 0.0]).double()}, 1.0) == {1: [1]}  # zero scores never added
+
+
+def test_expert_scores_gate_and_token():
+    rec = RoutingRecord(shape=(2, 2))
+    ids = torch.tensor([[0, 1], [0, 2], [3, 1], [3, 0]])
+    w = torch.tensor([[2.0, 0.5], [1.0, 1.5], [2.0, 0.5], [1.0, 1.5]])
+    rec.layers[1] = (w, ids, None)
+    rec.layers[5] = (w, ids, None)  # an MTP layer (>= n_layers): not scored
+    tok = expert_scores(rec, 4, 3, "token")
+    gate = expert_scores(rec, 4, 3, "gate")
+    assert list(tok) == [1]
+    # sequence 0 = tokens 0-1, sequence 1 = tokens 2-3; per-sequence means, summed
+    assert tok[1].tolist() == [0.5 + 0.25, 0.25 + 0.25, 0.25, 0.0 + 0.5]
+    assert gate[1].tolist() == [1.5 + 0.75, 0.25 + 0.25, 0.75, 1.5]
+
+
+def test_grouped_experts_matches_the_kernel_reference_with_grads():
+    g = torch.Generator().manual_seed(0)
+    E, D, F_, T, K = 6, 16, 8, 10, 3
+    x = torch.randn(T, D, generator=g, requires_grad=True)
+    ids = torch.randint(-1, E, (T, K), generator=g)  # -1: expert not held here
+    w = torch.rand(T, K, generator=g)
+    w13 = torch.randn(E, 2 * F_, D, generator=g, requires_grad=True)
+    w2 = torch.randn(E, D, F_, generator=g, requires_grad=True)
+    ref = kernels.moe_experts(x, ids, w, w13, None, w2, None)
+    gx_ref, g13_ref, g2_ref = torch.autograd.grad(ref.square().sum(), [x, w13, w2])
+    out = grouped_experts(x, ids, w, list(w13.unbind(0)), list(w2.unbind(0)))
+    gx, g13, g2 = torch.autograd.grad(out.square().sum(), [x, w13, w2])
+    # same fp32 products, different summation order in index_add/backward: 1e-5 relative covers that
+    for a, b in [(out, ref), (gx, gx_ref), (g13, g13_ref), (g2, g2_ref)]:
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_experts_with_no_slots_stays_on_the_graph():
+    x = torch.randn(3, 4, requires_grad=True)
+    out = grouped_experts(x, torch.full((3, 2), -1), torch.ones(3, 2), [], [])
+    assert out.requires_grad and torch.equal(out, torch.zeros(3, 4))
+    assert np.array_equal(out.shape, (3, 4))
