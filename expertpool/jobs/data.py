@@ -70,7 +70,11 @@ def pack(encoded: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int)
 class TokenizePack:
     """Ray Data ``map_batches`` callable (also used directly): a pyarrow batch of records -> packed rows."""
 
-    def __init__(self, model_dir: str, field: str, seq_len: int):
+    def __init__(self, model_dir: str | None, field: str, seq_len: int):
+        if model_dir is None:  # the embedded model, resolved on the node that runs this task
+            from expertpool.model.embedded import ensure_embedded_model
+
+            model_dir = str(ensure_embedded_model())
         self.tok = Tokenizer.from_dir(model_dir)
         self.field, self.seq_len = field, seq_len
         pad = self.tok._tok.token_to_id(PAD)
@@ -127,7 +131,7 @@ def ray_datasets(path, fmt: str, field: str, model_dir, seq_len: int, eval_fract
     n = ds.count()
     n_eval = n_eval_records(n, eval_fraction)
     train, evals = ds.split_at_indices([n - n_eval])
-    fn_args = (str(model_dir), field, seq_len)
+    fn_args = (None if model_dir is None else str(model_dir), field, seq_len)
 
     def tok(d):
         return d.map_batches(TokenizePack, fn_constructor_args=fn_args, batch_size=PACK_RECORDS,

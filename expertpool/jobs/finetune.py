@@ -88,7 +88,7 @@ def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: 
     if not data_path.is_absolute():
         data_path = base_dir / data_path
     return {"job": job.model_dump(mode="json"), "job_name": job_name, "domain": job.domain,
-            "base_model": str(base), "output_dir": str(out), "publish_to": job.publish_to if publish else None,
+            "base_model": str(base), "embedded_base": job.base_model is None, "output_dir": str(out), "publish_to": job.publish_to if publish else None,
             "dataset": {"path": str(data_path), "format": dataset.format, "field": dataset.field,
                         "eval_fraction": dataset.eval_fraction},
             "worker_resources": job.worker_resources.bundle()}
@@ -135,7 +135,8 @@ def run_ray(config: dict, *, fault: dict | None = None, run_name: str | None = N
     from expertpool.jobs.train import train_loop
 
     d, j = config["dataset"], config["job"]
-    train_ds, eval_ds = ray_datasets(d["path"], d["format"], d["field"], config["base_model"], j["seq_len"],
+    train_ds, eval_ds = ray_datasets(d["path"], d["format"], d["field"],
+                                     None if config["embedded_base"] else config["base_model"], j["seq_len"],
                                      d["eval_fraction"])
     n_rows = train_ds.count()
     if n_rows < j["batch_size"]:

@@ -126,6 +126,13 @@ class _Trainer:
             _init_single_process_group()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(config.get("seed", 0))
+        # intra-op threads = the worker's CPUs (what Ray sets as OMP_NUM_THREADS for its workers): more
+        # threads than reserved cores make OpenMP spin against other processes, ~30x slower on a busy box
+        torch.set_num_threads(max(1, int(config.get("worker_resources", {}).get("CPU", 1))))
+        if config.get("embedded_base"):  # resolve on this node: the driver's cache may not be shared
+            from expertpool.model.embedded import ensure_embedded_model
+
+            config["base_model"] = str(ensure_embedded_model())
         self.base = config["base_model"]
         self.args = ModelArgs.from_dir(self.base)
         E = self.args.n_routed_experts
@@ -344,6 +351,13 @@ class _Trainer:
         out = _all_reduce(torch.stack([loss_sum, tok]))
         return float(out[0] / out[1].clamp(min=1))
 
+    def _optimizer_state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (AdamW moments; ZeRO partitions for the dense part)."""
+        opts = [self.expert_opt] + ([self.engine.optimizer.optimizer if hasattr(self.engine.optimizer, "optimizer")
+                                     else self.engine.optimizer] if self.engine is not None else [])
+        return sum(t.numel() * t.element_size() for o in opts if o is not None for st in o.state.values()
+                   for t in st.values() if torch.is_tensor(t))
+
     # -- checkpoints -----------------------------------------------------------------------------
     def _save_checkpoint(self, step: int, metrics: dict) -> None:
         import ray.train
@@ -488,9 +502,10 @@ class _Trainer:
                              {k: v for k, v in chosen.items()})
             else:
                 self._setup_trainables(None)
+        n_expert = int(_all_reduce(torch.tensor(sum(p.numel() for p in self.expert_params))))
+        self.trainable_params = n_expert + sum(p.numel() for p in self.dense_params)
         if self.rank == 0:
-            n_train = sum(p.numel() for p in self.expert_params) * self.world + sum(p.numel() for p in self.dense_params)
-            log.info("trainable parameters: %d (mode %s, world %d)", n_train, job["mode"], self.world)
+            log.info("trainable parameters: %d (mode %s, world %d)", self.trainable_params, job["mode"], self.world)
         self.model.train()
         batches = _tensor_batches(self.train_iterate, self.rank, self.world, self.per_worker)
         for _ in range(start):  # skip what the restored steps consumed: same data position
@@ -534,6 +549,8 @@ class _Trainer:
                    "eval_loss_initial": eval_initial, "eval_loss_final": eval_final,
                    "tokens_per_s": float(np.median(tok_s_hist)) if tok_s_hist else None,
                    "resumed_from": start if resumed else None}
+        summary["trainable_params"] = self.trainable_params
+        summary["optimizer_state_bytes_rank0"] = self._optimizer_state_bytes()
         if job["mode"] == "esft":
             summary["experts_selected"] = {str(k): len(v) for k, v in (self.selection or {}).items()}
             summary["frozen_changed"] = self._frozen_changed()
