@@ -283,8 +283,9 @@ class LocalExecutor:
 
     world = 1
 
-    def __init__(self, runner):
+    def __init__(self, runner, model_dir: str | None = None):
         self.runner = runner
+        self.model_dir = model_dir
 
     def run(self, items_per_worker):
         return [self.runner.step(items_per_worker[0])]
@@ -303,7 +304,7 @@ class LocalExecutor:
         return None
 
     async def load_patch(self, patch_dir: str) -> int:
-        return self.runner.load_patch(patch_dir)
+        return self.runner.load_patch(patch_dir, self.model_dir)
 
     async def expert_load_async(self):
         return self.expert_load()
@@ -346,8 +347,9 @@ class RayExecutor:
 class AsyncEngine:
     """Serving facade over EngineCore; one background task drives the steps."""
 
-    def __init__(self, core: EngineCore, model_id: str, max_seq_len: int):
+    def __init__(self, core: EngineCore, model_id: str, max_seq_len: int, model_dir: str | None = None):
         self.core = core
+        self.model_dir = model_dir
         self.max_seq_len = max_seq_len
         self.base_model_id = model_id
         self._queues: dict[str, asyncio.Queue] = {}
@@ -369,7 +371,7 @@ class AsyncEngine:
         model_id = f"{self.base_model_id}:{domain}"
         if model_id in self._variants:
             return model_id
-        read_patch(patch_dir)  # validate here, with a clear error, before touching any actor
+        read_patch(patch_dir, base_model_dir=self.model_dir)  # validate (clear error) before touching actors
         async with self._step_lock:
             self._variants[model_id] = await self.core.executor.load_patch(patch_dir)
         log.info("serving %s from %s (variant %d)", model_id, patch_dir, self._variants[model_id])
@@ -559,4 +561,4 @@ def build_engine(cfg) -> AsyncEngine:
     log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1fs",
              model_dir, world, args.n_routed_experts // world, blocks_per_worker, s.kv_cache.block_size,
              time.time() - t0)
-    return AsyncEngine(core, cfg.model.name, s.max_seq_len)
+    return AsyncEngine(core, cfg.model.name, s.max_seq_len, model_dir)

@@ -78,11 +78,12 @@ class ModelRunner:
         for s in seq_ids:
             self._generators.pop(s, None)
 
-    def load_patch(self, patch_dir: str) -> int:
-        """Add an ESFT expert patch as a served variant; only the experts this model holds are kept."""
+    def load_patch(self, patch_dir: str, base_model_dir: str | None = None) -> int:
+        """Add an ESFT expert patch as a served variant; only the experts this model holds are kept.
+        With base_model_dir, the patch must have been trained from that checkpoint."""
         from expertpool.model.patch import read_patch
-        patch = read_patch(patch_dir)
-        return self.model.add_variant(patch.experts_by_layer())
+        patch = read_patch(patch_dir, base_model_dir=base_model_dir)
+        return self.model.add_variant(patch.experts)
 
     def expert_load(self) -> list[int]:
         loads = [m.expert_load for m in self.model.moe_layers()]
@@ -123,6 +124,7 @@ class ExpertWorker:
         self.device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"
         backend = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
         t0 = time.time()
+        self.model_dir = model_dir
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world)
         n_experts = ModelArgs.from_dir(model_dir).n_routed_experts
@@ -145,7 +147,7 @@ class ExpertWorker:
         return self.runner.expert_load()
 
     def load_patch(self, patch_dir: str) -> int:
-        return self.runner.load_patch(patch_dir)
+        return self.runner.load_patch(patch_dir, self.model_dir)
 
     def ping(self) -> int:
         return self.rank

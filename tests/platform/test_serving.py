@@ -197,3 +197,66 @@ def test_client_disconnect_mid_stream_releases_cache_blocks(served):
 def test_health_covers_the_actors(served):
     r = httpx.get(f"{served['base']}/ep2/health", timeout=30)
     assert r.status_code == 200
+
+
+def _make_patch(tiny_dir, out_dir):
+    """A synthetic ESFT patch: half of the routed experts of every MoE layer, perturbed (training
+    itself is covered by tests/jobs; here only the hand-off to serving matters)."""
+    from expertpool.model.checkpoint import load_checkpoint
+    from expertpool.model.patch import save_patch
+    m = load_checkpoint(tiny_dir, dtype=torch.float32, with_mtp=False)
+    g = torch.Generator().manual_seed(0)
+    experts = {}
+    for moe in m.moe_layers():
+        ex = moe.experts
+        experts[moe.layer_id] = {e: (ex.w13_weight[e] * 3 + 0.2 * torch.randn(ex.w13_weight[e].shape, generator=g),
+                                     ex.w2_weight[e] * 3) for e in range(0, ex.num_local, 2)}
+    return save_patch(out_dir, base_model_dir=tiny_dir, domain="legal", experts=experts)
+
+
+def test_patch_hot_swap_serves_base_and_variant(served, tiny_dir, tmp_path):
+    from expertpool.model.checkpoint import load_checkpoint
+    from expertpool.model.tokenizer import Tokenizer
+    from expertpool.platform.patches import publish
+
+    patch_dir = _make_patch(tiny_dir, tmp_path / "patch")
+    tok = Tokenizer.from_dir(tiny_dir)
+    ids = tok.encode("The contract shall be governed by")
+    c = served["client"][2]
+    base_ref = _reference_greedy(tiny_dir, ids, 12)
+    patched = load_checkpoint(tiny_dir, dtype=torch.float32, with_mtp=False, patch=patch_dir)
+    seq = list(ids)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(patched(torch.tensor([seq]))[0, -1].argmax()))
+    patched_ref = seq[len(ids):]
+    assert patched_ref != base_ref
+
+    # a long base stream runs across the swap and must finish unharmed
+    base_stream: dict = {}
+
+    def stream_base():
+        text, n = "", 0
+        for ch in c.completions.create(model="expertpool-tiny", prompt=ids, max_tokens=150, temperature=0,
+                                       stream=True, stream_options={"include_usage": True},
+                                       extra_body={"ignore_eos": True}):
+            if ch.choices:
+                text += ch.choices[0].text
+            if ch.usage:
+                n = ch.usage.completion_tokens
+        base_stream.update(text=text, n=n)
+
+    t = threading.Thread(target=stream_base)
+    t.start()
+    time.sleep(0.5)
+    model_id = publish(served["apps"][2], str(patch_dir))
+    t.join(timeout=120)
+    assert model_id == "expertpool-tiny:legal"
+    assert base_stream["n"] == 150 and base_stream["text"].startswith(tok.decode(base_ref))
+    assert [m.id for m in c.models.list().data] == ["expertpool-tiny", "expertpool-tiny:legal"]
+    r_var = c.completions.create(model=model_id, prompt=ids, max_tokens=12, temperature=0,
+                                 extra_body={"ignore_eos": True})
+    r_base = c.completions.create(model="expertpool-tiny", prompt=ids, max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r_var.choices[0].text == tok.decode(patched_ref)
+    assert r_base.choices[0].text == tok.decode(base_ref)

@@ -1,0 +1,168 @@
+"""Serving benchmark (issue: serving): bench-mini behind the expert-parallel Serve app, over HTTP.
+
+Drives 1, 4, 16 and 32 concurrent streaming clients (completions, 32-token prompts, 64 new tokens,
+EOS ignored) and reports output tokens/s, TTFT p50/p99 and inter-token latency p50/p99. In the same
+run it measures transformers' generate() on the same model and prompts (batch = 16, the compared
+concurrency) in each dtype and quotes the ratio against its fastest.
+
+    python bench/serve.py [--actors 2] [--dtype float32|bfloat16] [--no-append]
+"""
+
+import argparse
+import asyncio
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PROMPT, NEW = 32, 64
+LEVELS = (1, 4, 16, 32)
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+async def drive(base: str, model: str, n: int, prompts) -> dict:
+    import httpx
+    ttft, itl, tokens = [], [], 0
+
+    async def one(client, i):
+        nonlocal tokens
+        body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": NEW, "temperature": 0,
+                "stream": True, "ignore_eos": True}
+        t0 = time.perf_counter()
+        last = None
+        async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ch = json.loads(line[6:])
+                if not ch.get("choices") or not ch["choices"][0].get("text"):
+                    continue
+                now = time.perf_counter()
+                if last is None:
+                    ttft.append(now - t0)
+                else:
+                    itl.append(now - last)
+                last = now
+                tokens += 1
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+        await one(client, 0)  # warm-up
+        ttft.clear(), itl.clear()
+        tokens = 0
+        t = time.perf_counter()
+        await asyncio.gather(*[one(client, i) for i in range(n)])
+        dt = time.perf_counter() - t
+    return {"streams": n, "tok_s": tokens / dt, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
+            "itl_p50": pct(itl, 50) if itl else 0.0, "itl_p99": pct(itl, 99) if itl else 0.0}
+
+
+def hf_child(model_dir: str, dtype: str, batch: int) -> None:
+    import torch
+    from transformers import DeepseekV3ForCausalLM
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    model = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=tdt).eval()
+    prompts = torch.tensor(json.load(open(os.path.join(model_dir, "bench_prompts.json")))[:batch])
+
+    def gen():
+        with torch.no_grad():
+            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW,
+                                 min_new_tokens=NEW, do_sample=False, pad_token_id=0)
+        return (out.shape[1] - PROMPT) * batch
+    gen()
+    t = time.perf_counter()
+    n = gen()
+    print(json.dumps({"tok_s": n / (time.perf_counter() - t)}))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--actors", type=int, default=2, help="expert actors per replica (default 2)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="serving compute dtype")
+    ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    ap.add_argument("--hf-child", nargs=3, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.hf_child:
+        hf_child(a.hf_child[0], a.hf_child[1], int(a.hf_child[2]))
+        return
+    import torch
+
+    from expertpool.model.embedded import init_model
+    tmp = tempfile.mkdtemp()
+    model_dir = os.path.join(tmp, "bench-mini")
+    print(f"creating bench-mini (random weights) in {model_dir} ...", flush=True)
+    init_model("bench-mini", model_dir, seed=0)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(5, 2000, (32, PROMPT), generator=g).tolist()
+    json.dump(prompts, open(os.path.join(model_dir, "bench_prompts.json"), "w"))
+
+    hf = {}
+    for dt in ("float32", "bfloat16"):
+        print(f"transformers generate() {dt}, batch 16 ...", flush=True)
+        out = subprocess.run([sys.executable, __file__, "--hf-child", model_dir, dt, "16"], capture_output=True,
+                             text=True)
+        if out.returncode:
+            raise SystemExit(out.stderr[-3000:])
+        hf[dt] = json.loads(out.stdout.strip().splitlines()[-1])["tok_s"]
+        print(f"  {hf[dt]:.1f} tok/s", flush=True)
+
+    import ray
+
+    from expertpool.platform.serve import deploy, resolve_config
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = resolve_config(None, model=model_dir, port=port, actors=a.actors)
+    data = cfg.model_dump(mode="json")
+    data["model"]["dtype"] = a.dtype
+    data["pool"]["actor_resources"]["cpu"] = 1
+    data["serving"].update(max_batch_size=32, max_num_batched_tokens=512, max_seq_len=PROMPT + NEW + 8)
+    from expertpool.platform.config import parse_config
+    cfg = parse_config(data)
+    ray.init(num_cpus=a.actors + 2, include_dashboard=False, logging_level="WARNING")
+    base = deploy(cfg)
+    rows = []
+    for n in LEVELS:
+        print(f"{n} concurrent streams ...", flush=True)
+        rows.append(asyncio.run(drive(base, cfg.model.name, n, prompts)))
+        r = rows[-1]
+        print(f"  {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s, ITL p50 {r['itl_p50'] * 1000:.0f}ms", flush=True)
+    from ray import serve
+    serve.shutdown()
+    ray.shutdown()
+    best_hf = max(hf.values())
+    best_dt = max(hf, key=hf.get)
+    lines = ["| streams | output tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['streams']} | {r['tok_s']:.1f} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | "
+                     f"{r['itl_p50'] * 1000:.0f} | {r['itl_p99'] * 1000:.0f} |")
+    r16 = next(r for r in rows if r["streams"] == 16)
+    r1 = rows[0]
+    summary = (f"transformers generate() batch 16: fp32 {hf['float32']:.1f} tok/s, bf16 {hf['bfloat16']:.1f} tok/s "
+               f"(fastest: {best_dt}). At 16 streams over HTTP: **{r16['tok_s'] / hf['float32']:.2f}x** transformers "
+               f"fp32 (goal >= 2x), {r16['tok_s'] / best_hf:.2f}x its fastest dtype. TTFT p50 at 1 stream: "
+               f"**{r1['ttft_p50']:.3f} s** (goal <= 0.5 s).")
+    table = "\n".join(lines)
+    print("\n" + table + "\n\n" + summary)
+    if not a.no_append:
+        with open(os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"), "a") as f:
+            f.write(f"\n## Serving (bench/serve.py)\n\n{datetime.date.today()}, `python bench/serve.py --actors "
+                    f"{a.actors} --dtype {a.dtype}`, {platform.machine()}, {os.cpu_count()} CPUs, torch "
+                    f"{torch.__version__}. bench-mini random weights, {a.actors} expert actors (1 CPU each) in one "
+                    f"replica, {a.dtype} compute, {PROMPT}-token prompts, {NEW} new tokens, streaming completions "
+                    f"over HTTP.\n\n{table}\n\n{summary}\n")
+
+
+if __name__ == "__main__":
+    main()
