@@ -351,6 +351,17 @@ class _Trainer:
         out = _all_reduce(torch.stack([loss_sum, tok]))
         return float(out[0] / out[1].clamp(min=1))
 
+    @torch.no_grad()
+    def _dense_replicas_agree(self) -> bool:
+        """Data-parallel invariant: every rank holds the same dense weights (else a reduction is missing)."""
+        mine = torch.stack([p.detach().double().sum() for p in self.dense_params]
+                           + [p.detach().double().abs().sum() for p in self.dense_params])
+        if self.world == 1:
+            return True
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine)
+        return all(torch.equal(parts[0], q) for q in parts[1:])
+
     def _optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (AdamW moments; ZeRO partitions for the dense part)."""
         opts = [self.expert_opt] + ([self.engine.optimizer.optimizer if hasattr(self.engine.optimizer, "optimizer")
@@ -549,6 +560,8 @@ class _Trainer:
                    "eval_loss_initial": eval_initial, "eval_loss_final": eval_final,
                    "tokens_per_s": float(np.median(tok_s_hist)) if tok_s_hist else None,
                    "resumed_from": start if resumed else None}
+        if self.dense_params:
+            summary["dense_replicas_agree"] = self._dense_replicas_agree()
         summary["trainable_params"] = self.trainable_params
         summary["optimizer_state_bytes_rank0"] = self._optimizer_state_bytes()
         if job["mode"] == "esft":
