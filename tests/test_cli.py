@@ -1,0 +1,78 @@
+"""The `expertpool` command and package hygiene (import order, stdlib `platform` not shadowed)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, env=None, check=True):
+    r = subprocess.run([sys.executable, "-m", "expertpool.cli", *args], capture_output=True, text=True, cwd=ROOT,
+                       env=dict(os.environ, **(env or {})), timeout=300)
+    if check and r.returncode:
+        raise AssertionError(f"expertpool {' '.join(args)} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
+    return r
+
+
+def test_package_imports_before_torch_and_ray_and_keeps_stdlib_platform():
+    code = ("import expertpool, expertpool.platform, expertpool.model, expertpool.kernels\n"
+            "import torch, ray, platform\n"
+            "assert platform.system() and platform.python_version()\n"
+            "import sys; assert 'ray' not in {m.split('.')[0] for m in sys.modules if m.startswith('expertpool.model')}\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_model_layer_does_not_import_ray_or_pydantic():
+    code = ("import sys, expertpool.model.checkpoint, expertpool.model.tokenizer, expertpool.kernels\n"
+            "bad = [m for m in ('ray', 'pydantic') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_help_lists_every_command_and_flags_have_help():
+    out = run("--help").stdout
+    for cmd in ("init-model", "generate", "serve", "validate", "manifests", "publish"):
+        assert cmd in out
+        sub = run(cmd, "--help").stdout
+        assert "--help" in sub
+
+
+def test_init_model_fp8_and_generate(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "tiny"
+    run("init-model", "--preset", "tiny", "--out", str(out), "--seed", "3")
+    run("init-model", "--preset", "tiny", "--out", str(tmp_path / "tiny8"), "--fp8", "--seed", "3")
+    cfg = json.loads((tmp_path / "tiny8" / "config.json").read_text())
+    assert cfg["quantization_config"]["weight_block_size"] == [128, 128]
+    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).exists()
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(str(out))     # transformers loads it too
+    assert hf.config.n_routed_experts == 256
+    tok = transformers.AutoTokenizer.from_pretrained(str(out))
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                   add_generation_prompt=True).endswith("<｜Assistant｜>")
+    r = run("generate", "--model", str(tmp_path / "tiny8"), "--prompt", "Hello", "--max-tokens", "5", "--chat")
+    assert "5 tokens" in r.stderr
+    r = run("generate", "--model", str(out), "--prompt", "a", "--prompt", "bb", "--max-tokens", "4",
+            "--temperature", "0.8", "--top-p", "0.9", "--seed", "1")
+    assert "8 tokens" in r.stderr and r.stdout.count("---") == 2
+
+
+def test_validate_and_manifests(tmp_path):
+    r = run("validate", "cluster.yaml", env={"EXPERTPOOL_CACHE": str(tmp_path / "cache")})
+    assert "ok" in r.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("pool:\n  actors_per_replica: 3\nserving:\n  autoscaling:\n    min_replicas: 3\n    max_replicas: 1\n")
+    r = run("validate", str(bad), check=False, env={"EXPERTPOOL_CACHE": str(tmp_path / "cache")})
+    assert r.returncode != 0 and "max_replicas" in r.stderr
+    bad.write_text("pool:\n  actors_per_replica: 3\n")
+    r = run("validate", str(bad), check=False, env={"EXPERTPOOL_CACHE": str(tmp_path / "cache")})
+    assert r.returncode != 0 and "actors_per_replica" in r.stderr and "256" in r.stderr
+    r = run("manifests", "cluster.yaml", "--out", str(tmp_path / "k8s"))
+    names = {p.name for p in (tmp_path / "k8s").iterdir()}
+    assert {"rayservice.yaml", "raycluster.yaml"} <= names and any(n.startswith("rayjob") for n in names)
