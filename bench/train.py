@@ -98,7 +98,8 @@ def plain_loop(base: Path, steps: int, batch: int, seq_len: int, mtp_w: float) -
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Fine-tuning throughput (Ray Train vs plain PyTorch) and ESFT vs full memory.")
+    ap = argparse.ArgumentParser(description="Fine-tuning throughput (Ray Train vs plain PyTorch) and ESFT vs "
+                                 "full memory.")
     ap.add_argument("--steps", type=int, default=15, help="optimizer steps per measured run (default: %(default)s)")
     ap.add_argument("--append", default=None, help="markdown file to append the table to (e.g. docs/benchmarks.md)")
     a = ap.parse_args(argv)

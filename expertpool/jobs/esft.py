@@ -122,7 +122,8 @@ class TrainExperts:
         w13 = list(self.experts.w13_weight.unbind(0))
         w2 = list(self.experts.w2_weight.unbind(0))
         if self.selected is not None:
-            for i, a, b in zip(self.selected.local_idx.tolist(), self.selected.w13.unbind(0), self.selected.w2.unbind(0)):
+            sel = self.selected
+            for i, a, b in zip(sel.local_idx.tolist(), sel.w13.unbind(0), sel.w2.unbind(0)):
                 w13[i], w2[i] = a, b
         return grouped_experts(x_TD, local_ids_TK, weights_TK, w13, w2)
 

@@ -88,7 +88,8 @@ def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: 
     if not data_path.is_absolute():
         data_path = base_dir / data_path
     return {"job": job.model_dump(mode="json"), "job_name": job_name, "domain": job.domain,
-            "base_model": str(base), "embedded_base": job.base_model is None, "output_dir": str(out), "publish_to": job.publish_to if publish else None,
+            "base_model": str(base), "embedded_base": job.base_model is None, "output_dir": str(out),
+            "publish_to": job.publish_to if publish else None,
             "dataset": {"path": str(data_path), "format": dataset.format, "field": dataset.field,
                         "eval_fraction": dataset.eval_fraction},
             "worker_resources": job.worker_resources.bundle()}

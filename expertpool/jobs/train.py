@@ -279,7 +279,8 @@ class _Trainer:
 
     def _load(self, rec: RoutingRecord) -> dict[int, torch.Tensor]:
         E = self.args.n_routed_experts
-        loads = {layer: torch.bincount(ids_TK.flatten(), minlength=E).float() for layer, (_, ids_TK, _) in rec.layers.items()}
+        loads = {layer: torch.bincount(ids_TK.flatten(), minlength=E).float()
+                 for layer, (_, ids_TK, _) in rec.layers.items()}
         if loads:
             flat = _all_reduce(torch.stack([loads[k] for k in sorted(loads)]))
             loads = {k: flat[i] for i, k in enumerate(sorted(loads))}
@@ -381,7 +382,8 @@ class _Trainer:
                     "experts": [p.detach().clone() for p in self.expert_params],
                     "expert_opt": self.expert_opt.state_dict() if self.expert_opt else None,
                     "expert_sched": self.expert_sched.state_dict() if self.expert_sched else None,
-                    "router_bias": {m.layer_id: m.gate.e_score_correction_bias.clone() for m in self.model.moe_layers()}}
+                    "router_bias": {m.layer_id: m.gate.e_score_correction_bias.clone()
+                                    for m in self.model.moe_layers()}}
             torch.save(part, tmp / f"rank{self.rank}.pt")
             if self.rank == 0:
                 (tmp / "state.json").write_text(json.dumps({"step": step, "world": self.world}))
@@ -422,7 +424,8 @@ class _Trainer:
                 if only_selected else ex.expert_ids.tolist()
             for e in ids:
                 i = int(ex.global_to_local[e])
-                mine.setdefault(moe.layer_id, {})[e] = (ex.w13_weight[i].detach().clone(), ex.w2_weight[i].detach().clone())
+                mine.setdefault(moe.layer_id, {})[e] = (ex.w13_weight[i].detach().clone(),
+                                                        ex.w2_weight[i].detach().clone())
         if self.world == 1:
             return mine
         parts = [None] * self.world
@@ -463,8 +466,9 @@ class _Trainer:
             if self.rank == 0:
                 path = save_patch(self.out / "patch", base_model_dir=self.base, domain=self.cfg["domain"],
                                   experts=experts, dtype=torch.float32,
-                                  info={"job": self.cfg["job_name"], "steps": job["steps"], "scoring": job["esft"]["scoring"],
-                                        "p": job["esft"]["p"], "eval_loss": summary.get("eval_loss_final")})
+                                  info={"job": self.cfg["job_name"], "steps": job["steps"],
+                                        "scoring": job["esft"]["scoring"], "p": job["esft"]["p"],
+                                        "eval_loss": summary.get("eval_loss_final")})
                 summary["output"] = str(path)
         else:
             experts = self._gather_experts(only_selected=False)

@@ -115,7 +115,8 @@ def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: to
     for layer, ex in sorted(experts.items()):
         layers[str(int(layer))] = sorted(int(e) for e in ex)
         for e, (w13, w2) in sorted(ex.items()):
-            assert w13.dim() == 2 and w2.dim() == 2 and w13.shape[0] == 2 * w2.shape[1] and w13.shape[1] == w2.shape[0], \
+            assert (w13.dim() == 2 and w2.dim() == 2 and w13.shape[0] == 2 * w2.shape[1]
+                    and w13.shape[1] == w2.shape[0]), \
                 f"layer {layer} expert {e}: w13 {list(w13.shape)} / w2 {list(w2.shape)} are not [2F, D] / [D, F]"
             if F_ is not None and (w2.shape[1] != F_ or w2.shape[0] != D):
                 raise PatchError(f"layer {layer} expert {e}: w2 has shape {list(w2.shape)}, but {base_model_dir} "

@@ -1,7 +1,6 @@
 """Data (masking, packing) and ESFT pieces (scores, selection, autograd-friendly experts). Pure torch."""
 
 import numpy as np
-import pytest
 import torch
 
 from expertpool import kernels

@@ -89,7 +89,8 @@ def test_fp8_model_is_requantized(tiny_dir, patch_dir):
     assert torch.equal(ex.w13_weight[5].view(torch.uint8), torch.cat([g, u]).view(torch.uint8))
     assert torch.equal(ex.w13_weight_scale_inv[5], torch.cat([gs, us]))
     d, ds = kernels.weight_quant(w2, scale_fmt=model.args.scale_fmt)
-    assert torch.equal(ex.w2_weight[5].view(torch.uint8), d.view(torch.uint8)) and torch.equal(ex.w2_weight_scale_inv[5], ds)
+    assert torch.equal(ex.w2_weight[5].view(torch.uint8), d.view(torch.uint8))
+    assert torch.equal(ex.w2_weight_scale_inv[5], ds)
 
 
 def test_patch_from_another_base_is_rejected(tiny_dir, patch_dir, tmp_path):
@@ -113,7 +114,7 @@ def test_bad_patches_raise_clear_errors(tiny_dir, base, patch_dir, tmp_path):
         read_patch(bad)
     (bad / "manifest.json").write_text(json.dumps({**m, "layers": {"1": [0, 6]}}))
     (bad / "experts.safetensors").write_bytes((path / "experts.safetensors").read_bytes())
-    with pytest.raises(PatchError, match=r"experts.safetensors: tensor 'model.layers.1.mlp.experts.6.gate_proj.weight'"):
+    with pytest.raises(PatchError, match=r"experts.safetensors: tensor 'model.layers.1.mlp.experts.6.gate_proj"):
         read_patch(bad)
     (bad / "experts.safetensors").write_bytes((path / "experts.safetensors").read_bytes()[:100])
     (bad / "manifest.json").write_text(json.dumps(m))

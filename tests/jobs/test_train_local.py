@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from expertpool.jobs import finetune
@@ -34,7 +33,8 @@ steps: 4
     assert s["world"] == 1 and s["frozen_changed"] == 0
     patch = read_patch(s["output"], base_model_dir=tiny_dir)
     chosen = json.loads((tmp_path / "out" / "esft_experts.json").read_text())
-    assert chosen["scoring"] == "gate" and patch.expert_ids == {int(k): v["experts"] for k, v in chosen["layers"].items()}
+    assert chosen["scoring"] == "gate"
+    assert patch.expert_ids == {int(k): v["experts"] for k, v in chosen["layers"].items()}
     # gate scoring at p = 0.3: the normalized scores of the chosen experts reach 0.3, without the last they do not
     for layer in chosen["layers"].values():
         assert sum(layer["scores"]) >= 0.3 - 1e-6 and sum(layer["scores"][:-1]) < 0.3 or len(layer["scores"]) == 1
