@@ -360,6 +360,8 @@ class OpenAIServer:
         stream = GenerationStream(gen, self.tokenizer, stops, self.metrics, model, t0)
         try:
             await stream.start()
+        except ValueError as e:  # the engine rejects the prompt itself (e.g. token ids outside the vocabulary)
+            raise P.ApiError(400, f"Invalid prompt: {e}", param="prompt", code="invalid_value") from None
         except EngineOverloaded as e:
             retry = e.retry_after_s
             raise P.ApiError(503, f"The server is overloaded ({e}); retry after {retry:.1f} s.",

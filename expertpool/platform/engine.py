@@ -81,7 +81,8 @@ class BlockAllocator:
 
 class EngineCore:
     def __init__(self, executor, *, num_blocks: int, block_size: int, max_batch_size: int, max_seq_len: int,
-                 max_num_batched_tokens: int, eos_token_id: int | None, max_queued: int = 1 << 30):
+                 max_num_batched_tokens: int, eos_token_id: int | None, max_queued: int = 1 << 30,
+                 vocab_size: int | None = None):
         self.executor = executor
         self.world = executor.world
         self.block_size, self.max_seq_len = block_size, max_seq_len
@@ -89,6 +90,7 @@ class EngineCore:
         self.per_worker_batch = -(-max_batch_size // self.world)
         self.token_budget = max(max_num_batched_tokens, self.per_worker_batch + block_size)
         self.eos = eos_token_id
+        self.vocab_size = vocab_size
         self.max_queued = max_queued
         if num_blocks * block_size < max_seq_len:
             raise ValueError(f"KV cache of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
@@ -110,6 +112,10 @@ class EngineCore:
         if len(prompt) >= self.max_seq_len:
             raise RequestTooLong(f"the prompt has {len(prompt)} tokens; the maximum sequence length is "
                                  f"{self.max_seq_len}, leaving room for at least one new token")
+        if self.vocab_size is not None:
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:  # caught here: inside a worker step it would fail the whole batch
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if len(self.waiting) >= self.max_queued:
             raise EngineOverloaded(f"{len(self.waiting)} requests are already waiting; retry later")
         seq = Sequence(seq_id, list(prompt), params, variant=variant)
@@ -491,7 +497,8 @@ def local_engine(model, *, max_batch_size: int = 16, max_seq_len: int = 512, blo
     eos = model.args.eos_token_id if eos_token_id is None else eos_token_id
     return EngineCore(LocalExecutor(runner), num_blocks=num_blocks, block_size=block_size,
                       max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                      max_num_batched_tokens=max_num_batched_tokens, eos_token_id=eos)
+                      max_num_batched_tokens=max_num_batched_tokens, eos_token_id=eos,
+                      vocab_size=model.args.vocab_size)
 
 
 def generate(core: EngineCore, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -557,7 +564,8 @@ def build_engine(cfg) -> AsyncEngine:
                       max_batch_size=s.max_batch_size, max_seq_len=s.max_seq_len,
                       max_num_batched_tokens=s.max_num_batched_tokens,
                       eos_token_id=tok.eos_token_id if tok.eos_token_id is not None else args.eos_token_id,
-                      max_queued=s.max_queued_requests if s.max_queued_requests > 0 else 1 << 30)
+                      max_queued=s.max_queued_requests if s.max_queued_requests > 0 else 1 << 30,
+                      vocab_size=args.vocab_size)
     log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1fs",
              model_dir, world, args.n_routed_experts // world, blocks_per_worker, s.kv_cache.block_size,
              time.time() - t0)
