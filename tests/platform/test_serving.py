@@ -261,3 +261,55 @@ def test_patch_hot_swap_serves_base_and_variant(served, tiny_dir, tmp_path):
                                   extra_body={"ignore_eos": True})
     assert r_var.choices[0].text == tok.decode(patched_ref)
     assert r_base.choices[0].text == tok.decode(base_ref)
+
+
+def test_autoscaling_adds_a_whole_expert_parallel_group(served):
+    """Under load, Serve autoscaling starts a second replica; it comes up with its own actor group
+    (the replica's placement group holds the replica and its actors) and serves correctly."""
+    from ray import serve
+
+    from expertpool.platform.app import build_app_from_config
+    from expertpool.platform.config import parse_config
+    name = "epauto"
+    cfg = parse_config({
+        "pool": {"actors_per_replica": 2, "actor_resources": {"cpu": 0.25}},
+        "serving": {"app_name": name, "route_prefix": f"/{name}", "max_seq_len": MAX_SEQ_LEN,
+                    "health_check_period_s": 600, "kv_cache": {"block_size": 8, "num_blocks": 512},
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1,
+                                    "upscale_delay_s": 1, "downscale_delay_s": 600,
+                                    "metrics_interval_s": 0.5, "look_back_period_s": 1}}})
+    opts = cfg.serve_deployment_options()
+    assert opts["placement_group_bundles"][1:] == [{"CPU": 0.25}, {"CPU": 0.25}]
+    serve.run(build_app_from_config(cfg), name=name, route_prefix=f"/{name}", blocking=False)
+    client = openai.OpenAI(base_url=f"{served['base']}/{name}/v1", api_key="none", max_retries=0, timeout=300)
+
+    def running():
+        app = serve.status().applications.get(name)
+        return 0 if app is None else sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+
+    deadline = time.time() + 120
+    while running() < 1 and time.time() < deadline:
+        time.sleep(0.5)
+    stop = threading.Event()
+
+    def load():
+        while not stop.is_set():
+            client.completions.create(model="expertpool-tiny", prompt="keep busy", max_tokens=60, temperature=0,
+                                      extra_body={"ignore_eos": True})
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.time() + 180
+        while running() < 2 and time.time() < deadline:
+            time.sleep(1)
+        assert running() == 2, serve.status().applications.get(name)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=120)
+    r = client.completions.create(model="expertpool-tiny", prompt="hello", max_tokens=5, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 5
+    serve.delete(name)
