@@ -95,3 +95,23 @@ def test_grouped_experts_with_no_slots_stays_on_the_graph():
     out = grouped_experts(x, torch.full((3, 2), -1), torch.ones(3, 2), [], [])
     assert out.requires_grad and torch.equal(out, torch.zeros(3, 4))
     assert np.array_equal(out.shape, (3, 4))
+
+
+def test_parquet_text_and_jsonl_chat_read_the_same_way(tiny_dir, tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from expertpool.jobs.data import local_rows
+
+    texts = [f"Order {i}: the brake pads of the city bike were replaced." for i in range(30)]
+    pq.write_table(pa.table({"text": texts, "other": list(range(30))}), tmp_path / "d.parquet")
+    train, ev = local_rows(tmp_path / "d.parquet", "parquet", "text", tiny_dir, 64, 0.1)
+    tok = Tokenizer.from_dir(tiny_dir)
+    n = len(tok.encode(texts[0]))
+    assert len(ev["input_ids"]) == 3 // (64 // n) + bool(3 % (64 // n))  # 3 held-out records, packed
+    assert int(train["loss_mask"].sum()) == sum(len(tok.encode(t)) - 1 for t in texts[:27])
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(4)))
+    train, ev = local_rows(tmp_path / "d.jsonl", "jsonl", "messages", tiny_dir, 512, 0.25)
+    assert int(train["loss_mask"].sum()) == 3 * sum(encode_record(tok, CHAT, "messages")[1])

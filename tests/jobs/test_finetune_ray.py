@@ -28,17 +28,23 @@ def _log(out) -> list[dict]:
     return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
 
 
-def test_ray_data_rows_equal_local_rows(ray_cluster, tiny_dir):
+def test_ray_data_rows_equal_local_rows(ray_cluster, tiny_dir, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from expertpool.jobs.data import local_rows, ray_datasets
 
-    args = (ROOT / "data/demo_domain.jsonl", "jsonl", "messages", tiny_dir, 384, 0.1)
-    train, ev = ray_datasets(*args)
-    local_train, local_eval = local_rows(*args)
-    for ds, rows in ((train, local_train), (ev, local_eval)):
-        got = ds.take_all()
-        assert len(got) == len(rows["input_ids"]) > 0
-        assert all((g["input_ids"] == rows["input_ids"][i]).all() and (g["loss_mask"] == rows["loss_mask"][i]).all()
-                   for i, g in enumerate(got))
+    pq.write_table(pa.table({"text": [f"Ticket {i}: chain replaced on the gravel bike." for i in range(40)]}),
+                   tmp_path / "d.parquet")
+    for args in ((ROOT / "data/demo_domain.jsonl", "jsonl", "messages", tiny_dir, 384, 0.1),
+                 (tmp_path / "d.parquet", "parquet", "text", tiny_dir, 64, 0.2)):
+        train, ev = ray_datasets(*args)
+        local_train, local_eval = local_rows(*args)
+        for ds, rows in ((train, local_train), (ev, local_eval)):
+            got = ds.take_all()
+            assert len(got) == len(rows["input_ids"]) > 0
+            assert all((g["input_ids"] == rows["input_ids"][i]).all()
+                       and (g["loss_mask"] == rows["loss_mask"][i]).all() for i, g in enumerate(got))
 
 
 def test_esft_two_workers_lowers_domain_loss_and_freezes_the_rest(ray_cluster, tiny_dir, tmp_path):
