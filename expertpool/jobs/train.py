@@ -428,10 +428,10 @@ class _Trainer:
                                                         ex.w2_weight[i].detach().clone())
         if self.world == 1:
             return mine
-        parts = [None] * self.world
-        dist.all_gather_object(parts, mine)
+        parts = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(mine, parts, dst=0)  # only rank 0 writes the result
         merged: dict[int, dict] = {}
-        for part in parts:
+        for part in parts or []:
             for layer, ex in part.items():
                 merged.setdefault(layer, {}).update(ex)
         return merged
