@@ -212,8 +212,13 @@ def main(argv=None) -> int:
         summary = run_ray(config)
     _log_summary(summary)
     if config["publish_to"]:
-        model_id = _publish_fn()(config["publish_to"], summary["output"], config["domain"])
-        log.info("published %s to app %s as %s", summary["output"], config["publish_to"], model_id)
+        from expertpool.platform.patches import AppNotRunning
+        try:
+            model_id = _publish_fn()(config["publish_to"], summary["output"], config["domain"])
+            log.info("published %s to app %s as %s", summary["output"], config["publish_to"], model_id)
+        except AppNotRunning as e:  # the patch is saved; publishing can follow once the app runs
+            log.warning("not published: %s. The patch is saved; publish it later with "
+                        "`expertpool publish --patch %s --app %s`", e, summary["output"], config["publish_to"])
     print(json.dumps(summary))
     return 0
 

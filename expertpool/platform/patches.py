@@ -70,12 +70,22 @@ async def watch_patches(engine, app_name: str, replica_id: str) -> None:
         await asyncio.sleep(POLL_S)
 
 
+class AppNotRunning(LookupError):
+    """The Serve application to publish into is not running on this Ray cluster."""
+
+
 def _running_replicas(app_name: str) -> int:
     from ray import serve
-    app = serve.status().applications.get(app_name)
-    if app is None:
-        raise ValueError(f"no Serve application named {app_name!r} is running; check `serve status` or --app")
-    return sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+    from ray.serve.exceptions import RayServeException
+    try:
+        app = serve.status().applications.get(app_name)
+    except RayServeException:  # Serve itself is not running on this cluster
+        app = None
+    n = 0 if app is None else sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+    if n == 0:
+        raise AppNotRunning(f"no running Serve application named {app_name!r} on this Ray cluster; start it with "
+                            "`expertpool serve` (or check `serve status` and --app)")
+    return n
 
 
 def publish(app_name: str, patch_dir: str, domain: str | None = None, timeout_s: float = 300.0) -> str:

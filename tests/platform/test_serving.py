@@ -6,6 +6,7 @@ One Serve instance hosts two apps: the tiny model with 2 expert actors per repli
 """
 
 import asyncio
+from pathlib import Path
 import socket
 import threading
 import time
@@ -313,3 +314,24 @@ def test_autoscaling_adds_a_whole_expert_parallel_group(served):
                                   extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 5
     serve.delete(name)
+
+
+def test_finetune_job_publishes_its_patch_into_the_running_app(served, tmp_path):
+    """The job -> serving hand-off: an ESFT job with publish_to ends with the variant served."""
+    import yaml
+
+    from expertpool.jobs.finetune import main as finetune_main
+    root = Path(__file__).resolve().parents[2]
+    cfg = {"serving": {"app_name": served["apps"][2]}, "train": {"jobs": {"bikes": {
+        "dataset": {"path": str(root / "data" / "demo_domain.jsonl")}, "mode": "esft",
+        "esft": {"scoring": "token", "p": 0.2, "score_tokens": 512}, "lr": 1e-2, "steps": 2, "batch_size": 2,
+        "seq_len": 128, "workers": 1, "checkpoint_every": 0, "output_dir": str(tmp_path / "out"),
+        "publish_to": served["apps"][2], "domain": "bikes"}}}}
+    path = tmp_path / "cluster.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert finetune_main(["--config", str(path), "--job", "bikes", "--local"]) == 0
+    c = served["client"][2]
+    assert "expertpool-tiny:bikes" in [m.id for m in c.models.list().data]
+    r = c.completions.create(model="expertpool-tiny:bikes", prompt="My bike chain", max_tokens=4, temperature=0,
+                             extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
