@@ -89,6 +89,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--actors", type=int, default=2, help="expert actors per replica (default 2)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="serving compute dtype")
+    ap.add_argument("--config", default=None, help="cluster.yaml to start from (default: ./cluster.yaml if present)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
     ap.add_argument("--hf-child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -122,7 +123,7 @@ def main():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = resolve_config(None, model=model_dir, port=port, actors=a.actors)
+    cfg = resolve_config(a.config, model=model_dir, port=port, actors=a.actors)
     data = cfg.model_dump(mode="json")
     data["model"]["dtype"] = a.dtype
     data["pool"]["actor_resources"]["cpu"] = 1

@@ -76,3 +76,16 @@ def test_validate_and_manifests(tmp_path):
     r = run("manifests", "cluster.yaml", "--out", str(tmp_path / "k8s"))
     names = {p.name for p in (tmp_path / "k8s").iterdir()}
     assert {"rayservice.yaml", "raycluster.yaml"} <= names and any(n.startswith("rayjob") for n in names)
+
+
+def test_serve_config_resolution_with_overrides(tmp_path, monkeypatch):
+    from expertpool.platform.serve import resolve_config
+    monkeypatch.chdir(ROOT)  # ./cluster.yaml is picked up by default
+    cfg = resolve_config(None)
+    assert cfg.pool.actors_per_replica == 2 and "demo" in cfg.train.jobs
+    # serving another checkpoint: the file's training jobs (declared for the embedded model) are dropped
+    cfg = resolve_config(None, model=str(tmp_path / "ckpt"), port=9001, actors=4)
+    assert cfg.model.path == str(tmp_path / "ckpt") and cfg.model.name == "ckpt"
+    assert cfg.serving.port == 9001 and cfg.pool.actors_per_replica == 4 and not cfg.train.jobs
+    monkeypatch.chdir(tmp_path)  # no cluster.yaml here: built-in defaults
+    assert resolve_config(None).model.path is None

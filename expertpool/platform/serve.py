@@ -19,6 +19,8 @@ def resolve_config(config_path: str | None, *, model: str | None = None, port: i
         data.setdefault("model", {})["path"] = model
         data["model"].pop("name", None)
         data["model"].pop("tokenizer", None)
+        # training jobs are declared against the file's model; serving another model does not run them
+        data.pop("train", None)
     if port:
         data.setdefault("serving", {})["port"] = port
     if actors:
