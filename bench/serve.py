@@ -37,7 +37,7 @@ async def drive(base: str, model: str, n: int, prompts) -> dict:
     async def one(client, i):
         nonlocal tokens
         body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": NEW, "temperature": 0,
-                "stream": True, "ignore_eos": True}
+                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
         t0 = time.perf_counter()
         last = None
         async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
@@ -46,6 +46,8 @@ async def drive(base: str, model: str, n: int, prompts) -> dict:
                 if not line.startswith("data: ") or line == "data: [DONE]":
                     continue
                 ch = json.loads(line[6:])
+                if ch.get("usage"):
+                    tokens += ch["usage"]["completion_tokens"]  # counted by the server, not by chunks
                 if not ch.get("choices") or not ch["choices"][0].get("text"):
                     continue
                 now = time.perf_counter()
@@ -54,7 +56,6 @@ async def drive(base: str, model: str, n: int, prompts) -> dict:
                 else:
                     itl.append(now - last)
                 last = now
-                tokens += 1
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
         await one(client, 0)  # warm-up
@@ -88,6 +89,7 @@ def hf_child(model_dir: str, dtype: str, batch: int) -> None:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--actors", type=int, default=2, help="expert actors per replica (default 2)")
+    ap.add_argument("--actor-cpus", type=int, default=1, help="CPUs (= torch threads) per expert actor (default 1)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="serving compute dtype")
     ap.add_argument("--config", default=None, help="cluster.yaml to start from (default: ./cluster.yaml if present)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
@@ -126,11 +128,11 @@ def main():
     cfg = resolve_config(a.config, model=model_dir, port=port, actors=a.actors)
     data = cfg.model_dump(mode="json")
     data["model"]["dtype"] = a.dtype
-    data["pool"]["actor_resources"]["cpu"] = 1
+    data["pool"]["actor_resources"]["cpu"] = a.actor_cpus
     data["serving"].update(max_batch_size=32, max_num_batched_tokens=512, max_seq_len=PROMPT + NEW + 8)
     from expertpool.platform.config import parse_config
     cfg = parse_config(data)
-    ray.init(num_cpus=a.actors + 2, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=a.actors * a.actor_cpus + 2, include_dashboard=False, logging_level="WARNING")
     base = deploy(cfg)
     rows = []
     for n in LEVELS:
@@ -159,8 +161,8 @@ def main():
     if not a.no_append:
         with open(os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"), "a") as f:
             f.write(f"\n## Serving (bench/serve.py)\n\n{datetime.date.today()}, `python bench/serve.py --actors "
-                    f"{a.actors} --dtype {a.dtype}`, {platform.machine()}, {os.cpu_count()} CPUs, torch "
-                    f"{torch.__version__}. bench-mini random weights, {a.actors} expert actors (1 CPU each) in one "
+                    f"{a.actors} --actor-cpus {a.actor_cpus} --dtype {a.dtype}`, {platform.machine()}, {os.cpu_count()} CPUs, torch "
+                    f"{torch.__version__}. bench-mini random weights, {a.actors} expert actors ({a.actor_cpus} CPU each) in one "
                     f"replica, {a.dtype} compute, {PROMPT}-token prompts, {NEW} new tokens, streaming completions "
                     f"over HTTP.\n\n{table}\n\n{summary}\n")
 

@@ -134,8 +134,7 @@ def moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_
     tok = pair_idx // topk_ids_TK.shape[1]
     x_sorted = x_TD[tok]
     w_sorted = topk_weights_TK.reshape(-1)[pair_idx].to(x_TD.dtype)
-    y_sorted = torch.empty_like(x_sorted)
-    start = 0
+    outs, start = [], 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
@@ -143,7 +142,8 @@ def moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_
         w13 = dequant_w13_ref(w13_E2FD[e], None if w13_scale is None else w13_scale[e], x_TD.dtype)
         w2 = _weight_as(w2_EDF[e], None if w2_scale is None else w2_scale[e], x_TD.dtype)
         gate, up = F.linear(xe, w13).chunk(2, dim=-1)
-        y_sorted[start:start + n] = F.linear(F.silu(gate) * up, w2)
+        outs.append(F.linear(F.silu(gate) * up, w2))  # a list + cat: no per-expert copy in backward
         start += n
+    y_sorted = torch.cat(outs)
     out_TD.index_add_(0, tok, y_sorted * w_sorted[:, None])
     return out_TD

@@ -41,6 +41,9 @@ def init_model(preset_name: str, out_dir, *, fp8: bool = False, seed: int = 0, s
         for moe in model.moe_layers():  # a nonzero router bias so selection differs from gating
             moe.gate.e_score_correction_bias.copy_(torch.randn(args.n_routed_experts, generator=g) * 0.05)
     tok = build_tiny_tokenizer(min(args.vocab_size, 512 if preset_name == "tiny" else 2048))
+    if tok.get_vocab_size() < args.vocab_size:
+        # every model id must decode to visible text (streamed chunks, token counts): name the rest
+        tok.add_tokens([f"<x{i}>" for i in range(tok.get_vocab_size(), args.vocab_size)])
     config = args.replace(fp8=fp8).to_hf_config()
     return write_safetensors_dir(checkpoint_tensors(model, fp8=fp8, dtype=dtype), config, out_dir,
                                  extra_files=tokenizer_files(tok, args.max_position_embeddings))
