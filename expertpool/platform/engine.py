@@ -100,6 +100,7 @@ class EngineCore:
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0
+        self.aborted = 0
         self.max_batch_seen = 0
         self.finished_ids: list[tuple[int, str]] = []
 
@@ -160,6 +161,7 @@ class EngineCore:
             if seq in self.waiting:
                 self.waiting.remove(seq)
             self._finish(seq, "abort")
+            self.aborted += 1
             events[seq.seq_id] = TokenEvent([], "abort", len(seq.prompt), len(seq.output))
 
     def _preempt(self, seq: Sequence) -> None:
@@ -281,7 +283,7 @@ class EngineCore:
         return {"running": len(self.running), "waiting": len(self.waiting),
                 "kv_blocks_used": self.kv_blocks_used(), "kv_blocks_total": self.kv_blocks_total(),
                 "kv_usage": self.kv_blocks_used() / max(1, self.kv_blocks_total()),
-                "steps": self.steps, "max_batch_seen": self.max_batch_seen}
+                "steps": self.steps, "max_batch_seen": self.max_batch_seen, "aborted": self.aborted}
 
 
 class LocalExecutor:

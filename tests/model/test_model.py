@@ -63,14 +63,16 @@ def test_router_topk_matches_reference_including_dropped_groups():
 def test_sequence_balance_loss_and_bias_update():
     a = CONFIGS["negative_bias"]
     B, S = 2, 8
-    scores = torch.rand(B * S, a.n_routed_experts)
+    scores = torch.rand(B * S, a.n_routed_experts, generator=torch.Generator().manual_seed(0))
     # perfectly balanced routing: each expert chosen equally, uniform scores -> loss = alpha
     ids = torch.arange(B * S * a.num_experts_per_tok).remainder(a.n_routed_experts).view(B * S, -1)
     loss_bal = sequence_balance_loss(torch.ones_like(scores), ids, B, 1.0, a)
     assert abs(loss_bal.item() - 1.0) < 1e-5
-    # collapsed routing costs more
+    # collapsed routing (the same experts selected and scoring highest for every token) costs more
     ids_bad = torch.arange(a.num_experts_per_tok).repeat(B * S, 1)
-    assert sequence_balance_loss(scores, ids_bad, B, 1.0, a) > sequence_balance_loss(scores, ids, B, 1.0, a)
+    scores_bad = scores * 0.1
+    scores_bad[:, : a.num_experts_per_tok] += 1.0
+    assert sequence_balance_loss(scores_bad, ids_bad, B, 1.0, a) > 2 * loss_bal
     m = random_model("negative_bias")
     gate = m.moe_layers()[0].gate
     before = gate.e_score_correction_bias.clone()

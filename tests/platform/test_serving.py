@@ -18,7 +18,7 @@ import torch
 openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.ray
-MAX_SEQ_LEN = 256
+MAX_SEQ_LEN = 2048  # long enough that a 1500-token stream is still running when its client leaves
 API_KEY = "sk-test-ep4"  # the 4-actor app requires a bearer token
 
 
@@ -161,7 +161,7 @@ def test_bad_inputs_get_specific_4xx_and_server_keeps_serving(served):
         (httpx.post(chat, json={"model": "expertpool-tiny", "messages": msgs, "max_tokens": -3}), 400, "max_tokens"),
         (httpx.post(chat, json={"model": "expertpool-tiny", "messages": msgs, "temperature": 7}), 400, "temperature"),
         (httpx.post(chat, json={"model": "nope", "messages": msgs}), 404, "nope"),
-        (httpx.post(url + "/completions", json={"model": "expertpool-tiny", "prompt": "word " * 400}), 400, "max_seq_len"),
+        (httpx.post(url + "/completions", json={"model": "expertpool-tiny", "prompt": "word " * 2100}), 400, "max_seq_len"),
         (httpx.post(url + "/completions", json={"model": "expertpool-tiny", "prompt": [1, 99999]}), 400, "vocabulary"),
     ]
     for r, code, needle in cases:
@@ -179,8 +179,9 @@ def test_bad_inputs_get_specific_4xx_and_server_keeps_serving(served):
 def test_client_disconnect_mid_stream_releases_cache_blocks(served):
     app = served["apps"][4]
     url = f"{served['base']}/ep4/v1/completions"
-    body = {"model": "expertpool-tiny", "prompt": "a long story", "max_tokens": 200, "stream": True,
+    body = {"model": "expertpool-tiny", "prompt": "a long story", "max_tokens": 1500, "stream": True,
             "temperature": 0, "ignore_eos": True}
+    aborted_before = _stats(app)["aborted"]
     seen = threading.Event()
     with httpx.Client(timeout=60, headers={"Authorization": f"Bearer {API_KEY}"}) as client:
         with client.stream("POST", url, json=body) as r:
@@ -194,6 +195,7 @@ def test_client_disconnect_mid_stream_releases_cache_blocks(served):
         time.sleep(0.2)
     st = _stats(app)
     assert seen.is_set() and st["kv_blocks_used"] == 0 and st["running"] == 0
+    assert st["aborted"] >= aborted_before + 1  # ended by the disconnect, not by running to completion
 
 
 def test_health_covers_the_actors(served):
