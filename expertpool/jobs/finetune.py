@@ -29,20 +29,6 @@ class JobError(ValueError):
     """A job setting that cannot run; the message names the field and the fix."""
 
 
-def _publish_fn():
-    """The lead's publish function: ``publish(app_name, patch_dir, domain)``."""
-    import importlib
-
-    for mod in ("expertpool.platform.patches", "expertpool.platform.serve"):
-        try:
-            fn = getattr(importlib.import_module(mod), "publish", None)
-        except ImportError:
-            fn = None
-        if fn is not None:
-            return fn
-    return None
-
-
 def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: str | None = None) -> dict:
     """Validate the job and resolve everything the workers need. Raises ConfigError / JobError.
 
@@ -78,9 +64,6 @@ def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: 
         if job.mode != "esft":
             raise JobError(f"{prefix}.publish_to: only ESFT patches can be hot-swapped; remove publish_to or set "
                            "mode: esft (serve a full fine-tune as its own model.path)")
-        if _publish_fn() is None:
-            raise JobError(f"{prefix}.publish_to: is set, but this installation has no "
-                           "expertpool.platform.patches.publish; remove publish_to or pass --no-publish")
     out = Path(job.output_dir)
     if not out.is_absolute():
         out = base_dir / out
@@ -212,9 +195,9 @@ def main(argv=None) -> int:
         summary = run_ray(config)
     _log_summary(summary)
     if config["publish_to"]:
-        from expertpool.platform.patches import AppNotRunning
+        from expertpool.platform.patches import AppNotRunning, publish
         try:
-            model_id = _publish_fn()(config["publish_to"], summary["output"], config["domain"])
+            model_id = publish(config["publish_to"], summary["output"], config["domain"])
             log.info("published %s to app %s as %s", summary["output"], config["publish_to"], model_id)
         except AppNotRunning as e:  # the patch is saved; publishing can follow once the app runs
             log.warning("not published: %s. The patch is saved; publish it later with "

@@ -265,18 +265,27 @@ class EngineCore:
         out, self.finished_ids = self.finished_ids, []
         return out
 
-    def step(self) -> dict[str, TokenEvent]:
-        """Synchronous step (in-process generation)."""
-        events: dict[str, TokenEvent] = {}
+    def begin_step(self, events: dict[str, TokenEvent]):
+        """Settle aborts (their final events go into ``events``), free finished sequences on the
+        workers, and plan the next step: per worker, the StepItems to run (all empty = nothing to do)."""
         self._drop_aborted(events)
         self.executor.release(self.pop_finished())
         plans = self.schedule()
-        if any(plans):
-            results = self.executor.run([[it for _, it in p] for p in plans])
-            self.steps += 1
-            self.max_batch_seen = max(self.max_batch_seen, sum(len(p) for p in plans))
-            events.update(self.process(plans, results))
+        return plans, [[it for _, it in p] for p in plans]
+
+    def end_step(self, plans, results, events: dict[str, TokenEvent]) -> None:
+        """Apply one step's sampled tokens (``results`` per worker) and release what finished."""
+        self.steps += 1
+        self.max_batch_seen = max(self.max_batch_seen, sum(len(p) for p in plans))
+        events.update(self.process(plans, results))
         self.executor.release(self.pop_finished())
+
+    def step(self) -> dict[str, TokenEvent]:
+        """Synchronous step (in-process generation)."""
+        events: dict[str, TokenEvent] = {}
+        plans, items = self.begin_step(events)
+        if any(items):
+            self.end_step(plans, self.executor.run(items), events)
         return events
 
     def stats(self) -> dict:
@@ -449,18 +458,13 @@ class AsyncEngine:
                 await self._wake.wait()
             events: dict[str, TokenEvent] = {}
             try:
-                core._drop_aborted(events)
-                core.executor.release(core.pop_finished())
-                plans = core.schedule()
-                if any(plans):
+                plans, items = core.begin_step(events)
+                if any(items):
                     async with self._step_lock:
-                        results = await core.executor.run_async([[it for _, it in p] for p in plans])
-                    core.steps += 1
-                    core.max_batch_seen = max(core.max_batch_seen, sum(len(p) for p in plans))
-                    events.update(core.process(plans, results))
-                else:
+                        results = await core.executor.run_async(items)
+                    core.end_step(plans, results, events)
+                else:  # waiting requests that do not fit yet: let finishing streams free blocks
                     await asyncio.sleep(0.005)
-                core.executor.release(core.pop_finished())
             except Exception as e:  # a dead worker: fail every in-flight request, loudly
                 log.exception("engine step failed")
                 self._failed = e

@@ -13,7 +13,6 @@ must run every step (with an empty batch if need be) because MoE layers are coll
 """
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 
