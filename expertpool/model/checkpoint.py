@@ -116,6 +116,11 @@ class _Reader:
     def close(self) -> None:
         self._handles.clear()
 
+    def meta(self, name: str) -> tuple[list[int], str]:
+        """Shape and safetensors dtype of a tensor, without reading its data."""
+        e = self._open(self.weight_map[name]).entries[name]
+        return e["shape"], e["dtype"]
+
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 

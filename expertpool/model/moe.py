@@ -60,6 +60,16 @@ class Gate(nn.Module):
         return route(x_TD, self.weight, self.e_score_correction_bias, self.args)
 
 
+def quantize_expert(w13_2FD: torch.Tensor, w2_DF: torch.Tensor, scale_fmt: str | None = None):
+    """One expert in its FP8 resident form: (w13, w13_scale, w2, w2_scale). The gate and up halves of
+    w13 are block-quantized separately, as the kernels contract requires (F need not divide 128)."""
+    f = w13_2FD.shape[0] // 2
+    g, gs = kernels.weight_quant(w13_2FD[:f].float(), scale_fmt=scale_fmt)
+    u, us = kernels.weight_quant(w13_2FD[f:].float(), scale_fmt=scale_fmt)
+    d, ds = kernels.weight_quant(w2_DF.float(), scale_fmt=scale_fmt)
+    return torch.cat([g, u]), torch.cat([gs, us]), d, ds
+
+
 class Experts(nn.Module):
     """Local routed experts; ``expert_ids`` are their global ids (sorted)."""
 
@@ -68,6 +78,7 @@ class Experts(nn.Module):
         ids = list(range(args.n_routed_experts)) if expert_ids is None else sorted(expert_ids)
         El, F_, D = len(ids), args.moe_intermediate_size, args.hidden_size
         self.n_routed = args.n_routed_experts
+        self.scale_fmt = args.scale_fmt
         self.register_buffer("expert_ids", torch.tensor(ids, dtype=torch.long, device="cpu"), persistent=False)
         g2l = torch.full((args.n_routed_experts,), -1, dtype=torch.long, device="cpu")
         g2l[self.expert_ids] = torch.arange(El, device="cpu")
@@ -99,13 +110,11 @@ class Experts(nn.Module):
                 continue  # owned by another rank
             table[e] = self.num_local + len(new_w13)
             if self.w13_weight.dtype == torch.float8_e4m3fn:
-                f = w13.shape[0] // 2
-                (g, gs), (u, us) = kernels.weight_quant(w13[:f]), kernels.weight_quant(w13[f:])
-                d, ds = kernels.weight_quant(w2)
-                new_w13.append(torch.cat([g, u]))
-                new_s13.append(torch.cat([gs, us]))
-                new_w2.append(d)
-                new_s2.append(ds)
+                q13, s13, q2, s2 = quantize_expert(w13, w2, self.scale_fmt)
+                new_w13.append(q13)
+                new_s13.append(s13)
+                new_w2.append(q2)
+                new_s2.append(s2)
             else:
                 new_w13.append(w13.to(self.w13_weight.dtype))
                 new_w2.append(w2.to(self.w2_weight.dtype))

@@ -30,7 +30,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from expertpool import kernels
+from expertpool.model.checkpoint import _atomic_dir, _commit_dir, _Reader
+from expertpool.model.moe import quantize_expert
 
 log = logging.getLogger(__name__)
 
@@ -76,34 +77,20 @@ def base_fingerprint(model_dir) -> str:
         raise PatchError(f"{cfg_file}: not found; base_model must be an HF checkpoint directory")
     h = hashlib.sha256()
     h.update(json.dumps(json.loads(cfg_file.read_text()), sort_keys=True).encode())
-    index = model_dir / "model.safetensors.index.json"
-    if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-    else:
-        with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-            weight_map = {k: "model.safetensors" for k in f.keys()}
-    routing = sorted(k for k in weight_map if ".mlp.gate." in k or ".mlp.experts." in k)
-    handles = {}
-
-    def handle(name):
-        fname = weight_map[name]
-        if fname not in handles:
-            handles[fname] = safe_open(str(model_dir / fname), framework="pt")
-        return handles[fname]
-
+    r = _Reader(model_dir)
+    routing = sorted(k for k in r.weight_map if ".mlp.gate." in k or ".mlp.experts." in k)
     for name in routing:
-        sl = handle(name).get_slice(name)
-        h.update(f"{name}:{sl.get_shape()}:{sl.get_dtype()};".encode())
+        shape, dtype = r.meta(name)
+        h.update(f"{name}:{shape}:{dtype};".encode())
     gates = sorted((k for k in routing if k.endswith(".mlp.gate.weight")), key=lambda k: int(k.split(".")[2]))
     for name in gates[:1] + [k for k in routing if k.endswith("e_score_correction_bias")]:
-        h.update(handle(name).get_tensor(name).float().numpy().tobytes())
+        h.update(r.get(name).float().numpy().tobytes())
     return h.hexdigest()
 
 
 def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: torch.dtype = torch.float32,
                info: dict | None = None) -> Path:
     """Write a patch directory atomically. experts: {layer_id: {expert_id: (w13 [2F, D], w2 [D, F])}}."""
-    from expertpool.model.checkpoint import _atomic_dir, _commit_dir  # shared atomic-directory helpers
 
     dtype_name = next((k for k, v in _DTYPES.items() if v == dtype), None)
     if dtype_name is None:
@@ -258,13 +245,11 @@ def apply_patch(model, patch: Patch, *, base_model_dir=None) -> dict[int, list[i
             if local < 0:
                 continue
             if experts.w13_weight.dtype == FP8:
-                g, gs = kernels.weight_quant(w13[:F_].float(), scale_fmt=args.scale_fmt)
-                u, us = kernels.weight_quant(w13[F_:].float(), scale_fmt=args.scale_fmt)
-                d, ds = kernels.weight_quant(w2.float(), scale_fmt=args.scale_fmt)
-                experts.w13_weight.data[local] = torch.cat([g, u]).to(experts.w13_weight.device)
-                experts.w13_weight_scale_inv[local] = torch.cat([gs, us]).to(experts.w13_weight_scale_inv.device)
-                experts.w2_weight.data[local] = d.to(experts.w2_weight.device)
-                experts.w2_weight_scale_inv[local] = ds.to(experts.w2_weight_scale_inv.device)
+                q13, s13, q2, s2 = quantize_expert(w13, w2, args.scale_fmt)
+                experts.w13_weight.data[local] = q13.to(experts.w13_weight.device)
+                experts.w13_weight_scale_inv[local] = s13.to(experts.w13_weight_scale_inv.device)
+                experts.w2_weight.data[local] = q2.to(experts.w2_weight.device)
+                experts.w2_weight_scale_inv[local] = s2.to(experts.w2_weight_scale_inv.device)
             else:
                 experts.w13_weight.data[local] = w13.to(experts.w13_weight.device, experts.w13_weight.dtype)
                 experts.w2_weight.data[local] = w2.to(experts.w2_weight.device, experts.w2_weight.dtype)
