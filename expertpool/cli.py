@@ -41,7 +41,6 @@ def _cmd_generate(a):
     core = local_engine(model, max_batch_size=max(1, len(ids)),
                         max_seq_len=max(len(x) for x in ids) + a.max_tokens + 1, eos_token_id=tok.eos_token_id)
     single = len(ids) == 1
-    outs_text = [""] * len(ids)
     counts = [0] * len(ids)
     if single:
         print(prompts[0], end="", flush=True)
@@ -58,7 +57,6 @@ def _cmd_generate(a):
         print()
     else:
         for p, o in zip(prompts, outs):
-            outs_text.append(tok.decode(o))
             print(f"--- {p!r}\n{tok.decode(o)}")
     n = sum(counts)
     print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, batch {len(ids)}]", file=sys.stderr)

@@ -10,22 +10,13 @@ import torch
 from expertpool.jobs import finetune
 from expertpool.model.checkpoint import load_checkpoint
 from expertpool.model.patch import read_patch
+from tests.jobs.helpers import ROOT, job_config, train_log
 
 pytestmark = pytest.mark.ray
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _job(tmp_path, tiny_dir, body: str) -> dict:
-    (tmp_path / "c.yaml").write_text(
-        f"train:\n  jobs:\n    t:\n      base_model: {tiny_dir}\n"
-        f"      dataset: {{path: {ROOT / 'data/demo_domain.jsonl'}, eval_fraction: 0.1}}\n"
-        f"      output_dir: {tmp_path / 'out'}\n      worker_resources: {{cpu: 1}}\n"
-        + "".join(f"      {line}\n" for line in body.strip().splitlines()))
-    return finetune.prepare(str(tmp_path / "c.yaml"), "t")
-
-
-def _log(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "train_log.jsonl").read_text().splitlines()]
+    return job_config(tmp_path, tiny_dir, "worker_resources: {cpu: 1}\n" + body)
 
 
 def test_ray_data_rows_equal_local_rows(ray_cluster, tiny_dir, tmp_path):
@@ -77,13 +68,13 @@ checkpoint_every: 0
     changed = [not torch.equal(moes[layer].experts.w13_weight[e], w13) for layer, ex in patch.experts.items()
                for e, (w13, _) in ex.items()]
     assert all(changed), "a selected expert was not trained"
-    log = _log(config["output_dir"])
+    log = train_log(config["output_dir"])
     assert [r["step"] for r in log] == list(range(1, 9))
     # expert parallelism is exact: one process with all experts sees the same batches, selects the
     # same experts and gets the same first loss (1e-5 relative: all-to-all combine sums in another order)
     local = finetune.run_local({**config, "output_dir": str(tmp_path / "local")})
     assert local["experts_selected"] == s["experts_selected"]
-    assert _log(tmp_path / "local")[0]["loss"] == pytest.approx(log[0]["loss"], rel=1e-5)
+    assert train_log(tmp_path / "local")[0]["loss"] == pytest.approx(log[0]["loss"], rel=1e-5)
 
 
 def test_full_two_workers_survives_a_killed_worker(ray_cluster, tiny_dir, tmp_path):
@@ -103,7 +94,7 @@ max_failures: 2
     marker = tmp_path / "killed"
     s = finetune.run_ray(config, fault={"rank": 1, "step": 4, "marker": str(marker)})
     assert marker.exists(), "the fault was not injected"
-    log = _log(config["output_dir"])
+    log = train_log(config["output_dir"])
     steps = [r["step"] for r in log]
     # attempt 1 ran steps 1-3 (rank 1 exits at the start of step 4); the checkpoint of step 2 is the
     # latest, so attempt 2 resumes there and repeats only step 3 (<= checkpoint_every steps)
@@ -121,7 +112,7 @@ max_failures: 2
     # top-k routing flips on float-order differences.
     local = finetune.run_local({**config, "output_dir": str(tmp_path / "local")})
     assert local["step"] == 5
-    assert _log(tmp_path / "local")[1]["loss"] == pytest.approx(log[1]["loss"], rel=1e-5)
+    assert train_log(tmp_path / "local")[1]["loss"] == pytest.approx(log[1]["loss"], rel=1e-5)
     trained = load_checkpoint(s["output"], dtype=torch.float32)
     base = load_checkpoint(tiny_dir, dtype=torch.float32)
     assert not torch.equal(trained.model.layers[0].self_attn.kv_a_proj_with_mqa.weight,

@@ -1,24 +1,18 @@
 """``train_loop`` in one process (world 1, LocalDispatcher): the path the Ray job wraps. No Ray."""
 
 import json
-from pathlib import Path
 
 import torch
 
 from expertpool.jobs import finetune
 from expertpool.model.checkpoint import load_checkpoint
 from expertpool.model.patch import read_patch
+from tests.jobs.helpers import job_config, train_log
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _config(tmp_path, tiny_dir, body: str) -> dict:
-    (tmp_path / "c.yaml").write_text(
-        f"train:\n  jobs:\n    t:\n      base_model: {tiny_dir}\n"
-        f"      dataset: {{path: {ROOT / 'data/demo_domain.jsonl'}, eval_fraction: 0.1}}\n"
-        f"      output_dir: {tmp_path / 'out'}\n      workers: 1\n      batch_size: 2\n      seq_len: 384\n"
-        + "".join(f"      {line}\n" for line in body.strip().splitlines()))
-    return finetune.prepare(str(tmp_path / "c.yaml"), "t")
+    return job_config(tmp_path, tiny_dir, "workers: 1\nbatch_size: 2\nseq_len: 384\n" + body)
 
 
 def test_esft_one_process_trains_only_selected_experts(tmp_path, tiny_dir):
@@ -41,7 +35,7 @@ steps: 4
     patched = load_checkpoint(tiny_dir, dtype=torch.float32, patch=s["output"])
     base = load_checkpoint(tiny_dir, dtype=torch.float32)
     assert not torch.equal(patched.moe_layers()[0].experts.w13_weight, base.moe_layers()[0].experts.w13_weight)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "out" / "train_log.jsonl").read_text().splitlines()]
+    steps = [row["step"] for row in train_log(tmp_path / "out")]
     assert steps == [1, 2, 3, 4]
 
 

@@ -6,6 +6,7 @@ One Serve instance hosts two apps: the tiny model with 2 expert actors per repli
 """
 
 import asyncio
+import functools
 from pathlib import Path
 import socket
 import threading
@@ -77,9 +78,14 @@ def _stats(app_name: str) -> dict:
     return serve.get_deployment_handle("ExpertPool", app_name).stats.remote().result()
 
 
-def _reference_greedy(tiny_dir, prompt_ids, n):
+@functools.cache
+def _reference_model(tiny_dir):
     from expertpool.model.checkpoint import load_checkpoint
-    m = load_checkpoint(tiny_dir, dtype=torch.float32, with_mtp=False)
+    return load_checkpoint(tiny_dir, dtype=torch.float32, with_mtp=False)
+
+
+def _reference_greedy(tiny_dir, prompt_ids, n):
+    m = _reference_model(tiny_dir)
     seq = list(prompt_ids)
     with torch.no_grad():
         for _ in range(n):
