@@ -93,6 +93,10 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="serving compute dtype")
     ap.add_argument("--config", default=None, help="cluster.yaml to start from (default: ./cluster.yaml if present)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    ap.add_argument("--levels", default=",".join(map(str, LEVELS)),
+                    help="comma-separated concurrency levels (default %(default)s)")
+    ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline (quick iteration; "
+                    "implies --no-append)")
     ap.add_argument("--hf-child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.hf_child:
@@ -109,8 +113,9 @@ def main():
     prompts = torch.randint(5, 2000, (32, PROMPT), generator=g).tolist()
     json.dump(prompts, open(os.path.join(model_dir, "bench_prompts.json"), "w"))
 
+    levels = [int(x) for x in a.levels.split(",")]
     hf = {}
-    for dt in ("float32", "bfloat16"):
+    for dt in () if a.skip_hf else ("float32", "bfloat16"):
         print(f"transformers generate() {dt}, batch 16 ...", flush=True)
         out = subprocess.run([sys.executable, __file__, "--hf-child", model_dir, dt, "16"], capture_output=True,
                              text=True)
@@ -135,7 +140,7 @@ def main():
     ray.init(num_cpus=a.actors * a.actor_cpus + 2, include_dashboard=False, logging_level="WARNING")
     base = deploy(cfg)
     rows = []
-    for n in LEVELS:
+    for n in levels:
         print(f"{n} concurrent streams ...", flush=True)
         rows.append(asyncio.run(drive(base, cfg.model.name, n, prompts)))
         r = rows[-1]
@@ -143,6 +148,8 @@ def main():
     from ray import serve
     serve.shutdown()
     ray.shutdown()
+    if a.skip_hf or 16 not in levels or 1 not in levels:
+        return
     best_hf = max(hf.values())
     best_dt = max(hf, key=hf.get)
     lines = ["| streams | output tok/s | TTFT p50 (s) | TTFT p99 (s) | ITL p50 (ms) | ITL p99 (ms) |",

@@ -302,6 +302,11 @@ class ServingConfig(_Closed):
     max_num_batched_tokens: int = Field(256, ge=1, description="Most tokens per engine step; bounds prefill "
                                         "chunking. Must be >= max_batch_size so every running sequence can decode.")
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="Paged KV cache of one replica.")
+    async_scheduling: bool = Field(False, description="Plan and submit engine step k+1 while step k runs (vLLM's "
+                                   "--async-scheduling, SGLang's overlap scheduler), so the expert actors never wait "
+                                   "for the replica. Turn it on when the replica has CPU of its own (GPU actors, or "
+                                   "CPU actors on other cores); where replica and actors share the same few cores, "
+                                   "the overlapped replica work slows the actors' compute more than it saves.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests in flight per replica before Serve queues "
                                       "them at the caller (Ray Serve `max_ongoing_requests`).")
     max_queued_requests: int = Field(128, description="Requests queued per caller before HTTP 503; "

@@ -29,6 +29,9 @@ from expertpool.platform.worker import StepItem
 log = logging.getLogger(__name__)
 
 
+PLACEHOLDER = -1  # StepItem token: "the token you sampled for this sequence in the previous step"
+
+
 class EngineOverloaded(Exception):
     def __init__(self, msg: str, retry_after_s: float = 1.0):
         super().__init__(msg)
@@ -56,7 +59,8 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     worker: int = -1
     blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0
+    num_cached: int = 0        # tokens written to the KV cache, counting steps still in flight
+    pending: int = 0           # sampled tokens in flight (their step is submitted, not yet applied)
     finish_reason: str | None = None
     aborted: bool = False
     variant: int = 0
@@ -101,6 +105,7 @@ class EngineCore:
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0
         self.aborted = 0
+        self.preempted = 0
         self.max_batch_seen = 0
         self.finished_ids: list[tuple[int, str]] = []
 
@@ -147,6 +152,8 @@ class EngineCore:
         self._free_seq(seq)
         if seq in self.running:
             self.running.remove(seq)
+        elif seq in self.waiting:  # preempted while its last token was in flight
+            self.waiting.remove(seq)
         self.seqs.pop(seq.seq_id, None)
 
     def kv_blocks_used(self) -> int:
@@ -167,6 +174,7 @@ class EngineCore:
     def _preempt(self, seq: Sequence) -> None:
         log.info("KV cache full on worker %d: preempting %s (%d tokens) for recompute", seq.worker, seq.seq_id,
                  len(seq.tokens))
+        self.preempted += 1
         self._free_seq(seq)
         seq.worker = -1
         self.running.remove(seq)
@@ -187,6 +195,8 @@ class EngineCore:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch_size:
             seq = self.waiting[0]
+            if seq.pending:  # preempted with a token in flight: re-admit once its tokens are all known
+                return
             per_worker = [sum(1 for s in self.running if s.worker == w) for w in range(self.world)]
             cands = [w for w in range(self.world) if per_worker[w] < self.per_worker_batch]
             need = self._blocks_needed(seq, min(len(seq.tokens) + 1, self.max_seq_len))
@@ -207,15 +217,23 @@ class EngineCore:
         plans: list[list[tuple[Sequence, StepItem]]] = [[] for _ in range(self.world)]
         budget = [self.token_budget] * self.world
         # decodes first: one token each, growing the block table when a block fills
+        # (with a step in flight, a sequence's newest token is not known yet: the item carries
+        # PLACEHOLDER and the worker feeds it the token it sampled for that sequence last step)
         for seq in sorted(self.running, key=lambda s: s.arrival):
-            if seq.worker < 0 or seq.num_cached < len(seq.tokens) - 1:
+            n_known = len(seq.tokens) + seq.pending
+            if seq.worker < 0 or seq.num_cached != n_known - 1:
                 continue
+            if len(seq.output) + seq.pending >= seq.params.max_tokens or n_known >= self.max_seq_len:
+                continue  # the in-flight token ends it ("length"): nothing more to compute
             need = self._blocks_needed(seq, seq.num_cached + 1)
             if not self._make_room(seq, need):
                 continue
             seq.blocks += self.allocators[seq.worker].allocate(need)
-            plans[seq.worker].append((seq, StepItem(seq.seq_id, [seq.tokens[-1]], seq.num_cached,
-                                                    seq.blocks, True, seq.params, seq.variant)))
+            tok = PLACEHOLDER if seq.pending else seq.tokens[-1]
+            plans[seq.worker].append((seq, StepItem(seq.seq_id, [tok], seq.num_cached,
+                                                    list(seq.blocks), True, seq.params, seq.variant)))
+            seq.num_cached += 1
+            seq.pending += 1
             budget[seq.worker] -= 1
         # prefill chunks with the remaining per-worker budget
         for seq in sorted(self.running, key=lambda s: s.arrival):
@@ -236,7 +254,9 @@ class EngineCore:
             seq.blocks += alloc.allocate(need)
             done = seq.num_cached + chunk == len(seq.tokens)
             plans[w].append((seq, StepItem(seq.seq_id, seq.tokens[seq.num_cached:seq.num_cached + chunk],
-                                           seq.num_cached, seq.blocks, done, seq.params, seq.variant)))
+                                           seq.num_cached, list(seq.blocks), done, seq.params, seq.variant)))
+            seq.num_cached += chunk
+            seq.pending += int(done)
             budget[w] -= chunk
         return plans
 
@@ -244,9 +264,11 @@ class EngineCore:
         events: dict[str, TokenEvent] = {}
         for plan, res in zip(plans, results):
             for (seq, item), tok in zip(plan, res):
-                seq.num_cached = item.start_pos + len(item.tokens)
-                if seq.aborted or tok is None:
+                if tok is None:
                     continue
+                seq.pending -= 1
+                if seq.aborted or seq.finish_reason is not None:
+                    continue  # computed ahead for a sequence that has ended since: dropped
                 seq.output.append(tok)
                 reason = None
                 p = seq.params
@@ -292,39 +314,52 @@ class EngineCore:
         return {"running": len(self.running), "waiting": len(self.waiting),
                 "kv_blocks_used": self.kv_blocks_used(), "kv_blocks_total": self.kv_blocks_total(),
                 "kv_usage": self.kv_blocks_used() / max(1, self.kv_blocks_total()),
-                "steps": self.steps, "max_batch_seen": self.max_batch_seen, "aborted": self.aborted}
+                "steps": self.steps, "max_batch_seen": self.max_batch_seen, "aborted": self.aborted,
+                "preempted": self.preempted}
 
 
 class LocalExecutor:
-    """One in-process ModelRunner (no expert parallelism)."""
+    """One in-process ModelRunner (no expert parallelism). The sync methods call the runner on the
+    caller's thread (torch runs ~1.5x slower on a secondary thread here, measured); the async ones
+    go through one worker thread, in submission order, as actor tasks do, so pipelined steps,
+    releases and patch loads never overlap. Use one mode per executor."""
 
     world = 1
 
     def __init__(self, runner, model_dir: str | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
         self.runner = runner
         self.model_dir = model_dir
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="expertpool-runner")
+        self._async = False
 
     def run(self, items_per_worker):
         return [self.runner.step(items_per_worker[0])]
 
     def release(self, finished):
         if finished:
-            self.runner.release([s for _, s in finished])
+            ids = [s for _, s in finished]
+            if self._async:
+                self._thread.submit(self.runner.release, ids)
+            else:
+                self.runner.release(ids)
 
     def expert_load(self) -> list[int]:
         return self.runner.expert_load()
 
     async def run_async(self, items_per_worker):
-        return await asyncio.to_thread(self.run, items_per_worker)
+        self._async = True
+        return [await asyncio.wrap_future(self._thread.submit(self.runner.step, items_per_worker[0]))]
 
     async def check_health(self):
         return None
 
     async def load_patch(self, patch_dir: str) -> int:
-        return self.runner.load_patch(patch_dir, self.model_dir)
+        return await asyncio.wrap_future(self._thread.submit(self.runner.load_patch, patch_dir, self.model_dir))
 
     async def expert_load_async(self):
-        return self.expert_load()
+        return await asyncio.wrap_future(self._thread.submit(self.runner.expert_load))
 
 
 class RayExecutor:
@@ -364,8 +399,10 @@ class RayExecutor:
 class AsyncEngine:
     """Serving facade over EngineCore; one background task drives the steps."""
 
-    def __init__(self, core: EngineCore, model_id: str, max_seq_len: int, model_dir: str | None = None):
+    def __init__(self, core: EngineCore, model_id: str, max_seq_len: int, model_dir: str | None = None,
+                 async_scheduling: bool = False):
         self.core = core
+        self.depth = 2 if async_scheduling else 1  # steps in flight at once
         self.model_dir = model_dir
         self.max_seq_len = max_seq_len
         self.base_model_id = model_id
@@ -451,23 +488,36 @@ class AsyncEngine:
         self._wake.set()
 
     async def _run(self):
+        """The step loop. With ``async_scheduling`` it is pipelined two deep: step k+1 is planned and
+        submitted while step k runs, so the workers never wait for this replica (result transfer,
+        scheduling, detokenizing and streaming all overlap the next step's compute). A decode in
+        step k+1 whose token comes out of step k carries ``PLACEHOLDER``; the worker fills it in.
+        When step k ends a sequence (EOS, stop id), its decode in step k+1 was computed ahead for
+        nothing and is dropped. Without it (depth 1) each step's tokens are streamed before the next
+        step is planned: the replica and the workers take turns."""
         core = self.core
+        inflight: deque = deque()  # (plans, future of per-worker results), oldest first
         while True:
-            if not core.has_work():
-                self._wake.clear()
-                await self._wake.wait()
             events: dict[str, TokenEvent] = {}
             try:
-                plans, items = core.begin_step(events)
-                if any(items):
-                    async with self._step_lock:
-                        results = await core.executor.run_async(items)
-                    core.end_step(plans, results, events)
-                else:  # waiting requests that do not fit yet: let finishing streams free blocks
+                if not inflight and not core.has_work():
+                    self._wake.clear()
+                    await self._wake.wait()
+                async with self._step_lock:  # a patch load runs between submissions
+                    plans, items = core.begin_step(events)
+                    submitted = any(items)
+                    if submitted:
+                        inflight.append((plans, asyncio.ensure_future(core.executor.run_async(items))))
+                if inflight and (len(inflight) >= self.depth or not submitted):
+                    done_plans, fut = inflight.popleft()
+                    core.end_step(done_plans, await fut, events)
+                elif not submitted and not events:  # requests wait for blocks: let finishing streams free some
                     await asyncio.sleep(0.005)
             except Exception as e:  # a dead worker: fail every in-flight request, loudly
                 log.exception("engine step failed")
                 self._failed = e
+                for _, fut in inflight:
+                    fut.cancel()
                 for q in self._queues.values():
                     q.put_nowait(e)
                 return
@@ -575,4 +625,4 @@ def build_engine(cfg) -> AsyncEngine:
     log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1fs",
              model_dir, world, args.n_routed_experts // world, blocks_per_worker, s.kv_cache.block_size,
              time.time() - t0)
-    return AsyncEngine(core, cfg.model.name, s.max_seq_len, model_dir)
+    return AsyncEngine(core, cfg.model.name, s.max_seq_len, model_dir, async_scheduling=s.async_scheduling)

@@ -31,7 +31,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 @dataclass
 class StepItem:
     seq_id: str
-    tokens: list[int]          # new tokens, written to the cache at start_pos...
+    tokens: list[int]          # new tokens, written to the cache at start_pos... (-1: the token this
+                               # worker sampled for seq_id in its previous step; see engine.PLACEHOLDER)
     start_pos: int
     block_table: list[int]
     sample: bool               # sample one token after the last new token
@@ -47,10 +48,12 @@ class ModelRunner:
                                       dtype=model.compute_dtype, device=device)
         self.device = device
         self._generators: dict[str, torch.Generator] = {}
+        self._last: dict[str, int] = {}  # last sampled token per sequence (feeds PLACEHOLDER items)
 
     @torch.inference_mode()
     def step(self, items: list[StepItem]) -> list[int | None]:
-        tokens = [t for it in items for t in it.tokens]
+        last = self._last
+        tokens = [last[it.seq_id] if t < 0 else t for it in items for t in it.tokens]
         batch = AttnBatch.build(self.cache, [it.block_table for it in items], [it.start_pos for it in items],
                                 [len(it.tokens) for it in items], device=self.device,
                                 variants=[it.variant for it in items])
@@ -68,6 +71,7 @@ class ModelRunner:
         for it in items:
             if it.sample:
                 out.append(toks[j])
+                last[it.seq_id] = toks[j]
                 j += 1
             else:
                 out.append(None)
@@ -76,6 +80,7 @@ class ModelRunner:
     def release(self, seq_ids: list[str]) -> None:
         for s in seq_ids:
             self._generators.pop(s, None)
+            self._last.pop(s, None)
 
     def load_patch(self, patch_dir: str, base_model_dir: str | None = None) -> int:
         """Add an ESFT expert patch as a served variant; only the experts this model holds are kept.
