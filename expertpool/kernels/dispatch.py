@@ -150,8 +150,8 @@ def moe_experts(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF,
     """Routed SwiGLU experts, weighted and summed per token (see package docstring)."""
     fp8 = w13_E2FD.dtype == torch.float8_e4m3fn and w2_EDF.dtype == torch.float8_e4m3fn
     if not fp8 or _choose("moe_experts", x_TD.device) == "torch":
-        return ref.moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale,
-                                   w2_EDF, w2_scale)
+        torch_path = ref.moe_experts_ref if torch.is_grad_enabled() else ref.moe_experts_inference
+        return torch_path(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale)
     if x_TD.shape[-1] % ref.BLOCK_SIZE:
         _log_once("moe_experts", "torch", f"D={x_TD.shape[-1]} is not a multiple of "
                   f"{ref.BLOCK_SIZE}")

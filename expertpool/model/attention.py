@@ -70,19 +70,18 @@ class AttnBatch:
         for i, q in enumerate(q_lens):
             by_len.setdefault(q, []).append(i)
         groups = []
-        for q, seqs in by_len.items():
-            tmax = max(start_pos[i] + q for i in seqs)
-            tok = torch.tensor([[offsets[i] + s for s in range(q)] for i in seqs], dtype=torch.long)
-            slot_rows, mask_rows = [], []
-            t = torch.arange(tmax)
-            for i in seqs:
-                n = start_pos[i] + q
-                row = [block_tables[i][p // bs] * bs + p % bs for p in range(n)] + [0] * (tmax - n)
-                slot_rows.append(row)
-                qpos = torch.arange(start_pos[i], start_pos[i] + q)
-                mask_rows.append(t[None, :] <= qpos[:, None])
-            groups.append(_Group(tok.to(device), torch.tensor(slot_rows, dtype=torch.long, device=device),
-                                 torch.stack(mask_rows).to(device)))
+        for q, seqs in by_len.items():  # one padded group per new-token count (decodes: q = 1)
+            n_B = torch.tensor([start_pos[i] + q for i in seqs])
+            tmax = int(n_B.max())
+            nb = -(-tmax // bs)
+            bt_BM = torch.tensor([block_tables[i][:nb] + [0] * (nb - len(block_tables[i][:nb])) for i in seqs],
+                                 dtype=torch.long)
+            t_T = torch.arange(tmax)
+            slots_BT = (bt_BM[:, t_T // bs] * bs + t_T % bs).masked_fill(t_T[None, :] >= n_B[:, None], 0)
+            qpos_BS = (n_B - q)[:, None] + torch.arange(q)[None, :]
+            tok_BS = torch.tensor([offsets[i] for i in seqs])[:, None] + torch.arange(q)[None, :]
+            groups.append(_Group(tok_BS.to(device), slots_BT.to(device),
+                                 (t_T[None, None, :] <= qpos_BS[:, :, None]).to(device)))
         variant_N = None
         if variants is not None and any(variants):
             variant_N = torch.tensor([v for v, q in zip(variants, q_lens) for _ in range(q)], dtype=torch.long,

@@ -72,3 +72,23 @@ def test_moe_experts_ref_all_slots_remote_gives_zeros():
     x, ids, w, *weights = make_moe(gen, t=3, top_k=2, e=2, d=128, f=128)
     y = ref.moe_experts_ref(x, torch.full_like(ids, -1), w, *weights)
     assert torch.equal(y, torch.zeros_like(x))
+
+
+def test_moe_experts_inference_equals_reference_bit_for_bit():
+    """The no-grad CPU path (used by serving) computes exactly what the reference computes, for fp8
+    and for bf16/fp32 resident weights, with remote (-1) slots, an idle expert and a single token."""
+    gen = torch.Generator().manual_seed(3)
+    x, ids, w, w13_q, w13_s, w2_q, w2_s = make_moe(gen, t=9, top_k=3, e=5, d=256, f=96, idle_expert=1)
+    ids[0, 1] = -1
+    w13_q[1] = float("nan")  # never touched: no tokens
+    for dt in (torch.float32, torch.bfloat16):
+        xd = x.to(dt)
+        assert torch.equal(ref.moe_experts_inference(xd, ids, w, w13_q, w13_s, w2_q, w2_s),
+                           ref.moe_experts_ref(xd, ids, w, w13_q, w13_s, w2_q, w2_s))
+        w13 = torch.stack([ref.dequant_w13_ref(w13_q[e], w13_s[e], dt) for e in range(5)])
+        w2 = torch.stack([ref.weight_dequant_ref(w2_q[e], w2_s[e], dt) for e in range(5)])
+        for rows in (slice(None), slice(0, 1)):
+            assert torch.equal(ref.moe_experts_inference(xd[rows], ids[rows], w[rows], w13, None, w2, None),
+                               ref.moe_experts_ref(xd[rows], ids[rows], w[rows], w13, None, w2, None))
+    assert torch.equal(ref.moe_experts_inference(x, torch.full_like(ids, -1), w, w13_q, w13_s, w2_q, w2_s),
+                       torch.zeros_like(x))
