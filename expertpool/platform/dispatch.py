@@ -1,7 +1,10 @@
 """All-to-all MoE dispatcher: the expert-parallel drop-in for ``model.moe.LocalDispatcher``.
 
 Shape legend: T local tokens, K experts per token, P = T*K (token, slot) pairs, R received pairs,
-D hidden. Rank r owns global experts [r*E/W, (r+1)*E/W).
+D hidden, E routed experts, W ranks. Ownership is a per-expert owner table ``owner_E``; the default
+(``expert_owners``) gives rank r the contiguous range [r*E//W, (r+1)*E//W): E/W experts each when W
+divides E (serving requires that), and ranges differing by at most one expert otherwise (elastic
+fine-tuning may restart on any worker count).
 
 dispatch: pairs are sorted by owning rank, counts exchanged, then token rows and expert ids are
 exchanged with ``all_to_all_single`` (uneven splits). Each rank runs its local experts on the rows it
@@ -17,19 +20,40 @@ import torch.distributed as dist
 from torch.distributed.nn import functional as dist_fn
 
 
+def owned_experts(rank: int, world: int, n_routed_experts: int) -> list[int]:
+    """Global ids of the experts rank ``rank`` of ``world`` owns: [r*E//W, (r+1)*E//W)."""
+    assert 0 <= rank < world <= n_routed_experts, f"rank {rank} of {world} over {n_routed_experts} experts"
+    return list(range(rank * n_routed_experts // world, (rank + 1) * n_routed_experts // world))
+
+
+def expert_owners(n_routed_experts: int, world: int) -> torch.Tensor:
+    """The owner rank of every global expert [E] under ``owned_experts``."""
+    owner_E = torch.empty(n_routed_experts, dtype=torch.long)
+    for r in range(world):
+        owner_E[owned_experts(r, world, n_routed_experts)] = r
+    return owner_E
+
+
 class AllToAllDispatcher:
-    def __init__(self, n_routed_experts: int, group=None):
+    def __init__(self, n_routed_experts: int, group=None, owner_E: torch.Tensor | None = None):
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
-        assert n_routed_experts % self.world == 0, \
-            f"{n_routed_experts} routed experts do not split over {self.world} ranks"
-        self.experts_per_rank = n_routed_experts // self.world
         self.n_routed = n_routed_experts
+        owner_E = expert_owners(n_routed_experts, self.world) if owner_E is None else owner_E.long().cpu()
+        assert owner_E.shape == (n_routed_experts,), f"owner table {tuple(owner_E.shape)} != ({n_routed_experts},)"
+        assert bool(((owner_E >= 0) & (owner_E < self.world)).all()), f"owner ranks outside [0, {self.world})"
+        self.owner_E = owner_E
+        self._owner_on: dict[torch.device, torch.Tensor] = {}  # the table on each device ids arrive on
 
     def owner_range(self, rank: int | None = None) -> list[int]:
         r = self.rank if rank is None else rank
-        return list(range(r * self.experts_per_rank, (r + 1) * self.experts_per_rank))
+        return torch.nonzero(self.owner_E == r).flatten().tolist()
+
+    def _owners(self, device: torch.device) -> torch.Tensor:
+        if device not in self._owner_on:
+            self._owner_on[device] = self.owner_E.to(device)
+        return self._owner_on[device]
 
     def _exchange(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         out = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
@@ -42,7 +66,7 @@ class AllToAllDispatcher:
         T, K = ids_TK.shape
         flat_ids_P = ids_TK.reshape(-1)
         # ids may be variant-offset virtual ids (e + v * E): the owner is that of the base expert
-        dest_P = torch.div(flat_ids_P % self.n_routed, self.experts_per_rank, rounding_mode="floor")
+        dest_P = self._owners(flat_ids_P.device)[flat_ids_P % self.n_routed]
         order_P = torch.argsort(dest_P, stable=True)
         tok_P = torch.div(order_P, K, rounding_mode="floor")
         send_counts_W = torch.bincount(dest_P, minlength=self.world)
