@@ -1,8 +1,9 @@
 """The fine-tuning loop: ``train_loop(config)``, run by every Ray Train worker or in one process.
 
-Parallelism. Rank r of W loads the dense weights and only its routed experts [r*E/W, (r+1)*E/W)
+Parallelism. Rank r of W loads the dense weights and only its routed experts [r*E//W, (r+1)*E//W)
 and routes tokens with ``AllToAllDispatcher`` (``LocalDispatcher`` when W = 1). Each rank reads
-the same global batch and keeps its slice (batch_size / W sequences).
+the same global batch of B sequences and keeps rows [r*B//W, (r+1)*B//W). W is whatever Ray Train
+started this attempt with: any count in the job's elastic range, so neither split needs to be even.
 
 Parameters and optimizers.
 - Dense, attention, router and shared-expert weights are replicated (data-parallel). In ``full``
@@ -18,15 +19,17 @@ Parameters and optimizers.
 
 Loss (fp32): masked next-token CE + ``mtp_loss_weight`` x masked MTP CE (token i+2) + the
 sequence-wise balance loss (``balance_loss_alpha``), each a global mean: a rank's CE is its summed
-token loss over the all-reduced token count. DeepSpeed averages dense gradients over ranks, so the
+token loss over the all-reduced token count, and its balance loss is its sequence mean weighted by
+its share of the batch's sequences. DeepSpeed averages dense gradients over ranks, so the
 backward loss is scaled by W and owned-expert gradients (already a sum over ranks) are divided by W.
 The aux-loss-free router bias update (``router_bias_rate``) uses the all-reduced expert load and
 runs after the optimizer step, outside forward (full mode only: a patch cannot carry router changes).
 
-Reliability. Every ``checkpoint_every`` steps each rank writes its part (DeepSpeed dense states +
-ZeRO optimizer shard, its experts and their optimizer, the ESFT selection) and reports it with
-``ray.train.report``; Ray merges the parts. After a restart, the loop reloads the latest checkpoint
-and skips the batches already consumed, so the data position is a function of the step.
+Reliability. Every ``checkpoint_every`` steps each rank writes its part and reports it with
+``ray.train.report``; Ray merges the parts into one checkpoint that any world size can restore
+(``jobs.train_state``: experts by global id, dense state whole, global state once). After a restart,
+with the same or another worker count, the loop reloads the latest checkpoint and skips the batches
+already consumed, so the data position is a function of the step.
 """
 
 import json
@@ -47,10 +50,14 @@ import torch.nn.functional as F
 
 from expertpool.jobs.esft import (SelectedExperts, TrainDispatcher, TrainExperts, all_reduce_scores, expert_scores,
                                   select_experts)
+from expertpool.jobs.train_state import (ExpertRows, dense_state, dense_step, expert_rows_state, load_dense_state,
+                                         load_expert_rows, load_scheduler, rank_files, read_expert_rows, read_state,
+                                         uniform_step, write_state)
 from expertpool.model.args import ModelArgs
 from expertpool.model.checkpoint import load_checkpoint, save_checkpoint
 from expertpool.model.moe import LocalDispatcher, RoutingRecord, sequence_balance_loss, update_router_bias
 from expertpool.model.patch import save_patch
+from expertpool.platform.dispatch import AllToAllDispatcher, expert_owners, owned_experts
 
 log = logging.getLogger("expertpool.finetune")
 
@@ -97,14 +104,27 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _tensor_batches(iterate, rank: int, world: int, per_worker: int):
-    """Endless epochs of global batches -> this rank's slice, as (input_ids, loss_mask)."""
+def batch_rows(rank: int, world: int, batch_size: int) -> slice:
+    """The rows of each global batch rank ``rank`` of ``world`` trains on: [r*B//W, (r+1)*B//W)."""
+    assert 0 <= rank < world <= batch_size, f"rank {rank} of {world} over {batch_size} sequences"
+    return slice(rank * batch_size // world, (rank + 1) * batch_size // world)
+
+
+def _layout(world: int, n_experts: int, batch_size: int) -> str:
+    """One log line: the experts and batch rows of every rank of this attempt."""
+    experts = [owned_experts(r, world, n_experts) for r in range(world)]
+    rows = [batch_rows(r, world, batch_size) for r in range(world)]
+    return (f"{world} workers; routed experts per rank {', '.join(f'{x[0]}-{x[-1]} ({len(x)})' for x in experts)}; "
+            f"batch rows per rank {', '.join(str(r.stop - r.start) for r in rows)}")
+
+
+def _tensor_batches(iterate, rows: slice):
+    """Endless epochs of global batches -> this rank's rows, as (input_ids, loss_mask)."""
     while True:
         n = 0
         for b in iterate():
             n += 1
-            sl = slice(rank * per_worker, (rank + 1) * per_worker)
-            yield torch.as_tensor(b["input_ids"])[sl].long(), torch.as_tensor(b["loss_mask"])[sl].bool()
+            yield torch.as_tensor(b["input_ids"])[rows].long(), torch.as_tensor(b["loss_mask"])[rows].bool()
         assert n > 0, "the training data yields no full global batch (checked before start)"
 
 
@@ -135,21 +155,24 @@ class _Trainer:
             config["base_model"] = str(ensure_embedded_model())
         self.base = config["base_model"]
         self.args = ModelArgs.from_dir(self.base)
-        E = self.args.n_routed_experts
-        assert E % self.world == 0, "checked before start: experts divide by workers"
-        self.owned = list(range(self.rank * E // self.world, (self.rank + 1) * E // self.world))
+        E, B = self.args.n_routed_experts, self.job["batch_size"]
+        # the config allows W up to `workers`, which divides E and B; an elastic restart may pick any
+        # W in [min_workers, workers], so the splits below may be uneven, never empty
+        self.owned = owned_experts(self.rank, self.world, E)
+        self.rows = batch_rows(self.rank, self.world, B)
+        self.per_worker = self.rows.stop - self.rows.start
         self.model = load_checkpoint(self.base, dtype=torch.float32, experts=self.owned if self.world > 1 else None,
                                      with_mtp=True)
         if self.world > 1:
-            from expertpool.platform.dispatch import AllToAllDispatcher
-
-            self.inner_dispatcher = AllToAllDispatcher(E)
+            self.inner_dispatcher = AllToAllDispatcher(E, owner_E=expert_owners(E, self.world))
         else:
             self.inner_dispatcher = LocalDispatcher()
         self.model.set_dispatcher(self.inner_dispatcher)
-        self.per_worker = self.job["batch_size"] // self.world
+        if self.rank == 0:
+            log.info("layout: %s", _layout(self.world, E, B))
         self.out = Path(config["output_dir"])
         self.engine = None
+        self.resumed_from_world: int | None = None
         self.selection: dict[int, list[int]] | None = None
         self.selected: dict[int, SelectedExperts] = {}
 
@@ -177,7 +200,7 @@ class _Trainer:
         for p in model.parameters():
             p.requires_grad_(False)
         views = {}
-        self.expert_params: list[nn.Parameter] = []
+        self.expert_groups: list[ExpertRows] = []  # the trainable expert rows, by global id (checkpoints)
         if mode == "esft":
             self.selection = selection
             for moe in model.moe_layers():
@@ -185,19 +208,22 @@ class _Trainer:
                 sel = SelectedExperts(moe.experts, mine) if mine else None
                 if sel is not None:
                     self.selected[moe.layer_id] = sel
-                    self.expert_params += [sel.w13, sel.w2]
+                    self.expert_groups.append(ExpertRows(moe.layer_id, sel.global_ids, sel.w13, sel.w2))
                 views[id(moe.experts)] = TrainExperts(moe.experts, sel)
-            self.dense_params = []
+            self.dense_named: list[tuple[str, nn.Parameter]] = []
         else:
             for moe in model.moe_layers():
-                moe.experts.w13_weight.requires_grad_(True)
-                moe.experts.w2_weight.requires_grad_(True)
-                self.expert_params += [moe.experts.w13_weight, moe.experts.w2_weight]
-                views[id(moe.experts)] = TrainExperts(moe.experts)
-            expert_ids = {id(p) for p in self.expert_params}
-            self.dense_params = [p for p in model.parameters() if id(p) not in expert_ids]
-            for p in self.dense_params:
+                ex = moe.experts
+                ex.w13_weight.requires_grad_(True)
+                ex.w2_weight.requires_grad_(True)
+                self.expert_groups.append(ExpertRows(moe.layer_id, ex.expert_ids.tolist(), ex.w13_weight, ex.w2_weight))
+                views[id(ex)] = TrainExperts(ex)
+            expert_ids = {id(p) for g in self.expert_groups for p in g.params().values()}
+            self.dense_named = [(n, p) for n, p in model.named_parameters() if id(p) not in expert_ids]
+            for _, p in self.dense_named:
                 p.requires_grad_(True)
+        self.expert_params = [p for g in self.expert_groups for p in g.params().values()]
+        self.dense_params = [p for _, p in self.dense_named]
         model.set_dispatcher(TrainDispatcher(self.inner_dispatcher, views))
         lr, wd = self.job["lr"], self.job["weight_decay"]
         self.expert_opt = torch.optim.AdamW(self.expert_params, lr=lr, betas=ADAM_BETAS, weight_decay=wd) \
@@ -237,7 +263,7 @@ class _Trainer:
         model, args = self.model, self.args
         model.set_dispatcher(self.inner_dispatcher)
         totals: dict[int, torch.Tensor] = {}
-        batches = _tensor_batches(self.train_iterate, self.rank, self.world, self.per_worker)
+        batches = _tensor_batches(self.train_iterate, self.rows)
         for _ in range(n_batches):
             ids, _mask = next(batches)
             rec = RoutingRecord()
@@ -273,7 +299,9 @@ class _Trainer:
             if job["balance_loss_alpha"] > 0:
                 for _, (_, ids_TK, scores_TE) in sorted(rec.layers.items()):
                     bal = bal + sequence_balance_loss(scores_TE, ids_TK, ids.shape[0], job["balance_loss_alpha"], args)
-                bal = bal / self.world
+                # a mean over this rank's sequences; weighted by its share of the batch, the ranks'
+                # parts sum to the mean over the global batch (ranks may hold different row counts)
+                bal = bal * (ids.shape[0] / job["batch_size"])
                 total = total + bal
         return total, ce, mtp, bal, rec
 
@@ -296,18 +324,22 @@ class _Trainer:
                     p.grad.div_(W)
         else:
             total.backward()
+        # a zero gradient where no token reached an expert parameter this step (Megatron's dense expert
+        # gradients do the same): every AdamW state then steps every step, so one step count
+        # describes them all and a checkpoint can be re-sharded (jobs.train_state)
+        for p in self.expert_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         expert_norm = 0.0
         if self.expert_opt is not None:
             sq = torch.zeros((), dtype=torch.float64)
             for p in self.expert_params:
-                if p.grad is not None:
-                    sq += p.grad.double().pow(2).sum()
+                sq += p.grad.double().pow(2).sum()
             expert_norm = float(_all_reduce(sq).sqrt())
             clip = self.job["grad_clip"]
             if clip and expert_norm > clip:
                 for p in self.expert_params:
-                    if p.grad is not None:
-                        p.grad.mul_(clip / (expert_norm + 1e-6))
+                    p.grad.mul_(clip / (expert_norm + 1e-6))
         if self.engine is not None:
             self.engine.step()
         if self.expert_opt is not None:
@@ -337,7 +369,7 @@ class _Trainer:
         n = ids_all.shape[0]
         idx = list(range(self.rank, max(n, self.world), self.world))  # equal counts: wrap when n < W
         idx = [i % n for i in idx]
-        per = max(1, self.per_worker)
+        per = max(1, self.job["batch_size"] // self.world)  # the same on every rank: equal chunk counts
         n_chunks = math.ceil(math.ceil(max(n, self.world) / self.world) / per)
         loss_sum, tok = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         for c in range(n_chunks):
@@ -371,48 +403,62 @@ class _Trainer:
                    for t in st.values() if torch.is_tensor(t))
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def write_checkpoint(self, d: Path, step: int) -> None:
+        """Write this rank's part of the checkpoint after ``step`` into ``d`` (``jobs.train_state``).
+        Collective: every rank calls it."""
+        if self.expert_opt is not None:
+            assert uniform_step(self.expert_opt.state[p] for p in self.expert_params) == step, \
+                "an expert AdamW state missed a step"
+        if self.engine is not None:
+            assert dense_step(self.engine, self.dense_params) == step, "the dense AdamW missed a step"
+        torch.save(expert_rows_state(self.expert_groups, self.expert_opt), d / f"experts-rank{self.rank}.pt")
+        if self.engine is not None:
+            torch.save(dense_state(self.engine, self.dense_named), d / f"dense-rank{self.rank}.pt")
+        # every rank runs the same schedule; in ESFT rank 0 may train no expert: take the first one's
+        scheds = [None] * self.world
+        dist.all_gather_object(scheds, self.expert_sched.state_dict() if self.expert_sched else None)
+        if self.rank == 0:
+            torch.save({"adam_step": step, "selection": self.selection,
+                        "expert_sched": next((x for x in scheds if x is not None), None),
+                        "dense_sched": self.engine.lr_scheduler.state_dict() if self.engine is not None else None,
+                        "router_bias": {m.layer_id: m.gate.e_score_correction_bias.clone()
+                                        for m in self.model.moe_layers()}}, d / "global.pt")
+            write_state(d, step, self.world, self.job)
+
     def _save_checkpoint(self, step: int, metrics: dict) -> None:
+        """Write the checkpoint to a fresh local directory and report it: Ray registers it only once
+        every rank has reported, so a rank dying mid-write leaves no half-written checkpoint behind."""
         import ray.train
 
         tmp = Path(tempfile.mkdtemp(prefix="expertpool-ckpt-"))
         try:
-            if self.engine is not None:
-                self.engine.save_checkpoint(str(tmp), tag="dense")
-            part = {"step": step, "world": self.world, "selection": self.selection,
-                    "experts": [p.detach().clone() for p in self.expert_params],
-                    "expert_opt": self.expert_opt.state_dict() if self.expert_opt else None,
-                    "expert_sched": self.expert_sched.state_dict() if self.expert_sched else None,
-                    "router_bias": {m.layer_id: m.gate.e_score_correction_bias.clone()
-                                    for m in self.model.moe_layers()}}
-            torch.save(part, tmp / f"rank{self.rank}.pt")
-            if self.rank == 0:
-                (tmp / "state.json").write_text(json.dumps({"step": step, "world": self.world}))
+            self.write_checkpoint(tmp, step)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def _restore(self, d: Path) -> int:
-        state = json.loads((d / "state.json").read_text())
-        if state["world"] != self.world:
-            raise RuntimeError(f"{d}: checkpoint written by {state['world']} workers, this run has {self.world}; "
-                               "resume with the same workers or start a new output_dir")
-        part = torch.load(d / f"rank{self.rank}.pt", weights_only=False)
-        if self.job["mode"] == "esft":
-            self._setup_trainables(part["selection"])
-        else:
-            self._setup_trainables(None)
+    def restore(self, d: Path) -> int:
+        """Set up the trainables from the checkpoint in ``d``, written by any world size, taking the
+        expert rows this rank owns now. Returns the step to continue after. Local: no collectives."""
+        state = read_state(d, self.job)
+        glob = torch.load(d / "global.pt", weights_only=True)
+        self._setup_trainables(glob["selection"] if self.job["mode"] == "esft" else None)
+        self.resumed_from_world = state["world"]
+        if self.expert_opt is not None:
+            rows = read_expert_rows(rank_files(d, "experts"), self.expert_groups)
+            load_expert_rows(self.expert_groups, self.expert_opt, rows, glob["adam_step"], source=str(d))
+            load_scheduler(self.expert_sched, glob["expert_sched"])
         if self.engine is not None:
-            self.engine.load_checkpoint(str(d), tag="dense")
+            saved: dict = {}
+            for f in rank_files(d, "dense"):
+                saved.update(torch.load(f, mmap=True, weights_only=True))
+            load_dense_state(self.engine, self.dense_named, saved, glob["adam_step"], source=str(d))
+            load_scheduler(self.engine.lr_scheduler, glob["dense_sched"])
         with torch.no_grad():
-            for p, t in zip(self.expert_params, part["experts"]):
-                p.copy_(t)
             for m in self.model.moe_layers():
-                m.gate.e_score_correction_bias.copy_(part["router_bias"][m.layer_id])
+                m.gate.e_score_correction_bias.copy_(glob["router_bias"][m.layer_id])
                 if m.layer_id in self.selected:
                     self.selected[m.layer_id].write_back(m.experts)
-        if self.expert_opt is not None:
-            self.expert_opt.load_state_dict(part["expert_opt"])
-            self.expert_sched.load_state_dict(part["expert_sched"])
         return int(state["step"])
 
     # -- outputs ---------------------------------------------------------------------------------
@@ -496,9 +542,10 @@ class _Trainer:
             ckpt = ray.train.get_checkpoint()
             if ckpt is not None:
                 with ckpt.as_directory() as d:
-                    start = self._restore(Path(d))
+                    start = self.restore(Path(d))
                 resumed = True
-                log.info("rank %d: resumed from checkpoint at step %d", self.rank, start)
+                log.info("rank %d of %d: resumed from the step-%d checkpoint written by %d workers", self.rank,
+                         self.world, start, self.resumed_from_world)
         eval_initial = None
         if not resumed:
             eval_initial = self.evaluate()
@@ -522,7 +569,7 @@ class _Trainer:
         if self.rank == 0:
             log.info("trainable parameters: %d (mode %s, world %d)", self.trainable_params, job["mode"], self.world)
         self.model.train()
-        batches = _tensor_batches(self.train_iterate, self.rank, self.world, self.per_worker)
+        batches = _tensor_batches(self.train_iterate, self.rows)
         for _ in range(start):  # skip what the restored steps consumed: same data position
             next(batches)
         history_file = self.out / "train_log.jsonl"
@@ -555,7 +602,7 @@ class _Trainer:
                 self.out.mkdir(parents=True, exist_ok=True)
                 with history_file.open("a") as fh:
                     fh.write(json.dumps({"step": step, "loss": loss, "tokens_per_s": tok_s, "data_fingerprint": fp,
-                                         "resumed_from": start if resumed else None}) + "\n")
+                                         "world": self.world, "resumed_from": start if resumed else None}) + "\n")
             if self.in_ray and job["checkpoint_every"] and step % job["checkpoint_every"] == 0 and step < job["steps"]:
                 self._save_checkpoint(step, {"step": step, "loss": loss})
         self.model.eval()
@@ -563,7 +610,8 @@ class _Trainer:
         summary = {"step": job["steps"], "mode": job["mode"], "world": self.world, "train_loss_final": loss,
                    "eval_loss_initial": eval_initial, "eval_loss_final": eval_final,
                    "tokens_per_s": float(np.median(tok_s_hist)) if tok_s_hist else None,
-                   "resumed_from": start if resumed else None}
+                   "resumed_from": start if resumed else None,
+                   "resumed_from_world": self.resumed_from_world if resumed else None}
         if self.dense_params:
             summary["dense_replicas_agree"] = self._dense_replicas_agree()
         summary["trainable_params"] = self.trainable_params

@@ -1,0 +1,233 @@
+"""Re-shardable fine-tuning checkpoints: written by W ranks, restored by any W' ranks.
+
+A checkpoint is one directory; every rank writes its files into its own temporary directory and
+reports it with ``ray.train.report``, and Ray merges them, so every rank of a later attempt sees all
+of them. Nothing in it depends on the writer's world size:
+
+- ``state.json`` (rank 0): the step, the writer's world size, the job settings a resume must share.
+- ``global.pt`` (rank 0): what every rank holds the same copy of: router biases, the ESFT
+  selection, the AdamW step, the learning-rate schedulers.
+- ``experts-rank{r}.pt``: the routed expert rows rank r trained, keyed by GLOBAL expert id:
+  ``"{layer}.{expert}.{w13|w2}"`` plus ``".exp_avg"`` / ``".exp_avg_sq"`` for the AdamW moments. A
+  restoring rank loads these files memory-mapped and copies only the rows it owns now.
+- ``dense-rank{r}.pt`` (full mode): the dense (data-parallel) parameters in fp32 with their AdamW
+  moments, whole tensors keyed by parameter name. DeepSpeed's own ZeRO checkpoint only loads at the
+  same data-parallel size, so it is not used. Under ZeRO 1/2 each parameter is reassembled from the
+  ranks' partitions with ``deepspeed.utils.safe_get_full_fp32_param`` / ``safe_get_full_optimizer_state``
+  (collective: an all-reduce over the data-parallel group, so every rank calls them in the same
+  order; works on gloo); parameter i is written by rank i % W so the files spread over the ranks.
+
+One AdamW step count for everything. The trainer gives every expert parameter a gradient each
+step (zeros where no token reached it, as Megatron's dense expert gradients do) and DeepSpeed does
+the same for dense parameters without a gradient, so every AdamW state has step == the number of
+optimizer steps, stored once. A zero gradient still moves a weight (the moments decay, weight decay
+applies), exactly as a row of a stacked expert tensor that got no tokens always did.
+
+Restoring dense state under ZeRO 1/2 has no public DeepSpeed call that creates the optimizer state
+of a fresh engine (torch AdamW creates it lazily at the first step), so ``load_dense_state``
+creates it (zeros of the flat fp32 partition, the step), links it with the engine's
+``_lazy_init_hp_params_optimizer_state`` (checked on deepspeed 0.19.8) and then writes every
+parameter's fragment with ``safe_set_full_fp32_param`` / ``safe_set_full_optimizer_state`` (local:
+each rank writes its own partition). ZeRO stage 0 is a plain torch AdamW: state by parameter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+FORMAT = 2  # format 1 (before re-sharding) kept DeepSpeed ZeRO shards and per-rank expert lists
+MOMENTS = ("exp_avg", "exp_avg_sq")
+# job settings a resumed run must share with the checkpoint's run: the data position is step x
+# batch_size sequences of seq_len tokens, and the optimizer state belongs to this mode and model
+RESUME_FIELDS = ("mode", "batch_size", "seq_len", "base_model")
+
+
+@dataclass
+class ExpertRows:
+    """One layer's trainable routed-expert tensors on this rank: row i of ``w13`` [n, 2F, D] and ``w2``
+    [n, D, F] is global expert ``ids[i]``. Full mode: the stacked ``Experts`` weights; ESFT: the
+    ``SelectedExperts`` copies."""
+    layer: int
+    ids: list[int]
+    w13: nn.Parameter
+    w2: nn.Parameter
+
+    def params(self) -> dict[str, nn.Parameter]:
+        return {"w13": self.w13, "w2": self.w2}
+
+
+def adam_state(like: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+    """A torch AdamW state entry (the layout ``torch.optim.AdamW`` creates lazily), moments zero."""
+    # the step is a default-dtype scalar tensor, as AdamW makes it when not fused/capturable
+    return {"step": torch.tensor(float(step)), "exp_avg": torch.zeros_like(like), "exp_avg_sq": torch.zeros_like(like)}
+
+
+def uniform_step(states: Iterable[Mapping[str, torch.Tensor]]) -> int | None:
+    """The one AdamW step count of these states (None if there are none). Asserts they agree."""
+    steps = {int(st["step"]) for st in states}
+    assert len(steps) <= 1, f"AdamW states with different step counts {sorted(steps)}: a parameter missed a step"
+    return steps.pop() if steps else None
+
+
+# ---------------------------------------------------------------------------------------------- experts
+
+def _key(layer: int, expert: int, name: str) -> str:
+    return f"{layer}.{expert}.{name}"
+
+
+def expert_rows_state(groups: list[ExpertRows], opt: torch.optim.Optimizer | None) -> dict[str, torch.Tensor]:
+    """This rank's expert rows and their AdamW moments by global id (each row cloned: saving a view
+    would write the whole stacked tensor)."""
+    out: dict[str, torch.Tensor] = {}
+    for g in groups:
+        for name, p in g.params().items():
+            st = opt.state[p]
+            for i, e in enumerate(g.ids):
+                out[_key(g.layer, e, name)] = p.detach()[i].clone()
+                for m in MOMENTS:
+                    out[_key(g.layer, e, f"{name}.{m}")] = st[m][i].clone()
+    return out
+
+
+def read_expert_rows(files: Iterable[Path], groups: list[ExpertRows]) -> dict[str, torch.Tensor]:
+    """The saved rows of the experts in ``groups`` from every rank's file (memory-mapped: only the
+    rows this rank owns are read)."""
+    wanted = {(g.layer, e) for g in groups for e in g.ids}
+    rows: dict[str, torch.Tensor] = {}
+    for f in files:
+        for k, t in torch.load(f, mmap=True, weights_only=True).items():
+            layer, expert, _ = k.split(".", 2)
+            if (int(layer), int(expert)) in wanted:
+                rows[k] = t
+    return rows
+
+
+@torch.no_grad()
+def load_expert_rows(groups: list[ExpertRows], opt: torch.optim.Optimizer | None, rows: Mapping[str, torch.Tensor],
+                     step: int, source: str = "checkpoint") -> None:
+    """Copy the saved rows and moments into this rank's expert parameters and create their AdamW state
+    at ``step``. Raises if the checkpoint lacks an expert this rank trains."""
+    for g in groups:
+        for name, p in g.params().items():
+            st = adam_state(p, step)
+            for i, e in enumerate(g.ids):
+                key = _key(g.layer, e, name)
+                if key not in rows:
+                    raise ValueError(f"{source}: no saved state for expert {e} of layer {g.layer} ({name}); the "
+                                     "checkpoint belongs to another job or selection; resume from this job's "
+                                     "output_dir or start without --resume")
+                p[i].copy_(rows[key])
+                for m in MOMENTS:
+                    st[m][i].copy_(rows[f"{key}.{m}"])
+            opt.state[p] = st
+
+
+# ---------------------------------------------------------------------------------------------- dense
+
+def _is_zero_partitioned(params: list[nn.Parameter]) -> bool:
+    """ZeRO 1/2 links every parameter to its fp32 partition (``_hp_mapping``); stage 0 does not."""
+    return any(hasattr(p, "_hp_mapping") for p in params)
+
+
+def dense_state(engine, named: list[tuple[str, nn.Parameter]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The dense fp32 parameters and AdamW moments, whole, by name: the ones this rank writes (index
+    i % W == rank). Collective under ZeRO 1/2: every rank must call it with the same parameters."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    params = [p for _, p in named]
+    zero = _is_zero_partitioned(params)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for i, (name, p) in enumerate(named):
+        if zero:  # all-reduces of the partitions: every rank takes part, one keeps the result
+            full = {"fp32": safe_get_full_fp32_param(p)} | {m: safe_get_full_optimizer_state(p, m) for m in MOMENTS}
+        else:
+            st = engine.optimizer.state[p]
+            full = {"fp32": p.detach()} | {m: st[m] for m in MOMENTS}
+        if i % world == rank:
+            out[name] = {k: v.detach().float().clone() for k, v in full.items()}
+    return out
+
+
+def dense_step(engine, params: list[nn.Parameter]) -> int:
+    """The AdamW step count of the dense optimizer (one flat fp32 partition per group under ZeRO 1/2)."""
+    if _is_zero_partitioned(params):
+        opt = engine.optimizer
+        return uniform_step(opt.optimizer.state[flat] for flat in opt.single_partition_of_fp32_groups)
+    return uniform_step(engine.optimizer.state[p] for p in params)
+
+
+@torch.no_grad()
+def load_dense_state(engine, named: list[tuple[str, nn.Parameter]], saved: Mapping[str, Mapping[str, torch.Tensor]],
+                     step: int, source: str = "checkpoint") -> None:
+    """Set the dense parameters (model copy and fp32 master), their moments and the AdamW step from
+    whole saved tensors, on a freshly initialized engine. Local: no collectives."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    missing = [name for name, _ in named if name not in saved]
+    if missing:
+        raise ValueError(f"{source}: no saved dense state for {missing[:3]}{' ...' if len(missing) > 3 else ''}; "
+                         "the checkpoint belongs to another model or mode; start without --resume")
+    params = [p for _, p in named]
+    if _is_zero_partitioned(params):
+        opt = engine.optimizer  # DeepSpeedZeroOptimizer around torch AdamW over flat fp32 partitions
+        for flat in opt.single_partition_of_fp32_groups:
+            opt.optimizer.state[flat] = adam_state(flat, step)
+        opt._lazy_init_hp_params_optimizer_state()  # link each parameter's fragment views into that state
+        for name, p in named:
+            s = saved[name]
+            p.copy_(s["fp32"])  # the model's copy (a view into ZeRO's flat buffer)
+            safe_set_full_fp32_param(p, s["fp32"])  # this rank's fp32 master partition
+            for m in MOMENTS:
+                safe_set_full_optimizer_state(p, s[m], m)
+    else:
+        for name, p in named:
+            s = saved[name]
+            p.copy_(s["fp32"])
+            st = adam_state(p, step)
+            for m in MOMENTS:
+                st[m].copy_(s[m])
+            engine.optimizer.state[p] = st
+
+
+# ---------------------------------------------------------------------------------------------- schedulers
+
+@torch.no_grad()
+def load_scheduler(sched: torch.optim.lr_scheduler.LRScheduler, state: dict) -> None:
+    """Load a scheduler's state and put its last learning rate into the optimizer's groups (a scheduler
+    state_dict does not carry them; a fresh optimizer still has the initial lr)."""
+    sched.load_state_dict(state)
+    for group, lr in zip(sched.optimizer.param_groups, sched.get_last_lr()):
+        group["lr"] = lr
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def write_state(directory: Path, step: int, world: int, job: dict) -> None:
+    (directory / "state.json").write_text(json.dumps({
+        "format": FORMAT, "step": step, "world": world, "job": {k: job.get(k) for k in RESUME_FIELDS}}))
+
+
+def read_state(directory: Path, job: dict) -> dict:
+    """The checkpoint's state.json, checked against this job: raises naming the field that differs."""
+    state = json.loads((directory / "state.json").read_text())
+    if state.get("format") != FORMAT:
+        raise ValueError(f"{directory}: checkpoint format {state.get('format', 1)}, this version reads {FORMAT}; "
+                         "start the job without --resume (or with a new output_dir)")
+    for k in RESUME_FIELDS:
+        if state["job"].get(k) != job.get(k):
+            raise ValueError(f"{directory}: the checkpoint was written with {k} = {state['job'].get(k)!r}, this "
+                             f"job has {job.get(k)!r}; set {k} back to resume it, or start without --resume")
+    return state
+
+
+def rank_files(directory: Path, kind: str) -> list[Path]:
+    """Every rank's ``{kind}-rank{r}.pt`` in the merged checkpoint directory, by rank."""
+    return sorted(directory.glob(f"{kind}-rank*.pt"), key=lambda f: int(f.stem.rsplit("rank", 1)[1]))
