@@ -1,6 +1,8 @@
 """Shared fixtures. ``ray_cluster``: ONE local Ray instance for the whole test session, started on
 first use only (``ray.init`` costs ~10 s), so unit tests never pay for it. ``address="local"``
-always starts a private instance, never attaching to another cluster found on the machine."""
+always starts a private instance, never attaching to another cluster found on the machine. It has 3
+of the custom resource ``expertpool_test_slot``: a job whose workers need one each can get 3
+workers and no more (the elastic fine-tuning test)."""
 
 import pytest
 
@@ -11,7 +13,7 @@ def ray_cluster():
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=8, include_dashboard=False)
+        ray.init(address="local", num_cpus=8, resources={"expertpool_test_slot": 3}, include_dashboard=False)
     yield ray
     if started:
         ray.shutdown()

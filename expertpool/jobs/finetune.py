@@ -6,18 +6,24 @@
 Order of work: validate everything a user can get wrong (job name, dataset, experts vs workers,
 seq_len, ESFT p, publishing) before any worker starts, and exit 2 with the message; then Ray Data
 reads, tokenizes and packs the data; a ``TorchTrainer`` runs ``jobs.train.train_loop`` on
-``workers`` gloo/nccl workers with ``FailureConfig(max_failures)``; rank 0 writes the result
-(``<output_dir>/patch`` for ESFT, ``<output_dir>/model`` for full), ``summary.json`` and
-``train_log.jsonl``; finally the patch is published to the serving app when ``publish_to`` is set.
+``workers`` gloo/nccl workers (elastic: ``min_workers``..``workers``) with
+``FailureConfig(max_failures)``; rank 0 writes the result (``<output_dir>/patch`` for ESFT,
+``<output_dir>/model`` for full), ``summary.json`` and ``train_log.jsonl``; finally the patch is
+published to the serving app when ``publish_to`` is set.
 
-Each submission is a new Ray Train run (the run name carries a timestamp): a restarted worker
-group resumes from the run's latest checkpoint, a resubmitted job starts over.
+Runs. Each submission is a new Ray Train run under ``<output_dir>/ray`` (the run name carries a
+timestamp): a restarted worker group resumes from the run's latest checkpoint, whatever its worker
+count. ``--resume`` instead continues the newest earlier run of the job that has a checkpoint: Ray
+Train V2 restores a run's checkpoints when a trainer reuses its name and storage path, so the
+resubmitted job starts from that run's latest checkpoint, with any worker count. Without one it
+starts a new run.
 """
 
 import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -85,12 +91,20 @@ def _too_little_data(config: dict, n_rows: int) -> JobError:
                     "seq_len, or add data")
 
 
-def _fresh_outputs(config: dict) -> None:
-    """A new run starts a new log; worker restarts within a run append to it."""
+def _fresh_outputs(config: dict, resume: bool = False) -> None:
+    """A new run starts a new log; worker restarts within a run, and resumed runs, append to it."""
     out = Path(config["output_dir"])
     out.mkdir(parents=True, exist_ok=True)
-    for name in ("train_log.jsonl", "summary.json"):
+    for name in ("summary.json",) if resume else ("train_log.jsonl", "summary.json"):
         (out / name).unlink(missing_ok=True)
+
+
+def resumable_run(storage: Path, job_name: str) -> str | None:
+    """The name of the newest Ray Train run of ``job_name`` under ``storage`` that registered a checkpoint
+    (Ray Train keeps ``checkpoint_manager_snapshot.json`` in the run directory), or None."""
+    run = re.compile(rf"{re.escape(job_name)}-\d{{8}}-\d{{6}}")  # the names run_ray gives (not job 'a-b' for 'a')
+    snapshots = [p for p in storage.glob("*/checkpoint_manager_snapshot.json") if run.fullmatch(p.parent.name)]
+    return max(snapshots, key=lambda p: p.stat().st_mtime).parent.name if snapshots else None
 
 
 def run_local(config: dict, **extra) -> dict:
@@ -109,8 +123,11 @@ def run_local(config: dict, **extra) -> dict:
     return train_loop({**config, "job": j, "local_rows": rows, **extra})
 
 
-def run_ray(config: dict, *, fault: dict | None = None, run_name: str | None = None) -> dict:
-    """Run the job as a Ray Train ``TorchTrainer`` on the connected Ray cluster; returns the summary."""
+def run_ray(config: dict, *, fault: dict | None = None, run_name: str | None = None, resume: bool = False) -> dict:
+    """Run the job as a Ray Train ``TorchTrainer`` on the connected Ray cluster; returns the summary.
+
+    ``resume``: continue the newest earlier run of this job in ``<output_dir>/ray`` from its latest
+    checkpoint (see the module docstring); ``run_name`` names the run explicitly instead."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
@@ -127,12 +144,19 @@ def run_ray(config: dict, *, fault: dict | None = None, run_name: str | None = N
         raise _too_little_data(config, n_rows)
     datasets = {"train": train_ds} | ({"eval": eval_ds} if eval_ds is not None else {})
     out = Path(config["output_dir"])
-    _fresh_outputs(config)
+    if run_name is None and resume:
+        run_name = resumable_run(out / "ray", config["job_name"])
+        log.info("--resume: %s", f"continuing run {run_name} from its latest checkpoint" if run_name else
+                 f"no earlier run of {config['job_name']} with a checkpoint in {out / 'ray'}; starting a new one")
+    _fresh_outputs(config, resume=resume)
     loop_config = {**config, "has_eval": eval_ds is not None, "fault": fault}
+    low, high = j["min_workers"] or j["workers"], j["workers"]
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ray.train.ScalingConfig(num_workers=j["workers"], use_gpu=False,
+        # a (min, max) range makes Ray Train elastic: it starts or restarts on as many workers as it
+        # can get in the range; every world size restores the same checkpoint (jobs.train_state)
+        scaling_config=ray.train.ScalingConfig(num_workers=(low, high) if low < high else high, use_gpu=False,
                                                resources_per_worker=config["worker_resources"]),
         run_config=ray.train.RunConfig(
             name=run_name or f"{config['job_name']}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -152,8 +176,10 @@ def run_ray(config: dict, *, fault: dict | None = None, run_name: str | None = N
 
 
 def _log_summary(s: dict) -> None:
-    log.info("done: %d steps (%s, %d workers), train loss %.4f, eval loss %s -> %s, %.0f tokens/s, %s%s",
-             s["step"], s["mode"], s["world"], s["train_loss_final"],
+    log.info("done: %d steps (%s, %d workers%s), train loss %.4f, eval loss %s -> %s, %.0f tokens/s, %s%s",
+             s["step"], s["mode"], s["world"],
+             f"; resumed at step {s['resumed_from']} from {s['resumed_from_world']} workers" if s["resumed_from"]
+             else "", s["train_loss_final"],
              None if s["eval_loss_initial"] is None else round(s["eval_loss_initial"], 4),
              None if s["eval_loss_final"] is None else round(s["eval_loss_final"], 4),
              s["tokens_per_s"] or 0, s.get("output"),
@@ -169,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "as a Ray Train job")
     p.add_argument("--no-publish", action="store_true", help="do not publish the patch to the serving app even "
                    "if the job sets publish_to")
+    p.add_argument("--resume", action="store_true", help="continue the newest earlier run of this job in "
+                   "<output_dir>/ray from its latest checkpoint (after a cluster restart or a cancelled job; the "
+                   "worker count may differ; mode, batch_size, seq_len and base_model must not) instead of "
+                   "starting over; starts a new run if there is none")
     p.add_argument("--address", default=None, help="Ray address to connect to (default: RAY_ADDRESS, a running "
                    "local cluster, or a new local instance)")
     return p
@@ -186,13 +216,16 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if a.local:
+        if a.resume:
+            print("error: --resume continues a Ray Train run; --local runs have no checkpoints", file=sys.stderr)
+            return 2
         summary = run_local(config)
     else:
         import ray
 
         if not ray.is_initialized():
             ray.init(address=a.address, include_dashboard=False, logging_level=logging.WARNING)
-        summary = run_ray(config)
+        summary = run_ray(config, resume=a.resume)
     _log_summary(summary)
     if config["publish_to"]:
         from expertpool.platform.patches import AppNotRunning, publish

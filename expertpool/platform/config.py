@@ -417,12 +417,19 @@ class TrainJobConfig(_Closed):
     esft: EsftConfig = Field(default_factory=EsftConfig, description="Expert selection (mode esft only).")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
     steps: int = Field(500, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(32, ge=1, description="Global batch size in sequences; must divide by workers.")
+    batch_size: int = Field(32, ge=1, description="Global batch size in sequences; must divide by workers (so "
+                            "every worker count in the elastic range gets at least one sequence).")
     seq_len: int = Field(4096, ge=1, description="Training sequence length in tokens (longer examples are truncated).")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup steps (<= steps).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip. None = no clipping.")
-    workers: int = Field(2, ge=1, description="Ray Train workers; routed experts are sharded over them.")
+    workers: int = Field(2, ge=1, description="Ray Train workers; routed experts are sharded over them. With "
+                         "min_workers, the most workers (the size Ray Train asks for and grows back to).")
+    min_workers: int | None = Field(None, ge=1, description="Fewest workers the job runs on (Ray Train elastic "
+                                    "range min_workers..workers): after a failure Ray Train restarts on the "
+                                    "workers it can get from the latest checkpoint, which any worker count restores; "
+                                    "rank r of W then owns routed experts [r*E//W, (r+1)*E//W). None = always "
+                                    "exactly `workers`.")
     experts_per_worker: int | None = Field(None, ge=1, description="Routed experts per worker. None = "
                                            "n_routed_experts / workers; if set, must equal it.")
     worker_resources: ActorResources = Field(default_factory=ActorResources, description="Resources per train worker.")
@@ -456,10 +463,18 @@ class TrainJobConfig(_Closed):
         if self.batch_size % self.workers:
             raise _rule("batch_size", f"{self.batch_size} sequences do not split evenly over {self.workers} workers",
                         f"set batch_size to a multiple of {self.workers}")
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise _rule("min_workers", f"({self.min_workers}) exceeds workers ({self.workers}), the most workers",
+                        f"set min_workers to at most {self.workers}, or raise workers")
         if self.domain is not None and not _DOMAIN.match(self.domain):
             raise _rule("domain", f"'{self.domain}' has characters outside [A-Za-z0-9._-]",
                         "set domain to a short name such as 'law' or 'math-v2'")
         return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) Ray Train workers; equal when the job is not elastic."""
+        return (self.workers if self.min_workers is None else self.min_workers, self.workers)
 
     def resolved_experts_per_worker(self, n_routed_experts: int) -> int:
         problem = self._experts_problem(n_routed_experts)

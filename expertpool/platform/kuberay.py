@@ -217,7 +217,8 @@ def rayjob_manifest(cfg: ClusterConfig, job_name: str, *, cluster_name: str | No
     if cluster_name is not None:
         spec["clusterSelector"] = {"ray.io/cluster": cluster_name}
     else:
-        group = _worker_group(cfg, TRAIN_GROUP, job.worker_resources.bundle(), job.workers, job.workers, job.workers)
+        low, high = job.worker_range  # elastic jobs keep running on min_workers pods
+        group = _worker_group(cfg, TRAIN_GROUP, job.worker_resources.bundle(), low, high, high)
         spec.update({
             "shutdownAfterJobFinishes": True,
             "ttlSecondsAfterFinished": 600,

@@ -28,8 +28,15 @@ def _config(tmp_path, job: str, tiny_dir, data: str | None = DATA) -> str:
     ("workers: 2\nbatch_size: 2\nrouter_bias_rate: 0.001", DATA, r"router_bias_rate: .*set router_bias_rate: 0"),
     ("workers: 2\nbatch_size: 2\nseq_len: 100000", DATA, r"seq_len: \(100000\) exceeds the model's max_position"),
     ("workers: 2\nbatch_size: 3", DATA, r"batch_size: 3 sequences do not split evenly over 2 workers"),
+    ("workers: 2\nmin_workers: 3\nbatch_size: 2", DATA,
+     r"train.jobs.j.min_workers: \(3\) exceeds workers \(2\).*; set min_workers to at most 2"),
+    ("workers: 2\nmin_workers: 0\nbatch_size: 2", DATA, r"train.jobs.j.min_workers: must be >= 1, got 0"),
+    # an elastic range does not relax the full size: workers must still divide the experts and the batch
+    ("workers: 3\nmin_workers: 1\nbatch_size: 3", DATA, r"train.jobs.j.workers: .*256.*3"),
+    ("workers: 4\nmin_workers: 3\nbatch_size: 6", DATA, r"batch_size: 6 sequences do not split evenly over 4"),
 ], ids=["missing-dataset", "empty-dataset", "experts-not-divisible", "p-above-1", "p-zero", "bias-in-esft",
-        "seq-len", "batch-split"])
+        "seq-len", "batch-split", "min-above-workers", "min-zero", "elastic-experts-not-divisible",
+        "elastic-batch-split"])
 def test_bad_job_config_exits_2_with_field_and_fix(tmp_path, tiny_dir, capsys, job, data, message):
     path = _config(tmp_path, job, tiny_dir, data)
     assert finetune.main(["--config", path, "--job", "j"]) == 2
@@ -69,3 +76,35 @@ def test_demo_job_in_cluster_yaml_is_valid(monkeypatch):
     config = finetune.prepare(str(root / "cluster.yaml"), "demo", publish=False, base_dir=str(root))
     assert config["job"]["mode"] == "esft" and config["dataset"]["field"] == "messages"
     assert json.dumps(config)  # the train_loop config must travel to Ray workers as plain data
+
+
+def test_elastic_range_is_prepared_for_the_trainer(tmp_path, tiny_dir):
+    path = _config(tmp_path, "workers: 4\nmin_workers: 1\nbatch_size: 4", tiny_dir)
+    config = finetune.prepare(path, "j")
+    assert config["job"]["min_workers"] == 1 and config["job"]["workers"] == 4
+    from expertpool.platform.config import load_config
+
+    job = load_config(path).get_job("j")
+    assert job.worker_range == (1, 4)
+    assert job.model_copy(update={"min_workers": None}).worker_range == (4, 4)
+
+
+def test_resume_needs_ray(tmp_path, tiny_dir, capsys):
+    path = _config(tmp_path, "workers: 1\nbatch_size: 1", tiny_dir)
+    assert finetune.main(["--config", path, "--job", "j", "--local", "--resume"]) == 2
+    assert "--resume continues a Ray Train run" in capsys.readouterr().err
+
+
+def test_resume_picks_the_newest_run_with_a_checkpoint(tmp_path):
+    import os
+
+    storage = tmp_path / "ray"
+    assert finetune.resumable_run(storage, "j") is None
+    for i, name in enumerate(["j-20260101-000000", "j-20260102-000000", "other-20260103-000000",
+                              "j-2-20260103-000000"]):  # job 'j-2' is another job
+        (storage / name).mkdir(parents=True)
+        snap = storage / name / "checkpoint_manager_snapshot.json"
+        snap.write_text("{}")
+        os.utime(snap, (1000 + i, 1000 + i))
+    (storage / "j-20260104-000000").mkdir()  # a newer run that never registered a checkpoint
+    assert finetune.resumable_run(storage, "j") == "j-20260102-000000"

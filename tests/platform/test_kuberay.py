@@ -95,6 +95,16 @@ def test_rayjob_own_cluster(validators, cfg):
     assert spec["shutdownAfterJobFinishes"] is True
 
 
+def test_elastic_rayjob_keeps_running_on_min_workers(validators, cfg):
+    elastic = copy.deepcopy(cfg)
+    job = elastic.get_job("demo")
+    job.workers, job.min_workers = 4, 1
+    manifest = rayjob_manifest(elastic, "demo")
+    _check(validators, manifest)
+    train = _groups(manifest["spec"]["rayClusterSpec"])[TRAIN_GROUP]
+    assert (train["minReplicas"], train["maxReplicas"], train["replicas"]) == (1, 4, 4)
+
+
 def test_rayjob_on_existing_cluster(validators, cfg):
     manifest = rayjob_manifest(cfg, "demo", cluster_name="expertpool")
     _check(validators, manifest)
