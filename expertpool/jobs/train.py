@@ -585,6 +585,10 @@ class _Trainer:
 
                     ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
                 Path(fault["marker"]).write_text(f"killed rank {self.rank} at step {step}\n")
+                if fault.get("hold"):  # the test takes a node away now; this rank waits to be killed
+                    log.warning("fault injection: rank %d holds at step %d", self.rank, step)
+                    while True:
+                        time.sleep(1)
                 log.warning("fault injection: rank %d exits at step %d", self.rank, step)
                 os._exit(1)
             t0 = time.perf_counter()
@@ -639,6 +643,7 @@ def _module_prefix(model, moe) -> str:
 def train_loop(config: dict) -> dict:
     """Train one job. ``config``: job (TrainJobConfig as a dict), job_name, domain, base_model (dir),
     output_dir; in one process also ``local_rows`` = (train, eval) packed rows; optional ``fault``
-    {rank, step, marker} (tests: that rank exits once at that step). Returns the summary."""
+    {rank, step, marker, hold?} (tests: once the latest checkpoint is committed, that rank exits at
+    that step, or with ``hold`` waits there to be killed with its node). Returns the summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return _Trainer(config).run()

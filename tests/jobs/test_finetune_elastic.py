@@ -1,9 +1,20 @@
-"""Elastic worker range on the session's Ray cluster: one full fine-tuning job moves from 2 workers
-to 3 (an uneven layout: 256 experts and 4 sequences over 3 ranks) to 1 worker through its
-checkpoints, each move a resubmission with ``resume``. The 3-worker attempt is a genuine Ray Train
-elastic start: the job asks for 4..3 workers that each need one ``expertpool_test_slot``, and the
-session cluster has 3 (tests/conftest.py). Each resumed attempt's first loss must equal the loss
-the previous attempt logged for that step: same restored fp32 state, same batch."""
+"""Elastic worker range on the session's Ray cluster, full fine-tuning of the tiny model.
+
+- Across submissions: one job moves from 2 workers to 3 (an uneven layout: 256 experts and 4
+  sequences over 3 ranks) to 1 worker through its checkpoints, each move a resubmission with
+  ``resume``. The 3-worker attempt is a genuine Ray Train elastic start: the job asks for 3..4
+  workers that each need one ``expertpool_test_slot``, and the session cluster has 3 (conftest.py).
+- Within one run: a second Ray node with one more slot joins, the job starts on 4 workers, the node
+  is killed after a checkpoint, and Ray Train restarts the group on the 3 workers left.
+
+Each resumed attempt's first loss must equal the loss the previous attempt logged for that step:
+same restored fp32 state, same batch."""
+
+import os
+import signal
+import subprocess
+import threading
+import time
 
 import pytest
 import ray.train
@@ -69,3 +80,70 @@ def test_full_job_moves_between_worker_counts_through_checkpoints(ray_cluster, t
         assert after["step"] == before["step"]
         assert after["data_fingerprint"] == before["data_fingerprint"], "resumed at a different data position"
         assert after["loss"] == pytest.approx(before["loss"], rel=1e-5), (before, after)
+
+
+@pytest.fixture
+def second_node(ray_cluster, tmp_path):
+    """One more node in the session cluster (``ray start --address``) with 1 CPU and 1 slot; yields a
+    function that kills it (its whole process group, as a lost machine)."""
+    alive = sum(n["Alive"] for n in ray_cluster.nodes())
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    node = subprocess.Popen(["ray", "start", f"--address={ray_cluster.get_runtime_context().gcs_address}",
+                             "--num-cpus=1", '--resources={"expertpool_test_slot": 1}',
+                             "--object-store-memory=200000000", "--block", "--disable-usage-stats"],
+                            env=env, start_new_session=True, stdout=(tmp_path / "node.log").open("w"),
+                            stderr=subprocess.STDOUT)
+
+    def kill() -> None:
+        try:
+            os.killpg(node.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    try:
+        deadline = time.monotonic() + 120
+        while sum(n["Alive"] for n in ray_cluster.nodes()) <= alive:
+            assert node.poll() is None and time.monotonic() < deadline, (tmp_path / "node.log").read_text()
+            time.sleep(0.5)
+        yield kill
+    finally:
+        kill()
+        node.wait(timeout=60)
+
+
+def test_run_shrinks_onto_the_workers_left_after_losing_a_node(second_node, tiny_dir, tmp_path):
+    config = job_config(tmp_path, tiny_dir, """
+workers: 4
+min_workers: 1
+worker_resources: {cpu: 1, custom: {expertpool_test_slot: 1}}
+mode: full
+lr: 1.0e-3
+steps: 5
+batch_size: 4
+seq_len: 384
+zero_stage: 2
+balance_loss_alpha: 0.1
+checkpoint_every: 2
+max_failures: 2
+""")
+    # rank 0 holds at step 4 once the step-2 checkpoint is committed; then the second node dies,
+    # taking the worker it hosts. (Ray may first retry with 4 workers before it sees the node gone,
+    # one more failure: max_failures 2.)
+    marker = tmp_path / "held"
+
+    def kill_when_held() -> None:
+        while not marker.exists():
+            time.sleep(0.2)
+        second_node()
+
+    threading.Thread(target=kill_when_held, daemon=True).start()
+    s = finetune.run_ray(config, fault={"rank": 0, "step": 4, "marker": str(marker), "hold": True})
+    assert marker.exists(), "the fault was not injected"
+    log = train_log(config["output_dir"])
+    assert [(r["step"], r["world"]) for r in log] == [(1, 4), (2, 4), (3, 4), (3, 3), (4, 3), (5, 3)], log
+    assert s["world"] == 3 and s["resumed_from"] == 2 and s["resumed_from_world"] == 4 and s["step"] == 5
+    assert s["dense_replicas_agree"]
+    before, after = log[2], log[3]
+    assert after["data_fingerprint"] == before["data_fingerprint"], "resumed at a different data position"
+    # same restored fp32 state and batch on 3 ranks instead of 4: reduction-order noise only
+    assert after["loss"] == pytest.approx(before["loss"], rel=1e-5), (before, after)
