@@ -148,7 +148,7 @@ def run_ray(config: dict, *, fault: dict | None = None, run_name: str | None = N
         run_name = resumable_run(out / "ray", config["job_name"])
         log.info("--resume: %s", f"continuing run {run_name} from its latest checkpoint" if run_name else
                  f"no earlier run of {config['job_name']} with a checkpoint in {out / 'ray'}; starting a new one")
-    _fresh_outputs(config, resume=resume)
+    _fresh_outputs(config, resume=run_name is not None and resume)
     loop_config = {**config, "has_eval": eval_ds is not None, "fault": fault}
     low, high = j["min_workers"] or j["workers"], j["workers"]
     trainer = TorchTrainer(
