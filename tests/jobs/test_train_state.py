@@ -214,7 +214,10 @@ def _dense_rank(rank: int, world: int, port: int, stage: int, out: str, restore_
     if rank == 0:
         torch.save({"step": dense_step(engine, [p for _, p in named]), "sched": engine.lr_scheduler.state_dict(),
                     "lr": engine.optimizer.param_groups[0]["lr"]}, Path(out) / "global.pt")
-    dist.destroy_process_group()
+    dist.barrier()
+    # skip interpreter teardown: gloo / DeepSpeed threads can abort a process at exit ("terminate
+    # called without an active exception", seen once in a full run); the results are on disk
+    os._exit(0)
 
 
 def _spawn(world: int, stage: int, out, restore_from=None) -> None:
