@@ -13,6 +13,9 @@ def ray_cluster():
 
     started = not ray.is_initialized()
     if started:
+        from expertpool.platform.proxy import set_proxy_env
+
+        set_proxy_env()  # Serve's proxy-level errors as OpenAI JSON, as `expertpool serve` does
         ray.init(address="local", num_cpus=8, resources={"expertpool_test_slot": 3}, include_dashboard=False)
     yield ray
     if started:

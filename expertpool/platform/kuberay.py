@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 from expertpool.platform.config import API_KEY_ENV, GIB, ClusterConfig, ConfigError, ConfigProblem
+from expertpool.platform.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
 
 API_VERSION = "ray.io/v1"
 POOL_GROUP = "pool"
@@ -83,9 +84,11 @@ def _container(cfg: ClusterConfig, name: str, resources: dict[str, Any], ports: 
         "resources": {"limits": dict(resources), "requests": dict(resources)},
         "ports": ports,
     }
+    # Serve's proxy answers some errors itself (back-pressure 503s); this makes them OpenAI JSON
+    container["env"] = [{"name": PROXY_CALLBACK_ENV, "value": PROXY_CALLBACK}]
     if k8s.api_key_secret:
-        container["env"] = [{"name": API_KEY_ENV,
-                             "valueFrom": {"secretKeyRef": {"name": k8s.api_key_secret, "key": "api-key"}}}]
+        container["env"].append({"name": API_KEY_ENV,
+                                 "valueFrom": {"secretKeyRef": {"name": k8s.api_key_secret, "key": "api-key"}}})
     return container
 
 

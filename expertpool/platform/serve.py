@@ -39,6 +39,9 @@ def deploy(cfg, *, address: str | None = None):
     model_dir = cfg.model.path or ensure_embedded_model()  # create the embedded model once, before replicas
     cfg.validate_against_model(ModelArgs.from_dir(model_dir).n_routed_experts)
     if not ray.is_initialized():
+        from expertpool.platform.proxy import set_proxy_env
+
+        set_proxy_env()  # applies when this call starts the Ray instance (see platform/proxy.py)
         ray.init(address=address, include_dashboard=False)
     s = cfg.serving
     serve.start(http_options={"host": s.host, "port": s.port})

@@ -147,9 +147,18 @@ def test_api_key_goes_through_a_secret(validators, cfg):
     data["kubernetes"]["api_key_secret"] = "expertpool-api-key"
     manifest = rayservice_manifest(parse_config(data))
     _check(validators, manifest)
-    env = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
-    assert env[0]["name"] == "EXPERTPOOL_API_KEY"
-    assert env[0]["valueFrom"]["secretKeyRef"] == {"name": "expertpool-api-key", "key": "api-key"}
+    env = {e["name"]: e for e in
+           manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["EXPERTPOOL_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "expertpool-api-key", "key": "api-key"}
+
+
+def test_every_pod_loads_the_openai_error_middleware_into_serves_proxy(cfg):
+    from expertpool.platform.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+    spec = rayservice_manifest(cfg)["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]] + spec["workerGroupSpecs"]
+    for pod in pods:
+        for c in pod["template"]["spec"]["containers"]:
+            assert {"name": PROXY_CALLBACK_ENV, "value": PROXY_CALLBACK} in c["env"], c
 
 
 def test_schema_check_catches_a_broken_manifest(validators, cfg):

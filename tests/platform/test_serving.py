@@ -178,8 +178,50 @@ def test_bad_inputs_get_specific_4xx_and_server_keeps_serving(served):
     for headers in ({}, {"Authorization": "Bearer wrong"}):
         r = httpx.post(chat4, json={"model": "expertpool-tiny", "messages": msgs}, headers=headers)
         assert r.status_code == 401 and "api key" in r.json()["error"]["message"].lower(), r.text
+    # answered by Serve's proxy itself (no such application): still OpenAI JSON (platform/proxy.py)
+    r = httpx.get(f"{served['base']}/no-such-app/v1/models")
+    assert r.status_code == 404 and r.headers["content-type"] == "application/json", r.text
+    assert r.json()["error"]["type"] == "invalid_request_error" and r.json()["error"]["message"]
     ok = httpx.post(chat, json={"model": "expertpool-tiny", "messages": msgs, "max_tokens": 3}, timeout=60)
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] >= 1
+
+
+def test_proxy_back_pressure_is_an_openai_503_with_retry_after(served):
+    """More requests than max_ongoing + max_queued: Serve's proxy sheds the rest with 503; clients
+    get OpenAI error JSON and Retry-After, and the app keeps serving."""
+    from ray import serve
+
+    from expertpool.platform.app import build_app_from_config
+    from expertpool.platform.config import parse_config
+    name = "epq"
+    cfg = parse_config({
+        "pool": {"actors_per_replica": 1, "actor_resources": {"cpu": 0.25}},
+        "serving": {"app_name": name, "route_prefix": f"/{name}", "max_seq_len": MAX_SEQ_LEN,
+                    "health_check_period_s": 600, "kv_cache": {"block_size": 8, "num_blocks": 256},
+                    "max_ongoing_requests": 1, "max_queued_requests": 1,
+                    "autoscaling": {"target_ongoing_requests": 1}}})
+    serve.run(build_app_from_config(cfg), name=name, route_prefix=f"/{name}", blocking=False)  # returns once up
+    url = f"{served['base']}/{name}/v1/completions"
+    body = {"model": "expertpool-tiny", "prompt": "busy", "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=300) as c:
+            return await asyncio.gather(*[c.post(url, json=body) for _ in range(6)])
+    try:
+        rs = asyncio.run(burst())
+        codes = sorted(r.status_code for r in rs)
+        assert codes.count(200) >= 1 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
+        for r in rs:
+            if r.status_code == 503:
+                assert r.headers["content-type"] == "application/json" and int(r.headers["retry-after"]) >= 1
+                err = r.json()["error"]
+                assert err["type"] == "server_overloaded" and "retry" in err["message"].lower(), err
+            else:
+                assert r.json()["usage"]["completion_tokens"] == 150
+        ok = httpx.post(url, json={**body, "max_tokens": 3}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 3
+    finally:
+        serve.delete(name)
 
 
 def test_client_disconnect_mid_stream_releases_cache_blocks(served):
