@@ -587,8 +587,8 @@ class _Trainer:
                 Path(fault["marker"]).write_text(f"killed rank {self.rank} at step {step}\n")
                 if fault.get("hold"):  # the test takes a node away now; this rank waits to be killed
                     log.warning("fault injection: rank %d holds at step %d", self.rank, step)
-                    while True:
-                        time.sleep(1)
+                    time.sleep(180)  # not killed by then: exit as a plain failure rather than hang
+
                 log.warning("fault injection: rank %d exits at step %d", self.rank, step)
                 os._exit(1)
             t0 = time.perf_counter()

@@ -84,12 +84,13 @@ def test_full_job_moves_between_worker_counts_through_checkpoints(ray_cluster, t
 
 @pytest.fixture
 def second_node(ray_cluster, tmp_path):
-    """One more node in the session cluster (``ray start --address``) with 1 CPU and 1 slot; yields a
-    function that kills it (its whole process group, as a lost machine)."""
+    """One more node in the session cluster (``ray start --address``) with 1 slot and no CPU (so no
+    Ray Data task can occupy it: the test's workers need only the slot); yields a function that kills
+    it (its whole process group, as a lost machine)."""
     alive = sum(n["Alive"] for n in ray_cluster.nodes())
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     node = subprocess.Popen(["ray", "start", f"--address={ray_cluster.get_runtime_context().gcs_address}",
-                             "--num-cpus=1", '--resources={"expertpool_test_slot": 1}',
+                             "--num-cpus=0", '--resources={"expertpool_test_slot": 1}',
                              "--object-store-memory=200000000", "--block", "--disable-usage-stats"],
                             env=env, start_new_session=True, stdout=(tmp_path / "node.log").open("w"),
                             stderr=subprocess.STDOUT)
@@ -115,7 +116,7 @@ def test_run_shrinks_onto_the_workers_left_after_losing_a_node(second_node, tiny
     config = job_config(tmp_path, tiny_dir, """
 workers: 4
 min_workers: 1
-worker_resources: {cpu: 1, custom: {expertpool_test_slot: 1}}
+worker_resources: {cpu: 0, custom: {expertpool_test_slot: 1}}
 mode: esft
 esft: {scoring: token, score_tokens: 1536}
 lr: 1.0e-2
