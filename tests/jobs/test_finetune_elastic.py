@@ -106,6 +106,10 @@ def second_node(ray_cluster, tmp_path):
         while sum(n["Alive"] for n in ray_cluster.nodes()) <= alive:
             assert node.poll() is None and time.monotonic() < deadline, (tmp_path / "node.log").read_text()
             time.sleep(0.5)
+        # Ray Train's elastic policy sizes the group from Ray's AutoscalingCoordinator, which refreshes
+        # its node view every 20 s (TICK_INTERVAL_S in ray 2.60): without this wait a coordinator left
+        # from an earlier test still sees 3 slots and the job starts on 3 workers
+        time.sleep(25)
         yield kill
     finally:
         kill()
