@@ -81,7 +81,7 @@ def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: 
             "publish_to": job.publish_to if publish else None,
             "dataset": {"path": str(data_path), "format": dataset.format, "field": dataset.field,
                         "eval_fraction": dataset.eval_fraction},
-            "worker_resources": job.worker_resources.bundle()}
+            "worker_resources": job.worker_resources.bundle(), "worker_range": list(job.worker_range)}
 
 
 def _too_little_data(config: dict, n_rows: int) -> JobError:
@@ -150,7 +150,7 @@ def run_ray(config: dict, *, fault: dict | None = None, run_name: str | None = N
                  f"no earlier run of {config['job_name']} with a checkpoint in {out / 'ray'}; starting a new one")
     _fresh_outputs(config, resume=run_name is not None and resume)
     loop_config = {**config, "has_eval": eval_ds is not None, "fault": fault}
-    low, high = j["min_workers"] or j["workers"], j["workers"]
+    low, high = config["worker_range"]
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,

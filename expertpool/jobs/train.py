@@ -57,7 +57,7 @@ from expertpool.model.args import ModelArgs
 from expertpool.model.checkpoint import load_checkpoint, save_checkpoint
 from expertpool.model.moe import LocalDispatcher, RoutingRecord, sequence_balance_loss, update_router_bias
 from expertpool.model.patch import save_patch
-from expertpool.platform.dispatch import AllToAllDispatcher, expert_owners, owned_experts
+from expertpool.platform.dispatch import AllToAllDispatcher, owned_experts
 
 log = logging.getLogger("expertpool.finetune")
 
@@ -164,7 +164,7 @@ class _Trainer:
         self.model = load_checkpoint(self.base, dtype=torch.float32, experts=self.owned if self.world > 1 else None,
                                      with_mtp=True)
         if self.world > 1:
-            self.inner_dispatcher = AllToAllDispatcher(E, owner_E=expert_owners(E, self.world))
+            self.inner_dispatcher = AllToAllDispatcher(E)  # owners: owned_experts, as loaded above
         else:
             self.inner_dispatcher = LocalDispatcher()
         self.model.set_dispatcher(self.inner_dispatcher)
@@ -588,7 +588,6 @@ class _Trainer:
                 if fault.get("hold"):  # the test takes a node away now; this rank waits to be killed
                     log.warning("fault injection: rank %d holds at step %d", self.rank, step)
                     time.sleep(180)  # not killed by then: exit as a plain failure rather than hang
-
                 log.warning("fault injection: rank %d exits at step %d", self.rank, step)
                 os._exit(1)
             t0 = time.perf_counter()

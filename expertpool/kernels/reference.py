@@ -113,27 +113,32 @@ def dequant_w13_ref(w13: torch.Tensor, s13: torch.Tensor | None, dtype: torch.dt
                       weight_dequant_ref(w13[f:], s13[fb:], dtype)])
 
 
+def _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, n_experts: int):
+    """The valid (token, slot) pairs sorted by expert (stable): per-expert counts (host list), the
+    token of each pair, its input row and its routing weight in x's dtype; None if no slot is valid
+    (-1 = routed to another rank)."""
+    flat_ids = topk_ids_TK.reshape(-1)
+    pair_idx = torch.nonzero(flat_ids >= 0, as_tuple=True)[0]
+    if pair_idx.numel() == 0:
+        return None
+    ids = flat_ids[pair_idx]
+    pair_idx = pair_idx[torch.argsort(ids, stable=True)]
+    counts = torch.bincount(ids, minlength=n_experts).tolist()
+    tok = pair_idx // topk_ids_TK.shape[1]
+    return counts, tok, x_TD[tok], topk_weights_TK.reshape(-1)[pair_idx].to(x_TD.dtype)
+
+
 def moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale):
     """Grouped SwiGLU experts: sort (token, slot) pairs by expert, one matmul pair per active expert.
 
     Loops over experts with at least one token (a host sync for the counts, fine on CPU); experts
     without tokens are neither dequantized nor multiplied.
     """
-    T, D = x_TD.shape
-    E = w13_E2FD.shape[0]
-    flat_ids = topk_ids_TK.reshape(-1)
-    valid = flat_ids >= 0
-    pair_idx = torch.nonzero(valid, as_tuple=True)[0]
     out_TD = torch.zeros_like(x_TD)
-    if pair_idx.numel() == 0:
+    grouped = _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD.shape[0])
+    if grouped is None:
         return out_TD
-    ids = flat_ids[pair_idx]
-    order = torch.argsort(ids, stable=True)
-    pair_idx = pair_idx[order]
-    counts = torch.bincount(ids, minlength=E).tolist()
-    tok = pair_idx // topk_ids_TK.shape[1]
-    x_sorted = x_TD[tok]
-    w_sorted = topk_weights_TK.reshape(-1)[pair_idx].to(x_TD.dtype)
+    counts, tok, x_sorted, w_sorted = grouped
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -154,19 +159,12 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
     straight into shared buffers (no per-expert output tensors, no cat) and SwiGLU runs once over all
     rows. Decode steps touch most experts with one or two rows each, so the per-expert op count is
     what costs. Same kernels and order of operations as the reference: results are identical."""
-    T, D = x_TD.shape
-    flat_ids = topk_ids_TK.reshape(-1)
     out_TD = torch.zeros_like(x_TD)
-    pair_idx = torch.nonzero(flat_ids >= 0, as_tuple=True)[0]
-    if pair_idx.numel() == 0:
+    grouped = _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD.shape[0])
+    if grouped is None:
         return out_TD
-    ids = flat_ids[pair_idx]
-    order = torch.argsort(ids, stable=True)
-    pair_idx = pair_idx[order]
-    counts = torch.bincount(ids, minlength=w13_E2FD.shape[0]).tolist()
-    tok = pair_idx // topk_ids_TK.shape[1]
-    x_sorted = x_TD[tok]
-    P, F2 = x_sorted.shape[0], w13_E2FD.shape[1]
+    counts, tok, x_sorted, w_sorted = grouped
+    (P, D), F2 = x_sorted.shape, w13_E2FD.shape[1]
     h_P2F = x_TD.new_empty(P, F2)
     y_PD = x_TD.new_empty(P, D)
     active, start = [], 0
@@ -181,5 +179,5 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
     for e, s0, n in active:
         w2 = _weight_as(w2_EDF[e], None if w2_scale is None else w2_scale[e], x_TD.dtype)
         torch.mm(a_PF[s0:s0 + n], w2.t(), out=y_PD[s0:s0 + n])
-    y_PD.mul_(topk_weights_TK.reshape(-1)[pair_idx].to(x_TD.dtype)[:, None])
+    y_PD.mul_(w_sorted[:, None])
     return out_TD.index_add_(0, tok, y_PD)

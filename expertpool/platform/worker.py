@@ -121,7 +121,7 @@ class ExpertWorker:
         import torch.distributed as dist
 
         from expertpool.model.args import ModelArgs
-        from expertpool.platform.dispatch import AllToAllDispatcher
+        from expertpool.platform.dispatch import AllToAllDispatcher, owned_experts
 
         torch.set_num_threads(max(1, threads))
         use_cuda = torch.cuda.is_available() and backend != "gloo"
@@ -132,8 +132,7 @@ class ExpertWorker:
         dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world)
         n_experts = ModelArgs.from_dir(model_dir).n_routed_experts
-        per = n_experts // self.world
-        self.experts = list(range(self.rank * per, (self.rank + 1) * per))
+        self.experts = owned_experts(self.rank, self.world, n_experts)
         model = load_model(model_dir, dtype, weight_dtype, self.experts, self.device)
         model.set_dispatcher(AllToAllDispatcher(n_experts))
         self.runner = ModelRunner(model, num_blocks, block_size, self.device)
