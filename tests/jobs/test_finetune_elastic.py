@@ -15,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import ray.train
@@ -88,6 +89,10 @@ def second_node(ray_cluster, tmp_path):
     Ray Data task can occupy it: the test's workers need only the slot); yields a function that kills
     it (its whole process group, as a lost machine)."""
     alive = sum(n["Alive"] for n in ray_cluster.nodes())
+    # `ray start` records the cluster it joined in this file, which a later plain `ray.init()` (e.g.
+    # `expertpool serve`) would try to connect to after the session cluster is gone: put it back
+    current = Path("/tmp/ray/ray_current_cluster")
+    before = current.read_text() if current.exists() else None
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     node = subprocess.Popen(["ray", "start", f"--address={ray_cluster.get_runtime_context().gcs_address}",
                              "--num-cpus=0", '--resources={"expertpool_test_slot": 1}',
@@ -114,6 +119,10 @@ def second_node(ray_cluster, tmp_path):
     finally:
         kill()
         node.wait(timeout=60)
+        if before is None:
+            current.unlink(missing_ok=True)
+        else:
+            current.write_text(before)
 
 
 def test_run_shrinks_onto_the_workers_left_after_losing_a_node(second_node, tiny_dir, tmp_path):
