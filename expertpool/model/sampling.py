@@ -1,14 +1,31 @@
-"""Sampling parameters and batched token sampling (temperature, top-k, top-p, per-request seeds).
+"""Sampling parameters and batched, stateless token sampling (temperature, top-k, top-p, seeds).
 
 ``SamplingParams`` is the engine-level request contract shared by in-process generation and the
 serving engine; HTTP-level validation (ranges, OpenAI names) happens at the API boundary.
-Sampling runs in fp32 on the worker that holds the logits, so logits never cross the network.
-Greedy (temperature == 0) is an argmax and is bit-reproducible.
+
+Randomness is a pure function of (seed, position), never a generator's running state: the token at
+sequence position ``pos`` of a request with seed ``s`` is drawn by inverse-CDF sampling with the
+uniform ``uniform(s, pos)`` (a SplitMix64 hash). So a sequence that is recomputed elsewhere (an
+expert actor died, the sequence was preempted, it moved to another worker) continues with exactly
+the tokens it would have drawn, and no per-sequence state lives in a worker. The serving engine
+gives every request without a seed a random one at admission, so unseeded requests are
+reproducible across a recovery too. Greedy (temperature 0) is an argmax and needs no randomness.
+
+``sample`` runs on the logits' device and is batched over the step: one pass for the rows without
+a filter (cumulative sum in vocabulary order) and one for the rows with top-k/top-p (sorted
+candidates), no per-row Python loop over the vocabulary and no host read; the caller reads the
+[B] result once. Each row's token depends only on its own logits and parameters, never on which
+other rows share the batch: both passes compare unnormalized weights against prefix sums, so the
+padding another row's larger top-k adds (zeros at the end) cannot change a row's result. Identical
+"up to floating point": a recomputed logit that differs in its last bit moves the draw only when the
+uniform falls within that rounding of a bucket edge.
 """
 
 from dataclasses import dataclass, field
 
 import torch
+
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -17,7 +34,7 @@ class SamplingParams:
     temperature: float = 1.0          # 0 = greedy
     top_p: float = 1.0                # nucleus mass in (0, 1]
     top_k: int = 0                    # 0 = off
-    seed: int | None = None           # per-request RNG; None = nondeterministic
+    seed: int | None = None           # None = nondeterministic (the serving engine assigns one)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
 
@@ -31,30 +48,65 @@ class SamplingParams:
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
 
-
-def make_generator(seed: int | None) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(seed if seed is not None else torch.seed())
-    return g
+    @property
+    def filtered(self) -> bool:
+        return self.top_k > 0 or self.top_p < 1.0
 
 
-def sample(logits_BV: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row. Rows with temperature 0 take the argmax; others sample with their own RNG."""
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, position: int) -> float:
+    """The uniform in [0, 1) of (seed, position): 53 bits of SplitMix64(SplitMix64(seed) + position)."""
+    return (_splitmix64((_splitmix64(seed & _MASK64) + position) & _MASK64) >> 11) * (1.0 / (1 << 53))
+
+
+def _draw(weights_BK: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF over unnormalized non-negative weights: the first index whose prefix sum exceeds
+    u * total. Its weight is > 0: the prefix strictly grows there, and the clamp to the first index
+    that reaches the total covers a product u * total that rounds up to the total."""
+    cdf_BK = weights_BK.double().cumsum(-1)
+    total_B1 = cdf_BK[:, -1:]
+    j_B1 = torch.searchsorted(cdf_BK, u_B[:, None] * total_B1, right=True)
+    last_B1 = (cdf_BK < total_B1).sum(-1, keepdim=True)
+    return torch.minimum(j_B1, last_B1).squeeze(1)
+
+
+def sample(logits_BV: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
+    """One token per row, on the logits' device ([B] int64). ``positions[i]`` is the sequence position
+    the sampled token will take (prompt + output so far): with the row's seed it fixes the draw."""
+    assert logits_BV.shape[0] == len(params) == len(positions), "one SamplingParams and position per row"
     logits_BV = logits_BV.float()
-    out = logits_BV.argmax(-1).tolist()
-    for i, p in enumerate(params):
-        if p.temperature == 0:
+    out_B = logits_BV.argmax(-1)
+    dev = logits_BV.device
+    for filtered in (False, True):
+        rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.filtered == filtered]
+        if not rows:
             continue
-        row = logits_BV[i] / p.temperature
-        if p.top_k and p.top_k < row.numel():
-            kth = torch.topk(row, p.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, -1)
-        if p.top_p < 1.0:
-            sp, si = probs.sort(descending=True)
-            keep = sp.cumsum(-1) - sp < p.top_p  # always keeps the top token
-            sp = sp * keep
-            probs = torch.zeros_like(probs).scatter_(0, si, sp)
-            probs = probs / probs.sum()
-        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
-    return out
+        ps = [params[i] for i in rows]
+        for p in ps:
+            assert p.seed is not None, "a sampled row needs a seed (the engine assigns one when the request has none)"
+        idx_B = torch.tensor(rows, device=dev)
+        temp_B = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev)
+        u_B = torch.tensor([uniform(p.seed, positions[i]) for i, p in zip(rows, ps)], dtype=torch.float64, device=dev)
+        x_BV = logits_BV.index_select(0, idx_B) / temp_B[:, None]
+        if not filtered:
+            w_BV = torch.exp(x_BV - x_BV.amax(-1, keepdim=True))
+            out_B[idx_B] = _draw(w_BV, u_B)
+            continue
+        V = x_BV.shape[-1]
+        K = max(min(p.top_k, V) if p.top_k else V for p in ps)
+        vals_BK, ids_BK = x_BV.topk(K, dim=-1, sorted=True)
+        rank_K = torch.arange(K, device=dev)
+        k_B = torch.tensor([min(p.top_k, V) if p.top_k else V for p in ps], device=dev)
+        w_BK = torch.exp(vals_BK - vals_BK[:, :1]).masked_fill(rank_K[None, :] >= k_B[:, None], 0.0)
+        top_p_B = torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev)
+        cdf_BK = w_BK.cumsum(-1)
+        before_BK = cdf_BK - w_BK  # mass strictly above each candidate; the top one always stays
+        w_BK = w_BK.masked_fill(before_BK >= top_p_B[:, None] * cdf_BK[:, -1:], 0.0)
+        out_B[idx_B] = ids_BK.gather(1, _draw(w_BK, u_B)[:, None]).squeeze(1)
+    return out_B

@@ -41,7 +41,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertpool.model.sampling import SamplingParams
 from expertpool.platform import protocol as P
-from expertpool.platform.engine import EngineOverloaded
+from expertpool.platform.scheduler import EngineOverloaded, EngineUnavailable
 from expertpool.platform.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -237,6 +237,13 @@ class EngineStreamingResponse(StreamingResponse):
                 await self.stream.aclose()
 
 
+def unavailable_error(e: EngineUnavailable) -> P.ApiError:
+    """The engine lost its worker group for good: 503 with Retry-After (Serve replaces the replica)."""
+    return P.ApiError(503, f"The server is unavailable: {e}; retry after {e.retry_after_s:.0f} s.",
+                      type="server_error", code="engine_unavailable",
+                      headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))})
+
+
 def error_response(err: P.ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
@@ -362,6 +369,8 @@ class OpenAIServer:
             await stream.start()
         except ValueError as e:  # the engine rejects the prompt itself (e.g. token ids outside the vocabulary)
             raise P.ApiError(400, f"Invalid prompt: {e}", param="prompt", code="invalid_value") from None
+        except EngineUnavailable as e:
+            raise unavailable_error(e) from None
         except EngineOverloaded as e:
             retry = e.retry_after_s
             raise P.ApiError(503, f"The server is overloaded ({e}); retry after {retry:.1f} s.",
@@ -394,6 +403,8 @@ class OpenAIServer:
                 async for d in stream:
                     text.append(d.text)
                     finish = d.finish_reason
+            except EngineUnavailable as e:
+                raise unavailable_error(e) from None
             finally:
                 await stream.aclose()
             use = P.usage(stream.prompt_tokens, stream.completion_tokens)
@@ -440,6 +451,11 @@ class OpenAIServer:
         except (asyncio.CancelledError, GeneratorExit):
             status = STATUS_CLIENT_GONE
             raise
+        except EngineUnavailable as e:  # headers are already sent: the 503 body goes in-band
+            logger.warning("request %s ended: %s", rid, e)
+            status = 503
+            yield sse(unavailable_error(e).body())
+            yield SSE_DONE
         except Exception as e:
             # Headers are already sent: report in-band, as OpenAI does, and log the traceback.
             logger.exception("request %s failed while streaming", rid)

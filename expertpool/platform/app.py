@@ -25,6 +25,7 @@ the replica process), so a key from the environment never travels in the Serve c
 import asyncio
 import importlib
 import logging
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -114,14 +115,24 @@ class ExpertPoolServer:
         await self.engine.check_health()
 
     async def stats(self) -> dict:
-        """Engine stats of this replica (running/waiting, KV blocks, steps, per-expert tokens)."""
-        return self.engine.stats()
+        """Engine stats of this replica (running/waiting, KV blocks, steps, per-expert tokens, recoveries,
+        the actors of its group) and the replica's own pid."""
+        return {**self.engine.stats(), "replica_pid": os.getpid()}
 
     async def load_patch(self, domain: str, patch_dir: str) -> str:
         """Hot-swap an ESFT expert patch into this replica's engine; returns the served id BASE:DOMAIN."""
         model_id = await self.engine.load_patch(domain, patch_dir)
         logger.info("loaded patch %s from %s as %s", domain, patch_dir, model_id)
         return model_id
+
+    async def __del__(self):
+        """Serve calls this once the replica has drained (its in-flight requests finished, or
+        serving.graceful_shutdown_timeout_s passed): stop the engine and its actor group."""
+        self._patch_watch.cancel()
+        shutdown = getattr(self.engine, "shutdown", None)
+        if shutdown is not None:
+            await shutdown()
+        logger.info("replica stopped")
 
 
 def build_app_from_config(cfg: ClusterConfig, engine_factory: Factory | None = None,

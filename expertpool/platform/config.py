@@ -169,6 +169,22 @@ class ActorResources(_Closed):
         return out
 
 
+class RecoveryConfig(_Closed):
+    enabled: bool = Field(True, description="Replace a dead expert actor inside the replica and replay its "
+                          "sequences, so streams continue after a pause. false = fail the replica's requests "
+                          "and let Serve's health check replace the whole replica.")
+    timeout_s: float = Field(300.0, gt=0, description="Most seconds one recovery may take (replacement actor "
+                             "scheduled and loaded, process group re-formed). Past it, open requests get HTTP 503 "
+                             "with Retry-After and Serve replaces the replica. Size it to the load time of one "
+                             "actor's shard.")
+    collective_timeout_s: float = Field(60.0, gt=0, description="Most seconds a collective waits for a peer "
+                                        "(torch.distributed timeout), so a hung or vanished peer is detected.")
+    liveness_check_s: float = Field(5.0, gt=0, description="Seconds between pings of the actors while the "
+                                    "engine is idle, so a death is repaired before the next request needs the group.")
+    max_attempts: int = Field(3, ge=1, description="Recoveries in a row without a successful step before the "
+                              "engine gives up.")
+
+
 class PoolConfig(_Closed):
     actors_per_replica: int = Field(2, ge=1, description="Expert-parallel actors per Serve replica; each holds "
                                     "n_routed_experts / actors_per_replica routed experts (must divide evenly).")
@@ -181,6 +197,8 @@ class PoolConfig(_Closed):
         "on one node when they fit, which keeps all-to-all traffic local).")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend between the "
                                                      "actors of a replica. auto = nccl when actors have GPUs, else gloo.")
+    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="Self-healing when an expert "
+                                     "actor dies.")
 
     @model_validator(mode="after")
     def _check(self) -> PoolConfig:
@@ -316,6 +334,9 @@ class ServingConfig(_Closed):
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
     health_check_period_s: float = Field(10.0, gt=0, description="Seconds between replica health checks.")
     health_check_timeout_s: float = Field(30.0, gt=0, description="Seconds before a health check counts as failed.")
+    graceful_shutdown_timeout_s: float = Field(120.0, ge=0, description="When Serve removes a replica (downscale, "
+                                               "redeploy), it stops routing to it and waits up to this long for "
+                                               "its in-flight requests and streams to finish before it exits.")
 
     @field_validator("route_prefix")
     @classmethod
@@ -700,6 +721,8 @@ class ClusterConfig(_Closed):
             "ray_actor_options": self.pool.replica_actor_options(),
             "health_check_period_s": self.serving.health_check_period_s,
             "health_check_timeout_s": self.serving.health_check_timeout_s,
+            "graceful_shutdown_timeout_s": self.serving.graceful_shutdown_timeout_s,
+            "graceful_shutdown_wait_loop_s": 1.0,
         }
 
     def serve_config(self, import_path: str = DEFAULT_IMPORT_PATH, *, host: str | None = None) -> dict[str, Any]:

@@ -1,411 +1,86 @@
-"""Continuous-batching engine over a (possibly expert-parallel) group of model workers.
+"""The serving engine: a declared ``Engine`` interface, ``AsyncEngine`` over the scheduler, ``build_engine``.
 
-- ``EngineCore`` (sync, no Ray): the scheduler. It owns the waiting queue, per-worker paged KV block
-  accounting and the sequences. Each ``step`` admits waiting requests while a batch slot and cache
-  blocks are free (attention is data-parallel: a sequence lives on the worker with the most free
-  blocks), gives every running decode one token, spends the rest of the per-worker token budget
-  (``max_num_batched_tokens``) on prefill chunks so a long prompt never stalls running streams, runs
-  all workers together, and turns sampled tokens into events. When a decode needs a block and none
-  is free, the youngest sequence on that worker is preempted (blocks freed, recomputed later):
-  requests wait, nothing crashes.
-- Executors run one step on the workers: ``LocalExecutor`` (in-process ``ModelRunner``) and
-  ``RayExecutor`` (the expert-parallel actor group; all actors step together).
-- ``AsyncEngine``: the serving facade (``generate`` async iterator, ``abort``, ``stats``,
-  ``check_health``); a background task drives ``EngineCore.step``. Closing the iterator aborts the
-  request and frees its cache blocks.
+- ``Engine`` (a Protocol) is what the HTTP layer and the Serve replica use; ``AsyncEngine`` and the
+  test fake (``tests/platform/fake_engine.py``) implement it.
+- ``AsyncEngine``: ``generate`` is an async iterator of ``TokenEvent``s (closing it aborts the request
+  and frees its cache blocks); one background task drives ``scheduler.EngineCore`` step by step.
+- Self-healing: when a step fails because an expert actor died (or its group broke), the loop stops
+  scheduling, rolls back the steps in flight, finds the dead ranks, and has the executor start
+  replacements in the freed placement-group bundles and re-form the process group. Sequences whose
+  cache lived on a dead actor are re-prefilled from prompt + generated tokens; the others keep their
+  caches (see ``scheduler``). Streams see a pause and then the remaining tokens, never an error or a
+  repeated token. Between steps a liveness check pings the actors, so a death while idle is repaired
+  before the next request needs the group. A recovery is bounded (``pool.recovery.timeout_s``) and at
+  most ``max_attempts`` run back to back without a successful step in between; past either bound,
+  or on a second failure during a recovery, every open request ends with ``EngineUnavailable`` (HTTP
+  503 with Retry-After) and the health check fails, so Serve replaces the replica.
+- ``build_engine(cfg)`` starts the replica's actor group; ``local_engine`` and ``generate`` run the
+  same scheduler in process (``expertpool generate``, tests).
 """
 
 import asyncio
 import contextvars
-import itertools
 import logging
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from ray.exceptions import RayError
 
 from expertpool.model.sampling import SamplingParams
-from expertpool.platform.worker import StepItem
+from expertpool.platform.scheduler import EngineCore, EngineUnavailable, TokenEvent
+from expertpool.platform.worker import LocalExecutor, ModelRunner, StepFailed
 
 log = logging.getLogger(__name__)
 
 
-PLACEHOLDER = -1  # StepItem token: "the token you sampled for this sequence in the previous step"
+@runtime_checkable
+class Engine(Protocol):
+    """What the OpenAI layer (``api.OpenAIServer``) and the Serve replica need from an engine."""
+
+    max_seq_len: int
+
+    def model_ids(self) -> list[str]: ...
+
+    def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 model: str | None = None) -> AsyncIterator[TokenEvent]: ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    def stats(self) -> dict: ...
+
+    async def check_health(self) -> None: ...
+
+    async def load_patch(self, domain: str, patch_dir: str) -> str: ...
 
 
-class EngineOverloaded(Exception):
-    def __init__(self, msg: str, retry_after_s: float = 1.0):
-        super().__init__(msg)
-        self.retry_after_s = retry_after_s
+@dataclass(frozen=True)
+class RecoveryPolicy:
+    enabled: bool = True
+    timeout_s: float = 300.0          # one recovery: replacements started, loaded, group re-formed
+    liveness_check_s: float = 5.0     # idle ping period
+    max_attempts: int = 3             # recoveries in a row without a successful step
 
 
-class RequestTooLong(ValueError):
-    pass
-
-
-@dataclass
-class TokenEvent:
-    token_ids: list[int]
-    finish_reason: str | None
-    num_prompt_tokens: int
-    num_output_tokens: int
-
-
-@dataclass
-class Sequence:
-    seq_id: str
-    prompt: list[int]
-    params: SamplingParams
-    arrival: float = field(default_factory=time.monotonic)
-    output: list[int] = field(default_factory=list)
-    worker: int = -1
-    blocks: list[int] = field(default_factory=list)
-    num_cached: int = 0        # tokens written to the KV cache, counting steps still in flight
-    pending: int = 0           # sampled tokens in flight (their step is submitted, not yet applied)
-    finish_reason: str | None = None
-    aborted: bool = False
-    variant: int = 0
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.prompt + self.output
-
-
-class BlockAllocator:
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self.free = list(range(num_blocks - 1, -1, -1))
-
-    def allocate(self, n: int) -> list[int]:
-        assert n <= len(self.free)
-        return [self.free.pop() for _ in range(n)]
-
-    def release(self, blocks: list[int]) -> None:
-        self.free.extend(reversed(blocks))
-
-
-class EngineCore:
-    def __init__(self, executor, *, num_blocks: int, block_size: int, max_batch_size: int, max_seq_len: int,
-                 max_num_batched_tokens: int, eos_token_id: int | None, max_queued: int = 1 << 30,
-                 vocab_size: int | None = None):
-        self.executor = executor
-        self.world = executor.world
-        self.block_size, self.max_seq_len = block_size, max_seq_len
-        self.max_batch_size = max_batch_size
-        self.per_worker_batch = -(-max_batch_size // self.world)
-        self.token_budget = max(max_num_batched_tokens, self.per_worker_batch + block_size)
-        self.eos = eos_token_id
-        self.vocab_size = vocab_size
-        self.max_queued = max_queued
-        if num_blocks * block_size < max_seq_len:
-            raise ValueError(f"KV cache of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
-                             f"max_seq_len={max_seq_len}; raise serving.kv_cache or lower max_seq_len")
-        self.allocators = [BlockAllocator(num_blocks) for _ in range(self.world)]
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.seqs: dict[str, Sequence] = {}
-        self.steps = 0
-        self.aborted = 0
-        self.preempted = 0
-        self.max_batch_seen = 0
-        self.finished_ids: list[tuple[int, str]] = []
-
-    # ---- requests
-    def add_request(self, seq_id: str, prompt: list[int], params: SamplingParams, variant: int = 0) -> Sequence:
-        if seq_id in self.seqs:
-            raise ValueError(f"duplicate request id {seq_id}")
-        if not prompt:
-            raise RequestTooLong("the prompt is empty")
-        if len(prompt) >= self.max_seq_len:
-            raise RequestTooLong(f"the prompt has {len(prompt)} tokens; the maximum sequence length is "
-                                 f"{self.max_seq_len}, leaving room for at least one new token")
-        if self.vocab_size is not None:
-            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
-            if bad:  # caught here: inside a worker step it would fail the whole batch
-                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        if len(self.waiting) >= self.max_queued:
-            raise EngineOverloaded(f"{len(self.waiting)} requests are already waiting; retry later")
-        seq = Sequence(seq_id, list(prompt), params, variant=variant)
-        self.seqs[seq_id] = seq
-        self.waiting.append(seq)
-        return seq
-
-    def abort(self, seq_id: str) -> None:
-        seq = self.seqs.get(seq_id)
-        if seq is not None and seq.finish_reason is None:
-            seq.aborted = True
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    # ---- blocks
-    def _blocks_needed(self, seq: Sequence, upto: int) -> int:
-        return max(0, -(-upto // self.block_size) - len(seq.blocks))
-
-    def _free_seq(self, seq: Sequence) -> None:
-        if seq.worker >= 0:
-            self.allocators[seq.worker].release(seq.blocks)
-            self.finished_ids.append((seq.worker, seq.seq_id))
-        seq.blocks, seq.num_cached = [], 0
-
-    def _finish(self, seq: Sequence, reason: str) -> None:
-        seq.finish_reason = reason
-        self._free_seq(seq)
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:  # preempted while its last token was in flight
-            self.waiting.remove(seq)
-        self.seqs.pop(seq.seq_id, None)
-
-    def kv_blocks_used(self) -> int:
-        return sum(a.num_blocks - len(a.free) for a in self.allocators)
-
-    def kv_blocks_total(self) -> int:
-        return sum(a.num_blocks for a in self.allocators)
-
-    # ---- scheduling
-    def _drop_aborted(self, events: dict) -> None:
-        for seq in [s for s in itertools.chain(self.running, self.waiting) if s.aborted]:
-            if seq in self.waiting:
-                self.waiting.remove(seq)
-            self._finish(seq, "abort")
-            self.aborted += 1
-            events[seq.seq_id] = TokenEvent([], "abort", len(seq.prompt), len(seq.output))
-
-    def _preempt(self, seq: Sequence) -> None:
-        log.info("KV cache full on worker %d: preempting %s (%d tokens) for recompute", seq.worker, seq.seq_id,
-                 len(seq.tokens))
-        self.preempted += 1
-        self._free_seq(seq)
-        seq.worker = -1
-        self.running.remove(seq)
-        self.waiting.appendleft(seq)
-
-    def _make_room(self, seq: Sequence, need: int) -> bool:
-        """Free blocks on seq's worker by preempting sequences younger than seq (not yet planned this
-        step, since planning goes oldest first); if none is younger, seq itself waits."""
-        alloc = self.allocators[seq.worker]
-        while need > len(alloc.free):
-            younger = [s for s in self.running if s.worker == seq.worker and s.arrival > seq.arrival]
-            if not younger:
-                self._preempt(seq)
-                return False
-            self._preempt(max(younger, key=lambda s: s.arrival))
-        return True
-
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch_size:
-            seq = self.waiting[0]
-            if seq.pending:  # preempted with a token in flight: re-admit once its tokens are all known
-                return
-            per_worker = [sum(1 for s in self.running if s.worker == w) for w in range(self.world)]
-            cands = [w for w in range(self.world) if per_worker[w] < self.per_worker_batch]
-            need = self._blocks_needed(seq, min(len(seq.tokens) + 1, self.max_seq_len))
-            # blocks still owed to admitted sequences whose prompt is not fully cached yet
-            owed = [sum(self._blocks_needed(s, min(len(s.tokens) + 1, self.max_seq_len))
-                        for s in self.running if s.worker == w) for w in range(self.world)]
-            room = [len(self.allocators[w].free) - owed[w] for w in range(self.world)]
-            cands = [w for w in cands if room[w] >= need]
-            if not cands:
-                return
-            w = max(cands, key=lambda w: (room[w], -per_worker[w]))
-            self.waiting.popleft()
-            seq.worker = w
-            self.running.append(seq)
-
-    def schedule(self) -> list[list[tuple[Sequence, StepItem]]]:
-        self._admit()
-        plans: list[list[tuple[Sequence, StepItem]]] = [[] for _ in range(self.world)]
-        budget = [self.token_budget] * self.world
-        # decodes first: one token each, growing the block table when a block fills
-        # (with a step in flight, a sequence's newest token is not known yet: the item carries
-        # PLACEHOLDER and the worker feeds it the token it sampled for that sequence last step)
-        for seq in sorted(self.running, key=lambda s: s.arrival):
-            n_known = len(seq.tokens) + seq.pending
-            if seq.worker < 0 or seq.num_cached != n_known - 1:
-                continue
-            if len(seq.output) + seq.pending >= seq.params.max_tokens or n_known >= self.max_seq_len:
-                continue  # the in-flight token ends it ("length"): nothing more to compute
-            need = self._blocks_needed(seq, seq.num_cached + 1)
-            if not self._make_room(seq, need):
-                continue
-            seq.blocks += self.allocators[seq.worker].allocate(need)
-            tok = PLACEHOLDER if seq.pending else seq.tokens[-1]
-            plans[seq.worker].append((seq, StepItem(seq.seq_id, [tok], seq.num_cached,
-                                                    list(seq.blocks), True, seq.params, seq.variant)))
-            seq.num_cached += 1
-            seq.pending += 1
-            budget[seq.worker] -= 1
-        # prefill chunks with the remaining per-worker budget
-        for seq in sorted(self.running, key=lambda s: s.arrival):
-            if seq.worker < 0 or seq.num_cached >= len(seq.tokens) - 1:
-                continue
-            w = seq.worker
-            chunk = min(len(seq.tokens) - seq.num_cached, budget[w])
-            if chunk <= 0:
-                continue
-            alloc = self.allocators[w]
-            need = self._blocks_needed(seq, seq.num_cached + chunk)
-            if need > len(alloc.free):
-                chunk = min(chunk, len(seq.blocks) * self.block_size + len(alloc.free) * self.block_size
-                            - seq.num_cached)
-                need = self._blocks_needed(seq, seq.num_cached + chunk)
-                if chunk <= 0:
-                    continue
-            seq.blocks += alloc.allocate(need)
-            done = seq.num_cached + chunk == len(seq.tokens)
-            plans[w].append((seq, StepItem(seq.seq_id, seq.tokens[seq.num_cached:seq.num_cached + chunk],
-                                           seq.num_cached, list(seq.blocks), done, seq.params, seq.variant)))
-            seq.num_cached += chunk
-            seq.pending += int(done)
-            budget[w] -= chunk
-        return plans
-
-    def process(self, plans, results) -> dict[str, TokenEvent]:
-        events: dict[str, TokenEvent] = {}
-        for plan, res in zip(plans, results):
-            for (seq, item), tok in zip(plan, res):
-                if tok is None:
-                    continue
-                seq.pending -= 1
-                if seq.aborted or seq.finish_reason is not None:
-                    continue  # computed ahead for a sequence that has ended since: dropped
-                seq.output.append(tok)
-                reason = None
-                p = seq.params
-                if not p.ignore_eos and tok == self.eos:
-                    reason = "stop"
-                elif tok in p.stop_token_ids:
-                    reason = "stop"
-                elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_seq_len:
-                    reason = "length"
-                events[seq.seq_id] = TokenEvent([tok], reason, len(seq.prompt), len(seq.output))
-                if reason:
-                    self._finish(seq, reason)
-        return events
-
-    def pop_finished(self) -> list[tuple[int, str]]:
-        out, self.finished_ids = self.finished_ids, []
-        return out
-
-    def begin_step(self, events: dict[str, TokenEvent]):
-        """Settle aborts (their final events go into ``events``), free finished sequences on the
-        workers, and plan the next step: per worker, the StepItems to run (all empty = nothing to do)."""
-        self._drop_aborted(events)
-        self.executor.release(self.pop_finished())
-        plans = self.schedule()
-        return plans, [[it for _, it in p] for p in plans]
-
-    def end_step(self, plans, results, events: dict[str, TokenEvent]) -> None:
-        """Apply one step's sampled tokens (``results`` per worker) and release what finished."""
-        self.steps += 1
-        self.max_batch_seen = max(self.max_batch_seen, sum(len(p) for p in plans))
-        events.update(self.process(plans, results))
-        self.executor.release(self.pop_finished())
-
-    def step(self) -> dict[str, TokenEvent]:
-        """Synchronous step (in-process generation)."""
-        events: dict[str, TokenEvent] = {}
-        plans, items = self.begin_step(events)
-        if any(items):
-            self.end_step(plans, self.executor.run(items), events)
-        return events
-
-    def stats(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting),
-                "kv_blocks_used": self.kv_blocks_used(), "kv_blocks_total": self.kv_blocks_total(),
-                "kv_usage": self.kv_blocks_used() / max(1, self.kv_blocks_total()),
-                "steps": self.steps, "max_batch_seen": self.max_batch_seen, "aborted": self.aborted,
-                "preempted": self.preempted}
-
-
-class LocalExecutor:
-    """One in-process ModelRunner (no expert parallelism). The sync methods call the runner on the
-    caller's thread (torch runs ~1.5x slower on a secondary thread here, measured); the async ones
-    go through one worker thread, in submission order, as actor tasks do, so pipelined steps,
-    releases and patch loads never overlap. Use one mode per executor."""
-
-    world = 1
-
-    def __init__(self, runner, model_dir: str | None = None):
-        from concurrent.futures import ThreadPoolExecutor
-
-        self.runner = runner
-        self.model_dir = model_dir
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="expertpool-runner")
-        self._async = False
-
-    def run(self, items_per_worker):
-        return [self.runner.step(items_per_worker[0])]
-
-    def release(self, finished):
-        if finished:
-            ids = [s for _, s in finished]
-            if self._async:
-                self._thread.submit(self.runner.release, ids)
-            else:
-                self.runner.release(ids)
-
-    def expert_load(self) -> list[int]:
-        return self.runner.expert_load()
-
-    async def run_async(self, items_per_worker):
-        self._async = True
-        return [await asyncio.wrap_future(self._thread.submit(self.runner.step, items_per_worker[0]))]
-
-    async def check_health(self):
-        return None
-
-    async def load_patch(self, patch_dir: str) -> int:
-        return await asyncio.wrap_future(self._thread.submit(self.runner.load_patch, patch_dir, self.model_dir))
-
-    async def expert_load_async(self):
-        return await asyncio.wrap_future(self._thread.submit(self.runner.expert_load))
-
-
-class RayExecutor:
-    """The replica's expert-parallel actor group; every actor steps together (MoE layers are collectives)."""
-
-    def __init__(self, actors):
-        self.actors = actors
-        self.world = len(actors)
-
-    def run(self, items_per_worker):
-        import ray
-        return ray.get([a.step.remote(items) for a, items in zip(self.actors, items_per_worker)])
-
-    async def run_async(self, items_per_worker):
-        return await asyncio.gather(*[a.step.remote(items) for a, items in zip(self.actors, items_per_worker)])
-
-    def release(self, finished):
-        by_worker: dict[int, list[str]] = {}
-        for w, s in finished:
-            by_worker.setdefault(w, []).append(s)
-        for w, ids in by_worker.items():
-            self.actors[w].release.remote(ids)
-
-    async def check_health(self):
-        await asyncio.wait_for(asyncio.gather(*[a.ping.remote() for a in self.actors]), timeout=30)
-
-    async def load_patch(self, patch_dir: str) -> int:
-        idx = set(await asyncio.gather(*[a.load_patch.remote(patch_dir) for a in self.actors]))
-        assert len(idx) == 1, f"actors disagree on the variant index: {idx}"
-        return idx.pop()
-
-    async def expert_load_async(self) -> list[int]:
-        loads = await asyncio.gather(*[a.expert_load.remote() for a in self.actors])
-        return [sum(x) for x in zip(*loads)] if loads else []
+class _WorkersLost(Exception):
+    def __init__(self, dead: set[int]):
+        super().__init__(f"expert actors {sorted(dead)} are gone")
+        self.dead = dead
 
 
 class AsyncEngine:
     """Serving facade over EngineCore; one background task drives the steps."""
 
     def __init__(self, core: EngineCore, model_id: str, max_seq_len: int, model_dir: str | None = None,
-                 async_scheduling: bool = False):
+                 async_scheduling: bool = False, recovery: RecoveryPolicy = RecoveryPolicy()):
         self.core = core
         self.depth = 2 if async_scheduling else 1  # steps in flight at once
         self.model_dir = model_dir
         self.max_seq_len = max_seq_len
         self.base_model_id = model_id
+        self.recovery = recovery
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -413,7 +88,13 @@ class AsyncEngine:
         self._expert_tokens: list[int] = []
         self._failed: BaseException | None = None
         self._variants: dict[str, int] = {}
+        self._patch_dirs: list[str] = []    # in load order: a replacement actor replays them
         self._step_lock = asyncio.Lock()
+        self._recovering = False
+        self._attempts = 0                  # recoveries since the last successful step
+        self.actor_failures = 0
+        self.recoveries = 0
+        self.recovery_seconds: list[float] = []
 
     def model_ids(self) -> list[str]:
         return [self.base_model_id] + list(self._variants)
@@ -428,6 +109,7 @@ class AsyncEngine:
         read_patch(patch_dir, base_model_dir=self.model_dir)  # validate (clear error) before touching actors
         async with self._step_lock:
             self._variants[model_id] = await self.core.executor.load_patch(patch_dir)
+            self._patch_dirs.append(patch_dir)
         log.info("serving %s from %s (variant %d)", model_id, patch_dir, self._variants[model_id])
         return model_id
 
@@ -443,7 +125,7 @@ class AsyncEngine:
         # per-request task context, and Ray's recursive cancellation on client disconnect would then
         # cancel the actor steps this loop submits later, leaving the group's collectives half-run.
         loop = asyncio.get_running_loop()
-        if self._task is None or self._task.done():
+        if self._failed is None and (self._task is None or self._task.done()):
             self._task = loop.create_task(self._run(), context=contextvars.Context())
         if self._refresh_task is None or self._refresh_task.done():
             self._refresh_task = loop.create_task(self._refresh_loop(), context=contextvars.Context())
@@ -451,16 +133,21 @@ class AsyncEngine:
     async def _refresh_loop(self):
         """Per-expert token counts for observability, pulled from the workers about once a second."""
         while self._failed is None:
-            try:
-                await self.refresh_expert_tokens()
-            except Exception as e:  # a slow or dead worker shows up in check_health; keep metrics going
-                log.warning("could not refresh expert token counts: %r", e)
+            if not self._recovering:
+                try:
+                    await self.refresh_expert_tokens()
+                except Exception as e:  # a dead worker is the step loop's to handle; keep metrics going
+                    log.warning("could not refresh expert token counts: %r", e)
             await asyncio.sleep(1.0)
+
+    def _unavailable(self) -> EngineUnavailable:
+        f = self._failed
+        return f if isinstance(f, EngineUnavailable) else EngineUnavailable(f"engine failed: {f!r}")
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                        model: str | None = None):
         if self._failed is not None:
-            raise RuntimeError(f"engine failed: {self._failed!r}")
+            raise self._unavailable()
         variant = self._variant_of(model)
         self._ensure_loop()
         self.core.add_request(request_id, prompt_token_ids, params, variant)
@@ -472,7 +159,7 @@ class AsyncEngine:
             while True:
                 ev = await q.get()
                 if isinstance(ev, BaseException):
-                    raise RuntimeError(f"engine step failed: {ev!r}") from ev
+                    raise ev
                 finished = ev.finish_reason is not None
                 yield ev
                 if finished:
@@ -486,6 +173,16 @@ class AsyncEngine:
     async def abort(self, request_id: str) -> None:
         self.core.abort(request_id)
         self._wake.set()
+
+    async def _idle(self) -> None:
+        """Wait for work; every ``liveness_check_s`` without any, ping the group."""
+        self._wake.clear()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=self.recovery.liveness_check_s)
+        except asyncio.TimeoutError:
+            dead = await self.core.executor.find_dead()
+            if dead:
+                raise _WorkersLost(dead) from None
 
     async def _run(self):
         """The step loop. With ``async_scheduling`` it is pipelined two deep: step k+1 is planned and
@@ -501,35 +198,99 @@ class AsyncEngine:
             events: dict[str, TokenEvent] = {}
             try:
                 if not inflight and not core.has_work():
-                    self._wake.clear()
-                    await self._wake.wait()
+                    await self._idle()
+                    continue
                 async with self._step_lock:  # a patch load runs between submissions
                     plans, items = core.begin_step(events)
                     submitted = any(items)
                     if submitted:
                         inflight.append((plans, asyncio.ensure_future(core.executor.run_async(items))))
                 if inflight and (len(inflight) >= self.depth or not submitted):
-                    done_plans, fut = inflight.popleft()
-                    core.end_step(done_plans, await fut, events)
+                    done_plans, fut = inflight[0]
+                    results = await fut
+                    inflight.popleft()
+                    core.end_step(done_plans, results, events)
+                    self._attempts = 0
                 elif not submitted and not events:  # requests wait for blocks: let finishing streams free some
                     await asyncio.sleep(0.005)
-            except Exception as e:  # a dead worker: fail every in-flight request, loudly
+            except (StepFailed, RayError, _WorkersLost) as e:
+                async with self._step_lock:
+                    ok = await self._recover(e, inflight)
+                inflight.clear()
+                if not ok:
+                    self._emit(events)
+                    return
+            except Exception as e:  # a bug, not a lost worker: fail every request, loudly
                 log.exception("engine step failed")
-                self._failed = e
-                for _, fut in inflight:
-                    fut.cancel()
-                for q in self._queues.values():
-                    q.put_nowait(e)
+                self._fail(EngineUnavailable(f"engine step failed: {type(e).__name__}: {e}"), inflight)
                 return
-            for rid, ev in events.items():
-                q = self._queues.get(rid)
-                if q is not None:
-                    q.put_nowait(ev)
+            self._emit(events)
             await asyncio.sleep(0)
+
+    def _emit(self, events: dict[str, TokenEvent]) -> None:
+        for rid, ev in events.items():
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(ev)
+
+    def _fail(self, err: EngineUnavailable, inflight=()) -> None:
+        self._failed = err
+        for _, fut in inflight:
+            fut.cancel()
+        for q in self._queues.values():
+            q.put_nowait(err)
+
+    async def _recover(self, err: BaseException, inflight: deque) -> bool:
+        """Repair the group after ``err``; False when it could not be (the engine is then failed)."""
+        t0 = time.monotonic()
+        self._recovering = True
+        core, executor = self.core, self.core.executor
+        try:
+            settled = await asyncio.gather(*[f for _, f in inflight], return_exceptions=True)
+            stuck = set().union(*[x.stuck for x in list(settled) + [err] if isinstance(x, StepFailed)])
+            core.rollback([p for p, _ in inflight])
+            dead = err.dead if isinstance(err, _WorkersLost) else await executor.find_dead(stuck)
+            why = _first_line(err)
+            for r in sorted(dead):
+                self.actor_failures += 1
+                log.warning("expert actor rank %d (experts %s) failed: %s; recovering", r, executor.experts_of(r), why)
+            if not dead:
+                log.warning("expert group step failed with every actor alive (%s): re-forming the group", why)
+            if not self.recovery.enabled:
+                raise RuntimeError("pool.recovery.enabled is false")
+            self._attempts += 1
+            if self._attempts > self.recovery.max_attempts:
+                raise RuntimeError(f"{self.recovery.max_attempts} recoveries in a row without a successful step")
+            lost = core.fail_workers(dead)
+            try:
+                await asyncio.wait_for(executor.recover(dead, list(self._patch_dirs)), self.recovery.timeout_s)
+            except asyncio.TimeoutError:
+                raise RuntimeError(f"the group was not restored within pool.recovery.timeout_s="
+                                   f"{self.recovery.timeout_s:g} s (a replacement actor could not be scheduled "
+                                   "or loaded)") from None
+            dt = time.monotonic() - t0
+            self.recoveries += 1
+            self.recovery_seconds.append(dt)
+            log.warning("recovered expert actor rank(s) %s (experts %s) in %.1fs: replaying %d sequences (%d tokens), "
+                        "%d kept their caches", sorted(dead), ", ".join(executor.experts_of(r) for r in sorted(dead)),
+                        dt, len(lost), sum(len(s.tokens) for s in lost), len(core.running))
+            return True
+        except Exception as e:
+            log.error("recovery of the expert group failed after %.1fs: %s", time.monotonic() - t0, _first_line(e))
+            self._fail(EngineUnavailable(f"the expert-parallel group failed and could not be recovered ({e}); "
+                                         "this replica is being replaced"))
+            return False
+        finally:
+            self._recovering = False
 
     def stats(self) -> dict:
         s = self.core.stats()
         s["expert_tokens"] = list(self._expert_tokens)
+        s.update(actor_failures=self.actor_failures, recoveries=self.recoveries,
+                 recovery_seconds=list(self.recovery_seconds), recovering=self._recovering)
+        describe = getattr(self.core.executor, "describe", None)
+        if describe is not None:
+            s["actors"] = describe()
         return s
 
     async def refresh_expert_tokens(self) -> list[int]:
@@ -537,16 +298,30 @@ class AsyncEngine:
         return self._expert_tokens
 
     async def check_health(self) -> None:
+        """Healthy unless the engine failed: a recovery in progress is bounded and reports itself.
+        Actor liveness is the step loop's job (it pings the group when idle)."""
         if self._failed is not None:
-            raise RuntimeError(f"engine failed: {self._failed!r}")
-        await self.core.executor.check_health()
+            raise self._unavailable()
+        self._ensure_loop()
+
+    async def shutdown(self) -> None:
+        for t in (self._task, self._refresh_task):
+            if t is not None:
+                t.cancel()
+        shutdown = getattr(self.core.executor, "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def local_engine(model, *, max_batch_size: int = 16, max_seq_len: int = 512, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 256,
                  eos_token_id: int | None = None) -> EngineCore:
     """An in-process engine over one model (all experts local): ``expertpool generate`` and tests."""
-    from expertpool.platform.worker import ModelRunner
     if num_blocks is None:
         num_blocks = max_batch_size * (-(-max_seq_len // block_size))
     runner = ModelRunner(model, num_blocks, block_size)
@@ -576,12 +351,12 @@ def generate(core: EngineCore, prompts: list[list[int]], params: SamplingParams 
     return outs
 
 
-def build_engine(cfg) -> AsyncEngine:
+def build_engine(cfg, hooks=None) -> AsyncEngine:
     """The engine of one Serve replica: create its expert-parallel actor group and wire the scheduler.
 
     Actors go into the replica's placement group (bundle ``rank + 1``; bundle 0 holds the replica)
-    when there is one, so a replica and its group are scheduled as a unit (gang). Rank 0 offers the
-    torch.distributed rendezvous address; all ranks then join and load their expert shards at once.
+    when there is one, so a replica and its group are scheduled as a unit (gang), and a replacement
+    actor takes the bundle its predecessor freed. ``hooks`` (tests only) inject faults into recovery.
     """
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -590,7 +365,7 @@ def build_engine(cfg) -> AsyncEngine:
     from expertpool.model.attention import PagedLatentCache
     from expertpool.model.embedded import ensure_embedded_model
     from expertpool.model.tokenizer import Tokenizer
-    from expertpool.platform.worker import DTYPES, ExpertWorker
+    from expertpool.platform.worker import DTYPES, RayExecutor, WorkerSpec
 
     t0 = time.time()
     model_dir = str(cfg.model.path or ensure_embedded_model())
@@ -603,20 +378,20 @@ def build_engine(cfg) -> AsyncEngine:
     blocks_per_worker = max(-(-total_blocks // world), -(-s.max_seq_len // s.kv_cache.block_size))
     pg = ray.util.get_current_placement_group()
     res = cfg.pool.actor_resources
-    actor_cls = ray.remote(ExpertWorker)
-    actors = []
+    options = []
     for rank in range(world):
         opts = dict(res.ray_options())
         if pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                 pg, placement_group_bundle_index=cfg.pool.actor_bundle_index(rank))
-        actors.append(actor_cls.options(**opts).remote(rank, world))
-    addr, port = ray.get(actors[0].rendezvous_address.remote())
-    threads = max(1, int(res.cpu)) if res.cpu >= 1 else 1
-    ray.get([a.setup.remote(model_dir, addr, port, cfg.model.dtype, cfg.model.weight_dtype, blocks_per_worker,
-                            s.kv_cache.block_size, cfg.pool.backend, threads) for a in actors])
+        options.append(opts)
+    rec = cfg.pool.recovery
+    spec = WorkerSpec(model_dir, cfg.model.dtype, cfg.model.weight_dtype, blocks_per_worker, s.kv_cache.block_size,
+                      cfg.pool.backend, max(1, int(res.cpu)) if res.cpu >= 1 else 1, rec.collective_timeout_s)
+    executor = RayExecutor(spec, options, hooks=hooks)
+    executor.start()
     tok = Tokenizer.from_dir(cfg.model.tokenizer or model_dir)
-    core = EngineCore(RayExecutor(actors), num_blocks=blocks_per_worker, block_size=s.kv_cache.block_size,
+    core = EngineCore(executor, num_blocks=blocks_per_worker, block_size=s.kv_cache.block_size,
                       max_batch_size=s.max_batch_size, max_seq_len=s.max_seq_len,
                       max_num_batched_tokens=s.max_num_batched_tokens,
                       eos_token_id=tok.eos_token_id if tok.eos_token_id is not None else args.eos_token_id,
@@ -625,4 +400,6 @@ def build_engine(cfg) -> AsyncEngine:
     log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1fs",
              model_dir, world, args.n_routed_experts // world, blocks_per_worker, s.kv_cache.block_size,
              time.time() - t0)
-    return AsyncEngine(core, cfg.model.name, s.max_seq_len, model_dir, async_scheduling=s.async_scheduling)
+    policy = RecoveryPolicy(rec.enabled, rec.timeout_s, rec.liveness_check_s, rec.max_attempts)
+    return AsyncEngine(core, cfg.model.name, s.max_seq_len, model_dir, async_scheduling=s.async_scheduling,
+                       recovery=policy)

@@ -1,43 +1,47 @@
-"""Model runner and the expert-parallel worker actor.
+"""Model runner, the expert-parallel worker actor, and the executors that drive them.
 
 ``ModelRunner`` (plain class, no Ray): owns a model and its paged MLA latent cache and runs one
 engine step: a flat batch of sequences, each with new tokens at a known cache position, through
-``Transformer.forward_batch``; samples the next token for sequences whose new tokens reach their end.
-It keeps a per-sequence RNG so seeded requests are reproducible. Logits never leave the worker.
+``Transformer.forward_batch``; samples the next token for sequences whose new tokens reach their
+end. Sampling is stateless (a function of seed and position, ``model.sampling``): the only
+per-sequence state kept here is the last sampled token, which feeds ``PLACEHOLDER`` items under
+async scheduling and is never needed after a recovery (the engine sends explicit tokens then).
 
-``ExpertWorker`` (Ray actor): one member of a replica's expert-parallel group. It joins the group's
-torch.distributed process group (gloo on CPU, NCCL on GPU), loads the dense weights plus only its
-share of routed experts, and swaps in the all-to-all dispatcher. Attention is data-parallel: each
-worker holds the latent cache of the sequences the engine assigned to it. All workers of a group
-must run every step (with an empty batch if need be) because MoE layers are collectives.
+``ExpertWorker`` (Ray actor): one member of a replica's expert-parallel group. Three phases:
+``load`` (dense weights plus only its routed experts, and its KV cache; no collectives), ``join``
+(torch.distributed group: gloo on CPU, NCCL on GPU, collectives bounded by a timeout; tearing down
+any earlier group first, so a group is re-formed by calling ``join`` on every rank again) and
+``step``. Attention is data-parallel: each worker holds the latent cache of the sequences the engine
+assigned to it. All workers of a group run every step (with an empty batch if need be) because MoE
+layers are collectives. ``ping`` and ``abort_group`` run in their own concurrency group, so a
+liveness check is answered even while a step runs, and a step stuck in an NCCL collective can be
+released.
+
+Executors run one step on the workers: ``LocalExecutor`` (one in-process ``ModelRunner``) and
+``RayExecutor`` (the actor group: start, step, find dead actors, replace them and re-form the group).
 """
 
+import asyncio
 import logging
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Protocol
 
+import ray
 import torch
 
 from expertpool.model.attention import AttnBatch, PagedLatentCache
 from expertpool.model.checkpoint import load_checkpoint
-from expertpool.model.sampling import SamplingParams, make_generator, sample
+from expertpool.model.sampling import sample
 from expertpool.model.transformer import Transformer
+from expertpool.platform.scheduler import StepItem
 
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
-@dataclass
-class StepItem:
-    seq_id: str
-    tokens: list[int]          # new tokens, written to the cache at start_pos... (-1: the token this
-                               # worker sampled for seq_id in its previous step; see engine.PLACEHOLDER)
-    start_pos: int
-    block_table: list[int]
-    sample: bool               # sample one token after the last new token
-    params: SamplingParams
-    variant: int = 0           # served variant (0 = base weights; see Transformer.add_variant)
+CONTROL = "control"  # the actor concurrency group of ping/abort_group: never queued behind a step
 
 
 class ModelRunner:
@@ -47,7 +51,6 @@ class ModelRunner:
         self.cache = PagedLatentCache(args.num_hidden_layers, num_blocks, block_size, args.kv_cache_dim,
                                       dtype=model.compute_dtype, device=device)
         self.device = device
-        self._generators: dict[str, torch.Generator] = {}
         self._last: dict[str, int] = {}  # last sampled token per sequence (feeds PLACEHOLDER items)
 
     @torch.inference_mode()
@@ -64,9 +67,9 @@ class ModelRunner:
                 rows.append(ends - 1)
         tokens_N = torch.tensor(tokens, dtype=torch.long, device=self.device)
         logits = self.model.forward_batch(tokens_N, batch, torch.tensor(rows, dtype=torch.long, device=self.device))
-        sampled_items = [it for it in items if it.sample]
-        gens = [self._generators.setdefault(it.seq_id, make_generator(it.params.seed)) for it in sampled_items]
-        toks = sample(logits, [it.params for it in sampled_items], gens) if sampled_items else []
+        sampled = [it for it in items if it.sample]
+        toks = sample(logits, [it.params for it in sampled],
+                      [it.start_pos + len(it.tokens) for it in sampled]).tolist() if sampled else []
         out, j = [], 0
         for it in items:
             if it.sample:
@@ -79,7 +82,6 @@ class ModelRunner:
 
     def release(self, seq_ids: list[str]) -> None:
         for s in seq_ids:
-            self._generators.pop(s, None)
             self._last.pop(s, None)
 
     def load_patch(self, patch_dir: str, base_model_dir: str | None = None) -> int:
@@ -99,46 +101,93 @@ def load_model(model_dir: str, dtype: str, weight_dtype: str | None, experts=Non
                            device=device, with_mtp=False)
 
 
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What every worker of a group loads; the same for a replacement as for the original."""
+    model_dir: str
+    dtype: str
+    weight_dtype: str | None
+    num_blocks: int
+    block_size: int
+    backend: str = "auto"            # auto | gloo | nccl
+    threads: int = 1
+    collective_timeout_s: float = 60.0
+
+
+def _cuda_device_index() -> int:
+    """The CUDA device Ray gave this actor. Ray sets CUDA_VISIBLE_DEVICES to the actor's GPUs, so it
+    is device 0; with RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES every GPU stays visible and the id
+    Ray assigned is the index."""
+    if os.environ.get("RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"):
+        ids = ray.get_gpu_ids()
+        assert ids, "a GPU actor without GPU ids: reserve pool.actor_resources.gpu >= 1"
+        return int(ids[0])
+    return 0
+
+
 class ExpertWorker:
-    """Ray actor body (wrapped with ray.remote by the engine builder). Two-phase start: the actor is
-    created, rank 0 reports a free rendezvous address, then every rank runs ``setup`` concurrently."""
+    """Ray actor body (wrapped with ray.remote by ``RayExecutor``)."""
 
     def __init__(self, rank: int, world: int):
         self.rank, self.world = rank, world
         self.runner: ModelRunner | None = None
+        self.device = "cpu"
+        self.backend = "gloo"
+        self.generation = -1
+
+    def load(self, spec: WorkerSpec) -> dict[str, Any]:
+        """Load the dense weights, this rank's experts and the KV cache; returns where it runs and what
+        it holds (rank, pid, node, device, expert ids)."""
+        from expertpool.model.args import ModelArgs
+        from expertpool.platform.dispatch import owned_experts
+
+        torch.set_num_threads(max(1, spec.threads))
+        use_cuda = torch.cuda.is_available() and spec.backend != "gloo"
+        if use_cuda:
+            index = _cuda_device_index()
+            torch.cuda.set_device(index)
+            self.device = f"cuda:{index}"
+        self.backend = ("nccl" if use_cuda else "gloo") if spec.backend == "auto" else spec.backend
+        self.spec = spec
+        t0 = time.time()
+        n_experts = ModelArgs.from_dir(spec.model_dir).n_routed_experts
+        self.n_experts = n_experts
+        self.experts = owned_experts(self.rank, self.world, n_experts)
+        model = load_model(spec.model_dir, spec.dtype, spec.weight_dtype, self.experts, self.device)
+        self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device)
+        log.info("worker %d/%d loaded experts %d..%d on %s in %.1fs", self.rank, self.world, self.experts[0],
+                 self.experts[-1], self.device, time.time() - t0)
+        return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
+                "device": self.device, "experts": self.experts}
 
     def rendezvous_address(self) -> tuple[str, int]:
         import socket
-
-        import ray
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
-    def setup(self, model_dir: str, master_addr: str, master_port: int, dtype: str, weight_dtype: str | None,
-              num_blocks: int, block_size: int, backend: str = "auto", threads: int = 1) -> list[int]:
+    def join(self, master_addr: str, master_port: int, generation: int) -> int:
+        """(Re-)form the group: leave any earlier one, then rendezvous with every rank at the address.
+        Collectives wait at most ``collective_timeout_s`` for a peer, so a dead peer is detected."""
         import torch.distributed as dist
 
-        from expertpool.model.args import ModelArgs
-        from expertpool.platform.dispatch import AllToAllDispatcher, owned_experts
+        from expertpool.platform.dispatch import AllToAllDispatcher
 
-        torch.set_num_threads(max(1, threads))
-        use_cuda = torch.cuda.is_available() and backend != "gloo"
-        self.device = f"cuda:{torch.cuda.current_device()}" if use_cuda else "cpu"
-        backend = ("nccl" if use_cuda else "gloo") if backend == "auto" else backend
         t0 = time.time()
-        self.model_dir = model_dir
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
-                                world_size=self.world)
-        n_experts = ModelArgs.from_dir(model_dir).n_routed_experts
-        self.experts = owned_experts(self.rank, self.world, n_experts)
-        model = load_model(model_dir, dtype, weight_dtype, self.experts, self.device)
-        model.set_dispatcher(AllToAllDispatcher(n_experts))
-        self.runner = ModelRunner(model, num_blocks, block_size, self.device)
-        log.info("worker %d/%d ready on %s (%s) with experts %d..%d in %.1fs", self.rank, self.world,
-                 self.device, backend, self.experts[0], self.experts[-1], time.time() - t0)
-        return self.experts
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        kwargs: dict[str, Any] = {}
+        if self.backend == "nccl":
+            kwargs["device_id"] = torch.device(self.device)
+        dist.init_process_group(self.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
+                                world_size=self.world, timeout=timedelta(seconds=self.spec.collective_timeout_s),
+                                **kwargs)
+        self.runner.model.set_dispatcher(AllToAllDispatcher(self.n_experts))
+        self.generation = generation
+        log.info("worker %d/%d joined group generation %d (%s) in %.1fs", self.rank, self.world, generation,
+                 self.backend, time.time() - t0)
+        return generation
 
     def step(self, items: list[StepItem]) -> list[int | None]:
         return self.runner.step(items)
@@ -150,7 +199,226 @@ class ExpertWorker:
         return self.runner.expert_load()
 
     def load_patch(self, patch_dir: str) -> int:
-        return self.runner.load_patch(patch_dir, self.model_dir)
+        return self.runner.load_patch(patch_dir, self.spec.model_dir)
 
+    @ray.method(concurrency_group=CONTROL)
     def ping(self) -> int:
         return self.rank
+
+    @ray.method(concurrency_group=CONTROL)
+    def abort_group(self) -> bool:
+        """Release a step stuck in a collective (NCCL: abort the communicator, so the blocked op returns
+        with an error). Gloo needs nothing: its ops fail when a peer's socket closes, or time out."""
+        import torch.distributed as dist
+
+        if self.backend != "nccl" or not dist.is_initialized():
+            return False
+        abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
+        if abort is None:
+            return False
+        abort()
+        log.warning("worker %d aborted its NCCL communicator", self.rank)
+        return True
+
+
+class LocalExecutor:
+    """One in-process ModelRunner (no expert parallelism). The sync methods call the runner on the
+    caller's thread (torch runs ~1.5x slower on a secondary thread here, measured); the async ones
+    go through one worker thread, in submission order, as actor tasks do, so pipelined steps,
+    releases and patch loads never overlap. Use one mode per executor. Nothing to recover."""
+
+    world = 1
+
+    def __init__(self, runner, model_dir: str | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.runner = runner
+        self.model_dir = model_dir
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="expertpool-runner")
+        self._async = False
+
+    def run(self, items_per_worker):
+        return [self.runner.step(items_per_worker[0])]
+
+    def release(self, finished):
+        if finished:
+            ids = [s for _, s in finished]
+            if self._async:
+                self._thread.submit(self.runner.release, ids)
+            else:
+                self.runner.release(ids)
+
+    def expert_load(self) -> list[int]:
+        return self.runner.expert_load()
+
+    async def run_async(self, items_per_worker):
+        self._async = True
+        return [await asyncio.wrap_future(self._thread.submit(self.runner.step, items_per_worker[0]))]
+
+    async def find_dead(self) -> set[int]:
+        return set()
+
+    async def load_patch(self, patch_dir: str) -> int:
+        return await asyncio.wrap_future(self._thread.submit(self.runner.load_patch, patch_dir, self.model_dir))
+
+    async def expert_load_async(self):
+        return await asyncio.wrap_future(self._thread.submit(self.runner.expert_load))
+
+
+class StepFailed(Exception):
+    """A group step did not complete; ``errors`` maps rank -> what that rank's step raised (ranks
+    whose step was still stuck after the bound are in ``stuck``)."""
+
+    def __init__(self, errors: dict[int, BaseException], stuck: set[int]):
+        self.errors, self.stuck = errors, stuck
+        first = next(iter(errors.values()), None)
+        super().__init__(f"step failed on ranks {sorted(errors)}" + (f", stuck on {sorted(stuck)}" if stuck else "")
+                         + (f": {type(first).__name__}: {first}" if first is not None else ""))
+
+
+class RecoveryFailed(Exception):
+    """The group could not be restored within its bound (a replacement did not start, or a second
+    failure hit the recovery); the engine stops and answers 503 until Serve replaces the replica."""
+
+
+class RecoveryHooks(Protocol):
+    """Fault-injection points of a recovery (tests pass one to ``build_engine``; production passes none)."""
+
+    async def before_replace(self, executor: "RayExecutor", rank: int) -> None: ...
+
+
+@dataclass
+class _Slot:
+    """Where rank r's actor goes (its Ray options: resources, placement-group bundle) and what runs there."""
+    options: dict[str, Any]
+    actor: Any = None
+    info: dict[str, Any] = field(default_factory=dict)  # what ExpertWorker.load returned
+
+
+class RayExecutor:
+    """The replica's expert-parallel actor group; every actor steps together (MoE layers are collectives).
+
+    Failure handling: a step waits for every rank's result; when one fails (a dead actor's call
+    raises ``ActorDiedError`` within about a second; its peers' collectives then fail on the closed
+    connection, or time out), the others get ``settle_s`` to finish, stuck ones get ``abort_group``,
+    and ``StepFailed`` says which ranks raised. ``recover`` then kills the dead, starts replacements
+    in their placement-group bundles (they load their experts while the survivors wait), replays the
+    published patches on them, and re-forms the process group on every rank under a new generation.
+    """
+
+    def __init__(self, spec: WorkerSpec, slot_options: list[dict[str, Any]], hooks: RecoveryHooks | None = None,
+                 ping_timeout_s: float = 10.0):
+        self.spec = spec
+        self.world = len(slot_options)
+        self.slots = [_Slot(o) for o in slot_options]
+        self.hooks = hooks
+        self.ping_timeout_s = ping_timeout_s
+        self.settle_s = spec.collective_timeout_s + 5.0
+        self.generation = 0
+        self._cls = ray.remote(concurrency_groups={CONTROL: 1})(ExpertWorker)
+
+    @property
+    def actors(self) -> list:
+        return [s.actor for s in self.slots]
+
+    def _spawn(self, rank: int):
+        return self._cls.options(**self.slots[rank].options).remote(rank, self.world)
+
+    def start(self) -> None:
+        """Create every actor, load all of them at once, form the group (blocking; replica start-up)."""
+        for r, slot in enumerate(self.slots):
+            slot.actor = self._spawn(r)
+        for slot, info in zip(self.slots, ray.get([s.actor.load.remote(self.spec) for s in self.slots])):
+            slot.info = info
+        addr, port = ray.get(self.slots[0].actor.rendezvous_address.remote())
+        ray.get([s.actor.join.remote(addr, port, self.generation) for s in self.slots])
+
+    def experts_of(self, rank: int) -> str:
+        e = self.slots[rank].info.get("experts")
+        return f"{e[0]}..{e[-1]}" if e else "none"
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Rank, pid, node, device and expert range of every actor (engine stats; operators and tests)."""
+        return [{**s.info, "experts": self.experts_of(r)} for r, s in enumerate(self.slots)]
+
+    # ---- steps
+    def run(self, items_per_worker):
+        return ray.get([a.step.remote(items) for a, items in zip(self.actors, items_per_worker)])
+
+    async def run_async(self, items_per_worker):
+        refs = [a.step.remote(items) for a, items in zip(self.actors, items_per_worker)]
+        futs = [asyncio.ensure_future(_await(r)) for r in refs]
+        done, pending = await asyncio.wait(futs, return_when=asyncio.FIRST_EXCEPTION)
+        if all(f.exception() is None for f in done) and not pending:
+            return [f.result() for f in futs]
+        if pending:  # a rank failed: give the others a bound to fail (or finish) in turn
+            _, pending = await asyncio.wait(pending, timeout=self.settle_s)
+        if pending:
+            stuck = {futs.index(f) for f in pending}
+            await asyncio.gather(*[_bounded(self.actors[r].abort_group.remote(), self.ping_timeout_s) for r in stuck],
+                                 return_exceptions=True)
+            _, pending = await asyncio.wait(pending, timeout=self.ping_timeout_s)
+        stuck = {futs.index(f) for f in pending}
+        errors = {r: f.exception() for r, f in enumerate(futs) if f.done() and f.exception() is not None}
+        raise StepFailed(errors, stuck)
+
+    def release(self, finished):
+        by_worker: dict[int, list[str]] = {}
+        for w, s in finished:
+            by_worker.setdefault(w, []).append(s)
+        for w, ids in by_worker.items():
+            self.actors[w].release.remote(ids)
+
+    # ---- liveness and recovery
+    async def find_dead(self, stuck: set[int] = frozenset()) -> set[int]:
+        """Ranks whose actor is gone (its ping raises) or unresponsive (no answer within the bound;
+        pings run in their own concurrency group, so a long step does not delay them). ``stuck``
+        ranks (a step that never returned) count as dead: they are killed and replaced."""
+        res = await asyncio.gather(*[_bounded(a.ping.remote(), self.ping_timeout_s) for a in self.actors],
+                                   return_exceptions=True)
+        return {r for r, x in enumerate(res) if isinstance(x, BaseException)} | set(stuck)
+
+    async def check_health(self) -> None:
+        dead = await self.find_dead()
+        if dead:
+            raise RuntimeError(f"expert actors {sorted(dead)} of the group are dead")
+
+    async def recover(self, dead: set[int], patches: list[str]) -> None:
+        """Replace the ``dead`` ranks and re-form the group on every rank (bounded by the caller)."""
+        for r in sorted(dead):
+            ray.kill(self.slots[r].actor, no_restart=True)
+        for r in sorted(dead):
+            if self.hooks is not None:
+                await self.hooks.before_replace(self, r)
+            self.slots[r].actor = self._spawn(r)
+        loaded = await asyncio.gather(*[_await(self.slots[r].actor.load.remote(self.spec)) for r in sorted(dead)])
+        for r, info in zip(sorted(dead), loaded):
+            self.slots[r].info = info
+            for p in patches:  # the same patches in the same order: variant indices agree across ranks
+                await _await(self.slots[r].actor.load_patch.remote(p))
+        self.generation += 1
+        addr, port = await _await(self.actors[0].rendezvous_address.remote())
+        await asyncio.gather(*[_await(a.join.remote(addr, port, self.generation)) for a in self.actors])
+
+    def shutdown(self) -> None:
+        for s in self.slots:
+            if s.actor is not None:
+                ray.kill(s.actor, no_restart=True)
+
+    # ---- patches and load statistics
+    async def load_patch(self, patch_dir: str) -> int:
+        idx = set(await asyncio.gather(*[_await(a.load_patch.remote(patch_dir)) for a in self.actors]))
+        assert len(idx) == 1, f"actors disagree on the variant index: {idx}"
+        return idx.pop()
+
+    async def expert_load_async(self) -> list[int]:
+        loads = await asyncio.gather(*[_await(a.expert_load.remote()) for a in self.actors])
+        return [sum(x) for x in zip(*loads)] if loads else []
+
+
+async def _await(ref):
+    return await ref
+
+
+async def _bounded(ref, timeout_s: float):
+    return await asyncio.wait_for(_await(ref), timeout=timeout_s)

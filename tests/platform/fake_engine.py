@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 
-from expertpool.platform.engine import EngineOverloaded, TokenEvent
+from expertpool.platform.scheduler import EngineOverloaded, TokenEvent
 
 PAD, BOS, EOS = 0, 1, 2
 BYTE0 = 3

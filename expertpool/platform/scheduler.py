@@ -1,0 +1,395 @@
+"""The scheduler: continuous batching over a (possibly expert-parallel) group of workers.
+
+No Ray and no asyncio here: ``EngineCore`` is driven step by step, by ``engine.AsyncEngine`` in a
+Serve replica and by ``engine.generate`` in process, and is unit-tested against a fake executor.
+
+- ``EngineCore`` owns the waiting queue, per-worker paged KV block accounting and the sequences.
+  Each step admits waiting requests while a batch slot and cache blocks are free (attention is
+  data-parallel: a sequence lives on the worker with the most free blocks), gives every running
+  decode one token, spends the rest of the per-worker token budget (``max_num_batched_tokens``) on
+  prefill chunks so a long prompt never stalls running streams, and turns sampled tokens into
+  events. When a decode needs a block and none is free, the youngest sequence on that worker is
+  preempted (blocks freed, recomputed later): requests wait, nothing crashes.
+- The step contract (``StepItem`` in, one sampled token or None per item out, ``PLACEHOLDER``) is
+  what crosses to the workers; ``TokenEvent`` is what leaves for the API.
+- Recovery after a worker failure, in two calls: ``rollback`` forgets the steps that were in
+  flight (their tokens were never emitted, so nothing is emitted twice), and ``fail_workers`` sends
+  every sequence of a dead worker back to the queue to be re-prefilled from prompt + generated
+  tokens through the ordinary chunked prefill. Sequences on surviving workers keep their caches:
+  a cache slot holds attention input computed before the failure, which the replacement worker
+  (same experts, same weights) would compute identically; the partly-run step only wrote slots
+  at or past the rolled-back position, which the replay overwrites.
+
+Every piece of per-sequence state the workers use is rebuilt from the accepted tokens: the tokens
+themselves, the cache position, and the sampling draw, a function of (seed, position) (see
+``model.sampling``). A request without a seed gets one here, at admission.
+"""
+
+import itertools
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field, replace
+from typing import Protocol
+
+from expertpool.model.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+PLACEHOLDER = -1  # StepItem token: "the token you sampled for this sequence in the previous step"
+
+
+class EngineOverloaded(Exception):
+    """The queue is full: the request is refused before it starts (HTTP 503 with Retry-After)."""
+
+    def __init__(self, msg: str, retry_after_s: float = 1.0):
+        super().__init__(msg)
+        self.retry_after_s = retry_after_s
+
+
+class EngineUnavailable(Exception):
+    """The engine cannot serve: its worker group failed and could not be recovered (HTTP 503 with
+    Retry-After; Serve's health check then replaces the replica)."""
+
+    def __init__(self, msg: str, retry_after_s: float = 10.0):
+        super().__init__(msg)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTooLong(ValueError):
+    pass
+
+
+@dataclass
+class StepItem:
+    seq_id: str
+    tokens: list[int]          # new tokens, written to the cache at start_pos... (PLACEHOLDER: the token this
+                               # worker sampled for seq_id in its previous step)
+    start_pos: int
+    block_table: list[int]
+    sample: bool               # sample one token after the last new token (it takes position start_pos + len(tokens))
+    params: SamplingParams
+    variant: int = 0           # served variant (0 = base weights; see Transformer.add_variant)
+
+
+@dataclass
+class TokenEvent:
+    token_ids: list[int]
+    finish_reason: str | None
+    num_prompt_tokens: int
+    num_output_tokens: int
+
+
+class Executor(Protocol):
+    """What ``EngineCore`` needs from the workers: their count, a synchronous step (one result list
+    per worker, in item order) and the release of finished sequences' worker-side state."""
+
+    world: int
+
+    def run(self, items_per_worker: list[list[StepItem]]) -> list[list[int | None]]: ...
+
+    def release(self, finished: list[tuple[int, str]]) -> None: ...
+
+
+@dataclass
+class Sequence:
+    seq_id: str
+    prompt: list[int]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.monotonic)
+    output: list[int] = field(default_factory=list)
+    worker: int = -1
+    blocks: list[int] = field(default_factory=list)
+    num_cached: int = 0        # tokens written to the KV cache, counting steps still in flight
+    pending: int = 0           # sampled tokens in flight (their step is submitted, not yet applied)
+    finish_reason: str | None = None
+    aborted: bool = False
+    variant: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self.free = list(range(num_blocks - 1, -1, -1))
+
+    def allocate(self, n: int) -> list[int]:
+        assert n <= len(self.free)
+        return [self.free.pop() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self.free.extend(reversed(blocks))
+
+
+class EngineCore:
+    def __init__(self, executor: Executor, *, num_blocks: int, block_size: int, max_batch_size: int,
+                 max_seq_len: int, max_num_batched_tokens: int, eos_token_id: int | None, max_queued: int = 1 << 30,
+                 vocab_size: int | None = None):
+        self.executor = executor
+        self.world = executor.world
+        self.num_blocks = num_blocks
+        self.block_size, self.max_seq_len = block_size, max_seq_len
+        self.max_batch_size = max_batch_size
+        self.per_worker_batch = -(-max_batch_size // self.world)
+        self.token_budget = max(max_num_batched_tokens, self.per_worker_batch + block_size)
+        self.eos = eos_token_id
+        self.vocab_size = vocab_size
+        self.max_queued = max_queued
+        if num_blocks * block_size < max_seq_len:
+            raise ValueError(f"KV cache of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
+                             f"max_seq_len={max_seq_len}; raise serving.kv_cache or lower max_seq_len")
+        self.allocators = [BlockAllocator(num_blocks) for _ in range(self.world)]
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.seqs: dict[str, Sequence] = {}
+        self.steps = 0
+        self.aborted = 0
+        self.preempted = 0
+        self.replayed_tokens = 0
+        self.max_batch_seen = 0
+        self.finished_ids: list[tuple[int, str]] = []
+
+    # ---- requests
+    def add_request(self, seq_id: str, prompt: list[int], params: SamplingParams, variant: int = 0) -> Sequence:
+        if seq_id in self.seqs:
+            raise ValueError(f"duplicate request id {seq_id}")
+        if not prompt:
+            raise RequestTooLong("the prompt is empty")
+        if len(prompt) >= self.max_seq_len:
+            raise RequestTooLong(f"the prompt has {len(prompt)} tokens; the maximum sequence length is "
+                                 f"{self.max_seq_len}, leaving room for at least one new token")
+        if self.vocab_size is not None:
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:  # caught here: inside a worker step it would fail the whole batch
+                raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
+        if len(self.waiting) >= self.max_queued:
+            raise EngineOverloaded(f"{len(self.waiting)} requests are already waiting; retry later")
+        if params.seed is None and params.temperature > 0:
+            params = replace(params, seed=secrets.randbits(63))  # the draw survives a recompute (see model.sampling)
+        seq = Sequence(seq_id, list(prompt), params, variant=variant)
+        self.seqs[seq_id] = seq
+        self.waiting.append(seq)
+        return seq
+
+    def abort(self, seq_id: str) -> None:
+        seq = self.seqs.get(seq_id)
+        if seq is not None and seq.finish_reason is None:
+            seq.aborted = True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- blocks
+    def _blocks_needed(self, seq: Sequence, upto: int) -> int:
+        return max(0, -(-upto // self.block_size) - len(seq.blocks))
+
+    def _free_seq(self, seq: Sequence) -> None:
+        if seq.worker >= 0:
+            self.allocators[seq.worker].release(seq.blocks)
+            self.finished_ids.append((seq.worker, seq.seq_id))
+        seq.blocks, seq.num_cached = [], 0
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self._free_seq(seq)
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:  # preempted while its last token was in flight
+            self.waiting.remove(seq)
+        self.seqs.pop(seq.seq_id, None)
+
+    def kv_blocks_used(self) -> int:
+        return sum(a.num_blocks - len(a.free) for a in self.allocators)
+
+    def kv_blocks_total(self) -> int:
+        return sum(a.num_blocks for a in self.allocators)
+
+    # ---- scheduling
+    def _drop_aborted(self, events: dict) -> None:
+        for seq in [s for s in itertools.chain(self.running, self.waiting) if s.aborted]:
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self._finish(seq, "abort")
+            self.aborted += 1
+            events[seq.seq_id] = TokenEvent([], "abort", len(seq.prompt), len(seq.output))
+
+    def _preempt(self, seq: Sequence) -> None:
+        log.info("KV cache full on worker %d: preempting %s (%d tokens) for recompute", seq.worker, seq.seq_id,
+                 len(seq.tokens))
+        self.preempted += 1
+        self._free_seq(seq)
+        seq.worker = -1
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def _make_room(self, seq: Sequence, need: int) -> bool:
+        """Free blocks on seq's worker by preempting sequences younger than seq (not yet planned this
+        step, since planning goes oldest first); if none is younger, seq itself waits."""
+        alloc = self.allocators[seq.worker]
+        while need > len(alloc.free):
+            younger = [s for s in self.running if s.worker == seq.worker and s.arrival > seq.arrival]
+            if not younger:
+                self._preempt(seq)
+                return False
+            self._preempt(max(younger, key=lambda s: s.arrival))
+        return True
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch_size:
+            seq = self.waiting[0]
+            if seq.pending:  # preempted with a token in flight: re-admit once its tokens are all known
+                return
+            per_worker = [sum(1 for s in self.running if s.worker == w) for w in range(self.world)]
+            cands = [w for w in range(self.world) if per_worker[w] < self.per_worker_batch]
+            need = self._blocks_needed(seq, min(len(seq.tokens) + 1, self.max_seq_len))
+            # blocks still owed to admitted sequences whose prompt is not fully cached yet
+            owed = [sum(self._blocks_needed(s, min(len(s.tokens) + 1, self.max_seq_len))
+                        for s in self.running if s.worker == w) for w in range(self.world)]
+            room = [len(self.allocators[w].free) - owed[w] for w in range(self.world)]
+            cands = [w for w in cands if room[w] >= need]
+            if not cands:
+                return
+            w = max(cands, key=lambda w: (room[w], -per_worker[w]))
+            self.waiting.popleft()
+            seq.worker = w
+            self.running.append(seq)
+
+    def schedule(self) -> list[list[tuple[Sequence, StepItem]]]:
+        self._admit()
+        plans: list[list[tuple[Sequence, StepItem]]] = [[] for _ in range(self.world)]
+        budget = [self.token_budget] * self.world
+        # decodes first: one token each, growing the block table when a block fills
+        # (with a step in flight, a sequence's newest token is not known yet: the item carries
+        # PLACEHOLDER and the worker feeds it the token it sampled for that sequence last step)
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            n_known = len(seq.tokens) + seq.pending
+            if seq.worker < 0 or seq.num_cached != n_known - 1:
+                continue
+            if len(seq.output) + seq.pending >= seq.params.max_tokens or n_known >= self.max_seq_len:
+                continue  # the in-flight token ends it ("length"): nothing more to compute
+            need = self._blocks_needed(seq, seq.num_cached + 1)
+            if not self._make_room(seq, need):
+                continue
+            seq.blocks += self.allocators[seq.worker].allocate(need)
+            tok = PLACEHOLDER if seq.pending else seq.tokens[-1]
+            plans[seq.worker].append((seq, StepItem(seq.seq_id, [tok], seq.num_cached,
+                                                    list(seq.blocks), True, seq.params, seq.variant)))
+            seq.num_cached += 1
+            seq.pending += 1
+            budget[seq.worker] -= 1
+        # prefill chunks with the remaining per-worker budget
+        for seq in sorted(self.running, key=lambda s: s.arrival):
+            if seq.worker < 0 or seq.num_cached >= len(seq.tokens) - 1:
+                continue
+            w = seq.worker
+            chunk = min(len(seq.tokens) - seq.num_cached, budget[w])
+            if chunk <= 0:
+                continue
+            alloc = self.allocators[w]
+            need = self._blocks_needed(seq, seq.num_cached + chunk)
+            if need > len(alloc.free):
+                chunk = min(chunk, len(seq.blocks) * self.block_size + len(alloc.free) * self.block_size
+                            - seq.num_cached)
+                need = self._blocks_needed(seq, seq.num_cached + chunk)
+                if chunk <= 0:
+                    continue
+            seq.blocks += alloc.allocate(need)
+            done = seq.num_cached + chunk == len(seq.tokens)
+            plans[w].append((seq, StepItem(seq.seq_id, seq.tokens[seq.num_cached:seq.num_cached + chunk],
+                                           seq.num_cached, list(seq.blocks), done, seq.params, seq.variant)))
+            seq.num_cached += chunk
+            seq.pending += int(done)
+            budget[w] -= chunk
+        return plans
+
+    def process(self, plans, results) -> dict[str, TokenEvent]:
+        events: dict[str, TokenEvent] = {}
+        for plan, res in zip(plans, results):
+            for (seq, item), tok in zip(plan, res):
+                if tok is None:
+                    continue
+                seq.pending -= 1
+                if seq.aborted or seq.finish_reason is not None:
+                    continue  # computed ahead for a sequence that has ended since: dropped
+                seq.output.append(tok)
+                reason = None
+                p = seq.params
+                if not p.ignore_eos and tok == self.eos:
+                    reason = "stop"
+                elif tok in p.stop_token_ids:
+                    reason = "stop"
+                elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_seq_len:
+                    reason = "length"
+                events[seq.seq_id] = TokenEvent([tok], reason, len(seq.prompt), len(seq.output))
+                if reason:
+                    self._finish(seq, reason)
+        return events
+
+    def pop_finished(self) -> list[tuple[int, str]]:
+        out, self.finished_ids = self.finished_ids, []
+        return out
+
+    def begin_step(self, events: dict[str, TokenEvent]):
+        """Settle aborts (their final events go into ``events``), free finished sequences on the
+        workers, and plan the next step: per worker, the StepItems to run (all empty = nothing to do)."""
+        self._drop_aborted(events)
+        self.executor.release(self.pop_finished())
+        plans = self.schedule()
+        return plans, [[it for _, it in p] for p in plans]
+
+    def end_step(self, plans, results, events: dict[str, TokenEvent]) -> None:
+        """Apply one step's sampled tokens (``results`` per worker) and release what finished."""
+        self.steps += 1
+        self.max_batch_seen = max(self.max_batch_seen, sum(len(p) for p in plans))
+        events.update(self.process(plans, results))
+        self.executor.release(self.pop_finished())
+
+    def step(self) -> dict[str, TokenEvent]:
+        """Synchronous step (in-process generation)."""
+        events: dict[str, TokenEvent] = {}
+        plans, items = self.begin_step(events)
+        if any(items):
+            self.end_step(plans, self.executor.run(items), events)
+        return events
+
+    # ---- recovery
+    def rollback(self, inflight_plans: list) -> None:
+        """Forget steps that were submitted but whose results will never be applied (their group
+        failed): each sequence's cache position goes back to where its oldest lost item started,
+        and no token is in flight any more. Call once, with every lost step, before the next plan."""
+        for plans in inflight_plans:
+            for plan in plans:
+                for seq, item in plan:
+                    seq.num_cached = min(seq.num_cached, item.start_pos)
+        for seq in itertools.chain(self.running, self.waiting):
+            seq.pending = 0
+            if seq.worker < 0:
+                seq.num_cached = 0
+
+    def fail_workers(self, dead: set[int]) -> list[Sequence]:
+        """Workers ``dead`` lost their caches (they are replaced by fresh ones): their sequences go back
+        to the front of the queue, in arrival order, to be re-prefilled from prompt + output; their
+        block pools start empty. Returns the sequences to replay."""
+        lost = [s for s in self.running if s.worker in dead]
+        for seq in lost:
+            self.running.remove(seq)
+            seq.worker, seq.blocks, seq.num_cached, seq.pending = -1, [], 0, 0
+            self.replayed_tokens += len(seq.tokens)
+        for w in dead:
+            self.allocators[w] = BlockAllocator(self.allocators[w].num_blocks)
+        self.finished_ids = [(w, s) for w, s in self.finished_ids if w not in dead]
+        self.waiting = deque(sorted(itertools.chain(lost, self.waiting), key=lambda s: s.arrival))
+        return lost
+
+    def stats(self) -> dict:
+        return {"running": len(self.running), "waiting": len(self.waiting),
+                "kv_blocks_used": self.kv_blocks_used(), "kv_blocks_total": self.kv_blocks_total(),
+                "kv_blocks_used_per_worker": [a.num_blocks - len(a.free) for a in self.allocators],
+                "kv_usage": self.kv_blocks_used() / max(1, self.kv_blocks_total()),
+                "steps": self.steps, "max_batch_seen": self.max_batch_seen, "aborted": self.aborted,
+                "preempted": self.preempted, "replayed_tokens": self.replayed_tokens}
