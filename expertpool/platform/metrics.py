@@ -8,7 +8,9 @@ Two kinds of updates:
     away), time to first token, inter-token latency, end-to-end latency, prompt and generated tokens;
   * periodic, from ``engine.stats()``: running and waiting requests, KV cache usage, and the
     cumulative token count of every routed expert (gauge tagged ``expert``), plus the balancedness
-    (mean / max expert load since the previous update; 1.0 = perfectly even). The HTTP layer calls
+    (mean / max expert load since the previous update; 1.0 = perfectly even); and self-healing:
+    expert actor failures, recoveries and replayed tokens (counters fed by the growth of the
+    engine's cumulative counts) and the duration of each recovery (histogram). The HTTP layer calls
     ``update_from_stats`` from a background task, never on the request path.
 
 ``ray.util.metrics`` records are no-ops when Ray is not initialised, so the API logic runs in plain
@@ -22,6 +24,7 @@ from ray.util import metrics as ray_metrics
 TTFT_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
 ITL_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
 E2E_BUCKETS_S = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+RECOVERY_BUCKETS_S = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]
 
 
 class ServerMetrics:
@@ -56,7 +59,16 @@ class ServerMetrics:
         self.expert_balancedness = gauge("expertpool_expert_balancedness", description="Mean / max tokens per "
                                          "expert since the previous update (1 = even).",
                                          tag_keys=r).set_default_tags(tags)
+        self.actor_failures = counter("expertpool_actor_failures", description="Expert actors found dead (each "
+                                      "triggers a recovery).", tag_keys=r).set_default_tags(tags)
+        self.recoveries = counter("expertpool_recoveries", description="Completed recoveries of the expert-parallel "
+                                  "group (replacement started, group re-formed).", tag_keys=r).set_default_tags(tags)
+        self.recovery_seconds = histogram("expertpool_recovery_seconds", description="Failure detected to group "
+                                          "restored.", boundaries=RECOVERY_BUCKETS_S, tag_keys=r).set_default_tags(tags)
+        self.replayed_tokens = counter("expertpool_replayed_tokens", description="Tokens re-prefilled because their "
+                                       "KV cache lived on a dead actor.", tag_keys=r).set_default_tags(tags)
         self._last_expert_tokens: list[int] | None = None
+        self._seen: dict[str, int] = {}
 
     def request_done(self, model: str, status: int) -> None:
         self.requests.inc(1, tags={"model": model, "status": str(status)})
@@ -90,3 +102,13 @@ class ServerMetrics:
             if counts and max(delta) > 0:
                 self.expert_balancedness.set(sum(delta) / len(delta) / max(delta))
         self._last_expert_tokens = counts
+        for key, metric in (("actor_failures", self.actor_failures), ("recoveries", self.recoveries),
+                            ("replayed_tokens", self.replayed_tokens)):
+            grew = stats.get(key, 0) - self._seen.get(key, 0)
+            if grew > 0:
+                metric.inc(grew)
+            self._seen[key] = stats.get(key, 0)
+        durations = stats.get("recovery_seconds", [])
+        for d in durations[self._seen.get("recovery_seconds", 0):]:
+            self.recovery_seconds.observe(d)
+        self._seen["recovery_seconds"] = len(durations)

@@ -264,6 +264,20 @@ def test_metrics_are_recorded_per_request_and_from_engine_stats():
     assert m.expert_balancedness.values[-1][0] == pytest.approx(1 / 8)
 
 
+def test_recovery_metrics_follow_the_engine_counters():
+    m = ServerMetrics(replica="r1", counter=_Recorder, gauge=_Recorder, histogram=_Recorder)
+    base = {"running": 0, "waiting": 0, "kv_usage": 0.0, "expert_tokens": []}
+    m.update_from_stats({**base, "actor_failures": 0, "recoveries": 0, "replayed_tokens": 0, "recovery_seconds": []})
+    m.update_from_stats({**base, "actor_failures": 2, "recoveries": 1, "replayed_tokens": 300,
+                         "recovery_seconds": [3.5]})
+    m.update_from_stats({**base, "actor_failures": 2, "recoveries": 2, "replayed_tokens": 420,
+                         "recovery_seconds": [3.5, 4.25]})
+    assert [v for v, _ in m.actor_failures.values] == [2]
+    assert [v for v, _ in m.recoveries.values] == [1, 1]
+    assert [v for v, _ in m.replayed_tokens.values] == [300, 120]
+    assert [v for v, _ in m.recovery_seconds.values] == [3.5, 4.25]
+
+
 def test_metrics_work_without_ray_initialised():
     code = ("import ray; from expertpool.platform.metrics import ServerMetrics; m = ServerMetrics('x'); "
             "m.request_done('m', 200); m.first_token('m', 0.1); m.tokens('m', 3, 0.05); "
