@@ -248,8 +248,14 @@ def error_response(err: P.ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
+# Characters that JSON leaves raw but line readers built on str.splitlines() (httpx's aiter_lines, for one)
+# treat as line breaks: escaped, a generated U+2028 can't cut an SSE data line in two.
+_SPLITLINES_EXTRA = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def sse(obj: Any) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    data = json.dumps(obj, separators=(',', ':'), ensure_ascii=False).translate(_SPLITLINES_EXTRA)
+    return f"data: {data}\n\n"
 
 
 class OpenAIServer:

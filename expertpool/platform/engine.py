@@ -287,7 +287,8 @@ class AsyncEngine:
         s = self.core.stats()
         s["expert_tokens"] = list(self._expert_tokens)
         s.update(actor_failures=self.actor_failures, recoveries=self.recoveries,
-                 recovery_seconds=list(self.recovery_seconds), recovering=self._recovering)
+                 recovery_seconds=list(self.recovery_seconds), recovering=self._recovering,
+                 open_streams=len(self._queues))
         describe = getattr(self.core.executor, "describe", None)
         if describe is not None:
             s["actors"] = describe()

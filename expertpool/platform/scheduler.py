@@ -387,7 +387,7 @@ class EngineCore:
         return lost
 
     def stats(self) -> dict:
-        return {"running": len(self.running), "waiting": len(self.waiting),
+        return {"running": len(self.running), "waiting": len(self.waiting), "sequences": len(self.seqs),
                 "kv_blocks_used": self.kv_blocks_used(), "kv_blocks_total": self.kv_blocks_total(),
                 "kv_blocks_used_per_worker": [a.num_blocks - len(a.free) for a in self.allocators],
                 "kv_usage": self.kv_blocks_used() / max(1, self.kv_blocks_total()),

@@ -264,6 +264,17 @@ def test_metrics_are_recorded_per_request_and_from_engine_stats():
     assert m.expert_balancedness.values[-1][0] == pytest.approx(1 / 8)
 
 
+def test_sse_data_is_one_line_for_every_line_reader():
+    """U+2028, U+2029 and U+0085 are legal raw in JSON, but readers built on str.splitlines (httpx's
+    aiter_lines) break lines there; generated text may hold them."""
+    from expertpool.platform.api import sse
+
+    text = "a\u2028b\x85c\u2029d \u00e9\r\n"
+    frame = sse({"text": text})
+    assert frame.endswith("\n\n") and len(frame[:-2].splitlines()) == 1
+    assert json.loads(frame[len("data: "):])["text"] == text
+
+
 def test_recovery_metrics_follow_the_engine_counters():
     m = ServerMetrics(replica="r1", counter=_Recorder, gauge=_Recorder, histogram=_Recorder)
     base = {"running": 0, "waiting": 0, "kv_usage": 0.0, "expert_tokens": []}

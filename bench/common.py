@@ -1,0 +1,102 @@
+"""Shared pieces of the serving benchmarks (bench/soak.py, bench/faults.py): start a private local Ray
+with the app deployed on a free loopback port, stream completions, read the replica's stats.
+Programs in bench/ import this as ``common`` (they run as ``python bench/NAME.py``)."""
+
+import datetime
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_kind() -> str:
+    """'AVX-512 BF16' or 'AVX2 only' (or what lscpu shows), for the benchmark record."""
+    try:
+        flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    except OSError:
+        return "unknown CPU"
+    if "amx_bf16" in flags:
+        return "AMX + AVX-512 BF16"
+    if "avx512_bf16" in flags:
+        return "AVX-512 BF16"
+    return "AVX2 only" if "avx2" in flags else "no AVX2"
+
+
+def machine_line(cmd: str) -> str:
+    import torch
+    return (f"{datetime.date.today()}, `python {cmd}`, {platform.machine()} ({cpu_kind()}), {os.cpu_count()} CPUs, "
+            f"torch {torch.__version__}")
+
+
+def start(cfg_data: dict, num_cpus: int | None = None) -> tuple[str, str]:
+    """ray.init (private, loopback) and deploy the app of ``cfg_data``; returns (base url, app name)."""
+    import ray
+
+    from expertpool.platform.config import parse_config
+    from expertpool.platform.proxy import set_proxy_env
+    from expertpool.platform.serve import deploy
+
+    cfg_data.setdefault("serving", {}).update(host="127.0.0.1", port=free_port())
+    cfg = parse_config(cfg_data)
+    set_proxy_env()
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
+    base = deploy(cfg)
+    from ray import serve
+    while serve.status().applications[cfg.serving.app_name].status != "RUNNING":
+        time.sleep(0.5)
+    return base, cfg.serving.app_name
+
+
+def handle(app: str):
+    from ray import serve
+    from expertpool.platform.config import DEPLOYMENT_NAME
+    return serve.get_deployment_handle(DEPLOYMENT_NAME, app)
+
+
+async def stats(app: str) -> dict:
+    return await handle(app).stats.remote()
+
+
+async def stream(client, base: str, body: dict, on_token=None) -> dict:
+    """One streaming completion over raw SSE: text, finish reason, usage, error, token times."""
+    out = {"text": [], "finish": None, "usage": None, "error": None, "times": [], "t0": time.monotonic()}
+    try:
+        async with client.stream("POST", f"{base}/v1/completions", json={**body, "stream": True,
+                                 "stream_options": {"include_usage": True}}) as r:
+            if r.status_code != 200:
+                out["error"] = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return out
+            async for line in r.aiter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                ch = json.loads(line[6:])
+                if "error" in ch:
+                    out["error"] = ch["error"].get("message")
+                    continue
+                if ch.get("usage"):
+                    out["usage"] = ch["usage"]["completion_tokens"]
+                for c in ch.get("choices") or ():
+                    if c.get("text"):
+                        out["text"].append(c["text"])
+                        out["times"].append(time.monotonic())
+                        if on_token is not None:
+                            on_token()
+                    out["finish"] = c.get("finish_reason") or out["finish"]
+    except Exception as e:  # noqa: BLE001 - a broken connection is a result to report, not to raise
+        out["error"] = f"{type(e).__name__}: {e}"
+    out["text"] = "".join(out["text"])
+    return out
+
+
+def append_to_benchmarks(title: str, text: str) -> None:
+    path = os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md")
+    with open(path, "a") as f:
+        f.write(f"\n## {title}\n\n{text}\n")
