@@ -76,7 +76,9 @@ async def drive(base: str, model: str, n: int, prompts, rounds: int = 1) -> dict
 def hf_child(model_dir: str, dtype: str, batch: int, reps: int = 2) -> None:
     import torch
     from transformers import DeepseekV3ForCausalLM
-    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+    from expertpool.model.checkpoint import DTYPES
+    tdt = DTYPES[dtype]
     model = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=tdt).eval()
     prompts = torch.tensor(json.load(open(os.path.join(model_dir, "bench_prompts.json")))[:batch])
 

@@ -18,18 +18,15 @@ def _cmd_init_model(a):
 
 
 def _cmd_generate(a):
-    import torch
-
-    from expertpool.model.checkpoint import load_checkpoint
+    from expertpool.model.checkpoint import DTYPES, load_checkpoint
     from expertpool.model.embedded import ensure_embedded_model
     from expertpool.model.sampling import SamplingParams
     from expertpool.model.tokenizer import Tokenizer
     from expertpool.platform.engine import generate, local_engine
 
     model_dir = a.model or ensure_embedded_model()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
     t0 = time.time()
-    model = load_checkpoint(model_dir, dtype=dtype, weight_dtype=a.weight_dtype, with_mtp=False)
+    model = load_checkpoint(model_dir, dtype=DTYPES[a.dtype], weight_dtype=a.weight_dtype, with_mtp=False)
     tok = Tokenizer.from_dir(model_dir)
     logging.info("loaded %s in %.1fs", model_dir, time.time() - t0)
     prompts = a.prompt or ["Hello, how are you?"]

@@ -33,7 +33,9 @@ from expertpool.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
-WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32}
+WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32}  # resident formats (weight_dtype)
+# dtypes by name: the compute dtype (cluster.yaml model.dtype, the CLI) and the dtype of patch tensors
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
 
 

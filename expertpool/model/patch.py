@@ -30,7 +30,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from expertpool.model.checkpoint import _atomic_dir, _commit_dir, _Reader
+from expertpool.model.checkpoint import DTYPES, _atomic_dir, _commit_dir, _Reader
 from expertpool.model.moe import quantize_expert
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,6 @@ PATCH_FORMAT = "expertpool-expert-patch/v1"
 MANIFEST = "manifest.json"
 TENSORS = "experts.safetensors"
 FP8 = torch.float8_e4m3fn
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PatchError(ValueError):
@@ -92,9 +91,9 @@ def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: to
                info: dict | None = None) -> Path:
     """Write a patch directory atomically. experts: {layer_id: {expert_id: (w13 [2F, D], w2 [D, F])}}."""
 
-    dtype_name = next((k for k, v in _DTYPES.items() if v == dtype), None)
+    dtype_name = next((k for k, v in DTYPES.items() if v == dtype), None)
     if dtype_name is None:
-        raise PatchError(f"dtype {dtype} cannot be stored in a patch; use one of {list(_DTYPES)}")
+        raise PatchError(f"dtype {dtype} cannot be stored in a patch; use one of {list(DTYPES)}")
     base_model_dir = Path(base_model_dir)
     cfg = json.loads((base_model_dir / "config.json").read_text()) if (base_model_dir / "config.json").exists() else {}
     F_, D = cfg.get("moe_intermediate_size"), cfg.get("hidden_size")
@@ -157,8 +156,8 @@ def read_patch(patch_dir, *, base_model_dir=None) -> Patch:
     for key in ("base_model", "domain", "dtype", "layers"):
         if key not in m:
             raise PatchError(f"{mfile}: missing key {key!r}; the patch is incomplete, rewrite it")
-    if m["dtype"] not in _DTYPES:
-        raise PatchError(f"{mfile}: dtype {m['dtype']!r} unknown; expected one of {list(_DTYPES)}")
+    if m["dtype"] not in DTYPES:
+        raise PatchError(f"{mfile}: dtype {m['dtype']!r} unknown; expected one of {list(DTYPES)}")
     base = m["base_model"]
     if not isinstance(base, dict) or "fingerprint" not in base or "path" not in base:
         raise PatchError(f"{mfile}: base_model needs 'path' and 'fingerprint'")
@@ -166,7 +165,7 @@ def read_patch(patch_dir, *, base_model_dir=None) -> Patch:
     if not tfile.exists():
         raise PatchError(f"{tfile}: not found; the patch is incomplete, rewrite it")
     experts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    want_dtype = _DTYPES[m["dtype"]]
+    want_dtype = DTYPES[m["dtype"]]
     try:
         with safe_open(str(tfile), framework="pt") as f:
             names = set(f.keys())

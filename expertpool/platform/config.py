@@ -38,9 +38,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from expertpool.model.args import EMBEDDED_MODEL_NAME
+
 DEPLOYMENT_NAME = "ExpertPool"  # the Serve deployment that hosts one expert-parallel group per replica
 API_KEY_ENV = "EXPERTPOOL_API_KEY"
-TINY_MODEL_NAME = "expertpool-tiny"
 DEFAULT_IMPORT_PATH = "expertpool.platform.app:build_app"
 GIB = 1024**3
 _RULE = "expertpool_rule"  # pydantic error type of our own cross-field rules (carries field/problem/fix)
@@ -100,7 +101,7 @@ class ModelConfig(_Closed):
     path: str | None = Field(None, description="Hugging Face checkpoint directory (config.json + safetensors). "
                              "None = the embedded tiny DeepSeek-V3-architecture model, created on first use in a cache dir.")
     name: str | None = Field(None, description="Served model id (the OpenAI `model` field). Default: the basename "
-                             f"of `path`, or `{TINY_MODEL_NAME}` for the embedded model. Must not contain ':' "
+                             f"of `path`, or `{EMBEDDED_MODEL_NAME}` for the embedded model. Must not contain ':' "
                              "(fine-tuned variants are served as `NAME:DOMAIN`).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of activations and "
                                                   "non-quantized weights.")
@@ -112,7 +113,7 @@ class ModelConfig(_Closed):
     @model_validator(mode="after")
     def _derive(self) -> ModelConfig:
         if self.name is None:
-            self.name = Path(self.path.rstrip("/\\")).name if self.path else TINY_MODEL_NAME
+            self.name = Path(self.path.rstrip("/\\")).name if self.path else EMBEDDED_MODEL_NAME
         if ":" in self.name or not self.name:
             raise _rule("name", f"'{self.name}' is not a usable model id (empty, or contains ':', which separates "
                         "BASE:DOMAIN variants)", "set model.name to an id without ':'")

@@ -33,14 +33,13 @@ import ray
 import torch
 
 from expertpool.model.attention import AttnBatch, PagedLatentCache
-from expertpool.model.checkpoint import load_checkpoint
+from expertpool.model.checkpoint import DTYPES, load_checkpoint
 from expertpool.model.sampling import sample
 from expertpool.model.transformer import Transformer
 from expertpool.platform.scheduler import StepItem
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CONTROL = "control"  # the actor concurrency group of ping/abort_group: never queued behind a step
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_oracles import requires_triton
+from tests.kernels.kernel_oracles import requires_triton
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]

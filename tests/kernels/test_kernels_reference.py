@@ -3,7 +3,7 @@
 import torch
 
 from expertpool.kernels import reference as ref
-from kernel_oracles import make_moe, moe_w8a16_f64, rel_err
+from tests.kernels.kernel_oracles import make_moe, moe_w8a16_f64, rel_err
 
 
 def test_act_quant_ref_zero_groups_are_finite():
