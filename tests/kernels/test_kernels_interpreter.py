@@ -20,7 +20,7 @@ CHILD_TIMEOUT_S = 300
 
 
 def test_interpreter_modules_exist():
-    expected = {"interp_quant.py", "interp_gemm.py", "interp_moe.py", "interp_dispatch.py"}
+    expected = {"interp_quant.py", "interp_gemm.py", "interp_moe.py", "interp_backend.py"}
     assert expected <= set(MODULES)
 
 
