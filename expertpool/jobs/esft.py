@@ -19,8 +19,9 @@ The MTP layer is not scored or trained (its draft head stays the base's).
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
+from expertpool.kernels.reference import moe_experts_ref
+from expertpool.model.dispatch import Dispatcher, ExpertGroup
 from expertpool.model.moe import RoutingRecord
 
 
@@ -83,34 +84,10 @@ class SelectedExperts(nn.Module):
         experts.w2_weight.data.index_copy_(0, self.local_idx, self.w2.detach())
 
 
-def grouped_experts(x_TD, local_ids_TK, weights_TK, w13_rows, w2_rows):
-    """SwiGLU experts with per-expert weight rows, built for autograd: outputs are concatenated (no
-    in-place slice writes, whose backward copies the whole buffer once per expert). Slots with local
-    id -1 contribute zero. The output stays connected to ``x_TD`` even with no slots, so every rank
-    runs the same collectives in backward."""
-    flat = local_ids_TK.reshape(-1)
-    pair = torch.nonzero(flat >= 0, as_tuple=True)[0]
-    if pair.numel() == 0:
-        return x_TD * 0
-    ids = flat[pair]
-    order = torch.argsort(ids, stable=True)
-    pair, ids = pair[order], ids[order]
-    tok = torch.div(pair, local_ids_TK.shape[1], rounding_mode="floor")
-    xs = x_TD[tok]
-    counts = torch.bincount(ids, minlength=len(w13_rows)).tolist()
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        gate, up = F.linear(xs[start:start + n], w13_rows[e]).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(gate) * up, w2_rows[e]))
-        start += n
-    y = torch.cat(outs) * weights_TK.reshape(-1)[pair].unsqueeze(1).to(x_TD.dtype)
-    return (x_TD * 0).index_add(0, tok, y)
-
-
 class TrainExperts:
-    """What the dispatcher calls in training instead of the ``Experts`` module (same call contract)."""
+    """What the dispatcher calls in training instead of the ``Experts`` module (an ``ExpertGroup``):
+    the torch reference over the module's rows, with the selected experts' trainable copies in place
+    of their frozen rows."""
 
     def __init__(self, experts, selected: SelectedExperts | None = None):
         assert experts.w13_weight.dtype.is_floating_point and experts.w13_weight.element_size() >= 2, \
@@ -125,19 +102,20 @@ class TrainExperts:
             sel = self.selected
             for i, a, b in zip(sel.local_idx.tolist(), sel.w13.unbind(0), sel.w2.unbind(0)):
                 w13[i], w2[i] = a, b
-        return grouped_experts(x_TD, local_ids_TK, weights_TK, w13, w2)
+        # per-expert rows (unbind: one stacked gradient per tensor in backward, not one per row)
+        return moe_experts_ref(x_TD, local_ids_TK, weights_TK, w13, None, w2, None)
 
 
 class TrainDispatcher:
-    """Wraps the real dispatcher (local or all-to-all): hands it ``TrainExperts`` views, and in grad
+    """A ``Dispatcher`` around the real one (local or all-to-all): hands it ``TrainExperts`` views, and in grad
     mode makes the MoE input require grad, so that every rank takes the autograd path of the
     all-to-all (a rank whose layer has nothing trainable would otherwise skip the backward collective
     and deadlock the others; ESFT's train_ep.py does the same)."""
 
-    def __init__(self, inner, views: dict[int, TrainExperts]):
+    def __init__(self, inner: Dispatcher, views: dict[int, TrainExperts]):
         self.inner, self.views = inner, views
 
-    def __call__(self, x_TD, ids_TK, weights_TK, experts):
+    def __call__(self, x_TD, ids_TK, weights_TK, experts: ExpertGroup):
         if torch.is_grad_enabled() and not x_TD.requires_grad:
             x_TD = x_TD.detach().requires_grad_()
         return self.inner(x_TD, ids_TK, weights_TK, self.views[id(experts)])

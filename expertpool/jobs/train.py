@@ -55,9 +55,9 @@ from expertpool.jobs.train_state import (ExpertRows, dense_state, dense_step, ex
                                          uniform_step, write_state)
 from expertpool.model.args import ModelArgs
 from expertpool.model.checkpoint import load_checkpoint, save_checkpoint
-from expertpool.model.moe import LocalDispatcher, RoutingRecord, sequence_balance_loss, update_router_bias
+from expertpool.model.dispatch import AllToAllDispatcher, LocalDispatcher, owned_experts
+from expertpool.model.moe import RoutingRecord, sequence_balance_loss, update_router_bias
 from expertpool.model.patch import save_patch
-from expertpool.platform.dispatch import AllToAllDispatcher, owned_experts
 
 log = logging.getLogger("expertpool.finetune")
 

@@ -9,8 +9,8 @@ G expert groups, F expert intermediate width.
 - ``Experts`` holds the local routed experts as stacked tensors (w13 [El, 2F, D], w2 [El, D, F]) and
   runs them through ``expertpool.kernels.moe_experts`` (grouped, one matmul pair per active expert;
   the FP8 Triton kernel plugs in there).
-- The dispatcher seam: ``LocalDispatcher`` (all experts in this process; tokens routed to experts
-  not loaded contribute zero) or the all-to-all dispatcher in ``expertpool.platform.dispatch``.
+- The dispatcher seam (``model.dispatch``): ``LocalDispatcher`` (all experts in this process) by
+  default, or ``AllToAllDispatcher`` (expert parallelism), set from outside (``set_dispatcher``).
 - Balance tools live outside ``forward``: ``update_router_bias`` (aux-loss-free sign rule),
   ``sequence_balance_loss`` and per-expert token counts (``MoE.expert_load``).
 """
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from expertpool import kernels
 from expertpool.model.args import ModelArgs
+from expertpool.model.dispatch import Dispatcher, LocalDispatcher
 from expertpool.model.layers import MLP
 
 
@@ -137,14 +138,6 @@ class Experts(nn.Module):
                                    self.w2_weight, self.w2_weight_scale_inv)
 
 
-class LocalDispatcher:
-    """All routed compute in this process. Slots routed to experts not loaded here contribute zero."""
-
-    def __call__(self, x_TD, ids_TK, weights_TK, experts: Experts) -> torch.Tensor:
-        local_ids_TK = experts.global_to_local[ids_TK]
-        return experts(x_TD, local_ids_TK, weights_TK)
-
-
 @dataclass
 class RoutingRecord:
     """Per-MoE-layer routing of one forward, for training losses and ESFT scoring."""
@@ -160,7 +153,7 @@ class MoE(nn.Module):
         self.experts = Experts(args, expert_ids)
         self.shared_experts = (MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size)
                                if args.n_shared_experts else None)
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher: Dispatcher = LocalDispatcher()
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.long, device="cpu"),
                              persistent=False)
 
