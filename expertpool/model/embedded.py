@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 
 from expertpool.model.args import EMBEDDED_MODEL_NAME, preset
-from expertpool.model.checkpoint import checkpoint_tensors, init_random, write_safetensors_dir
+from expertpool.model.checkpoint import checkpoint_tensors
+from expertpool.model.safetensors_io import write_safetensors_dir
 from expertpool.model.tokenizer import build_tiny_tokenizer, tokenizer_files
+from expertpool.model.transformer import init_random
 
 log = logging.getLogger(__name__)
 

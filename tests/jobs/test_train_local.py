@@ -6,7 +6,7 @@ import torch
 
 from expertpool.jobs import finetune
 from expertpool.model.checkpoint import load_checkpoint
-from expertpool.model.patch import read_patch
+from expertpool.model.patch import apply_patch, read_patch
 from tests.jobs.helpers import job_config, train_log
 
 
@@ -32,7 +32,8 @@ steps: 4
     # gate scoring at p = 0.3: the normalized scores of the chosen experts reach 0.3, without the last they do not
     for layer in chosen["layers"].values():
         assert sum(layer["scores"]) >= 0.3 - 1e-6 and sum(layer["scores"][:-1]) < 0.3 or len(layer["scores"]) == 1
-    patched = load_checkpoint(tiny_dir, dtype=torch.float32, patch=s["output"])
+    patched = load_checkpoint(tiny_dir, dtype=torch.float32)
+    apply_patch(patched, read_patch(s["output"]), base_model_dir=tiny_dir)
     base = load_checkpoint(tiny_dir, dtype=torch.float32)
     assert not torch.equal(patched.moe_layers()[0].experts.w13_weight, base.moe_layers()[0].experts.w13_weight)
     steps = [row["step"] for row in train_log(tmp_path / "out")]

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from expertpool import kernels
-from expertpool.model.checkpoint import CheckpointError, _Reader, load_checkpoint, save_checkpoint
+from expertpool.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from expertpool.model.safetensors_io import ShardReader
 from tests.model.helpers import make_checkpoint, random_model
 
 FP8 = torch.float8_e4m3fn
@@ -105,8 +106,8 @@ def test_partial_expert_loading(fp32_dir, monkeypatch):
     full = load_checkpoint(fp32_dir, dtype=torch.float32)
     subset = list(range(32, 96))
     requested = []
-    orig = _Reader.get
-    monkeypatch.setattr(_Reader, "get", lambda self, name, *a, **k: requested.append(name) or orig(self, name, *a, **k))
+    orig = ShardReader.get
+    monkeypatch.setattr(ShardReader, "get", lambda self, name, *a, **k: requested.append(name) or orig(self, name, *a, **k))
     part = load_checkpoint(fp32_dir, dtype=torch.float32, experts=subset)
     read_experts = {int(n.split(".experts.")[1].split(".")[0]) for n in requested if ".experts." in n}
     assert read_experts == set(subset)                                # the others were never read
@@ -180,11 +181,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     m = random_model("negative_bias")
     out = save_checkpoint(m, tmp_path / "ck", dtype=torch.float32)
     before = (out / "model.safetensors").read_bytes()
-    import expertpool.model.checkpoint as ck
+    import expertpool.model.safetensors_io as st_io
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(st_io, "save_file", boom)
     with pytest.raises(OSError):
         save_checkpoint(m, out, dtype=torch.bfloat16)
     assert (out / "model.safetensors").read_bytes() == before         # old checkpoint untouched
