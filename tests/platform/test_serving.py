@@ -268,6 +268,7 @@ def _make_patch(tiny_dir, out_dir):
 
 def test_patch_hot_swap_serves_base_and_variant(served, tiny_dir, tmp_path):
     from expertpool.model.checkpoint import load_checkpoint
+    from expertpool.model.patch import apply_patch, read_patch
     from expertpool.model.tokenizer import Tokenizer
     from expertpool.platform.patches import publish
 
@@ -276,7 +277,8 @@ def test_patch_hot_swap_serves_base_and_variant(served, tiny_dir, tmp_path):
     ids = tok.encode("The contract shall be governed by")
     c = served["client"][2]
     base_ref = _reference_greedy(tiny_dir, ids, 12)
-    patched = load_checkpoint(tiny_dir, dtype=torch.float32, with_mtp=False, patch=patch_dir)
+    patched = load_checkpoint(tiny_dir, dtype=torch.float32, with_mtp=False)
+    apply_patch(patched, read_patch(patch_dir), base_model_dir=tiny_dir)
     seq = list(ids)
     with torch.no_grad():
         for _ in range(12):
