@@ -139,7 +139,8 @@ def main():
 
     import ray
 
-    from expertpool.platform.serve import deploy, resolve_config
+    from expertpool.cli import resolve_config
+    from expertpool.platform.app import deploy
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

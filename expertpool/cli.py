@@ -6,8 +6,10 @@ Every subcommand is a thin wrapper: argument parsing here, the work in the libra
 
 import argparse
 import logging
+import signal
 import sys
 import time
+from pathlib import Path
 
 
 def _cmd_init_model(a):
@@ -59,9 +61,53 @@ def _cmd_generate(a):
     print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, batch {len(ids)}]", file=sys.stderr)
 
 
+def resolve_config(config_path: str | None, *, model: str | None = None, port: int | None = None,
+                   actors: int | None = None):
+    """The cluster config ``expertpool serve`` runs: the file (default ./cluster.yaml if present, else
+    built-in defaults) with the command line's overrides. Raises ConfigError."""
+    from expertpool.platform.config import load_config, parse_config
+    if config_path is None and Path("cluster.yaml").exists():
+        config_path = "cluster.yaml"
+    data = load_config(config_path).model_dump(mode="json", exclude_unset=True) if config_path else {}
+    if model:
+        data.setdefault("model", {})["path"] = model
+        data["model"].pop("name", None)
+        data["model"].pop("tokenizer", None)
+        # training jobs are declared against the file's model; serving another model does not run them
+        data.pop("train", None)
+    if port:
+        data.setdefault("serving", {})["port"] = port
+    if actors:
+        data.setdefault("pool", {})["actors_per_replica"] = actors
+    return parse_config(data, source=config_path or "defaults")
+
+
 def _cmd_serve(a):
-    from expertpool.platform.serve import serve_main
-    serve_main(a)
+    from expertpool.platform.app import deploy
+    from expertpool.platform.config import ConfigError
+    try:
+        cfg = resolve_config(a.config, model=a.model, port=a.port, actors=a.actors)
+        url = deploy(cfg, address=a.address)
+    except ConfigError as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+    name = cfg.model.name
+    print(f"\nexpertpool is serving {name} at {url}/v1  (Ctrl-C to stop)\n"
+          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
+          f"\"max_tokens\": 16}}'\n", flush=True)
+    if a.no_block:
+        return
+    from ray import serve
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    print("shutting down", flush=True)
+    serve.shutdown()
 
 
 def _cmd_validate(a):
@@ -87,8 +133,12 @@ def _cmd_manifests(a):
 
 
 def _cmd_publish(a):
-    from expertpool.platform.serve import publish_main
-    publish_main(a)
+    import ray
+
+    from expertpool.platform.patches import publish
+    ray.init(address=a.address, include_dashboard=False, logging_level=logging.WARNING)
+    model_id = publish(a.app, a.patch, a.domain)
+    print(f"published {a.patch}: app {a.app} now serves {model_id}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -79,7 +79,7 @@ def test_validate_and_manifests(tmp_path):
 
 
 def test_serve_config_resolution_with_overrides(tmp_path, monkeypatch):
-    from expertpool.platform.serve import resolve_config
+    from expertpool.cli import resolve_config
     monkeypatch.chdir(ROOT)  # ./cluster.yaml is picked up by default
     cfg = resolve_config(None)
     assert cfg.pool.actors_per_replica == 2 and "demo" in cfg.train.jobs
