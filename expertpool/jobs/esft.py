@@ -16,6 +16,8 @@ copied into the stacked tensors so that anything reading the model sees the trai
 The MTP layer is not scored or trained (its draft head stays the base's).
 """
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -64,6 +66,26 @@ def all_reduce_scores(scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor
         for v in scores.values():
             dist.all_reduce(v)
     return scores
+
+
+@torch.no_grad()
+def score_and_select(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], n_batches: int, scoring: str,
+                     p: float) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
+    """Score every expert on ``n_batches`` of this rank's (input_ids, loss_mask) batches (forward only,
+    with the model's dispatcher), sum the scores over ranks (collective) and select per layer.
+    Returns (selected expert ids per layer, normalized scores per layer)."""
+    args = model.args
+    totals: dict[int, torch.Tensor] = {}
+    for _ in range(n_batches):
+        ids, _mask = next(batches)
+        rec = RoutingRecord()
+        model.hidden_states(ids, rec)
+        for layer, s in expert_scores(rec, args.n_routed_experts, args.num_hidden_layers, scoring).items():
+            totals[layer] = totals.get(layer, 0) + s
+    all_reduce_scores(totals)
+    chosen = select_experts(totals, p)
+    norm = {layer: (s / s.sum()).tolist() for layer, s in totals.items()}
+    return chosen, norm
 
 
 class SelectedExperts(nn.Module):
