@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -161,7 +160,8 @@ def main():
         print(f"{n} concurrent streams ...", flush=True)
         rows.append(asyncio.run(drive(base, cfg.model.name, n, prompts, a.rounds)))
         r = rows[-1]
-        print(f"  {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s, ITL p50 {r['itl_p50'] * 1000:.0f}ms", flush=True)
+        print(f"  {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s, ITL p50 {r['itl_p50'] * 1000:.0f}ms",
+              flush=True)
     from ray import serve
     serve.shutdown()
     ray.shutdown()
@@ -187,7 +187,8 @@ def main():
             cmd = " ".join(sys.argv[1:])
             f.write(f"\n## Serving (bench/serve.py)\n\n{datetime.date.today()}, `python bench/serve.py {cmd}`, "
                     f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
-                    f"{torch.__version__}. bench-mini random weights, {a.actors} expert actors ({a.actor_cpus} CPU each) in one "
+                    f"{torch.__version__}. bench-mini random weights, {a.actors} expert actors "
+                    f"({a.actor_cpus} CPU each) in one "
                     f"replica, {a.dtype} compute, {PROMPT}-token prompts, {NEW} new tokens, streaming completions "
                     f"over HTTP, each client {a.rounds} requests back to back"
                     f"{', async scheduling' if a.async_scheduling else ''}.\n\n{table}\n\n{summary}\n")

@@ -142,7 +142,8 @@ def _cmd_publish(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="expertpool", description="Serve and fine-tune DeepSeek-V3-class MoE models on Ray.")
+    p = argparse.ArgumentParser(prog="expertpool",
+                                description="Serve and fine-tune DeepSeek-V3-class MoE models on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -161,12 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     s.add_argument("--seed", type=int, default=None, help="sampling seed")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default float32: fastest on CPUs without AMX)")
-    s.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32"], help="resident weight format (default: as stored, non-fp8 in --dtype)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype (default float32: fastest on CPUs without AMX)")
+    s.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32"],
+                   help="resident weight format (default: as stored, non-fp8 in --dtype)")
     s.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("serve", help="deploy the OpenAI-compatible expert-parallel server on Ray Serve")
-    s.add_argument("config", nargs="?", default=None, help="cluster.yaml (default: ./cluster.yaml if present, else built-in defaults)")
+    s.add_argument("config", nargs="?", default=None,
+                   help="cluster.yaml (default: ./cluster.yaml if present, else built-in defaults)")
     s.add_argument("--model", help="checkpoint directory (overrides model.path)")
     s.add_argument("--port", type=int, help="HTTP port (overrides serving.port)")
     s.add_argument("--address", help="Ray cluster address to connect to (default: start a local Ray)")

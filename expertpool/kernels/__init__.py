@@ -12,10 +12,11 @@ Contract (shapes in names; E = local experts, F = expert intermediate width, D =
   (so F need not be a multiple of 128), and ``w2_scale`` is ``[E, ceil(D/128), ceil(F/128)]``.
 - ``act_quant`` / ``weight_quant`` / ``weight_dequant``: DeepSeek-V3 block quantization.
 
-Every call goes through ``backend`` (the choice of kernel backend): Triton kernels (``quant``, ``fp8_gemm``, ``fused_moe``) on
-CUDA with compute capability >= 8.9, the pure-torch references (``reference``) elsewhere;
-``EXPERTPOOL_KERNELS=torch|triton|auto`` or ``with use_backend(...)`` override it. This package
-imports without Triton: kernel modules are imported only when the Triton path runs.
+Every call goes through ``backend`` (the choice of kernel backend): Triton kernels (``quant``,
+``fp8_gemm``, ``fused_moe``) on CUDA with compute capability >= 8.9, the pure-torch references
+(``reference``) elsewhere; ``EXPERTPOOL_KERNELS=torch|triton|auto`` or ``with use_backend(...)``
+override it. This package imports without Triton: kernel modules are imported only when the Triton
+path runs.
 """
 
 from expertpool.kernels.backend import (  # noqa: F401

@@ -99,8 +99,9 @@ def tune_fused_moe(ms: list[int], device) -> dict:
         for t in ms:
             x = torch.randn(t, d, device=device, dtype=torch.bfloat16)
             topk_w, ids = torch.rand(t, e, device=device).topk(min(MOE_TOP_K, e))
-            entry[str(t)] = _best(lambda cfg: fused_moe(x, ids, topk_w, w13, w13_s, w2, w2_s,
-                                                        config=cfg),
+            # the weights are bound as defaults: the names are deleted below to free them before the next shape
+            entry[str(t)] = _best(lambda cfg, w13=w13, w2=w2: fused_moe(x, ids, topk_w, w13, w13_s, w2, w2_s,
+                                                                        config=cfg),
                                   f"fused_moe T={t} E={e} F={f} D={d}")
         del w13, w2
     return out

@@ -108,7 +108,8 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
                  path, args.num_nextn_predict_layers)
     with torch.device("meta"):
         model = Transformer(args, experts, with_mtp=with_mtp and mtp_present)
-    target_of = (lambda w: WEIGHT_DTYPES[weight_dtype]) if weight_dtype else (lambda w: FP8 if w.dtype == FP8 else dtype)
+    target_of = ((lambda w: WEIGHT_DTYPES[weight_dtype]) if weight_dtype
+                 else (lambda w: FP8 if w.dtype == FP8 else dtype))
 
     for mname, module in model.named_modules():
         cname = _ckpt_name(args, mname)
@@ -125,14 +126,16 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
         elif isinstance(module, Experts):
             _load_experts(r, args, cname, module, target_of, device)
         elif isinstance(module, Gate):
-            _set(module, "weight", r.get(cname + ".weight", (args.n_routed_experts, args.hidden_size)).float().to(device), True)
+            gate_w = r.get(cname + ".weight", (args.n_routed_experts, args.hidden_size))
+            _set(module, "weight", gate_w.float().to(device), True)
             bias = (r.get(cname + ".e_score_correction_bias", (args.n_routed_experts,)).float()
                     if cname + ".e_score_correction_bias" in r else torch.zeros(args.n_routed_experts))
             _set(module, "e_score_correction_bias", bias.to(device), False)
         elif isinstance(module, nn.Embedding):
             # a compact resident format applies to the (vocab x hidden) embedding too; rows are cast on lookup
             edt = torch.bfloat16 if weight_dtype in ("fp8", "bf16") else dtype
-            _set(module, "weight", r.get(cname + ".weight", (args.vocab_size, args.hidden_size)).to(edt).to(device), True)
+            emb = r.get(cname + ".weight", (args.vocab_size, args.hidden_size))
+            _set(module, "weight", emb.to(edt).to(device), True)
         else:
             for pname, p in list(module.named_parameters(recurse=False)):
                 _set(module, pname, r.get(f"{cname}.{pname}", tuple(p.shape)).to(dtype).to(device), True)

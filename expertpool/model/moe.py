@@ -151,7 +151,8 @@ class Experts(nn.Module):
 class RoutingRecord:
     """Per-MoE-layer routing of one forward, for training losses and ESFT scoring."""
     shape: tuple[int, ...] = ()
-    layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # id -> (w, ids, scores)
+    # layer id -> (weights_TK, ids_TK, scores_TE)
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class MoE(nn.Module):

@@ -63,7 +63,8 @@ DEFAULT_IMPORT_PATH = "expertpool.platform.app:build_app"
 
 class ModelConfig(Closed):
     path: str | None = Field(None, description="Hugging Face checkpoint directory (config.json + safetensors). "
-                             "None = the embedded tiny DeepSeek-V3-architecture model, created on first use in a cache dir.")
+                             "None = the embedded tiny DeepSeek-V3-architecture model, created on first use in a "
+                             "cache dir.")
     name: str | None = Field(None, description="Served model id (the OpenAI `model` field). Default: the basename "
                              f"of `path`, or `{EMBEDDED_MODEL_NAME}` for the embedded model. Must not contain ':' "
                              "(fine-tuned variants are served as `NAME:DOMAIN`).")
@@ -118,7 +119,8 @@ class PoolConfig(Closed):
         "PACK", description="Ray placement-group strategy for one replica's bundles (PACK keeps a replica's actors "
         "on one node when they fit, which keeps all-to-all traffic local).")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend between the "
-                                                     "actors of a replica. auto = nccl when actors have GPUs, else gloo.")
+                                                     "actors of a replica. auto = nccl when actors have GPUs, else "
+                                                     "gloo.")
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="Self-healing when an expert "
                                      "actor dies.")
 
@@ -194,7 +196,8 @@ class AutoscalingConfig(Closed):
     target_ongoing_requests: float = Field(16.0, gt=0, description="Ongoing requests per replica the autoscaler "
                                            "steers toward (Ray Serve `target_ongoing_requests`).")
     upscale_delay_s: float = Field(30.0, ge=0, description="Seconds the load must stay high before adding replicas.")
-    downscale_delay_s: float = Field(600.0, ge=0, description="Seconds the load must stay low before removing replicas.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Seconds the load must stay low before removing "
+                                     "replicas.")
     metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between replica load reports.")
     look_back_period_s: float = Field(30.0, gt=0, description="Window in seconds over which load is averaged.")
 

@@ -38,7 +38,8 @@ class ConfigError(ValueError):
 
 def rule_error(field: str, problem: str, fix: str) -> PydanticCustomError:
     """An error raised from a validator; ``field`` is relative to the model (or "" in a field validator)."""
-    return PydanticCustomError(RULE_ERROR_TYPE, "{field}: {problem}; {fix}", {"field": field, "problem": problem, "fix": fix})
+    return PydanticCustomError(RULE_ERROR_TYPE, "{field}: {problem}; {fix}",
+                               {"field": field, "problem": problem, "fix": fix})
 
 
 class Closed(BaseModel):

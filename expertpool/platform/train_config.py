@@ -52,7 +52,8 @@ class EsftConfig(Closed):
     scoring: Literal["gate", "token"] = Field("token", description="ESFT expert relevance score: `token` "
                                               "(selection ratio, ESFT-Token) or `gate` (mean gate value, ESFT-Gate).")
     p: float | None = Field(None, description="Cumulative relevance threshold in (0, 1]: per layer, train the "
-                            "fewest experts whose scores sum to >= p. None = the paper's value: 0.2 (token), 0.1 (gate).")
+                            "fewest experts whose scores sum to >= p. None = the paper's value: 0.2 (token), "
+                            "0.1 (gate).")
     score_tokens: int = Field(16384, ge=1, description="Training tokens sampled for the relevance probe "
                               "(forward passes only; the paper uses 32 x 4096).")
 
@@ -67,7 +68,8 @@ class EsftConfig(Closed):
 
 
 class TrainJobConfig(Closed):
-    base_model: str | None = Field(None, description="Checkpoint directory to fine-tune. None = the embedded tiny model.")
+    base_model: str | None = Field(None, description="Checkpoint directory to fine-tune. None = the embedded tiny "
+                                   "model.")
     dataset: DatasetConfig = Field(description="Training data.")
     mode: Literal["esft", "full"] = Field("esft", description="`esft`: train only the routed experts relevant to the "
                                           "data (everything else frozen); `full`: train all weights.")
@@ -118,7 +120,8 @@ class TrainJobConfig(Closed):
             raise rule_error("warmup_steps", f"({self.warmup_steps}) exceeds steps ({self.steps})",
                         f"set warmup_steps to at most {self.steps}")
         if self.batch_size % self.workers:
-            raise rule_error("batch_size", f"{self.batch_size} sequences do not split evenly over {self.workers} workers",
+            raise rule_error("batch_size",
+                             f"{self.batch_size} sequences do not split evenly over {self.workers} workers",
                         f"set batch_size to a multiple of {self.workers}")
         if self.min_workers is not None and self.min_workers > self.workers:
             raise rule_error("min_workers", f"({self.min_workers}) exceeds workers ({self.workers}), the most workers",
@@ -192,7 +195,8 @@ def _detect_field(path: Path, fmt: str, error: Callable[[str, str], ConfigError]
 
 class TrainConfig(Closed):
     jobs: dict[str, TrainJobConfig] = Field(default_factory=dict, description="Fine-tuning jobs by name; run one "
-                                            "with `python -m expertpool.jobs.finetune --config cluster.yaml --job NAME`.")
+                                            "with `python -m expertpool.jobs.finetune --config cluster.yaml "
+                                            "--job NAME`.")
 
     @model_validator(mode="after")
     def _derive(self) -> TrainConfig:

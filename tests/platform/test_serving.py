@@ -167,7 +167,8 @@ def test_bad_inputs_get_specific_4xx_and_server_keeps_serving(served):
         (httpx.post(chat, json={"model": "expertpool-tiny", "messages": msgs, "max_tokens": -3}), 400, "max_tokens"),
         (httpx.post(chat, json={"model": "expertpool-tiny", "messages": msgs, "temperature": 7}), 400, "temperature"),
         (httpx.post(chat, json={"model": "nope", "messages": msgs}), 404, "nope"),
-        (httpx.post(url + "/completions", json={"model": "expertpool-tiny", "prompt": "word " * 2100}), 400, "max_seq_len"),
+        (httpx.post(url + "/completions", json={"model": "expertpool-tiny", "prompt": "word " * 2100}), 400,
+         "max_seq_len"),
         (httpx.post(url + "/completions", json={"model": "expertpool-tiny", "prompt": [1, 99999]}), 400, "vocabulary"),
     ]
     for r, code, needle in cases:
