@@ -171,7 +171,7 @@ class Trainer:
         self.out = plan.output_dir
         self.train_iterate = data.train_epochs(B)
         self.eval_rows = data.eval_rows()
-        self.trainables: Trainables | None = None  # set up by _start
+        self.trainables: Trainables | None = None  # set up by run: setup_trainables, or restore
         self.resumed_from_world: int | None = None
 
     # -- trainables ------------------------------------------------------------------------------
