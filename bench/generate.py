@@ -26,7 +26,8 @@ def run_one(kind: str, model_dir: str, dtype: str, weight_dtype: str | None, new
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(5, 2000, (B, PROMPT), generator=g)
-    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    from expertpool.model.checkpoint import DTYPES
+    tdt = DTYPES[dtype]
     if kind == "ours":
         from expertpool.model.checkpoint import load_checkpoint
         from expertpool.model.sampling import SamplingParams
@@ -35,7 +36,8 @@ def run_one(kind: str, model_dir: str, dtype: str, weight_dtype: str | None, new
         sp = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
 
         def gen():
-            core = local_engine(model, max_batch_size=B, max_seq_len=PROMPT + new + 1, max_num_batched_tokens=B * PROMPT)
+            core = local_engine(model, max_batch_size=B, max_seq_len=PROMPT + new + 1,
+                                max_num_batched_tokens=B * PROMPT)
             outs = generate(core, prompts.tolist(), sp)
             return sum(len(o) for o in outs)
     else:

@@ -15,7 +15,6 @@ import json
 import os
 import platform
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -76,7 +75,9 @@ async def drive(base: str, model: str, n: int, prompts, rounds: int = 1) -> dict
 def hf_child(model_dir: str, dtype: str, batch: int, reps: int = 2) -> None:
     import torch
     from transformers import DeepseekV3ForCausalLM
-    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+    from expertpool.model.checkpoint import DTYPES
+    tdt = DTYPES[dtype]
     model = DeepseekV3ForCausalLM.from_pretrained(model_dir, dtype=tdt).eval()
     prompts = torch.tensor(json.load(open(os.path.join(model_dir, "bench_prompts.json")))[:batch])
 
@@ -137,7 +138,8 @@ def main():
 
     import ray
 
-    from expertpool.platform.serve import deploy, resolve_config
+    from expertpool.cli import resolve_config
+    from expertpool.platform.app import deploy
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -158,7 +160,8 @@ def main():
         print(f"{n} concurrent streams ...", flush=True)
         rows.append(asyncio.run(drive(base, cfg.model.name, n, prompts, a.rounds)))
         r = rows[-1]
-        print(f"  {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s, ITL p50 {r['itl_p50'] * 1000:.0f}ms", flush=True)
+        print(f"  {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s, ITL p50 {r['itl_p50'] * 1000:.0f}ms",
+              flush=True)
     from ray import serve
     serve.shutdown()
     ray.shutdown()
@@ -184,7 +187,8 @@ def main():
             cmd = " ".join(sys.argv[1:])
             f.write(f"\n## Serving (bench/serve.py)\n\n{datetime.date.today()}, `python bench/serve.py {cmd}`, "
                     f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
-                    f"{torch.__version__}. bench-mini random weights, {a.actors} expert actors ({a.actor_cpus} CPU each) in one "
+                    f"{torch.__version__}. bench-mini random weights, {a.actors} expert actors "
+                    f"({a.actor_cpus} CPU each) in one "
                     f"replica, {a.dtype} compute, {PROMPT}-token prompts, {NEW} new tokens, streaming completions "
                     f"over HTTP, each client {a.rounds} requests back to back"
                     f"{', async scheduling' if a.async_scheduling else ''}.\n\n{table}\n\n{summary}\n")

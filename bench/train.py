@@ -63,7 +63,7 @@ def plain_loop(base: Path, steps: int, batch: int, seq_len: int, mtp_w: float) -
     from expertpool.jobs.data import local_rows
     from expertpool.jobs.esft import TrainDispatcher, TrainExperts
     from expertpool.model.checkpoint import load_checkpoint
-    from expertpool.model.moe import LocalDispatcher
+    from expertpool.model.dispatch import LocalDispatcher
 
     train, _ = local_rows(ROOT / "data/demo_domain.jsonl", "jsonl", "messages", base, seq_len, 0.1)
     model = load_checkpoint(base, dtype=torch.float32, with_mtp=True)

@@ -6,8 +6,10 @@ Every subcommand is a thin wrapper: argument parsing here, the work in the libra
 
 import argparse
 import logging
+import signal
 import sys
 import time
+from pathlib import Path
 
 
 def _cmd_init_model(a):
@@ -18,18 +20,15 @@ def _cmd_init_model(a):
 
 
 def _cmd_generate(a):
-    import torch
-
-    from expertpool.model.checkpoint import load_checkpoint
+    from expertpool.model.checkpoint import DTYPES, load_checkpoint
     from expertpool.model.embedded import ensure_embedded_model
     from expertpool.model.sampling import SamplingParams
     from expertpool.model.tokenizer import Tokenizer
     from expertpool.platform.engine import generate, local_engine
 
     model_dir = a.model or ensure_embedded_model()
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[a.dtype]
     t0 = time.time()
-    model = load_checkpoint(model_dir, dtype=dtype, weight_dtype=a.weight_dtype, with_mtp=False)
+    model = load_checkpoint(model_dir, dtype=DTYPES[a.dtype], weight_dtype=a.weight_dtype, with_mtp=False)
     tok = Tokenizer.from_dir(model_dir)
     logging.info("loaded %s in %.1fs", model_dir, time.time() - t0)
     prompts = a.prompt or ["Hello, how are you?"]
@@ -62,9 +61,53 @@ def _cmd_generate(a):
     print(f"[{n} tokens in {dt:.2f}s, {n / max(dt, 1e-9):.1f} tok/s, batch {len(ids)}]", file=sys.stderr)
 
 
+def resolve_config(config_path: str | None, *, model: str | None = None, port: int | None = None,
+                   actors: int | None = None):
+    """The cluster config ``expertpool serve`` runs: the file (default ./cluster.yaml if present, else
+    built-in defaults) with the command line's overrides. Raises ConfigError."""
+    from expertpool.platform.config import load_config, parse_config
+    if config_path is None and Path("cluster.yaml").exists():
+        config_path = "cluster.yaml"
+    data = load_config(config_path).model_dump(mode="json", exclude_unset=True) if config_path else {}
+    if model:
+        data.setdefault("model", {})["path"] = model
+        data["model"].pop("name", None)
+        data["model"].pop("tokenizer", None)
+        # training jobs are declared against the file's model; serving another model does not run them
+        data.pop("train", None)
+    if port:
+        data.setdefault("serving", {})["port"] = port
+    if actors:
+        data.setdefault("pool", {})["actors_per_replica"] = actors
+    return parse_config(data, source=config_path or "defaults")
+
+
 def _cmd_serve(a):
-    from expertpool.platform.serve import serve_main
-    serve_main(a)
+    from expertpool.platform.app import deploy
+    from expertpool.platform.config import ConfigError
+    try:
+        cfg = resolve_config(a.config, model=a.model, port=a.port, actors=a.actors)
+        url = deploy(cfg, address=a.address)
+    except ConfigError as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+    name = cfg.model.name
+    print(f"\nexpertpool is serving {name} at {url}/v1  (Ctrl-C to stop)\n"
+          f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
+          f"    -d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}], "
+          f"\"max_tokens\": 16}}'\n", flush=True)
+    if a.no_block:
+        return
+    from ray import serve
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    try:
+        while not stop:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+    print("shutting down", flush=True)
+    serve.shutdown()
 
 
 def _cmd_validate(a):
@@ -90,12 +133,17 @@ def _cmd_manifests(a):
 
 
 def _cmd_publish(a):
-    from expertpool.platform.serve import publish_main
-    publish_main(a)
+    import ray
+
+    from expertpool.platform.patches import publish
+    ray.init(address=a.address, include_dashboard=False, logging_level=logging.WARNING)
+    model_id = publish(a.app, a.patch, a.domain)
+    print(f"published {a.patch}: app {a.app} now serves {model_id}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="expertpool", description="Serve and fine-tune DeepSeek-V3-class MoE models on Ray.")
+    p = argparse.ArgumentParser(prog="expertpool",
+                                description="Serve and fine-tune DeepSeek-V3-class MoE models on Ray.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="cmd", required=True)
 
@@ -114,12 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     s.add_argument("--seed", type=int, default=None, help="sampling seed")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype (default float32: fastest on CPUs without AMX)")
-    s.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32"], help="resident weight format (default: as stored, non-fp8 in --dtype)")
+    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="compute dtype (default float32: fastest on CPUs without AMX)")
+    s.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32"],
+                   help="resident weight format (default: as stored, non-fp8 in --dtype)")
     s.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("serve", help="deploy the OpenAI-compatible expert-parallel server on Ray Serve")
-    s.add_argument("config", nargs="?", default=None, help="cluster.yaml (default: ./cluster.yaml if present, else built-in defaults)")
+    s.add_argument("config", nargs="?", default=None,
+                   help="cluster.yaml (default: ./cluster.yaml if present, else built-in defaults)")
     s.add_argument("--model", help="checkpoint directory (overrides model.path)")
     s.add_argument("--port", type=int, help="HTTP port (overrides serving.port)")
     s.add_argument("--address", help="Ray cluster address to connect to (default: start a local Ray)")

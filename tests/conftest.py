@@ -2,7 +2,8 @@
 first use only (``ray.init`` costs ~10 s), so unit tests never pay for it. ``address="local"``
 always starts a private instance, never attaching to another cluster found on the machine. It has 3
 of the custom resource ``expertpool_test_slot``: a job whose workers need one each can get 3
-workers and no more (the elastic fine-tuning test)."""
+workers and no more (the elastic fine-tuning test). ``tiny_dir``: one embedded tiny model per session,
+in a temporary cache (the fine-tuning and patch tests)."""
 
 import pytest
 
@@ -20,3 +21,10 @@ def ray_cluster():
     yield ray
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    from expertpool.model.embedded import ensure_embedded_model
+
+    return ensure_embedded_model(tmp_path_factory.mktemp("expertpool-cache"))

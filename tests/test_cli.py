@@ -22,8 +22,7 @@ def run(*args, env=None, check=True):
 def test_package_imports_before_torch_and_ray_and_keeps_stdlib_platform():
     code = ("import expertpool, expertpool.platform, expertpool.model, expertpool.kernels\n"
             "import torch, ray, platform\n"
-            "assert platform.system() and platform.python_version()\n"
-            "import sys; assert 'ray' not in {m.split('.')[0] for m in sys.modules if m.startswith('expertpool.model')}\n")
+            "assert platform.system() and platform.python_version()\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 
@@ -67,7 +66,8 @@ def test_validate_and_manifests(tmp_path):
     r = run("validate", "cluster.yaml", env={"EXPERTPOOL_CACHE": str(tmp_path / "cache")})
     assert "ok" in r.stdout
     bad = tmp_path / "bad.yaml"
-    bad.write_text("pool:\n  actors_per_replica: 3\nserving:\n  autoscaling:\n    min_replicas: 3\n    max_replicas: 1\n")
+    bad.write_text("pool:\n  actors_per_replica: 3\nserving:\n  autoscaling:\n    min_replicas: 3\n"
+                   "    max_replicas: 1\n")
     r = run("validate", str(bad), check=False, env={"EXPERTPOOL_CACHE": str(tmp_path / "cache")})
     assert r.returncode != 0 and "max_replicas" in r.stderr
     bad.write_text("pool:\n  actors_per_replica: 3\n")
@@ -79,7 +79,7 @@ def test_validate_and_manifests(tmp_path):
 
 
 def test_serve_config_resolution_with_overrides(tmp_path, monkeypatch):
-    from expertpool.platform.serve import resolve_config
+    from expertpool.cli import resolve_config
     monkeypatch.chdir(ROOT)  # ./cluster.yaml is picked up by default
     cfg = resolve_config(None)
     assert cfg.pool.actors_per_replica == 2 and "demo" in cfg.train.jobs

@@ -16,9 +16,15 @@ over blocks of ``PACK_RECORDS`` records, materialized once so every worker and e
 the same rows in the same order) and ``local_rows`` (the same functions over pyarrow tables, for
 the one-process ``train_loop`` and the benchmark baseline). Both pack within groups of
 ``PACK_RECORDS`` records, so they produce identical rows.
+
+The training loop reads its rows through ``TrainData``: ``LocalRows`` (the one-process rows) or
+``RayShards`` (a Ray Train worker's dataset shards). Each yields endless passes of global batches
+(every rank reads the same batches and keeps its own rows of each) and the eval rows whole.
 """
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -138,3 +144,55 @@ def ray_datasets(path, fmt: str, field: str, model_dir, seq_len: int, eval_fract
                              batch_format="pyarrow", concurrency=1, num_cpus=0.25).materialize()
 
     return tok(train), (tok(evals) if n_eval else None)
+
+
+class TrainData(Protocol):
+    def train_epochs(self, batch_size: int) -> Callable[[], Iterator[dict]]:
+        """A function that iterates one epoch of global batches ({"input_ids", "loss_mask"} of
+        ``batch_size`` rows; the last partial batch dropped)."""
+        ...
+
+    def eval_rows(self) -> dict | None:
+        """Every eval row as tensors {"input_ids": [N, S], "loss_mask": [N, S]}, or None without eval data."""
+        ...
+
+
+class LocalRows:
+    """``TrainData`` of one process: the (train, eval) rows of ``local_rows``, in memory."""
+
+    def __init__(self, train: dict[str, np.ndarray], evals: dict[str, np.ndarray]):
+        self.train, self.evals = train, evals
+
+    def train_epochs(self, batch_size: int) -> Callable[[], Iterator[dict]]:
+        def iterate():
+            for i in range(0, len(self.train["input_ids"]) - batch_size + 1, batch_size):
+                yield {k: v[i:i + batch_size] for k, v in self.train.items()}
+        return iterate
+
+    def eval_rows(self) -> dict | None:
+        import torch
+
+        return {k: torch.as_tensor(v) for k, v in self.evals.items()} if len(self.evals["input_ids"]) else None
+
+
+class RayShards:
+    """``TrainData`` inside a Ray Train worker: the job's ``train`` dataset shard (not split: every
+    worker reads all of it, see ``finetune.run_ray``) and its ``eval`` shard if the job has one."""
+
+    def __init__(self, has_eval: bool):
+        self.has_eval = has_eval
+
+    def train_epochs(self, batch_size: int) -> Callable[[], Iterator[dict]]:
+        import ray.train
+
+        train = ray.train.get_dataset_shard("train")
+        return lambda: train.iter_torch_batches(batch_size=batch_size, drop_last=True, prefetch_batches=1)
+
+    def eval_rows(self) -> dict | None:
+        import ray.train
+        import torch
+
+        if not self.has_eval:
+            return None
+        batches = list(ray.train.get_dataset_shard("eval").iter_torch_batches(batch_size=256))
+        return {k: torch.cat([b[k] for b in batches]) for k in ("input_ids", "loss_mask")} if batches else None

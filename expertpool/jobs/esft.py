@@ -16,11 +16,14 @@ copied into the stacked tensors so that anything reading the model sees the trai
 The MTP layer is not scored or trained (its draft head stays the base's).
 """
 
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
+from expertpool.kernels.reference import moe_experts_ref
+from expertpool.model.dispatch import Dispatcher, ExpertGroup
 from expertpool.model.moe import RoutingRecord
 
 
@@ -65,6 +68,26 @@ def all_reduce_scores(scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor
     return scores
 
 
+@torch.no_grad()
+def score_and_select(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], n_batches: int, scoring: str,
+                     p: float) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
+    """Score every expert on ``n_batches`` of this rank's (input_ids, loss_mask) batches (forward only,
+    with the model's dispatcher), sum the scores over ranks (collective) and select per layer.
+    Returns (selected expert ids per layer, normalized scores per layer)."""
+    args = model.args
+    totals: dict[int, torch.Tensor] = {}
+    for _ in range(n_batches):
+        ids, _mask = next(batches)
+        rec = RoutingRecord()
+        model.hidden_states(ids, rec)
+        for layer, s in expert_scores(rec, args.n_routed_experts, args.num_hidden_layers, scoring).items():
+            totals[layer] = totals.get(layer, 0) + s
+    all_reduce_scores(totals)
+    chosen = select_experts(totals, p)
+    norm = {layer: (s / s.sum()).tolist() for layer, s in totals.items()}
+    return chosen, norm
+
+
 class SelectedExperts(nn.Module):
     """The trainable copies of one layer's selected experts that this rank owns."""
 
@@ -83,34 +106,10 @@ class SelectedExperts(nn.Module):
         experts.w2_weight.data.index_copy_(0, self.local_idx, self.w2.detach())
 
 
-def grouped_experts(x_TD, local_ids_TK, weights_TK, w13_rows, w2_rows):
-    """SwiGLU experts with per-expert weight rows, built for autograd: outputs are concatenated (no
-    in-place slice writes, whose backward copies the whole buffer once per expert). Slots with local
-    id -1 contribute zero. The output stays connected to ``x_TD`` even with no slots, so every rank
-    runs the same collectives in backward."""
-    flat = local_ids_TK.reshape(-1)
-    pair = torch.nonzero(flat >= 0, as_tuple=True)[0]
-    if pair.numel() == 0:
-        return x_TD * 0
-    ids = flat[pair]
-    order = torch.argsort(ids, stable=True)
-    pair, ids = pair[order], ids[order]
-    tok = torch.div(pair, local_ids_TK.shape[1], rounding_mode="floor")
-    xs = x_TD[tok]
-    counts = torch.bincount(ids, minlength=len(w13_rows)).tolist()
-    outs, start = [], 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        gate, up = F.linear(xs[start:start + n], w13_rows[e]).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(gate) * up, w2_rows[e]))
-        start += n
-    y = torch.cat(outs) * weights_TK.reshape(-1)[pair].unsqueeze(1).to(x_TD.dtype)
-    return (x_TD * 0).index_add(0, tok, y)
-
-
 class TrainExperts:
-    """What the dispatcher calls in training instead of the ``Experts`` module (same call contract)."""
+    """What the dispatcher calls in training instead of the ``Experts`` module (an ``ExpertGroup``):
+    the torch reference over the module's rows, with the selected experts' trainable copies in place
+    of their frozen rows."""
 
     def __init__(self, experts, selected: SelectedExperts | None = None):
         assert experts.w13_weight.dtype.is_floating_point and experts.w13_weight.element_size() >= 2, \
@@ -125,19 +124,20 @@ class TrainExperts:
             sel = self.selected
             for i, a, b in zip(sel.local_idx.tolist(), sel.w13.unbind(0), sel.w2.unbind(0)):
                 w13[i], w2[i] = a, b
-        return grouped_experts(x_TD, local_ids_TK, weights_TK, w13, w2)
+        # per-expert rows (unbind: one stacked gradient per tensor in backward, not one per row)
+        return moe_experts_ref(x_TD, local_ids_TK, weights_TK, w13, None, w2, None)
 
 
 class TrainDispatcher:
-    """Wraps the real dispatcher (local or all-to-all): hands it ``TrainExperts`` views, and in grad
+    """A ``Dispatcher`` around the real one (local or all-to-all): hands it ``TrainExperts`` views, and in grad
     mode makes the MoE input require grad, so that every rank takes the autograd path of the
     all-to-all (a rank whose layer has nothing trainable would otherwise skip the backward collective
     and deadlock the others; ESFT's train_ep.py does the same)."""
 
-    def __init__(self, inner, views: dict[int, TrainExperts]):
+    def __init__(self, inner: Dispatcher, views: dict[int, TrainExperts]):
         self.inner, self.views = inner, views
 
-    def __call__(self, x_TD, ids_TK, weights_TK, experts):
+    def __call__(self, x_TD, ids_TK, weights_TK, experts: ExpertGroup):
         if torch.is_grad_enabled() and not x_TD.requires_grad:
             x_TD = x_TD.detach().requires_grad_()
         return self.inner(x_TD, ids_TK, weights_TK, self.views[id(experts)])

@@ -9,7 +9,8 @@ reads, tokenizes and packs the data; a ``TorchTrainer`` runs ``jobs.train.train_
 ``workers`` gloo/nccl workers (elastic: ``min_workers``..``workers``) with
 ``FailureConfig(max_failures)``; rank 0 writes the result (``<output_dir>/patch`` for ESFT,
 ``<output_dir>/model`` for full), ``summary.json`` and ``train_log.jsonl``; finally the patch is
-published to the serving app when ``publish_to`` is set.
+published to the serving app when ``publish_to`` is set. ``prepare`` hands the workers a
+``jobs.plan.TrainPlan``; ``--check-frozen`` adds the ESFT invariant check (``jobs.hooks.FrozenCheck``).
 
 Runs. Each submission is a new Ray Train run under ``<output_dir>/ray`` (the run name carries a
 timestamp): a restarted worker group resumes from the run's latest checkpoint, whatever its worker
@@ -19,14 +20,24 @@ resubmitted job starts from that run's latest checkpoint, with any worker count.
 starts a new run.
 """
 
+from __future__ import annotations
+
 import argparse
+import functools
 import json
 import logging
 import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from expertpool.jobs.plan import TrainPlan
+
+if TYPE_CHECKING:  # the hooks module imports torch; this one stays light until a run starts
+    from expertpool.jobs.hooks import TrainHook
 
 log = logging.getLogger("expertpool.finetune")
 
@@ -35,10 +46,10 @@ class JobError(ValueError):
     """A job setting that cannot run; the message names the field and the fix."""
 
 
-def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: str | None = None) -> dict:
+def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: str | None = None) -> TrainPlan:
     """Validate the job and resolve everything the workers need. Raises ConfigError / JobError.
 
-    Returns the ``train_loop`` config (without data)."""
+    Relative paths (base model, dataset, output) resolve against ``base_dir`` (default: the cwd)."""
     from expertpool.model.args import ModelArgs
     from expertpool.platform.config import load_config
 
@@ -76,24 +87,20 @@ def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: 
     data_path = Path(dataset.path)
     if not data_path.is_absolute():
         data_path = base_dir / data_path
-    return {"job": job.model_dump(mode="json"), "job_name": job_name, "domain": job.domain,
-            "base_model": str(base), "embedded_base": job.base_model is None, "output_dir": str(out),
-            "publish_to": job.publish_to if publish else None,
-            "dataset": {"path": str(data_path), "format": dataset.format, "field": dataset.field,
-                        "eval_fraction": dataset.eval_fraction},
-            "worker_resources": job.worker_resources.bundle(), "worker_range": list(job.worker_range)}
+    return TrainPlan(job_name=job_name, job=job, dataset=dataset.model_copy(update={"path": str(data_path)}),
+                     base_model=base, output_dir=out, publish_to=job.publish_to if publish else None)
 
 
-def _too_little_data(config: dict, n_rows: int) -> JobError:
-    j = config["job"]
-    return JobError(f"train.jobs.{config['job_name']}.batch_size: the training data packs into {n_rows} sequences "
-                    f"of {j['seq_len']} tokens, fewer than one global batch ({j['batch_size']}); lower batch_size or "
+def _too_little_data(plan: TrainPlan, n_rows: int) -> JobError:
+    j = plan.job
+    return JobError(f"train.jobs.{plan.job_name}.batch_size: the training data packs into {n_rows} sequences "
+                    f"of {j.seq_len} tokens, fewer than one global batch ({j.batch_size}); lower batch_size or "
                     "seq_len, or add data")
 
 
-def _fresh_outputs(config: dict, resume: bool = False) -> None:
+def _fresh_outputs(plan: TrainPlan, resume: bool = False) -> None:
     """A new run starts a new log; worker restarts within a run, and resumed runs, append to it."""
-    out = Path(config["output_dir"])
+    out = plan.output_dir
     out.mkdir(parents=True, exist_ok=True)
     for name in ("summary.json",) if resume else ("train_log.jsonl", "summary.json"):
         (out / name).unlink(missing_ok=True)
@@ -107,61 +114,61 @@ def resumable_run(storage: Path, job_name: str) -> str | None:
     return max(snapshots, key=lambda p: p.stat().st_mtime).parent.name if snapshots else None
 
 
-def run_local(config: dict, **extra) -> dict:
+def run_local(plan: TrainPlan, hooks: Sequence[TrainHook] = ()) -> dict:
     """The one-process path: same data functions, ``train_loop`` called directly (world 1)."""
-    from expertpool.jobs.data import local_rows
+    from expertpool.jobs.data import LocalRows, local_rows
     from expertpool.jobs.train import train_loop
 
-    d, j = config["dataset"], config["job"]
-    if j["workers"] != 1:
-        log.info("--local runs one process: workers %d -> 1 (all experts local)", j["workers"])
-        j = {**j, "workers": 1}
-    rows = local_rows(d["path"], d["format"], d["field"], config["base_model"], j["seq_len"], d["eval_fraction"])
-    if len(rows[0]["input_ids"]) < j["batch_size"]:
-        raise _too_little_data(config, len(rows[0]["input_ids"]))
-    _fresh_outputs(config)
-    return train_loop({**config, "job": j, "local_rows": rows, **extra})
+    if plan.job.workers != 1:
+        log.info("--local runs one process: workers %d -> 1 (all experts local)", plan.job.workers)
+        plan = plan.for_one_process()
+    d, j = plan.dataset, plan.job
+    train, evals = local_rows(d.path, d.format, d.field, plan.base_model, j.seq_len, d.eval_fraction)
+    if len(train["input_ids"]) < j.batch_size:
+        raise _too_little_data(plan, len(train["input_ids"]))
+    _fresh_outputs(plan)
+    return train_loop(plan, LocalRows(train, evals), hooks)
 
 
-def run_ray(config: dict, *, fault: dict | None = None, run_name: str | None = None, resume: bool = False) -> dict:
+def run_ray(plan: TrainPlan, *, hooks: Sequence[TrainHook] = (), run_name: str | None = None,
+            resume: bool = False) -> dict:
     """Run the job as a Ray Train ``TorchTrainer`` on the connected Ray cluster; returns the summary.
 
     ``resume``: continue the newest earlier run of this job in ``<output_dir>/ray`` from its latest
-    checkpoint (see the module docstring); ``run_name`` names the run explicitly instead."""
+    checkpoint (see the module docstring); ``run_name`` names the run explicitly instead. ``hooks``
+    travel to every worker (picklable)."""
     import ray.train
     from ray.data import ExecutionOptions
     from ray.train.torch import TorchTrainer
 
-    from expertpool.jobs.data import ray_datasets
+    from expertpool.jobs.data import RayShards, ray_datasets
     from expertpool.jobs.train import train_loop
 
-    d, j = config["dataset"], config["job"]
-    train_ds, eval_ds = ray_datasets(d["path"], d["format"], d["field"],
-                                     None if config["embedded_base"] else config["base_model"], j["seq_len"],
-                                     d["eval_fraction"])
+    d, j = plan.dataset, plan.job
+    train_ds, eval_ds = ray_datasets(d.path, d.format, d.field, None if plan.embedded_base else plan.base_model,
+                                     j.seq_len, d.eval_fraction)
     n_rows = train_ds.count()
-    if n_rows < j["batch_size"]:
-        raise _too_little_data(config, n_rows)
+    if n_rows < j.batch_size:
+        raise _too_little_data(plan, n_rows)
     datasets = {"train": train_ds} | ({"eval": eval_ds} if eval_ds is not None else {})
-    out = Path(config["output_dir"])
+    out = plan.output_dir
     if run_name is None and resume:
-        run_name = resumable_run(out / "ray", config["job_name"])
+        run_name = resumable_run(out / "ray", plan.job_name)
         log.info("--resume: %s", f"continuing run {run_name} from its latest checkpoint" if run_name else
-                 f"no earlier run of {config['job_name']} with a checkpoint in {out / 'ray'}; starting a new one")
-    _fresh_outputs(config, resume=run_name is not None and resume)
-    loop_config = {**config, "has_eval": eval_ds is not None, "fault": fault}
-    low, high = config["worker_range"]
+                 f"no earlier run of {plan.job_name} with a checkpoint in {out / 'ray'}; starting a new one")
+    _fresh_outputs(plan, resume=run_name is not None and resume)
+    low, high = plan.worker_range
     trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=loop_config,
+        # no train_loop_config: the plan, the data shards and the hooks are bound here (Ray pickles them)
+        functools.partial(train_loop, plan, RayShards(has_eval=eval_ds is not None), tuple(hooks)),
         # a (min, max) range makes Ray Train elastic: it starts or restarts on as many workers as it
         # can get in the range; every world size restores the same checkpoint (jobs.train_state)
         scaling_config=ray.train.ScalingConfig(num_workers=(low, high) if low < high else high, use_gpu=False,
-                                               resources_per_worker=config["worker_resources"]),
+                                               resources_per_worker=j.worker_resources.bundle()),
         run_config=ray.train.RunConfig(
-            name=run_name or f"{config['job_name']}-{time.strftime('%Y%m%d-%H%M%S')}",
+            name=run_name or f"{plan.job_name}-{time.strftime('%Y%m%d-%H%M%S')}",
             storage_path=str(out / "ray"),
-            failure_config=ray.train.FailureConfig(max_failures=j["max_failures"]),
+            failure_config=ray.train.FailureConfig(max_failures=j.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
         # not split: every worker reads the same ordered global batches and keeps its slice, so the
@@ -201,40 +208,45 @@ def build_parser() -> argparse.ArgumentParser:
                    "starting over; starts a new run if there is none")
     p.add_argument("--address", default=None, help="Ray address to connect to (default: RAY_ADDRESS, a running "
                    "local cluster, or a new local instance)")
+    p.add_argument("--check-frozen", action="store_true", help="ESFT: after training, reload the base checkpoint "
+                   "and count the tensors outside the selected experts that changed (summary frozen_changed, 0 "
+                   "expected); costs one more load of the base model per worker")
     return p
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     a = build_parser().parse_args(argv)
+    from expertpool.jobs.hooks import FrozenCheck
     from expertpool.model.args import ConfigError as ModelConfigError
     from expertpool.platform.config import ConfigError
 
     try:
-        config = prepare(a.config, a.job, publish=not a.no_publish)
+        plan = prepare(a.config, a.job, publish=not a.no_publish)
     except (ConfigError, JobError, ModelConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    hooks = [FrozenCheck()] if a.check_frozen else []
     if a.local:
         if a.resume:
             print("error: --resume continues a Ray Train run; --local runs have no checkpoints", file=sys.stderr)
             return 2
-        summary = run_local(config)
+        summary = run_local(plan, hooks)
     else:
         import ray
 
         if not ray.is_initialized():
             ray.init(address=a.address, include_dashboard=False, logging_level=logging.WARNING)
-        summary = run_ray(config, resume=a.resume)
+        summary = run_ray(plan, hooks=hooks, resume=a.resume)
     _log_summary(summary)
-    if config["publish_to"]:
+    if plan.publish_to:
         from expertpool.platform.patches import AppNotRunning, publish
         try:
-            model_id = publish(config["publish_to"], summary["output"], config["domain"])
-            log.info("published %s to app %s as %s", summary["output"], config["publish_to"], model_id)
+            model_id = publish(plan.publish_to, summary["output"], plan.domain)
+            log.info("published %s to app %s as %s", summary["output"], plan.publish_to, model_id)
         except AppNotRunning as e:  # the patch is saved; publishing can follow once the app runs
             log.warning("not published: %s. The patch is saved; publish it later with "
-                        "`expertpool publish --patch %s --app %s`", e, summary["output"], config["publish_to"])
+                        "`expertpool publish --patch %s --app %s`", e, summary["output"], plan.publish_to)
     print(json.dumps(summary))
     return 0
 

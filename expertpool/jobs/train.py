@@ -1,4 +1,4 @@
-"""The fine-tuning loop: ``train_loop(config)``, run by every Ray Train worker or in one process.
+"""The fine-tuning loop: ``train_loop(plan, data, hooks)``, run by every Ray Train worker or in one process.
 
 Parallelism. Rank r of W loads the dense weights and only its routed experts [r*E//W, (r+1)*E//W)
 and routes tokens with ``AllToAllDispatcher`` (``LocalDispatcher`` when W = 1). Each rank reads
@@ -30,16 +30,21 @@ Reliability. Every ``checkpoint_every`` steps each rank writes its part and repo
 (``jobs.train_state``: experts by global id, dense state whole, global state once). After a restart,
 with the same or another worker count, the loop reloads the latest checkpoint and skips the batches
 already consumed, so the data position is a function of the step.
+
+Rooms. ``Trainer`` holds setup, losses, the step, evaluation and the run. It reads the job from a
+``jobs.plan.TrainPlan`` and its rows from a ``jobs.data.TrainData``; checkpoints are
+``jobs.train_state``, the patch or full checkpoint at the end ``jobs.results``, expert scoring and
+selection ``jobs.esft``. Tests reach in through ``jobs.hooks`` (fault injection, extra checks),
+which the loop calls at named points and never when none are given.
 """
 
 import json
 import logging
 import math
 import os
-import shutil
 import socket
-import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -48,20 +53,22 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from expertpool.jobs.esft import (SelectedExperts, TrainDispatcher, TrainExperts, all_reduce_scores, expert_scores,
-                                  select_experts)
-from expertpool.jobs.train_state import (ExpertRows, dense_state, dense_step, expert_rows_state, load_dense_state,
-                                         load_expert_rows, load_scheduler, rank_files, read_expert_rows, read_state,
-                                         uniform_step, write_state)
+from expertpool.jobs.data import TrainData
+from expertpool.jobs.esft import SelectedExperts, TrainDispatcher, TrainExperts, score_and_select
+from expertpool.jobs.hooks import TrainHook
+from expertpool.jobs.plan import TrainPlan
+from expertpool.jobs.results import write_result, write_selection
+from expertpool.jobs.train_state import ExpertRows, Trainables, report_checkpoint, restore
 from expertpool.model.args import ModelArgs
-from expertpool.model.checkpoint import load_checkpoint, save_checkpoint
-from expertpool.model.moe import LocalDispatcher, RoutingRecord, sequence_balance_loss, update_router_bias
-from expertpool.model.patch import save_patch
-from expertpool.platform.dispatch import AllToAllDispatcher, owned_experts
+from expertpool.model.checkpoint import load_checkpoint
+from expertpool.model.dispatch import AllToAllDispatcher, LocalDispatcher, owned_experts
+from expertpool.model.moe import RoutingRecord, sequence_balance_loss, update_router_bias
+from expertpool.platform.config import TrainJobConfig
 
 log = logging.getLogger("expertpool.finetune")
 
 ADAM_BETAS = (0.9, 0.95)  # DeepSeek-V3 pre-training betas
+SEED = 0  # every rank and every attempt starts from the same torch RNG state
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -87,13 +94,13 @@ def _init_single_process_group() -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
-def _lr_lambda(job):
+def _lr_lambda(job: TrainJobConfig):
     """Linear warmup to the peak, then cosine decay to 10% of it."""
     def f(step: int) -> float:
-        if job["warmup_steps"] and step < job["warmup_steps"]:
-            return (step + 1) / job["warmup_steps"]
-        span = max(1, job["steps"] - job["warmup_steps"])
-        t = min(1.0, (step - job["warmup_steps"]) / span)
+        if job.warmup_steps and step < job.warmup_steps:
+            return (step + 1) / job.warmup_steps
+        span = max(1, job.steps - job.warmup_steps)
+        t = min(1.0, (step - job.warmup_steps) / span)
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t))
     return f
 
@@ -128,34 +135,27 @@ def _tensor_batches(iterate, rows: slice):
         assert n > 0, "the training data yields no full global batch (checked before start)"
 
 
-def _numpy_epoch(rows: dict[str, np.ndarray], batch: int):
-    def iterate():
-        for i in range(0, len(rows["input_ids"]) - batch + 1, batch):
-            yield {k: v[i:i + batch] for k, v in rows.items()}
-    return iterate
-
-
 # ---------------------------------------------------------------------------------------------- loop
 
-class _Trainer:
-    def __init__(self, config: dict):
-        self.cfg = config
-        self.job = config["job"]
+class Trainer:
+    def __init__(self, plan: TrainPlan, data: TrainData, hooks: Sequence[TrainHook] = ()):
+        self.plan, self.job, self.hooks = plan, plan.job, tuple(hooks)
         self.in_ray = _in_ray_train()
         if not dist.is_initialized():
             _init_single_process_group()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        torch.manual_seed(config.get("seed", 0))
+        torch.manual_seed(SEED)
         # intra-op threads = the worker's CPUs (what Ray sets as OMP_NUM_THREADS for its workers): more
         # threads than reserved cores make OpenMP spin against other processes, ~30x slower on a busy box
-        torch.set_num_threads(max(1, int(config.get("worker_resources", {}).get("CPU", 1))))
-        if config.get("embedded_base"):  # resolve on this node: the driver's cache may not be shared
+        torch.set_num_threads(max(1, int(self.job.worker_resources.cpu)))
+        if plan.embedded_base:  # resolve on this node: the driver's cache may not be shared
             from expertpool.model.embedded import ensure_embedded_model
 
-            config["base_model"] = str(ensure_embedded_model())
-        self.base = config["base_model"]
+            self.base = ensure_embedded_model()
+        else:
+            self.base = plan.base_model
         self.args = ModelArgs.from_dir(self.base)
-        E, B = self.args.n_routed_experts, self.job["batch_size"]
+        E, B = self.args.n_routed_experts, self.job.batch_size
         # the config allows W up to `workers`, which divides E and B; an elastic restart may pick any
         # W in [min_workers, workers], so the splits below may be uneven, never empty
         self.owned = owned_experts(self.rank, self.world, E)
@@ -163,120 +163,82 @@ class _Trainer:
         self.per_worker = self.rows.stop - self.rows.start
         self.model = load_checkpoint(self.base, dtype=torch.float32, experts=self.owned if self.world > 1 else None,
                                      with_mtp=True)
-        if self.world > 1:
-            self.inner_dispatcher = AllToAllDispatcher(E)  # owners: owned_experts, as loaded above
-        else:
-            self.inner_dispatcher = LocalDispatcher()
+        # owners: owned_experts, as loaded above
+        self.inner_dispatcher = AllToAllDispatcher(E) if self.world > 1 else LocalDispatcher()
         self.model.set_dispatcher(self.inner_dispatcher)
         if self.rank == 0:
             log.info("layout: %s", _layout(self.world, E, B))
-        self.out = Path(config["output_dir"])
-        self.engine = None
+        self.out = plan.output_dir
+        self.train_iterate = data.train_epochs(B)
+        self.eval_rows = data.eval_rows()
+        self.trainables: Trainables | None = None  # set up by run: setup_trainables, or restore
         self.resumed_from_world: int | None = None
-        self.selection: dict[int, list[int]] | None = None
-        self.selected: dict[int, SelectedExperts] = {}
 
-    # -- data ------------------------------------------------------------------------------------
-    def _data(self):
-        B = self.job["batch_size"]
-        if self.in_ray:
-            import ray.train
-
-            train = ray.train.get_dataset_shard("train")
-            self.train_iterate = lambda: train.iter_torch_batches(batch_size=B, drop_last=True, prefetch_batches=1)
-            ev = ray.train.get_dataset_shard("eval") if self.cfg.get("has_eval") else None
-            eval_batches = list(ev.iter_torch_batches(batch_size=256)) if ev is not None else []
-            self.eval_rows = ({k: torch.cat([b[k] for b in eval_batches]) for k in ("input_ids", "loss_mask")}
-                              if eval_batches else None)
-        else:
-            train_rows, eval_rows = self.cfg["local_rows"]
-            self.train_iterate = _numpy_epoch(train_rows, B)
-            self.eval_rows = ({k: torch.as_tensor(v) for k, v in eval_rows.items()}
-                              if len(eval_rows["input_ids"]) else None)
-
-    # -- model setup -----------------------------------------------------------------------------
-    def _setup_trainables(self, selection: dict[int, list[int]] | None):
-        model, mode = self.model, self.job["mode"]
+    # -- trainables ------------------------------------------------------------------------------
+    def setup_trainables(self, selection: dict[int, list[int]] | None) -> Trainables:
+        """Mark what trains (ESFT: the experts of ``selection`` this rank owns; full: everything), route
+        the forward through the training views and build the optimizers."""
+        model, job = self.model, self.job
         for p in model.parameters():
             p.requires_grad_(False)
-        views = {}
-        self.expert_groups: list[ExpertRows] = []  # the trainable expert rows, by global id (checkpoints)
-        if mode == "esft":
-            self.selection = selection
+        views, groups, selected = {}, [], {}
+        dense_named: list[tuple[str, nn.Parameter]] = []
+        if job.mode == "esft":
             for moe in model.moe_layers():
                 mine = [e for e in selection.get(moe.layer_id, []) if int(moe.experts.global_to_local[e]) >= 0]
                 sel = SelectedExperts(moe.experts, mine) if mine else None
                 if sel is not None:
-                    self.selected[moe.layer_id] = sel
-                    self.expert_groups.append(ExpertRows(moe.layer_id, sel.global_ids, sel.w13, sel.w2))
+                    selected[moe.layer_id] = sel
+                    groups.append(ExpertRows(moe.layer_id, sel.global_ids, sel.w13, sel.w2))
                 views[id(moe.experts)] = TrainExperts(moe.experts, sel)
-            self.dense_named: list[tuple[str, nn.Parameter]] = []
         else:
             for moe in model.moe_layers():
                 ex = moe.experts
                 ex.w13_weight.requires_grad_(True)
                 ex.w2_weight.requires_grad_(True)
-                self.expert_groups.append(ExpertRows(moe.layer_id, ex.expert_ids.tolist(), ex.w13_weight, ex.w2_weight))
+                groups.append(ExpertRows(moe.layer_id, ex.expert_ids.tolist(), ex.w13_weight, ex.w2_weight))
                 views[id(ex)] = TrainExperts(ex)
-            expert_ids = {id(p) for g in self.expert_groups for p in g.params().values()}
-            self.dense_named = [(n, p) for n, p in model.named_parameters() if id(p) not in expert_ids]
-            for _, p in self.dense_named:
+            expert_ids = {id(p) for g in groups for p in g.params().values()}
+            dense_named = [(n, p) for n, p in model.named_parameters() if id(p) not in expert_ids]
+            for _, p in dense_named:
                 p.requires_grad_(True)
-        self.expert_params = [p for g in self.expert_groups for p in g.params().values()]
-        self.dense_params = [p for _, p in self.dense_named]
+        t = Trainables(groups, dense_named, selection=selection if job.mode == "esft" else None, selected=selected)
         model.set_dispatcher(TrainDispatcher(self.inner_dispatcher, views))
-        lr, wd = self.job["lr"], self.job["weight_decay"]
-        self.expert_opt = torch.optim.AdamW(self.expert_params, lr=lr, betas=ADAM_BETAS, weight_decay=wd) \
-            if self.expert_params else None
-        self.expert_sched = torch.optim.lr_scheduler.LambdaLR(self.expert_opt, _lr_lambda(self.job)) \
-            if self.expert_opt else None
-        if self.dense_params:
-            self._setup_deepspeed(lr, wd)
+        if t.expert_params:
+            t.expert_opt = torch.optim.AdamW(t.expert_params, lr=job.lr, betas=ADAM_BETAS,
+                                             weight_decay=job.weight_decay)
+            t.expert_sched = torch.optim.lr_scheduler.LambdaLR(t.expert_opt, _lr_lambda(job))
+        if t.dense_params:
+            t.engine = self._deepspeed(t.dense_params)
+        self.trainables = t
+        return t
 
-    def _setup_deepspeed(self, lr: float, wd: float):
+    def _deepspeed(self, dense_params: list[nn.Parameter]):
+        """DeepSpeed ZeRO over the dense parameters only (a holder module shares them with the model)."""
         import deepspeed
 
+        job = self.job
         holder = nn.Module()
-        holder.params = nn.ParameterList(self.dense_params)
+        holder.params = nn.ParameterList(dense_params)
         ds_config = {
             "train_micro_batch_size_per_gpu": self.per_worker,
             "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": self.job["zero_stage"]},
-            "optimizer": {"type": "AdamW", "params": {"lr": lr, "betas": list(ADAM_BETAS), "weight_decay": wd,
-                                                      "torch_adam": True}},
+            "zero_optimization": {"stage": job.zero_stage},
+            "optimizer": {"type": "AdamW", "params": {"lr": job.lr, "betas": list(ADAM_BETAS),
+                                                      "weight_decay": job.weight_decay, "torch_adam": True}},
             "checkpoint": {"use_node_local_storage": True},
             "steps_per_print": 10 ** 9,
         }
-        if self.job["grad_clip"]:
-            ds_config["gradient_clipping"] = self.job["grad_clip"]
-        lam = _lr_lambda(self.job)
-        self.engine, _, _, _ = deepspeed.initialize(
+        if job.grad_clip:
+            ds_config["gradient_clipping"] = job.grad_clip
+        lam = _lr_lambda(job)
+        engine, _, _, _ = deepspeed.initialize(
             model=holder, model_parameters=holder.parameters(), config=ds_config,
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lam))
-
-    # -- ESFT scoring ------------------------------------------------------------------------------
-    @torch.no_grad()
-    def _score(self) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
-        esft = self.job["esft"]
-        B, S = self.job["batch_size"], self.job["seq_len"]
-        n_batches = max(1, math.ceil(esft["score_tokens"] / (B * S)))
-        model, args = self.model, self.args
-        model.set_dispatcher(self.inner_dispatcher)
-        totals: dict[int, torch.Tensor] = {}
-        batches = _tensor_batches(self.train_iterate, self.rows)
-        for _ in range(n_batches):
-            ids, _mask = next(batches)
-            rec = RoutingRecord()
-            model.hidden_states(ids, rec)
-            for layer, s in expert_scores(rec, args.n_routed_experts, args.num_hidden_layers, esft["scoring"]).items():
-                totals[layer] = totals.get(layer, 0) + s
-        all_reduce_scores(totals)
-        chosen = select_experts(totals, esft["p"])
-        norm = {layer: (s / s.sum()).tolist() for layer, s in totals.items()}
-        return chosen, norm
+        return engine
 
     # -- one step --------------------------------------------------------------------------------
-    def _losses(self, ids, mask, grad: bool):
+    def losses(self, ids, mask, grad: bool):
         job, args, model = self.job, self.args, self.model
         rec = RoutingRecord()
         with torch.set_grad_enabled(grad):
@@ -288,20 +250,20 @@ class _Trainer:
                   * m.flatten()).sum() / n_tok
             total = ce
             mtp = torch.zeros(())
-            if job["mtp_loss_weight"] > 0 and len(model.model.mtp):
+            if job.mtp_loss_weight > 0 and len(model.model.mtp):
                 ml = model.mtp_logits(hidden, ids, record=rec)[:, :-1]
                 t2, m2 = ids[:, 2:], mask[:, 2:].float()
                 n2 = _all_reduce(m2.sum().detach().clone()).clamp(min=1)
                 mtp = (F.cross_entropy(ml.float().flatten(0, 1), t2.flatten(), reduction="none")
                        * m2.flatten()).sum() / n2
-                total = total + job["mtp_loss_weight"] * mtp
+                total = total + job.mtp_loss_weight * mtp
             bal = torch.zeros(())
-            if job["balance_loss_alpha"] > 0:
+            if job.balance_loss_alpha > 0:
                 for _, (_, ids_TK, scores_TE) in sorted(rec.layers.items()):
-                    bal = bal + sequence_balance_loss(scores_TE, ids_TK, ids.shape[0], job["balance_loss_alpha"], args)
+                    bal = bal + sequence_balance_loss(scores_TE, ids_TK, ids.shape[0], job.balance_loss_alpha, args)
                 # a mean over this rank's sequences; weighted by its share of the batch, the ranks'
                 # parts sum to the mean over the global batch (ranks may hold different row counts)
-                bal = bal * (ids.shape[0] / job["batch_size"])
+                bal = bal * (ids.shape[0] / job.batch_size)
                 total = total + bal
         return total, ce, mtp, bal, rec
 
@@ -314,12 +276,12 @@ class _Trainer:
             loads = {k: flat[i] for i, k in enumerate(sorted(loads))}
         return loads
 
-    def _step(self, ids, mask) -> dict:
-        W = self.world
-        total, ce, mtp, bal, rec = self._losses(ids, mask, grad=True)
-        if self.engine is not None:
-            self.engine.backward(total * W)
-            for p in self.expert_params:
+    def step(self, ids, mask) -> dict:
+        W, t = self.world, self.trainables
+        total, ce, mtp, bal, rec = self.losses(ids, mask, grad=True)
+        if t.engine is not None:
+            t.engine.backward(total * W)
+            for p in t.expert_params:
                 if p.grad is not None:
                     p.grad.div_(W)
         else:
@@ -327,33 +289,33 @@ class _Trainer:
         # a zero gradient where no token reached an expert parameter this step (Megatron's dense expert
         # gradients do the same): every AdamW state then steps every step, so one step count
         # describes them all and a checkpoint can be re-sharded (jobs.train_state)
-        for p in self.expert_params:
+        for p in t.expert_params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
         expert_norm = 0.0
-        if self.expert_opt is not None:
+        if t.expert_opt is not None:
             sq = torch.zeros((), dtype=torch.float64)
-            for p in self.expert_params:
+            for p in t.expert_params:
                 sq += p.grad.double().pow(2).sum()
             expert_norm = float(_all_reduce(sq).sqrt())
-            clip = self.job["grad_clip"]
+            clip = self.job.grad_clip
             if clip and expert_norm > clip:
-                for p in self.expert_params:
+                for p in t.expert_params:
                     p.grad.mul_(clip / (expert_norm + 1e-6))
-        if self.engine is not None:
-            self.engine.step()
-        if self.expert_opt is not None:
-            self.expert_opt.step()
-            self.expert_opt.zero_grad(set_to_none=True)
-            self.expert_sched.step()
+        if t.engine is not None:
+            t.engine.step()
+        if t.expert_opt is not None:
+            t.expert_opt.step()
+            t.expert_opt.zero_grad(set_to_none=True)
+            t.expert_sched.step()
         for moe in self.model.moe_layers():
-            if moe.layer_id in self.selected:
-                self.selected[moe.layer_id].write_back(moe.experts)
+            if moe.layer_id in t.selected:
+                t.selected[moe.layer_id].write_back(moe.experts)
         loads = self._load(rec)
-        if self.job["router_bias_rate"] > 0:
+        if self.job.router_bias_rate > 0:
             moes = {m.layer_id: m for m in self.model.moe_layers()}
             for layer, load in loads.items():
-                update_router_bias(moes[layer].gate, load, self.job["router_bias_rate"])
+                update_router_bias(moes[layer].gate, load, self.job.router_bias_rate)
         stats = torch.stack([total.detach(), ce.detach(), mtp.detach(), bal.detach()]).double()
         stats = _all_reduce(stats)  # each rank's parts are shares of the global mean: sum them
         ratio = max((float(v.max() / v.mean().clamp(min=1e-9)) for v in loads.values()), default=0.0)
@@ -369,7 +331,7 @@ class _Trainer:
         n = ids_all.shape[0]
         idx = list(range(self.rank, max(n, self.world), self.world))  # equal counts: wrap when n < W
         idx = [i % n for i in idx]
-        per = max(1, self.job["batch_size"] // self.world)  # the same on every rank: equal chunk counts
+        per = max(1, self.job.batch_size // self.world)  # the same on every rank: equal chunk counts
         n_chunks = math.ceil(math.ceil(max(n, self.world) / self.world) / per)
         loss_sum, tok = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
         for c in range(n_chunks):
@@ -387,8 +349,9 @@ class _Trainer:
     @torch.no_grad()
     def _dense_replicas_agree(self) -> bool:
         """Data-parallel invariant: every rank holds the same dense weights (else a reduction is missing)."""
-        mine = torch.stack([p.detach().double().sum() for p in self.dense_params]
-                           + [p.detach().double().abs().sum() for p in self.dense_params])
+        dense = self.trainables.dense_params
+        mine = torch.stack([p.detach().double().sum() for p in dense]
+                           + [p.detach().double().abs().sum() for p in dense])
         if self.world == 1:
             return True
         parts = [torch.empty_like(mine) for _ in range(self.world)]
@@ -397,232 +360,98 @@ class _Trainer:
 
     def _optimizer_state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (AdamW moments; ZeRO partitions for the dense part)."""
-        opts = [self.expert_opt] + ([self.engine.optimizer.optimizer if hasattr(self.engine.optimizer, "optimizer")
-                                     else self.engine.optimizer] if self.engine is not None else [])
-        return sum(t.numel() * t.element_size() for o in opts if o is not None for st in o.state.values()
-                   for t in st.values() if torch.is_tensor(t))
-
-    # -- checkpoints -----------------------------------------------------------------------------
-    def write_checkpoint(self, d: Path, step: int) -> None:
-        """Write this rank's part of the checkpoint after ``step`` into ``d`` (``jobs.train_state``).
-        Collective: every rank calls it."""
-        if self.expert_opt is not None:
-            assert uniform_step(self.expert_opt.state[p] for p in self.expert_params) == step, \
-                "an expert AdamW state missed a step"
-        if self.engine is not None:
-            assert dense_step(self.engine, self.dense_params) == step, "the dense AdamW missed a step"
-        torch.save(expert_rows_state(self.expert_groups, self.expert_opt), d / f"experts-rank{self.rank}.pt")
-        if self.engine is not None:
-            torch.save(dense_state(self.engine, self.dense_named), d / f"dense-rank{self.rank}.pt")
-        # every rank runs the same schedule; in ESFT rank 0 may train no expert: take the first one's
-        scheds = [None] * self.world
-        dist.all_gather_object(scheds, self.expert_sched.state_dict() if self.expert_sched else None)
-        if self.rank == 0:
-            torch.save({"adam_step": step, "selection": self.selection,
-                        "expert_sched": next((x for x in scheds if x is not None), None),
-                        "dense_sched": self.engine.lr_scheduler.state_dict() if self.engine is not None else None,
-                        "router_bias": {m.layer_id: m.gate.e_score_correction_bias.clone()
-                                        for m in self.model.moe_layers()}}, d / "global.pt")
-            write_state(d, step, self.world, self.job)
-
-    def _save_checkpoint(self, step: int, metrics: dict) -> None:
-        """Write the checkpoint to a fresh local directory and report it: Ray registers it only once
-        every rank has reported, so a rank dying mid-write leaves no half-written checkpoint behind."""
-        import ray.train
-
-        tmp = Path(tempfile.mkdtemp(prefix="expertpool-ckpt-"))
-        try:
-            self.write_checkpoint(tmp, step)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-    def restore(self, d: Path) -> int:
-        """Set up the trainables from the checkpoint in ``d``, written by any world size, taking the
-        expert rows this rank owns now. Returns the step to continue after. Local: no collectives."""
-        state = read_state(d, self.job)
-        glob = torch.load(d / "global.pt", weights_only=True)
-        self._setup_trainables(glob["selection"] if self.job["mode"] == "esft" else None)
-        self.resumed_from_world = state["world"]
-        if self.expert_opt is not None:
-            rows = read_expert_rows(rank_files(d, "experts"), self.expert_groups)
-            load_expert_rows(self.expert_groups, self.expert_opt, rows, glob["adam_step"], source=str(d))
-            load_scheduler(self.expert_sched, glob["expert_sched"])
-        if self.engine is not None:
-            saved: dict = {}
-            for f in rank_files(d, "dense"):
-                saved.update(torch.load(f, mmap=True, weights_only=True))
-            load_dense_state(self.engine, self.dense_named, saved, glob["adam_step"], source=str(d))
-            load_scheduler(self.engine.lr_scheduler, glob["dense_sched"])
-        with torch.no_grad():
-            for m in self.model.moe_layers():
-                m.gate.e_score_correction_bias.copy_(glob["router_bias"][m.layer_id])
-                if m.layer_id in self.selected:
-                    self.selected[m.layer_id].write_back(m.experts)
-        return int(state["step"])
-
-    # -- outputs ---------------------------------------------------------------------------------
-    def _gather_experts(self, only_selected: bool) -> dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]:
-        mine: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-        for moe in self.model.moe_layers():
-            ex = moe.experts
-            ids = (self.selected[moe.layer_id].global_ids if moe.layer_id in self.selected else []) \
-                if only_selected else ex.expert_ids.tolist()
-            for e in ids:
-                i = int(ex.global_to_local[e])
-                mine.setdefault(moe.layer_id, {})[e] = (ex.w13_weight[i].detach().clone(),
-                                                        ex.w2_weight[i].detach().clone())
-        if self.world == 1:
-            return mine
-        parts = [None] * self.world if self.rank == 0 else None
-        dist.gather_object(mine, parts, dst=0)  # only rank 0 writes the result
-        merged: dict[int, dict] = {}
-        for part in parts or []:
-            for layer, ex in part.items():
-                merged.setdefault(layer, {}).update(ex)
-        return merged
-
-    @torch.no_grad()
-    def _frozen_changed(self) -> int:
-        """ESFT invariant: tensors (or expert rows) that changed but are not selected. 0 expected."""
-        ref = load_checkpoint(self.base, dtype=torch.float32, experts=self.owned if self.world > 1 else None,
-                              with_mtp=True)
-        now = dict(self.model.named_parameters())
-        now.update(dict(self.model.named_buffers()))
-        changed = 0
-        for name, t in list(ref.named_parameters()) + list(ref.named_buffers()):
-            cur = now[name]
-            if name.endswith("experts.w13_weight") or name.endswith("experts.w2_weight"):
-                layer = next(m.layer_id for m in self.model.moe_layers()
-                             if name.startswith(_module_prefix(self.model, m)))
-                keep = torch.ones(cur.shape[0], dtype=torch.bool)
-                if layer in self.selected:
-                    keep[self.selected[layer].local_idx] = False
-                changed += int(not torch.equal(cur[keep], t[keep]))
-            elif name.endswith("expert_load"):
-                continue  # a routing counter, not a weight
-            else:
-                changed += int(not torch.equal(cur, t))
-        return int(_all_reduce(torch.tensor(changed)))
-
-    def _write_outputs(self, summary: dict) -> None:
-        job = self.job
-        if job["mode"] == "esft":
-            experts = self._gather_experts(only_selected=True)
-            if self.rank == 0:
-                path = save_patch(self.out / "patch", base_model_dir=self.base, domain=self.cfg["domain"],
-                                  experts=experts, dtype=torch.float32,
-                                  info={"job": self.cfg["job_name"], "steps": job["steps"],
-                                        "scoring": job["esft"]["scoring"], "p": job["esft"]["p"],
-                                        "eval_loss": summary.get("eval_loss_final")})
-                summary["output"] = str(path)
-        else:
-            experts = self._gather_experts(only_selected=False)
-            if self.rank == 0:
-                full = load_checkpoint(self.base, dtype=torch.float32, with_mtp=len(self.model.model.mtp) > 0)
-                dense = {k: v for k, v in self.model.state_dict().items() if ".experts." not in k}
-                missing, unexpected = full.load_state_dict(dense, strict=False)
-                assert not unexpected, unexpected
-                for moe in full.moe_layers():
-                    for e, (w13, w2) in experts[moe.layer_id].items():
-                        moe.experts.w13_weight.data[e] = w13
-                        moe.experts.w2_weight.data[e] = w2
-                path = save_checkpoint(full, self.out / "model", dtype=torch.float32, tokenizer_dir=self.base)
-                summary["output"] = str(path)
+        t = self.trainables
+        opts = [t.expert_opt] + ([t.engine.optimizer.optimizer if hasattr(t.engine.optimizer, "optimizer")
+                                  else t.engine.optimizer] if t.engine is not None else [])
+        return sum(x.numel() * x.element_size() for o in opts if o is not None for st in o.state.values()
+                   for x in st.values() if torch.is_tensor(x))
 
     # -- driver ----------------------------------------------------------------------------------
-    def run(self) -> dict:
-        job, cfg = self.job, self.cfg
-        self._data()
-        start = 0
-        resumed = False
-        if self.in_ray:
-            import ray.train
+    def _resume(self) -> int | None:
+        """Restore the trainables from the checkpoint Ray Train hands this attempt, if any; returns
+        the step it continues after (None: a fresh start)."""
+        if not self.in_ray:
+            return None
+        import ray.train
 
-            ckpt = ray.train.get_checkpoint()
-            if ckpt is not None:
-                with ckpt.as_directory() as d:
-                    start = self.restore(Path(d))
-                resumed = True
-                log.info("rank %d of %d: resumed from the step-%d checkpoint written by %d workers", self.rank,
-                         self.world, start, self.resumed_from_world)
-        eval_initial = None
-        if not resumed:
-            eval_initial = self.evaluate()
-            if job["mode"] == "esft":
-                t0 = time.perf_counter()
-                chosen, norm = self._score()
-                self._setup_trainables(chosen)
-                if self.rank == 0:
-                    self.out.mkdir(parents=True, exist_ok=True)
-                    (self.out / "esft_experts.json").write_text(json.dumps({
-                        "scoring": job["esft"]["scoring"], "p": job["esft"]["p"],
-                        "layers": {str(k): {"experts": v, "scores": [round(norm[k][e], 6) for e in v]}
-                                   for k, v in chosen.items()}}, indent=1))
-                    log.info("ESFT (%s, p=%.2f) selected %s experts per layer in %.1fs: %s", job["esft"]["scoring"],
-                             job["esft"]["p"], {k: len(v) for k, v in chosen.items()}, time.perf_counter() - t0,
-                             {k: v for k, v in chosen.items()})
-            else:
-                self._setup_trainables(None)
-        n_expert = int(_all_reduce(torch.tensor(sum(p.numel() for p in self.expert_params))))
-        self.trainable_params = n_expert + sum(p.numel() for p in self.dense_params)
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as d:
+            _, start, self.resumed_from_world = restore(Path(d), self.job, self.model, self.setup_trainables)
+        log.info("rank %d of %d: resumed from the step-%d checkpoint written by %d workers", self.rank, self.world,
+                 start, self.resumed_from_world)
+        return start
+
+    def _select_experts(self) -> dict[int, list[int]]:
+        """ESFT: score the experts on the training data and select them (``jobs.esft``)."""
+        esft, job = self.job.esft, self.job
+        t0 = time.perf_counter()
+        self.model.set_dispatcher(self.inner_dispatcher)
+        n_batches = max(1, math.ceil(esft.score_tokens / (job.batch_size * job.seq_len)))
+        chosen, norm = score_and_select(self.model, _tensor_batches(self.train_iterate, self.rows), n_batches,
+                                        esft.scoring, esft.p)
         if self.rank == 0:
-            log.info("trainable parameters: %d (mode %s, world %d)", self.trainable_params, job["mode"], self.world)
+            write_selection(self.out, esft.scoring, esft.p, chosen, norm)
+            log.info("ESFT (%s, p=%.2f) selected %s experts per layer in %.1fs: %s", esft.scoring, esft.p,
+                     {k: len(v) for k, v in chosen.items()}, time.perf_counter() - t0, chosen)
+        return chosen
+
+    def run(self) -> dict:
+        job = self.job
+        resumed_from = self._resume()
+        eval_initial = None
+        if resumed_from is None:
+            eval_initial = self.evaluate()
+            self.setup_trainables(self._select_experts() if job.mode == "esft" else None)
+        t = self.trainables
+        n_expert = int(_all_reduce(torch.tensor(sum(p.numel() for p in t.expert_params))))
+        trainable_params = n_expert + sum(p.numel() for p in t.dense_params)
+        if self.rank == 0:
+            log.info("trainable parameters: %d (mode %s, world %d)", trainable_params, job.mode, self.world)
         self.model.train()
+        start = resumed_from or 0
         batches = _tensor_batches(self.train_iterate, self.rows)
         for _ in range(start):  # skip what the restored steps consumed: same data position
             next(batches)
         history_file = self.out / "train_log.jsonl"
-        fault = cfg.get("fault")
         tok_s_hist, loss = [], float("nan")
-        step_metrics = {}
-        for step in range(start + 1, job["steps"] + 1):
-            if fault and self.rank == fault["rank"] and step == fault["step"] and not Path(fault["marker"]).exists():
-                if self.in_ray:
-                    # crash after the latest checkpoint is committed: a crash inside the commit window
-                    # resumes from the checkpoint before it, which this test hook must not depend on
-                    import ray.train
-
-                    ray.train.get_all_reported_checkpoints(ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120)
-                Path(fault["marker"]).write_text(f"killed rank {self.rank} at step {step}\n")
-                if fault.get("hold"):  # the test takes a node away now; this rank waits to be killed
-                    log.warning("fault injection: rank %d holds at step %d", self.rank, step)
-                    time.sleep(180)  # not killed by then: exit as a plain failure rather than hang
-                log.warning("fault injection: rank %d exits at step %d", self.rank, step)
-                os._exit(1)
+        for step in range(start + 1, job.steps + 1):
+            for hook in self.hooks:
+                hook.before_step(self, step)
             t0 = time.perf_counter()
             ids, mask = next(batches)
-            step_metrics = self._step(ids, mask)
+            step_metrics = self.step(ids, mask)
             dt = time.perf_counter() - t0
-            tok_s = job["batch_size"] * job["seq_len"] / dt
+            tok_s = job.batch_size * job.seq_len / dt
             tok_s_hist.append(tok_s)
             loss = step_metrics["loss"]
             fp = int(_all_reduce(ids.sum().reshape(1))[0])
             if self.rank == 0:
                 log.info("step %d/%d loss %.4f (ce %.4f mtp %.4f bal %.5f) %.0f tok/s load max/mean %.2f",
-                         step, job["steps"], loss, step_metrics["ce"], step_metrics["mtp"], step_metrics["balance"],
+                         step, job.steps, loss, step_metrics["ce"], step_metrics["mtp"], step_metrics["balance"],
                          tok_s, step_metrics["load_max_over_mean"])
                 self.out.mkdir(parents=True, exist_ok=True)
                 with history_file.open("a") as fh:
                     fh.write(json.dumps({"step": step, "loss": loss, "tokens_per_s": tok_s, "data_fingerprint": fp,
-                                         "world": self.world, "resumed_from": start if resumed else None}) + "\n")
-            if self.in_ray and job["checkpoint_every"] and step % job["checkpoint_every"] == 0 and step < job["steps"]:
-                self._save_checkpoint(step, {"step": step, "loss": loss})
+                                         "world": self.world, "resumed_from": resumed_from}) + "\n")
+            if self.in_ray and job.checkpoint_every and step % job.checkpoint_every == 0 and step < job.steps:
+                report_checkpoint(step, {"step": step, "loss": loss}, t, self.model, job)
         self.model.eval()
         eval_final = self.evaluate()
-        summary = {"step": job["steps"], "mode": job["mode"], "world": self.world, "train_loss_final": loss,
+        summary = {"step": job.steps, "mode": job.mode, "world": self.world, "train_loss_final": loss,
                    "eval_loss_initial": eval_initial, "eval_loss_final": eval_final,
                    "tokens_per_s": float(np.median(tok_s_hist)) if tok_s_hist else None,
-                   "resumed_from": start if resumed else None,
-                   "resumed_from_world": self.resumed_from_world if resumed else None}
-        if self.dense_params:
+                   "resumed_from": resumed_from, "resumed_from_world": self.resumed_from_world}
+        if t.dense_params:
             summary["dense_replicas_agree"] = self._dense_replicas_agree()
-        summary["trainable_params"] = self.trainable_params
+        summary["trainable_params"] = trainable_params
         summary["optimizer_state_bytes_rank0"] = self._optimizer_state_bytes()
-        if job["mode"] == "esft":
-            summary["experts_selected"] = {str(k): len(v) for k, v in (self.selection or {}).items()}
-            summary["frozen_changed"] = self._frozen_changed()
-        self._write_outputs(summary)
+        if job.mode == "esft":
+            summary["experts_selected"] = {str(k): len(v) for k, v in (t.selection or {}).items()}
+        for hook in self.hooks:
+            hook.after_run(self, summary)
+        write_result(self.plan, self.base, self.model, t.selected, summary)
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         if self.in_ray:
@@ -632,17 +461,9 @@ class _Trainer:
         return summary
 
 
-def _module_prefix(model, moe) -> str:
-    for name, m in model.named_modules():
-        if m is moe:
-            return name + "."
-    raise AssertionError("MoE module not in model")
-
-
-def train_loop(config: dict) -> dict:
-    """Train one job. ``config``: job (TrainJobConfig as a dict), job_name, domain, base_model (dir),
-    output_dir; in one process also ``local_rows`` = (train, eval) packed rows; optional ``fault``
-    {rank, step, marker, hold?} (tests: once the latest checkpoint is committed, that rank exits at
-    that step, or with ``hold`` waits there to be killed with its node). Returns the summary."""
+def train_loop(plan: TrainPlan, data: TrainData, hooks: Sequence[TrainHook] = ()) -> dict:
+    """Train one job on this rank (in one process: world 1). ``data``: ``jobs.data.LocalRows`` in one
+    process, ``RayShards`` in a Ray Train worker. ``hooks``: called at named points (``jobs.hooks``:
+    fault injection and extra checks). Returns the summary."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return _Trainer(config).run()
+    return Trainer(plan, data, hooks).run()

@@ -1,8 +1,14 @@
 """Re-shardable fine-tuning checkpoints: written by W ranks, restored by any W' ranks.
 
+The whole checkpoint contract is here: the format, and the orchestration the trainer calls
+(``write_checkpoint`` / ``report_checkpoint`` every ``checkpoint_every`` steps, ``restore`` when Ray
+Train hands an attempt a checkpoint). What it saves is a ``Trainables``: what this rank trains
+and the optimizers that step it.
+
 A checkpoint is one directory; every rank writes its files into its own temporary directory and
-reports it with ``ray.train.report``, and Ray merges them, so every rank of a later attempt sees all
-of them. Nothing in it depends on the writer's world size:
+reports it with ``ray.train.report``, and Ray merges them (registering it only once every rank has
+reported, so a rank dying mid-write leaves no half-written checkpoint), so every rank of a later
+attempt sees all of them. Nothing in it depends on the writer's world size:
 
 - ``state.json`` (rank 0): the step, the writer's world size, the job settings a resume must share.
 - ``global.pt`` (rank 0): what every rank holds the same copy of: router biases, the ESFT
@@ -34,13 +40,20 @@ each rank writes its own partition). ZeRO stage 0 is a plain torch AdamW: state 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from expertpool.jobs.esft import SelectedExperts
+from expertpool.model.transformer import Transformer
+from expertpool.platform.config import TrainJobConfig
 
 FORMAT = 2  # format 1 (before re-sharding) kept DeepSpeed ZeRO shards and per-rank expert lists
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -61,6 +74,26 @@ class ExpertRows:
 
     def params(self) -> dict[str, nn.Parameter]:
         return {"w13": self.w13, "w2": self.w2}
+
+
+@dataclass
+class Trainables:
+    """What this rank trains and the optimizers that step it (built by ``Trainer.setup_trainables``)."""
+    expert_groups: list[ExpertRows]  # the trainable routed-expert rows, by global id
+    dense_named: list[tuple[str, nn.Parameter]]  # the data-parallel parameters (full mode; empty in ESFT)
+    expert_opt: torch.optim.Optimizer | None = None  # torch AdamW over the expert rows
+    expert_sched: torch.optim.lr_scheduler.LRScheduler | None = None
+    engine: Any = None  # DeepSpeed engine over the dense parameters (full mode), with its optimizer and scheduler
+    selection: dict[int, list[int]] | None = None  # ESFT: the selected experts per layer (global ids, every rank)
+    selected: dict[int, SelectedExperts] = field(default_factory=dict)  # ESFT: this rank's trainable copies
+
+    @property
+    def expert_params(self) -> list[nn.Parameter]:
+        return [p for g in self.expert_groups for p in g.params().values()]
+
+    @property
+    def dense_params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.dense_named]
 
 
 def adam_state(like: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
@@ -210,24 +243,89 @@ def load_scheduler(sched: torch.optim.lr_scheduler.LRScheduler, state: dict) -> 
 
 # ---------------------------------------------------------------------------------------------- files
 
-def write_state(directory: Path, step: int, world: int, job: dict) -> None:
+def write_state(directory: Path, step: int, world: int, job: TrainJobConfig) -> None:
     (directory / "state.json").write_text(json.dumps({
-        "format": FORMAT, "step": step, "world": world, "job": {k: job.get(k) for k in RESUME_FIELDS}}))
+        "format": FORMAT, "step": step, "world": world, "job": {k: getattr(job, k) for k in RESUME_FIELDS}}))
 
 
-def read_state(directory: Path, job: dict) -> dict:
+def read_state(directory: Path, job: TrainJobConfig) -> dict:
     """The checkpoint's state.json, checked against this job: raises naming the field that differs."""
     state = json.loads((directory / "state.json").read_text())
     if state.get("format") != FORMAT:
         raise ValueError(f"{directory}: checkpoint format {state.get('format', 1)}, this version reads {FORMAT}; "
                          "start the job without --resume (or with a new output_dir)")
     for k in RESUME_FIELDS:
-        if state["job"].get(k) != job.get(k):
+        if state["job"].get(k) != getattr(job, k):
             raise ValueError(f"{directory}: the checkpoint was written with {k} = {state['job'].get(k)!r}, this "
-                             f"job has {job.get(k)!r}; set {k} back to resume it, or start without --resume")
+                             f"job has {getattr(job, k)!r}; set {k} back to resume it, or start without --resume")
     return state
 
 
 def rank_files(directory: Path, kind: str) -> list[Path]:
     """Every rank's ``{kind}-rank{r}.pt`` in the merged checkpoint directory, by rank."""
     return sorted(directory.glob(f"{kind}-rank*.pt"), key=lambda f: int(f.stem.rsplit("rank", 1)[1]))
+
+
+# ---------------------------------------------------------------------------------------------- orchestration
+
+def write_checkpoint(d: Path, step: int, t: Trainables, model: Transformer, job: TrainJobConfig) -> None:
+    """Write this rank's part of the checkpoint after ``step`` into ``d``. Collective: every rank calls it."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if t.expert_opt is not None:
+        assert uniform_step(t.expert_opt.state[p] for p in t.expert_params) == step, \
+            "an expert AdamW state missed a step"
+    if t.engine is not None:
+        assert dense_step(t.engine, t.dense_params) == step, "the dense AdamW missed a step"
+    torch.save(expert_rows_state(t.expert_groups, t.expert_opt), d / f"experts-rank{rank}.pt")
+    if t.engine is not None:
+        torch.save(dense_state(t.engine, t.dense_named), d / f"dense-rank{rank}.pt")
+    # every rank runs the same schedule; in ESFT rank 0 may train no expert: take the first one's
+    scheds = [None] * world
+    dist.all_gather_object(scheds, t.expert_sched.state_dict() if t.expert_sched else None)
+    if rank == 0:
+        torch.save({"adam_step": step, "selection": t.selection,
+                    "expert_sched": next((x for x in scheds if x is not None), None),
+                    "dense_sched": t.engine.lr_scheduler.state_dict() if t.engine is not None else None,
+                    "router_bias": {m.layer_id: m.gate.e_score_correction_bias.clone()
+                                    for m in model.moe_layers()}}, d / "global.pt")
+        write_state(d, step, world, job)
+
+
+def report_checkpoint(step: int, metrics: dict, t: Trainables, model: Transformer, job: TrainJobConfig) -> None:
+    """Write the checkpoint to a fresh local directory and report it with ``ray.train.report``: Ray
+    registers it only once every rank has reported. Collective."""
+    import ray.train
+
+    tmp = Path(tempfile.mkdtemp(prefix="expertpool-ckpt-"))
+    try:
+        write_checkpoint(tmp, step, t, model, job)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def restore(d: Path, job: TrainJobConfig, model: Transformer,
+            setup: Callable[[dict[int, list[int]] | None], Trainables]) -> tuple[Trainables, int, int]:
+    """Set up the trainables (``setup(selection)``, with the checkpoint's ESFT selection) and load them
+    from the checkpoint in ``d``, written by any world size, taking the expert rows this rank owns
+    now; the router biases go into ``model``. Returns (trainables, the step to continue after, the
+    writer's world size). No collectives of its own."""
+    state = read_state(d, job)
+    glob = torch.load(d / "global.pt", weights_only=True)
+    t = setup(glob["selection"] if job.mode == "esft" else None)
+    if t.expert_opt is not None:
+        rows = read_expert_rows(rank_files(d, "experts"), t.expert_groups)
+        load_expert_rows(t.expert_groups, t.expert_opt, rows, glob["adam_step"], source=str(d))
+        load_scheduler(t.expert_sched, glob["expert_sched"])
+    if t.engine is not None:
+        saved: dict = {}
+        for f in rank_files(d, "dense"):
+            saved.update(torch.load(f, mmap=True, weights_only=True))
+        load_dense_state(t.engine, t.dense_named, saved, glob["adam_step"], source=str(d))
+        load_scheduler(t.engine.lr_scheduler, glob["dense_sched"])
+    with torch.no_grad():
+        for m in model.moe_layers():
+            m.gate.e_score_correction_bias.copy_(glob["router_bias"][m.layer_id])
+            if m.layer_id in t.selected:
+                t.selected[m.layer_id].write_back(m.experts)
+    return t, int(state["step"]), int(state["world"])

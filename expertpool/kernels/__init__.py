@@ -1,4 +1,4 @@
-"""FP8 kernels API: the one dispatch point the model calls for linears and routed experts.
+"""FP8 kernels API: the one entry point the model calls for linears and routed experts.
 
 Contract (shapes in names; E = local experts, F = expert intermediate width, D = hidden):
 - ``linear(x, weight, scale)``: ``weight`` is ``[N, K]`` in any dtype. If it is float8_e4m3fn,
@@ -12,13 +12,14 @@ Contract (shapes in names; E = local experts, F = expert intermediate width, D =
   (so F need not be a multiple of 128), and ``w2_scale`` is ``[E, ceil(D/128), ceil(F/128)]``.
 - ``act_quant`` / ``weight_quant`` / ``weight_dequant``: DeepSeek-V3 block quantization.
 
-Every call goes through ``dispatch``: Triton kernels (``quant``, ``fp8_gemm``, ``fused_moe``) on
-CUDA with compute capability >= 8.9, the pure-torch references (``reference``) elsewhere;
-``EXPERTPOOL_KERNELS=torch|triton|auto`` or ``with use_backend(...)`` override it. This package
-imports without Triton: kernel modules are imported only when the Triton path runs.
+Every call goes through ``backend`` (the choice of kernel backend): Triton kernels (``quant``,
+``fp8_gemm``, ``fused_moe``) on CUDA with compute capability >= 8.9, the pure-torch references
+(``reference``) elsewhere; ``EXPERTPOOL_KERNELS=torch|triton|auto`` or ``with use_backend(...)``
+override it. This package imports without Triton: kernel modules are imported only when the Triton
+path runs.
 """
 
-from expertpool.kernels.dispatch import (  # noqa: F401
+from expertpool.kernels.backend import (  # noqa: F401
     act_quant,
     linear,
     moe_experts,

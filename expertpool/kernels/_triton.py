@@ -1,7 +1,7 @@
 """Guarded Triton import: ``import expertpool.kernels`` and the torch path work without Triton.
 
 ``triton_import_error()`` is ``None`` when ``triton`` and ``triton.language`` import, else the
-reason (dispatch logs it once and uses the torch references). Kernel modules (``quant``,
+reason (``backend`` logs it once and uses the torch references). Kernel modules (``quant``,
 ``fp8_gemm``, ``fused_moe``) import Triton at their top and are themselves imported only when
 the Triton path runs, or by tests that skip without Triton.
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from expertpool.kernels import config as kconfig
+from expertpool.kernels import tuned
 from expertpool.kernels.quant import row_major
 from expertpool.kernels.reference import BLOCK_SIZE, fp8_gemm_ref  # noqa: F401  (the reference)
 
@@ -108,7 +108,7 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     c = torch.empty((m, n), dtype=out_dtype, device=a.device)
     if m == 0 or n == 0:
         return c
-    cfg = config or kconfig.get_config("fp8_gemm", kconfig.gemm_shape_key(n, k), m, a.device)
+    cfg = config or tuned.get_config("fp8_gemm", tuned.gemm_shape_key(n, k), m, a.device)
     check_block_config(cfg)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
     _fp8_gemm_kernel[grid](a, b, c, a_s, b_s, m, n, k, a.stride(0), b.stride(0), c.stride(0),

@@ -32,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from expertpool.kernels import config as kconfig
+from expertpool.kernels import tuned
 from expertpool.kernels.fp8_gemm import check_block_config
 from expertpool.kernels.quant import SUPPORTED_FLOAT_INPUTS, act_quant, row_major
 from expertpool.kernels.reference import BLOCK_SIZE
@@ -193,7 +193,7 @@ def fused_moe(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w
     p = t * top_k
     if p == 0:
         return torch.zeros_like(x_TD)
-    cfg = config or kconfig.get_config("fused_moe", kconfig.moe_shape_key(e, f, d), t, x_TD.device)
+    cfg = config or tuned.get_config("fused_moe", tuned.moe_shape_key(e, f, d), t, x_TD.device)
     check_block_config(cfg)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
     launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_SIZE, TOP_K=top_k,

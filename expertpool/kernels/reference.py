@@ -7,7 +7,9 @@ Triton kernels reproduce bit for bit.
 
 Contract of the CPU path: ``linear_ref`` and ``moe_experts_ref`` dequantize FP8 weights to the
 activation dtype and matmul (W8A16); they never quantize activations. ``moe_experts_ref`` loops
-over *experts that have tokens* (never over tokens) and dequantizes only those experts.
+over *experts that have tokens* (never over tokens) and dequantizes only those experts. It is also
+the training path of the routed experts (autograd through it; ``jobs.esft`` hands it per-expert
+weight rows, some of them trainable copies).
 
 ue8m0 scales are rounded up to a power of two with ``frexp`` (exact), not ``exp2(ceil(log2 s))``:
 ``log2`` of a value just above a power of two can round to the integer and give a scale below
@@ -132,12 +134,17 @@ def moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_
     """Grouped SwiGLU experts: sort (token, slot) pairs by expert, one matmul pair per active expert.
 
     Loops over experts with at least one token (a host sync for the counts, fine on CPU); experts
-    without tokens are neither dequantized nor multiplied.
+    without tokens are neither dequantized nor multiplied. ``w13_E2FD`` / ``w2_EDF`` are stacked
+    tensors or sequences of per-expert rows. Built for autograd: per-expert outputs are concatenated
+    (no in-place slice writes, whose backward copies the whole buffer once per expert), and when no
+    slot is valid the output of an ``x_TD`` that requires grad stays connected to it, so the backward
+    still reaches whatever produced ``x_TD``: with expert parallelism that is an all-to-all, and every
+    rank must run the same collectives in backward.
     """
     out_TD = torch.zeros_like(x_TD)
-    grouped = _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD.shape[0])
+    grouped = _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, len(w13_E2FD))
     if grouped is None:
-        return out_TD
+        return x_TD * 0 if x_TD.requires_grad else out_TD
     counts, tok, x_sorted, w_sorted = grouped
     outs, start = [], 0
     for e, n in enumerate(counts):
@@ -147,7 +154,7 @@ def moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_
         w13 = dequant_w13_ref(w13_E2FD[e], None if w13_scale is None else w13_scale[e], x_TD.dtype)
         w2 = _weight_as(w2_EDF[e], None if w2_scale is None else w2_scale[e], x_TD.dtype)
         gate, up = F.linear(xe, w13).chunk(2, dim=-1)
-        outs.append(F.linear(F.silu(gate) * up, w2))  # a list + cat: no per-expert copy in backward
+        outs.append(F.linear(F.silu(gate) * up, w2))
         start += n
     y_sorted = torch.cat(outs)
     out_TD.index_add_(0, tok, y_sorted * w_sorted[:, None])

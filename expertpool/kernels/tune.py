@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from expertpool.kernels import config as kconfig
+from expertpool.kernels import tuned
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def tune_fp8_gemm(ms: list[int], device) -> dict:
     out = {}
     for n, k in GEMM_SHAPES:
         b, b_s = weight_quant(torch.randn(n, k, device=device) * 0.02)
-        entry = out.setdefault(kconfig.gemm_shape_key(n, k), {})
+        entry = out.setdefault(tuned.gemm_shape_key(n, k), {})
         for m in ms:
             a, a_s = act_quant(torch.randn(m, k, device=device))
             entry[str(m)] = _best(lambda cfg: fp8_gemm(a, a_s, b, b_s, config=cfg),
@@ -95,12 +95,13 @@ def tune_fused_moe(ms: list[int], device) -> dict:
         w13, w2 = _random_fp8((e, 2 * f, d), device), _random_fp8((e, d, f), device)
         w13_s = torch.full((e, 2 * f // 128, d // 128), 1e-3, device=device)
         w2_s = torch.full((e, d // 128, f // 128), 1e-3, device=device)
-        entry = out.setdefault(kconfig.moe_shape_key(e, f, d), {})
+        entry = out.setdefault(tuned.moe_shape_key(e, f, d), {})
         for t in ms:
             x = torch.randn(t, d, device=device, dtype=torch.bfloat16)
             topk_w, ids = torch.rand(t, e, device=device).topk(min(MOE_TOP_K, e))
-            entry[str(t)] = _best(lambda cfg: fused_moe(x, ids, topk_w, w13, w13_s, w2, w2_s,
-                                                        config=cfg),
+            # the weights are bound as defaults: the names are deleted below to free them before the next shape
+            entry[str(t)] = _best(lambda cfg, w13=w13, w2=w2: fused_moe(x, ids, topk_w, w13, w13_s, w2, w2_s,
+                                                                        config=cfg),
                                   f"fused_moe T={t} E={e} F={f} D={d}")
         del w13, w2
     return out
@@ -108,7 +109,7 @@ def tune_fused_moe(ms: list[int], device) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=[*kconfig.KERNELS, "all"], default="all",
+    parser.add_argument("--kernel", choices=[*tuned.KERNELS, "all"], default="all",
                         help="which kernel's table to tune (default: all)")
     parser.add_argument("--m", type=int, nargs="+", default=DEFAULT_M,
                         help="M buckets: rows for fp8_gemm, routed tokens for fused_moe")
@@ -129,8 +130,8 @@ def main(argv=None) -> int:
         return 2
     name = torch.cuda.get_device_name(device)
     tuners = {"fp8_gemm": tune_fp8_gemm, "fused_moe": tune_fused_moe}
-    for kernel in kconfig.KERNELS if args.kernel == "all" else [args.kernel]:
-        path = kconfig.CONFIG_DIR / f"{kernel}.json"
+    for kernel in tuned.KERNELS if args.kernel == "all" else [args.kernel]:
+        path = tuned.CONFIG_DIR / f"{kernel}.json"
         table = json.loads(path.read_text())
         table.setdefault("devices", {}).setdefault(name, {}).update(tuners[kernel](args.m, device))
         text = json.dumps(table, indent=2) + "\n"

@@ -242,6 +242,10 @@ def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
     return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
+# The embedded tiny model (``model.embedded``: the ``tiny`` preset with random weights and a tokenizer).
+# This name is its cache directory's and its default served model id (``platform.config.ModelConfig``).
+EMBEDDED_MODEL_NAME = "expertpool-tiny"
+
 _V3_YARN = YarnArgs(factor=40.0, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1,
                     mscale=1.0, mscale_all_dim=1.0)
 

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint I/O for DeepSeek-V3: BF16 and block-FP8 safetensors, sharded or not.
+"""Hugging Face checkpoint I/O for DeepSeek-V3: the HF name map, load and save (BF16 and block-FP8).
 
 Loading builds the module skeleton on the meta device and fills it tensor by tensor from lazily
 opened safetensors files, so peak memory is the resident model plus one tensor, and a subset of
@@ -8,138 +8,32 @@ dequantized on use on CPU), bf16 or fp32; activations run in ``dtype``. The rout
 
 Saving writes the HF layout (per-expert names, MTP as ``model.layers.{L+k}``) into a temporary
 sibling directory and renames it into place, so a crash never leaves a half-written checkpoint.
-Errors name the file or tensor and what was expected (``CheckpointError``).
+Errors name the file or tensor and what was expected (``CheckpointError``). Reading and writing
+safetensors files (shards, index, atomic directories) is ``model.safetensors_io``; applying an
+expert patch to a loaded model is ``model.patch.apply_patch``.
 """
 
 import ctypes
-import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import save_file
 
 from expertpool import kernels
 from expertpool.model.args import ConfigError, ModelArgs
 from expertpool.model.layers import Linear
 from expertpool.model.moe import Experts, Gate
+from expertpool.model.safetensors_io import CheckpointError, ShardReader, write_safetensors_dir
 from expertpool.model.transformer import Transformer
 
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
-WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32}
-EXPERT_PROJ = ("gate_proj", "up_proj", "down_proj")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded or saved; the message names the file/tensor and the fix."""
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
-              "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-
-
-class _SafetensorsFile:
-    """Reads single tensors of a .safetensors file with plain file reads (no mmap): memory holds only
-    the tensors taken, and a truncated or corrupt file is reported with the file name."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                if size < 8 or n <= 0 or 8 + n > size:
-                    raise ValueError(f"header of {n} bytes does not fit in a {size}-byte file")
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path}: cannot read safetensors ({e}); the file is truncated or corrupt, "
-                                  "re-download or re-save it") from e
-        header.pop("__metadata__", None)
-        self.entries = header
-        self.data_start = 8 + n
-        end = max((v["data_offsets"][1] for v in header.values()), default=0)
-        if self.data_start + end > size:
-            raise CheckpointError(f"{path}: file is truncated: tensors need {self.data_start + end} bytes, the "
-                                  f"file has {size}; re-download or re-save it")
-
-    def keys(self):
-        return self.entries.keys()
-
-    def get_tensor(self, name: str) -> torch.Tensor:
-        e = self.entries[name]
-        if e["dtype"] not in _ST_DTYPES:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
-        begin, end = e["data_offsets"]
-        buf = torch.empty(end - begin, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
-            f.seek(self.data_start + begin)
-            if f.readinto(memoryview(buf.numpy())) != end - begin:
-                raise CheckpointError(f"{self.path}: tensor {name!r} is cut short; the file is truncated")
-        return buf.view(_ST_DTYPES[e["dtype"]]).reshape(e["shape"])
-
-
-class _Reader:
-    """Lazy tensor access across shards; validates presence, shape and dtype."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self._handles = {}
-        index = path / "model.safetensors.index.json"
-        single = path / "model.safetensors"
-        if index.exists():
-            try:
-                self.weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e!r}); it needs a 'weight_map'") from e
-        elif single.exists():
-            self.weight_map = {k: "model.safetensors" for k in self._open("model.safetensors").keys()}
-        else:
-            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json; "
-                                  "point --model at a Hugging Face checkpoint directory")
-
-    def _open(self, fname: str):
-        if fname not in self._handles:
-            f = self.path / fname
-            if not f.exists():
-                raise CheckpointError(f"{f}: shard listed in the index is missing")
-            self._handles[fname] = _SafetensorsFile(f)
-        return self._handles[fname]
-
-    def close(self) -> None:
-        self._handles.clear()
-
-    def meta(self, name: str) -> tuple[list[int], str]:
-        """Shape and safetensors dtype of a tensor, without reading its data."""
-        e = self._open(self.weight_map[name]).entries[name]
-        return e["shape"], e["dtype"]
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
-
-    def get(self, name: str, shape: tuple | None = None, dtypes: tuple | None = None) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint"
-                                  + (f" (expected shape {list(shape)})" if shape else ""))
-        fname = self.weight_map[name]
-        handle = self._open(fname)
-        if name not in handle.entries:
-            raise CheckpointError(f"{self.path / fname}: tensor {name!r} is listed in the index but not in the file")
-        t = handle.get_tensor(name)
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{self.path / fname}: tensor {name!r} has shape {list(t.shape)}, "
-                                  f"expected {list(shape)} for this config.json")
-        if dtypes is not None and t.dtype not in dtypes:
-            raise CheckpointError(f"{self.path / fname}: tensor {name!r} has dtype {t.dtype}, "
-                                  f"expected one of {[str(d) for d in dtypes]}")
-        return t
+WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32}  # resident formats (weight_dtype)
+# dtypes by name: the compute dtype (cluster.yaml model.dtype, the CLI) and the dtype of patch tensors
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _release_freed_memory() -> None:
@@ -156,7 +50,7 @@ def _scale_shape(shape) -> tuple[int, int]:
     return (-(-shape[0] // kernels.BLOCK_SIZE), -(-shape[1] // kernels.BLOCK_SIZE))
 
 
-def _read_linear(r: _Reader, name: str, shape) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _read_linear(r: ShardReader, name: str, shape) -> tuple[torch.Tensor, torch.Tensor | None]:
     w = r.get(name + ".weight", shape, (FP8, torch.bfloat16, torch.float16, torch.float32))
     if w.dtype == FP8:
         return w, r.get(name + ".weight_scale_inv", _scale_shape(shape), (torch.float32,))
@@ -188,13 +82,11 @@ def _set(module: nn.Module, attr: str, t: torch.Tensor, param: bool) -> None:
 
 
 def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", experts=None,
-                    weight_dtype: str | None = None, with_mtp: bool = True, patch=None) -> Transformer:
+                    weight_dtype: str | None = None, with_mtp: bool = True) -> Transformer:
     """Load an HF-format DeepSeek-V3 checkpoint directory.
 
     dtype: compute dtype. weight_dtype: resident linear-weight format, "fp8" | "bf16" | "fp32", or None
     (FP8 tensors stay FP8, others take ``dtype``). experts: global routed-expert ids to load (None = all).
-    patch: an expert patch (directory or ``model.patch.Patch``) trained from this checkpoint, applied
-    after loading (see ``expertpool.model.patch``).
     """
     path = Path(path)
     try:
@@ -208,7 +100,7 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
         bad = [e for e in experts if not 0 <= e < args.n_routed_experts]
         if bad:
             raise CheckpointError(f"experts={bad} out of range [0, {args.n_routed_experts})")
-    r = _Reader(path)
+    r = ShardReader(path)
     mtp_present = all(f"model.layers.{args.num_hidden_layers + k}.eh_proj.weight" in r
                       for k in range(args.num_nextn_predict_layers))
     if with_mtp and args.num_nextn_predict_layers and not mtp_present:
@@ -216,7 +108,8 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
                  path, args.num_nextn_predict_layers)
     with torch.device("meta"):
         model = Transformer(args, experts, with_mtp=with_mtp and mtp_present)
-    target_of = (lambda w: WEIGHT_DTYPES[weight_dtype]) if weight_dtype else (lambda w: FP8 if w.dtype == FP8 else dtype)
+    target_of = ((lambda w: WEIGHT_DTYPES[weight_dtype]) if weight_dtype
+                 else (lambda w: FP8 if w.dtype == FP8 else dtype))
 
     for mname, module in model.named_modules():
         cname = _ckpt_name(args, mname)
@@ -233,14 +126,16 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
         elif isinstance(module, Experts):
             _load_experts(r, args, cname, module, target_of, device)
         elif isinstance(module, Gate):
-            _set(module, "weight", r.get(cname + ".weight", (args.n_routed_experts, args.hidden_size)).float().to(device), True)
+            gate_w = r.get(cname + ".weight", (args.n_routed_experts, args.hidden_size))
+            _set(module, "weight", gate_w.float().to(device), True)
             bias = (r.get(cname + ".e_score_correction_bias", (args.n_routed_experts,)).float()
                     if cname + ".e_score_correction_bias" in r else torch.zeros(args.n_routed_experts))
             _set(module, "e_score_correction_bias", bias.to(device), False)
         elif isinstance(module, nn.Embedding):
             # a compact resident format applies to the (vocab x hidden) embedding too; rows are cast on lookup
             edt = torch.bfloat16 if weight_dtype in ("fp8", "bf16") else dtype
-            _set(module, "weight", r.get(cname + ".weight", (args.vocab_size, args.hidden_size)).to(edt).to(device), True)
+            emb = r.get(cname + ".weight", (args.vocab_size, args.hidden_size))
+            _set(module, "weight", emb.to(edt).to(device), True)
         else:
             for pname, p in list(module.named_parameters(recurse=False)):
                 _set(module, pname, r.get(f"{cname}.{pname}", tuple(p.shape)).to(dtype).to(device), True)
@@ -254,14 +149,10 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
     assert not leftover, f"loader left tensors unset: {leftover[:5]}"
     r.close()
     _release_freed_memory()
-    if patch is not None:
-        from expertpool.model.patch import Patch, apply_patch, read_patch  # patch.py imports this module
-
-        apply_patch(model, patch if isinstance(patch, Patch) else read_patch(patch), base_model_dir=path)
     return model.eval()
 
 
-def _load_experts(r: _Reader, args: ModelArgs, cname: str, module: Experts, target_of, device):
+def _load_experts(r: ShardReader, args: ModelArgs, cname: str, module: Experts, target_of, device):
     prefix = cname[: -len(".experts")]  # model.layers.N.mlp
     F_, D = args.moe_intermediate_size, args.hidden_size
     w13s, s13s, w2s, s2s = [], [], [], []
@@ -340,61 +231,6 @@ def checkpoint_tensors(model: Transformer, *, fp8: bool = False, dtype: torch.dt
     return out
 
 
-def _atomic_dir(out_dir: Path):
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-
-
-def _commit_dir(tmp: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / "x")
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-
-
-def write_safetensors_dir(tensors: dict[str, torch.Tensor], config: dict, out_dir, *,
-                          max_shard_bytes: int = 5 << 30, extra_files: dict[str, str] | None = None,
-                          copy_from: Path | None = None) -> Path:
-    """Write config.json + (sharded) safetensors atomically (temp dir, then rename)."""
-    out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir)
-    try:
-        if copy_from is not None:
-            for f in Path(copy_from).iterdir():
-                if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
-                    shutil.copy2(f, tmp / f.name)
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        shards, cur, size = [], {}, 0
-        for name, t in tensors.items():
-            nbytes = t.numel() * t.element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[name], size = t, size + nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
-            (tmp / "model.safetensors.index.json").write_text(
-                json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-        _commit_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
-
-
 def save_checkpoint(model: Transformer, out_dir, *, fp8: bool = False, dtype: torch.dtype = torch.bfloat16,
                     scale_fmt: str | None = None, max_shard_bytes: int = 5 << 30,
                     tokenizer_dir: str | Path | None = None) -> Path:
@@ -403,19 +239,3 @@ def save_checkpoint(model: Transformer, out_dir, *, fp8: bool = False, dtype: to
     tensors = checkpoint_tensors(model, fp8=fp8, dtype=dtype, scale_fmt=scale_fmt)
     return write_safetensors_dir(tensors, args.to_hf_config(), out_dir, max_shard_bytes=max_shard_bytes,
                                  copy_from=Path(tokenizer_dir) if tokenizer_dir else None)
-
-
-@torch.no_grad()
-def init_random(args: ModelArgs, seed: int = 0, std: float = 0.02, dtype=torch.float32) -> Transformer:
-    """A randomly initialised model (normal(0, std) weights, unit norms, zero router bias)."""
-    g = torch.Generator().manual_seed(seed)
-    model = Transformer(args)
-    for name, p in model.named_parameters():
-        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
-            p.fill_(1.0)
-        else:
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    for n, p in model.named_parameters():
-        if not n.endswith("gate.weight"):
-            p.data = p.data.to(dtype)
-    return model.eval()

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from expertpool.model.args import preset
-from expertpool.model.checkpoint import checkpoint_tensors, init_random, write_safetensors_dir
+from expertpool.model.args import EMBEDDED_MODEL_NAME, preset
+from expertpool.model.checkpoint import checkpoint_tensors
+from expertpool.model.safetensors_io import write_safetensors_dir
 from expertpool.model.tokenizer import build_tiny_tokenizer, tokenizer_files
+from expertpool.model.transformer import init_random
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_NAME = "expertpool-tiny"
 EMBEDDED_VERSION = "v1"
 # std of the random init: large enough that greedy logits have clear margins on the tiny model
 TINY_INIT_STD = 0.1
@@ -51,11 +52,11 @@ def init_model(preset_name: str, out_dir, *, fp8: bool = False, seed: int = 0, s
 
 def ensure_embedded_model(root: Path | None = None) -> Path:
     root = Path(root) if root else cache_dir()
-    out = root / f"{EMBEDDED_NAME}-{EMBEDDED_VERSION}"
+    out = root / f"{EMBEDDED_MODEL_NAME}-{EMBEDDED_VERSION}"
     if (out / "tokenizer_config.json").exists():
         return out
     root.mkdir(parents=True, exist_ok=True)
-    with open(root / f".{EMBEDDED_NAME}.lock", "w") as lock:
+    with open(root / f".{EMBEDDED_MODEL_NAME}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (out / "tokenizer_config.json").exists():
             log.info("creating the embedded tiny model in %s", out)

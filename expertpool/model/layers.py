@@ -13,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expertpool import kernels
-from expertpool.model.args import ModelArgs
+from expertpool.model.args import ModelArgs, yarn_get_mscale
 
 
 class RMSNorm(nn.Module):
@@ -92,14 +92,10 @@ def yarn_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
     if y.attention_factor is not None:
         attn_factor = y.attention_factor
     elif y.mscale and y.mscale_all_dim:
-        attn_factor = _mscale(y.factor, y.mscale) / _mscale(y.factor, y.mscale_all_dim)
+        attn_factor = yarn_get_mscale(y.factor, y.mscale) / yarn_get_mscale(y.factor, y.mscale_all_dim)
     else:
-        attn_factor = _mscale(y.factor, 1.0)
+        attn_factor = yarn_get_mscale(y.factor, 1.0)
     return inv_freq, float(attn_factor)
-
-
-def _mscale(scale: float, m: float) -> float:
-    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
 
 
 class RotaryEmbedding(nn.Module):

@@ -9,8 +9,8 @@ G expert groups, F expert intermediate width.
 - ``Experts`` holds the local routed experts as stacked tensors (w13 [El, 2F, D], w2 [El, D, F]) and
   runs them through ``expertpool.kernels.moe_experts`` (grouped, one matmul pair per active expert;
   the FP8 Triton kernel plugs in there).
-- The dispatcher seam: ``LocalDispatcher`` (all experts in this process; tokens routed to experts
-  not loaded contribute zero) or the all-to-all dispatcher in ``expertpool.platform.dispatch``.
+- The dispatcher seam (``model.dispatch``): ``LocalDispatcher`` (all experts in this process) by
+  default, or ``AllToAllDispatcher`` (expert parallelism), set from outside (``set_dispatcher``).
 - Balance tools live outside ``forward``: ``update_router_bias`` (aux-loss-free sign rule),
   ``sequence_balance_loss`` and per-expert token counts (``MoE.expert_load``).
 """
@@ -23,6 +23,7 @@ import torch.nn.functional as F
 
 from expertpool import kernels
 from expertpool.model.args import ModelArgs
+from expertpool.model.dispatch import Dispatcher, LocalDispatcher
 from expertpool.model.layers import MLP
 
 
@@ -96,39 +97,48 @@ class Experts(nn.Module):
     def num_variants(self) -> int:
         return self.global_to_local.numel() // self.n_routed
 
+    def resident(self, w13_2FD: torch.Tensor, w2_DF: torch.Tensor):
+        """One expert's weights in this module's resident format and device: (w13, w13 scale, w2,
+        w2 scale). FP8 experts are re-quantized (gate and up separately, as the loader does; scales
+        None otherwise), others cast. The one writer of expert rows: patches and variants use it."""
+        dev = self.w13_weight.device
+        if self.w13_weight.dtype == torch.float8_e4m3fn:
+            q13, s13, q2, s2 = quantize_expert(w13_2FD, w2_DF, self.scale_fmt)
+            return q13.to(dev), s13.to(dev), q2.to(dev), s2.to(dev)
+        return w13_2FD.to(dev, self.w13_weight.dtype), None, w2_DF.to(dev, self.w2_weight.dtype), None
+
+    @torch.no_grad()
+    def write_expert(self, local: int, w13_2FD: torch.Tensor, w2_DF: torch.Tensor) -> None:
+        """Overwrite local slot ``local`` with one expert's weights (``model.patch.apply_patch``)."""
+        q13, s13, q2, s2 = self.resident(w13_2FD, w2_DF)
+        self.w13_weight.data[local], self.w2_weight.data[local] = q13, q2
+        if s13 is not None:
+            self.w13_weight_scale_inv[local], self.w2_weight_scale_inv[local] = s13, s2
+
     @torch.no_grad()
     def add_variant(self, experts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
         """Serve a fine-tuned variant beside the base: the given experts (global id -> (w13 [2F, D],
-        w2 [D, F])) are appended as extra local slots, every other expert is shared with the base.
-        Routing ids of variant v are offset by v * n_routed (see ``MoE.forward``). Returns v."""
-        E = self.n_routed
-        v = self.num_variants
+        w2 [D, F])) that this module holds are appended as extra local slots, every other expert is
+        shared with the base. Routing ids of variant v are offset by v * n_routed (``MoE.forward``).
+        Returns v."""
+        E, v = self.n_routed, self.num_variants
         table = self.global_to_local[:E].clone()
-        new_w13, new_w2, new_s13, new_s2 = [], [], [], []
+        ids, rows = [], []
         for e, (w13, w2) in sorted(experts.items()):
             if self.global_to_local[e] < 0:
                 continue  # owned by another rank
-            table[e] = self.num_local + len(new_w13)
-            if self.w13_weight.dtype == torch.float8_e4m3fn:
-                q13, s13, q2, s2 = quantize_expert(w13, w2, self.scale_fmt)
-                new_w13.append(q13)
-                new_s13.append(s13)
-                new_w2.append(q2)
-                new_s2.append(s2)
-            else:
-                new_w13.append(w13.to(self.w13_weight.dtype))
-                new_w2.append(w2.to(self.w2_weight.dtype))
+            table[e] = self.num_local + len(rows)
+            ids.append(e)
+            rows.append(self.resident(w13, w2))
         dev = self.w13_weight.device
-        if new_w13:
-            self.w13_weight = nn.Parameter(torch.cat([self.w13_weight.data, torch.stack(new_w13).to(dev)]),
-                                           requires_grad=False)
-            self.w2_weight = nn.Parameter(torch.cat([self.w2_weight.data, torch.stack(new_w2).to(dev)]),
-                                          requires_grad=False)
-            if new_s13:
-                self.w13_weight_scale_inv = torch.cat([self.w13_weight_scale_inv, torch.stack(new_s13).to(dev)])
-                self.w2_weight_scale_inv = torch.cat([self.w2_weight_scale_inv, torch.stack(new_s2).to(dev)])
-            self.expert_ids = torch.cat([self.expert_ids, torch.tensor(sorted(
-                e for e in experts if self.global_to_local[e] >= 0), dtype=torch.long, device=dev)])
+        if rows:
+            q13, s13, q2, s2 = zip(*rows)
+            self.w13_weight = nn.Parameter(torch.cat([self.w13_weight.data, torch.stack(q13)]), requires_grad=False)
+            self.w2_weight = nn.Parameter(torch.cat([self.w2_weight.data, torch.stack(q2)]), requires_grad=False)
+            if s13[0] is not None:
+                self.w13_weight_scale_inv = torch.cat([self.w13_weight_scale_inv, torch.stack(s13)])
+                self.w2_weight_scale_inv = torch.cat([self.w2_weight_scale_inv, torch.stack(s2)])
+            self.expert_ids = torch.cat([self.expert_ids, torch.tensor(ids, dtype=torch.long, device=dev)])
         self.global_to_local = torch.cat([self.global_to_local, table.to(dev)])
         return v
 
@@ -137,19 +147,12 @@ class Experts(nn.Module):
                                    self.w2_weight, self.w2_weight_scale_inv)
 
 
-class LocalDispatcher:
-    """All routed compute in this process. Slots routed to experts not loaded here contribute zero."""
-
-    def __call__(self, x_TD, ids_TK, weights_TK, experts: Experts) -> torch.Tensor:
-        local_ids_TK = experts.global_to_local[ids_TK]
-        return experts(x_TD, local_ids_TK, weights_TK)
-
-
 @dataclass
 class RoutingRecord:
     """Per-MoE-layer routing of one forward, for training losses and ESFT scoring."""
     shape: tuple[int, ...] = ()
-    layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # id -> (w, ids, scores)
+    # layer id -> (weights_TK, ids_TK, scores_TE)
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 class MoE(nn.Module):
@@ -160,7 +163,7 @@ class MoE(nn.Module):
         self.experts = Experts(args, expert_ids)
         self.shared_experts = (MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size)
                                if args.n_shared_experts else None)
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher: Dispatcher = LocalDispatcher()
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.long, device="cpu"),
                              persistent=False)
 

@@ -1,6 +1,6 @@
 """Expert patches: the output of ESFT, a few routed experts that replace the base model's.
 
-A patch is a directory, written atomically (temp dir, then rename):
+A patch is a directory, written atomically (``safetensors_io.atomic_dir``):
 
 - ``manifest.json``: ``format``, ``base_model`` (``path`` and ``fingerprint``, plus the expert
   geometry), ``domain``, ``dtype`` of the stored tensors, ``layers`` ({layer id: [global expert
@@ -15,9 +15,11 @@ plus every layer's correction bias. It tells apart different architectures, rena
 layouts and different trainings of one architecture, without reading the experts themselves.
 
 ``apply_patch`` overwrites the patched experts a model holds and skips those it does not own, so
-each expert-parallel actor applies the same patch to its own share. FP8 experts are re-quantized
-(gate and up separately, as the loader does). Everything else in the model is left untouched.
-A patch does not carry router changes: ESFT keeps the router frozen.
+each expert-parallel actor applies the same patch to its own share. Rows are written in the
+model's resident format by ``Experts.write_expert`` (FP8 re-quantized, gate and up separately, as
+the loader does); serving a patch beside the base instead (``Transformer.add_variant``) uses the
+same writer. Everything else in the model is left untouched. A patch does not carry router
+changes: ESFT keeps the router frozen.
 """
 
 import hashlib
@@ -30,16 +32,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from expertpool.model.checkpoint import _atomic_dir, _commit_dir, _Reader
-from expertpool.model.moe import quantize_expert
+from expertpool.model.checkpoint import DTYPES
+from expertpool.model.safetensors_io import ShardReader, atomic_dir
 
 log = logging.getLogger(__name__)
 
 PATCH_FORMAT = "expertpool-expert-patch/v1"
 MANIFEST = "manifest.json"
 TENSORS = "experts.safetensors"
-FP8 = torch.float8_e4m3fn
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PatchError(ValueError):
@@ -77,7 +77,7 @@ def base_fingerprint(model_dir) -> str:
         raise PatchError(f"{cfg_file}: not found; base_model must be an HF checkpoint directory")
     h = hashlib.sha256()
     h.update(json.dumps(json.loads(cfg_file.read_text()), sort_keys=True).encode())
-    r = _Reader(model_dir)
+    r = ShardReader(model_dir)
     routing = sorted(k for k in r.weight_map if ".mlp.gate." in k or ".mlp.experts." in k)
     for name in routing:
         shape, dtype = r.meta(name)
@@ -92,9 +92,9 @@ def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: to
                info: dict | None = None) -> Path:
     """Write a patch directory atomically. experts: {layer_id: {expert_id: (w13 [2F, D], w2 [D, F])}}."""
 
-    dtype_name = next((k for k, v in _DTYPES.items() if v == dtype), None)
+    dtype_name = next((k for k, v in DTYPES.items() if v == dtype), None)
     if dtype_name is None:
-        raise PatchError(f"dtype {dtype} cannot be stored in a patch; use one of {list(_DTYPES)}")
+        raise PatchError(f"dtype {dtype} cannot be stored in a patch; use one of {list(DTYPES)}")
     base_model_dir = Path(base_model_dir)
     cfg = json.loads((base_model_dir / "config.json").read_text()) if (base_model_dir / "config.json").exists() else {}
     F_, D = cfg.get("moe_intermediate_size"), cfg.get("hidden_size")
@@ -127,18 +127,10 @@ def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: to
         "tensors": TENSORS,
         "info": info or {},
     }
-    out_dir = Path(out_dir)
-    tmp = _atomic_dir(out_dir)
-    try:
+    with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _commit_dir(tmp, out_dir)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir)
 
 
 def read_patch(patch_dir, *, base_model_dir=None) -> Patch:
@@ -157,8 +149,8 @@ def read_patch(patch_dir, *, base_model_dir=None) -> Patch:
     for key in ("base_model", "domain", "dtype", "layers"):
         if key not in m:
             raise PatchError(f"{mfile}: missing key {key!r}; the patch is incomplete, rewrite it")
-    if m["dtype"] not in _DTYPES:
-        raise PatchError(f"{mfile}: dtype {m['dtype']!r} unknown; expected one of {list(_DTYPES)}")
+    if m["dtype"] not in DTYPES:
+        raise PatchError(f"{mfile}: dtype {m['dtype']!r} unknown; expected one of {list(DTYPES)}")
     base = m["base_model"]
     if not isinstance(base, dict) or "fingerprint" not in base or "path" not in base:
         raise PatchError(f"{mfile}: base_model needs 'path' and 'fingerprint'")
@@ -166,7 +158,7 @@ def read_patch(patch_dir, *, base_model_dir=None) -> Patch:
     if not tfile.exists():
         raise PatchError(f"{tfile}: not found; the patch is incomplete, rewrite it")
     experts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
-    want_dtype = _DTYPES[m["dtype"]]
+    want_dtype = DTYPES[m["dtype"]]
     try:
         with safe_open(str(tfile), framework="pt") as f:
             names = set(f.keys())
@@ -244,14 +236,6 @@ def apply_patch(model, patch: Patch, *, base_model_dir=None) -> dict[int, list[i
             local = int(experts.global_to_local[e])
             if local < 0:
                 continue
-            if experts.w13_weight.dtype == FP8:
-                q13, s13, q2, s2 = quantize_expert(w13, w2, args.scale_fmt)
-                experts.w13_weight.data[local] = q13.to(experts.w13_weight.device)
-                experts.w13_weight_scale_inv[local] = s13.to(experts.w13_weight_scale_inv.device)
-                experts.w2_weight.data[local] = q2.to(experts.w2_weight.device)
-                experts.w2_weight_scale_inv[local] = s2.to(experts.w2_weight_scale_inv.device)
-            else:
-                experts.w13_weight.data[local] = w13.to(experts.w13_weight.device, experts.w13_weight.dtype)
-                experts.w2_weight.data[local] = w2.to(experts.w2_weight.device, experts.w2_weight.dtype)
+            experts.write_expert(local, w13, w2)
             written.setdefault(layer, []).append(e)
     return written

@@ -97,7 +97,8 @@ class Tokenizer:
         if not self.chat_template:
             raise TokenizerError("this tokenizer has no chat_template in tokenizer_config.json; "
                                  "send /v1/completions or add a chat_template")
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
         env.globals["raise_exception"] = _raise
         return env.from_string(self.chat_template)

@@ -9,6 +9,8 @@ Two forwards:
   scoring, parity with transformers).
 - ``forward_batch(tokens_N, AttnBatch, logits_rows)`` -> logits for the requested flat rows
   (absorbed MLA over a paged latent cache; generation and serving).
+
+``init_random(args)`` builds a randomly initialised model (tests, the embedded tiny model).
 """
 
 import torch
@@ -126,3 +128,19 @@ class Transformer(nn.Module):
         if logits_rows is not None:
             x = x[logits_rows]
         return self.lm_head(self.model.norm(x))
+
+
+@torch.no_grad()
+def init_random(args: ModelArgs, seed: int = 0, std: float = 0.02, dtype=torch.float32) -> Transformer:
+    """A randomly initialised model (normal(0, std) weights, unit norms, zero router bias)."""
+    g = torch.Generator().manual_seed(seed)
+    model = Transformer(args)
+    for name, p in model.named_parameters():
+        if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            p.fill_(1.0)
+        else:
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    for n, p in model.named_parameters():
+        if not n.endswith("gate.weight"):
+            p.data = p.data.to(dtype)
+    return model.eval()

@@ -11,7 +11,9 @@ Entry points:
     ``args: {config: <cluster config mapping or path to cluster.yaml>, engine_factory?: "mod:attr",
     tokenizer_factory?: "mod:attr"}`` (what ``cfg.serve_config()`` writes);
   * ``build_app_from_config(cfg, engine_factory=None, tokenizer_factory=None)`` — in-process use and
-    tests, where the factories may be callables ``(ClusterConfig) -> Engine | Tokenizer``.
+    tests, where the factories may be callables ``(ClusterConfig) -> Engine | Tokenizer``;
+  * ``deploy(cfg)`` — start (or join) Ray and Serve and run the application without blocking
+    (``expertpool serve``, benchmarks); returns the base URL.
 
 Replica-level methods reachable through a Serve handle: ``check_health`` (Serve calls it every
 ``serving.health_check_period_s``; it runs the engine's health check, so a dead expert-parallel
@@ -26,6 +28,7 @@ import asyncio
 import importlib
 import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -151,3 +154,27 @@ def build_app(args: dict[str, Any]) -> Application:
     else:
         cfg = parse_config(a.config, source="serve application args.config")
     return build_app_from_config(cfg, a.engine_factory, a.tokenizer_factory)
+
+
+def deploy(cfg: ClusterConfig, *, address: str | None = None) -> str:
+    """Check ``cfg`` against the model, start or join Ray, start Serve and run the application
+    (non-blocking). Returns the base URL. Raises ConfigError before anything starts."""
+    import ray
+
+    from expertpool.model.args import ModelArgs
+    from expertpool.model.embedded import ensure_embedded_model
+
+    model_dir = cfg.model.path or ensure_embedded_model()  # create the embedded model once, before replicas
+    cfg.validate_against_model(ModelArgs.from_dir(model_dir).n_routed_experts)
+    if not ray.is_initialized():
+        from expertpool.platform.proxy import set_proxy_env
+
+        set_proxy_env()  # applies when this call starts the Ray instance (see platform/proxy.py)
+        ray.init(address=address, include_dashboard=False)
+    s = cfg.serving
+    serve.start(http_options={"host": s.host, "port": s.port})
+    t0 = time.time()
+    serve.run(build_app_from_config(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
+    logger.info("deployed %s in %.1fs", s.app_name, time.time() - t0)
+    return url

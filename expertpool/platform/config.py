@@ -12,6 +12,10 @@ live in methods, in one place: ``cfg.pool.placement_group_bundles()``, ``cfg.poo
 :mod:`expertpool.platform.kuberay`. Inside Serve, ``parse_config(args["config"], source=...)`` rebuilds
 the config from the dict that ``serve_config()`` embeds.
 
+Layout: this module is the whole schema's entry point and re-exports every name; the shared pieces
+(``ConfigError``, the closed base model, ``ActorResources``) live in ``platform.config_base`` and the
+``train:`` section in ``platform.train_config``.
+
 Contract: every model is closed (``extra="forbid"``) and every field is documented, so a typo is an
 error, never a silently ignored key. Derived defaults (``model.name``, ``model.tokenizer``,
 ``esft.p``, ``output_dir``, ``domain``, ``kubernetes.name``) are filled in at validation time, so a
@@ -26,69 +30,30 @@ file system access at load time other than reading the YAML itself.
 from __future__ import annotations
 
 import difflib
-import json
 import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from expertpool.model.args import EMBEDDED_MODEL_NAME
+from expertpool.platform.config_base import (GIB, K8S_NAME, RULE_ERROR_TYPE, ActorResources, Closed, ConfigError,
+                                             ConfigProblem, divisor_message, rule_error)
+from expertpool.platform.train_config import DatasetConfig, EsftConfig, TrainConfig, TrainJobConfig
+
+# re-exported: the whole schema is importable from here
+__all__ = ["API_KEY_ENV", "DEFAULT_IMPORT_PATH", "DEPLOYMENT_NAME", "GIB", "ActorResources", "AutoscalingConfig",
+           "ClusterConfig", "ConfigError", "ConfigProblem", "DatasetConfig", "EsftConfig", "KVCacheConfig",
+           "KubernetesConfig", "ModelConfig", "PoolConfig", "RecoveryConfig", "ServingConfig", "TrainConfig",
+           "TrainJobConfig", "field_paths", "load_config", "parse_config"]
 
 DEPLOYMENT_NAME = "ExpertPool"  # the Serve deployment that hosts one expert-parallel group per replica
 API_KEY_ENV = "EXPERTPOOL_API_KEY"
-TINY_MODEL_NAME = "expertpool-tiny"
 DEFAULT_IMPORT_PATH = "expertpool.platform.app:build_app"
-GIB = 1024**3
-_RULE = "expertpool_rule"  # pydantic error type of our own cross-field rules (carries field/problem/fix)
-_K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123 label: job names end up in pod names
-_DOMAIN = re.compile(r"^[A-Za-z0-9._-]+$")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Errors
-# ---------------------------------------------------------------------------------------------------
-
-
-class ConfigProblem(NamedTuple):
-    field: str  # dotted path from the top of cluster.yaml, e.g. "serving.autoscaling.max_replicas"
-    message: str  # "problem; fix"
-
-
-class ConfigError(ValueError):
-    """A user-fixable config problem. ``str()`` gives one ``source: field: problem; fix`` line per problem."""
-
-    def __init__(self, problems: list[ConfigProblem], source: str = "cluster.yaml"):
-        self.problems = list(problems)
-        self.source = source
-        super().__init__("\n".join(f"{source}: {p.field}: {p.message}" if p.field else f"{source}: {p.message}"
-                                   for p in self.problems))
-
-
-def _rule(field: str, problem: str, fix: str) -> PydanticCustomError:
-    """An error raised from a validator; ``field`` is relative to the model (or "" in a field validator)."""
-    return PydanticCustomError(_RULE, "{field}: {problem}; {fix}", {"field": field, "problem": problem, "fix": fix})
-
-
-class _Closed(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_sections(cls, data: Any) -> Any:
-        """A section whose keys are all commented out (``serving:``) parses as null: read it as empty."""
-        if isinstance(data, dict):
-            return {k: v for k, v in data.items()
-                    if not (v is None and k in cls.model_fields and _is_section(cls.model_fields[k].annotation))}
-        return data
-
-
-def _is_section(annotation: Any) -> bool:
-    return (isinstance(annotation, type) and issubclass(annotation, BaseModel)) or getattr(
-        annotation, "__origin__", None) is dict
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,11 +61,12 @@ def _is_section(annotation: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------
 
 
-class ModelConfig(_Closed):
+class ModelConfig(Closed):
     path: str | None = Field(None, description="Hugging Face checkpoint directory (config.json + safetensors). "
-                             "None = the embedded tiny DeepSeek-V3-architecture model, created on first use in a cache dir.")
+                             "None = the embedded tiny DeepSeek-V3-architecture model, created on first use in a "
+                             "cache dir.")
     name: str | None = Field(None, description="Served model id (the OpenAI `model` field). Default: the basename "
-                             f"of `path`, or `{TINY_MODEL_NAME}` for the embedded model. Must not contain ':' "
+                             f"of `path`, or `{EMBEDDED_MODEL_NAME}` for the embedded model. Must not contain ':' "
                              "(fine-tuned variants are served as `NAME:DOMAIN`).")
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of activations and "
                                                   "non-quantized weights.")
@@ -112,9 +78,9 @@ class ModelConfig(_Closed):
     @model_validator(mode="after")
     def _derive(self) -> ModelConfig:
         if self.name is None:
-            self.name = Path(self.path.rstrip("/\\")).name if self.path else TINY_MODEL_NAME
+            self.name = Path(self.path.rstrip("/\\")).name if self.path else EMBEDDED_MODEL_NAME
         if ":" in self.name or not self.name:
-            raise _rule("name", f"'{self.name}' is not a usable model id (empty, or contains ':', which separates "
+            raise rule_error("name", f"'{self.name}' is not a usable model id (empty, or contains ':', which separates "
                         "BASE:DOMAIN variants)", "set model.name to an id without ':'")
         if self.tokenizer is None:
             self.tokenizer = self.path
@@ -126,50 +92,7 @@ class ModelConfig(_Closed):
 # ---------------------------------------------------------------------------------------------------
 
 
-class ActorResources(_Closed):
-    cpu: float = Field(1.0, ge=0, description="Logical CPUs reserved per actor (Ray `num_cpus`; fractions allowed).")
-    gpu: float = Field(0.0, ge=0, description="GPUs reserved per actor (Ray `num_gpus`; fractions allowed).")
-    memory_gb: float | None = Field(None, gt=0, description="Memory reserved per actor in GiB (Ray `memory`). "
-                                    "None = no memory reservation.")
-    custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor, e.g. "
-                                     "{accelerator_type_H100: 0.001} or a node label resource.")
-
-    @model_validator(mode="after")
-    def _check(self) -> ActorResources:
-        for key, value in self.custom.items():
-            if key in ("CPU", "GPU", "memory", "object_store_memory"):
-                raise _rule(f"custom.{key}", "is a built-in resource", f"use the `{key.lower().split('_')[0]}` "
-                            "field instead of `custom`" if key != "object_store_memory" else "remove it")
-            if value < 0:
-                raise _rule(f"custom.{key}", f"must be >= 0, got {value}", "set a non-negative amount")
-        if not any(v > 0 for v in self.bundle().values()):
-            raise _rule("cpu", "the actor requests no resources at all (Ray rejects empty placement bundles)",
-                        "set cpu (or gpu) above 0")
-        return self
-
-    def bundle(self) -> dict[str, float]:
-        """Placement-group bundle (Ray resource names); also valid as Ray Train ``resources_per_worker``."""
-        out: dict[str, float] = {}
-        if self.cpu:
-            out["CPU"] = self.cpu
-        if self.gpu:
-            out["GPU"] = self.gpu
-        if self.memory_gb:
-            out["memory"] = float(int(self.memory_gb * GIB))
-        out.update({k: v for k, v in self.custom.items() if v})
-        return out
-
-    def ray_options(self) -> dict[str, Any]:
-        """Keyword arguments for ``ActorClass.options(...)`` reserving exactly this bundle."""
-        out: dict[str, Any] = {"num_cpus": self.cpu, "num_gpus": self.gpu}
-        if self.memory_gb:
-            out["memory"] = int(self.memory_gb * GIB)
-        if self.custom:
-            out["resources"] = dict(self.custom)
-        return out
-
-
-class RecoveryConfig(_Closed):
+class RecoveryConfig(Closed):
     enabled: bool = Field(True, description="Replace a dead expert actor inside the replica and replay its "
                           "sequences, so streams continue after a pause. false = fail the replica's requests "
                           "and let Serve's health check replace the whole replica.")
@@ -185,7 +108,7 @@ class RecoveryConfig(_Closed):
                               "engine gives up.")
 
 
-class PoolConfig(_Closed):
+class PoolConfig(Closed):
     actors_per_replica: int = Field(2, ge=1, description="Expert-parallel actors per Serve replica; each holds "
                                     "n_routed_experts / actors_per_replica routed experts (must divide evenly).")
     actor_resources: ActorResources = Field(default_factory=ActorResources, description="Resources reserved by "
@@ -196,14 +119,15 @@ class PoolConfig(_Closed):
         "PACK", description="Ray placement-group strategy for one replica's bundles (PACK keeps a replica's actors "
         "on one node when they fit, which keeps all-to-all traffic local).")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend between the "
-                                                     "actors of a replica. auto = nccl when actors have GPUs, else gloo.")
+                                                     "actors of a replica. auto = nccl when actors have GPUs, else "
+                                                     "gloo.")
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="Self-healing when an expert "
                                      "actor dies.")
 
     @model_validator(mode="after")
     def _check(self) -> PoolConfig:
         if self.backend == "nccl" and self.actor_resources.gpu <= 0:
-            raise _rule("backend", "nccl needs GPUs but actor_resources.gpu is 0",
+            raise rule_error("backend", "nccl needs GPUs but actor_resources.gpu is 0",
                         "set pool.actor_resources.gpu (e.g. 1) or set pool.backend to gloo or auto")
         return self
 
@@ -228,16 +152,11 @@ class PoolConfig(_Closed):
 
     def experts_per_actor(self, n_routed_experts: int) -> int:
         if n_routed_experts % self.actors_per_replica:
-            raise ConfigError([ConfigProblem("pool.actors_per_replica", _divisor_message(
+            raise ConfigError([ConfigProblem("pool.actors_per_replica", divisor_message(
                 n_routed_experts, self.actors_per_replica, "actors_per_replica", "actors"))])
         return n_routed_experts // self.actors_per_replica
 
 
-def _divisor_message(n_experts: int, parts: int, field: str, what: str) -> str:
-    divisors = [d for d in range(1, n_experts + 1) if n_experts % d == 0]
-    shown = ", ".join(map(str, divisors[:10])) + (", ..." if len(divisors) > 10 else "")
-    return (f"{n_experts} routed experts do not split evenly over {parts} {what}; "
-            f"set {field} to a divisor of {n_experts} ({shown})")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -245,7 +164,7 @@ def _divisor_message(n_experts: int, parts: int, field: str, what: str) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-class KVCacheConfig(_Closed):
+class KVCacheConfig(Closed):
     block_size: int = Field(16, ge=1, description="Tokens per KV-cache block (paged attention page).")
     num_blocks: int | None = Field(None, ge=1, description="KV-cache blocks per replica. Set this or memory_gb, "
                                    "not both; neither = enough for max_batch_size full sequences of max_seq_len.")
@@ -255,7 +174,7 @@ class KVCacheConfig(_Closed):
     @model_validator(mode="after")
     def _check(self) -> KVCacheConfig:
         if self.num_blocks is not None and self.memory_gb is not None:
-            raise _rule("num_blocks", "num_blocks and memory_gb are both set, and they disagree in general",
+            raise rule_error("num_blocks", "num_blocks and memory_gb are both set, and they disagree in general",
                         "set only one of serving.kv_cache.num_blocks or serving.kv_cache.memory_gb")
         return self
 
@@ -270,24 +189,25 @@ class KVCacheConfig(_Closed):
         return math.ceil(max_batch_size * max_seq_len / self.block_size)
 
 
-class AutoscalingConfig(_Closed):
+class AutoscalingConfig(Closed):
     min_replicas: int = Field(1, ge=0, description="Fewest replicas (expert-parallel groups); 0 allows scale to zero.")
     max_replicas: int = Field(1, ge=1, description="Most replicas; on Kubernetes also bounds the pool worker group.")
     initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time. None = min_replicas.")
     target_ongoing_requests: float = Field(16.0, gt=0, description="Ongoing requests per replica the autoscaler "
                                            "steers toward (Ray Serve `target_ongoing_requests`).")
     upscale_delay_s: float = Field(30.0, ge=0, description="Seconds the load must stay high before adding replicas.")
-    downscale_delay_s: float = Field(600.0, ge=0, description="Seconds the load must stay low before removing replicas.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="Seconds the load must stay low before removing "
+                                     "replicas.")
     metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between replica load reports.")
     look_back_period_s: float = Field(30.0, gt=0, description="Window in seconds over which load is averaged.")
 
     @model_validator(mode="after")
     def _check(self) -> AutoscalingConfig:
         if self.max_replicas < self.min_replicas:
-            raise _rule("max_replicas", f"must be >= min_replicas ({self.min_replicas})",
+            raise rule_error("max_replicas", f"must be >= min_replicas ({self.min_replicas})",
                         f"set max_replicas to at least {self.min_replicas}")
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise _rule("initial_replicas", f"must be between min_replicas ({self.min_replicas}) and max_replicas "
+            raise rule_error("initial_replicas", f"must be between min_replicas ({self.min_replicas}) and max_replicas "
                         f"({self.max_replicas}), got {self.initial_replicas}",
                         f"set initial_replicas within [{self.min_replicas}, {self.max_replicas}] or remove it")
         return self
@@ -308,7 +228,7 @@ class AutoscalingConfig(_Closed):
         return out
 
 
-class ServingConfig(_Closed):
+class ServingConfig(Closed):
     app_name: str = Field("expertpool", min_length=1, description="Serve application name (also the target of "
                           "train.jobs.*.publish_to).")
     route_prefix: str = Field("/", description="HTTP route prefix of the application; starts with '/'.")
@@ -342,30 +262,30 @@ class ServingConfig(_Closed):
     @classmethod
     def _prefix(cls, v: str) -> str:
         if not v.startswith("/"):
-            raise _rule("", f"must start with '/', got '{v}'", f"set route_prefix to '/{v}'")
+            raise rule_error("", f"must start with '/', got '{v}'", f"set route_prefix to '/{v}'")
         return v
 
     @field_validator("max_queued_requests")
     @classmethod
     def _queue(cls, v: int) -> int:
         if v < 1 and v != -1:
-            raise _rule("", f"must be >= 1 or -1 (unbounded), got {v}",
+            raise rule_error("", f"must be >= 1 or -1 (unbounded), got {v}",
                         "set max_queued_requests to a positive number of requests, or -1")
         return v
 
     @model_validator(mode="after")
     def _check(self) -> ServingConfig:
         if self.max_num_batched_tokens < self.max_batch_size:
-            raise _rule("max_num_batched_tokens", f"({self.max_num_batched_tokens}) is below max_batch_size "
+            raise rule_error("max_num_batched_tokens", f"({self.max_num_batched_tokens}) is below max_batch_size "
                         f"({self.max_batch_size}), so a full batch cannot take one decode step",
                         f"set max_num_batched_tokens to at least {self.max_batch_size}")
         if self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
-            raise _rule("autoscaling.target_ongoing_requests", f"({self.autoscaling.target_ongoing_requests}) "
+            raise rule_error("autoscaling.target_ongoing_requests", f"({self.autoscaling.target_ongoing_requests}) "
                         f"exceeds max_ongoing_requests ({self.max_ongoing_requests}), so the target is unreachable",
                         f"set it to at most {self.max_ongoing_requests}")
         kv = self.kv_cache
         if kv.num_blocks is not None and kv.num_blocks * kv.block_size < self.max_seq_len:
-            raise _rule("kv_cache.num_blocks", f"{kv.num_blocks} blocks x {kv.block_size} tokens cannot hold one "
+            raise rule_error("kv_cache.num_blocks", f"{kv.num_blocks} blocks x {kv.block_size} tokens cannot hold one "
                         f"sequence of max_seq_len ({self.max_seq_len})",
                         f"set num_blocks to at least {math.ceil(self.max_seq_len / kv.block_size)} "
                         "or lower serving.max_seq_len")
@@ -384,205 +304,16 @@ class ServingConfig(_Closed):
 
 
 # ---------------------------------------------------------------------------------------------------
-# train
-# ---------------------------------------------------------------------------------------------------
-
-_SUFFIX_FORMAT = {".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
-
-
-class DatasetConfig(_Closed):
-    path: str = Field(description="Training data file (or directory of files). Relative paths are relative to "
-                      "the working directory of the job, i.e. the repository root.")
-    format: Literal["jsonl", "parquet"] | None = Field(None, description="File format. None = from the suffix "
-                                                       "(.jsonl, .parquet/.pq).")
-    field: Literal["messages", "text"] | None = Field(None, description="Record field holding the example: "
-                                                      "`messages` (chat turns) or `text`. None = detected from the "
-                                                      "first record by check_dataset().")
-    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of records held out for evaluation.")
-
-    @model_validator(mode="after")
-    def _infer(self) -> DatasetConfig:
-        if self.format is None:
-            suffix = Path(self.path).suffix.lower()
-            if suffix in _SUFFIX_FORMAT:
-                self.format = _SUFFIX_FORMAT[suffix]  # type: ignore[assignment]
-            elif suffix:
-                raise _rule("format", f"cannot infer the format from suffix '{suffix}'",
-                            "set dataset.format to jsonl or parquet")
-        return self
-
-
-class EsftConfig(_Closed):
-    scoring: Literal["gate", "token"] = Field("token", description="ESFT expert relevance score: `token` "
-                                              "(selection ratio, ESFT-Token) or `gate` (mean gate value, ESFT-Gate).")
-    p: float | None = Field(None, description="Cumulative relevance threshold in (0, 1]: per layer, train the "
-                            "fewest experts whose scores sum to >= p. None = the paper's value: 0.2 (token), 0.1 (gate).")
-    score_tokens: int = Field(16384, ge=1, description="Training tokens sampled for the relevance probe "
-                              "(forward passes only; the paper uses 32 x 4096).")
-
-    @model_validator(mode="after")
-    def _check(self) -> EsftConfig:
-        if self.p is None:
-            self.p = 0.2 if self.scoring == "token" else 0.1
-        if not 0 < self.p <= 1:
-            raise _rule("p", f"must be in (0, 1], got {self.p}",
-                        "set p to a fraction such as 0.2 (token scoring) or 0.1 (gate scoring)")
-        return self
-
-
-class TrainJobConfig(_Closed):
-    base_model: str | None = Field(None, description="Checkpoint directory to fine-tune. None = the embedded tiny model.")
-    dataset: DatasetConfig = Field(description="Training data.")
-    mode: Literal["esft", "full"] = Field("esft", description="`esft`: train only the routed experts relevant to the "
-                                          "data (everything else frozen); `full`: train all weights.")
-    esft: EsftConfig = Field(default_factory=EsftConfig, description="Expert selection (mode esft only).")
-    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
-    steps: int = Field(500, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(32, ge=1, description="Global batch size in sequences; must divide by workers (so "
-                            "every worker count in the elastic range gets at least one sequence).")
-    seq_len: int = Field(4096, ge=1, description="Training sequence length in tokens (longer examples are truncated).")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup steps (<= steps).")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip. None = no clipping.")
-    workers: int = Field(2, ge=1, description="Ray Train workers; routed experts are sharded over them. With "
-                         "min_workers, the most workers (the size Ray Train asks for and grows back to).")
-    min_workers: int | None = Field(None, ge=1, description="Fewest workers the job runs on (Ray Train elastic "
-                                    "range min_workers..workers): after a failure Ray Train restarts on the "
-                                    "workers it can get from the latest checkpoint, which any worker count restores; "
-                                    "rank r of W then owns routed experts [r*E//W, (r+1)*E//W). None = always "
-                                    "exactly `workers`.")
-    experts_per_worker: int | None = Field(None, ge=1, description="Routed experts per worker. None = "
-                                           "n_routed_experts / workers; if set, must equal it.")
-    worker_resources: ActorResources = Field(default_factory=ActorResources, description="Resources per train worker.")
-    zero_stage: Literal[0, 1, 2] = Field(1, description="DeepSpeed ZeRO stage for the non-expert (data-parallel) "
-                                         "parameters.")
-    mtp_loss_weight: float = Field(0.0, ge=0, description="Weight of the multi-token-prediction loss; 0 = off.")
-    balance_loss_alpha: float = Field(0.0001, ge=0, description="Sequence-wise auxiliary balance loss weight (alpha).")
-    router_bias_rate: float = Field(0.0, ge=0, description="Aux-loss-free router bias update speed (gamma). "
-                                    "0 = routing frozen, as in ESFT.")
-    checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints; 0 = only at the end.")
-    output_dir: str | None = Field(None, description="Where checkpoints and the result go. None = out/<job name>.")
-    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint before the job "
-                              "fails (Ray Train FailureConfig.max_failures; -1 = unlimited).")
-    publish_to: str | None = Field(None, description="Serving app (serving.app_name) to hot-swap the result into at "
-                                   "the end, served as `MODEL:DOMAIN`. None = only write output_dir.")
-    domain: str | None = Field(None, description="Variant name; the result is served as `<model.name>:<domain>`. "
-                               "None = the job name.")
-
-    _name: str = PrivateAttr("")  # set by TrainConfig; names the job in error messages
-    _source: str = PrivateAttr("cluster.yaml")  # set by parse_config
-
-    def _error(self, field: str, message: str) -> ConfigError:
-        return ConfigError([ConfigProblem(f"train.jobs.{self._name}.{field}" if self._name else field, message)],
-                           self._source)
-
-    @model_validator(mode="after")
-    def _check(self) -> TrainJobConfig:
-        if self.warmup_steps > self.steps:
-            raise _rule("warmup_steps", f"({self.warmup_steps}) exceeds steps ({self.steps})",
-                        f"set warmup_steps to at most {self.steps}")
-        if self.batch_size % self.workers:
-            raise _rule("batch_size", f"{self.batch_size} sequences do not split evenly over {self.workers} workers",
-                        f"set batch_size to a multiple of {self.workers}")
-        if self.min_workers is not None and self.min_workers > self.workers:
-            raise _rule("min_workers", f"({self.min_workers}) exceeds workers ({self.workers}), the most workers",
-                        f"set min_workers to at most {self.workers}, or raise workers")
-        if self.domain is not None and not _DOMAIN.match(self.domain):
-            raise _rule("domain", f"'{self.domain}' has characters outside [A-Za-z0-9._-]",
-                        "set domain to a short name such as 'law' or 'math-v2'")
-        return self
-
-    @property
-    def worker_range(self) -> tuple[int, int]:
-        """(fewest, most) Ray Train workers; equal when the job is not elastic."""
-        return (self.workers if self.min_workers is None else self.min_workers, self.workers)
-
-    def resolved_experts_per_worker(self, n_routed_experts: int) -> int:
-        problem = self._experts_problem(n_routed_experts)
-        if problem:
-            raise self._error(*problem)
-        return n_routed_experts // self.workers
-
-    def _experts_problem(self, n: int, prefix: str = "") -> tuple[str, str] | None:
-        if n % self.workers:
-            return prefix + "workers", _divisor_message(n, self.workers, "workers", "workers")
-        if self.experts_per_worker is not None and self.experts_per_worker != n // self.workers:
-            return (prefix + "experts_per_worker", f"{self.experts_per_worker} x {self.workers} workers != "
-                    f"{n} routed experts; set experts_per_worker to {n // self.workers} or remove it")
-        return None
-
-    def check_dataset(self, base_dir: str | Path | None = None) -> DatasetConfig:
-        """Check the dataset exists and is non-empty; return it with ``format`` and ``field`` filled in.
-
-        Run before any worker starts. Relative paths resolve against ``base_dir`` (default: the cwd)."""
-        path = Path(self.dataset.path)
-        if base_dir is not None and not path.is_absolute():
-            path = Path(base_dir) / path
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        if not path.exists():
-            raise self._error("dataset.path", f"'{path}' does not exist; create it or set dataset.path to an "
-                              "existing .jsonl or .parquet file")
-        if not files or all(f.stat().st_size == 0 for f in files):
-            raise self._error("dataset.path", f"'{path}' is empty; put training records in it or point "
-                              "dataset.path at a non-empty file")
-        fmt = self.dataset.format or _SUFFIX_FORMAT.get(files[0].suffix.lower())
-        if fmt is None:
-            raise self._error("dataset.format", f"cannot infer the format of '{files[0]}'; set dataset.format "
-                              "to jsonl or parquet")
-        field = self.dataset.field or _detect_field(files[0], fmt, self._error)
-        return self.dataset.model_copy(update={"format": fmt, "field": field})
-
-
-def _detect_field(path: Path, fmt: str, error: Callable[[str, str], ConfigError]) -> str:
-    if fmt == "parquet":
-        import pyarrow.parquet as pq  # deferred: only needed to sniff parquet data sets
-
-        keys = set(pq.read_schema(path).names)
-    else:
-        with path.open(encoding="utf-8") as fh:
-            line = next((ln for ln in fh if ln.strip()), "")
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise error("dataset.path", f"first record of '{path}' is not JSON ({e.msg}); "
-                        "write one JSON object per line") from None
-        keys = set(record) if isinstance(record, dict) else set()
-    for candidate in ("messages", "text"):
-        if candidate in keys:
-            return candidate
-    raise error("dataset.field", f"records in '{path}' have neither 'messages' nor 'text' "
-                f"(found {sorted(keys)}); rename the field or set dataset.field")
-
-
-class TrainConfig(_Closed):
-    jobs: dict[str, TrainJobConfig] = Field(default_factory=dict, description="Fine-tuning jobs by name; run one "
-                                            "with `python -m expertpool.jobs.finetune --config cluster.yaml --job NAME`.")
-
-    @model_validator(mode="after")
-    def _derive(self) -> TrainConfig:
-        for name, job in self.jobs.items():
-            if not _K8S_NAME.match(name) or len(name) > 40:
-                raise _rule(f"jobs.{name}", "job names become Kubernetes object names",
-                            "use lowercase letters, digits and '-' (at most 40 characters), e.g. 'law-esft'")
-            job._name = name
-            if job.output_dir is None:
-                job.output_dir = f"out/{name}"
-            if job.domain is None:
-                job.domain = name
-        return self
-
-
-# ---------------------------------------------------------------------------------------------------
 # kubernetes
 # ---------------------------------------------------------------------------------------------------
 
 
-class HeadResources(_Closed):
+class HeadResources(Closed):
     cpu: float = Field(2.0, gt=0, description="Head pod CPUs (the head runs no replicas or actors: num-cpus 0).")
     memory_gb: float = Field(8.0, gt=0, description="Head pod memory in GiB (GCS, dashboard, Serve controller).")
 
 
-class KubernetesConfig(_Closed):
+class KubernetesConfig(Closed):
     name: str | None = Field(None, description="Base name of the RayService / RayCluster / RayJob objects. "
                              "None = serving.app_name made DNS-safe.")
     namespace: str = Field("default", description="Kubernetes namespace of the generated objects.")
@@ -607,8 +338,8 @@ class KubernetesConfig(_Closed):
 
     @model_validator(mode="after")
     def _check(self) -> KubernetesConfig:
-        if self.name is not None and (not _K8S_NAME.match(self.name) or len(self.name) > 40):
-            raise _rule("name", f"'{self.name}' is not a DNS-1123 label of at most 40 characters",
+        if self.name is not None and (not K8S_NAME.match(self.name) or len(self.name) > 40):
+            raise rule_error("name", f"'{self.name}' is not a DNS-1123 label of at most 40 characters",
                         "use lowercase letters, digits and '-'")
         return self
 
@@ -622,7 +353,7 @@ def _model_label(path: str | None) -> str:
 # ---------------------------------------------------------------------------------------------------
 
 
-class ClusterConfig(_Closed):
+class ClusterConfig(Closed):
     model: ModelConfig = Field(default_factory=ModelConfig, description="What is served (and the default base).")
     pool: PoolConfig = Field(default_factory=PoolConfig, description="The expert-parallel actor group of one replica.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Serve application, engine limits, "
@@ -641,10 +372,10 @@ class ClusterConfig(_Closed):
             if job.publish_to is None:
                 continue
             if job.publish_to != self.serving.app_name:
-                raise _rule(f"train.jobs.{name}.publish_to", f"no serving app named '{job.publish_to}'",
+                raise rule_error(f"train.jobs.{name}.publish_to", f"no serving app named '{job.publish_to}'",
                             f"set publish_to to '{self.serving.app_name}' (serving.app_name) or remove it")
             if job.base_model != self.model.path:
-                raise _rule(f"train.jobs.{name}.base_model", f"{_model_label(job.base_model)} differs from "
+                raise rule_error(f"train.jobs.{name}.base_model", f"{_model_label(job.base_model)} differs from "
                             f"model.path ({_model_label(self.model.path)}), so the result cannot be hot-swapped "
                             "into the served model",
                             "set base_model equal to model.path or remove publish_to")
@@ -672,12 +403,12 @@ class ClusterConfig(_Closed):
         problems: list[ConfigProblem] = []
         derived: dict[str, Any] = {}
         if n_routed_experts % self.pool.actors_per_replica:
-            problems.append(ConfigProblem("pool.actors_per_replica", _divisor_message(
+            problems.append(ConfigProblem("pool.actors_per_replica", divisor_message(
                 n_routed_experts, self.pool.actors_per_replica, "actors_per_replica", "actors")))
         else:
             derived["pool.experts_per_actor"] = n_routed_experts // self.pool.actors_per_replica
         for name, job in self.train.jobs.items():
-            problem = job._experts_problem(n_routed_experts, prefix=f"train.jobs.{name}.")
+            problem = job.experts_problem(n_routed_experts, prefix=f"train.jobs.{name}.")
             if problem:
                 problems.append(ConfigProblem(*problem))
             else:
@@ -800,7 +531,7 @@ def _explain(err: Mapping[str, Any]) -> ConfigProblem:
     """Turn one pydantic error into ``field: problem; fix``."""
     loc = [str(part) for part in err["loc"]]
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
-    if kind == _RULE:
+    if kind == RULE_ERROR_TYPE:
         path = ".".join(loc + ([ctx["field"]] if ctx["field"] else []))
         return ConfigProblem(path, f"{ctx['problem']}; {ctx['fix']}")
     loc = [part for part in loc if "[" not in part]  # pydantic tags like "function-after[...]" are not fields

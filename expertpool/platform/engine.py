@@ -364,9 +364,10 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
 
     from expertpool.model.args import ModelArgs
     from expertpool.model.attention import PagedLatentCache
+    from expertpool.model.checkpoint import DTYPES
     from expertpool.model.embedded import ensure_embedded_model
     from expertpool.model.tokenizer import Tokenizer
-    from expertpool.platform.worker import DTYPES, RayExecutor, WorkerSpec
+    from expertpool.platform.worker import RayExecutor, WorkerSpec
 
     t0 = time.time()
     model_dir = str(cfg.model.path or ensure_embedded_model())

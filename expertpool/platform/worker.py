@@ -33,14 +33,13 @@ import ray
 import torch
 
 from expertpool.model.attention import AttnBatch, PagedLatentCache
-from expertpool.model.checkpoint import load_checkpoint
+from expertpool.model.checkpoint import DTYPES, load_checkpoint
 from expertpool.model.sampling import sample
 from expertpool.model.transformer import Transformer
 from expertpool.platform.scheduler import StepItem
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 CONTROL = "control"  # the actor concurrency group of ping/abort_group: never queued behind a step
 
 
@@ -139,7 +138,7 @@ class ExpertWorker:
         """Load the dense weights, this rank's experts and the KV cache; returns where it runs and what
         it holds (rank, pid, node, device, expert ids)."""
         from expertpool.model.args import ModelArgs
-        from expertpool.platform.dispatch import owned_experts
+        from expertpool.model.dispatch import owned_experts
 
         torch.set_num_threads(max(1, spec.threads))
         use_cuda = torch.cuda.is_available() and spec.backend != "gloo"
@@ -172,7 +171,7 @@ class ExpertWorker:
         Collectives wait at most ``collective_timeout_s`` for a peer, so a dead peer is detected."""
         import torch.distributed as dist
 
-        from expertpool.platform.dispatch import AllToAllDispatcher
+        from expertpool.model.dispatch import AllToAllDispatcher
 
         t0 = time.time()
         if dist.is_initialized():

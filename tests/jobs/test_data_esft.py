@@ -1,11 +1,9 @@
-"""Data (masking, packing) and ESFT pieces (scores, selection, autograd-friendly experts). Pure torch."""
+"""Data (masking, packing) and ESFT pieces (scores, selection). Pure torch."""
 
-import numpy as np
 import torch
 
-from expertpool import kernels
 from expertpool.jobs.data import TokenizePack, encode_record, n_eval_records, pack
-from expertpool.jobs.esft import expert_scores, grouped_experts, select_experts
+from expertpool.jobs.esft import expert_scores, select_experts
 from expertpool.model.moe import RoutingRecord
 from expertpool.model.tokenizer import Tokenizer
 
@@ -71,30 +69,6 @@ def test_expert_scores_gate_and_token():
     # sequence 0 = tokens 0-1, sequence 1 = tokens 2-3; per-sequence means, summed
     assert tok[1].tolist() == [0.5 + 0.25, 0.25 + 0.25, 0.25, 0.0 + 0.5]
     assert gate[1].tolist() == [1.5 + 0.75, 0.25 + 0.25, 0.75, 1.5]
-
-
-def test_grouped_experts_matches_the_kernel_reference_with_grads():
-    g = torch.Generator().manual_seed(0)
-    E, D, F_, T, K = 6, 16, 8, 10, 3
-    x = torch.randn(T, D, generator=g, requires_grad=True)
-    ids = torch.randint(-1, E, (T, K), generator=g)  # -1: expert not held here
-    w = torch.rand(T, K, generator=g)
-    w13 = torch.randn(E, 2 * F_, D, generator=g, requires_grad=True)
-    w2 = torch.randn(E, D, F_, generator=g, requires_grad=True)
-    ref = kernels.moe_experts(x, ids, w, w13, None, w2, None)
-    gx_ref, g13_ref, g2_ref = torch.autograd.grad(ref.square().sum(), [x, w13, w2])
-    out = grouped_experts(x, ids, w, list(w13.unbind(0)), list(w2.unbind(0)))
-    gx, g13, g2 = torch.autograd.grad(out.square().sum(), [x, w13, w2])
-    # same fp32 products, different summation order in index_add/backward: 1e-5 relative covers that
-    for a, b in [(out, ref), (gx, gx_ref), (g13, g13_ref), (g2, g2_ref)]:
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
-def test_grouped_experts_with_no_slots_stays_on_the_graph():
-    x = torch.randn(3, 4, requires_grad=True)
-    out = grouped_experts(x, torch.full((3, 2), -1), torch.ones(3, 2), [], [])
-    assert out.requires_grad and torch.equal(out, torch.zeros(3, 4))
-    assert np.array_equal(out.shape, (3, 4))
 
 
 def test_parquet_text_and_jsonl_chat_read_the_same_way(tiny_dir, tmp_path):

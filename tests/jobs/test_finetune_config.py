@@ -1,6 +1,6 @@
 """Bad job configs fail before any worker starts, exit 2, and name the field and the fix (no Ray)."""
 
-import json
+import pickle
 
 import pytest
 
@@ -66,7 +66,7 @@ def test_publish_needs_esft(tmp_path, tiny_dir):
                     "      batch_size: 2\n      seq_len: 64\n      publish_to: expertpool\n")
     with pytest.raises(finetune.JobError, match="only ESFT patches can be hot-swapped"):
         finetune.prepare(str(path), "j")
-    assert finetune.prepare(str(path), "j", publish=False)["publish_to"] is None
+    assert finetune.prepare(str(path), "j", publish=False).publish_to is None
 
 
 def test_demo_job_in_cluster_yaml_is_valid(monkeypatch):
@@ -74,14 +74,14 @@ def test_demo_job_in_cluster_yaml_is_valid(monkeypatch):
 
     root = pathlib.Path(__file__).resolve().parents[2]
     config = finetune.prepare(str(root / "cluster.yaml"), "demo", publish=False, base_dir=str(root))
-    assert config["job"]["mode"] == "esft" and config["dataset"]["field"] == "messages"
-    assert json.dumps(config)  # the train_loop config must travel to Ray workers as plain data
+    assert config.job.mode == "esft" and config.dataset.field == "messages"
+    assert pickle.loads(pickle.dumps(config)) == config  # the plan must travel to Ray workers
 
 
 def test_elastic_range_is_prepared_for_the_trainer(tmp_path, tiny_dir):
     path = _config(tmp_path, "workers: 4\nmin_workers: 1\nbatch_size: 4", tiny_dir)
     config = finetune.prepare(path, "j")
-    assert config["job"]["min_workers"] == 1 and config["job"]["workers"] == 4
+    assert config.job.min_workers == 1 and config.job.workers == 4 and config.worker_range == (1, 4)
     from expertpool.platform.config import load_config
 
     job = load_config(path).get_job("j")

@@ -21,6 +21,8 @@ import pytest
 import ray.train
 
 from expertpool.jobs import finetune
+from expertpool.jobs.hooks import FrozenCheck
+from tests.jobs.faults import ExitAt
 from tests.jobs.helpers import job_config, train_log
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -45,8 +47,8 @@ def test_full_job_moves_between_worker_counts_through_checkpoints(ray_cluster, t
     # committed) and max_failures 0 ends the run: a stopped job, as after a lost cluster
     two = job_config(tmp_path, tiny_dir, "workers: 2\nworker_resources: {cpu: 1}\n" + JOB)
     with pytest.raises(ray.train.TrainingFailedError):
-        finetune.run_ray(two, fault={"rank": 1, "step": 4, "marker": str(tmp_path / "stop1")})
-    first = train_log(two["output_dir"])
+        finetune.run_ray(two, hooks=[ExitAt(rank=1, step=4, marker=tmp_path / "stop1")])
+    first = train_log(two.output_dir)
     assert [r["step"] for r in first] == [1, 2, 3] and all(r["world"] == 2 for r in first)
 
     # attempt 2: resubmitted with an elastic range 3..4 whose workers need a slot each; the cluster
@@ -54,10 +56,10 @@ def test_full_job_moves_between_worker_counts_through_checkpoints(ray_cluster, t
     # the step-4 checkpoint, written by 3 workers)
     elastic = job_config(tmp_path, tiny_dir, "workers: 4\nmin_workers: 3\n"
                          "worker_resources: {cpu: 1, custom: {expertpool_test_slot: 1}}\n" + JOB)
-    assert elastic["output_dir"] == two["output_dir"]
+    assert elastic.output_dir == two.output_dir
     with pytest.raises(ray.train.TrainingFailedError):
-        finetune.run_ray(elastic, fault={"rank": 2, "step": 6, "marker": str(tmp_path / "stop2")}, resume=True)
-    log = train_log(two["output_dir"])
+        finetune.run_ray(elastic, hooks=[ExitAt(rank=2, step=6, marker=tmp_path / "stop2")], resume=True)
+    log = train_log(two.output_dir)
     second = log[3:]
     assert [r["step"] for r in second] == [3, 4, 5], log
     assert all(r["resumed_from"] == 2 and r["world"] == 3 for r in second)
@@ -65,7 +67,7 @@ def test_full_job_moves_between_worker_counts_through_checkpoints(ray_cluster, t
     # attempt 3: resubmitted with 1 worker; it resumes at step 4 and finishes
     one = job_config(tmp_path, tiny_dir, "workers: 1\nworker_resources: {cpu: 1}\n" + JOB)
     s = finetune.run_ray(one, resume=True)
-    log = train_log(two["output_dir"])
+    log = train_log(two.output_dir)
     third = log[6:]
     assert [r["step"] for r in third] == [5, 6, 7, 8], log
     assert all(r["resumed_from"] == 4 and r["world"] == 1 for r in third)
@@ -152,9 +154,9 @@ max_failures: 2
         second_node()
 
     threading.Thread(target=kill_when_held, daemon=True).start()
-    s = finetune.run_ray(config, fault={"rank": 0, "step": 4, "marker": str(marker), "hold": True})
+    s = finetune.run_ray(config, hooks=[ExitAt(rank=0, step=4, marker=marker, hold=True), FrozenCheck()])
     assert marker.exists(), "the fault was not injected"
-    log = train_log(config["output_dir"])
+    log = train_log(config.output_dir)
     assert [(r["step"], r["world"]) for r in log] == [(1, 4), (2, 4), (3, 4), (3, 3), (4, 3), (5, 3)], log
     assert s["world"] == 3 and s["resumed_from"] == 2 and s["resumed_from_world"] == 4 and s["step"] == 5
     # the selection and the selected experts' rows moved from 4 ranks to 3; nothing else changed, with

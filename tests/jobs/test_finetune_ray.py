@@ -1,21 +1,24 @@
 """Ray Train integration: 2-worker ESFT and full fine-tuning on the tiny model, a worker killed
 mid-run, and Ray Data rows equal to the one-process rows. Shares the session's Ray cluster."""
 
+import dataclasses
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
 from expertpool.jobs import finetune
+from expertpool.jobs.hooks import FrozenCheck
+from expertpool.jobs.plan import TrainPlan
 from expertpool.model.checkpoint import load_checkpoint
 from expertpool.model.patch import read_patch
+from tests.jobs.faults import ExitAt
 from tests.jobs.helpers import ROOT, job_config, train_log
 
 pytestmark = pytest.mark.ray
 
 
-def _job(tmp_path, tiny_dir, body: str) -> dict:
+def _job(tmp_path, tiny_dir, body: str) -> TrainPlan:
     return job_config(tmp_path, tiny_dir, "worker_resources: {cpu: 1}\n" + body)
 
 
@@ -52,14 +55,14 @@ workers: 2
 mtp_loss_weight: 0.1
 checkpoint_every: 0
 """)
-    s = finetune.run_ray(config)
+    s = finetune.run_ray(config, hooks=[FrozenCheck()])
     # held-out domain loss: the tiny random model starts at ~ln(512); 8 ESFT steps on the formulaic
     # domain bring it down by > 0.3 nats (observed ~0.9); 0.3 leaves room for scheduling noise
     assert s["eval_loss_final"] < s["eval_loss_initial"] - 0.3, s
     # every dense tensor and every non-selected expert row is bit-identical to the base,
     # with weight decay on (AdamW would move any row it held)
     assert s["frozen_changed"] == 0
-    chosen = json.loads((Path(config["output_dir"]) / "esft_experts.json").read_text())["layers"]
+    chosen = json.loads((config.output_dir / "esft_experts.json").read_text())["layers"]
     patch = read_patch(s["output"], base_model_dir=tiny_dir)
     assert patch.expert_ids == {int(k): v["experts"] for k, v in chosen.items()}
     assert 0 < patch.num_experts < 2 * 256
@@ -68,11 +71,11 @@ checkpoint_every: 0
     changed = [not torch.equal(moes[layer].experts.w13_weight[e], w13) for layer, ex in patch.experts.items()
                for e, (w13, _) in ex.items()]
     assert all(changed), "a selected expert was not trained"
-    log = train_log(config["output_dir"])
+    log = train_log(config.output_dir)
     assert [r["step"] for r in log] == list(range(1, 9))
     # expert parallelism is exact: one process with all experts sees the same batches, selects the
     # same experts and gets the same first loss (1e-5 relative: all-to-all combine sums in another order)
-    local = finetune.run_local({**config, "output_dir": str(tmp_path / "local")})
+    local = finetune.run_local(dataclasses.replace(config, output_dir=tmp_path / "local"))
     assert local["experts_selected"] == s["experts_selected"]
     assert train_log(tmp_path / "local")[0]["loss"] == pytest.approx(log[0]["loss"], rel=1e-5)
 
@@ -92,9 +95,9 @@ checkpoint_every: 2
 max_failures: 2
 """)
     marker = tmp_path / "killed"
-    s = finetune.run_ray(config, fault={"rank": 1, "step": 4, "marker": str(marker)})
+    s = finetune.run_ray(config, hooks=[ExitAt(rank=1, step=4, marker=marker)])
     assert marker.exists(), "the fault was not injected"
-    log = train_log(config["output_dir"])
+    log = train_log(config.output_dir)
     steps = [r["step"] for r in log]
     # attempt 1 ran steps 1-3 (rank 1 exits at the start of step 4); the checkpoint of step 2 is the
     # latest, so attempt 2 resumes there and repeats only step 3 (<= checkpoint_every steps)
@@ -110,7 +113,7 @@ max_failures: 2
     # matches to ~1e-8 (observed); 1e-5 relative still fails if dense gradients were not averaged
     # over ranks (each rank would step on its own half batch). Later steps drift apart legitimately:
     # top-k routing flips on float-order differences.
-    local = finetune.run_local({**config, "output_dir": str(tmp_path / "local")})
+    local = finetune.run_local(dataclasses.replace(config, output_dir=tmp_path / "local"))
     assert local["step"] == 5
     assert train_log(tmp_path / "local")[1]["loss"] == pytest.approx(log[1]["loss"], rel=1e-5)
     trained = load_checkpoint(s["output"], dtype=torch.float32)

@@ -78,7 +78,7 @@ def test_ray_job_submit_demo(head, tiny_dir):
     r = subprocess.run(["ray", "job", "submit", f"--address={address}", "--working-dir", ".",
                         "--runtime-env-json", json.dumps(runtime_env), "--",
                         "python", "-m", "expertpool.jobs.finetune", "--config", "cluster.yaml", "--job", "demo",
-                        "--no-publish"],
+                        "--no-publish", "--check-frozen"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out[-4000:]

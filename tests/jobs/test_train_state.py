@@ -14,7 +14,7 @@ from expertpool.jobs.train import _init_single_process_group
 from expertpool.jobs.train_state import (ExpertRows, adam_state, dense_state, dense_step, expert_rows_state,
                                          load_dense_state, load_expert_rows, load_scheduler, rank_files,
                                          read_expert_rows, uniform_step)
-from expertpool.platform.dispatch import expert_owners, owned_experts
+from expertpool.model.dispatch import expert_owners, owned_experts
 
 E, LAYERS, F, D = 10, (1, 3), 3, 4  # 10 experts: 3 and 4 ranks get uneven ranges
 

@@ -7,8 +7,8 @@ for its standard library at import time and other tests in this session (or torc
 may already have imported it. Run one directly with
 ``TRITON_INTERPRET=1 python -m pytest tests/kernels/interp_quant.py``.
 
-Markers shared by the modules live in ``kernel_oracles.py`` (a unique module name; two
-``conftest`` modules exist in this tree, so ``from conftest import`` would be ambiguous).
+Markers shared by the modules live in ``kernel_oracles.py`` (``from conftest import`` would be
+ambiguous: there is a ``conftest`` module per folder).
 """
 
 import pytest

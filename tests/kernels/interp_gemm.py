@@ -13,7 +13,7 @@ Two oracles, both float64:
 import pytest
 import torch
 
-from kernel_oracles import E4M3_REL_ERROR_BOUND, rel_err, requires_interpreter
+from tests.kernels.kernel_oracles import E4M3_REL_ERROR_BOUND, rel_err, requires_interpreter
 
 pytest.importorskip("triton")
 pytestmark = requires_interpreter

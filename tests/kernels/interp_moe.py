@@ -12,7 +12,7 @@ Oracles, both float64 (kernel_oracles.py):
 import pytest
 import torch
 
-from kernel_oracles import (E4M3_REL_ERROR_BOUND, make_moe, moe_w8a8_f64, moe_w8a16_f64, rel_err,
+from tests.kernels.kernel_oracles import (E4M3_REL_ERROR_BOUND, make_moe, moe_w8a8_f64, moe_w8a16_f64, rel_err,
                             requires_interpreter)
 
 pytest.importorskip("triton")

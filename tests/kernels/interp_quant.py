@@ -9,7 +9,7 @@ interpreter truncates fp32 -> bf16 where torch (and the GPU) round to nearest ev
 import pytest
 import torch
 
-from kernel_oracles import requires_interpreter
+from tests.kernels.kernel_oracles import requires_interpreter
 
 pytest.importorskip("triton")
 pytestmark = requires_interpreter

@@ -1,7 +1,6 @@
 """Shared builders and float64 oracles for the kernel tests.
 
-Imported as ``kernel_oracles``: pytest's default (prepend) import mode puts tests/kernels on
-sys.path; the name is unique so it cannot shadow another test folder's helpers.
+Imported as ``tests.kernels.kernel_oracles``, like the helpers of the other test folders.
 """
 
 import os

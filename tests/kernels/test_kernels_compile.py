@@ -11,7 +11,7 @@ import inspect
 
 import pytest
 
-from kernel_oracles import requires_triton
+from tests.kernels.kernel_oracles import requires_triton
 
 pytestmark = requires_triton
 

@@ -14,7 +14,7 @@ against the fp32 W8A16 torch reference: two activation quantizations, ``E4M3_REL
 import pytest
 import torch
 
-from kernel_oracles import E4M3_REL_ERROR_BOUND, gpu, rel_err
+from tests.kernels.kernel_oracles import E4M3_REL_ERROR_BOUND, gpu, rel_err
 
 pytestmark = gpu
 

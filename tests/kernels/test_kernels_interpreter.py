@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from kernel_oracles import requires_triton
+from tests.kernels.kernel_oracles import requires_triton
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
@@ -20,7 +20,7 @@ CHILD_TIMEOUT_S = 300
 
 
 def test_interpreter_modules_exist():
-    expected = {"interp_quant.py", "interp_gemm.py", "interp_moe.py", "interp_dispatch.py"}
+    expected = {"interp_quant.py", "interp_gemm.py", "interp_moe.py", "interp_backend.py"}
     assert expected <= set(MODULES)
 
 

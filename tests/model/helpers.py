@@ -4,7 +4,8 @@ import torch
 
 from expertpool.model.args import ModelArgs, YarnArgs, preset
 from expertpool.model.attention import AttnBatch, PagedLatentCache
-from expertpool.model.checkpoint import init_random, save_checkpoint
+from expertpool.model.checkpoint import save_checkpoint
+from expertpool.model.transformer import init_random
 
 SMALL = dict(vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=16,
              num_hidden_layers=3, num_attention_heads=4, kv_lora_rank=32, qk_nope_head_dim=16,

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from expertpool import kernels
-from expertpool.model.checkpoint import CheckpointError, _Reader, load_checkpoint, save_checkpoint
+from expertpool.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from expertpool.model.safetensors_io import ShardReader
 from tests.model.helpers import make_checkpoint, random_model
 
 FP8 = torch.float8_e4m3fn
@@ -84,7 +85,8 @@ def test_resident_weight_formats(fp32_dir):
                         rp.copy_(torch.stack([kernels.dequant_w13_ref(w, s, torch.float32)
                                               for w, s in zip(p, mod.w13_weight_scale_inv)]))
                     elif name.endswith("w2_weight"):
-                        rp.copy_(torch.stack([kernels.weight_dequant(w, s) for w, s in zip(p, mod.w2_weight_scale_inv)]))
+                        rp.copy_(torch.stack([kernels.weight_dequant(w, s)
+                                              for w, s in zip(p, mod.w2_weight_scale_inv)]))
                     else:
                         rp.copy_(kernels.weight_dequant(p, mod.weight_scale_inv))
             assert torch.equal(m(ids), ref(ids)), wd
@@ -105,8 +107,9 @@ def test_partial_expert_loading(fp32_dir, monkeypatch):
     full = load_checkpoint(fp32_dir, dtype=torch.float32)
     subset = list(range(32, 96))
     requested = []
-    orig = _Reader.get
-    monkeypatch.setattr(_Reader, "get", lambda self, name, *a, **k: requested.append(name) or orig(self, name, *a, **k))
+    orig = ShardReader.get
+    monkeypatch.setattr(ShardReader, "get",
+                        lambda self, name, *a, **k: requested.append(name) or orig(self, name, *a, **k))
     part = load_checkpoint(fp32_dir, dtype=torch.float32, experts=subset)
     read_experts = {int(n.split(".experts.")[1].split(".")[0]) for n in requested if ".experts." in n}
     assert read_experts == set(subset)                                # the others were never read
@@ -134,19 +137,27 @@ def test_bad_checkpoints_raise_clear_errors(fp32_dir, tmp_path):
     name = "model.layers.0.self_attn.q_b_proj.weight"
 
     def drop(d):
-        t = load_file(str(d / st)); t.pop(name); save_file(t, str(d / st))
+        t = load_file(str(d / st))
+        t.pop(name)
+        save_file(t, str(d / st))
 
     def reshape(d):
-        t = load_file(str(d / st)); t[name] = t[name][:-1].contiguous(); save_file(t, str(d / st))
+        t = load_file(str(d / st))
+        t[name] = t[name][:-1].contiguous()
+        save_file(t, str(d / st))
 
     def retype(d):
-        t = load_file(str(d / st)); t[name] = t[name].to(torch.int32); save_file(t, str(d / st))
+        t = load_file(str(d / st))
+        t[name] = t[name].to(torch.int32)
+        save_file(t, str(d / st))
 
     def truncate(d):
-        data = (d / st).read_bytes(); (d / st).write_bytes(data[: len(data) // 2])
+        data = (d / st).read_bytes()
+        (d / st).write_bytes(data[: len(data) // 2])
 
     def model_type(d):
-        c = json.loads((d / "config.json").read_text()); c["model_type"] = "llama"
+        c = json.loads((d / "config.json").read_text())
+        c["model_type"] = "llama"
         (d / "config.json").write_text(json.dumps(c))
 
     def no_config(d):
@@ -180,11 +191,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     m = random_model("negative_bias")
     out = save_checkpoint(m, tmp_path / "ck", dtype=torch.float32)
     before = (out / "model.safetensors").read_bytes()
-    import expertpool.model.checkpoint as ck
+    import expertpool.model.safetensors_io as st_io
 
     def boom(*a, **k):
         raise OSError("disk full")
-    monkeypatch.setattr(ck, "save_file", boom)
+    monkeypatch.setattr(st_io, "save_file", boom)
     with pytest.raises(OSError):
         save_checkpoint(m, out, dtype=torch.bfloat16)
     assert (out / "model.safetensors").read_bytes() == before         # old checkpoint untouched

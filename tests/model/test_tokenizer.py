@@ -2,7 +2,8 @@
 
 import pytest
 
-from expertpool.model.tokenizer import ASSISTANT, BOS, EOS, USER, Tokenizer, TokenizerError, build_tiny_tokenizer, tokenizer_files
+from expertpool.model.tokenizer import (ASSISTANT, BOS, EOS, USER, Tokenizer, TokenizerError, build_tiny_tokenizer,
+                                       tokenizer_files)
 
 
 @pytest.fixture(scope="module")
@@ -46,4 +47,5 @@ def test_encode_chat_masks_exactly_the_assistant_turns(tok_dir):
     conv = CONV[2:4] + [{"role": "user", "content": "ok"}, {"role": "assistant", "content": "fine"}]
     ids, mask = t.encode_chat(conv)
     assert ids == t.encode(t.apply_chat_template(conv, add_generation_prompt=False), add_bos=False)
-    assert t.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False) == f"Hello, how are you?{EOS}fine{EOS}"
+    assert (t.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=False)
+            == f"Hello, how are you?{EOS}fine{EOS}")

@@ -167,7 +167,8 @@ def test_bad_inputs_get_specific_4xx_and_server_keeps_serving(served):
         (httpx.post(chat, json={"model": "expertpool-tiny", "messages": msgs, "max_tokens": -3}), 400, "max_tokens"),
         (httpx.post(chat, json={"model": "expertpool-tiny", "messages": msgs, "temperature": 7}), 400, "temperature"),
         (httpx.post(chat, json={"model": "nope", "messages": msgs}), 404, "nope"),
-        (httpx.post(url + "/completions", json={"model": "expertpool-tiny", "prompt": "word " * 2100}), 400, "max_seq_len"),
+        (httpx.post(url + "/completions", json={"model": "expertpool-tiny", "prompt": "word " * 2100}), 400,
+         "max_seq_len"),
         (httpx.post(url + "/completions", json={"model": "expertpool-tiny", "prompt": [1, 99999]}), 400, "vocabulary"),
     ]
     for r, code, needle in cases:
@@ -268,6 +269,7 @@ def _make_patch(tiny_dir, out_dir):
 
 def test_patch_hot_swap_serves_base_and_variant(served, tiny_dir, tmp_path):
     from expertpool.model.checkpoint import load_checkpoint
+    from expertpool.model.patch import apply_patch, read_patch
     from expertpool.model.tokenizer import Tokenizer
     from expertpool.platform.patches import publish
 
@@ -276,7 +278,8 @@ def test_patch_hot_swap_serves_base_and_variant(served, tiny_dir, tmp_path):
     ids = tok.encode("The contract shall be governed by")
     c = served["client"][2]
     base_ref = _reference_greedy(tiny_dir, ids, 12)
-    patched = load_checkpoint(tiny_dir, dtype=torch.float32, with_mtp=False, patch=patch_dir)
+    patched = load_checkpoint(tiny_dir, dtype=torch.float32, with_mtp=False)
+    apply_patch(patched, read_patch(patch_dir), base_model_dir=tiny_dir)
     seq = list(ids)
     with torch.no_grad():
         for _ in range(12):

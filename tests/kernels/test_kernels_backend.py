@@ -1,5 +1,5 @@
 """Backend selection, the Triton import guard and the tuned-config tables (pure CPU, no Triton
-kernels run here; the forced-Triton path is covered by interp_dispatch.py)."""
+kernels run here; the forced-Triton path is covered by interp_backend.py)."""
 
 import json
 import logging
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import expertpool.kernels as K
-from expertpool.kernels import config as kconfig, dispatch, reference as ref
+from expertpool.kernels import backend, reference as ref, tuned
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -25,10 +25,10 @@ def _clean_env(monkeypatch):
 
 
 def test_auto_on_cpu_is_torch_and_logged_once(caplog):
-    dispatch._log_once.cache_clear()
+    backend._log_once.cache_clear()
     q, s = ref.weight_quant_ref(torch.randn(64, 128))
     x = torch.randn(2, 128)
-    with caplog.at_level(logging.INFO, logger="expertpool.kernels.dispatch"):
+    with caplog.at_level(logging.INFO, logger="expertpool.kernels.backend"):
         y = K.linear(x, q, s)
         K.linear(x, q, s)
     assert K.select_backend(CPU)[0] == "torch"
@@ -38,16 +38,16 @@ def test_auto_on_cpu_is_torch_and_logged_once(caplog):
 
 def test_env_var_and_context_manager(monkeypatch):
     monkeypatch.setenv("EXPERTPOOL_KERNELS", "torch")
-    assert dispatch.requested_backend() == "torch"
+    assert backend.requested_backend() == "torch"
     with K.use_backend("triton"):
-        assert dispatch.requested_backend() == "triton"  # the context manager wins
+        assert backend.requested_backend() == "triton"  # the context manager wins
         with K.use_backend("auto"):
-            assert dispatch.requested_backend() == "auto"
-        assert dispatch.requested_backend() == "triton"
-    assert dispatch.requested_backend() == "torch"
+            assert backend.requested_backend() == "auto"
+        assert backend.requested_backend() == "triton"
+    assert backend.requested_backend() == "torch"
     monkeypatch.setenv("EXPERTPOOL_KERNELS", "cuda")
     with pytest.raises(ValueError, match="EXPERTPOOL_KERNELS must be one of"):
-        dispatch.requested_backend()
+        backend.requested_backend()
     with pytest.raises(ValueError, match="use_backend"):
         with K.use_backend("fast"):
             pass
@@ -88,9 +88,9 @@ def test_package_imports_and_runs_without_triton():
     assert proc.returncode == 0 and "ok (2, 64)" in proc.stdout, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("kernel", kconfig.KERNELS)
+@pytest.mark.parametrize("kernel", tuned.KERNELS)
 def test_config_tables_are_valid(kernel):
-    table = json.loads((kconfig.CONFIG_DIR / f"{kernel}.json").read_text())
+    table = json.loads((tuned.CONFIG_DIR / f"{kernel}.json").read_text())
     entries = [table["default"]] + [e for dev in table["devices"].values() for e in dev.values()]
     for entry in entries:
         for bucket, cfg in entry.items():
@@ -102,11 +102,11 @@ def test_config_tables_are_valid(kernel):
 
 
 def test_config_lookup_falls_back_to_default_and_logs_once(caplog):
-    kconfig._log_fallback.cache_clear()
-    with caplog.at_level(logging.INFO, logger="expertpool.kernels.config"):
-        small = kconfig.get_config("fp8_gemm", "N=7,K=128", 1, CPU)
-        big = kconfig.get_config("fp8_gemm", "N=7,K=128", 10 ** 6, CPU)
-    table = kconfig.load_table("fp8_gemm")["default"]
+    tuned._log_fallback.cache_clear()
+    with caplog.at_level(logging.INFO, logger="expertpool.kernels.tuned"):
+        small = tuned.get_config("fp8_gemm", "N=7,K=128", 1, CPU)
+        big = tuned.get_config("fp8_gemm", "N=7,K=128", 10 ** 6, CPU)
+    table = tuned.load_table("fp8_gemm")["default"]
     assert small == table[min(table, key=int)] and big == table[max(table, key=int)]
     assert len([r for r in caplog.records if "N=7,K=128" in r.getMessage()]) == 1
 
@@ -114,7 +114,7 @@ def test_config_lookup_falls_back_to_default_and_logs_once(caplog):
 def test_config_lookup_prefers_device_entry(monkeypatch):
     table = {"default": {"64": {"BLOCK_M": 16}},
              "devices": {"cpu": {"N=1,K=128": {"8": {"BLOCK_M": 32}, "128": {"BLOCK_M": 64}}}}}
-    monkeypatch.setattr(kconfig, "load_table", lambda kernel: table)
-    assert kconfig.get_config("fp8_gemm", "N=1,K=128", 9, CPU) == {"BLOCK_M": 64}
-    assert kconfig.get_config("fp8_gemm", "N=1,K=128", 8, CPU) == {"BLOCK_M": 32}
-    assert kconfig.get_config("fp8_gemm", "N=2,K=128", 8, CPU) == {"BLOCK_M": 16}
+    monkeypatch.setattr(tuned, "load_table", lambda kernel: table)
+    assert tuned.get_config("fp8_gemm", "N=1,K=128", 9, CPU) == {"BLOCK_M": 64}
+    assert tuned.get_config("fp8_gemm", "N=1,K=128", 8, CPU) == {"BLOCK_M": 32}
+    assert tuned.get_config("fp8_gemm", "N=2,K=128", 8, CPU) == {"BLOCK_M": 16}

@@ -1,5 +1,5 @@
 """Expert patches: save/read round trip, apply to full, partial (expert-parallel) and FP8 models,
-``load_checkpoint(patch=)``, and the errors a user can hit. Pure torch, no Ray."""
+and the errors a user can hit. Pure torch, no Ray."""
 
 import json
 
@@ -47,9 +47,10 @@ def test_round_trip_and_manifest(tiny_dir, patch_dir):
     assert not [f for f in path.parent.iterdir() if f.name.startswith(".")], "atomic temp dir left behind"
 
 
-def test_load_checkpoint_with_patch_changes_only_patched_experts(tiny_dir, base, patch_dir):
+def test_apply_patch_to_a_loaded_checkpoint_changes_only_patched_experts(tiny_dir, base, patch_dir):
     path, experts = patch_dir
-    patched = load_checkpoint(tiny_dir, dtype=torch.float32, patch=path)
+    patched = load_checkpoint(tiny_dir, dtype=torch.float32)
+    apply_patch(patched, read_patch(path), base_model_dir=tiny_dir)
     before, after = base.state_dict(), patched.state_dict()
     assert before.keys() == after.keys()
     for name, t in before.items():
@@ -96,7 +97,7 @@ def test_fp8_model_is_requantized(tiny_dir, patch_dir):
 def test_patch_from_another_base_is_rejected(tiny_dir, patch_dir, tmp_path):
     other = init_model("tiny", tmp_path / "other", seed=1)
     with pytest.raises(PatchError, match="trained from base"):
-        load_checkpoint(other, dtype=torch.float32, patch=patch_dir[0])
+        apply_patch(load_checkpoint(other, dtype=torch.float32), read_patch(patch_dir[0]), base_model_dir=other)
 
 
 def test_bad_patches_raise_clear_errors(tiny_dir, base, patch_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""The dispatch point's Triton path, forced on CPU under TRITON_INTERPRET=1.
+"""The kernel backend's Triton path, forced on CPU under TRITON_INTERPRET=1.
 
 ``linear`` on the Triton path is W8A8 (activations quantized), the torch path W8A16; both are
 compared with the float64 product of the dequantized weight and the unquantized input, so the
@@ -10,14 +10,14 @@ import logging
 import pytest
 import torch
 
-from kernel_oracles import (E4M3_REL_ERROR_BOUND, make_moe, moe_w8a16_f64, rel_err,
+from tests.kernels.kernel_oracles import (E4M3_REL_ERROR_BOUND, make_moe, moe_w8a16_f64, rel_err,
                             requires_interpreter)
 
 pytest.importorskip("triton")
 pytestmark = requires_interpreter
 
 import expertpool.kernels as K  # noqa: E402  (after the triton check)
-from expertpool.kernels import dispatch, reference as ref  # noqa: E402
+from expertpool.kernels import backend, reference as ref  # noqa: E402
 
 
 def test_forced_triton_linear_matches_reference(gen):
@@ -77,10 +77,10 @@ def test_non_fp8_weights_stay_in_torch_even_when_triton_forced(gen):
 
 
 def test_k_not_multiple_of_128_falls_back_and_logs_once(gen, caplog):
-    dispatch._log_once.cache_clear()
+    backend._log_once.cache_clear()
     q, s = ref.weight_quant_ref(torch.randn(64, 200, generator=gen))
     x = torch.randn(3, 200, generator=gen)
-    with caplog.at_level(logging.INFO, logger="expertpool.kernels.dispatch"), \
+    with caplog.at_level(logging.INFO, logger="expertpool.kernels.backend"), \
             K.use_backend("triton"):
         y1, y2 = K.linear(x, q, s), K.linear(x, q, s)
     assert torch.equal(y1, ref.linear_ref(x, q, s)) and torch.equal(y2, y1)

@@ -1,4 +1,4 @@
-"""The one dispatch point: picks the Triton FP8 kernels or the torch references per call.
+"""The kernel backend choice: picks the Triton FP8 kernels or the torch references per call.
 
 Rules, in order:
 1. Weights that are not float8_e4m3fn never use a kernel: ``linear`` is ``F.linear`` (weight

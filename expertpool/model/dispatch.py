@@ -1,23 +1,65 @@
-"""All-to-all MoE dispatcher: the expert-parallel drop-in for ``model.moe.LocalDispatcher``.
+"""Token dispatchers: how a MoE layer's (token, slot) pairs reach the routed experts and come back.
 
 Shape legend: T local tokens, K experts per token, P = T*K (token, slot) pairs, R received pairs,
-D hidden, E routed experts, W ranks. Ownership is a per-expert owner table ``owner_E``; the default
-(``expert_owners``) gives rank r the contiguous range [r*E//W, (r+1)*E//W): E/W experts each when W
-divides E (serving requires that), and ranges differing by at most one expert otherwise (elastic
-fine-tuning may restart on any worker count).
+D hidden, E routed experts, W ranks.
 
-dispatch: pairs are sorted by owning rank, counts exchanged, then token rows and expert ids are
+The seam. ``MoE.forward`` routes, then calls ``dispatcher(x_TD, ids_TK, weights_TK, experts)`` and
+gets the weighted sum of the routed experts' outputs per token [T, D]. ``Dispatcher`` names that
+contract; ``ExpertGroup`` names what crosses it: the experts this process holds (the model's
+``Experts`` module, or a training view of it), a table ``global_to_local`` from (variant-offset)
+global expert ids to local slots (-1: not held here) and a call that runs local slots. Only a
+dispatcher knows about expert parallelism; the two here are drop-ins for each other:
+
+- ``LocalDispatcher``: all routed compute in this process (the reference: CPU tests, one-process
+  training). Slots routed to experts not loaded here contribute zero.
+- ``AllToAllDispatcher``: expert parallelism over a torch.distributed group (serving actors, Ray
+  Train workers). Ownership is a per-expert owner table ``owner_E``; the default (``expert_owners``)
+  gives rank r the contiguous range [r*E//W, (r+1)*E//W): E/W experts each when W divides E
+  (serving requires that), and ranges differing by at most one expert otherwise (elastic
+  fine-tuning may restart on any worker count).
+
+All-to-all: pairs are sorted by owning rank, counts exchanged, then token rows and expert ids are
 exchanged with ``all_to_all_single`` (uneven splits). Each rank runs its local experts on the rows it
 received (unweighted), sends the outputs back along the reverse splits, and the origin applies the
 routing weights and sums per token (combine). Weights never travel. The collectives come from
 ``torch.distributed.nn.functional`` so gradients flow back through dispatch and combine in training.
 Every rank must call every MoE layer each step, with zero tokens if it has none: the collectives
-are matched by order. Works on gloo (CPU) and NCCL (GPU).
+are matched by order. Works on gloo (CPU) and NCCL (GPU). Plain torch.distributed, no Ray: the
+model layer stays importable anywhere.
 """
+
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
 from torch.distributed.nn import functional as dist_fn
+
+
+class ExpertGroup(Protocol):
+    """The routed experts one process holds, as a dispatcher sees them (``moe.Experts``, or the
+    trainer's view of it)."""
+
+    global_to_local: torch.Tensor  # [E * variants] local slot of each (variant-offset) global id; -1 = elsewhere
+
+    def __call__(self, x_TD: torch.Tensor, local_ids_TK: torch.Tensor, weights_TK: torch.Tensor) -> torch.Tensor:
+        """Weighted sum per token of the local experts in ``local_ids_TK`` (-1 slots skipped)."""
+        ...
+
+
+class Dispatcher(Protocol):
+    def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                 experts: ExpertGroup) -> torch.Tensor:
+        """Routed experts' output [T, D] for tokens ``x_TD`` routed to global ids ``ids_TK`` with weights
+        ``weights_TK``, whichever process holds each expert."""
+        ...
+
+
+class LocalDispatcher:
+    """All routed compute in this process. Slots routed to experts not loaded here contribute zero."""
+
+    def __call__(self, x_TD, ids_TK, weights_TK, experts: ExpertGroup) -> torch.Tensor:
+        local_ids_TK = experts.global_to_local[ids_TK]
+        return experts(x_TD, local_ids_TK, weights_TK)
 
 
 def owned_experts(rank: int, world: int, n_routed_experts: int) -> list[int]:
@@ -35,6 +77,8 @@ def expert_owners(n_routed_experts: int, world: int) -> torch.Tensor:
 
 
 class AllToAllDispatcher:
+    """Expert parallelism over ``group``: see the module docstring."""
+
     def __init__(self, n_routed_experts: int, group=None, owner_E: torch.Tensor | None = None):
         self.group = group
         self.world = dist.get_world_size(group)
@@ -62,7 +106,8 @@ class AllToAllDispatcher:
         dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=self.group)
         return out
 
-    def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor, experts) -> torch.Tensor:
+    def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
+                 experts: ExpertGroup) -> torch.Tensor:
         T, K = ids_TK.shape
         flat_ids_P = ids_TK.reshape(-1)
         # ids may be variant-offset virtual ids (e + v * E): the owner is that of the base expert

@@ -1,0 +1,89 @@
+"""What a fine-tuning run leaves in ``output_dir`` besides its log: the ESFT selection and the result.
+
+- ``esft_experts.json`` (ESFT, rank 0, once the experts are selected): the scoring, p, and per
+  layer the selected experts with their normalized scores.
+- The result, at the end: ESFT writes an expert patch (``<output_dir>/patch``, ``model.patch``
+  format) with the selected experts; full fine-tuning writes a complete HF checkpoint
+  (``<output_dir>/model``): the base model with every trained tensor, the tokenizer files copied.
+
+Experts live on their owner ranks, so ``write_result`` first gathers them to rank 0 (collective:
+every rank calls it); only rank 0 writes.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from expertpool.jobs.esft import SelectedExperts
+from expertpool.jobs.plan import TrainPlan
+from expertpool.model.checkpoint import load_checkpoint, save_checkpoint
+from expertpool.model.patch import save_patch
+from expertpool.model.transformer import Transformer
+
+Experts = dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]  # layer -> global id -> (w13 [2F, D], w2 [D, F])
+
+
+def write_selection(out: Path, scoring: str, p: float, chosen: dict[int, list[int]],
+                    norm: dict[int, list[float]]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "esft_experts.json").write_text(json.dumps({
+        "scoring": scoring, "p": p,
+        "layers": {str(k): {"experts": v, "scores": [round(norm[k][e], 6) for e in v]} for k, v in chosen.items()}},
+        indent=1))
+
+
+def gather_experts(model: Transformer, selected: dict[int, SelectedExperts] | None) -> Experts:
+    """Every rank's trained experts, merged on rank 0 (other ranks get {}): the selected ones (ESFT,
+    ``selected`` by layer) or all of them (``selected`` None). Collective when the world is > 1."""
+    mine: Experts = {}
+    for moe in model.moe_layers():
+        ex = moe.experts
+        if selected is None:
+            ids = ex.expert_ids.tolist()
+        else:
+            ids = selected[moe.layer_id].global_ids if moe.layer_id in selected else []
+        for e in ids:
+            i = int(ex.global_to_local[e])
+            mine.setdefault(moe.layer_id, {})[e] = (ex.w13_weight[i].detach().clone(), ex.w2_weight[i].detach().clone())
+    world = dist.get_world_size()
+    if world == 1:
+        return mine
+    parts = [None] * world if dist.get_rank() == 0 else None
+    dist.gather_object(mine, parts, dst=0)  # only rank 0 writes the result
+    merged: Experts = {}
+    for part in parts or []:
+        for layer, ex in part.items():
+            merged.setdefault(layer, {}).update(ex)
+    return merged
+
+
+def write_result(plan: TrainPlan, base: Path, model: Transformer, selected: dict[int, SelectedExperts],
+                 summary: dict) -> None:
+    """Write the run's result (the patch or the full checkpoint) and put its path into
+    ``summary["output"]`` on rank 0. ``base``: the base checkpoint as resolved on this node.
+    Collective."""
+    job = plan.job
+    rank = dist.get_rank()
+    if job.mode == "esft":
+        experts = gather_experts(model, selected)
+        if rank == 0:
+            path = save_patch(plan.output_dir / "patch", base_model_dir=base, domain=plan.domain, experts=experts,
+                              dtype=torch.float32,
+                              info={"job": plan.job_name, "steps": job.steps, "scoring": job.esft.scoring,
+                                    "p": job.esft.p, "eval_loss": summary.get("eval_loss_final")})
+            summary["output"] = str(path)
+    else:
+        experts = gather_experts(model, None)
+        if rank == 0:
+            full = load_checkpoint(base, dtype=torch.float32, with_mtp=len(model.model.mtp) > 0)
+            dense = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
+            _missing, unexpected = full.load_state_dict(dense, strict=False)
+            assert not unexpected, unexpected
+            for moe in full.moe_layers():
+                for e, (w13, w2) in experts[moe.layer_id].items():
+                    moe.experts.w13_weight.data[e] = w13
+                    moe.experts.w2_weight.data[e] = w2
+            path = save_checkpoint(full, plan.output_dir / "model", dtype=torch.float32, tokenizer_dir=base)
+            summary["output"] = str(path)

@@ -1,0 +1,212 @@
+"""The ``train:`` section of ``cluster.yaml``: fine-tuning jobs (``train.jobs.<name>``).
+
+Part of the schema in ``platform.config`` (which re-exports these names and embeds ``TrainConfig``
+in ``ClusterConfig``); a separate module because the job schema is a room of its own: data set,
+ESFT selection, optimizer, elastic worker range, checkpoints, publishing. Same contract as the rest
+of the schema: closed models, every field documented, derived defaults (``esft.p``, ``output_dir``,
+``domain``) filled at validation. Rules that need the model architecture are
+``TrainJobConfig.resolved_experts_per_worker`` (and ``ClusterConfig.validate_against_model``); the
+ones that touch the file system are ``TrainJobConfig.check_dataset``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, PrivateAttr, model_validator
+
+from expertpool.platform.config_base import (K8S_NAME, ActorResources, Closed, ConfigError, ConfigProblem,
+                                             divisor_message, rule_error)
+
+_DOMAIN = re.compile(r"^[A-Za-z0-9._-]+$")
+_SUFFIX_FORMAT = {".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
+
+
+class DatasetConfig(Closed):
+    path: str = Field(description="Training data file (or directory of files). Relative paths are relative to "
+                      "the working directory of the job, i.e. the repository root.")
+    format: Literal["jsonl", "parquet"] | None = Field(None, description="File format. None = from the suffix "
+                                                       "(.jsonl, .parquet/.pq).")
+    field: Literal["messages", "text"] | None = Field(None, description="Record field holding the example: "
+                                                      "`messages` (chat turns) or `text`. None = detected from the "
+                                                      "first record by check_dataset().")
+    eval_fraction: float = Field(0.1, ge=0, lt=1, description="Fraction of records held out for evaluation.")
+
+    @model_validator(mode="after")
+    def _infer(self) -> DatasetConfig:
+        if self.format is None:
+            suffix = Path(self.path).suffix.lower()
+            if suffix in _SUFFIX_FORMAT:
+                self.format = _SUFFIX_FORMAT[suffix]  # type: ignore[assignment]
+            elif suffix:
+                raise rule_error("format", f"cannot infer the format from suffix '{suffix}'",
+                            "set dataset.format to jsonl or parquet")
+        return self
+
+
+class EsftConfig(Closed):
+    scoring: Literal["gate", "token"] = Field("token", description="ESFT expert relevance score: `token` "
+                                              "(selection ratio, ESFT-Token) or `gate` (mean gate value, ESFT-Gate).")
+    p: float | None = Field(None, description="Cumulative relevance threshold in (0, 1]: per layer, train the "
+                            "fewest experts whose scores sum to >= p. None = the paper's value: 0.2 (token), "
+                            "0.1 (gate).")
+    score_tokens: int = Field(16384, ge=1, description="Training tokens sampled for the relevance probe "
+                              "(forward passes only; the paper uses 32 x 4096).")
+
+    @model_validator(mode="after")
+    def _check(self) -> EsftConfig:
+        if self.p is None:
+            self.p = 0.2 if self.scoring == "token" else 0.1
+        if not 0 < self.p <= 1:
+            raise rule_error("p", f"must be in (0, 1], got {self.p}",
+                        "set p to a fraction such as 0.2 (token scoring) or 0.1 (gate scoring)")
+        return self
+
+
+class TrainJobConfig(Closed):
+    base_model: str | None = Field(None, description="Checkpoint directory to fine-tune. None = the embedded tiny "
+                                   "model.")
+    dataset: DatasetConfig = Field(description="Training data.")
+    mode: Literal["esft", "full"] = Field("esft", description="`esft`: train only the routed experts relevant to the "
+                                          "data (everything else frozen); `full`: train all weights.")
+    esft: EsftConfig = Field(default_factory=EsftConfig, description="Expert selection (mode esft only).")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
+    steps: int = Field(500, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Global batch size in sequences; must divide by workers (so "
+                            "every worker count in the elastic range gets at least one sequence).")
+    seq_len: int = Field(4096, ge=1, description="Training sequence length in tokens (longer examples are truncated).")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warmup steps (<= steps).")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float | None = Field(1.0, gt=0, description="Global gradient-norm clip. None = no clipping.")
+    workers: int = Field(2, ge=1, description="Ray Train workers; routed experts are sharded over them. With "
+                         "min_workers, the most workers (the size Ray Train asks for and grows back to).")
+    min_workers: int | None = Field(None, ge=1, description="Fewest workers the job runs on (Ray Train elastic "
+                                    "range min_workers..workers): after a failure Ray Train restarts on the "
+                                    "workers it can get from the latest checkpoint, which any worker count restores; "
+                                    "rank r of W then owns routed experts [r*E//W, (r+1)*E//W). None = always "
+                                    "exactly `workers`.")
+    experts_per_worker: int | None = Field(None, ge=1, description="Routed experts per worker. None = "
+                                           "n_routed_experts / workers; if set, must equal it.")
+    worker_resources: ActorResources = Field(default_factory=ActorResources, description="Resources per train worker.")
+    zero_stage: Literal[0, 1, 2] = Field(1, description="DeepSpeed ZeRO stage for the non-expert (data-parallel) "
+                                         "parameters.")
+    mtp_loss_weight: float = Field(0.0, ge=0, description="Weight of the multi-token-prediction loss; 0 = off.")
+    balance_loss_alpha: float = Field(0.0001, ge=0, description="Sequence-wise auxiliary balance loss weight (alpha).")
+    router_bias_rate: float = Field(0.0, ge=0, description="Aux-loss-free router bias update speed (gamma). "
+                                    "0 = routing frozen, as in ESFT.")
+    checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints; 0 = only at the end.")
+    output_dir: str | None = Field(None, description="Where checkpoints and the result go. None = out/<job name>.")
+    max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint before the job "
+                              "fails (Ray Train FailureConfig.max_failures; -1 = unlimited).")
+    publish_to: str | None = Field(None, description="Serving app (serving.app_name) to hot-swap the result into at "
+                                   "the end, served as `MODEL:DOMAIN`. None = only write output_dir.")
+    domain: str | None = Field(None, description="Variant name; the result is served as `<model.name>:<domain>`. "
+                               "None = the job name.")
+
+    _name: str = PrivateAttr("")  # set by TrainConfig; names the job in error messages
+    _source: str = PrivateAttr("cluster.yaml")  # set by parse_config
+
+    def _error(self, field: str, message: str) -> ConfigError:
+        return ConfigError([ConfigProblem(f"train.jobs.{self._name}.{field}" if self._name else field, message)],
+                           self._source)
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainJobConfig:
+        if self.warmup_steps > self.steps:
+            raise rule_error("warmup_steps", f"({self.warmup_steps}) exceeds steps ({self.steps})",
+                        f"set warmup_steps to at most {self.steps}")
+        if self.batch_size % self.workers:
+            raise rule_error("batch_size",
+                             f"{self.batch_size} sequences do not split evenly over {self.workers} workers",
+                        f"set batch_size to a multiple of {self.workers}")
+        if self.min_workers is not None and self.min_workers > self.workers:
+            raise rule_error("min_workers", f"({self.min_workers}) exceeds workers ({self.workers}), the most workers",
+                        f"set min_workers to at most {self.workers}, or raise workers")
+        if self.domain is not None and not _DOMAIN.match(self.domain):
+            raise rule_error("domain", f"'{self.domain}' has characters outside [A-Za-z0-9._-]",
+                        "set domain to a short name such as 'law' or 'math-v2'")
+        return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) Ray Train workers; equal when the job is not elastic."""
+        return (self.workers if self.min_workers is None else self.min_workers, self.workers)
+
+    def resolved_experts_per_worker(self, n_routed_experts: int) -> int:
+        problem = self.experts_problem(n_routed_experts)
+        if problem:
+            raise self._error(*problem)
+        return n_routed_experts // self.workers
+
+    def experts_problem(self, n: int, prefix: str = "") -> tuple[str, str] | None:
+        if n % self.workers:
+            return prefix + "workers", divisor_message(n, self.workers, "workers", "workers")
+        if self.experts_per_worker is not None and self.experts_per_worker != n // self.workers:
+            return (prefix + "experts_per_worker", f"{self.experts_per_worker} x {self.workers} workers != "
+                    f"{n} routed experts; set experts_per_worker to {n // self.workers} or remove it")
+        return None
+
+    def check_dataset(self, base_dir: str | Path | None = None) -> DatasetConfig:
+        """Check the dataset exists and is non-empty; return it with ``format`` and ``field`` filled in.
+
+        Run before any worker starts. Relative paths resolve against ``base_dir`` (default: the cwd)."""
+        path = Path(self.dataset.path)
+        if base_dir is not None and not path.is_absolute():
+            path = Path(base_dir) / path
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        if not path.exists():
+            raise self._error("dataset.path", f"'{path}' does not exist; create it or set dataset.path to an "
+                              "existing .jsonl or .parquet file")
+        if not files or all(f.stat().st_size == 0 for f in files):
+            raise self._error("dataset.path", f"'{path}' is empty; put training records in it or point "
+                              "dataset.path at a non-empty file")
+        fmt = self.dataset.format or _SUFFIX_FORMAT.get(files[0].suffix.lower())
+        if fmt is None:
+            raise self._error("dataset.format", f"cannot infer the format of '{files[0]}'; set dataset.format "
+                              "to jsonl or parquet")
+        field = self.dataset.field or _detect_field(files[0], fmt, self._error)
+        return self.dataset.model_copy(update={"format": fmt, "field": field})
+
+
+def _detect_field(path: Path, fmt: str, error: Callable[[str, str], ConfigError]) -> str:
+    if fmt == "parquet":
+        import pyarrow.parquet as pq  # deferred: only needed to sniff parquet data sets
+
+        keys = set(pq.read_schema(path).names)
+    else:
+        with path.open(encoding="utf-8") as fh:
+            line = next((ln for ln in fh if ln.strip()), "")
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error("dataset.path", f"first record of '{path}' is not JSON ({e.msg}); "
+                        "write one JSON object per line") from None
+        keys = set(record) if isinstance(record, dict) else set()
+    for candidate in ("messages", "text"):
+        if candidate in keys:
+            return candidate
+    raise error("dataset.field", f"records in '{path}' have neither 'messages' nor 'text' "
+                f"(found {sorted(keys)}); rename the field or set dataset.field")
+
+
+class TrainConfig(Closed):
+    jobs: dict[str, TrainJobConfig] = Field(default_factory=dict, description="Fine-tuning jobs by name; run one "
+                                            "with `python -m expertpool.jobs.finetune --config cluster.yaml "
+                                            "--job NAME`.")
+
+    @model_validator(mode="after")
+    def _derive(self) -> TrainConfig:
+        for name, job in self.jobs.items():
+            if not K8S_NAME.match(name) or len(name) > 40:
+                raise rule_error(f"jobs.{name}", "job names become Kubernetes object names",
+                            "use lowercase letters, digits and '-' (at most 40 characters), e.g. 'law-esft'")
+            job._name = name
+            if job.output_dir is None:
+                job.output_dir = f"out/{name}"
+            if job.domain is None:
+                job.domain = name
+        return self
