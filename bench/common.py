@@ -42,7 +42,7 @@ def start(cfg_data: dict, num_cpus: int | None = None) -> tuple[str, str]:
 
     from expertpool.platform.config import parse_config
     from expertpool.platform.proxy import set_proxy_env
-    from expertpool.platform.serve import deploy
+    from expertpool.platform.app import deploy
 
     cfg_data.setdefault("serving", {}).update(host="127.0.0.1", port=free_port())
     cfg = parse_config(cfg_data)

@@ -90,7 +90,7 @@ def main():
 
     import ray
 
-    from expertpool.platform.serve import resolve_config
+    from expertpool.cli import resolve_config
     data = resolve_config(None).model_dump(mode="json")
     data.pop("train", None)
     base, app = common.start(data)
