@@ -103,7 +103,9 @@ class ExpertPoolServer:
         self.engine = _resolve(engine_factory, default_engine)(cfg)
         tokenizer = _resolve(tokenizer_factory, default_tokenizer)(cfg)
         self.api = OpenAIServer(self.engine, tokenizer, api_key=cfg.serving.resolve_api_key(),
-                                metrics=ServerMetrics(replica=serve.get_replica_context().replica_id.unique_id))
+                                metrics=ServerMetrics(replica=serve.get_replica_context().replica_id.unique_id,
+                                                      model_name=self.engine.model_ids()[0]),
+                                reasoning_parser=cfg.serving.reasoning_parser)
         ctx = serve.get_replica_context()
         # hot-swap: load every patch published for this app, now and whenever one is published
         self._patch_watch = asyncio.get_running_loop().create_task(

@@ -185,12 +185,25 @@ def test_over_the_real_engine_cancel_mid_stream_frees_kv_blocks():
 
 
 @pytest.mark.parametrize("body, param, needle", [
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "only n=1"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "logprobs are not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n", "greater than or equal to 1"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 17}, "n", "less than or equal to 16"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, None, "top_logprobs needs logprobs=true"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+     "less than or equal to 20"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": -0.1}, "temperature", "greater than or equal"),
     ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, None,
      "only allowed with stream=true"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools", "unknown or unsupported field"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 3}}, "logit_bias",
+     "logit_bias is not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}, "presence_penalty",
+     "penalties are not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format.type",
+     "Input should be"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, None,
+     "tool_choice=required needs at least one tool"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, None, "names the function 'g'"),
+    ({"messages": [{"role": "user", "content": "x"}], "functions": []}, "functions", "unknown or unsupported field"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "Input should be"),
 ])
 def test_request_validation_names_the_field(body, param, needle):
