@@ -31,6 +31,9 @@ from typing import Literal
 import torch
 
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
+# JSON without free whitespace between tokens (as json.dumps with separators writes it): a model
+# cannot stall in endless blanks, and the answer is the same document.
+COMPACT_JSON = {"whitespace_flexible": False}
 
 
 class GrammarError(ValueError):
@@ -46,7 +49,7 @@ class GrammarSpec:
         from llguidance import LLMatcher
 
         if self.kind == "json_schema":
-            return LLMatcher.grammar_from_json_schema(self.source)
+            return LLMatcher.grammar_from_json_schema(self.source, defaults=COMPACT_JSON)
         return LLMatcher.grammar_from_lark(self.source)
 
 

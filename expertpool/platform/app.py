@@ -38,6 +38,7 @@ from ray.serve.deployment import Application
 
 from expertpool.platform.api import OpenAIServer, build_fastapi_app
 from expertpool.platform.config import ClusterConfig, load_config, parse_config
+from expertpool.platform.logs import show_info_logs
 from expertpool.platform.metrics import ServerMetrics
 from expertpool.platform.patches import watch_patches
 
@@ -98,6 +99,7 @@ class ExpertPoolServer:
 
     def __init__(self, config: ClusterConfig | dict[str, Any], engine_factory: Factory | None = None,
                  tokenizer_factory: Factory | None = None):
+        show_info_logs(use_serve_handlers=True)
         cfg = config if isinstance(config, ClusterConfig) else parse_config(config, source="serve args.config")
         self.cfg = cfg
         self.engine = _resolve(engine_factory, default_engine)(cfg)

@@ -406,7 +406,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
                       eos_token_id=tok.eos_token_id if tok.eos_token_id is not None else args.eos_token_id,
                       max_queued=s.max_queued_requests if s.max_queued_requests > 0 else 1 << 30,
                       vocab_size=args.vocab_size)
-    log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1fs",
+    log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1f s",
              model_dir, world, args.n_routed_experts // world, blocks_per_worker, s.kv_cache.block_size,
              time.time() - t0)
     policy = RecoveryPolicy(rec.enabled, rec.timeout_s, rec.liveness_check_s, rec.max_attempts)

@@ -20,7 +20,7 @@ import json
 import re
 import uuid
 
-from expertpool.model.grammar import GrammarSpec
+from expertpool.model.grammar import COMPACT_JSON, GrammarSpec
 from expertpool.model.tokenizer import (TOOL_CALL_BEGIN, TOOL_CALL_END, TOOL_CALLS_BEGIN, TOOL_CALLS_END,
                                         TOOL_SEP)
 from expertpool.platform.scheduler import Sampled
@@ -134,7 +134,8 @@ def tool_call_grammar(tools: list, parallel: bool, special_id=lambda _t: None) -
     lit = lambda t: _literal(t, special_id)  # noqa: E731
     rules = []
     for i, t in enumerate(tools):
-        schema = json.dumps(t.function.parameters or {"type": "object"}, ensure_ascii=False)
+        schema = json.dumps({**(t.function.parameters or {"type": "object"}), "x-guidance": COMPACT_JSON},
+                            ensure_ascii=False)
         rules.append(f"call_{i}: {lit(TOOL_CALL_BEGIN)} \"function\" {lit(TOOL_SEP)} "
                      f"{json.dumps(t.function.name + chr(10) + '```json' + chr(10))} %json {schema} "
                      f"{json.dumps(chr(10) + '```')} {lit(TOOL_CALL_END)}")
@@ -167,6 +168,11 @@ def completion_logprobs(tokenizer, samples: list[Sampled], text_offset: int) -> 
         tokens.append(t)
         offsets.append(off)
         off += len(t)
-    return {"tokens": tokens, "token_logprobs": [_lp(s.logprob) for s in samples],
-            "top_logprobs": [{_token_text(tokenizer, i): _lp(v) for i, v in s.top} for s in samples],
+    tops = []
+    for s in samples:  # keyed by text: tokens that read the same (byte pieces: U+FFFD) keep the likelier
+        top: dict[str, float] = {}
+        for i, v in s.top:
+            top.setdefault(_token_text(tokenizer, i), _lp(v))
+        tops.append(top)
+    return {"tokens": tokens, "token_logprobs": [_lp(s.logprob) for s in samples], "top_logprobs": tops,
             "text_offset": offsets}

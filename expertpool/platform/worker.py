@@ -192,6 +192,8 @@ class ExpertWorker:
     """Ray actor body (wrapped with ray.remote by ``RayExecutor``)."""
 
     def __init__(self, rank: int, world: int):
+        from expertpool.platform.logs import show_info_logs
+        show_info_logs()
         self.rank, self.world = rank, world
         self.runner: ModelRunner | None = None
         self.device = "cpu"
