@@ -23,6 +23,7 @@ PAD, BOS, EOS = 0, 1, 2
 BYTE0 = 3
 MERGES = [b" world", b"Hello"]
 SPECIAL = {"<s>": BOS, "</s>": EOS}
+VOCAB = BYTE0 + 256 + len(MERGES)
 
 REPLY = "Hello world! Grüße 😀 from the fake engine."
 
@@ -116,6 +117,7 @@ class FakeEngine:
         self.steps = 0
         self.calls: list[tuple[str, list[int], object, str | None]] = []
         self.closed_early: list[str] = []
+        self.aborted: list[str] = []
 
     def model_ids(self) -> list[str]:
         return list(self.ids)
@@ -128,7 +130,7 @@ class FakeEngine:
     async def generate(self, request_id, prompt_token_ids, params, model=None):
         """n > 1: the n completions run interleaved, one token each per step (completion i starts its
         reply i tokens in, so they differ). With logprobs each token comes as a ``Sampled`` with
-        made-up values (token t: logprob -t/1000, alternatives t+1..t+k)."""
+        made-up values (token t: logprob -t/1000, alternatives t+1..t+k modulo the vocabulary)."""
         self.calls.append((request_id, list(prompt_token_ids), params, model))
         prompt_text = self.tok.decode(prompt_token_ids)
         if "OVERLOAD" in prompt_text:
@@ -164,8 +166,8 @@ class FakeEngine:
                     self.expert_tokens[tid % 8] += 1
                     lps = None
                     if params.logprobs is not None:
-                        lps = [Sampled(tid, -tid / 1000, [(tid + k, -(tid + k) / 1000)
-                                                          for k in range(1, params.logprobs + 1)])]
+                        alts = [(tid + k) % VOCAB for k in range(1, params.logprobs + 1)]
+                        lps = [Sampled(tid, -tid / 1000, [(a, -a / 1000) for a in alts])]
                     if tid == EOS or tid in params.stop_token_ids:
                         live.discard(i)
                         yield TokenEvent([], "stop", n_prompt, len(out) + 1, i, queue_s=0.001)
@@ -183,6 +185,7 @@ class FakeEngine:
                 self._log(event="closed_early", request_id=request_id, tokens=sum(len(o) for o in outs))
 
     async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
         self._log(event="abort", request_id=request_id)
 
     def stats(self) -> dict:

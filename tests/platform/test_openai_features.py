@@ -18,10 +18,8 @@ import httpx
 import jsonschema
 import openai
 import pytest
-from openai.types import Completion
-from openai.types.chat import ChatCompletion, ChatCompletionChunk
-
 from expertpool.platform.api import OpenAIServer, build_fastapi_app
+from tests.platform.openai_check import post_validated
 
 SCHEMA = {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 6}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
@@ -65,30 +63,7 @@ def _client(app) -> openai.AsyncOpenAI:
 
 
 async def _raw(app, path: str, body: dict):
-    """POST and validate the body (or every SSE chunk) against the openai package's types."""
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t", timeout=300) as c:
-        r = await c.post(path, json=body)
-    assert r.status_code == 200, r.text
-    chat = path.endswith("chat/completions")
-    if not body.get("stream"):
-        return (ChatCompletion if chat else Completion).model_validate(r.json())
-    events = r.text.split("\n\n")
-    assert events[-2] == "data: [DONE]" and events[-1] == ""
-    bodies = [json.loads(e[len("data: "):]) for e in events[:-2]]
-    if chat:
-        return [ChatCompletionChunk.model_validate(b) for b in bodies]
-    return [Completion.model_validate(_running_as_stop(b)) for b in bodies]
-
-
-def _running_as_stop(body: dict) -> dict:
-    """The openai package parses streamed legacy completions into ``Completion``, whose finish_reason
-    excludes null, while OpenAI's own stream sends null until the last chunk. Null (and only null)
-    is checked here and the rest of the chunk validated with it read as "stop"."""
-    choices = []
-    for c in body["choices"]:
-        assert c["finish_reason"] in (None, "stop", "length"), c
-        choices.append({**c, "finish_reason": c["finish_reason"] or "stop"})
-    return {**body, "choices": choices}
+    return await post_validated(app, path, body)
 
 
 LOOP: list[asyncio.AbstractEventLoop] = []
