@@ -9,7 +9,8 @@ non-streaming answers agree.
   ``</think>`` is ``reasoning_content`` (a leading ``<think>`` dropped), the rest ``content``. R1's
   template opens the ``<think>`` in the prompt, so output without ``</think>`` is all reasoning.
 - ``ToolCallParser``: the DeepSeek-V3 format, as its chat template writes assistant tool calls:
-  ``<｜tool▁calls▁begin｜>`` then per call ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>``
+  ``<｜tool▁calls▁begin｜>`` then per call
+  ``<｜tool▁call▁begin｜>function<｜tool▁sep｜>NAME\\n```json\\nARGS\\n```<｜tool▁call▁end｜>``
   (calls separated by a newline), then ``<｜tool▁calls▁end｜>``. Text before the first tag is
   ``content``; each call is sent as one streaming delta when its end tag arrives.
 - ``tool_call_grammar``: the Lark grammar (llguidance) of exactly that format, with each function's
@@ -29,8 +30,8 @@ THINK_START, THINK_END = "<think>", "</think>"
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf; vLLM sends the same floor
 REASONING_PARSERS = ("deepseek_r1",)
 
-_CALL_RE = re.compile(re.escape(TOOL_CALL_BEGIN) + r"(?P<type>.*?)" + re.escape(TOOL_SEP) + r"(?P<name>.*?)\s*```json\s*"
-                      r"(?P<args>.*?)\s*```\s*" + re.escape(TOOL_CALL_END), re.DOTALL)
+_CALL_RE = re.compile(re.escape(TOOL_CALL_BEGIN) + r"(?P<type>.*?)" + re.escape(TOOL_SEP)
+                      + r"(?P<name>.*?)\s*```json\s*(?P<args>.*?)\s*```\s*" + re.escape(TOOL_CALL_END), re.DOTALL)
 
 
 def held_back_len(text: str, tags: list[str]) -> int:

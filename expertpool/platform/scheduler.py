@@ -276,7 +276,8 @@ class EngineCore:
     # ---- scheduling
     def _drop_aborted(self, events: dict) -> None:
         """Aborts end the sequence and its forks-to-be (the API closes a request's n completions together)."""
-        for seq in [s for s in itertools.chain(self.running, self.waiting) if s.aborted or any(f.aborted for f in s.forks)]:
+        for seq in [s for s in itertools.chain(self.running, self.waiting)
+                    if s.aborted or any(f.aborted for f in s.forks)]:
             for f in seq.forks if seq.aborted else [f for f in seq.forks if f.aborted]:
                 seq.forks.remove(f)
                 self._finish(f, "abort")

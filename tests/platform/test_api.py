@@ -696,6 +696,7 @@ def _serve_llm_dashboard_metrics() -> set[str]:
 
     src = open(panels.__file__).read()
     names = set(re.findall(r"ray_vllm_[a-z0-9_]+", src))
-    hist = set(re.findall(r'_(?:histogram_panels|percentile_with_join|mean_with_join)\(\s*"(ray_vllm_[a-z0-9_]+)"', src))
+    hist = set(re.findall(r'_(?:histogram_panels|percentile_with_join|mean_with_join)\(\s*"(ray_vllm_[a-z0-9_]+)"',
+                          src))
     out = {n for n in names - hist if not any(k in n for k in NOT_APPLICABLE)}
     return out | {h + "_bucket" for h in hist if not any(k in h for k in NOT_APPLICABLE)}
