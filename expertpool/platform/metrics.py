@@ -15,6 +15,10 @@ Ray queries (``ray/dashboard/modules/metrics/dashboards/serve_llm_dashboard_pane
               vllm_request_queue_time_seconds, vllm_request_prefill_time_seconds,
               vllm_request_decode_time_seconds, vllm_request_prompt_tokens, vllm_request_generation_tokens
 
+Ray Serve LLM's ``TTFTAutoscalingPolicy`` (``ray.serve.llm.autoscaling``, Ray after 2.60) scales on
+``histogram_quantile(0.99, sum(rate(ray_vllm_time_to_first_token_seconds_bucket[1m])) by (le))``,
+which the TTFT histogram here answers.
+
 Times are measured where the client sees them (the HTTP layer): TTFT from request arrival; queue
 time from the engine (arrival to first scheduled); prefill = TTFT - queue time; decode = last token
 - first token. Metrics no peer has keep the ``expertpool_`` prefix: HTTP requests by status

@@ -310,8 +310,9 @@ class ChatCompletionRequest(_SamplingFields):
         out = super().ignored_fields()
         if "tools" in self.model_fields_set and not self.tools:
             out.append("tools")
-        if "parallel_tool_calls" in self.model_fields_set and not self.tools:
-            out.append("parallel_tool_calls")
+        for f in ("parallel_tool_calls", "tool_choice"):
+            if f in self.model_fields_set and not self.tools:
+                out.append(f)
         return out
 
 
