@@ -6,8 +6,8 @@ completions (seeded sampling, ``--tokens`` each) and, at a random moment while t
 SIGKILL to a random expert actor. It reports per run: lost requests (any error or short stream),
 outputs equal to the same requests without the fault, the longest client-visible stall (largest
 gap between two tokens of one stream), and the recovery time as a client sees it: kill to the first
-token after the pause (the end of the longest gap, earliest over the streams). Throughput (16 closed-loop streams) is measured before the first
-kill and after the last.
+token after the pause (the end of the longest gap, earliest over the streams). Throughput (16
+closed-loop streams) is measured before the first kill and after the last.
 
     python bench/faults.py [--runs 5] [--streams 16] [--no-append]
 """
@@ -123,8 +123,8 @@ def main():
         lines.append(f"| {k + 1} | {r['rank']} | {r['lost']} / {a.streams} | {'yes' if r['equal'] else 'NO'} | "
                      f"{r['stall']:.2f} | {r['recovery']:.2f} | {r['engine_s']:.2f} |")
     rec = [r["recovery"] for r in runs]
-    summary = (f"{sum(r['lost'] for r in runs)} lost requests out of {a.runs * a.streams}; kill to resumed tokens: median "
-               f"{statistics.median(rec):.2f} s, max {max(rec):.2f} s (goal < 10 s). Throughput at 16 streams "
+    summary = (f"{sum(r['lost'] for r in runs)} lost requests out of {a.runs * a.streams}; kill to resumed tokens: "
+               f"median {statistics.median(rec):.2f} s, max {max(rec):.2f} s (goal < 10 s). Throughput at 16 streams "
                f"({a.tput_s:.0f} s, 32-token requests): {before:.0f} tok/s before the first kill, {after:.0f} tok/s "
                f"after the last.")
     table = "\n".join(lines)

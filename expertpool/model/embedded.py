@@ -21,7 +21,7 @@ from expertpool.model.transformer import init_random
 
 log = logging.getLogger(__name__)
 
-EMBEDDED_VERSION = "v1"
+EMBEDDED_VERSION = "v2"  # v2: chat template with tools and tool calls
 # std of the random init: large enough that greedy logits have clear margins on the tiny model
 TINY_INIT_STD = 0.1
 

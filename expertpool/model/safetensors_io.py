@@ -16,6 +16,7 @@ name map lives in ``model.checkpoint``.
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,6 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+
+log = logging.getLogger(__name__)
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded or saved; the message names the file/tensor and the fix."""
@@ -101,6 +104,9 @@ class ShardReader:
             if not f.exists():
                 raise CheckpointError(f"{f}: shard listed in the index is missing")
             self._handles[fname] = SafetensorsFile(f)
+            shards = len(set(self.weight_map.values())) if hasattr(self, "weight_map") else 1  # unsharded: 1
+            # progress: one line per shard, when loading first reaches it
+            log.info("loading shard %s (%d of %d) from %s", fname, len(self._handles), shards, self.path)
         return self._handles[fname]
 
     def close(self) -> None:

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from expertpool.model.grammar import GrammarSpec
+
 _MASK64 = (1 << 64) - 1
 
 
@@ -37,6 +39,9 @@ class SamplingParams:
     seed: int | None = None           # None = nondeterministic (the serving engine assigns one)
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    n: int = 1                        # completions of one prompt; the prompt's full KV blocks are shared
+    logprobs: int | None = None       # None = off; k >= 0: the sampled token's logprob and the k most likely
+    grammar: GrammarSpec | None = None  # constrained decoding: the token mask of this grammar (model.grammar)
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -47,6 +52,10 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.logprobs is not None and self.logprobs < 0:
+            raise ValueError(f"logprobs must be >= 0, got {self.logprobs}")
 
     @property
     def filtered(self) -> bool:

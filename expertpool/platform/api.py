@@ -2,24 +2,18 @@
 
 ``OpenAIServer`` holds the logic and knows nothing about Ray; ``build_fastapi_app`` wires it to
 routes. The Serve deployment (``app.py``) only builds both inside the replica, so everything here is
-tested in-process and through ``serve.run`` with a fake engine.
+tested in-process and through ``serve.run`` with a fake engine. Text handling (detokenizing, stop
+strings, the n choices, reasoning and tool-call output) is in ``streams`` and ``parsers``.
 
-Contract with the engine: ``generate`` is an async generator of ``TokenEvent``s. We always close it
-(``aclose``) when we stop reading, whatever the reason — stop string hit, client disconnect (Serve
-cancels the handler task), error — and closing is what aborts the request and frees its KV blocks.
-The close is shielded from cancellation so the engine's cleanup can await.
+A request becomes one engine request: ``n`` completions share it (the engine prefills the prompt
+once), ``logprobs`` and the grammar of ``response_format`` or a forced tool call travel in its
+``SamplingParams`` to the worker that samples. Streaming requests wait for the first engine event
+before sending headers, so an overloaded engine (``EngineOverloaded``, raised before the first
+event) is still a 503 with ``Retry-After``, and the time to first token is measured where the client
+sees it. Errors after headers are sent go out as an SSE ``error`` event followed by ``[DONE]``.
 
-Text: token ids are detokenized incrementally (vLLM's prefix/read offsets: decode a small window
-and emit only text that is complete, i.e. does not end in an unfinished UTF-8 sequence). Stop
-strings are matched on that text across token boundaries; text that could still be the start of a
-stop string is held back, so a stop string is never streamed, and the output is cut before it.
-
-Streaming requests wait for the first engine event before sending headers, so an overloaded engine
-(``EngineOverloaded``, raised before the first event) is still a 503 with ``Retry-After``, and the
-time to first token is measured where the client sees it. Errors after headers are sent go out as
-an SSE ``error`` event followed by ``[DONE]``.
-
-Not supported (rejected with 400 by ``protocol``): n > 1, logprobs, echo, suffix, penalties, tools.
+Also served: ``/tokenize`` and ``/detokenize`` (vLLM's bodies), ``/version``, ``/health``.
+Not supported (400 from ``protocol``): echo, suffix, penalties, logit_bias.
 """
 
 import asyncio
@@ -30,7 +24,6 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import anyio
@@ -39,10 +32,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from expertpool.model.grammar import GrammarError, GrammarSpec, check as check_grammar
 from expertpool.model.sampling import SamplingParams
 from expertpool.platform import protocol as P
-from expertpool.platform.scheduler import EngineOverloaded, EngineUnavailable
 from expertpool.platform.metrics import ServerMetrics
+from expertpool.platform.parsers import REASONING_PARSERS, chat_logprobs, completion_logprobs, tool_call_grammar
+from expertpool.platform.scheduler import EngineCore, EngineOverloaded, EngineUnavailable
+from expertpool.platform.streams import (ChatChoice, GenerationStream, IncrementalDetokenizer,  # noqa: F401
+                                         StopStringMatcher)
 
 logger = logging.getLogger(__name__)
 
@@ -52,171 +49,12 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class TokenizerLike(Protocol):
+    eos_token_id: int | None
+
     def encode(self, text: str, add_bos: bool = True) -> list[int]: ...
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str: ...
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str: ...
-
-
-class IncrementalDetokenizer:
-    """Turns a growing list of token ids into text deltas without ever emitting half a character.
-
-    Decodes ``ids[prefix:]`` and ``ids[prefix:read]`` and emits the difference: the short prefix
-    window keeps tokenizers whose pieces depend on their left neighbour (leading-space markers)
-    right, and the cost per step stays O(window) instead of O(length)."""
-
-    def __init__(self, tokenizer: TokenizerLike, skip_special_tokens: bool = True):
-        self.tok = tokenizer
-        self.skip = skip_special_tokens
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def push(self, new_ids: list[int]) -> str:
-        self.ids.extend(new_ids)
-        prefix_text = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)
-        full_text = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip)
-        if len(full_text) > len(prefix_text) and not full_text.endswith("\ufffd"):
-            self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-            return full_text[len(prefix_text):]
-        return ""
-
-    def flush(self) -> str:
-        """Whatever is still held back (an unfinished character at the very end, decoded as U+FFFD)."""
-        if self.read_offset == len(self.ids):
-            return ""
-        prefix_text = self.tok.decode(self.ids[self.prefix_offset:self.read_offset], skip_special_tokens=self.skip)
-        full_text = self.tok.decode(self.ids[self.prefix_offset:], skip_special_tokens=self.skip)
-        self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return full_text[len(prefix_text):]
-
-
-class StopStringMatcher:
-    """Finds the earliest stop string in streamed text, however it is split across deltas.
-
-    ``push`` returns the text that is safe to emit and whether a stop string was hit (then the text
-    before it is all that is left to emit). The held-back tail is the longest suffix that is a
-    prefix of some stop string: any match must start inside it, so emitted text is never part of a
-    match."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        if not self.stops:
-            return text, False
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        keep = self._held_back_len()
-        cut = len(self.pending) - keep
-        out, self.pending = self.pending[:cut], self.pending[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-    def _held_back_len(self) -> int:
-        p = self.pending
-        for n in range(min(len(p), max(len(s) for s in self.stops) - 1), 0, -1):
-            tail = p[-n:]
-            if any(s.startswith(tail) for s in self.stops):
-                return n
-        return 0
-
-
-@dataclass
-class Delta:
-    text: str
-    finish_reason: str | None  # None while running
-
-
-async def close_shielded(gen: Any) -> None:
-    """Close the engine generator even while our task is being cancelled (client disconnect)."""
-    with anyio.CancelScope(shield=True):
-        await gen.aclose()
-
-
-class GenerationStream:
-    """One engine request seen as text deltas. ``start`` waits for the first engine event (so an
-    overload is raised before any response is sent); iterating yields ``Delta``s; ``aclose`` closes
-    the engine generator, which aborts the request if it is still running."""
-
-    def __init__(self, gen: Any, tokenizer: TokenizerLike, stops: list[str], metrics: ServerMetrics, model: str,
-                 t_arrival: float):
-        self.gen = gen
-        self.detok = IncrementalDetokenizer(tokenizer)
-        self.matcher = StopStringMatcher(stops)
-        self.metrics = metrics
-        self.model = model
-        self.t_arrival = t_arrival
-        self.t_last: float | None = None
-        self.first_event: Any = None
-        self.closed = False
-        self.prompt_tokens = 0
-        self.completion_tokens = 0
-        self.finish_reason: str | None = None
-
-    async def start(self) -> None:
-        try:
-            self.first_event = await self.gen.__anext__()
-        except StopAsyncIteration:
-            raise RuntimeError("engine.generate() ended without a final event") from None
-        except BaseException:
-            await self.aclose()
-            raise
-
-    async def aclose(self) -> None:
-        if not self.closed:
-            self.closed = True
-            await close_shielded(self.gen)
-
-    def _timing(self, n_tokens: int) -> None:
-        if n_tokens <= 0:
-            return
-        t = time.perf_counter()
-        if self.t_last is None:
-            self.metrics.first_token(self.model, t - self.t_arrival)
-            self.metrics.tokens(self.model, n_tokens, None)
-        else:
-            self.metrics.tokens(self.model, n_tokens, t - self.t_last)
-        self.t_last = t
-
-    def _handle(self, ev: Any) -> Delta | None:
-        self._timing(len(ev.token_ids))
-        self.prompt_tokens, self.completion_tokens = ev.num_prompt_tokens, ev.num_output_tokens
-        text = self.detok.push(list(ev.token_ids))
-        if ev.finish_reason is not None:
-            text += self.detok.flush()
-        safe, hit = self.matcher.push(text)
-        if hit:
-            self.finish_reason = "stop"
-        elif ev.finish_reason is not None:
-            self.finish_reason = ev.finish_reason
-            safe += self.matcher.flush()
-        if self.finish_reason is not None:
-            return Delta(safe, self.finish_reason)
-        return Delta(safe, None) if safe else None
-
-    async def __aiter__(self) -> AsyncIterator[Delta]:
-        assert self.first_event is not None, "call start() first"
-        try:
-            ev = self.first_event
-            while True:
-                d = self._handle(ev)
-                if d is not None:
-                    yield d
-                    if d.finish_reason is not None:
-                        return
-                try:
-                    ev = await self.gen.__anext__()
-                except StopAsyncIteration:
-                    raise RuntimeError("engine.generate() ended without a finish_reason") from None
-        finally:
-            await self.aclose()
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **template_kwargs) -> str: ...
 
 
 class EngineStreamingResponse(StreamingResponse):
@@ -263,9 +101,12 @@ class OpenAIServer:
     ``stats_interval_s`` is how often engine stats are copied into the gauges."""
 
     def __init__(self, engine: Any, tokenizer: TokenizerLike, *, api_key: str | None = None,
-                 metrics: ServerMetrics | None = None, stats_interval_s: float = 1.0):
+                 metrics: ServerMetrics | None = None, stats_interval_s: float = 1.0,
+                 reasoning_parser: str | None = None):
+        assert reasoning_parser in (None, *REASONING_PARSERS), f"unknown reasoning parser {reasoning_parser}"
         self.engine = engine
         self.tokenizer = tokenizer
+        self.reasoning_parser = reasoning_parser
         self.api_key = api_key or None
         self.metrics = metrics or ServerMetrics()
         self.stats_interval_s = stats_interval_s
@@ -331,7 +172,7 @@ class OpenAIServer:
         except ValidationError as e:
             raise P.validation_error_to_api_error(e) from None
 
-    def sampling_params(self, req: Any, prompt_len: int) -> SamplingParams:
+    def sampling_params(self, req: Any, prompt_len: int, grammar: GrammarSpec | None = None) -> SamplingParams:
         max_seq_len = self.engine.max_seq_len
         room = max_seq_len - prompt_len
         if room < 1:
@@ -350,14 +191,47 @@ class OpenAIServer:
                 seed=req.seed,
                 stop_token_ids=tuple(req.stop_token_ids or ()),
                 ignore_eos=bool(req.ignore_eos),
+                n=req.num_choices(),
+                logprobs=req.logprobs_k(),
+                grammar=grammar,
             )
         except ValueError as e:
             raise P.ApiError(400, f"Invalid sampling parameters: {e}", code="invalid_value") from None
 
-    def chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
+    def grammar(self, req: Any) -> GrammarSpec | None:
+        """The grammar the output must follow: a forced tool call, or ``response_format`` JSON."""
+        forced = req.forced_tools() if isinstance(req, P.ChatCompletionRequest) else []
+        if forced:
+            spec, param = tool_call_grammar(forced, req.parallel_tool_calls is not False, self._single_token), "tools"
+        elif (schema := req.response_schema()) is not None:
+            spec, param = GrammarSpec("json_schema", schema), "response_format"
+        else:
+            return None
         try:
-            text = self.tokenizer.apply_chat_template(req.chat_messages(), add_generation_prompt=True)
-        except ValueError as e:  # the template rejects the conversation (e.g. a role it has no slot for)
+            check_grammar(spec)
+        except GrammarError as e:
+            raise P.ApiError(400, f"Invalid {param}: the grammar cannot be built: {e}", param=param,
+                             code="invalid_value") from None
+        return spec
+
+    def _single_token(self, text: str) -> int | None:
+        to_id = getattr(self.tokenizer, "token_to_id", None)
+        return None if to_id is None else to_id(text)
+
+    def reasoning(self, req: Any) -> bool:
+        """Split ``<think>`` output into reasoning_content: chat with a reasoning parser, unless the
+        request turned thinking off through the template (DeepSeek-V3.1 ``thinking``, Qwen ``enable_thinking``)."""
+        if self.reasoning_parser is None or not isinstance(req, P.ChatCompletionRequest):
+            return False
+        kw = req.chat_template_kwargs or {}
+        return kw.get("thinking", True) is not False and kw.get("enable_thinking", True) is not False
+
+    def chat_prompt(self, req: P.ChatCompletionRequest) -> list[int]:
+        tools = [t.model_dump(exclude_none=True) for t in req.tools] if req.tools_enabled() else None
+        try:
+            text = self.tokenizer.apply_chat_template(req.chat_messages(), add_generation_prompt=True, tools=tools,
+                                                      **(req.chat_template_kwargs or {}))
+        except (ValueError, TypeError) as e:  # the template rejects the conversation (e.g. a role it has no slot for)
             raise P.ApiError(400, f"The chat template rejected the messages: {e}", param="messages",
                              code="invalid_value") from None
         return self.tokenizer.encode(text, add_bos=False)
@@ -368,13 +242,20 @@ class OpenAIServer:
         return list(req.prompt)
 
     async def start_stream(self, rid: str, prompt: list[int], params: SamplingParams, model: str,
-                           stops: list[str], t0: float) -> GenerationStream:
+                           stops: list[str], t0: float, keep_special: bool = False) -> GenerationStream:
         gen = self.engine.generate(rid, prompt, params, model=model)
-        stream = GenerationStream(gen, self.tokenizer, stops, self.metrics, model, t0)
+        ids = EngineCore.completion_ids(rid, params.n)
+
+        async def abort_choice(i: int) -> None:
+            await self.engine.abort(ids[i])
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        stream = GenerationStream(gen, self.tokenizer, stops, self.metrics, model, t0, n=params.n,
+                                  abort_choice=abort_choice, skip_special_tokens=not keep_special,
+                                  drop_ids={eos} if keep_special and eos is not None else set())
         try:
             await stream.start()
-        except ValueError as e:  # the engine rejects the prompt itself (e.g. token ids outside the vocabulary)
-            raise P.ApiError(400, f"Invalid prompt: {e}", param="prompt", code="invalid_value") from None
+        except ValueError as e:  # the engine rejects the request itself (token ids outside the vocabulary, n)
+            raise P.ApiError(400, f"Invalid request: {e}", param="prompt", code="invalid_value") from None
         except EngineUnavailable as e:
             raise unavailable_error(e) from None
         except EngineOverloaded as e:
@@ -394,30 +275,34 @@ class OpenAIServer:
         try:
             self.check_auth(request)
             req = await self.parse(request, P.ChatCompletionRequest if chat else P.CompletionRequest)
+            if ignored := req.ignored_fields():
+                logger.debug("ignoring request fields that do not change the output: %s", ", ".join(ignored))
             model = self.resolve_model(req.model)
             model_tag = model
             prompt = self.chat_prompt(req) if chat else self.completion_prompt(req)
-            params = self.sampling_params(req, len(prompt))
+            params = self.sampling_params(req, len(prompt), self.grammar(req))
             rid = P.new_id("chatcmpl" if chat else "cmpl")
-            stream = await self.start_stream(rid, prompt, params, model, req.stop_strings(), t0)
+            tools = chat and req.tools_enabled()
+            stream = await self.start_stream(rid, prompt, params, model, req.stop_strings(), t0, keep_special=tools)
+            out = _Output(self.tokenizer, chat, params.n, self.reasoning(req), tools,
+                          req.parallel_tool_calls is not False if chat else True)
             if req.stream:
                 streaming = True
-                body = self._sse_body(stream, rid, model, chat, req.include_usage_chunk(), t0)
+                body = self._sse_body(stream, out, rid, model, req.include_usage_chunk(), t0)
                 return EngineStreamingResponse(body, stream)
-            text, finish = [], None
             try:
                 async for d in stream:
-                    text.append(d.text)
-                    finish = d.finish_reason
+                    out.collect(d)
             except EngineUnavailable as e:
                 raise unavailable_error(e) from None
             finally:
                 await stream.aclose()
             use = P.usage(stream.prompt_tokens, stream.completion_tokens)
-            build = P.chat_completion if chat else P.completion
             status = 200
             self.metrics.request_latency(model, time.perf_counter() - t0, stream.prompt_tokens)
-            return JSONResponse(build(rid, P.now(), model, "".join(text), finish, use))
+            self.metrics.request_finished(model, stream, out.finish_reasons())
+            build = P.chat_completion if chat else P.completion
+            return JSONResponse(build(rid, P.now(), model, out.choices(), use))
         except P.ApiError as e:
             status = e.status
             return error_response(e)
@@ -432,27 +317,27 @@ class OpenAIServer:
             if not streaming:
                 self.metrics.request_done(model_tag, status)
 
-    async def _sse_body(self, stream: GenerationStream, rid: str, model: str, chat: bool, include_usage: bool,
+    async def _sse_body(self, stream: GenerationStream, out: "_Output", rid: str, model: str, include_usage: bool,
                         t0: float) -> AsyncIterator[str]:
         created = P.now()
         status = 200
-        obj = "chat.completion.chunk" if chat else "text_completion"
+        obj = "chat.completion.chunk" if out.chat else "text_completion"
         try:
-            if chat:
-                yield sse(P.chat_chunk(rid, created, model, {"role": "assistant", "content": ""}, None,
-                                       include_usage))
+            if out.chat:
+                for i in range(len(out.parts)):
+                    yield sse(P.chat_chunk(rid, created, model, i, {"role": "assistant", "content": ""}, None,
+                                           include_usage))
             async for d in stream:
-                if chat:
-                    if d.text:
-                        yield sse(P.chat_chunk(rid, created, model, {"content": d.text}, None, include_usage))
-                    if d.finish_reason is not None:
-                        yield sse(P.chat_chunk(rid, created, model, {}, d.finish_reason, include_usage))
-                else:
-                    yield sse(P.completion_chunk(rid, created, model, d.text, d.finish_reason, include_usage))
+                for index, payload, finish, lps in out.stream(d):
+                    if out.chat:
+                        yield sse(P.chat_chunk(rid, created, model, index, payload, finish, include_usage, lps))
+                    else:
+                        yield sse(P.completion_chunk(rid, created, model, index, payload, finish, include_usage, lps))
             if include_usage:
                 yield sse(P.usage_chunk(rid, created, model, obj,
                                         P.usage(stream.prompt_tokens, stream.completion_tokens)))
             self.metrics.request_latency(model, time.perf_counter() - t0, stream.prompt_tokens)
+            self.metrics.request_finished(model, stream, out.finish_reasons())
             yield SSE_DONE
         except (asyncio.CancelledError, GeneratorExit):
             status = STATUS_CLIENT_GONE
@@ -472,6 +357,39 @@ class OpenAIServer:
         finally:
             await stream.aclose()
             self.metrics.request_done(model, status)
+
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: ``{count, max_model_len, tokens[, token_strs]}`` of a prompt or a chat."""
+        self.check_auth(request)
+        req = await self.parse(request, P.TokenizeRequest)
+        self.resolve_model(req.model)
+        if req.messages is not None:
+            chat = P.ChatCompletionRequest(messages=req.messages, tools=req.tools,
+                                           chat_template_kwargs=req.chat_template_kwargs)
+            try:
+                text = self.tokenizer.apply_chat_template(
+                    chat.chat_messages(), add_generation_prompt=req.add_generation_prompt,
+                    tools=[t.model_dump(exclude_none=True) for t in req.tools] if req.tools else None,
+                    **(req.chat_template_kwargs or {}))
+            except (ValueError, TypeError) as e:
+                raise P.ApiError(400, f"The chat template rejected the messages: {e}", param="messages",
+                                 code="invalid_value") from None
+            ids = self.tokenizer.encode(text, add_bos=False)
+        else:
+            ids = self.tokenizer.encode(req.prompt, add_bos=req.add_special_tokens)
+        body: dict[str, Any] = {"count": len(ids), "max_model_len": self.engine.max_seq_len, "tokens": ids}
+        if req.return_token_strs:
+            body["token_strs"] = [self.tokenizer.decode([t], skip_special_tokens=False) for t in ids]
+        return JSONResponse(body)
+
+    async def detokenize(self, request: Request) -> Response:
+        self.check_auth(request)
+        req = await self.parse(request, P.DetokenizeRequest)
+        self.resolve_model(req.model)
+        vocab = getattr(self.tokenizer, "vocab_size", None)
+        if vocab is not None and any(not 0 <= t < vocab for t in req.tokens):
+            raise P.ApiError(400, f"token ids must be in [0, {vocab})", param="tokens", code="invalid_value")
+        return JSONResponse({"prompt": self.tokenizer.decode(req.tokens)})
 
     async def list_models(self, request: Request) -> Response:
         self.check_auth(request)
@@ -528,4 +446,93 @@ def build_fastapi_app(server: OpenAIServer) -> FastAPI:
     async def health():
         return await server.health()
 
+    @app.post("/tokenize")
+    async def tokenize(request: Request):
+        return await server.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request):
+        return await server.detokenize(request)
+
+    @app.get("/version")
+    async def version():
+        return JSONResponse({"version": package_version()})
+
     return app
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("expertpool")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+class _Output:
+    """The per-choice output of one request: text (completions) or chat deltas, with logprobs.
+    ``stream(delta)`` gives the chunk payloads for a delta; ``collect(delta)`` accumulates it for
+    the non-streaming body (``choices()``)."""
+
+    def __init__(self, tokenizer, chat: bool, n: int, reasoning: bool, tools: bool, parallel_tool_calls: bool):
+        self.tok, self.chat, self.reasoning = tokenizer, chat, reasoning
+        self.parts = [ChatChoice(reasoning, tools, parallel_tool_calls) if chat else None for _ in range(n)]
+        self.text_len = [0] * n
+        self.finish: list[str | None] = [None] * n
+        self.acc: list[dict] = [{"content": "", "reasoning_content": "", "tool_calls": [], "logprobs": []}
+                                for _ in range(n)]
+
+    def _logprobs(self, index: int, lps, text_offset: int) -> dict | None:
+        if not lps:
+            return None
+        return chat_logprobs(self.tok, lps) if self.chat else completion_logprobs(self.tok, lps, text_offset)
+
+    def stream(self, d) -> list[tuple[int, Any, str | None, dict | None]]:
+        """(index, chat delta dict or completion text, finish_reason, logprobs) per chunk to send."""
+        lps = self._logprobs(d.index, d.logprobs, self.text_len[d.index])
+        if not self.chat:
+            self.text_len[d.index] += len(d.text)
+            if d.finish_reason is not None:
+                self.finish[d.index] = d.finish_reason
+            return [(d.index, d.text, d.finish_reason, lps)]
+        part = self.parts[d.index]
+        delta = part.push(d.text)
+        out = [(d.index, delta, None, lps)] if delta or lps else []
+        if d.finish_reason is not None:
+            tail = part.finish()
+            if tail:
+                out.append((d.index, tail, None, None))
+            self.finish[d.index] = part.finish_reason(d.finish_reason)
+            out.append((d.index, {}, self.finish[d.index], None))
+        return out
+
+    def collect(self, d) -> None:
+        acc = self.acc[d.index]
+        if d.logprobs:
+            acc["logprobs"] += d.logprobs
+        for _, payload, _, _ in self.stream(d):
+            if not self.chat:
+                acc["content"] += payload
+                continue
+            acc["content"] += payload.get("content", "")
+            acc["reasoning_content"] += payload.get("reasoning_content", "")
+            acc["tool_calls"] += [{k: v for k, v in c.items() if k != "index"} for c in payload.get("tool_calls", [])]
+
+    def finish_reasons(self) -> list[str | None]:
+        return list(self.finish)
+
+    def choices(self) -> list[dict]:
+        out = []
+        for i, acc in enumerate(self.acc):
+            lps = self._logprobs(i, acc["logprobs"], 0)
+            if not self.chat:
+                out.append(P.completion_choice(i, acc["content"], self.finish[i], lps))
+                continue
+            msg: dict[str, Any] = {"content": acc["content"] or (None if acc["tool_calls"] else "")}
+            if self.reasoning:
+                msg["reasoning_content"] = acc["reasoning_content"] or None
+            if acc["tool_calls"]:
+                msg["tool_calls"] = acc["tool_calls"]
+            out.append(P.chat_choice(i, msg, self.finish[i], lps))
+        return out

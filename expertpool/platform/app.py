@@ -38,6 +38,7 @@ from ray.serve.deployment import Application
 
 from expertpool.platform.api import OpenAIServer, build_fastapi_app
 from expertpool.platform.config import ClusterConfig, load_config, parse_config
+from expertpool.platform.logs import show_info_logs
 from expertpool.platform.metrics import ServerMetrics
 from expertpool.platform.patches import watch_patches
 
@@ -98,12 +99,15 @@ class ExpertPoolServer:
 
     def __init__(self, config: ClusterConfig | dict[str, Any], engine_factory: Factory | None = None,
                  tokenizer_factory: Factory | None = None):
+        show_info_logs(use_serve_handlers=True)
         cfg = config if isinstance(config, ClusterConfig) else parse_config(config, source="serve args.config")
         self.cfg = cfg
         self.engine = _resolve(engine_factory, default_engine)(cfg)
         tokenizer = _resolve(tokenizer_factory, default_tokenizer)(cfg)
         self.api = OpenAIServer(self.engine, tokenizer, api_key=cfg.serving.resolve_api_key(),
-                                metrics=ServerMetrics(replica=serve.get_replica_context().replica_id.unique_id))
+                                metrics=ServerMetrics(replica=serve.get_replica_context().replica_id.unique_id,
+                                                      model_name=self.engine.model_ids()[0]),
+                                reasoning_parser=cfg.serving.reasoning_parser)
         ctx = serve.get_replica_context()
         # hot-swap: load every patch published for this app, now and whenever one is published
         self._patch_watch = asyncio.get_running_loop().create_task(

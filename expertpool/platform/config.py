@@ -240,6 +240,10 @@ class ServingConfig(Closed):
     max_num_batched_tokens: int = Field(256, ge=1, description="Most tokens per engine step; bounds prefill "
                                         "chunking. Must be >= max_batch_size so every running sequence can decode.")
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="Paged KV cache of one replica.")
+    reasoning_parser: Literal["deepseek_r1"] | None = Field(None, description="Split `<think>` output of chat "
+                                                             "completions into `reasoning_content` (streaming too), "
+                                                             "as vLLM's parser of the same name; None = leave it in "
+                                                             "`content`.")
     async_scheduling: bool = Field(False, description="Plan and submit engine step k+1 while step k runs (vLLM's "
                                    "--async-scheduling, SGLang's overlap scheduler), so the expert actors never wait "
                                    "for the replica. Turn it on when the replica has CPU of its own (GPU actors, or "

@@ -38,7 +38,9 @@ log = logging.getLogger(__name__)
 
 @runtime_checkable
 class Engine(Protocol):
-    """What the OpenAI layer (``api.OpenAIServer``) and the Serve replica need from an engine."""
+    """What the OpenAI layer (``api.OpenAIServer``) and the Serve replica need from an engine.
+    ``generate`` yields the events of all ``params.n`` completions (``TokenEvent.index``) and ends
+    when each has had its final event."""
 
     max_seq_len: int
 
@@ -151,23 +153,26 @@ class AsyncEngine:
         variant = self._variant_of(model)
         self._ensure_loop()
         self.core.add_request(request_id, prompt_token_ids, params, variant)
+        ids = self.core.completion_ids(request_id, params.n)
         q: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = q
+        for sid in ids:  # n > 1: one queue for the request's n sequences; events carry their index
+            self._queues[sid] = q
         self._wake.set()
-        finished = False
+        running = set(range(params.n))
         try:
-            while True:
+            while running:
                 ev = await q.get()
                 if isinstance(ev, BaseException):
                     raise ev
-                finished = ev.finish_reason is not None
+                if ev.finish_reason is not None:
+                    running.discard(ev.index)
                 yield ev
-                if finished:
-                    return
         finally:
-            self._queues.pop(request_id, None)
-            if not finished:
-                self.core.abort(request_id)
+            for sid in ids:
+                self._queues.pop(sid, None)
+            if running:
+                for i in running:
+                    self.core.abort(ids[i])
                 self._wake.set()
 
     async def abort(self, request_id: str) -> None:
@@ -321,11 +326,12 @@ def _first_line(e: BaseException) -> str:
 
 def local_engine(model, *, max_batch_size: int = 16, max_seq_len: int = 512, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 256,
-                 eos_token_id: int | None = None) -> EngineCore:
-    """An in-process engine over one model (all experts local): ``expertpool generate`` and tests."""
+                 eos_token_id: int | None = None, tokenizer=None) -> EngineCore:
+    """An in-process engine over one model (all experts local): ``expertpool generate`` and tests.
+    ``tokenizer`` is needed only for requests with a grammar."""
     if num_blocks is None:
         num_blocks = max_batch_size * (-(-max_seq_len // block_size))
-    runner = ModelRunner(model, num_blocks, block_size)
+    runner = ModelRunner(model, num_blocks, block_size, tokenizer=tokenizer)
     eos = model.args.eos_token_id if eos_token_id is None else eos_token_id
     return EngineCore(LocalExecutor(runner), num_blocks=num_blocks, block_size=block_size,
                       max_batch_size=max_batch_size, max_seq_len=max_seq_len,
@@ -389,7 +395,8 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
         options.append(opts)
     rec = cfg.pool.recovery
     spec = WorkerSpec(model_dir, cfg.model.dtype, cfg.model.weight_dtype, blocks_per_worker, s.kv_cache.block_size,
-                      cfg.pool.backend, max(1, int(res.cpu)) if res.cpu >= 1 else 1, rec.collective_timeout_s)
+                      cfg.pool.backend, max(1, int(res.cpu)) if res.cpu >= 1 else 1, rec.collective_timeout_s,
+                      cfg.model.tokenizer)
     executor = RayExecutor(spec, options, hooks=hooks)
     executor.start()
     tok = Tokenizer.from_dir(cfg.model.tokenizer or model_dir)
@@ -399,7 +406,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
                       eos_token_id=tok.eos_token_id if tok.eos_token_id is not None else args.eos_token_id,
                       max_queued=s.max_queued_requests if s.max_queued_requests > 0 else 1 << 30,
                       vocab_size=args.vocab_size)
-    log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1fs",
+    log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1f s",
              model_dir, world, args.n_routed_experts // world, blocks_per_worker, s.kv_cache.block_size,
              time.time() - t0)
     policy = RecoveryPolicy(rec.enabled, rec.timeout_s, rec.liveness_check_s, rec.max_attempts)

@@ -1,18 +1,35 @@
 """Serving metrics through ``ray.util.metrics``, scraped by Prometheus from Ray's metrics export.
 
-Ray prefixes every name with ``ray_`` and counters get ``_total``: the request counter below is
-``ray_expertpool_requests_total{model,status}``. Tokens/s is ``rate(ray_expertpool_generated_tokens_total)``.
+Engine and request metrics carry vLLM's names in Ray's underscore form, with label ``model_name``
+(and ``engine="expertpool"``), so Ray Serve LLM's Grafana dashboard and TTFT-based autoscaling read
+them unchanged. Ray prefixes ``ray_`` and counters get ``_total``: ``vllm_generation_tokens`` is
+scraped as ``ray_vllm_generation_tokens_total``. The names are those the dashboard of the installed
+Ray queries (``ray/dashboard/modules/metrics/dashboards/serve_llm_dashboard_panels.py``):
 
-Two kinds of updates:
-  * per request, from the HTTP layer: request count (by model and HTTP status; 499 = the client went
-    away), time to first token, inter-token latency, end-to-end latency, prompt and generated tokens;
-  * periodic, from ``engine.stats()``: running and waiting requests, KV cache usage, and the
-    cumulative token count of every routed expert (gauge tagged ``expert``), plus the balancedness
-    (mean / max expert load since the previous update; 1.0 = perfectly even); and self-healing:
-    expert actor failures, recoveries and replayed tokens (counters fed by the growth of the
-    engine's cumulative counts) and the duration of each recovery (histogram). The HTTP layer calls
-    ``update_from_stats`` from a background task, never on the request path.
+  gauges      vllm_num_requests_running, vllm_num_requests_waiting, vllm_num_requests_swapped (always
+              0: nothing is swapped here), vllm_kv_cache_usage_perc (0..1)
+  counters    vllm_prompt_tokens, vllm_generation_tokens, vllm_request_success{finished_reason},
+              vllm_num_preemptions
+  histograms  vllm_time_to_first_token_seconds, vllm_inter_token_latency_seconds,
+              vllm_request_time_per_output_token_seconds, vllm_e2e_request_latency_seconds,
+              vllm_request_queue_time_seconds, vllm_request_prefill_time_seconds,
+              vllm_request_decode_time_seconds, vllm_request_prompt_tokens, vllm_request_generation_tokens
 
+Ray Serve LLM's ``TTFTAutoscalingPolicy`` (``ray.serve.llm.autoscaling``, Ray after 2.60) scales on
+``histogram_quantile(0.99, sum(rate(ray_vllm_time_to_first_token_seconds_bucket[1m])) by (le))``,
+which the TTFT histogram here answers.
+
+Times are measured where the client sees them (the HTTP layer): TTFT from request arrival; queue
+time from the engine (arrival to first scheduled); prefill = TTFT - queue time; decode = last token
+- first token. Metrics no peer has keep the ``expertpool_`` prefix: HTTP requests by status
+(``expertpool_requests{model,status}``, 499 = the client went away), the cumulative token count of
+every routed expert (gauge tagged ``expert``) and the balancedness (mean / max expert load since
+the previous update; 1.0 = perfectly even), and self-healing: expert actor failures, recoveries and
+replayed tokens (counters fed by the growth of the engine's cumulative counts) and the duration of
+each recovery (histogram).
+
+Two kinds of updates: per request from the HTTP layer, and periodic from ``engine.stats()`` (a
+background task of the HTTP layer calls ``update_from_stats``, never on the request path).
 ``ray.util.metrics`` records are no-ops when Ray is not initialised, so the API logic runs in plain
 unit tests; tests that need to see the values inject recording metric classes instead.
 """
@@ -21,39 +38,66 @@ from typing import Any, Callable
 
 from ray.util import metrics as ray_metrics
 
-TTFT_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
-ITL_BUCKETS_S = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]
-E2E_BUCKETS_S = [0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+TTFT_BUCKETS_S = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                  20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]  # vLLM's
+ITL_BUCKETS_S = [0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0]  # vLLM's
+LATENCY_BUCKETS_S = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                     240.0, 480.0, 960.0, 1920.0, 7680.0]  # vLLM's request-latency buckets
+TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
 RECOVERY_BUCKETS_S = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+ENGINE = "expertpool"
 
 
 class ServerMetrics:
     """All metrics of one Serve replica. ``replica`` tags every series so replicas don't overwrite
-    each other's gauges. ``counter``/``gauge``/``histogram`` are injectable for tests."""
+    each other's gauges; ``model_name`` is the base model (the gauges' label; request metrics carry
+    the requested model id). ``counter``/``gauge``/``histogram`` are injectable for tests."""
 
-    def __init__(self, replica: str = "", *, counter: Callable[..., Any] = ray_metrics.Counter,
+    def __init__(self, replica: str = "", model_name: str = "", *, counter: Callable[..., Any] = ray_metrics.Counter,
                  gauge: Callable[..., Any] = ray_metrics.Gauge,
                  histogram: Callable[..., Any] = ray_metrics.Histogram):
         r = ("replica",)
         tags = {"replica": replica}
+        v = ("replica", "model_name", "engine")
+        vtags = {"replica": replica, "engine": ENGINE}
+        self.model_name = model_name
+
+        def vhist(name, description, buckets):
+            return histogram(name, description=description, boundaries=buckets, tag_keys=v).set_default_tags(vtags)
+
+        def vcount(name, description, extra=()):
+            return counter(name, description=description, tag_keys=v + extra).set_default_tags(vtags)
+
+        def vgauge(name, description):
+            return gauge(name, description=description, tag_keys=v).set_default_tags(
+                {**vtags, "model_name": model_name})
+
         self.requests = counter("expertpool_requests", description="HTTP requests finished, by model and status.",
                                 tag_keys=r + ("model", "status")).set_default_tags(tags)
-        self.ttft = histogram("expertpool_time_to_first_token_seconds", description="Request arrival to first token.",
-                              boundaries=TTFT_BUCKETS_S, tag_keys=r + ("model",)).set_default_tags(tags)
-        self.itl = histogram("expertpool_inter_token_latency_seconds", description="Time per output token after "
-                             "the first.", boundaries=ITL_BUCKETS_S, tag_keys=r + ("model",)).set_default_tags(tags)
-        self.e2e = histogram("expertpool_request_latency_seconds", description="Request arrival to last token.",
-                             boundaries=E2E_BUCKETS_S, tag_keys=r + ("model",)).set_default_tags(tags)
-        self.generated_tokens = counter("expertpool_generated_tokens", description="Output tokens generated.",
-                                        tag_keys=r + ("model",)).set_default_tags(tags)
-        self.prompt_tokens = counter("expertpool_prompt_tokens", description="Prompt tokens admitted.",
-                                     tag_keys=r + ("model",)).set_default_tags(tags)
-        self.running = gauge("expertpool_requests_running", description="Requests in the running batch.",
-                             tag_keys=r).set_default_tags(tags)
-        self.waiting = gauge("expertpool_requests_waiting", description="Requests waiting for admission.",
-                             tag_keys=r).set_default_tags(tags)
-        self.kv_usage = gauge("expertpool_kv_cache_usage", description="Fraction of KV cache blocks in use (0..1).",
-                              tag_keys=r).set_default_tags(tags)
+        self.ttft = vhist("vllm_time_to_first_token_seconds", "Request arrival to first token.", TTFT_BUCKETS_S)
+        self.itl = vhist("vllm_inter_token_latency_seconds", "Time per output token after the first.", ITL_BUCKETS_S)
+        self.tpot = vhist("vllm_request_time_per_output_token_seconds", "Per request: (last token - first token) / "
+                          "(output tokens - 1).", ITL_BUCKETS_S)
+        self.e2e = vhist("vllm_e2e_request_latency_seconds", "Request arrival to last token.", LATENCY_BUCKETS_S)
+        self.queue_time = vhist("vllm_request_queue_time_seconds", "Engine arrival to first scheduled.",
+                                LATENCY_BUCKETS_S)
+        self.prefill_time = vhist("vllm_request_prefill_time_seconds", "First scheduled to first token.",
+                                  LATENCY_BUCKETS_S)
+        self.decode_time = vhist("vllm_request_decode_time_seconds", "First token to last token.", LATENCY_BUCKETS_S)
+        self.request_prompt_tokens = vhist("vllm_request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS)
+        self.request_generation_tokens = vhist("vllm_request_generation_tokens", "Output tokens per request (all "
+                                               "n choices).", TOKEN_BUCKETS)
+        self.generated_tokens = vcount("vllm_generation_tokens", "Output tokens generated.")
+        self.prompt_tokens = vcount("vllm_prompt_tokens", "Prompt tokens of finished requests.")
+        self.success = vcount("vllm_request_success", "Requests finished, by finish reason of each choice.",
+                              ("finished_reason",))
+        self.preemptions = counter("vllm_num_preemptions", description="Sequences preempted (KV cache full) for "
+                                   "recompute.", tag_keys=v).set_default_tags({**vtags, "model_name": model_name})
+        self.running = vgauge("vllm_num_requests_running", "Sequences in the running batch.")
+        self.waiting = vgauge("vllm_num_requests_waiting", "Sequences waiting for admission.")
+        self.swapped = vgauge("vllm_num_requests_swapped", "Always 0: sequences are recomputed, never swapped.")
+        self.kv_usage = vgauge("vllm_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0..1).")
         self.expert_tokens = gauge("expertpool_expert_tokens", description="Cumulative tokens routed to each "
                                    "global expert.", tag_keys=r + ("expert",)).set_default_tags(tags)
         self.expert_balancedness = gauge("expertpool_expert_balancedness", description="Mean / max tokens per "
@@ -74,24 +118,43 @@ class ServerMetrics:
         self.requests.inc(1, tags={"model": model, "status": str(status)})
 
     def first_token(self, model: str, seconds: float) -> None:
-        self.ttft.observe(seconds, tags={"model": model})
+        self.ttft.observe(seconds, tags={"model_name": model})
 
     def tokens(self, model: str, n: int, seconds_since_last: float | None) -> None:
         """``n`` new tokens arrived ``seconds_since_last`` after the previous ones (None for the first)."""
         if n <= 0:
             return
-        self.generated_tokens.inc(n, tags={"model": model})
+        self.generated_tokens.inc(n, tags={"model_name": model})
         if seconds_since_last is not None:
-            self.itl.observe(seconds_since_last / n, tags={"model": model})
+            self.itl.observe(seconds_since_last / n, tags={"model_name": model})
 
     def request_latency(self, model: str, seconds: float, prompt_tokens: int) -> None:
-        self.e2e.observe(seconds, tags={"model": model})
+        self.e2e.observe(seconds, tags={"model_name": model})
         if prompt_tokens > 0:
-            self.prompt_tokens.inc(prompt_tokens, tags={"model": model})
+            self.prompt_tokens.inc(prompt_tokens, tags={"model_name": model})
+
+    def request_finished(self, model: str, stream: Any, finish_reasons: list[str | None]) -> None:
+        """Per-request histograms and the success counter of a request that ran to its end.
+        ``stream``: the ``streams.GenerationStream`` (t_arrival, t_first, t_last, token counts, queue_s)."""
+        t = {"model_name": model}
+        for reason in finish_reasons:
+            self.success.inc(1, tags={**t, "finished_reason": reason or "abort"})
+        self.request_prompt_tokens.observe(stream.prompt_tokens, tags=t)
+        self.request_generation_tokens.observe(stream.completion_tokens, tags=t)
+        if stream.queue_s is not None:
+            self.queue_time.observe(stream.queue_s, tags=t)
+        if stream.t_first is not None:
+            ttft = stream.t_first - stream.t_arrival
+            self.prefill_time.observe(max(0.0, ttft - (stream.queue_s or 0.0)), tags=t)
+            self.decode_time.observe(stream.t_last - stream.t_first, tags=t)
+            n = max(c.completion_tokens for c in stream.choices)
+            if n > 1:
+                self.tpot.observe((stream.t_last - stream.t_first) / (n - 1), tags=t)
 
     def update_from_stats(self, stats: dict) -> None:
         self.running.set(stats["running"])
         self.waiting.set(stats["waiting"])
+        self.swapped.set(0)
         self.kv_usage.set(stats["kv_usage"])
         counts = list(stats["expert_tokens"])
         for e, c in enumerate(counts):
@@ -103,7 +166,7 @@ class ServerMetrics:
                 self.expert_balancedness.set(sum(delta) / len(delta) / max(delta))
         self._last_expert_tokens = counts
         for key, metric in (("actor_failures", self.actor_failures), ("recoveries", self.recoveries),
-                            ("replayed_tokens", self.replayed_tokens)):
+                            ("replayed_tokens", self.replayed_tokens), ("preempted", self.preemptions)):
             grew = stats.get(key, 0) - self._seen.get(key, 0)
             if grew > 0:
                 metric.inc(grew)

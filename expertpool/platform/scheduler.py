@@ -72,6 +72,16 @@ class StepItem:
     sample: bool               # sample one token after the last new token (it takes position start_pos + len(tokens))
     params: SamplingParams
     variant: int = 0           # served variant (0 = base weights; see Transformer.add_variant)
+    prompt_len: int = 0        # output tokens start at this position (a grammar matcher consumes those)
+
+
+@dataclass
+class Sampled:
+    """A sampled token with its logprob and the ``params.logprobs`` most likely (id, logprob): what a
+    worker returns instead of the bare id when the request asked for logprobs."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -80,6 +90,9 @@ class TokenEvent:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    index: int = 0                          # which of the request's n completions
+    logprobs: list[Sampled] | None = None   # one per token id, when the request asked for logprobs
+    queue_s: float | None = None            # on the final event: arrival to first scheduled
 
 
 class Executor(Protocol):
@@ -88,7 +101,7 @@ class Executor(Protocol):
 
     world: int
 
-    def run(self, items_per_worker: list[list[StepItem]]) -> list[list[int | None]]: ...
+    def run(self, items_per_worker: list[list[StepItem]]) -> list[list[int | Sampled | None]]: ...
 
     def release(self, finished: list[tuple[int, str]]) -> None: ...
 
@@ -107,23 +120,49 @@ class Sequence:
     finish_reason: str | None = None
     aborted: bool = False
     variant: int = 0
+    index: int = 0             # completion index within its request (n > 1)
+    forks: list["Sequence"] = field(default_factory=list)  # siblings that will share this one's prompt blocks
+    share_len: int = 0         # prompt tokens (whole blocks) the forks share
+    first_scheduled: float | None = None
 
     @property
     def tokens(self) -> list[int]:
         return self.prompt + self.output
 
+    @property
+    def slots(self) -> int:
+        """Batch slots this sequence holds: itself and its forks-to-be (admitted together, one worker)."""
+        return 1 + len(self.forks)
+
 
 class BlockAllocator:
+    """Free list plus a reference count per block: forks of one prompt share its full blocks, and a
+    block is free again when its last holder releases it."""
+
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self.free = list(range(num_blocks - 1, -1, -1))
+        self.refs = [0] * num_blocks
 
     def allocate(self, n: int) -> list[int]:
         assert n <= len(self.free)
-        return [self.free.pop() for _ in range(n)]
+        out = [self.free.pop() for _ in range(n)]
+        for b in out:
+            self.refs[b] = 1
+        return out
+
+    def share(self, blocks: list[int]) -> None:
+        for b in blocks:
+            assert self.refs[b] > 0, f"block {b} is shared but free"
+            self.refs[b] += 1
 
     def release(self, blocks: list[int]) -> None:
-        self.free.extend(reversed(blocks))
+        freed = []
+        for b in blocks:
+            self.refs[b] -= 1
+            if self.refs[b] == 0:
+                freed.append(b)
+        self.free.extend(reversed(freed))
 
 
 class EngineCore:
@@ -155,7 +194,17 @@ class EngineCore:
         self.finished_ids: list[tuple[int, str]] = []
 
     # ---- requests
+    @staticmethod
+    def completion_ids(request_id: str, n: int) -> list[str]:
+        """Sequence ids of a request's n completions (the request id itself when n == 1)."""
+        return [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+
     def add_request(self, seq_id: str, prompt: list[int], params: SamplingParams, variant: int = 0) -> Sequence:
+        """Queue a request; returns its first sequence. With ``params.n > 1`` it has n sequences
+        (``completion_ids``) on one worker: the first prefills the prompt's whole blocks, which the
+        others then share (block refcounts), each recomputing only the tail past the last whole block
+        (< block_size tokens) so no block is ever written by two sequences. Completion i samples with
+        seed + i, so the n completions differ (unless greedy)."""
         if seq_id in self.seqs:
             raise ValueError(f"duplicate request id {seq_id}")
         if not prompt:
@@ -169,12 +218,27 @@ class EngineCore:
                 raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if len(self.waiting) >= self.max_queued:
             raise EngineOverloaded(f"{len(self.waiting)} requests are already waiting; retry later")
+        if params.n > self.per_worker_batch:
+            raise ValueError(f"n={params.n} completions exceed the {self.per_worker_batch} sequences one expert "
+                             "actor batches (serving.max_batch_size / pool.actors_per_replica); lower n")
         if params.seed is None and params.temperature > 0:
             params = replace(params, seed=secrets.randbits(63))  # the draw survives a recompute (see model.sampling)
-        seq = Sequence(seq_id, list(prompt), params, variant=variant)
-        self.seqs[seq_id] = seq
-        self.waiting.append(seq)
-        return seq
+        ids = self.completion_ids(seq_id, params.n)
+        if any(i in self.seqs for i in ids):
+            raise ValueError(f"duplicate request id {seq_id}")
+        seqs = []
+        for i, sid in enumerate(ids):
+            p = params if params.n == 1 else replace(
+                params, n=1, seed=None if params.seed is None else (params.seed + i) % (1 << 64))
+            seqs.append(Sequence(sid, list(prompt), p, variant=variant, index=i))
+            self.seqs[sid] = seqs[-1]
+        share = (len(prompt) - 1) // self.block_size * self.block_size
+        if len(seqs) > 1 and share > 0:
+            seqs[0].forks, seqs[0].share_len = seqs[1:], share
+            self.waiting.append(seqs[0])
+        else:
+            self.waiting.extend(seqs)
+        return seqs[0]
 
     def abort(self, seq_id: str) -> None:
         seq = self.seqs.get(seq_id)
@@ -211,12 +275,36 @@ class EngineCore:
 
     # ---- scheduling
     def _drop_aborted(self, events: dict) -> None:
-        for seq in [s for s in itertools.chain(self.running, self.waiting) if s.aborted]:
+        """Aborts end the sequence and its forks-to-be (the API closes a request's n completions together)."""
+        for seq in [s for s in itertools.chain(self.running, self.waiting)
+                    if s.aborted or any(f.aborted for f in s.forks)]:
+            for f in seq.forks if seq.aborted else [f for f in seq.forks if f.aborted]:
+                seq.forks.remove(f)
+                self._finish(f, "abort")
+                events[f.seq_id] = TokenEvent([], "abort", len(f.prompt), 0, f.index)
+            if not seq.aborted:
+                continue
             if seq in self.waiting:
                 self.waiting.remove(seq)
             self._finish(seq, "abort")
             self.aborted += 1
-            events[seq.seq_id] = TokenEvent([], "abort", len(seq.prompt), len(seq.output))
+            events[seq.seq_id] = TokenEvent([], "abort", len(seq.prompt), len(seq.output), seq.index)
+
+    def _fork(self, plans) -> None:
+        """Sequences whose shared prompt blocks a just-completed step finished writing hand them to their
+        forks, which join the batch on the same worker at position ``share_len``."""
+        for w, plan in enumerate(plans):
+            for seq, item in plan:
+                nb = seq.share_len // self.block_size
+                if (not seq.forks or seq.worker != w or item.start_pos + len(item.tokens) < seq.share_len
+                        or seq.blocks[:nb] != item.block_table[:nb]):  # preempted since: forks wait for the replay
+                    continue
+                for f in seq.forks:
+                    self.allocators[w].share(seq.blocks[:nb])
+                    f.worker, f.blocks, f.num_cached = w, list(seq.blocks[:nb]), seq.share_len
+                    f.arrival, f.first_scheduled = seq.arrival, seq.first_scheduled
+                    self.running.append(f)
+                seq.forks = []
 
     def _preempt(self, seq: Sequence) -> None:
         log.info("KV cache full on worker %d: preempting %s (%d tokens) for recompute", seq.worker, seq.seq_id,
@@ -239,17 +327,22 @@ class EngineCore:
             self._preempt(max(younger, key=lambda s: s.arrival))
         return True
 
+    def _owed(self, seq: Sequence) -> int:
+        """Blocks ``seq`` (and its forks) still need to cache the prompt and sample once."""
+        upto = min(len(seq.tokens) + 1, self.max_seq_len)
+        per_fork = -(-upto // self.block_size) - seq.share_len // self.block_size
+        return self._blocks_needed(seq, upto) + len(seq.forks) * per_fork
+
     def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch_size:
+        while self.waiting and sum(s.slots for s in self.running) + self.waiting[0].slots <= self.max_batch_size:
             seq = self.waiting[0]
             if seq.pending:  # preempted with a token in flight: re-admit once its tokens are all known
                 return
-            per_worker = [sum(1 for s in self.running if s.worker == w) for w in range(self.world)]
-            cands = [w for w in range(self.world) if per_worker[w] < self.per_worker_batch]
-            need = self._blocks_needed(seq, min(len(seq.tokens) + 1, self.max_seq_len))
+            per_worker = [sum(s.slots for s in self.running if s.worker == w) for w in range(self.world)]
+            cands = [w for w in range(self.world) if per_worker[w] + seq.slots <= self.per_worker_batch]
+            need = self._owed(seq)
             # blocks still owed to admitted sequences whose prompt is not fully cached yet
-            owed = [sum(self._blocks_needed(s, min(len(s.tokens) + 1, self.max_seq_len))
-                        for s in self.running if s.worker == w) for w in range(self.world)]
+            owed = [sum(self._owed(s) for s in self.running if s.worker == w) for w in range(self.world)]
             room = [len(self.allocators[w].free) - owed[w] for w in range(self.world)]
             cands = [w for w in cands if room[w] >= need]
             if not cands:
@@ -257,6 +350,8 @@ class EngineCore:
             w = max(cands, key=lambda w: (room[w], -per_worker[w]))
             self.waiting.popleft()
             seq.worker = w
+            if seq.first_scheduled is None:
+                seq.first_scheduled = time.monotonic()
             self.running.append(seq)
 
     def schedule(self) -> list[list[tuple[Sequence, StepItem]]]:
@@ -277,8 +372,8 @@ class EngineCore:
                 continue
             seq.blocks += self.allocators[seq.worker].allocate(need)
             tok = PLACEHOLDER if seq.pending else seq.tokens[-1]
-            plans[seq.worker].append((seq, StepItem(seq.seq_id, [tok], seq.num_cached,
-                                                    list(seq.blocks), True, seq.params, seq.variant)))
+            plans[seq.worker].append((seq, StepItem(seq.seq_id, [tok], seq.num_cached, list(seq.blocks), True,
+                                                    seq.params, seq.variant, len(seq.prompt))))
             seq.num_cached += 1
             seq.pending += 1
             budget[seq.worker] -= 1
@@ -301,7 +396,8 @@ class EngineCore:
             seq.blocks += alloc.allocate(need)
             done = seq.num_cached + chunk == len(seq.tokens)
             plans[w].append((seq, StepItem(seq.seq_id, seq.tokens[seq.num_cached:seq.num_cached + chunk],
-                                           seq.num_cached, list(seq.blocks), done, seq.params, seq.variant)))
+                                           seq.num_cached, list(seq.blocks), done, seq.params, seq.variant,
+                                           len(seq.prompt))))
             seq.num_cached += chunk
             seq.pending += int(done)
             budget[w] -= chunk
@@ -316,6 +412,9 @@ class EngineCore:
                 seq.pending -= 1
                 if seq.aborted or seq.finish_reason is not None:
                     continue  # computed ahead for a sequence that has ended since: dropped
+                lp = None
+                if isinstance(tok, Sampled):
+                    lp, tok = tok, tok.token
                 seq.output.append(tok)
                 reason = None
                 p = seq.params
@@ -325,7 +424,9 @@ class EngineCore:
                     reason = "stop"
                 elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_seq_len:
                     reason = "length"
-                events[seq.seq_id] = TokenEvent([tok], reason, len(seq.prompt), len(seq.output))
+                queued = seq.first_scheduled - seq.arrival if reason and seq.first_scheduled is not None else None
+                events[seq.seq_id] = TokenEvent([tok], reason, len(seq.prompt), len(seq.output), seq.index,
+                                                None if lp is None else [lp], queued)
                 if reason:
                     self._finish(seq, reason)
         return events
@@ -346,6 +447,7 @@ class EngineCore:
         """Apply one step's sampled tokens (``results`` per worker) and release what finished."""
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, sum(len(p) for p in plans))
+        self._fork(plans)  # before process(): a sequence its first token finishes still hands its blocks over
         events.update(self.process(plans, results))
         self.executor.release(self.pop_finished())
 

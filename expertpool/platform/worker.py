@@ -34,9 +34,10 @@ import torch
 
 from expertpool.model.attention import AttnBatch, PagedLatentCache
 from expertpool.model.checkpoint import DTYPES, load_checkpoint
+from expertpool.model.grammar import Constrainer
 from expertpool.model.sampling import sample
 from expertpool.model.transformer import Transformer
-from expertpool.platform.scheduler import StepItem
+from expertpool.platform.scheduler import Sampled, StepItem
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +45,34 @@ CONTROL = "control"  # the actor concurrency group of ping/abort_group: never qu
 
 
 class ModelRunner:
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, device="cpu"):
+    """``tokenizer``: a ``model.tokenizer.Tokenizer``, needed only for requests with a grammar (its
+    llguidance vocabulary is built on the first such request)."""
+
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, device="cpu", tokenizer=None):
         self.model = model
         args = model.args
         self.cache = PagedLatentCache(args.num_hidden_layers, num_blocks, block_size, args.kv_cache_dim,
                                       dtype=model.compute_dtype, device=device)
         self.device = device
+        self.tokenizer = tokenizer
+        self._constrainer: Constrainer | None = None
         self._last: dict[str, int] = {}  # last sampled token per sequence (feeds PLACEHOLDER items)
 
+    @property
+    def constrainer(self) -> Constrainer:
+        if self._constrainer is None:
+            assert self.tokenizer is not None, "a request with a grammar reached a ModelRunner without a tokenizer"
+            t0 = time.time()
+            vocab = self.model.args.vocab_size
+            self._constrainer = Constrainer(self.tokenizer.llguidance_tokenizer(vocab), vocab)
+            log.info("grammar vocabulary of %d tokens built in %.1fs", vocab, time.time() - t0)
+        return self._constrainer
+
     @torch.inference_mode()
-    def step(self, items: list[StepItem]) -> list[int | None]:
+    def step(self, items: list[StepItem]) -> list[int | Sampled | None]:
         last = self._last
-        tokens = [last[it.seq_id] if t < 0 else t for it in items for t in it.tokens]
+        resolved = [[last[it.seq_id] if t < 0 else t for t in it.tokens] for it in items]
+        tokens = [t for toks in resolved for t in toks]
         batch = AttnBatch.build(self.cache, [it.block_table for it in items], [it.start_pos for it in items],
                                 [len(it.tokens) for it in items], device=self.device,
                                 variants=[it.variant for it in items])
@@ -67,21 +84,67 @@ class ModelRunner:
         tokens_N = torch.tensor(tokens, dtype=torch.long, device=self.device)
         logits = self.model.forward_batch(tokens_N, batch, torch.tensor(rows, dtype=torch.long, device=self.device))
         sampled = [it for it in items if it.sample]
+        raw = logits
+        if any(it.params.grammar is not None for it in items):
+            logits = self._apply_grammars(items, resolved, logits)
         toks = sample(logits, [it.params for it in sampled],
                       [it.start_pos + len(it.tokens) for it in sampled]).tolist() if sampled else []
+        lps = self._logprobs(raw, sampled, toks)
         out, j = [], 0
         for it in items:
             if it.sample:
-                out.append(toks[j])
+                out.append(toks[j] if lps[j] is None else lps[j])
                 last[it.seq_id] = toks[j]
                 j += 1
             else:
                 out.append(None)
         return out
 
+    def _apply_grammars(self, items: list[StepItem], resolved: list[list[int]], logits_BV: torch.Tensor):
+        """Feed every constrained item's output tokens to its matcher and mask the rows it samples."""
+        c = self.constrainer
+        rows = [j for j, it in enumerate(it for it in items if it.sample) if it.params.grammar is not None]
+        bitmask = c.bitmask(len(rows)) if rows else None
+        r = 0
+        for it, toks in zip(items, resolved):
+            if it.params.grammar is None:
+                continue
+            c.advance(it.seq_id, it.params.grammar, it.prompt_len, it.start_pos, toks)
+            if it.sample:
+                c.fill(it.seq_id, bitmask, r)
+                r += 1
+        if not rows:
+            return logits_BV
+        logits_BV = logits_BV.float()  # a copy: the logprobs stay those of the model
+        idx = torch.tensor(rows, device=logits_BV.device)
+        masked = logits_BV.index_select(0, idx)
+        c.apply(masked, bitmask)
+        return logits_BV.index_copy(0, idx, masked)
+
+    @staticmethod
+    def _logprobs(logits_BV: torch.Tensor, sampled: list[StepItem], toks: list[int]) -> list[Sampled | None]:
+        """The model's logprobs (before temperature, top-k/p and grammar, as vLLM's default) of the
+        sampled token and the requested top-k; only those numbers leave the worker."""
+        out: list[Sampled | None] = [None] * len(sampled)
+        rows = [j for j, it in enumerate(sampled) if it.params.logprobs is not None]
+        if not rows:
+            return out
+        idx = torch.tensor(rows, device=logits_BV.device)
+        lp_BV = torch.log_softmax(logits_BV.index_select(0, idx).float(), dim=-1)
+        k = max(sampled[j].params.logprobs for j in rows)
+        top_v, top_i = lp_BV.topk(k, dim=-1) if k else (lp_BV[:, :0], lp_BV[:, :0].long())
+        chosen = lp_BV.gather(1, torch.tensor([[toks[j]] for j in rows], device=lp_BV.device)).squeeze(1).tolist()
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        for r, j in enumerate(rows):
+            kj = sampled[j].params.logprobs
+            out[j] = Sampled(toks[j], chosen[r], list(zip(top_i[r][:kj], top_v[r][:kj])))
+        return out
+
     def release(self, seq_ids: list[str]) -> None:
         for s in seq_ids:
             self._last.pop(s, None)
+        if self._constrainer is not None:
+            self._constrainer.release(seq_ids)
 
     def load_patch(self, patch_dir: str, base_model_dir: str | None = None) -> int:
         """Add an ESFT expert patch as a served variant; only the experts this model holds are kept.
@@ -111,6 +174,7 @@ class WorkerSpec:
     backend: str = "auto"            # auto | gloo | nccl
     threads: int = 1
     collective_timeout_s: float = 60.0
+    tokenizer_dir: str | None = None  # None = model_dir; the grammar mask's vocabulary
 
 
 def _cuda_device_index() -> int:
@@ -128,6 +192,8 @@ class ExpertWorker:
     """Ray actor body (wrapped with ray.remote by ``RayExecutor``)."""
 
     def __init__(self, rank: int, world: int):
+        from expertpool.platform.logs import show_info_logs
+        show_info_logs()
         self.rank, self.world = rank, world
         self.runner: ModelRunner | None = None
         self.device = "cpu"
@@ -153,7 +219,9 @@ class ExpertWorker:
         self.n_experts = n_experts
         self.experts = owned_experts(self.rank, self.world, n_experts)
         model = load_model(spec.model_dir, spec.dtype, spec.weight_dtype, self.experts, self.device)
-        self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device)
+        from expertpool.model.tokenizer import Tokenizer
+        tokenizer = Tokenizer.from_dir(spec.tokenizer_dir or spec.model_dir)
+        self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device, tokenizer)
         log.info("worker %d/%d loaded experts %d..%d on %s in %.1fs", self.rank, self.world, self.experts[0],
                  self.experts[-1], self.device, time.time() - t0)
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),

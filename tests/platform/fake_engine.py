@@ -17,12 +17,13 @@ import json
 import os
 import tempfile
 
-from expertpool.platform.scheduler import EngineOverloaded, TokenEvent
+from expertpool.platform.scheduler import EngineOverloaded, Sampled, TokenEvent
 
 PAD, BOS, EOS = 0, 1, 2
 BYTE0 = 3
 MERGES = [b" world", b"Hello"]
 SPECIAL = {"<s>": BOS, "</s>": EOS}
+VOCAB = BYTE0 + 256 + len(MERGES)
 
 REPLY = "Hello world! Grüße 😀 from the fake engine."
 
@@ -75,10 +76,11 @@ class FakeTokenizer:
                 buf += MERGES[t - BYTE0 - 256]
         return buf.decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tools: list[dict] | None = None, **template_kwargs) -> str:
         for m in messages:
-            if m["role"] == "tool":  # as the real template does for roles it has no slot for
-                raise ValueError("chat template failed: unsupported role: tool")
+            if m["role"] not in ("system", "user", "assistant"):  # as a template does for roles it has no slot for
+                raise ValueError(f"chat template failed: unsupported role: {m['role']}")
         text = "<s>" + "".join(f"<|{m['role']}|>{m['content']}\n" for m in messages)
         return text + ("<|assistant|>" if add_generation_prompt else "")
 
@@ -115,6 +117,7 @@ class FakeEngine:
         self.steps = 0
         self.calls: list[tuple[str, list[int], object, str | None]] = []
         self.closed_early: list[str] = []
+        self.aborted: list[str] = []
 
     def model_ids(self) -> list[str]:
         return list(self.ids)
@@ -125,6 +128,9 @@ class FakeEngine:
                 f.write(json.dumps(rec) + "\n")
 
     async def generate(self, request_id, prompt_token_ids, params, model=None):
+        """n > 1: the n completions run interleaved, one token each per step (completion i starts its
+        reply i tokens in, so they differ). With logprobs each token comes as a ``Sampled`` with
+        made-up values (token t: logprob -t/1000, alternatives t+1..t+k modulo the vocabulary)."""
         self.calls.append((request_id, list(prompt_token_ids), params, model))
         prompt_text = self.tok.decode(prompt_token_ids)
         if "OVERLOAD" in prompt_text:
@@ -135,42 +141,51 @@ class FakeEngine:
         if n_prompt + params.max_tokens > self.max_seq_len:  # the HTTP layer must clamp max_tokens
             raise ValueError(f"prompt {n_prompt} + max_tokens {params.max_tokens} > max_seq_len {self.max_seq_len}")
         limit = params.max_tokens
-        out: list[int] = []
-        finished = False
+        n = params.n
+        outs: list[list[int]] = [[] for _ in range(n)]
+        pos = list(range(n))
+        live = set(range(n))
         self.running += 1
         try:
             yield TokenEvent([], None, n_prompt, 0)  # prefill scheduled: an empty first event is legal
-            i = 0
-            while True:
+            while live:
                 await asyncio.sleep(delay)
-                if "BOOM" in prompt_text and len(out) == 2:
-                    raise RuntimeError("fake engine exploded")
-                if i < len(reply):
-                    tid = reply[i]
-                elif params.ignore_eos:
-                    tid = reply[i % len(reply)]
-                else:
-                    tid = EOS
-                i += 1
-                self.steps += 1
-                self.expert_tokens[tid % 8] += 1
-                if tid == EOS or tid in params.stop_token_ids:
-                    finished = True
-                    yield TokenEvent([], "stop", n_prompt, len(out) + 1)
-                    return
-                out.append(tid)
-                if len(out) >= limit:
-                    finished = True
-                    yield TokenEvent([tid], "length", n_prompt, len(out))
-                    return
-                yield TokenEvent([tid], None, n_prompt, len(out))
+                for i in sorted(live):
+                    out = outs[i]
+                    if "BOOM" in prompt_text and len(out) == 2:
+                        raise RuntimeError("fake engine exploded")
+                    j = pos[i]
+                    if j < len(reply):
+                        tid = reply[j]
+                    elif params.ignore_eos:
+                        tid = reply[j % len(reply)]
+                    else:
+                        tid = EOS
+                    pos[i] += 1
+                    self.steps += 1
+                    self.expert_tokens[tid % 8] += 1
+                    lps = None
+                    if params.logprobs is not None:
+                        alts = [(tid + k) % VOCAB for k in range(1, params.logprobs + 1)]
+                        lps = [Sampled(tid, -tid / 1000, [(a, -a / 1000) for a in alts])]
+                    if tid == EOS or tid in params.stop_token_ids:
+                        live.discard(i)
+                        yield TokenEvent([], "stop", n_prompt, len(out) + 1, i, queue_s=0.001)
+                        continue
+                    out.append(tid)
+                    if len(out) >= limit:
+                        live.discard(i)
+                        yield TokenEvent([tid], "length", n_prompt, len(out), i, lps, queue_s=0.001)
+                        continue
+                    yield TokenEvent([tid], None, n_prompt, len(out), i, lps)
         finally:
             self.running -= 1
-            if not finished:
+            if live:
                 self.closed_early.append(request_id)
-                self._log(event="closed_early", request_id=request_id, tokens=len(out))
+                self._log(event="closed_early", request_id=request_id, tokens=sum(len(o) for o in outs))
 
     async def abort(self, request_id: str) -> None:
+        self.aborted.append(request_id)
         self._log(event="abort", request_id=request_id)
 
     def stats(self) -> dict:

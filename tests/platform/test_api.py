@@ -185,12 +185,25 @@ def test_over_the_real_engine_cancel_mid_stream_frees_kv_blocks():
 
 
 @pytest.mark.parametrize("body, param, needle", [
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "only n=1"),
-    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs", "logprobs are not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, "n", "greater than or equal to 1"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 17}, "n", "less than or equal to 16"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, None, "top_logprobs needs logprobs=true"),
+    ({"messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs",
+     "less than or equal to 20"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": -0.1}, "temperature", "greater than or equal"),
     ({"messages": [{"role": "user", "content": "x"}], "stream_options": {"include_usage": True}}, None,
      "only allowed with stream=true"),
-    ({"messages": [{"role": "user", "content": "x"}], "tools": []}, "tools", "unknown or unsupported field"),
+    ({"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 3}}, "logit_bias",
+     "logit_bias is not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5}, "presence_penalty",
+     "penalties are not supported"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}, "response_format.type",
+     "Input should be"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, None,
+     "tool_choice=required needs at least one tool"),
+    ({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, None, "names the function 'g'"),
+    ({"messages": [{"role": "user", "content": "x"}], "functions": []}, "functions", "unknown or unsupported field"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role", "Input should be"),
 ])
 def test_request_validation_names_the_field(body, param, needle):
@@ -273,6 +286,31 @@ def test_sse_data_is_one_line_for_every_line_reader():
     frame = sse({"text": text})
     assert frame.endswith("\n\n") and len(frame[:-2].splitlines()) == 1
     assert json.loads(frame[len("data: "):])["text"] == text
+
+
+def test_preemptions_queue_time_and_request_histograms():
+    m = ServerMetrics(replica="r1", model_name="base", counter=_Recorder, gauge=_Recorder, histogram=_Recorder)
+    base = {"running": 2, "waiting": 1, "kv_usage": 0.5, "expert_tokens": []}
+    m.update_from_stats({**base, "preempted": 0})
+    m.update_from_stats({**base, "preempted": 3})
+    m.update_from_stats({**base, "preempted": 5})
+    assert [v for v, _ in m.preemptions.values] == [3, 2]
+    assert m.preemptions.values[0][1] == {"replica": "r1", "model_name": "base", "engine": "expertpool"}
+    assert [v for v, _ in m.swapped.values] == [0, 0, 0] and m.running.values[-1] == (2, m.preemptions.values[0][1])
+    server = OpenAIServer(FakeEngine(max_seq_len=MAX_SEQ_LEN), TOK, metrics=m)
+    app = build_fastapi_app(server)
+
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+            r = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 5, "n": 2})
+            assert r.status_code == 200
+    asyncio.run(go())
+    assert [(v, t["finished_reason"]) for v, t in m.success.values] == [(1, "length"), (1, "length")]
+    assert [v for v, _ in m.request_generation_tokens.values] == [10]
+    assert [v for v, _ in m.request_prompt_tokens.values] == [len(TOK.encode("hi"))]
+    assert [v for v, _ in m.queue_time.values] == [0.001]  # the fake engine's queue time
+    assert len(m.tpot.values) == len(m.decode_time.values) == len(m.prefill_time.values) == 1
+    assert m.tpot.values[0][1]["model_name"] == "fake-base"
 
 
 def test_recovery_metrics_follow_the_engine_counters():
@@ -488,12 +526,13 @@ def test_error_codes_then_still_serving(served):
         _err(c.post(chat, json={"messages": msgs, "temperature": 2.5}, headers=h), 400, param="temperature",
              needle="less than or equal to 2")
         _err(c.post(chat, json={"messages": msgs, "top_p": 0}, headers=h), 400, param="top_p")
-        _err(c.post(chat, json={"messages": msgs, "n": 3}, headers=h), 400, param="n", needle="only n=1")
-        _err(c.post(chat, json={"messages": msgs, "logprobs": True}, headers=h), 400, param="logprobs",
-             needle="logprobs are not supported")
-        _err(c.post(comp, json={"prompt": "x", "logprobs": 2}, headers=h), 400, param="logprobs")
-        _err(c.post(chat, json={"messages": msgs, "response_format": {"type": "json_object"}}, headers=h), 400,
-             param="response_format")
+        _err(c.post(chat, json={"messages": msgs, "n": 30}, headers=h), 400, param="n", needle="less than or equal")
+        _err(c.post(chat, json={"messages": msgs, "logit_bias": {"3": 1}}, headers=h), 400, param="logit_bias",
+             needle="logit_bias is not supported")
+        _err(c.post(comp, json={"prompt": "x", "logprobs": 21}, headers=h), 400, param="logprobs")
+        _err(c.post(chat, json={"messages": msgs, "response_format": {"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "objekt"}}}}, headers=h), 400, param="response_format",
+             needle="grammar cannot be built")
         _err(c.post(chat, json={"messages": [{"role": "tool", "content": "x"}]}, headers=h), 400, param="messages",
              needle="unsupported role")
         long_prompt = "y" * (MAX_SEQ_LEN - 1)  # + BOS = MAX_SEQ_LEN tokens: prompt + 1 > max_seq_len
@@ -530,8 +569,8 @@ def test_openai_client_raises_typed_errors(served):
     c = served["client"]
     with pytest.raises(openai.NotFoundError):
         c.chat.completions.create(model="missing", messages=[{"role": "user", "content": "x"}])
-    with pytest.raises(openai.BadRequestError, match="only n=1"):
-        c.chat.completions.create(model="fake-base", messages=[{"role": "user", "content": "x"}], n=2)
+    with pytest.raises(openai.BadRequestError, match="echo is not supported"):
+        c.completions.create(model="fake-base", prompt="x", echo=True)
     bad = openai.OpenAI(base_url=served["base"] + "/v1", api_key="nope", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         bad.models.list()
@@ -621,20 +660,43 @@ def test_metrics_reach_prometheus_export(served):
 
     port = ray._private.worker.global_worker.node.metrics_export_port
     app_name = served["app_name"]
-    wanted = ["ray_expertpool_requests_total", "ray_expertpool_time_to_first_token_seconds_bucket",
-              "ray_expertpool_inter_token_latency_seconds_bucket", "ray_expertpool_generated_tokens_total",
-              "ray_expertpool_requests_running", "ray_expertpool_requests_waiting", "ray_expertpool_kv_cache_usage",
-              "ray_expertpool_expert_tokens"]
+    dashboard = _serve_llm_dashboard_metrics()
+    assert len(dashboard) >= 15, dashboard  # the file still lists the vLLM series
+    wanted = sorted(dashboard) + ["ray_expertpool_requests_total", "ray_expertpool_expert_tokens",
+                                  "ray_vllm_inter_token_latency_seconds_bucket"]
     deadline, missing, lines = time.time() + 60, wanted, []  # Ray exports every few seconds
     while time.time() < deadline:
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        lines = [ln for ln in text.splitlines() if ln.startswith("ray_expertpool_")]
+        lines = [ln for ln in text.splitlines() if ln.startswith(("ray_expertpool_", "ray_vllm_"))]
         missing = [w for w in wanted if not any(ln.startswith(w + "{") for ln in lines)]
         if not any('status="404"' in ln for ln in lines):
             missing.append('requests_total{status="404"}')
         if not any('expert="7"' in ln for ln in lines):
             missing.append('expert_tokens{expert="7"}')
+        vllm = [ln for ln in lines if ln.startswith("ray_vllm_")]
+        if not all('model_name="fake-base' in ln and 'engine="expertpool"' in ln for ln in vllm):
+            missing.append("model_name and engine labels on every ray_vllm_ series")
         if not missing:
             break
         time.sleep(1)
     assert not missing, f"not exported after 60 s: {missing} (app {app_name}); got {lines[:5]}"
+
+
+# vLLM series of Ray Serve LLM's dashboard for features this engine does not have: prefix caching,
+# KV offloading to CPU, NIXL transfers (prefill/decode disaggregation).
+NOT_APPLICABLE = ("prefix_cache", "kv_offload", "nixl")
+
+
+def _serve_llm_dashboard_metrics() -> set[str]:
+    """The ``ray_vllm_*`` series the installed Ray's Serve LLM Grafana dashboard queries (histograms as
+    their ``_bucket``/``_sum`` series), less those of features we do not have."""
+    import re
+
+    import ray.dashboard.modules.metrics.dashboards.serve_llm_dashboard_panels as panels
+
+    src = open(panels.__file__).read()
+    names = set(re.findall(r"ray_vllm_[a-z0-9_]+", src))
+    hist = set(re.findall(r'_(?:histogram_panels|percentile_with_join|mean_with_join)\(\s*"(ray_vllm_[a-z0-9_]+)"',
+                          src))
+    out = {n for n in names - hist if not any(k in n for k in NOT_APPLICABLE)}
+    return out | {h + "_bucket" for h in hist if not any(k in h for k in NOT_APPLICABLE)}

@@ -388,3 +388,49 @@ def test_finetune_job_publishes_its_patch_into_the_running_app(served, tmp_path)
     r = c.completions.create(model="expertpool-tiny:bikes", prompt="My bike chain", max_tokens=4, temperature=0,
                              extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 4
+
+
+def test_structured_output_logprobs_and_n_across_two_expert_actors(served):
+    """The grammar mask and logprobs are computed on the actor that samples, inside the
+    expert-parallel group (2 actors, gloo all-to-all); n=3 forks share one prefill."""
+    import json
+
+    import jsonschema
+
+    from tests.platform.test_openai_features import SCHEMA, TIME
+
+    c = served["client"][2]
+    r = c.chat.completions.create(
+        model="expertpool-tiny", messages=[{"role": "user", "content": "A person as JSON"}], n=3, seed=21,
+        temperature=1.0, max_tokens=200, logprobs=True, top_logprobs=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
+    assert len(r.choices) == 3
+    for ch in r.choices:
+        assert ch.finish_reason == "stop", ch
+        jsonschema.validate(json.loads(ch.message.content), SCHEMA)
+        assert all(len(e.top_logprobs) == 2 and e.logprob <= 0 for e in ch.logprobs.content)
+    assert sum(len(ch.logprobs.content) for ch in r.choices) == r.usage.completion_tokens
+    t = c.chat.completions.create(
+        model="expertpool-tiny", messages=[{"role": "user", "content": "Time?"}], tools=[TIME], seed=4,
+        tool_choice={"type": "function", "function": {"name": "get_time"}}, parallel_tool_calls=False, max_tokens=300)
+    call = t.choices[0].message.tool_calls[0]
+    assert t.choices[0].finish_reason == "tool_calls" and call.function.name == "get_time"
+    assert json.loads(call.function.arguments)["zone"] in ("UTC", "CET")
+    assert _stats(served["apps"][2])["kv_blocks_used"] == 0
+
+
+def test_replica_and_actor_logs_show_startup_at_info(served):
+    """Serve configures only its own logger; ours must still reach the replica's log file, and the
+    actors' INFO lines their worker logs: one line per checkpoint shard, an 'engine ready' line."""
+    import glob
+    import os
+    import re
+
+    import ray
+
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+    replica = "".join(open(f, errors="replace").read() for f in glob.glob(os.path.join(logs, "serve", "replica_ep2_*")))
+    assert re.search(r"engine ready: .* 2 expert actors x 128 experts, .* in \d+\.\d s", replica), replica[-2000:]
+    workers = "".join(open(f, errors="replace").read() for f in glob.glob(os.path.join(logs, "worker-*.err")))
+    assert re.search(r"loading shard model\.safetensors \(1 of 1\)", workers)
+    assert re.search(r"worker 1/2 loaded experts 128\.\.255", workers)
