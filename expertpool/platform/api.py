@@ -297,7 +297,7 @@ class OpenAIServer:
                 raise unavailable_error(e) from None
             finally:
                 await stream.aclose()
-            use = P.usage(stream.prompt_tokens, stream.completion_tokens)
+            use = P.usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)
             status = 200
             self.metrics.request_latency(model, time.perf_counter() - t0, stream.prompt_tokens)
             self.metrics.request_finished(model, stream, out.finish_reasons())
@@ -335,7 +335,7 @@ class OpenAIServer:
                         yield sse(P.completion_chunk(rid, created, model, index, payload, finish, include_usage, lps))
             if include_usage:
                 yield sse(P.usage_chunk(rid, created, model, obj,
-                                        P.usage(stream.prompt_tokens, stream.completion_tokens)))
+                                        P.usage(stream.prompt_tokens, stream.completion_tokens, stream.cached_tokens)))
             self.metrics.request_latency(model, time.perf_counter() - t0, stream.prompt_tokens)
             self.metrics.request_finished(model, stream, out.finish_reasons())
             yield SSE_DONE

@@ -249,6 +249,10 @@ class ServingConfig(Closed):
                                    "for the replica. Turn it on when the replica has CPU of its own (GPU actors, or "
                                    "CPU actors on other cores); where replica and actors share the same few cores, "
                                    "the overlapped replica work slows the actors' compute more than it saves.")
+    prefix_caching: bool = Field(True, description="Automatic prefix caching: full KV blocks are indexed by a hash "
+                                 "of their tokens and everything before them, so a prompt that starts like an earlier "
+                                 "one (a shared system prompt, a chat's history) prefills only the rest. Unheld "
+                                 "cached blocks are evicted least recently used first.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests in flight per replica before Serve queues "
                                       "them at the caller (Ray Serve `max_ongoing_requests`).")
     max_queued_requests: int = Field(128, description="Requests queued per caller before HTTP 503; "

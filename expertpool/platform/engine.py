@@ -326,7 +326,7 @@ def _first_line(e: BaseException) -> str:
 
 def local_engine(model, *, max_batch_size: int = 16, max_seq_len: int = 512, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 256,
-                 eos_token_id: int | None = None, tokenizer=None) -> EngineCore:
+                 eos_token_id: int | None = None, tokenizer=None, prefix_caching: bool = True) -> EngineCore:
     """An in-process engine over one model (all experts local): ``expertpool generate`` and tests.
     ``tokenizer`` is needed only for requests with a grammar."""
     if num_blocks is None:
@@ -336,7 +336,7 @@ def local_engine(model, *, max_batch_size: int = 16, max_seq_len: int = 512, blo
     return EngineCore(LocalExecutor(runner), num_blocks=num_blocks, block_size=block_size,
                       max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                       max_num_batched_tokens=max_num_batched_tokens, eos_token_id=eos,
-                      vocab_size=model.args.vocab_size)
+                      vocab_size=model.args.vocab_size, prefix_caching=prefix_caching)
 
 
 def generate(core: EngineCore, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -405,7 +405,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
                       max_num_batched_tokens=s.max_num_batched_tokens,
                       eos_token_id=tok.eos_token_id if tok.eos_token_id is not None else args.eos_token_id,
                       max_queued=s.max_queued_requests if s.max_queued_requests > 0 else 1 << 30,
-                      vocab_size=args.vocab_size)
+                      vocab_size=args.vocab_size, prefix_caching=s.prefix_caching)
     log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1f s",
              model_dir, world, args.n_routed_experts // world, blocks_per_worker, s.kv_cache.block_size,
              time.time() - t0)

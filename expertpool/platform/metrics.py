@@ -94,6 +94,11 @@ class ServerMetrics:
                               ("finished_reason",))
         self.preemptions = counter("vllm_num_preemptions", description="Sequences preempted (KV cache full) for "
                                    "recompute.", tag_keys=v).set_default_tags({**vtags, "model_name": model_name})
+        self.prefix_queries = counter("vllm_prefix_cache_queries", description="Prompt tokens looked up in the "
+                                      "prefix cache.", tag_keys=v).set_default_tags({**vtags, "model_name": model_name})
+        self.prefix_hits = counter("vllm_prefix_cache_hits", description="Prompt tokens found in the prefix cache "
+                                   "(not prefilled again).", tag_keys=v).set_default_tags({**vtags,
+                                                                                          "model_name": model_name})
         self.running = vgauge("vllm_num_requests_running", "Sequences in the running batch.")
         self.waiting = vgauge("vllm_num_requests_waiting", "Sequences waiting for admission.")
         self.swapped = vgauge("vllm_num_requests_swapped", "Always 0: sequences are recomputed, never swapped.")
@@ -166,7 +171,8 @@ class ServerMetrics:
                 self.expert_balancedness.set(sum(delta) / len(delta) / max(delta))
         self._last_expert_tokens = counts
         for key, metric in (("actor_failures", self.actor_failures), ("recoveries", self.recoveries),
-                            ("replayed_tokens", self.replayed_tokens), ("preempted", self.preemptions)):
+                            ("replayed_tokens", self.replayed_tokens), ("preempted", self.preemptions),
+                            ("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits)):
             grew = stats.get(key, 0) - self._seen.get(key, 0)
             if grew > 0:
                 metric.inc(grew)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 from expertpool.model.sampling import SamplingParams
+from expertpool.platform.kv_blocks import BlockPool, block_hashes
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class TokenEvent:
     index: int = 0                          # which of the request's n completions
     logprobs: list[Sampled] | None = None   # one per token id, when the request asked for logprobs
     queue_s: float | None = None            # on the final event: arrival to first scheduled
+    cached_tokens: int = 0                  # prompt tokens the prefix cache supplied (not prefilled again)
 
 
 class Executor(Protocol):
@@ -124,6 +126,9 @@ class Sequence:
     forks: list["Sequence"] = field(default_factory=list)  # siblings that will share this one's prompt blocks
     share_len: int = 0         # prompt tokens (whole blocks) the forks share
     first_scheduled: float | None = None
+    hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of the full blocks of tokens known so far
+    num_registered: int = 0    # leading blocks of ``blocks`` indexed in the prefix cache
+    cached_tokens: int = 0     # prompt tokens the prefix cache supplied at first admission
 
     @property
     def tokens(self) -> list[int]:
@@ -135,40 +140,10 @@ class Sequence:
         return 1 + len(self.forks)
 
 
-class BlockAllocator:
-    """Free list plus a reference count per block: forks of one prompt share its full blocks, and a
-    block is free again when its last holder releases it."""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self.free = list(range(num_blocks - 1, -1, -1))
-        self.refs = [0] * num_blocks
-
-    def allocate(self, n: int) -> list[int]:
-        assert n <= len(self.free)
-        out = [self.free.pop() for _ in range(n)]
-        for b in out:
-            self.refs[b] = 1
-        return out
-
-    def share(self, blocks: list[int]) -> None:
-        for b in blocks:
-            assert self.refs[b] > 0, f"block {b} is shared but free"
-            self.refs[b] += 1
-
-    def release(self, blocks: list[int]) -> None:
-        freed = []
-        for b in blocks:
-            self.refs[b] -= 1
-            if self.refs[b] == 0:
-                freed.append(b)
-        self.free.extend(reversed(freed))
-
-
 class EngineCore:
     def __init__(self, executor: Executor, *, num_blocks: int, block_size: int, max_batch_size: int,
                  max_seq_len: int, max_num_batched_tokens: int, eos_token_id: int | None, max_queued: int = 1 << 30,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, prefix_caching: bool = True):
         self.executor = executor
         self.world = executor.world
         self.num_blocks = num_blocks
@@ -182,7 +157,9 @@ class EngineCore:
         if num_blocks * block_size < max_seq_len:
             raise ValueError(f"KV cache of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
                              f"max_seq_len={max_seq_len}; raise serving.kv_cache or lower max_seq_len")
-        self.allocators = [BlockAllocator(num_blocks) for _ in range(self.world)]
+        self.allocators = [BlockPool(num_blocks, prefix_caching) for _ in range(self.world)]
+        self.prefix_queries = 0    # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0       # of which found cached
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.seqs: dict[str, Sequence] = {}
@@ -254,9 +231,9 @@ class EngineCore:
 
     def _free_seq(self, seq: Sequence) -> None:
         if seq.worker >= 0:
-            self.allocators[seq.worker].release(seq.blocks)
+            self.allocators[seq.worker].release(seq.blocks)  # indexed blocks stay cached for reuse
             self.finished_ids.append((seq.worker, seq.seq_id))
-        seq.blocks, seq.num_cached = [], 0
+        seq.blocks, seq.num_cached, seq.num_registered = [], 0, 0
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
@@ -268,7 +245,7 @@ class EngineCore:
         self.seqs.pop(seq.seq_id, None)
 
     def kv_blocks_used(self) -> int:
-        return sum(a.num_blocks - len(a.free) for a in self.allocators)
+        return sum(a.num_used() for a in self.allocators)
 
     def kv_blocks_total(self) -> int:
         return sum(a.num_blocks for a in self.allocators)
@@ -319,7 +296,7 @@ class EngineCore:
         """Free blocks on seq's worker by preempting sequences younger than seq (not yet planned this
         step, since planning goes oldest first); if none is younger, seq itself waits."""
         alloc = self.allocators[seq.worker]
-        while need > len(alloc.free):
+        while need > alloc.num_available():
             younger = [s for s in self.running if s.worker == seq.worker and s.arrival > seq.arrival]
             if not younger:
                 self._preempt(seq)
@@ -333,6 +310,19 @@ class EngineCore:
         per_fork = -(-upto // self.block_size) - seq.share_len // self.block_size
         return self._blocks_needed(seq, upto) + len(seq.forks) * per_fork
 
+    def _cacheable(self, seq: Sequence) -> list[bytes]:
+        """Hashes of the blocks a cache hit may cover: full blocks before the last known token (that one
+        is always computed: its logits give the next token). A grammar matcher on the worker consumes
+        output tokens from prefill chunks, so a sequence with a grammar reuses prompt blocks only."""
+        bs = self.block_size
+        limit = (len(seq.tokens) - 1) // bs
+        if seq.params.grammar is not None:
+            limit = min(limit, len(seq.prompt) // bs)
+        if len(seq.hashes) < limit:
+            seq.hashes += block_hashes(seq.tokens, bs, seq.variant, seq.hashes[-1] if seq.hashes else None,
+                                       len(seq.hashes))[:limit - len(seq.hashes)]
+        return seq.hashes[:limit]
+
     def _admit(self) -> None:
         while self.waiting and sum(s.slots for s in self.running) + self.waiting[0].slots <= self.max_batch_size:
             seq = self.waiting[0]
@@ -343,16 +333,46 @@ class EngineCore:
             need = self._owed(seq)
             # blocks still owed to admitted sequences whose prompt is not fully cached yet
             owed = [sum(self._owed(s) for s in self.running if s.worker == w) for w in range(self.world)]
-            room = [len(self.allocators[w].free) - owed[w] for w in range(self.world)]
-            cands = [w for w in cands if room[w] >= need]
+            room = [self.allocators[w].num_available() - owed[w] for w in range(self.world)]
+            hashes = self._cacheable(seq)
+            hits = {w: self.allocators[w].lookup(hashes) for w in cands}
+            # a hit saves its blocks; taking a cached (unheld) one still uses up an available block
+            cost = {w: need - sum(1 for b in hits[w] if self.allocators[w].refs[b] > 0) for w in cands}
+            cands = [w for w in cands if room[w] >= cost[w]]
             if not cands:
                 return
-            w = max(cands, key=lambda w: (room[w], -per_worker[w]))
+            # data-parallel placement: the worker holding the longest cached prefix, then the most room
+            w = max(cands, key=lambda w: (len(hits[w]), room[w] - cost[w], -per_worker[w]))
             self.waiting.popleft()
             seq.worker = w
+            if hits[w]:
+                self.allocators[w].acquire(hits[w])
+                seq.blocks, seq.num_registered = list(hits[w]), len(hits[w])
+                seq.num_cached = len(hits[w]) * self.block_size
             if seq.first_scheduled is None:
                 seq.first_scheduled = time.monotonic()
+                seq.cached_tokens = seq.num_cached
+                self.prefix_queries += len(seq.prompt)
+                self.prefix_hits += seq.num_cached
             self.running.append(seq)
+
+    def _register(self, plans) -> None:
+        """Index the full blocks a just-completed step finished writing (prefix caching). Runs before
+        ``process``, which may finish a sequence and release its blocks."""
+        bs = self.block_size
+        for w, plan in enumerate(plans):
+            pool = self.allocators[w]
+            for seq, item in plan:
+                full = (item.start_pos + len(item.tokens)) // bs
+                if (not pool.caching or full <= seq.num_registered or seq.worker != w
+                        or seq.blocks[:full] != item.block_table[:full]):  # ended or preempted since
+                    continue
+                if len(seq.hashes) < full:
+                    seq.hashes += block_hashes(seq.tokens, bs, seq.variant, seq.hashes[-1] if seq.hashes else None,
+                                               len(seq.hashes))[:full - len(seq.hashes)]
+                for i in range(seq.num_registered, full):
+                    pool.register(seq.hashes[i], seq.blocks[i])
+                seq.num_registered = full
 
     def schedule(self) -> list[list[tuple[Sequence, StepItem]]]:
         self._admit()
@@ -387,8 +407,8 @@ class EngineCore:
                 continue
             alloc = self.allocators[w]
             need = self._blocks_needed(seq, seq.num_cached + chunk)
-            if need > len(alloc.free):
-                chunk = min(chunk, len(seq.blocks) * self.block_size + len(alloc.free) * self.block_size
+            if need > alloc.num_available():
+                chunk = min(chunk, len(seq.blocks) * self.block_size + alloc.num_available() * self.block_size
                             - seq.num_cached)
                 need = self._blocks_needed(seq, seq.num_cached + chunk)
                 if chunk <= 0:
@@ -426,7 +446,7 @@ class EngineCore:
                     reason = "length"
                 queued = seq.first_scheduled - seq.arrival if reason and seq.first_scheduled is not None else None
                 events[seq.seq_id] = TokenEvent([tok], reason, len(seq.prompt), len(seq.output), seq.index,
-                                                None if lp is None else [lp], queued)
+                                                None if lp is None else [lp], queued, seq.cached_tokens)
                 if reason:
                     self._finish(seq, reason)
         return events
@@ -447,6 +467,7 @@ class EngineCore:
         """Apply one step's sampled tokens (``results`` per worker) and release what finished."""
         self.steps += 1
         self.max_batch_seen = max(self.max_batch_seen, sum(len(p) for p in plans))
+        self._register(plans)
         self._fork(plans)  # before process(): a sequence its first token finishes still hands its blocks over
         events.update(self.process(plans, results))
         self.executor.release(self.pop_finished())
@@ -480,10 +501,10 @@ class EngineCore:
         lost = [s for s in self.running if s.worker in dead]
         for seq in lost:
             self.running.remove(seq)
-            seq.worker, seq.blocks, seq.num_cached, seq.pending = -1, [], 0, 0
+            seq.worker, seq.blocks, seq.num_cached, seq.pending, seq.num_registered = -1, [], 0, 0, 0
             self.replayed_tokens += len(seq.tokens)
         for w in dead:
-            self.allocators[w] = BlockAllocator(self.allocators[w].num_blocks)
+            self.allocators[w].reset()
         self.finished_ids = [(w, s) for w, s in self.finished_ids if w not in dead]
         self.waiting = deque(sorted(itertools.chain(lost, self.waiting), key=lambda s: s.arrival))
         return lost
@@ -491,7 +512,9 @@ class EngineCore:
     def stats(self) -> dict:
         return {"running": len(self.running), "waiting": len(self.waiting), "sequences": len(self.seqs),
                 "kv_blocks_used": self.kv_blocks_used(), "kv_blocks_total": self.kv_blocks_total(),
-                "kv_blocks_used_per_worker": [a.num_blocks - len(a.free) for a in self.allocators],
+                "kv_blocks_used_per_worker": [a.num_used() for a in self.allocators],
+                "prefix_cache_queries": self.prefix_queries, "prefix_cache_hits": self.prefix_hits,
+                "prefix_cache_evictions": sum(a.evictions for a in self.allocators),
                 "kv_usage": self.kv_blocks_used() / max(1, self.kv_blocks_total()),
                 "steps": self.steps, "max_batch_seen": self.max_batch_seen, "aborted": self.aborted,
                 "preempted": self.preempted, "replayed_tokens": self.replayed_tokens}

@@ -133,6 +133,7 @@ class GenerationStream:
         self.first_event: Any = None
         self.closed = False
         self.prompt_tokens = 0
+        self.cached_tokens = 0
         self.queue_s: float | None = None
 
     @property
@@ -171,6 +172,8 @@ class GenerationStream:
             return None  # the abort event of a choice a stop string already ended
         self._timing(len(ev.token_ids))
         self.prompt_tokens, c.completion_tokens = ev.num_prompt_tokens, ev.num_output_tokens
+        if ev.index == 0:  # the prompt's cache hit (forks share the first completion's prompt)
+            self.cached_tokens = max(self.cached_tokens, getattr(ev, "cached_tokens", 0))
         if ev.queue_s is not None:
             self.queue_s = max(self.queue_s or 0.0, ev.queue_s)
         if ev.logprobs:

@@ -682,9 +682,9 @@ def test_metrics_reach_prometheus_export(served):
     assert not missing, f"not exported after 60 s: {missing} (app {app_name}); got {lines[:5]}"
 
 
-# vLLM series of Ray Serve LLM's dashboard for features this engine does not have: prefix caching,
-# KV offloading to CPU, NIXL transfers (prefill/decode disaggregation).
-NOT_APPLICABLE = ("prefix_cache", "kv_offload", "nixl")
+# vLLM series of Ray Serve LLM's dashboard for features this engine does not have: an external
+# (connector) prefix cache, KV offloading to CPU, NIXL transfers (prefill/decode disaggregation).
+NOT_APPLICABLE = ("external_prefix_cache", "kv_offload", "nixl")
 
 
 def _serve_llm_dashboard_metrics() -> set[str]:

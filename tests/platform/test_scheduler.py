@@ -27,13 +27,23 @@ def next_token(prefix: list[int]) -> int:
 
 
 class FakeExecutor:
+    """Workers with a physical paged cache: each slot (block * block_size + offset) holds the token
+    written there. A sequence's context is read back through its block table, so a block shared by
+    forks or taken from the prefix cache is right only if it really holds that prefix."""
+
     def __init__(self, world: int = 1, block_size: int = 4):
         self.world = world
         self.block_size = block_size
-        self.cache: list[dict[str, list[int]]] = [{} for _ in range(world)]
+        self.slots: list[dict[int, int]] = [{} for _ in range(world)]
         self.last: list[dict[str, int]] = [{} for _ in range(world)]
         self.steps: list[list[list]] = []
         self.released: list[tuple[int, str]] = []
+
+    def context(self, w: int, block_table: list[int], n: int) -> list[int]:
+        bs = self.block_size
+        out = [self.slots[w].get(block_table[p // bs] * bs + p % bs) for p in range(n)]
+        assert None not in out, f"position {out.index(None)} was never written"
+        return out
 
     def run(self, items_per_worker):
         self.steps.append(items_per_worker)
@@ -41,15 +51,14 @@ class FakeExecutor:
         for w, items in enumerate(items_per_worker):
             res = []
             for it in items:
-                c = self.cache[w].setdefault(it.seq_id, [])
-                assert it.start_pos <= len(c), f"{it.seq_id}: item at {it.start_pos} skips cached {len(c)}"
-                need = -(-(it.start_pos + len(it.tokens)) // self.block_size)
-                assert len(it.block_table) >= need, "block table too short"
+                bs = self.block_size
+                end = it.start_pos + len(it.tokens)
+                assert len(it.block_table) >= -(-end // bs), "block table too short"
                 toks = [self.last[w][it.seq_id] if t == PLACEHOLDER else t for t in it.tokens]
-                del c[it.start_pos:]
-                c.extend(toks)
+                for p, t in zip(range(it.start_pos, end), toks):
+                    self.slots[w][it.block_table[p // bs] * bs + p % bs] = t
                 if it.sample:
-                    tok = next_token(c)
+                    tok = next_token(self.context(w, it.block_table, end))
                     self.last[w][it.seq_id] = tok
                     res.append(tok)
                 else:
@@ -60,11 +69,10 @@ class FakeExecutor:
     def release(self, finished):
         self.released += finished
         for w, s in finished:
-            self.cache[w].pop(s, None)
             self.last[w].pop(s, None)
 
     def lose(self, w: int) -> None:
-        self.cache[w], self.last[w] = {}, {}
+        self.slots[w], self.last[w] = {}, {}
 
 
 def expected(prompt: list[int], n: int) -> list[int]:
@@ -176,7 +184,7 @@ def test_abort_frees_blocks_and_worker_state():
     drain(core, {})
     assert core.kv_blocks_used() == 0 and core.aborted == 1
     assert {s for _, s in ex.released} == {"x", "y"}
-    assert not any(ex.cache[w] for w in range(2))
+    assert not any(ex.last[w] for w in range(2))
 
 
 def test_request_validation():
@@ -226,7 +234,7 @@ def test_recovery_replays_lost_sequences_and_keeps_survivors(depth, dead):
     assert {s.seq_id for s in replayed} == on_dead
     assert all(s.worker == -1 and s.num_cached == 0 and not s.blocks for s in replayed)
     for s in core.running:  # survivors' cache positions match what their worker really holds
-        assert s.num_cached <= len(ex.cache[s.worker][s.seq_id]) and s.pending == 0
+        assert ex.context(s.worker, s.blocks, s.num_cached) == s.tokens[:s.num_cached] and s.pending == 0
     assert core.replayed_tokens == sum(len(s.tokens) for s in replayed)
     kept = {s.seq_id: s.num_cached for s in core.running if s.num_cached > 0}
     assert bool(kept) == (dead != {0, 1})

@@ -127,6 +127,26 @@ def test_greedy_equals_in_process_model(served, tiny_dir, actors):
         assert r.choices[0].text == tok.decode(ref), prompt
 
 
+def test_shared_system_prompt_is_cached_from_the_second_request(served, tiny_dir):
+    """A 200-token system prompt: from the second request on, usage reports cached prompt tokens, and
+    every answer still equals the in-process model's greedy tokens over the whole prompt."""
+    from expertpool.model.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tiny_dir)
+    system = (tok.encode("You are a terse assistant for an expert-parallel serving platform. ", add_bos=True)
+              * 40)[:200]
+    c = served["client"][2]
+    before = _stats(served["apps"][2])["prefix_cache_hits"]
+    cached = []
+    for q in ["What is MLA?", "Why route tokens?", "How many experts?"]:
+        ids = system + tok.encode(q, add_bos=False)
+        r = c.completions.create(model="expertpool-tiny", prompt=ids, max_tokens=8, temperature=0,
+                                 extra_body={"ignore_eos": True})
+        assert r.choices[0].text == tok.decode(_reference_greedy(tiny_dir, ids, 8)), q
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+    assert cached[1] >= 192 and cached[2] >= 192, cached  # the 200-token prefix in whole 8-token blocks
+    assert _stats(served["apps"][2])["prefix_cache_hits"] - before >= sum(cached[1:])
+
+
 def test_32_concurrent_streams_with_continuous_batching(served):
     c = served["client"][2]
     before = _stats(served["apps"][2])["max_batch_seen"]
