@@ -43,7 +43,8 @@ def run_one(core, sid, prompt, p=None):
 def test_block_hashes_chain_and_depend_on_variant():
     a = block_hashes(list(range(10)), BS)
     assert len(a) == 2 and a == block_hashes(list(range(10)) + [99], BS)
-    assert block_hashes([0, 1, 2, 3, 9, 9, 9, 9], BS)[0] == a[0] and block_hashes([0, 1, 2, 3, 9, 9, 9, 9], BS)[1] != a[1]
+    b = block_hashes([0, 1, 2, 3, 9, 9, 9, 9], BS)
+    assert b[0] == a[0] and b[1] != a[1]
     assert block_hashes([7, 7, 7, 7] + list(range(4, 8)), BS)[1] != a[1]  # same block, other prefix
     assert block_hashes(list(range(10)), BS, variant=1)[0] != a[0]
     assert block_hashes(list(range(12)), BS, parent=a[1], start=2) == block_hashes(list(range(12)), BS)[2:]
