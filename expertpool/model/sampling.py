@@ -85,6 +85,38 @@ def _draw(weights_BK: torch.Tensor, u_B: torch.Tensor) -> torch.Tensor:
     return torch.minimum(j_B1, last_B1).squeeze(1)
 
 
+def _weights(logits_BV: torch.Tensor, ps: list[SamplingParams], filtered: bool):
+    """The unnormalized sampling weights of rows that all share ``filtered``: temperature applied, and
+    for filtered rows top-k then top-p over the sorted candidates. Returns (w_BK, ids_BK), ids None
+    when the candidates are the whole vocabulary in order. Each row's weights depend on that row only
+    (another row's larger top-k only appends zeros)."""
+    dev = logits_BV.device
+    temp_B = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev)
+    x_BV = logits_BV / temp_B[:, None]
+    if not filtered:
+        return torch.exp(x_BV - x_BV.amax(-1, keepdim=True)), None
+    V = x_BV.shape[-1]
+    K = max(min(p.top_k, V) if p.top_k else V for p in ps)
+    vals_BK, ids_BK = x_BV.topk(K, dim=-1, sorted=True)
+    rank_K = torch.arange(K, device=dev)
+    k_B = torch.tensor([min(p.top_k, V) if p.top_k else V for p in ps], device=dev)
+    w_BK = torch.exp(vals_BK - vals_BK[:, :1]).masked_fill(rank_K[None, :] >= k_B[:, None], 0.0)
+    top_p_B = torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev)
+    cdf_BK = w_BK.cumsum(-1)
+    before_BK = cdf_BK - w_BK  # mass strictly above each candidate; the top one always stays
+    return w_BK.masked_fill(before_BK >= top_p_B[:, None] * cdf_BK[:, -1:], 0.0), ids_BK
+
+
+def _groups(params: list[SamplingParams]):
+    """Rows that sample (temperature > 0), split into unfiltered and filtered (top-k/top-p) ones."""
+    for filtered in (False, True):
+        rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.filtered == filtered]
+        if rows:
+            for i in rows:
+                assert params[i].seed is not None, "a sampled row needs a seed (the engine assigns one)"
+            yield filtered, rows, [params[i] for i in rows]
+
+
 def sample(logits_BV: torch.Tensor, params: list[SamplingParams], positions: list[int]) -> torch.Tensor:
     """One token per row, on the logits' device ([B] int64). ``positions[i]`` is the sequence position
     the sampled token will take (prompt + output so far): with the row's seed it fixes the draw."""
@@ -92,30 +124,25 @@ def sample(logits_BV: torch.Tensor, params: list[SamplingParams], positions: lis
     logits_BV = logits_BV.float()
     out_B = logits_BV.argmax(-1)
     dev = logits_BV.device
-    for filtered in (False, True):
-        rows = [i for i, p in enumerate(params) if p.temperature > 0 and p.filtered == filtered]
-        if not rows:
-            continue
-        ps = [params[i] for i in rows]
-        for p in ps:
-            assert p.seed is not None, "a sampled row needs a seed (the engine assigns one when the request has none)"
+    for filtered, rows, ps in _groups(params):
         idx_B = torch.tensor(rows, device=dev)
-        temp_B = torch.tensor([p.temperature for p in ps], dtype=torch.float32, device=dev)
         u_B = torch.tensor([uniform(p.seed, positions[i]) for i, p in zip(rows, ps)], dtype=torch.float64, device=dev)
-        x_BV = logits_BV.index_select(0, idx_B) / temp_B[:, None]
-        if not filtered:
-            w_BV = torch.exp(x_BV - x_BV.amax(-1, keepdim=True))
-            out_B[idx_B] = _draw(w_BV, u_B)
-            continue
-        V = x_BV.shape[-1]
-        K = max(min(p.top_k, V) if p.top_k else V for p in ps)
-        vals_BK, ids_BK = x_BV.topk(K, dim=-1, sorted=True)
-        rank_K = torch.arange(K, device=dev)
-        k_B = torch.tensor([min(p.top_k, V) if p.top_k else V for p in ps], device=dev)
-        w_BK = torch.exp(vals_BK - vals_BK[:, :1]).masked_fill(rank_K[None, :] >= k_B[:, None], 0.0)
-        top_p_B = torch.tensor([p.top_p for p in ps], dtype=torch.float32, device=dev)
-        cdf_BK = w_BK.cumsum(-1)
-        before_BK = cdf_BK - w_BK  # mass strictly above each candidate; the top one always stays
-        w_BK = w_BK.masked_fill(before_BK >= top_p_B[:, None] * cdf_BK[:, -1:], 0.0)
-        out_B[idx_B] = ids_BK.gather(1, _draw(w_BK, u_B)[:, None]).squeeze(1)
+        w_BK, ids_BK = _weights(logits_BV.index_select(0, idx_B), ps, filtered)
+        j_B = _draw(w_BK, u_B)
+        out_B[idx_B] = j_B if ids_BK is None else ids_BK.gather(1, j_B[:, None]).squeeze(1)
     return out_B
+
+
+def verify(logits_BV: torch.Tensor, params: list[SamplingParams], positions: list[int],
+           drafts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative decoding's test of draft tokens, one per row: returns (accepted [B] bool, the token
+    of the row [B]). The token is the row's plain sample at its position, and the draft is accepted
+    exactly when it equals that token. The drafts are deterministic proposals (the draft module's
+    argmax), a point mass q at d, so this accepts with probability p(d), as the standard rejection
+    rule min(1, p(d)/q(d)) does, and the output distribution is trivially that of plain sampling.
+    What it adds: every token is the one plain sampling draws with the same (seed, position), so a
+    seeded request gives the same tokens with or without speculation, and whatever drafts a recomputed
+    sequence (a preemption, a replay after an actor failure) gets."""
+    assert logits_BV.shape[0] == len(params) == len(positions) == len(drafts), "one of each per row"
+    tok_B = sample(logits_BV, params, positions)
+    return tok_B == torch.tensor(drafts, dtype=torch.long, device=tok_B.device), tok_B

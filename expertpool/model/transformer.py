@@ -119,15 +119,29 @@ class Transformer(nn.Module):
         h = mtp(h, self.rope, record=record)
         return self.lm_head(mtp.shared_head.norm(h))
 
-    def forward_batch(self, tokens_N: torch.Tensor, batch: AttnBatch,
-                      logits_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Flat tokens over the paged latent cache; logits only for ``logits_rows`` (default: all)."""
+    def forward_batch(self, tokens_N: torch.Tensor, batch: AttnBatch, logits_rows: torch.Tensor | None = None,
+                      return_hidden: bool = False):
+        """Flat tokens over the paged latent cache; logits only for ``logits_rows`` (default: all).
+        ``return_hidden``: also the final-normed hidden of every row [N, D] (the MTP module's input)."""
         x = self.model.embed_tokens(tokens_N).to(self.compute_dtype)
         for layer in self.model.layers:
             x = layer(x, self.rope, batch)
-        if logits_rows is not None:
-            x = x[logits_rows]
-        return self.lm_head(self.model.norm(x))
+        if not return_hidden:
+            return self.lm_head(self.model.norm(x if logits_rows is None else x[logits_rows]))
+        h = self.model.norm(x)
+        return self.lm_head(h if logits_rows is None else h[logits_rows]), h
+
+    def mtp_forward_batch(self, hidden_MD: torch.Tensor, next_tokens_M: torch.Tensor, batch: AttnBatch, k: int = 0,
+                          logits_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP module k over flat rows (speculative decoding): row j holds the hidden of position j (the
+        main model's final-normed hidden, or the previous depth's output when drafts are chained) and
+        the token at position j + 1, attends over the module's own paged latent cache (cache layer
+        ``num_hidden_layers + k``), and predicts the token at j + 2. Returns (block output [M, D],
+        logits of ``logits_rows``). ``batch`` must carry no variants: the module has none."""
+        mtp = self.model.mtp[k]
+        emb = self.model.embed_tokens(next_tokens_M).to(hidden_MD.dtype)
+        x = mtp(mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(hidden_MD)], -1)), self.rope, batch)
+        return x, self.lm_head(mtp.shared_head.norm(x if logits_rows is None else x[logits_rows]))
 
 
 @torch.no_grad()

@@ -228,6 +228,14 @@ class AutoscalingConfig(Closed):
         return out
 
 
+class SpeculativeConfig(Closed):
+    method: Literal["mtp"] = Field("mtp", description="Draft source: `mtp`, the checkpoint's multi-token-prediction "
+                                   "module (DeepSeek-V3's `model.layers.{num_hidden_layers}`).")
+    num_speculative_tokens: int = Field(1, ge=1, le=8, description="Draft tokens per decode step; 1 is DeepSeek's "
+                                        "setting, more chain the module. Each step verifies them in one forward of "
+                                        "the main model and emits up to this many + 1 tokens.")
+
+
 class ServingConfig(Closed):
     app_name: str = Field("expertpool", min_length=1, description="Serve application name (also the target of "
                           "train.jobs.*.publish_to).")
@@ -249,6 +257,9 @@ class ServingConfig(Closed):
                                    "for the replica. Turn it on when the replica has CPU of its own (GPU actors, or "
                                    "CPU actors on other cores); where replica and actors share the same few cores, "
                                    "the overlapped replica work slows the actors' compute more than it saves.")
+    speculative: SpeculativeConfig | None = Field(None, description="Speculative decoding with the MTP module: "
+                                                  "drafts verified in one forward, exact greedy output and the same "
+                                                  "sampling distribution. null = off. Needs async_scheduling off.")
     prefix_caching: bool = Field(True, description="Automatic prefix caching: full KV blocks are indexed by a hash "
                                  "of their tokens and everything before them, so a prompt that starts like an earlier "
                                  "one (a shared system prompt, a chat's history) prefills only the rest. Unheld "
@@ -291,6 +302,10 @@ class ServingConfig(Closed):
             raise rule_error("autoscaling.target_ongoing_requests", f"({self.autoscaling.target_ongoing_requests}) "
                         f"exceeds max_ongoing_requests ({self.max_ongoing_requests}), so the target is unreachable",
                         f"set it to at most {self.max_ongoing_requests}")
+        if self.speculative is not None and self.async_scheduling:
+            raise rule_error("speculative", "speculative decoding needs the accepted tokens of a step before the "
+                             "next is planned, which async scheduling does not wait for",
+                             "turn off serving.async_scheduling or serving.speculative")
         kv = self.kv_cache
         if kv.num_blocks is not None and kv.num_blocks * kv.block_size < self.max_seq_len:
             raise rule_error("kv_cache.num_blocks", f"{kv.num_blocks} blocks x {kv.block_size} tokens cannot hold one "

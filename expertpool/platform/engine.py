@@ -326,17 +326,18 @@ def _first_line(e: BaseException) -> str:
 
 def local_engine(model, *, max_batch_size: int = 16, max_seq_len: int = 512, block_size: int = 16,
                  num_blocks: int | None = None, max_num_batched_tokens: int = 256,
-                 eos_token_id: int | None = None, tokenizer=None, prefix_caching: bool = True) -> EngineCore:
+                 eos_token_id: int | None = None, tokenizer=None, prefix_caching: bool = True,
+                 spec_tokens: int = 0) -> EngineCore:
     """An in-process engine over one model (all experts local): ``expertpool generate`` and tests.
-    ``tokenizer`` is needed only for requests with a grammar."""
+    ``tokenizer`` is needed only for requests with a grammar; ``spec_tokens`` > 0 needs the model's MTP."""
     if num_blocks is None:
         num_blocks = max_batch_size * (-(-max_seq_len // block_size))
-    runner = ModelRunner(model, num_blocks, block_size, tokenizer=tokenizer)
+    runner = ModelRunner(model, num_blocks, block_size, tokenizer=tokenizer, spec_tokens=spec_tokens)
     eos = model.args.eos_token_id if eos_token_id is None else eos_token_id
     return EngineCore(LocalExecutor(runner), num_blocks=num_blocks, block_size=block_size,
                       max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                       max_num_batched_tokens=max_num_batched_tokens, eos_token_id=eos,
-                      vocab_size=model.args.vocab_size, prefix_caching=prefix_caching)
+                      vocab_size=model.args.vocab_size, prefix_caching=prefix_caching, spec_tokens=spec_tokens)
 
 
 def generate(core: EngineCore, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -381,7 +382,9 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     world = cfg.pool.actors_per_replica
     cfg.validate_against_model(args.n_routed_experts, max_position_embeddings=args.max_position_embeddings)
     s = cfg.serving
-    bytes_per_token = PagedLatentCache.bytes_per_token(args, args.num_hidden_layers, DTYPES[cfg.model.dtype])
+    spec_tokens = s.speculative.num_speculative_tokens if s.speculative else 0
+    cache_layers = args.num_hidden_layers + (args.num_nextn_predict_layers if spec_tokens else 0)
+    bytes_per_token = PagedLatentCache.bytes_per_token(args, cache_layers, DTYPES[cfg.model.dtype])
     total_blocks = s.num_kv_blocks(bytes_per_token)
     blocks_per_worker = max(-(-total_blocks // world), -(-s.max_seq_len // s.kv_cache.block_size))
     pg = ray.util.get_current_placement_group()
@@ -396,7 +399,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     rec = cfg.pool.recovery
     spec = WorkerSpec(model_dir, cfg.model.dtype, cfg.model.weight_dtype, blocks_per_worker, s.kv_cache.block_size,
                       cfg.pool.backend, max(1, int(res.cpu)) if res.cpu >= 1 else 1, rec.collective_timeout_s,
-                      cfg.model.tokenizer)
+                      cfg.model.tokenizer, spec_tokens)
     executor = RayExecutor(spec, options, hooks=hooks)
     executor.start()
     tok = Tokenizer.from_dir(cfg.model.tokenizer or model_dir)
@@ -405,7 +408,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
                       max_num_batched_tokens=s.max_num_batched_tokens,
                       eos_token_id=tok.eos_token_id if tok.eos_token_id is not None else args.eos_token_id,
                       max_queued=s.max_queued_requests if s.max_queued_requests > 0 else 1 << 30,
-                      vocab_size=args.vocab_size, prefix_caching=s.prefix_caching)
+                      vocab_size=args.vocab_size, prefix_caching=s.prefix_caching, spec_tokens=spec_tokens)
     log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1f s",
              model_dir, world, args.n_routed_experts // world, blocks_per_worker, s.kv_cache.block_size,
              time.time() - t0)

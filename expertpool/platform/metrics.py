@@ -69,6 +69,10 @@ class ServerMetrics:
         def vcount(name, description, extra=()):
             return counter(name, description=description, tag_keys=v + extra).set_default_tags(vtags)
 
+        def mcount(name, description, extra=()):  # counters fed from engine stats: one model per replica
+            return counter(name, description=description, tag_keys=v + extra).set_default_tags(
+                {**vtags, "model_name": model_name})
+
         def vgauge(name, description):
             return gauge(name, description=description, tag_keys=v).set_default_tags(
                 {**vtags, "model_name": model_name})
@@ -92,13 +96,15 @@ class ServerMetrics:
         self.prompt_tokens = vcount("vllm_prompt_tokens", "Prompt tokens of finished requests.")
         self.success = vcount("vllm_request_success", "Requests finished, by finish reason of each choice.",
                               ("finished_reason",))
-        self.preemptions = counter("vllm_num_preemptions", description="Sequences preempted (KV cache full) for "
-                                   "recompute.", tag_keys=v).set_default_tags({**vtags, "model_name": model_name})
-        self.prefix_queries = counter("vllm_prefix_cache_queries", description="Prompt tokens looked up in the "
-                                      "prefix cache.", tag_keys=v).set_default_tags({**vtags, "model_name": model_name})
-        self.prefix_hits = counter("vllm_prefix_cache_hits", description="Prompt tokens found in the prefix cache "
-                                   "(not prefilled again).", tag_keys=v).set_default_tags({**vtags,
-                                                                                          "model_name": model_name})
+        self.preemptions = mcount("vllm_num_preemptions", "Sequences preempted (KV cache full) for recompute.")
+        self.prefix_queries = mcount("vllm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        self.prefix_hits = mcount("vllm_prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled "
+                                  "again).")
+        self.spec_drafts = mcount("vllm_spec_decode_num_drafts", "Decode steps that verified MTP draft tokens.")
+        self.spec_draft_tokens = mcount("vllm_spec_decode_num_draft_tokens", "MTP draft tokens verified.")
+        self.spec_accepted = mcount("vllm_spec_decode_num_accepted_tokens", "MTP draft tokens accepted.")
+        self.spec_accepted_per_pos = mcount("vllm_spec_decode_num_accepted_tokens_per_pos", "MTP draft tokens "
+                                            "accepted, by draft position (0 = the first).", ("position",))
         self.running = vgauge("vllm_num_requests_running", "Sequences in the running batch.")
         self.waiting = vgauge("vllm_num_requests_waiting", "Sequences waiting for admission.")
         self.swapped = vgauge("vllm_num_requests_swapped", "Always 0: sequences are recomputed, never swapped.")
@@ -172,11 +178,19 @@ class ServerMetrics:
         self._last_expert_tokens = counts
         for key, metric in (("actor_failures", self.actor_failures), ("recoveries", self.recoveries),
                             ("replayed_tokens", self.replayed_tokens), ("preempted", self.preemptions),
-                            ("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits)):
+                            ("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits),
+                            ("spec_decode_num_drafts", self.spec_drafts),
+                            ("spec_decode_num_draft_tokens", self.spec_draft_tokens),
+                            ("spec_decode_num_accepted_tokens", self.spec_accepted)):
             grew = stats.get(key, 0) - self._seen.get(key, 0)
             if grew > 0:
                 metric.inc(grew)
             self._seen[key] = stats.get(key, 0)
+        for pos, n in enumerate(stats.get("spec_decode_num_accepted_tokens_per_pos", [])):
+            key = f"spec_pos_{pos}"
+            if n > self._seen.get(key, 0):
+                self.spec_accepted_per_pos.inc(n - self._seen.get(key, 0), tags={"position": str(pos)})
+            self._seen[key] = n
         durations = stats.get("recovery_seconds", [])
         for d in durations[self._seen.get("recovery_seconds", 0):]:
             self.recovery_seconds.observe(d)

@@ -74,6 +74,8 @@ class StepItem:
     params: SamplingParams
     variant: int = 0           # served variant (0 = base weights; see Transformer.add_variant)
     prompt_len: int = 0        # output tokens start at this position (a grammar matcher consumes those)
+    draft: list[int] = field(default_factory=list)  # speculative tokens after ``tokens``, to verify
+    lookahead: int | None = None  # the known token after ``tokens`` (a prefill chunk that is not the last)
 
 
 @dataclass
@@ -83,6 +85,15 @@ class Sampled:
     token: int
     logprob: float
     top: list[tuple[int, float]]
+
+
+@dataclass
+class SpecOut:
+    """A speculative-decoding item's result: the tokens it emits (accepted drafts, then one sampled
+    token), the draft for the next step, and per emitted token its logprobs when asked for."""
+    tokens: list[int]
+    draft: list[int]
+    logprobs: list[Sampled] | None = None
 
 
 @dataclass
@@ -103,7 +114,7 @@ class Executor(Protocol):
 
     world: int
 
-    def run(self, items_per_worker: list[list[StepItem]]) -> list[list[int | Sampled | None]]: ...
+    def run(self, items_per_worker: list[list[StepItem]]) -> list[list[int | Sampled | SpecOut | None]]: ...
 
     def release(self, finished: list[tuple[int, str]]) -> None: ...
 
@@ -129,6 +140,7 @@ class Sequence:
     hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of the full blocks of tokens known so far
     num_registered: int = 0    # leading blocks of ``blocks`` indexed in the prefix cache
     cached_tokens: int = 0     # prompt tokens the prefix cache supplied at first admission
+    draft: list[int] = field(default_factory=list)  # speculative tokens the last step proposed
 
     @property
     def tokens(self) -> list[int]:
@@ -143,7 +155,7 @@ class Sequence:
 class EngineCore:
     def __init__(self, executor: Executor, *, num_blocks: int, block_size: int, max_batch_size: int,
                  max_seq_len: int, max_num_batched_tokens: int, eos_token_id: int | None, max_queued: int = 1 << 30,
-                 vocab_size: int | None = None, prefix_caching: bool = True):
+                 vocab_size: int | None = None, prefix_caching: bool = True, spec_tokens: int = 0):
         self.executor = executor
         self.world = executor.world
         self.num_blocks = num_blocks
@@ -158,6 +170,11 @@ class EngineCore:
             raise ValueError(f"KV cache of {num_blocks} blocks x {block_size} tokens cannot hold one sequence of "
                              f"max_seq_len={max_seq_len}; raise serving.kv_cache or lower max_seq_len")
         self.allocators = [BlockPool(num_blocks, prefix_caching) for _ in range(self.world)]
+        self.spec_tokens = spec_tokens  # draft tokens per decode step (MTP speculative decoding; 0 = off)
+        self.spec_drafts = 0       # decode steps that verified a draft
+        self.spec_drafted = 0      # draft tokens verified
+        self.spec_accepted = 0     # of which accepted
+        self.spec_accepted_per_pos = [0] * spec_tokens
         self.prefix_queries = 0    # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0       # of which found cached
         self.waiting: deque[Sequence] = deque()
@@ -233,7 +250,7 @@ class EngineCore:
         if seq.worker >= 0:
             self.allocators[seq.worker].release(seq.blocks)  # indexed blocks stay cached for reuse
             self.finished_ids.append((seq.worker, seq.seq_id))
-        seq.blocks, seq.num_cached, seq.num_registered = [], 0, 0
+        seq.blocks, seq.num_cached, seq.num_registered, seq.draft = [], 0, 0, []
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
@@ -374,6 +391,20 @@ class EngineCore:
                     pool.register(seq.hashes[i], seq.blocks[i])
                 seq.num_registered = full
 
+    def _draft_for(self, seq: Sequence, n_known: int) -> list[int]:
+        """The draft tokens a decode of ``seq`` verifies this step: none without a draft, under a grammar
+        (its matcher takes one token per step), or with a token still in flight; never past max_tokens
+        or max_seq_len (the step emits up to len(draft) + 1 tokens)."""
+        if not seq.draft or seq.pending or seq.params.grammar is not None:
+            return []
+        room = min(seq.params.max_tokens - len(seq.output), self.max_seq_len - n_known) - 1
+        return seq.draft[:max(0, room)]
+
+    def _spec_room(self, n_draft: int) -> int:
+        """Cache positions past the verified ones that the draft module writes while it chains its
+        drafts (each depth caches one position ahead); 0 without speculation."""
+        return n_draft + self.spec_tokens - 1 if self.spec_tokens else 0
+
     def schedule(self) -> list[list[tuple[Sequence, StepItem]]]:
         self._admit()
         plans: list[list[tuple[Sequence, StepItem]]] = [[] for _ in range(self.world)]
@@ -387,16 +418,17 @@ class EngineCore:
                 continue
             if len(seq.output) + seq.pending >= seq.params.max_tokens or n_known >= self.max_seq_len:
                 continue  # the in-flight token ends it ("length"): nothing more to compute
-            need = self._blocks_needed(seq, seq.num_cached + 1)
+            draft = self._draft_for(seq, n_known)
+            need = self._blocks_needed(seq, seq.num_cached + 1 + self._spec_room(len(draft)))
             if not self._make_room(seq, need):
                 continue
             seq.blocks += self.allocators[seq.worker].allocate(need)
             tok = PLACEHOLDER if seq.pending else seq.tokens[-1]
             plans[seq.worker].append((seq, StepItem(seq.seq_id, [tok], seq.num_cached, list(seq.blocks), True,
-                                                    seq.params, seq.variant, len(seq.prompt))))
-            seq.num_cached += 1
+                                                    seq.params, seq.variant, len(seq.prompt), draft)))
+            seq.num_cached += 1 + len(draft)
             seq.pending += 1
-            budget[seq.worker] -= 1
+            budget[seq.worker] -= 1 + len(draft)
         # prefill chunks with the remaining per-worker budget
         for seq in sorted(self.running, key=lambda s: s.arrival):
             if seq.worker < 0 or seq.num_cached >= len(seq.tokens) - 1:
@@ -406,18 +438,20 @@ class EngineCore:
             if chunk <= 0:
                 continue
             alloc = self.allocators[w]
-            need = self._blocks_needed(seq, seq.num_cached + chunk)
+            extra = self._spec_room(0) if seq.num_cached + chunk == len(seq.tokens) else 0
+            need = self._blocks_needed(seq, seq.num_cached + chunk + extra)
             if need > alloc.num_available():
                 chunk = min(chunk, len(seq.blocks) * self.block_size + alloc.num_available() * self.block_size
-                            - seq.num_cached)
-                need = self._blocks_needed(seq, seq.num_cached + chunk)
+                            - seq.num_cached - self._spec_room(0))
+                need = self._blocks_needed(seq, seq.num_cached + chunk + self._spec_room(0))
                 if chunk <= 0:
                     continue
             seq.blocks += alloc.allocate(need)
             done = seq.num_cached + chunk == len(seq.tokens)
-            plans[w].append((seq, StepItem(seq.seq_id, seq.tokens[seq.num_cached:seq.num_cached + chunk],
-                                           seq.num_cached, list(seq.blocks), done, seq.params, seq.variant,
-                                           len(seq.prompt))))
+            end = seq.num_cached + chunk
+            plans[w].append((seq, StepItem(seq.seq_id, seq.tokens[seq.num_cached:end], seq.num_cached,
+                                           list(seq.blocks), done, seq.params, seq.variant, len(seq.prompt),
+                                           lookahead=None if done else seq.tokens[end])))
             seq.num_cached += chunk
             seq.pending += int(done)
             budget[w] -= chunk
@@ -432,24 +466,42 @@ class EngineCore:
                 seq.pending -= 1
                 if seq.aborted or seq.finish_reason is not None:
                     continue  # computed ahead for a sequence that has ended since: dropped
-                lp = None
-                if isinstance(tok, Sampled):
-                    lp, tok = tok, tok.token
-                seq.output.append(tok)
-                reason = None
+                if isinstance(tok, SpecOut):
+                    toks, lps, seq.draft = tok.tokens, tok.logprobs, list(tok.draft)
+                    if item.draft:
+                        self._count_spec(item, len(toks) - 1)
+                        seq.num_cached = item.start_pos + len(toks)  # the accepted drafts' cache entries stay
+                elif isinstance(tok, Sampled):
+                    toks, lps = [tok.token], [tok]
+                else:
+                    toks, lps = [tok], None
+                reason, emitted = None, []
                 p = seq.params
-                if not p.ignore_eos and tok == self.eos:
-                    reason = "stop"
-                elif tok in p.stop_token_ids:
-                    reason = "stop"
-                elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_seq_len:
-                    reason = "length"
+                for t in toks:  # stop as soon as one token ends the sequence: nothing past it is emitted
+                    seq.output.append(t)
+                    emitted.append(t)
+                    if not p.ignore_eos and t == self.eos:
+                        reason = "stop"
+                    elif t in p.stop_token_ids:
+                        reason = "stop"
+                    elif len(seq.output) >= p.max_tokens or len(seq.tokens) >= self.max_seq_len:
+                        reason = "length"
+                    if reason:
+                        break
                 queued = seq.first_scheduled - seq.arrival if reason and seq.first_scheduled is not None else None
-                events[seq.seq_id] = TokenEvent([tok], reason, len(seq.prompt), len(seq.output), seq.index,
-                                                None if lp is None else [lp], queued, seq.cached_tokens)
+                events[seq.seq_id] = TokenEvent(emitted, reason, len(seq.prompt), len(seq.output), seq.index,
+                                                None if lps is None else lps[:len(emitted)], queued,
+                                                seq.cached_tokens)
                 if reason:
                     self._finish(seq, reason)
         return events
+
+    def _count_spec(self, item: StepItem, accepted: int) -> None:
+        self.spec_drafts += 1
+        self.spec_drafted += len(item.draft)
+        self.spec_accepted += accepted
+        for i in range(accepted):
+            self.spec_accepted_per_pos[i] += 1
 
     def pop_finished(self) -> list[tuple[int, str]]:
         out, self.finished_ids = self.finished_ids, []
@@ -502,6 +554,7 @@ class EngineCore:
         for seq in lost:
             self.running.remove(seq)
             seq.worker, seq.blocks, seq.num_cached, seq.pending, seq.num_registered = -1, [], 0, 0, 0
+            seq.draft = []
             self.replayed_tokens += len(seq.tokens)
         for w in dead:
             self.allocators[w].reset()
@@ -515,6 +568,9 @@ class EngineCore:
                 "kv_blocks_used_per_worker": [a.num_used() for a in self.allocators],
                 "prefix_cache_queries": self.prefix_queries, "prefix_cache_hits": self.prefix_hits,
                 "prefix_cache_evictions": sum(a.evictions for a in self.allocators),
+                "spec_decode_num_drafts": self.spec_drafts, "spec_decode_num_draft_tokens": self.spec_drafted,
+                "spec_decode_num_accepted_tokens": self.spec_accepted,
+                "spec_decode_num_accepted_tokens_per_pos": list(self.spec_accepted_per_pos),
                 "kv_usage": self.kv_blocks_used() / max(1, self.kv_blocks_total()),
                 "steps": self.steps, "max_batch_seen": self.max_batch_seen, "aborted": self.aborted,
                 "preempted": self.preempted, "replayed_tokens": self.replayed_tokens}

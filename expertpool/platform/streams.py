@@ -176,12 +176,23 @@ class GenerationStream:
             self.cached_tokens = max(self.cached_tokens, getattr(ev, "cached_tokens", 0))
         if ev.queue_s is not None:
             self.queue_s = max(self.queue_s or 0.0, ev.queue_s)
-        if ev.logprobs:
-            c.logprobs += ev.logprobs
-        text = c.detok.push([t for t in ev.token_ids if t not in c.drop_ids])
-        if ev.finish_reason is not None:
-            text += c.detok.flush()
-        safe, hit = c.matcher.push(text)
+        # one token at a time: an event of several tokens (speculative decoding) whose first one
+        # completes a stop string counts and shows nothing past that token
+        safe, hit, ids = "", False, list(ev.token_ids)
+        for i, t in enumerate(ids):
+            if ev.logprobs and i < len(ev.logprobs):
+                c.logprobs.append(ev.logprobs[i])
+            text = c.detok.push([] if t in c.drop_ids else [t])
+            if ev.finish_reason is not None and i == len(ids) - 1:
+                text += c.detok.flush()
+            piece, hit = c.matcher.push(text)
+            safe += piece
+            if hit:
+                c.completion_tokens -= len(ids) - 1 - i
+                break
+        if not ids and ev.finish_reason is not None:
+            piece, hit = c.matcher.push(c.detok.flush())
+            safe += piece
         if hit:
             c.finish_reason = "stop"
         elif ev.finish_reason is not None:

@@ -35,9 +35,9 @@ import torch
 from expertpool.model.attention import AttnBatch, PagedLatentCache
 from expertpool.model.checkpoint import DTYPES, load_checkpoint
 from expertpool.model.grammar import Constrainer
-from expertpool.model.sampling import sample
+from expertpool.model.sampling import sample, verify
 from expertpool.model.transformer import Transformer
-from expertpool.platform.scheduler import Sampled, StepItem
+from expertpool.platform.scheduler import Sampled, SpecOut, StepItem
 
 log = logging.getLogger(__name__)
 
@@ -46,13 +46,22 @@ CONTROL = "control"  # the actor concurrency group of ping/abort_group: never qu
 
 class ModelRunner:
     """``tokenizer``: a ``model.tokenizer.Tokenizer``, needed only for requests with a grammar (its
-    llguidance vocabulary is built on the first such request)."""
+    llguidance vocabulary is built on the first such request). ``spec_tokens``: MTP speculative
+    decoding, drafts per step (0 = off); the model must have its MTP module, whose latent cache is one
+    more layer of the paged cache."""
 
-    def __init__(self, model: Transformer, num_blocks: int, block_size: int, device="cpu", tokenizer=None):
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, device="cpu", tokenizer=None,
+                 spec_tokens: int = 0):
         self.model = model
         args = model.args
-        self.cache = PagedLatentCache(args.num_hidden_layers, num_blocks, block_size, args.kv_cache_dim,
-                                      dtype=model.compute_dtype, device=device)
+        n_mtp = len(model.model.mtp)
+        if spec_tokens and not n_mtp:
+            raise ValueError("serving.speculative (method mtp) needs the checkpoint's multi-token-prediction layer, "
+                             "and this model has none (num_nextn_predict_layers = 0 or no model.layers."
+                             f"{args.num_hidden_layers}.* tensors); turn speculative decoding off")
+        self.spec_tokens = spec_tokens
+        self.cache = PagedLatentCache(args.num_hidden_layers + (n_mtp if spec_tokens else 0), num_blocks, block_size,
+                                      args.kv_cache_dim, dtype=model.compute_dtype, device=device)
         self.device = device
         self.tokenizer = tokenizer
         self._constrainer: Constrainer | None = None
@@ -69,36 +78,133 @@ class ModelRunner:
         return self._constrainer
 
     @torch.inference_mode()
-    def step(self, items: list[StepItem]) -> list[int | Sampled | None]:
+    def step(self, items: list[StepItem]) -> list[int | Sampled | SpecOut | None]:
+        """One engine step. Each item's tokens, then its draft tokens (speculative decoding), run
+        through the model at start_pos.... A sampling item without a draft samples after its last
+        token; with a draft, each row from its first token on samples its position as plain decoding
+        would (``model.sampling.verify``): drafts are accepted while they equal those samples, the
+        first sample that differs is emitted instead, and if all are accepted the last row's sample
+        follows. With speculation on, the MTP module then runs over every row whose
+        next token is now known (filling its own cache) and chains ``spec_tokens`` drafts per sampling
+        item from its last row."""
         last = self._last
         resolved = [[last[it.seq_id] if t < 0 else t for t in it.tokens] for it in items]
-        tokens = [t for toks in resolved for t in toks]
+        inputs = [r + list(it.draft) for r, it in zip(resolved, items)]
+        q_lens = [len(x) for x in inputs]
         batch = AttnBatch.build(self.cache, [it.block_table for it in items], [it.start_pos for it in items],
-                                [len(it.tokens) for it in items], device=self.device,
-                                variants=[it.variant for it in items])
-        rows, ends = [], 0
-        for it in items:
-            ends += len(it.tokens)
-            if it.sample:
-                rows.append(ends - 1)
-        tokens_N = torch.tensor(tokens, dtype=torch.long, device=self.device)
-        logits = self.model.forward_batch(tokens_N, batch, torch.tensor(rows, dtype=torch.long, device=self.device))
+                                q_lens, device=self.device, variants=[it.variant for it in items])
+        rows, offsets, ends = [], [], 0
+        for it, n in zip(items, q_lens):
+            offsets.append(ends)
+            ends += n
+            if it.sample:  # a draft item: the rows of its first token and of every draft token
+                rows.extend(range(ends - 1 - len(it.draft), ends))
+        tokens_N = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=self.device)
+        rows_R = torch.tensor(rows, dtype=torch.long, device=self.device)
+        hidden_ND = None
+        if self.spec_tokens:
+            logits, hidden_ND = self.model.forward_batch(tokens_N, batch, rows_R, return_hidden=True)
+        else:
+            logits = self.model.forward_batch(tokens_N, batch, rows_R)
         sampled = [it for it in items if it.sample]
+        row0, r = [], 0  # each sampling item's first logits row
+        for it in sampled:
+            row0.append(r)
+            r += 1 + len(it.draft)
+        last_R = torch.tensor([a + len(it.draft) for a, it in zip(row0, sampled)], dtype=torch.long,
+                              device=self.device)
         raw = logits
+        last_logits = logits.index_select(0, last_R) if sampled else logits
         if any(it.params.grammar is not None for it in items):
-            logits = self._apply_grammars(items, resolved, logits)
-        toks = sample(logits, [it.params for it in sampled],
-                      [it.start_pos + len(it.tokens) for it in sampled]).tolist() if sampled else []
-        lps = self._logprobs(raw, sampled, toks)
+            last_logits = self._apply_grammars(items, resolved, last_logits)
+        ends_at = [it.start_pos + len(it.tokens) + len(it.draft) for it in sampled]
+        plain = sample(last_logits, [it.params for it in sampled], ends_at).tolist() if sampled else []
+        emitted = self._verify(logits, sampled, row0, plain)
+        lps = self._logprobs(raw, sampled, row0, emitted)
+        drafts = self._draft(items, inputs, hidden_ND, offsets, emitted) if self.spec_tokens else None
         out, j = [], 0
         for it in items:
+            if not it.sample:
+                out.append(None)
+                continue
+            last[it.seq_id] = emitted[j][-1]
+            if drafts is not None:
+                out.append(SpecOut(emitted[j], drafts[j], lps[j]))
+            else:
+                out.append(emitted[j][0] if lps[j] is None else lps[j][0])
+            j += 1
+        return out
+
+    def _verify(self, logits_RV, sampled: list[StepItem], row0: list[int], plain: list[int]) -> list[list[int]]:
+        """The tokens each sampling item emits: its sampled token, or for a draft the accepted draft
+        tokens and then the replacement of the first rejected one (or the last row's sample)."""
+        emitted = [[tok] for tok in plain]
+        spec = [j for j, it in enumerate(sampled) if it.draft]
+        if not spec:
+            return emitted
+        vrows = [row0[j] + i for j in spec for i in range(len(sampled[j].draft))]
+        params = [sampled[j].params for j in spec for _ in sampled[j].draft]
+        positions = [sampled[j].start_pos + 1 + i for j in spec for i in range(len(sampled[j].draft))]
+        drafts = [d for j in spec for d in sampled[j].draft]
+        acc, alt = verify(logits_RV.index_select(0, torch.tensor(vrows, device=logits_RV.device)), params,
+                          positions, drafts)
+        acc, alt, base = acc.tolist(), alt.tolist(), 0
+        for j in spec:
+            out = []
+            for i, d in enumerate(sampled[j].draft):
+                if not acc[base + i]:
+                    out.append(alt[base + i])
+                    break
+                out.append(d)
+            else:
+                out.append(plain[j])
+            base += len(sampled[j].draft)
+            emitted[j] = out
+        return emitted
+
+    def _draft(self, items: list[StepItem], inputs: list[list[int]], hidden_ND, offsets: list[int],
+               emitted: list[list[int]]) -> list[list[int]]:
+        """The MTP module's rows of this step and the next drafts (greedy: the module's argmax). A row
+        is a position whose next token is known now: every input row of a prefill chunk (the last one
+        with its look-ahead or sampled token), the verified rows of a decode. Then depth by depth each
+        sampling item's newest row proposes one more token, one position further on. Every rank runs
+        all ``spec_tokens`` depths, with no rows if need be: the module's MoE layer is a collective."""
+        dev = self.device
+        tables, starts, q_lens, hid, nxt = [], [], [], [], []
+        newest: list[tuple[int, int, list[int]]] = []  # per sampling item: (its newest row, position, table)
+        j = 0
+        for it, x, off in zip(items, inputs, offsets):
             if it.sample:
-                out.append(toks[j] if lps[j] is None else lps[j])
-                last[it.seq_id] = toks[j]
+                follow = emitted[j] if it.draft else x[1:] + emitted[j][:1]
                 j += 1
             else:
-                out.append(None)
-        return out
+                follow = x[1:] + ([] if it.lookahead is None else [it.lookahead])
+            if not follow:
+                continue
+            tables.append(it.block_table)
+            starts.append(it.start_pos)
+            q_lens.append(len(follow))
+            hid.extend(range(off, off + len(follow)))
+            nxt.extend(follow)
+            if it.sample:
+                newest.append((len(hid) - 1, it.start_pos + len(follow) - 1, it.block_table))
+        h_MD = hidden_ND.index_select(0, torch.tensor(hid, dtype=torch.long, device=dev))
+        tok_M = torch.tensor(nxt, dtype=torch.long, device=dev)
+        batch = AttnBatch.build(self.cache, tables, starts, q_lens, device=dev)
+        sel = torch.tensor([r for r, _, _ in newest], dtype=torch.long, device=dev)
+        drafts: list[list[int]] = [[] for _ in newest]
+        n_mtp = len(self.model.model.mtp)
+        for depth in range(self.spec_tokens):
+            x_MD, logits = self.model.mtp_forward_batch(h_MD, tok_M, batch, min(depth, n_mtp - 1), sel)
+            proposed = logits.argmax(-1).tolist()
+            for d, t in zip(drafts, proposed):
+                d.append(t)
+            if depth + 1 < self.spec_tokens:  # chain: the newest row's output and its proposal, one position on
+                h_MD, tok_M = x_MD.index_select(0, sel), torch.tensor(proposed, dtype=torch.long, device=dev)
+                batch = AttnBatch.build(self.cache, [t for _, _, t in newest], [p + depth + 1 for _, p, _ in newest],
+                                        [1] * len(newest), device=dev)
+                sel = torch.arange(len(newest), dtype=torch.long, device=dev)
+        return drafts
 
     def _apply_grammars(self, items: list[StepItem], resolved: list[list[int]], logits_BV: torch.Tensor):
         """Feed every constrained item's output tokens to its matcher and mask the rows it samples."""
@@ -122,22 +228,27 @@ class ModelRunner:
         return logits_BV.index_copy(0, idx, masked)
 
     @staticmethod
-    def _logprobs(logits_BV: torch.Tensor, sampled: list[StepItem], toks: list[int]) -> list[Sampled | None]:
-        """The model's logprobs (before temperature, top-k/p and grammar, as vLLM's default) of the
-        sampled token and the requested top-k; only those numbers leave the worker."""
-        out: list[Sampled | None] = [None] * len(sampled)
-        rows = [j for j, it in enumerate(sampled) if it.params.logprobs is not None]
-        if not rows:
+    @staticmethod
+    def _logprobs(logits_RV: torch.Tensor, sampled: list[StepItem], row0: list[int],
+                  emitted: list[list[int]]) -> list[list[Sampled] | None]:
+        """The model's logprobs (before temperature, top-k/p and grammar, as vLLM's default) of each
+        emitted token (the i-th comes from the item's i-th logits row) and the requested top-k; only
+        those numbers leave the worker."""
+        out: list[list[Sampled] | None] = [None] * len(sampled)
+        want = [(j, i) for j, it in enumerate(sampled) if it.params.logprobs is not None
+                for i in range(len(emitted[j]))]
+        if not want:
             return out
-        idx = torch.tensor(rows, device=logits_BV.device)
-        lp_BV = torch.log_softmax(logits_BV.index_select(0, idx).float(), dim=-1)
-        k = max(sampled[j].params.logprobs for j in rows)
+        idx = torch.tensor([row0[j] + i for j, i in want], device=logits_RV.device)
+        lp_BV = torch.log_softmax(logits_RV.index_select(0, idx).float(), dim=-1)
+        k = max(sampled[j].params.logprobs for j, _ in want)
         top_v, top_i = lp_BV.topk(k, dim=-1) if k else (lp_BV[:, :0], lp_BV[:, :0].long())
-        chosen = lp_BV.gather(1, torch.tensor([[toks[j]] for j in rows], device=lp_BV.device)).squeeze(1).tolist()
+        toks = [emitted[j][i] for j, i in want]
+        chosen = lp_BV.gather(1, torch.tensor([[t] for t in toks], device=lp_BV.device)).squeeze(1).tolist()
         top_v, top_i = top_v.tolist(), top_i.tolist()
-        for r, j in enumerate(rows):
+        for r, (j, i) in enumerate(want):
             kj = sampled[j].params.logprobs
-            out[j] = Sampled(toks[j], chosen[r], list(zip(top_i[r][:kj], top_v[r][:kj])))
+            out[j] = (out[j] or []) + [Sampled(toks[r], chosen[r], list(zip(top_i[r][:kj], top_v[r][:kj])))]
         return out
 
     def release(self, seq_ids: list[str]) -> None:
@@ -158,9 +269,10 @@ class ModelRunner:
         return torch.stack(loads).sum(0).tolist() if loads else []
 
 
-def load_model(model_dir: str, dtype: str, weight_dtype: str | None, experts=None, device="cpu") -> Transformer:
+def load_model(model_dir: str, dtype: str, weight_dtype: str | None, experts=None, device="cpu",
+               with_mtp: bool = False) -> Transformer:
     return load_checkpoint(model_dir, dtype=DTYPES[dtype], weight_dtype=weight_dtype, experts=experts,
-                           device=device, with_mtp=False)
+                           device=device, with_mtp=with_mtp)
 
 
 @dataclass(frozen=True)
@@ -175,6 +287,7 @@ class WorkerSpec:
     threads: int = 1
     collective_timeout_s: float = 60.0
     tokenizer_dir: str | None = None  # None = model_dir; the grammar mask's vocabulary
+    spec_tokens: int = 0             # MTP speculative decoding: drafts per step (0 = off)
 
 
 def _cuda_device_index() -> int:
@@ -218,10 +331,11 @@ class ExpertWorker:
         n_experts = ModelArgs.from_dir(spec.model_dir).n_routed_experts
         self.n_experts = n_experts
         self.experts = owned_experts(self.rank, self.world, n_experts)
-        model = load_model(spec.model_dir, spec.dtype, spec.weight_dtype, self.experts, self.device)
+        model = load_model(spec.model_dir, spec.dtype, spec.weight_dtype, self.experts, self.device,
+                           with_mtp=spec.spec_tokens > 0)
         from expertpool.model.tokenizer import Tokenizer
         tokenizer = Tokenizer.from_dir(spec.tokenizer_dir or spec.model_dir)
-        self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device, tokenizer)
+        self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device, tokenizer, spec.spec_tokens)
         log.info("worker %d/%d loaded experts %d..%d on %s in %.1fs", self.rank, self.world, self.experts[0],
                  self.experts[-1], self.device, time.time() - t0)
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),

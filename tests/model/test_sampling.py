@@ -77,3 +77,49 @@ def test_frequencies_match_the_filtered_softmax(kw):
     k = int(keep.sum())
     stat = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
     assert stat < chi2.ppf(0.999, k - 1), (stat, counts.tolist(), expected.tolist())
+
+
+def test_verify_greedy_accepts_exactly_the_argmax():
+    from expertpool.model.sampling import verify
+
+    logits = torch.randn(4, 30, generator=torch.Generator().manual_seed(4))
+    top = logits.argmax(-1).tolist()
+    drafts = [top[0], (top[1] + 1) % 30, top[2], (top[3] + 3) % 30]
+    acc, alt = verify(logits, [SamplingParams(temperature=0)] * 4, [5] * 4, drafts)
+    assert acc.tolist() == [True, False, True, False] and alt.tolist() == top
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(top_k=5), dict(top_p=0.8)], ids=["plain", "top_k", "top_p"])
+@pytest.mark.parametrize("draft", [0, 3, 11])
+def test_speculative_token_frequencies_equal_plain_sampling(kw, draft):
+    """The emitted token over 20,000 seeds against the filtered softmax, chi-square at significance
+    0.001, for a likely draft (0), a middling one (3) and one outside the top-k / nucleus (11: never
+    accepted); the acceptance rate is p(draft), as with the rejection rule; and every emitted token is
+    the plain sample of its (seed, position)."""
+    from expertpool.model.sampling import verify
+
+    V, N, T = 12, 20_000, 0.9
+    logits = torch.linspace(1.5, -1.5, V)
+    p = torch.softmax(logits / T, -1)
+    keep = torch.ones(V, dtype=torch.bool)
+    if kw.get("top_k"):
+        keep[kw["top_k"]:] = False
+    if kw.get("top_p"):
+        q = p * keep / (p * keep).sum()
+        keep &= (q.cumsum(0) - q) < kw["top_p"]
+    filtered = (p * keep) / (p * keep).sum()
+    counts, accepted = torch.zeros(V), 0
+    for chunk in range(N // 1000):
+        params = [SamplingParams(temperature=T, seed=chunk * 1000 + i, **kw) for i in range(1000)]
+        acc, toks = verify(logits.expand(1000, V), params, [17] * 1000, [draft] * 1000)
+        assert toks.tolist() == sample(logits.expand(1000, V), params, [17] * 1000).tolist()
+        counts += torch.bincount(toks, minlength=V).float()
+        accepted += int(acc.sum())
+    assert counts[~keep].sum() == 0
+    expected = filtered * N
+    k = int(keep.sum())
+    stat = float(((counts[keep] - expected[keep]) ** 2 / expected[keep]).sum())
+    assert stat < chi2.ppf(0.999, k - 1), (stat, counts.tolist(), expected.tolist())
+    # acceptance ~ Binomial(N, p(d)): within 4.5 standard deviations
+    pd = float(filtered[draft])
+    assert abs(accepted - N * pd) <= 4.5 * (N * pd * (1 - pd)) ** 0.5 + 1e-9

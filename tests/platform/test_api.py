@@ -700,3 +700,17 @@ def _serve_llm_dashboard_metrics() -> set[str]:
                           src))
     out = {n for n in names - hist if not any(k in n for k in NOT_APPLICABLE)}
     return out | {h + "_bucket" for h in hist if not any(k in h for k in NOT_APPLICABLE)}
+
+
+def test_prefix_and_speculative_metrics_follow_the_engine_counters():
+    m = ServerMetrics(replica="r1", model_name="m", counter=_Recorder, gauge=_Recorder, histogram=_Recorder)
+    base = {"running": 0, "waiting": 0, "kv_usage": 0.0, "expert_tokens": []}
+    m.update_from_stats({**base, "prefix_cache_queries": 100, "prefix_cache_hits": 64, "spec_decode_num_drafts": 10,
+                         "spec_decode_num_draft_tokens": 20, "spec_decode_num_accepted_tokens": 13,
+                         "spec_decode_num_accepted_tokens_per_pos": [8, 5]})
+    m.update_from_stats({**base, "prefix_cache_queries": 150, "prefix_cache_hits": 64, "spec_decode_num_drafts": 12,
+                         "spec_decode_num_draft_tokens": 24, "spec_decode_num_accepted_tokens": 16,
+                         "spec_decode_num_accepted_tokens_per_pos": [10, 6]})
+    assert [v for v, _ in m.prefix_queries.values] == [100, 50] and [v for v, _ in m.prefix_hits.values] == [64]
+    assert [v for v, _ in m.spec_accepted.values] == [13, 3]
+    assert [(v, t["position"]) for v, t in m.spec_accepted_per_pos.values] == [(8, "0"), (5, "1"), (2, "0"), (1, "1")]

@@ -45,16 +45,17 @@ def served(ray_cluster, tiny_dir):
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     apps = {}
-    for actors in (2, 4):
-        name = f"ep{actors}"
+    for key, actors in ((2, 2), (4, 4), ("spec", 2)):  # "spec": MTP speculative decoding, 2 drafts per step
+        name = f"ep{actors}" if key != "spec" else "spec2"
         cfg = parse_config({
             "pool": {"actors_per_replica": actors, "actor_resources": {"cpu": 0.25}},
             "serving": {"app_name": name, "route_prefix": f"/{name}", "max_seq_len": MAX_SEQ_LEN,
                         "max_batch_size": 32, "max_num_batched_tokens": 128, "health_check_period_s": 600,
                         "kv_cache": {"block_size": 8, "num_blocks": 1024},
-                        "api_key": API_KEY if actors == 4 else None}})
+                        "api_key": API_KEY if actors == 4 else None,
+                        "speculative": {"num_speculative_tokens": 2} if key == "spec" else None}})
         serve.run(build_app_from_config(cfg), name=name, route_prefix=f"/{name}", blocking=False)
-        apps[actors] = name
+        apps[key] = name
     deadline = time.time() + 240
     while time.time() < deadline:
         st = serve.status().applications
@@ -145,6 +146,30 @@ def test_shared_system_prompt_is_cached_from_the_second_request(served, tiny_dir
         cached.append(r.usage.prompt_tokens_details.cached_tokens)
     assert cached[1] >= 192 and cached[2] >= 192, cached  # the 200-token prefix in whole 8-token blocks
     assert _stats(served["apps"][2])["prefix_cache_hits"] - before >= sum(cached[1:])
+
+
+def test_speculative_decoding_with_2_expert_actors_equals_the_model(served, tiny_dir):
+    """MTP drafts on 2 expert actors (the module's MoE goes through the all-to-all): greedy output of
+    8 concurrent streams equals the in-process model's, and the decode steps verified drafts."""
+    from expertpool.model.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(tiny_dir)
+    c = served["client"]["spec"]
+    prompts = [tok.encode(f"speculative stream {i}: the experts") for i in range(8)]
+
+    async def run():
+        ac = openai.AsyncOpenAI(base_url=c.base_url, api_key="none", max_retries=0, timeout=120)
+        async with ac:
+            rs = await asyncio.gather(*[ac.completions.create(
+                model="expertpool-tiny", prompt=p, max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+                for p in prompts])
+        return [r.choices[0].text for r in rs]
+    texts = asyncio.run(run())
+    for p, text in zip(prompts, texts):
+        assert text == tok.decode(_reference_greedy(tiny_dir, p, 20))
+    st = _stats(served["apps"]["spec"])
+    # every decode step after the first verified a draft: 2 tokens, fewer only near max_tokens
+    assert st["spec_decode_num_drafts"] >= 8 * 15 and st["spec_decode_num_draft_tokens"] > 1.5 * st[
+        "spec_decode_num_drafts"]
 
 
 def test_32_concurrent_streams_with_continuous_batching(served):
