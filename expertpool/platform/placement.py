@@ -1,0 +1,162 @@
+"""Expert placement: which logical expert each physical expert slot of each rank holds, and EPLB.
+
+A group of W ranks holds E logical routed experts in E + R physical slots (R = ``pool.redundant_experts``),
+rank r getting its share of E as today's ranges split them, plus R // W, one more for the first R % W
+ranks (``slots_per_rank``). A ``Placement`` lists,
+per rank, the logical expert of each of its slots. It is valid when every logical expert has at
+least one slot and no rank holds the same expert twice (a second copy on one rank would carry no
+load). The all-to-all dispatcher sends each (token, expert) pair to one of that expert's copies,
+spreading a replicated expert's pairs over its copies by pair index; every copy has the same
+weights, so outputs do not depend on the placement.
+
+``default`` is today's layout plus R copies: rank r holds its contiguous range [r*E//W, (r+1)*E//W)
+and spends its extra slots on the start of the next rank's range, so with R = E every expert has a
+second copy on another rank (degraded mode can then lose any one rank).
+
+``rebalance`` is our EPLB (DeepSeek's "global" policy, written from its description): from the
+measured load per logical expert, give the R extra copies one at a time to the expert whose load
+per copy is highest, then place copies heaviest first (load / copies each) on the least-loaded rank
+that has a free slot and no copy of that expert yet (longest-processing-time packing), moving one
+copy aside when every free slot sits on a rank that already holds the expert. The objective is the
+most loaded rank's load, which sets the step time. DeepSeek's "hierarchical" policy first packs
+expert groups onto nodes to keep traffic inside a node; a replica's group is placed PACK on one node
+by default, so only the global policy is implemented.
+
+Pure Python, no torch: the engine plans here and the workers apply the result.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+
+class PlacementError(ValueError):
+    """A placement that leaves an expert without a slot, or gives a rank two copies of one expert."""
+
+
+def slots_per_rank(n_experts: int, redundant: int, world: int) -> list[int]:
+    """Rank r's slots: its share of the experts as today's ranges split them (r*E//W onward), plus
+    its share of the redundant slots (one more for the first R % W ranks)."""
+    return [(r + 1) * n_experts // world - r * n_experts // world + redundant // world + (1 if r < redundant % world
+                                                                                          else 0)
+            for r in range(world)]
+
+
+@dataclass(frozen=True)
+class Placement:
+    n_experts: int
+    slots: tuple[tuple[int, ...], ...]  # per rank: the logical expert of each local slot, ascending
+
+    def __post_init__(self):
+        object.__setattr__(self, "slots", tuple(tuple(sorted(s)) for s in self.slots))
+        self.check()
+
+    @property
+    def world(self) -> int:
+        return len(self.slots)
+
+    @property
+    def redundant(self) -> int:
+        return sum(len(s) for s in self.slots) - self.n_experts
+
+    def check(self) -> None:
+        seen = [0] * self.n_experts
+        for r, slots in enumerate(self.slots):
+            if len(set(slots)) != len(slots):
+                raise PlacementError(f"rank {r} holds an expert twice: {sorted(slots)}")
+            for e in slots:
+                if not 0 <= e < self.n_experts:
+                    raise PlacementError(f"rank {r} holds expert {e}, outside [0, {self.n_experts})")
+                seen[e] += 1
+        missing = [e for e, n in enumerate(seen) if n == 0]
+        if missing:
+            raise PlacementError(f"experts {missing[:8]}{'...' if len(missing) > 8 else ''} have no slot on any of the "
+                                 f"{self.world} ranks")
+
+    def replicas(self) -> list[list[int]]:
+        """Per logical expert, the ranks holding a copy (ascending)."""
+        out: list[list[int]] = [[] for _ in range(self.n_experts)]
+        for r, slots in enumerate(self.slots):
+            for e in slots:
+                out[e].append(r)
+        return out
+
+    def rank_loads(self, load: list[float]) -> list[float]:
+        """Each rank's share of ``load`` (per logical expert): a copy carries load / copies."""
+        reps = self.replicas()
+        return [sum(load[e] / len(reps[e]) for e in slots) for slots in self.slots]
+
+    def balancedness(self, load: list[float]) -> float:
+        """Mean rank load / max rank load (1.0 = even); 1.0 when there is no load."""
+        loads = self.rank_loads(load)
+        top = max(loads)
+        return sum(loads) / len(loads) / top if top > 0 else 1.0
+
+    def covers_without(self, ranks: set[int]) -> bool:
+        """Whether every expert keeps a copy when ``ranks`` are gone (degraded mode)."""
+        return all(any(r not in ranks for r in reps) for reps in self.replicas())
+
+    def without(self, ranks: set[int]) -> Placement:
+        """The placement of the surviving ranks, renumbered 0..W'-1 in order (degraded mode)."""
+        return Placement(self.n_experts, tuple(s for r, s in enumerate(self.slots) if r not in ranks))
+
+    @classmethod
+    def default(cls, n_experts: int, world: int, redundant: int = 0) -> Placement:
+        if world < 1 or world > n_experts + redundant:
+            raise PlacementError(f"{world} ranks cannot split {n_experts} experts and {redundant} redundant slots")
+        sizes = slots_per_rank(n_experts, redundant, world)
+        base = [list(range(r * n_experts // world, (r + 1) * n_experts // world)) for r in range(world)]
+        slots = []
+        for r in range(world):
+            own = list(base[r])
+            donor = 1
+            while len(own) < sizes[r] and donor < world:  # extra slots: copies from the next ranks' ranges
+                for e in base[(r + donor) % world]:
+                    if len(own) == sizes[r]:
+                        break
+                    if e not in own:
+                        own.append(e)
+                donor += 1
+            if len(own) != sizes[r]:
+                raise PlacementError(f"{redundant} redundant slots over {world} ranks would put two copies of one "
+                                     f"expert on a rank; use at most {n_experts * (world - 1)}")
+            slots.append(own)
+        return cls(n_experts, tuple(tuple(s) for s in slots))
+
+
+def rebalance(load: list[float], world: int, redundant: int = 0) -> Placement:
+    """A placement for ``load`` (tokens per logical expert) that keeps the most loaded rank low."""
+    E = len(load)
+    sizes = slots_per_rank(E, redundant, world)
+    if redundant > E * (world - 1):
+        raise PlacementError(f"{redundant} redundant slots need more than one copy of an expert per rank")
+    copies = [1] * E
+    heap = [(-float(load[e]), e) for e in range(E)]  # by load per copy, heaviest first
+    heapq.heapify(heap)
+    for _ in range(redundant):
+        while True:
+            _, e = heapq.heappop(heap)
+            if copies[e] < world:
+                break
+        copies[e] += 1
+        heapq.heappush(heap, (-float(load[e]) / copies[e], e))
+    items = sorted(((float(load[e]) / copies[e], e) for e in range(E) for _ in range(copies[e])), key=lambda x: (-x[0], x[1]))
+    held: list[set[int]] = [set() for _ in range(world)]
+    rank_load = [0.0] * world
+    for w, e in items:
+        free = [r for r in range(world) if len(held[r]) < sizes[r] and e not in held[r]]
+        if not free:  # every free slot is on a rank holding e: move another copy off a full rank that lacks e
+            r1 = next(r for r in range(world) if len(held[r]) < sizes[r])
+            r2 = next(r for r in range(world) if e not in held[r])
+            x = next(x for x in sorted(held[r2]) if x not in held[r1])
+            wx = float(load[x]) / copies[x]
+            held[r2].remove(x)
+            held[r1].add(x)
+            rank_load[r2] -= wx
+            rank_load[r1] += wx
+            free = [r2]
+        r = min(free, key=lambda r: (rank_load[r], r))
+        held[r].add(e)
+        rank_load[r] += w
+    return Placement(E, tuple(tuple(h) for h in held))

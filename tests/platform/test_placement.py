@@ -1,0 +1,88 @@
+"""Expert placement and EPLB (pure: no model, no Ray)."""
+
+import random
+
+import pytest
+
+from expertpool.platform.placement import Placement, PlacementError, rebalance, slots_per_rank
+
+
+def test_default_is_todays_contiguous_split():
+    p = Placement.default(256, 4)
+    assert p.slots == tuple(tuple(range(r * 64, (r + 1) * 64)) for r in range(4))
+    assert p.redundant == 0 and all(len(r) == 1 for r in p.replicas())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_redundant_equal_to_experts_gives_every_expert_two_copies_on_two_ranks(world):
+    p = Placement.default(256, world, redundant=256)
+    assert all(len(reps) == 2 for reps in p.replicas())
+    assert all(p.covers_without({r}) for r in range(world))
+    assert not Placement.default(256, world).covers_without({0})
+
+
+def test_uneven_widths_are_a_placement_question():
+    assert slots_per_rank(256, 0, 3) == [85, 85, 86]  # today's ranges r*E//W
+    p = Placement.default(256, 3)
+    assert [len(s) for s in p.slots] == [85, 85, 86]
+    p2 = Placement.default(256, 3, redundant=4)
+    assert [len(s) for s in p2.slots] == [87, 86, 87]
+    p2.check()
+
+
+def test_invalid_placements_name_the_problem():
+    with pytest.raises(PlacementError, match="no slot"):
+        Placement(4, ((0, 1), (1, 2)))
+    with pytest.raises(PlacementError, match="twice"):
+        Placement(4, ((0, 0, 1), (2, 3)))
+    with pytest.raises(PlacementError, match="outside"):
+        Placement(4, ((0, 1, 9), (2, 3)))
+    with pytest.raises(PlacementError, match="two copies"):
+        Placement.default(8, 2, redundant=9)
+
+
+def skewed_load(E=64, hot=6, seed=0):
+    rng = random.Random(seed)
+    load = [rng.randint(1, 20) for _ in range(E)]
+    for e in rng.sample(range(E), hot):
+        load[e] += 1000
+    return load
+
+
+@pytest.mark.parametrize("world,redundant", [(2, 0), (4, 0), (4, 4), (4, 64), (3, 5)])
+def test_rebalance_covers_everything_and_lowers_the_peak(world, redundant):
+    load = skewed_load()
+    before = Placement.default(64, world, redundant)
+    after = rebalance(load, world, redundant)
+    after.check()
+    assert [len(s) for s in sorted(after.slots, key=len)] == sorted(slots_per_rank(64, redundant, world))
+    assert max(after.rank_loads(load)) <= max(before.rank_loads(load))
+    assert after.balancedness(load) >= before.balancedness(load)
+    if redundant >= 6:  # enough copies to split every hot expert: near even
+        assert after.balancedness(load) > 0.9
+    assert abs(sum(after.rank_loads(load)) - sum(load)) < 1e-6  # the load is only moved, never lost
+
+
+def test_rebalance_gives_extra_copies_to_the_heaviest_experts():
+    load = [100.0, 1.0, 1.0, 1.0, 50.0, 1.0, 1.0, 1.0]
+    p = rebalance(load, 4, redundant=4)
+    copies = [len(r) for r in p.replicas()]
+    assert copies[0] >= 3 and copies[4] >= 2 and sum(copies) == 12
+
+
+def test_rebalance_never_puts_two_copies_on_one_rank_even_when_cornered():
+    # 2 ranks, every expert twice: each rank must hold every expert exactly once
+    load = skewed_load(E=16, hot=3, seed=1)
+    p = rebalance(load, 2, redundant=16)
+    assert all(set(s) == set(range(16)) for s in p.slots)
+    for seed in range(20):
+        rng = random.Random(seed)
+        E, W = rng.randint(8, 40), rng.randint(2, 6)
+        R = rng.randint(0, E * (W - 1))
+        rebalance([rng.random() * 100 for _ in range(E)], W, R).check()
+
+
+def test_without_renumbers_the_survivors():
+    p = Placement.default(8, 4, redundant=8)
+    q = p.without({1})
+    assert q.world == 3 and q.slots == (p.slots[0], p.slots[2], p.slots[3])
