@@ -38,9 +38,8 @@ class PlacementError(ValueError):
 def slots_per_rank(n_experts: int, redundant: int, world: int) -> list[int]:
     """Rank r's slots: its share of the experts as today's ranges split them (r*E//W onward), plus
     its share of the redundant slots (one more for the first R % W ranks)."""
-    return [(r + 1) * n_experts // world - r * n_experts // world + redundant // world + (1 if r < redundant % world
-                                                                                          else 0)
-            for r in range(world)]
+    extra = [redundant // world + (1 if r < redundant % world else 0) for r in range(world)]
+    return [(r + 1) * n_experts // world - r * n_experts // world + extra[r] for r in range(world)]
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,8 @@ def rebalance(load: list[float], world: int, redundant: int = 0) -> Placement:
                 break
         copies[e] += 1
         heapq.heappush(heap, (-float(load[e]) / copies[e], e))
-    items = sorted(((float(load[e]) / copies[e], e) for e in range(E) for _ in range(copies[e])), key=lambda x: (-x[0], x[1]))
+    items = sorted(((float(load[e]) / copies[e], e) for e in range(E) for _ in range(copies[e])),
+                   key=lambda x: (-x[0], x[1]))
     held: list[set[int]] = [set() for _ in range(world)]
     rank_load = [0.0] * world
     for w, e in items:
