@@ -4,9 +4,11 @@ Contract. A record holds either ``messages`` (chat turns, rendered with the mode
 the loss covers exactly the assistant turns, from ``Tokenizer.encode_chat``) or ``text`` (BOS +
 text; the loss covers every token but BOS). Records longer than ``seq_len`` are truncated. Records
 are packed greedily, in order, whole records only, into rows of exactly ``seq_len`` tokens padded
-with the pad token (mask 0). A row is ``input_ids`` [S] and ``loss_mask`` [S], where
-``loss_mask[i]`` says token i is a training target. Packed records attend to each other (no
-document masking), the usual trade-off of packed SFT; each record starts with BOS.
+with the pad token (mask 0). A row is ``input_ids`` [S], ``loss_mask`` [S] and ``token_mask`` [S]:
+``loss_mask[i]`` says token i is a training target, ``token_mask[i]`` that it is a real token (prompt
+or completion) and not padding. ESFT scores experts on the real tokens only (``jobs.esft``): pads
+route to a few experts and would otherwise skew the selection. Packed records attend to each other
+(no document masking), the usual trade-off of packed SFT; each record starts with BOS.
 
 Split: the last ``round(n * eval_fraction)`` records (at least 1 when the fraction is > 0) are the
 held-out eval set; the generator of the demo data shuffles topics, so the tail is representative.
@@ -50,7 +52,7 @@ def encode_record(tok: Tokenizer, record, field: str) -> tuple[list[int], list[b
 
 def pack(encoded: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int) -> dict[str, np.ndarray]:
     """Greedy in-order packing of whole (truncated) records into [N, seq_len] rows."""
-    rows_ids, rows_mask = [], []
+    rows_ids, rows_mask, rows_tokens = [], [], []
     cur_ids: list[int] = []
     cur_mask: list[bool] = []
 
@@ -59,6 +61,7 @@ def pack(encoded: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int)
             pad = seq_len - len(cur_ids)
             rows_ids.append(cur_ids + [pad_id] * pad)
             rows_mask.append(cur_mask + [False] * pad)
+            rows_tokens.append([True] * len(cur_ids) + [False] * pad)
 
     for ids, mask in encoded:
         ids, mask = ids[:seq_len], mask[:seq_len]
@@ -69,8 +72,10 @@ def pack(encoded: list[tuple[list[int], list[bool]]], seq_len: int, pad_id: int)
         cur_mask = cur_mask + list(mask)
     flush()
     if not rows_ids:
-        return {"input_ids": np.zeros((0, seq_len), np.int64), "loss_mask": np.zeros((0, seq_len), np.bool_)}
-    return {"input_ids": np.asarray(rows_ids, np.int64), "loss_mask": np.asarray(rows_mask, np.bool_)}
+        return {"input_ids": np.zeros((0, seq_len), np.int64), "loss_mask": np.zeros((0, seq_len), np.bool_),
+                "token_mask": np.zeros((0, seq_len), np.bool_)}
+    return {"input_ids": np.asarray(rows_ids, np.int64), "loss_mask": np.asarray(rows_mask, np.bool_),
+            "token_mask": np.asarray(rows_tokens, np.bool_)}
 
 
 class TokenizePack:
@@ -148,8 +153,8 @@ def ray_datasets(path, fmt: str, field: str, model_dir, seq_len: int, eval_fract
 
 class TrainData(Protocol):
     def train_epochs(self, batch_size: int) -> Callable[[], Iterator[dict]]:
-        """A function that iterates one epoch of global batches ({"input_ids", "loss_mask"} of
-        ``batch_size`` rows; the last partial batch dropped)."""
+        """A function that iterates one epoch of global batches ({"input_ids", "loss_mask", "token_mask"}
+        of ``batch_size`` rows; the last partial batch dropped)."""
         ...
 
     def eval_rows(self) -> dict | None:

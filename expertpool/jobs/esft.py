@@ -3,10 +3,22 @@
 Scoring (forward passes only, router record of every main MoE layer) per layer l and expert i:
 - ``gate``: mean over sequences of the per-token mean gate value (post-top-k, 0 if not selected).
 - ``token``: mean over sequences of the per-token selection ratio (1/K per selected slot).
-Both are normalized per layer over experts (the paper's definition; the public ESFT script
+The per-sequence mean runs over the row's real tokens, prompt tokens included (the data's
+``token_mask``), as ESFT's probe does on unpadded sequences; pad positions are skipped. They are
+16-17% of the demo's packed positions and route to a few experts, so scoring them changed 1-2
+selected experts in most layers at p <= 0.2. The loss mask would be the wrong filter: ESFT scores
+prompt tokens too.
+
+Both scores are normalized per layer over experts (the paper's definition; the public ESFT script
 normalizes across layers instead, ESFT issue #17). Per layer the selection is the smallest set of
 experts, by descending score, whose cumulative normalized score reaches p. Ties break by expert id.
 Ranks sum their partial scores with one all-reduce, so every rank selects the same experts.
+
+What p means in gate mode. Normalized per layer, our gate scores sum to 1, so p is the share of
+the layer's gate weight the selection covers. DeepSeek's published V2-Lite gate scores were not
+normalized that way and summed to 0.26-0.53 per layer, so their p = 0.1 covered about 19-38% of
+the gate weight. The same p here selects fewer experts; to cover a comparable share of the gate
+weight, set p to about 0.2-0.4. Token mode is unaffected: selection ratios sum to 1 per token.
 
 Training: the base's stacked expert tensors ([El, ...]) stay frozen and untouched. Each rank holds
 its selected experts as separate small parameters (``SelectedExperts``), the forward reads those
@@ -27,17 +39,29 @@ from expertpool.model.dispatch import Dispatcher, ExpertGroup
 from expertpool.model.moe import RoutingRecord
 
 
-def expert_scores(record: RoutingRecord, n_experts: int, n_layers: int, scoring: str) -> dict[int, torch.Tensor]:
-    """Per main MoE layer: sum over the batch's sequences of the per-sequence mean score [E] (fp64)."""
+def expert_scores(record: RoutingRecord, n_experts: int, n_layers: int, scoring: str,
+                  token_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    """Per main MoE layer: sum over the batch's sequences of the per-sequence mean score [E] (fp64).
+
+    ``token_mask`` [B, S]: the real (non-pad) tokens; each sequence's mean runs over those only, and
+    a row without any adds nothing. None = every position counts."""
     out = {}
     batch = record.shape[0]
     for layer, (w_TK, ids_TK, _) in record.layers.items():
         if layer >= n_layers:
             continue
+        dev = ids_TK.device
         val = w_TK.detach().double() if scoring == "gate" else torch.full(ids_TK.shape, 1.0 / ids_TK.shape[1],
-                                                                         dtype=torch.float64)
-        tok_E = torch.zeros(ids_TK.shape[0], n_experts, dtype=torch.float64).scatter_add_(1, ids_TK, val)
-        out[layer] = tok_E.view(batch, -1, n_experts).mean(1).sum(0)
+                                                                         dtype=torch.float64, device=dev)
+        tok_E = torch.zeros(ids_TK.shape[0], n_experts, dtype=torch.float64, device=dev).scatter_add_(1, ids_TK, val)
+        seq_SE = tok_E.view(batch, -1, n_experts)  # [B, S, E]
+        if token_mask is None:
+            out[layer] = seq_SE.mean(1).sum(0)
+        else:
+            m_BS = token_mask.to(dev, torch.float64).view(batch, -1)
+            n_B = m_BS.sum(1)
+            per_seq = (seq_SE * m_BS[..., None]).sum(1) / n_B.clamp(min=1)[:, None]
+            out[layer] = per_seq.sum(0)
     return out
 
 
@@ -69,18 +93,20 @@ def all_reduce_scores(scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor
 
 
 @torch.no_grad()
-def score_and_select(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], n_batches: int, scoring: str,
-                     p: float) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
-    """Score every expert on ``n_batches`` of this rank's (input_ids, loss_mask) batches (forward only,
-    with the model's dispatcher), sum the scores over ranks (collective) and select per layer.
-    Returns (selected expert ids per layer, normalized scores per layer)."""
+def score_and_select(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_batches: int,
+                     scoring: str, p: float) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
+    """Score every expert on ``n_batches`` of this rank's (input_ids, loss_mask, token_mask) batches
+    (forward only, with the model's dispatcher; real tokens only), sum the scores over ranks
+    (collective) and select per layer. Returns (selected expert ids per layer, normalized scores per
+    layer)."""
     args = model.args
     totals: dict[int, torch.Tensor] = {}
     for _ in range(n_batches):
-        ids, _mask = next(batches)
+        ids, _loss_mask, token_mask = next(batches)
         rec = RoutingRecord()
         model.hidden_states(ids, rec)
-        for layer, s in expert_scores(rec, args.n_routed_experts, args.num_hidden_layers, scoring).items():
+        for layer, s in expert_scores(rec, args.n_routed_experts, args.num_hidden_layers, scoring,
+                                      token_mask).items():
             totals[layer] = totals.get(layer, 0) + s
     all_reduce_scores(totals)
     chosen = select_experts(totals, p)

@@ -126,12 +126,13 @@ def _layout(world: int, n_experts: int, batch_size: int) -> str:
 
 
 def _tensor_batches(iterate, rows: slice):
-    """Endless epochs of global batches -> this rank's rows, as (input_ids, loss_mask)."""
+    """Endless epochs of global batches -> this rank's rows, as (input_ids, loss_mask, token_mask)."""
     while True:
         n = 0
         for b in iterate():
             n += 1
-            yield torch.as_tensor(b["input_ids"])[rows].long(), torch.as_tensor(b["loss_mask"])[rows].bool()
+            yield (torch.as_tensor(b["input_ids"])[rows].long(), torch.as_tensor(b["loss_mask"])[rows].bool(),
+                   torch.as_tensor(b["token_mask"])[rows].bool())
         assert n > 0, "the training data yields no full global batch (checked before start)"
 
 
@@ -420,7 +421,7 @@ class Trainer:
             for hook in self.hooks:
                 hook.before_step(self, step)
             t0 = time.perf_counter()
-            ids, mask = next(batches)
+            ids, mask, _tokens = next(batches)
             step_metrics = self.step(ids, mask)
             dt = time.perf_counter() - t0
             tok_s = job.batch_size * job.seq_len / dt

@@ -52,8 +52,11 @@ class EsftConfig(Closed):
     scoring: Literal["gate", "token"] = Field("token", description="ESFT expert relevance score: `token` "
                                               "(selection ratio, ESFT-Token) or `gate` (mean gate value, ESFT-Gate).")
     p: float | None = Field(None, description="Cumulative relevance threshold in (0, 1]: per layer, train the "
-                            "fewest experts whose scores sum to >= p. None = the paper's value: 0.2 (token), "
-                            "0.1 (gate).")
+                            "fewest experts whose scores, normalized to sum to 1 over the layer, sum to >= p. "
+                            "None = the paper's value: 0.2 (token), 0.1 (gate). In gate mode p is the share of "
+                            "the layer's gate weight covered; DeepSeek's published V2-Lite gate scores summed to "
+                            "0.26-0.53 per layer, so their p = 0.1 covered 19-38% of it (p of about 0.2-0.4 "
+                            "here selects as much).")
     score_tokens: int = Field(16384, ge=1, description="Training tokens sampled for the relevance probe "
                               "(forward passes only; the paper uses 32 x 4096).")
 

@@ -1,5 +1,6 @@
 """Data (masking, packing) and ESFT pieces (scores, selection). Pure torch."""
 
+import pytest
 import torch
 
 from expertpool.jobs.data import TokenizePack, encode_record, n_eval_records, pack
@@ -33,6 +34,8 @@ def test_pack_keeps_records_whole_truncates_and_pads():
     rows = pack(recs, 6, pad_id=0)
     assert rows["input_ids"].tolist() == [[1, 2, 3, 4, 5, 0], [6, 7, 8, 9, 10, 11]]
     assert rows["loss_mask"].tolist() == [[False, True, True, False, True, False], [True] * 6]
+    # real tokens, prompt (mask False) included; only the padding is out
+    assert rows["token_mask"].tolist() == [[True] * 5 + [False], [True] * 6]
 
 
 def test_tokenize_pack_on_a_batch(tiny_dir):
@@ -89,3 +92,57 @@ def test_parquet_text_and_jsonl_chat_read_the_same_way(tiny_dir, tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"messages": CHAT}) + "\n" for _ in range(4)))
     train, ev = local_rows(tmp_path / "d.jsonl", "jsonl", "messages", tiny_dir, 512, 0.25)
     assert int(train["loss_mask"].sum()) == 3 * sum(encode_record(tok, CHAT, "messages")[1])
+
+
+def _esft_reference(seqs, n_experts: int, top_k: int, scoring: str, p: float) -> list[int]:
+    """A port of DeepSeek ESFT's own math (scripts/expert/generate_expert_config.py and the paper),
+    per layer, on unpadded sequences: per token the routed (ids, weights) as its logging model
+    writes them; a sequence's score is the mean over its tokens of the gate value (``gate``) or of
+    1/K per selected slot (``token``); scores are averaged over sequences, normalized over the
+    layer's experts (the paper's normalization, not the script's cross-layer one, ESFT issue #17),
+    and the experts are taken by descending score until the sum reaches p."""
+    import numpy as np
+
+    per_seq = []
+    for ids, weights in seqs:
+        acc = np.zeros(n_experts)
+        for tok_ids, tok_w in zip(ids, weights):
+            for e, w in zip(tok_ids, tok_w):
+                acc[e] += w if scoring == "gate" else 1.0 / top_k
+        per_seq.append(acc / len(ids))
+    scores = np.mean(per_seq, axis=0)
+    scores = scores / scores.sum()
+    order = sorted(range(n_experts), key=lambda e: (-scores[e], e))
+    chosen, total = [], 0.0
+    for e in order:
+        chosen.append(e)
+        total += scores[e]
+        if total >= p - 1e-12:
+            break
+    return sorted(chosen)
+
+
+@pytest.mark.parametrize("scoring", ["gate", "token"])
+@pytest.mark.parametrize("p", [0.1, 0.2, 0.5])
+def test_scores_real_tokens_only_like_esft(scoring, p):
+    """Packed rows end in padding whose routing concentrates on a few experts; the score must be
+    ESFT's on the unpadded sequences, whatever the pads route to."""
+    g = torch.Generator().manual_seed(7)
+    E, K, S, lengths = 16, 4, 12, [12, 7, 3]
+    ids_BSK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(len(lengths) * S)]).view(-1, S, K)
+    w_BSK = torch.rand(ids_BSK.shape, generator=g, dtype=torch.float64)
+    token_mask = torch.zeros(len(lengths), S, dtype=torch.bool)
+    for b, n in enumerate(lengths):
+        token_mask[b, :n] = True
+        ids_BSK[b, n:] = torch.tensor([15, 14, 13, 12])  # pads all route to experts 12-15, heavily
+        w_BSK[b, n:] = 5.0
+    rec = RoutingRecord(shape=(len(lengths), S))
+    rec.layers[1] = (w_BSK.view(-1, K), ids_BSK.view(-1, K), None)
+    ours = select_experts(expert_scores(rec, E, 3, scoring, token_mask), p)[1]
+    seqs = [(ids_BSK[b, :n].tolist(), w_BSK[b, :n].tolist()) for b, n in enumerate(lengths)]
+    assert ours == _esft_reference(seqs, E, K, scoring, p)
+    # the pads really would have moved the selection: scoring every position picks others
+    padded = select_experts(expert_scores(rec, E, 3, scoring), p)[1]
+    with_pads = _esft_reference([(ids_BSK[b].tolist(), w_BSK[b].tolist()) for b in range(len(lengths))],
+                                E, K, scoring, p)
+    assert padded == with_pads != ours
