@@ -3,13 +3,25 @@ first use only (``ray.init`` costs ~10 s), so unit tests never pay for it. ``add
 always starts a private instance, never attaching to another cluster found on the machine. It has 3
 of the custom resource ``expertpool_test_slot``: a job whose workers need one each can get 3
 workers and no more (the elastic fine-tuning test). ``tiny_dir``: one embedded tiny model per session,
-in a temporary cache (the fine-tuning and patch tests)."""
+in a temporary cache (the fine-tuning and patch tests). ``s3``: one S3-compatible server on loopback
+per session (``tests/s3.py``), its endpoint and keys in the environment before the Ray cluster starts,
+so Ray workers reach it too."""
 
 import pytest
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def s3():
+    from tests.s3 import S3Server
+
+    server = S3Server()
+    server.install()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3):
     import ray
 
     started = not ray.is_initialized()

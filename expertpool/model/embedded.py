@@ -8,7 +8,6 @@ deterministic (fixed seed) and guarded by a file lock, so concurrent workers sha
 
 import fcntl
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ import torch
 from expertpool.model.args import EMBEDDED_MODEL_NAME, preset
 from expertpool.model.checkpoint import checkpoint_tensors
 from expertpool.model.safetensors_io import write_safetensors_dir
+from expertpool.model.storage import cache_dir
 from expertpool.model.tokenizer import build_tiny_tokenizer, tokenizer_files
 from expertpool.model.transformer import init_random
 
@@ -24,10 +24,6 @@ log = logging.getLogger(__name__)
 EMBEDDED_VERSION = "v2"  # v2: chat template with tools and tool calls
 # std of the random init: large enough that greedy logits have clear margins on the tiny model
 TINY_INIT_STD = 0.1
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("EXPERTPOOL_CACHE", Path.home() / ".cache" / "expertpool"))
 
 
 def init_model(preset_name: str, out_dir, *, fp8: bool = False, seed: int = 0, std: float | None = None,

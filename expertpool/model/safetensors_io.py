@@ -3,7 +3,10 @@
 Reading (``ShardReader``): a checkpoint directory holds ``model.safetensors`` or an index
 (``model.safetensors.index.json``) and its shards. Single tensors are read with plain file reads
 (``SafetensorsFile``, no mmap), so memory holds only the tensors taken and a truncated or corrupt
-file is reported with its name; presence, shape and dtype are checked on request.
+file is reported with its name; presence, shape and dtype are checked on request. A directory
+fetched from a remote source (``model.storage``) may hold only the shards one process loads, plus
+every shard's header (``storage.SHARD_HEADERS``): ``meta`` answers from those headers, reading a
+tensor of a shard that was not fetched raises. Opening each shard is logged (one line per shard).
 
 Writing: ``atomic_dir(out_dir)`` yields a temporary sibling directory and renames it into place when
 the block ends (replacing an existing ``out_dir``), or removes it when the block raises, so a crash
@@ -20,14 +23,17 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from expertpool.model.storage import SHARD_HEADERS
 
 log = logging.getLogger(__name__)
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded or saved; the message names the file/tensor and the fix."""
@@ -71,10 +77,16 @@ class SafetensorsFile:
             raise CheckpointError(f"{self.path}: tensor {name!r} has unsupported dtype {e['dtype']}")
         begin, end = e["data_offsets"]
         buf = torch.empty(end - begin, dtype=torch.uint8)
-        with open(self.path, "rb") as f:
+        view = memoryview(buf.numpy())
+        # unbuffered: the bytes go straight into the tensor, and exactly the tensor's bytes are read
+        with open(self.path, "rb", buffering=0) as f:
             f.seek(self.data_start + begin)
-            if f.readinto(memoryview(buf.numpy())) != end - begin:
-                raise CheckpointError(f"{self.path}: tensor {name!r} is cut short; the file is truncated")
+            done = 0
+            while done < len(view):  # a read returns at most ~2 GiB on Linux
+                n = f.readinto(view[done:])
+                if not n:
+                    raise CheckpointError(f"{self.path}: tensor {name!r} is cut short; the file is truncated")
+                done += n
         return buf.view(ST_DTYPES[e["dtype"]]).reshape(e["shape"])
 
 
@@ -85,6 +97,11 @@ class ShardReader:
     def __init__(self, path: Path):
         self.path = path
         self._handles = {}
+        self._opened = time.perf_counter()
+        try:
+            self._headers = json.loads((path / SHARD_HEADERS).read_text())
+        except FileNotFoundError:
+            self._headers = {}
         index = path / "model.safetensors.index.json"
         single = path / "model.safetensors"
         if index.exists():
@@ -102,19 +119,31 @@ class ShardReader:
         if fname not in self._handles:
             f = self.path / fname
             if not f.exists():
+                if fname in self._headers:
+                    raise CheckpointError(f"{f}: not fetched by this process (the shard holds only routed experts "
+                                          "it does not load); load the experts it was fetched for, or fetch "
+                                          "the checkpoint for these experts (model.storage.resolve_model)")
                 raise CheckpointError(f"{f}: shard listed in the index is missing")
             self._handles[fname] = SafetensorsFile(f)
-            shards = len(set(self.weight_map.values())) if hasattr(self, "weight_map") else 1  # unsharded: 1
-            # progress: one line per shard, when loading first reaches it
-            log.info("loading shard %s (%d of %d) from %s", fname, len(self._handles), shards, self.path)
+            # progress: one line per shard, when loading first reaches it (of those on this node:
+            # a fetched copy holds only this process's shards)
+            shards = getattr(self, "weight_map", {fname: fname}).values()  # unsharded: opened before the map
+            local = {s for s in shards if (self.path / s).exists()}
+            log.info("loading shard %s (%d of %d) from %s, %.2f GB, %.0f s", fname, len(self._handles), len(local),
+                     self.path, f.stat().st_size / 1e9, time.perf_counter() - self._opened)
         return self._handles[fname]
 
     def close(self) -> None:
         self._handles.clear()
 
     def meta(self, name: str) -> tuple[list[int], str]:
-        """Shape and safetensors dtype of a tensor, without reading its data."""
-        e = self._open(self.weight_map[name]).entries[name]
+        """Shape and safetensors dtype of a tensor, without reading its data (from the shard's header,
+        or from the saved headers of a shard this process did not fetch)."""
+        fname = self.weight_map[name]
+        if not (self.path / fname).exists() and fname in self._headers:
+            e = self._headers[fname][name]
+        else:
+            e = self._open(fname).entries[name]
         return e["shape"], e["dtype"]
 
     def __contains__(self, name: str) -> bool:
