@@ -23,10 +23,11 @@ def _cmd_generate(a):
     from expertpool.model.checkpoint import DTYPES, load_checkpoint
     from expertpool.model.embedded import ensure_embedded_model
     from expertpool.model.sampling import SamplingParams
+    from expertpool.model.storage import resolve_model
     from expertpool.model.tokenizer import Tokenizer
     from expertpool.platform.engine import generate, local_engine
 
-    model_dir = a.model or ensure_embedded_model()
+    model_dir = resolve_model(a.model) if a.model else ensure_embedded_model()
     t0 = time.time()
     model = load_checkpoint(model_dir, dtype=DTYPES[a.dtype], weight_dtype=a.weight_dtype, with_mtp=False)
     tok = Tokenizer.from_dir(model_dir)
@@ -85,10 +86,11 @@ def resolve_config(config_path: str | None, *, model: str | None = None, port: i
 def _cmd_serve(a):
     from expertpool.platform.app import deploy
     from expertpool.platform.config import ConfigError
+    from expertpool.model.storage import StorageError
     try:
         cfg = resolve_config(a.config, model=a.model, port=a.port, actors=a.actors)
         url = deploy(cfg, address=a.address)
-    except ConfigError as e:
+    except (ConfigError, StorageError) as e:
         print(f"invalid config: {e}", file=sys.stderr)
         sys.exit(2)
     name = cfg.model.name
@@ -110,25 +112,45 @@ def _cmd_serve(a):
     serve.shutdown()
 
 
+def _model_args(location: str | None):
+    """The architecture of a checkpoint location (its config.json only), or of the embedded model."""
+    from expertpool.model.args import ModelArgs
+    from expertpool.model.embedded import ensure_embedded_model
+    from expertpool.model.storage import resolve_model
+    return ModelArgs.from_dir(resolve_model(location, weights=False) if location else ensure_embedded_model())
+
+
 def _cmd_validate(a):
-    from expertpool.platform.config import ConfigError, load_config
+    from expertpool.model.storage import StorageError
+    from expertpool.platform.config import ConfigError, ConfigProblem, load_config
+    from expertpool.platform.memory_plan import train_memory_plan
     try:
         cfg = load_config(a.config)
-        from expertpool.model.args import ModelArgs
-        from expertpool.model.embedded import ensure_embedded_model
-        args = ModelArgs.from_dir(cfg.model.path or ensure_embedded_model())
+        args = _model_args(cfg.model.path)
         cfg.validate_against_model(args.n_routed_experts)
-    except ConfigError as e:
+        problems = []
+        for name, job in cfg.train.jobs.items():  # each job's memory plan, on its own base model
+            plan = train_memory_plan(job, args if job.base_model == cfg.model.path else _model_args(job.base_model))
+            print(f"train.jobs.{name}: {plan.describe()}")
+            if plan.problem:
+                problems.append(ConfigProblem(f"train.jobs.{name}", plan.problem))
+        if problems:
+            raise ConfigError(problems, cfg.source)
+    except (ConfigError, StorageError) as e:
         print(f"invalid: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"{a.config}: ok")
 
 
 def _cmd_manifests(a):
-    from expertpool.platform.config import load_config
-    from expertpool.platform.kuberay import manifests
-    cfg = load_config(a.config)
-    for p in manifests(cfg, a.out):
+    from expertpool.platform.config import ConfigError, load_config
+    from expertpool.platform.kuberay import KINDS, manifests
+    try:
+        paths = manifests(load_config(a.config), a.out, kinds=tuple(a.kind) if a.kind else KINDS)
+    except ConfigError as e:
+        print(f"invalid config: {e}", file=sys.stderr)
+        sys.exit(2)
+    for p in paths:
         print(f"wrote {p}")
 
 
@@ -138,7 +160,7 @@ def _cmd_publish(a):
     from expertpool.platform.patches import publish
     ray.init(address=a.address, include_dashboard=False, logging_level=logging.WARNING)
     model_id = publish(a.app, a.patch, a.domain)
-    print(f"published {a.patch}: app {a.app} now serves {model_id}")
+    print(f"published {a.patch}: declared in app {a.app}'s user_config; every replica serves {model_id}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_init_model)
 
     s = sub.add_parser("generate", help="in-process batched generation, streaming to stdout")
-    s.add_argument("--model", help="checkpoint directory (default: the embedded tiny model)")
+    s.add_argument("--model", help="checkpoint: directory, Hugging Face repo id, s3:// or gs:// (default: the "
+                   "embedded tiny model)")
     s.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
     s.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn with the chat template")
     s.add_argument("--max-tokens", type=int, default=32, help="new tokens per prompt (default 32)")
@@ -171,24 +194,33 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="deploy the OpenAI-compatible expert-parallel server on Ray Serve")
     s.add_argument("config", nargs="?", default=None,
                    help="cluster.yaml (default: ./cluster.yaml if present, else built-in defaults)")
-    s.add_argument("--model", help="checkpoint directory (overrides model.path)")
+    s.add_argument("--model", help="checkpoint: directory, Hugging Face repo id, s3:// or gs:// (overrides "
+                   "model.path)")
     s.add_argument("--port", type=int, help="HTTP port (overrides serving.port)")
     s.add_argument("--address", help="Ray cluster address to connect to (default: start a local Ray)")
     s.add_argument("--actors", type=int, help="expert actors per replica (overrides pool.actors_per_replica)")
     s.add_argument("--no-block", action="store_true", help="deploy and return instead of running until Ctrl-C")
     s.set_defaults(fn=_cmd_serve)
 
-    s = sub.add_parser("validate", help="check a cluster.yaml (schema and cross-field rules)")
+    s = sub.add_parser("validate", help="check a cluster.yaml (schema, cross-field rules, the model, and each "
+                       "training job's per-worker memory plan)")
     s.add_argument("config", help="path to cluster.yaml")
     s.set_defaults(fn=_cmd_validate)
 
-    s = sub.add_parser("manifests", help="write KubeRay RayService/RayJob/RayCluster manifests from cluster.yaml")
+    s = sub.add_parser("manifests", help="write KubeRay RayService/RayCluster/RayJob manifests from cluster.yaml, "
+                       "one directory per deployment choice (each safe for `kubectl apply -f`)")
     s.add_argument("config", help="path to cluster.yaml")
-    s.add_argument("--out", default="k8s", help="output directory (default k8s/)")
+    s.add_argument("--out", default="k8s", help="output directory (default k8s/): rayservice/, raycluster/ (with "
+                   "the jobs that publish into it), rayjobs/ (jobs on their own clusters), serve-config/ (Serve "
+                   "configs for `serve deploy`, no Kubernetes objects)")
+    s.add_argument("--kind", action="append", choices=["rayservice", "raycluster", "rayjobs", "serve-config"],
+                   help="write only these directories (repeatable; default: all)")
     s.set_defaults(fn=_cmd_manifests)
 
-    s = sub.add_parser("publish", help="hot-swap an ESFT expert patch into a running Serve app")
-    s.add_argument("--patch", required=True, help="patch directory written by a fine-tuning job")
+    s = sub.add_parser("publish", help="declare an ESFT expert patch in a running Serve app (its deployment's "
+                       "user_config); every replica loads it without a restart")
+    s.add_argument("--patch", required=True, help="patch written by a fine-tuning job: a directory every node "
+                   "reads, or s3:// / gs://")
     s.add_argument("--app", default="expertpool", help="Serve application name (default expertpool)")
     s.add_argument("--domain", help="variant name (default: the patch manifest's domain)")
     s.add_argument("--address", default="auto", help="Ray cluster address (default auto)")

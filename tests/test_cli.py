@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -73,9 +74,17 @@ def test_validate_and_manifests(tmp_path):
     bad.write_text("pool:\n  actors_per_replica: 3\n")
     r = run("validate", str(bad), check=False, env={"EXPERTPOOL_CACHE": str(tmp_path / "cache")})
     assert r.returncode != 0 and "actors_per_replica" in r.stderr and "256" in r.stderr
-    r = run("manifests", "cluster.yaml", "--out", str(tmp_path / "k8s"))
-    names = {p.name for p in (tmp_path / "k8s").iterdir()}
-    assert {"rayservice.yaml", "raycluster.yaml"} <= names and any(n.startswith("rayjob") for n in names)
+    # on Kubernetes a job's outputs must outlive its pods: the laptop example's are refused there
+    r = run("manifests", "cluster.yaml", "--out", str(tmp_path / "k8s"), check=False)
+    assert r.returncode == 2 and "train.jobs.demo.output_dir" in r.stderr and "s3://" in r.stderr
+    on_k8s = tmp_path / "k8s.yaml"
+    on_k8s.write_text((ROOT / "cluster.yaml").read_text().replace("train:\n", "train:\n  storage_path: s3://b/runs\n"))
+    run("manifests", str(on_k8s), "--out", str(tmp_path / "k8s"))
+    names = {str(p.relative_to(tmp_path / "k8s")) for p in (tmp_path / "k8s").rglob("*.yaml")}
+    assert {"rayservice/rayservice.yaml", "raycluster/raycluster.yaml", "raycluster/rayjob-demo.yaml",
+            "serve-config/raycluster.yaml", "serve-config/local.yaml"} == names
+    run("manifests", str(on_k8s), "--out", str(tmp_path / "only"), "--kind", "rayservice")
+    assert [p.name for p in (tmp_path / "only").rglob("*.yaml")] == ["rayservice.yaml"]
 
 
 def test_serve_config_resolution_with_overrides(tmp_path, monkeypatch):
@@ -89,3 +98,26 @@ def test_serve_config_resolution_with_overrides(tmp_path, monkeypatch):
     assert cfg.serving.port == 9001 and cfg.pool.actors_per_replica == 4 and not cfg.train.jobs
     monkeypatch.chdir(tmp_path)  # no cluster.yaml here: built-in defaults
     assert resolve_config(None).model.path is None
+
+
+def test_validate_prints_each_jobs_memory_plan_and_refuses_a_gpu_job_that_cannot_fit(tmp_path):
+    """A GPU training job is accepted or refused before it starts, never a late out-of-memory crash."""
+    from expertpool.model.args import preset
+
+    v3 = tmp_path / "v3"  # the architecture is all validate reads: config.json alone
+    v3.mkdir()
+    (v3 / "config.json").write_text(json.dumps(preset("deepseek-v3").to_hf_config()))
+    job = ("train:\n  jobs:\n    law:\n      base_model: {base}\n      dataset: {{path: data/demo_domain.jsonl}}\n"
+           "      workers: {workers}\n      batch_size: {workers}\n      seq_len: {seq}\n"
+           "      worker_resources: {{cpu: 8, gpu: 1, gpu_memory_gb: {mem}}}\n")
+    cfg = tmp_path / "c.yaml"
+    env = {"EXPERTPOOL_CACHE": str(tmp_path / "cache")}
+    cfg.write_text(job.format(base=v3, workers=8, seq=4096, mem=80))
+    r = run("validate", str(cfg), check=False, env=env)
+    assert r.returncode == 1, r.stdout
+    assert re.search(r"train\.jobs\.law: needs ~\d+ GiB per worker of 72 GiB on GPU \(frozen weights [\d.]+, "
+                     r"trainable weights and gradients [\d.]+, optimizer state [\d.]+, activations for 4096 "
+                     r"tokens [\d.]+\).*add workers", r.stderr), r.stderr
+    cfg.write_text(job.format(base="null", workers=2, seq=256, mem=80))  # the tiny model fits easily
+    r = run("validate", str(cfg), env=env)
+    assert re.search(r"train\.jobs\.law: ~[\d.]+ GiB per worker of 72 GiB on GPU", r.stdout) and "ok" in r.stdout

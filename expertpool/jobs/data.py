@@ -31,6 +31,7 @@ from typing import Protocol
 import numpy as np
 import pyarrow as pa
 
+from expertpool.model.storage import resolve_model
 from expertpool.model.tokenizer import PAD, Tokenizer
 
 PACK_RECORDS = 256  # records per packing group (one Ray Data batch)
@@ -86,7 +87,8 @@ class TokenizePack:
             from expertpool.model.embedded import ensure_embedded_model
 
             model_dir = str(ensure_embedded_model())
-        self.tok = Tokenizer.from_dir(model_dir)
+        # any checkpoint location: only its config and tokenizer files are fetched to this node
+        self.tok = Tokenizer.from_dir(resolve_model(model_dir, weights=False))
         self.field, self.seq_len = field, seq_len
         pad = self.tok._tok.token_to_id(PAD)
         self.pad_id = pad if pad is not None else (self.tok.eos_token_id or 0)

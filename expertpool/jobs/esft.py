@@ -21,22 +21,35 @@ the gate weight. The same p here selects fewer experts; to cover a comparable sh
 weight, set p to about 0.2-0.4. Token mode is unaffected: selection ratios sum to 1 per token.
 
 Training: the base's stacked expert tensors ([El, ...]) stay frozen and untouched. Each rank holds
-its selected experts as separate small parameters (``SelectedExperts``), the forward reads those
-rows instead of the frozen ones (``TrainExperts``), and only they go to the optimizer, so weight
-decay and Adam can never move a non-selected row. After each optimizer step the selected rows are
-copied into the stacked tensors so that anything reading the model sees the trained weights.
+its selected experts as separate small fp32 parameters (``SelectedExperts``, the only fp32 master
+weights and optimizer state of the run), the forward reads those rows instead of the frozen ones
+(``TrainExperts``), and only they go to the optimizer, so weight decay and Adam can never move a
+non-selected row. After each optimizer step the selected rows are copied into the stacked tensors
+(re-quantized when those are FP8) so that anything reading the model sees the trained weights.
 The MTP layer is not scored or trained (its draft head stays the base's).
+
+FP8 frozen weights stay FP8. Frozen FP8 experts run through the kernels' dispatch point
+(``kernels.moe_experts``: the Triton grouped GEMM on a GPU, the torch reference on CPU) without
+autograd; their backward recomputes the input gradient one expert at a time from dequantized rows
+(``_FrozenExperts``), so no dense copy of them outlives a step. Frozen FP8 linears (attention,
+shared experts, dense MLPs) do the same through ``kernels.linear`` (``frozen_fp8_linears``): the
+gradient must pass through them to the selected experts of earlier layers.
 """
 
+import types
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from expertpool.kernels.reference import moe_experts_ref
+from expertpool import kernels
+from expertpool.kernels.reference import dequant_w13_ref, moe_experts_ref
 from expertpool.model.dispatch import Dispatcher, ExpertGroup
+from expertpool.model.layers import Linear
 from expertpool.model.moe import RoutingRecord
+
+FP8 = torch.float8_e4m3fn
 
 
 def expert_scores(record: RoutingRecord, n_experts: int, n_layers: int, scoring: str,
@@ -114,36 +127,115 @@ def score_and_select(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor, 
     return chosen, norm
 
 
+def dense_expert(experts, i: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Local slot ``i`` of an ``Experts`` module as dense (w13 [2F, D], w2 [D, F]) in ``dtype``."""
+    w13, w2 = experts.w13_weight.detach()[i], experts.w2_weight.detach()[i]
+    if w13.dtype != FP8:
+        return w13.to(dtype), w2.to(dtype)
+    return (dequant_w13_ref(w13, experts.w13_weight_scale_inv[i], dtype),
+            kernels.weight_dequant(w2, experts.w2_weight_scale_inv[i], dtype))
+
+
 class SelectedExperts(nn.Module):
-    """The trainable copies of one layer's selected experts that this rank owns."""
+    """The trainable fp32 copies of one layer's selected experts that this rank owns."""
 
     def __init__(self, experts, global_ids: list[int]):
         super().__init__()
         local = [int(experts.global_to_local[e]) for e in global_ids]
         assert all(i >= 0 for i in local), "selected experts must be owned by this rank"
         self.global_ids = list(global_ids)
-        self.register_buffer("local_idx", torch.tensor(local, dtype=torch.long), persistent=False)
-        self.w13 = nn.Parameter(experts.w13_weight.detach()[self.local_idx].clone())
-        self.w2 = nn.Parameter(experts.w2_weight.detach()[self.local_idx].clone())
+        dev = experts.w13_weight.device
+        self.register_buffer("local_idx", torch.tensor(local, dtype=torch.long, device=dev), persistent=False)
+        rows = [dense_expert(experts, i, torch.float32) for i in local]
+        self.w13 = nn.Parameter(torch.stack([a for a, _ in rows]))
+        self.w2 = nn.Parameter(torch.stack([b for _, b in rows]))
 
     @torch.no_grad()
     def write_back(self, experts) -> None:
-        experts.w13_weight.data.index_copy_(0, self.local_idx, self.w13.detach())
-        experts.w2_weight.data.index_copy_(0, self.local_idx, self.w2.detach())
+        if experts.w13_weight.dtype == FP8:  # re-quantized, as the loader and patches write FP8 rows
+            for j, i in enumerate(self.local_idx.tolist()):
+                experts.write_expert(i, self.w13[j], self.w2[j])
+            return
+        experts.w13_weight.data.index_copy_(0, self.local_idx, self.w13.detach().to(experts.w13_weight.dtype))
+        experts.w2_weight.data.index_copy_(0, self.local_idx, self.w2.detach().to(experts.w2_weight.dtype))
+
+
+class _FrozenExperts(torch.autograd.Function):
+    """Frozen (FP8) experts: forward through the kernels' dispatch point, no autograd graph; backward
+    recomputes with the torch reference (weights dequantized one active expert at a time) for the
+    gradients of the input rows and the routing weights. The weights get none: they are frozen."""
+
+    @staticmethod
+    def forward(ctx, x_TD, weights_TK, ids_TK, experts):
+        ctx.save_for_backward(x_TD, weights_TK, ids_TK)
+        ctx.experts = experts
+        return kernels.moe_experts(x_TD, ids_TK, weights_TK, experts.w13_weight, experts.w13_weight_scale_inv,
+                                   experts.w2_weight, experts.w2_weight_scale_inv)
+
+    @staticmethod
+    def backward(ctx, dy_TD):
+        x_TD, weights_TK, ids_TK = ctx.saved_tensors
+        ex = ctx.experts
+        with torch.enable_grad():
+            x = x_TD.detach().requires_grad_()
+            w = weights_TK.detach().requires_grad_(weights_TK.requires_grad)
+            y = moe_experts_ref(x, ids_TK, w, ex.w13_weight, ex.w13_weight_scale_inv, ex.w2_weight,
+                                ex.w2_weight_scale_inv)
+            wanted = [x] + ([w] if w.requires_grad else [])
+            grads = torch.autograd.grad(y, wanted, dy_TD, allow_unused=True)
+        return grads[0], (grads[1] if w.requires_grad else None), None, None
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """A frozen FP8 linear: forward through ``kernels.linear`` (the FP8 GEMM on a GPU), backward
+    ``dx = dy W`` with W dequantized for the call only."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        return kernels.linear(x, module.weight, module.weight_scale_inv)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return dy @ ctx.module.dense_weight(dy.dtype), None
+
+
+def _frozen_fp8_forward(self, x):
+    return _FrozenLinear.apply(x, self)
+
+
+def frozen_fp8_linears(model) -> int:
+    """Route the model's FP8 linears (frozen by construction: FP8 is no training format) through
+    ``_FrozenLinear``, so gradients pass through them whatever kernel the forward uses. Returns how
+    many; dense linears are untouched."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, Linear) and m.weight.dtype == FP8:
+            m.forward = types.MethodType(_frozen_fp8_forward, m)
+            n += 1
+    return n
 
 
 class TrainExperts:
     """What the dispatcher calls in training instead of the ``Experts`` module (an ``ExpertGroup``):
     the torch reference over the module's rows, with the selected experts' trainable copies in place
-    of their frozen rows."""
+    of their frozen rows. FP8 experts (frozen by construction) run through ``_FrozenExperts`` instead,
+    and the selected ones through the reference over their fp32 copies."""
 
     def __init__(self, experts, selected: SelectedExperts | None = None):
-        assert experts.w13_weight.dtype.is_floating_point and experts.w13_weight.element_size() >= 2, \
-            "training needs dense (bf16/fp32) experts; load with weight_dtype=None or 'fp32'"
         self.experts, self.selected = experts, selected
         self.global_to_local = experts.global_to_local
+        self.fp8 = experts.w13_weight.dtype == FP8
+        if self.fp8 and selected is not None:
+            n = experts.num_local
+            self._is_selected = torch.zeros(n, dtype=torch.bool, device=selected.local_idx.device)
+            self._is_selected[selected.local_idx] = True
+            self._position = torch.full((n,), -1, dtype=torch.long, device=selected.local_idx.device)
+            self._position[selected.local_idx] = torch.arange(len(selected.global_ids), device=self._position.device)
 
     def __call__(self, x_TD, local_ids_TK, weights_TK):
+        if self.fp8:
+            return self._fp8(x_TD, local_ids_TK, weights_TK)
         w13 = list(self.experts.w13_weight.unbind(0))
         w2 = list(self.experts.w2_weight.unbind(0))
         if self.selected is not None:
@@ -152,6 +244,18 @@ class TrainExperts:
                 w13[i], w2[i] = a, b
         # per-expert rows (unbind: one stacked gradient per tensor in backward, not one per row)
         return moe_experts_ref(x_TD, local_ids_TK, weights_TK, w13, None, w2, None)
+
+    def _fp8(self, x_TD, local_ids_TK, weights_TK):
+        sel = self.selected
+        if sel is None:
+            return _FrozenExperts.apply(x_TD, weights_TK, local_ids_TK, self.experts)
+        valid = local_ids_TK >= 0
+        safe = local_ids_TK.clamp(min=0)
+        to_selected = valid & self._is_selected[safe]
+        frozen = _FrozenExperts.apply(x_TD, weights_TK, torch.where(to_selected, -1, local_ids_TK), self.experts)
+        trained = moe_experts_ref(x_TD, torch.where(to_selected, self._position[safe], -1), weights_TK,
+                                  list(sel.w13.unbind(0)), None, list(sel.w2.unbind(0)), None)
+        return frozen + trained
 
 
 class TrainDispatcher:

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from expertpool.jobs.plan import TrainPlan
+from expertpool.model import storage
 
 if TYPE_CHECKING:  # the hooks module imports torch; this one stays light until a run starts
     from expertpool.jobs.hooks import TrainHook
@@ -61,15 +62,19 @@ def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: 
     if job.base_model is None:
         from expertpool.model.embedded import ensure_embedded_model
 
-        base = ensure_embedded_model()
+        base = str(ensure_embedded_model())
+    elif storage.is_remote(job.base_model):
+        base = job.base_model
     else:
-        base = Path(job.base_model)
-        if not base.is_absolute():
-            base = base_dir / base
-        if not (base / "config.json").exists():
-            raise JobError(f"{prefix}.base_model: '{base}' has no config.json; point base_model at an HF checkpoint "
-                           "directory or remove it to use the embedded tiny model")
-    args = ModelArgs.from_dir(base)
+        base = str(base_dir / Path(job.base_model).expanduser())  # an absolute path stays as it is
+    try:
+        meta = storage.resolve_model(base, weights=False)  # config and tokenizer only: the workers fetch weights
+    except storage.StorageError as e:
+        raise JobError(f"{prefix}.base_model: {e}") from None
+    if not (meta / "config.json").exists():
+        raise JobError(f"{prefix}.base_model: '{base}' has no config.json; point base_model at an HF checkpoint "
+                       "directory or remove it to use the embedded tiny model")
+    args = ModelArgs.from_dir(meta)
     job.resolved_experts_per_worker(args.n_routed_experts)
     if job.seq_len > args.max_position_embeddings:
         raise JobError(f"{prefix}.seq_len: ({job.seq_len}) exceeds the model's max_position_embeddings "
@@ -81,9 +86,12 @@ def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: 
         if job.mode != "esft":
             raise JobError(f"{prefix}.publish_to: only ESFT patches can be hot-swapped; remove publish_to or set "
                            "mode: esft (serve a full fine-tune as its own model.path)")
-    out = Path(job.output_dir)
-    if not out.is_absolute():
-        out = base_dir / out
+    from expertpool.platform.memory_plan import train_memory_plan
+
+    plan = train_memory_plan(job, args)
+    if plan.problem:
+        raise JobError(f"{prefix}: {plan.problem}")
+    out = cfg.train.output_location(job_name)
     data_path = Path(dataset.path)
     if not data_path.is_absolute():
         data_path = base_dir / data_path
@@ -99,19 +107,28 @@ def _too_little_data(plan: TrainPlan, n_rows: int) -> JobError:
 
 
 def _fresh_outputs(plan: TrainPlan, resume: bool = False) -> None:
-    """A new run starts a new log; worker restarts within a run, and resumed runs, append to it."""
-    out = plan.output_dir
+    """A new run starts a new log; worker restarts within a run, and resumed runs, append to it. A
+    resumed run with a URI output_dir continues the log stored there."""
+    out = plan.local_output
     out.mkdir(parents=True, exist_ok=True)
     for name in ("summary.json",) if resume else ("train_log.jsonl", "summary.json"):
         (out / name).unlink(missing_ok=True)
+    if resume and plan.remote_output and storage.exists(plan.output("train_log.jsonl")):
+        (out / "train_log.jsonl").write_text(storage.read_text(plan.output("train_log.jsonl")))
 
 
-def resumable_run(storage: Path, job_name: str) -> str | None:
-    """The name of the newest Ray Train run of ``job_name`` under ``storage`` that registered a checkpoint
-    (Ray Train keeps ``checkpoint_manager_snapshot.json`` in the run directory), or None."""
+def resumable_run(runs: str, job_name: str) -> str | None:
+    """The name of the newest Ray Train run of ``job_name`` under ``runs`` (a path or URI) that registered
+    a checkpoint (Ray Train keeps ``checkpoint_manager_snapshot.json`` in the run directory), or None."""
     run = re.compile(rf"{re.escape(job_name)}-\d{{8}}-\d{{6}}")  # the names run_ray gives (not job 'a-b' for 'a')
-    snapshots = [p for p in storage.glob("*/checkpoint_manager_snapshot.json") if run.fullmatch(p.parent.name)]
-    return max(snapshots, key=lambda p: p.stat().st_mtime).parent.name if snapshots else None
+    root = storage.parse(runs)
+    found = []
+    for name, (is_dir, _) in storage.listdir(runs).items():
+        if is_dir and run.fullmatch(name):
+            entries = storage.listdir(root.join(name))
+            if "checkpoint_manager_snapshot.json" in entries:
+                found.append((entries["checkpoint_manager_snapshot.json"][1], name))
+    return max(found)[1] if found else None
 
 
 def run_local(plan: TrainPlan, hooks: Sequence[TrainHook] = ()) -> dict:
@@ -151,11 +168,10 @@ def run_ray(plan: TrainPlan, *, hooks: Sequence[TrainHook] = (), run_name: str |
     if n_rows < j.batch_size:
         raise _too_little_data(plan, n_rows)
     datasets = {"train": train_ds} | ({"eval": eval_ds} if eval_ds is not None else {})
-    out = plan.output_dir
     if run_name is None and resume:
-        run_name = resumable_run(out / "ray", plan.job_name)
+        run_name = resumable_run(plan.ray_storage, plan.job_name)
         log.info("--resume: %s", f"continuing run {run_name} from its latest checkpoint" if run_name else
-                 f"no earlier run of {plan.job_name} with a checkpoint in {out / 'ray'}; starting a new one")
+                 f"no earlier run of {plan.job_name} with a checkpoint in {plan.ray_storage}; starting a new one")
     _fresh_outputs(plan, resume=run_name is not None and resume)
     low, high = plan.worker_range
     trainer = TorchTrainer(
@@ -163,11 +179,13 @@ def run_ray(plan: TrainPlan, *, hooks: Sequence[TrainHook] = (), run_name: str |
         functools.partial(train_loop, plan, RayShards(has_eval=eval_ds is not None), tuple(hooks)),
         # a (min, max) range makes Ray Train elastic: it starts or restarts on as many workers as it
         # can get in the range; every world size restores the same checkpoint (jobs.train_state)
-        scaling_config=ray.train.ScalingConfig(num_workers=(low, high) if low < high else high, use_gpu=False,
+        # use_gpu: Ray Train then reserves the GPUs, sets each worker's device and picks NCCL
+        scaling_config=ray.train.ScalingConfig(num_workers=(low, high) if low < high else high,
+                                               use_gpu=j.worker_resources.gpu > 0,
                                                resources_per_worker=j.worker_resources.bundle()),
         run_config=ray.train.RunConfig(
             name=run_name or f"{plan.job_name}-{time.strftime('%Y%m%d-%H%M%S')}",
-            storage_path=str(out / "ray"),
+            storage_path=plan.ray_storage,  # checkpoints: a shared path or a URI outlives the cluster
             failure_config=ray.train.FailureConfig(max_failures=j.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
         datasets=datasets,
@@ -179,7 +197,7 @@ def run_ray(plan: TrainPlan, *, hooks: Sequence[TrainHook] = (), run_name: str |
     result = trainer.fit()
     if result.error is not None:
         raise result.error
-    return json.loads((out / "summary.json").read_text())  # written by rank 0 at the end
+    return json.loads(storage.read_text(plan.output("summary.json")))  # written by rank 0 at the end
 
 
 def _log_summary(s: dict) -> None:
@@ -195,7 +213,8 @@ def _log_summary(s: dict) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m expertpool.jobs.finetune", description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="cluster.yaml", help="cluster.yaml with the job under train.jobs "
+    p.add_argument("--config", default="cluster.yaml", help="cluster.yaml with the job under train.jobs, or "
+                   "env:VAR for the YAML in an environment variable, as generated RayJobs pass it "
                    "(default: %(default)s)")
     p.add_argument("--job", required=True, help="name of the job under train.jobs")
     p.add_argument("--local", action="store_true", help="run in this process (one worker, no Ray) instead of "
@@ -223,7 +242,7 @@ def main(argv=None) -> int:
 
     try:
         plan = prepare(a.config, a.job, publish=not a.no_publish)
-    except (ConfigError, JobError, ModelConfigError) as e:
+    except (ConfigError, JobError, ModelConfigError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     hooks = [FrozenCheck()] if a.check_frozen else []

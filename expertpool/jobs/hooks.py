@@ -18,7 +18,16 @@ Points:
 import torch
 import torch.distributed as dist
 
-from expertpool.model.checkpoint import load_checkpoint
+EXPERT_ROWS = ("w13_weight", "w2_weight", "w13_weight_scale_inv", "w2_weight_scale_inv")
+
+
+def _bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit-identical, for any dtype (FP8 compares as bytes: torch.equal has no FP8 kernel on CPU)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.itemsize == 1 and a.dtype.is_floating_point:
+        a, b = a.view(torch.uint8), b.view(torch.uint8)
+    return torch.equal(a, b)
 
 
 class TrainHook:
@@ -45,8 +54,7 @@ class FrozenCheck(TrainHook):
 @torch.no_grad()
 def frozen_changed(trainer) -> int:
     model, selected = trainer.model, trainer.trainables.selected
-    ref = load_checkpoint(trainer.base, dtype=torch.float32, experts=trainer.owned if trainer.world > 1 else None,
-                          with_mtp=True)
+    ref = trainer.load_base()  # as the trainer loaded it: same formats (FP8 stays FP8), same device
     now = dict(model.named_parameters())
     now.update(dict(model.named_buffers()))
     moes = model.moe_layers()
@@ -54,17 +62,17 @@ def frozen_changed(trainer) -> int:
     changed = 0
     for name, t in list(ref.named_parameters()) + list(ref.named_buffers()):
         cur = now[name]
-        if name.endswith("experts.w13_weight") or name.endswith("experts.w2_weight"):
+        if name.rsplit(".", 1)[-1] in EXPERT_ROWS:  # stacked rows (and FP8 scales): the selected ones train
             layer = next(v for prefix, v in layer_of.items() if name.startswith(prefix))
-            keep = torch.ones(cur.shape[0], dtype=torch.bool)
+            keep = torch.ones(cur.shape[0], dtype=torch.bool, device=cur.device)
             if layer in selected:
                 keep[selected[layer].local_idx] = False
-            changed += int(not torch.equal(cur[keep], t[keep]))
+            changed += int(not _bit_equal(cur[keep], t[keep]))
         elif name.endswith("expert_load"):
             continue  # a routing counter, not a weight
         else:
-            changed += int(not torch.equal(cur, t))
-    total = torch.tensor(changed)
+            changed += int(not _bit_equal(cur, t))
+    total = torch.tensor(changed, device=trainer.device)
     if trainer.world > 1:
         dist.all_reduce(total)
     return int(total)

@@ -2,10 +2,16 @@
 
 It is what the training loop reads, in one process (``finetune.run_local``) or on every Ray Train
 worker (``finetune.run_ray``; Ray pickles it): the typed ``TrainJobConfig`` as validated from
-cluster.yaml (never a dict re-read through string keys), the resolved paths and, through the job,
-the elastic worker range. It is frozen: a run on other terms is a copy (``for_one_process``,
+cluster.yaml (never a dict re-read through string keys), the resolved locations and, through the
+job, the elastic worker range. It is frozen: a run on other terms is a copy (``for_one_process``,
 ``dataclasses.replace``). It carries no data rows (``jobs.data.LocalRows`` / ``RayShards``) and no
 test instrumentation (``jobs.hooks``).
+
+Locations. ``base_model`` is a ``model.storage`` location: each worker resolves it itself, fetching
+only its share of a remote checkpoint (``base_dir``). ``output_dir`` is an absolute path or a URI,
+never relative: relative ones were put under ``train.storage_path`` by the driver. Rank 0 writes its
+files into ``local_output`` (``output_dir`` itself, or for a URI a staging directory in the local
+cache) and ``upload`` copies them to a URI output_dir.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from expertpool.model import storage
 from expertpool.platform.config import DatasetConfig, TrainJobConfig
 
 
@@ -22,15 +29,56 @@ class TrainPlan:
     job_name: str                    # the key under train.jobs
     job: TrainJobConfig              # validated; workers = the most workers (the size Ray Train asks for)
     dataset: DatasetConfig           # path absolute, format and field filled in (``check_dataset``)
-    base_model: Path                 # the checkpoint to fine-tune, as resolved on the driver (see embedded_base)
-    output_dir: Path                 # absolute
-    publish_to: str | None = None    # the Serve app to hot-swap the result into; None = do not publish
+    base_model: str                  # the checkpoint to fine-tune (a storage location; see embedded_base)
+    output_dir: str                  # absolute path or URI
+    publish_to: str | None = None    # the Serve app to declare the result in; None = do not publish
 
     @property
     def embedded_base(self) -> bool:
         """The job fine-tunes the embedded tiny model: each node resolves its own copy (caches may not
         be shared between nodes)."""
         return self.job.base_model is None
+
+    def base_dir(self, experts: list[int] | None = None, *, weights: bool = True) -> Path:
+        """The base checkpoint on this node, with the routed experts ``experts`` (None = all; MTP layers
+        included); ``weights=False``: its config and tokenizer only."""
+        if self.embedded_base:
+            from expertpool.model.embedded import ensure_embedded_model
+
+            return ensure_embedded_model()
+        return storage.resolve_model(self.base_model, experts=experts, weights=weights)
+
+    @property
+    def remote_output(self) -> bool:
+        return storage.is_remote(self.output_dir)
+
+    @property
+    def local_output(self) -> Path:
+        """Where rank 0 writes its files on its node: output_dir, or a staging directory for a URI."""
+        if not self.remote_output:
+            return Path(self.output_dir)
+        return storage.cache_dir() / "runs" / self.output_dir.replace("://", "/")
+
+    def output(self, name: str) -> str:
+        """The location of ``name`` in output_dir."""
+        return storage.parse(self.output_dir).join(name)
+
+    def upload(self, *names: str) -> None:
+        """Copy files (or directories, with manifest.json last) of ``local_output`` to a URI output_dir;
+        nothing to do for a local one."""
+        if not self.remote_output:
+            return
+        for name in names:
+            path = self.local_output / name
+            if path.is_dir():
+                storage.upload_dir(path, self.output(name), last=["manifest.json", "config.json"])
+            elif path.exists():
+                storage.write_text(self.output(name), path.read_text())
+
+    @property
+    def ray_storage(self) -> str:
+        """Ray Train's storage_path for this job's runs (checkpoints)."""
+        return self.output("ray")
 
     @property
     def worker_range(self) -> tuple[int, int]:

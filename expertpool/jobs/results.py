@@ -3,11 +3,12 @@
 - ``esft_experts.json`` (ESFT, rank 0, once the experts are selected): the scoring, p, and per
   layer the selected experts with their normalized scores.
 - The result, at the end: ESFT writes an expert patch (``<output_dir>/patch``, ``model.patch``
-  format) with the selected experts; full fine-tuning writes a complete HF checkpoint
+  format) with the selected experts' fp32 weights; full fine-tuning writes a complete HF checkpoint
   (``<output_dir>/model``): the base model with every trained tensor, the tokenizer files copied.
 
 Experts live on their owner ranks, so ``write_result`` first gathers them to rank 0 (collective:
-every rank calls it); only rank 0 writes.
+every rank calls it, on CPU copies); only rank 0 writes, into ``plan.local_output``, and uploads the
+result when output_dir is a URI (the patch's manifest last, so a reader never sees half a patch).
 """
 
 import json
@@ -41,12 +42,15 @@ def gather_experts(model: Transformer, selected: dict[int, SelectedExperts] | No
     for moe in model.moe_layers():
         ex = moe.experts
         if selected is None:
-            ids = ex.expert_ids.tolist()
-        else:
-            ids = selected[moe.layer_id].global_ids if moe.layer_id in selected else []
-        for e in ids:
-            i = int(ex.global_to_local[e])
-            mine.setdefault(moe.layer_id, {})[e] = (ex.w13_weight[i].detach().clone(), ex.w2_weight[i].detach().clone())
+            for e in ex.expert_ids.tolist():
+                i = int(ex.global_to_local[e])
+                mine.setdefault(moe.layer_id, {})[e] = (ex.w13_weight[i].detach().float().cpu(),
+                                                        ex.w2_weight[i].detach().float().cpu())
+        elif moe.layer_id in selected:  # the fp32 master copies (the stacked rows may be FP8)
+            sel = selected[moe.layer_id]
+            for j, e in enumerate(sel.global_ids):
+                mine.setdefault(moe.layer_id, {})[e] = (sel.w13[j].detach().cpu().clone(),
+                                                        sel.w2[j].detach().cpu().clone())
     world = dist.get_world_size()
     if world == 1:
         return mine
@@ -69,21 +73,24 @@ def write_result(plan: TrainPlan, base: Path, model: Transformer, selected: dict
     if job.mode == "esft":
         experts = gather_experts(model, selected)
         if rank == 0:
-            path = save_patch(plan.output_dir / "patch", base_model_dir=base, domain=plan.domain, experts=experts,
-                              dtype=torch.float32,
-                              info={"job": plan.job_name, "steps": job.steps, "scoring": job.esft.scoring,
-                                    "p": job.esft.p, "eval_loss": summary.get("eval_loss_final")})
-            summary["output"] = str(path)
+            save_patch(plan.local_output / "patch", base_model_dir=base, domain=plan.domain, experts=experts,
+                       dtype=torch.float32, base_name=None if plan.embedded_base else plan.base_model,
+                       info={"job": plan.job_name, "steps": job.steps, "scoring": job.esft.scoring,
+                             "p": job.esft.p, "eval_loss": summary.get("eval_loss_final")})
+            plan.upload("patch")
+            summary["output"] = plan.output("patch")
     else:
         experts = gather_experts(model, None)
         if rank == 0:
-            full = load_checkpoint(base, dtype=torch.float32, with_mtp=len(model.model.mtp) > 0)
-            dense = {k: v for k, v in model.state_dict().items() if ".experts." not in k}
+            full = load_checkpoint(plan.base_dir(None), dtype=torch.float32,  # all experts: fetch the rest
+                                   weight_dtype="fp32", with_mtp=len(model.model.mtp) > 0)
+            dense = {k: v.cpu() for k, v in model.state_dict().items() if ".experts." not in k}
             _missing, unexpected = full.load_state_dict(dense, strict=False)
             assert not unexpected, unexpected
             for moe in full.moe_layers():
                 for e, (w13, w2) in experts[moe.layer_id].items():
                     moe.experts.w13_weight.data[e] = w13
                     moe.experts.w2_weight.data[e] = w2
-            path = save_checkpoint(full, plan.output_dir / "model", dtype=torch.float32, tokenizer_dir=base)
-            summary["output"] = str(path)
+            save_checkpoint(full, plan.local_output / "model", dtype=torch.float32, tokenizer_dir=base)
+            plan.upload("model")
+            summary["output"] = plan.output("model")

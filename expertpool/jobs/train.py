@@ -38,6 +38,7 @@ selection ``jobs.esft``. Tests reach in through ``jobs.hooks`` (fault injection,
 which the loop calls at named points and never when none are given.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -54,7 +55,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expertpool.jobs.data import TrainData
-from expertpool.jobs.esft import SelectedExperts, TrainDispatcher, TrainExperts, score_and_select
+from expertpool.jobs.esft import (SelectedExperts, TrainDispatcher, TrainExperts, frozen_fp8_linears,
+                                  score_and_select)
 from expertpool.jobs.hooks import TrainHook
 from expertpool.jobs.plan import TrainPlan
 from expertpool.jobs.results import write_result, write_selection
@@ -83,15 +85,33 @@ def _in_ray_train() -> bool:
         return False
 
 
-def _init_single_process_group() -> None:
-    """A world-1 gloo group so DeepSpeed and the collectives work in one process."""
+def _init_single_process_group(device: torch.device) -> None:
+    """A world-1 group so DeepSpeed and the collectives work in one process (NCCL on a GPU, as Ray
+    Train would pick, so collectives on device tensors work)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                      MASTER_PORT=str(port)).items():
         os.environ.setdefault(k, v)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                            rank=0, world_size=1)
+
+
+def train_device(job: TrainJobConfig, in_ray: bool) -> torch.device:
+    """Where this worker trains. In Ray Train: the device Ray Train gave it (``use_gpu`` follows
+    ``worker_resources.gpu``). In one process: the first GPU when the job asks for GPUs, else the CPU.
+    The same code picks the CPU in every CPU test."""
+    if in_ray:
+        import ray.train.torch
+
+        return ray.train.torch.get_device()
+    if job.worker_resources.gpu > 0:
+        if not torch.cuda.is_available():
+            raise RuntimeError("the job reserves GPUs (worker_resources.gpu) but this process sees no CUDA device; "
+                               "run it where a GPU is, or set worker_resources.gpu: 0")
+        return torch.device("cuda", 0)
+    return torch.device("cpu")
 
 
 def _lr_lambda(job: TrainJobConfig):
@@ -125,14 +145,14 @@ def _layout(world: int, n_experts: int, batch_size: int) -> str:
             f"batch rows per rank {', '.join(str(r.stop - r.start) for r in rows)}")
 
 
-def _tensor_batches(iterate, rows: slice):
-    """Endless epochs of global batches -> this rank's rows, as (input_ids, loss_mask, token_mask)."""
+def _tensor_batches(iterate, rows: slice, device: torch.device):
+    """Endless epochs of global batches -> this rank's rows on ``device``, as (input_ids, loss_mask, token_mask)."""
     while True:
         n = 0
         for b in iterate():
             n += 1
-            yield (torch.as_tensor(b["input_ids"])[rows].long(), torch.as_tensor(b["loss_mask"])[rows].bool(),
-                   torch.as_tensor(b["token_mask"])[rows].bool())
+            yield tuple(torch.as_tensor(b[k])[rows].to(device, dtype) for k, dtype in
+                        (("input_ids", torch.long), ("loss_mask", torch.bool), ("token_mask", torch.bool)))
         assert n > 0, "the training data yields no full global batch (checked before start)"
 
 
@@ -142,38 +162,60 @@ class Trainer:
     def __init__(self, plan: TrainPlan, data: TrainData, hooks: Sequence[TrainHook] = ()):
         self.plan, self.job, self.hooks = plan, plan.job, tuple(hooks)
         self.in_ray = _in_ray_train()
+        self.device = train_device(self.job, self.in_ray)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # NCCL collectives and object gathers use the current device
         if not dist.is_initialized():
-            _init_single_process_group()
+            _init_single_process_group(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(SEED)
         # intra-op threads = the worker's CPUs (what Ray sets as OMP_NUM_THREADS for its workers): more
         # threads than reserved cores make OpenMP spin against other processes, ~30x slower on a busy box
         torch.set_num_threads(max(1, int(self.job.worker_resources.cpu)))
-        if plan.embedded_base:  # resolve on this node: the driver's cache may not be shared
-            from expertpool.model.embedded import ensure_embedded_model
-
-            self.base = ensure_embedded_model()
-        else:
-            self.base = plan.base_model
-        self.args = ModelArgs.from_dir(self.base)
+        # every node resolves the base itself (caches may not be shared), fetching only its experts
+        self.args = ModelArgs.from_dir(plan.base_dir(weights=False))
         E, B = self.args.n_routed_experts, self.job.batch_size
         # the config allows W up to `workers`, which divides E and B; an elastic restart may pick any
         # W in [min_workers, workers], so the splits below may be uneven, never empty
         self.owned = owned_experts(self.rank, self.world, E)
         self.rows = batch_rows(self.rank, self.world, B)
         self.per_worker = self.rows.stop - self.rows.start
-        self.model = load_checkpoint(self.base, dtype=torch.float32, experts=self.owned if self.world > 1 else None,
-                                     with_mtp=True)
+        self.base = plan.base_dir(self.owned if self.world > 1 else None)
+        self.model = self.load_base()
+        n_fp8 = frozen_fp8_linears(self.model)
         # owners: owned_experts, as loaded above
         self.inner_dispatcher = AllToAllDispatcher(E) if self.world > 1 else LocalDispatcher()
         self.model.set_dispatcher(self.inner_dispatcher)
         if self.rank == 0:
-            log.info("layout: %s", _layout(self.world, E, B))
-        self.out = plan.output_dir
+            log.info("layout: %s; device %s, compute %s%s", _layout(self.world, E, B), self.device,
+                     str(self.compute_dtype).removeprefix("torch."),
+                     f", {n_fp8} frozen FP8 linears through the FP8 kernels" if n_fp8 else "")
+        self.out = plan.local_output
         self.train_iterate = data.train_epochs(B)
         self.eval_rows = data.eval_rows()
         self.trainables: Trainables | None = None  # set up by run: setup_trainables, or restore
         self.resumed_from_world: int | None = None
+
+    # -- precision -------------------------------------------------------------------------------
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """bf16 autocast on GPU; the CPU keeps its fp32 path."""
+        return torch.bfloat16 if self.device.type == "cuda" else torch.float32
+
+    def load_base(self):
+        """This rank's share of the base checkpoint, as training holds it. ESFT: frozen weights stay in
+        their stored format (FP8 stays FP8; others in the compute dtype), only the selected experts get
+        fp32 copies (``SelectedExperts``). Full: everything trains, so everything is fp32 (FP8
+        dequantized); autocast computes in bf16 on GPU."""
+        esft = self.job.mode == "esft"
+        return load_checkpoint(self.base, dtype=self.compute_dtype if esft else torch.float32,
+                               weight_dtype=None if esft else "fp32", device=self.device,
+                               experts=self.owned if self.world > 1 else None, with_mtp=True)
+
+    def autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # -- trainables ------------------------------------------------------------------------------
     def setup_trainables(self, selection: dict[int, list[int]] | None) -> Trainables:
@@ -242,7 +284,7 @@ class Trainer:
     def losses(self, ids, mask, grad: bool):
         job, args, model = self.job, self.args, self.model
         rec = RoutingRecord()
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), self.autocast():
             hidden = model.hidden_states(ids, rec)
             logits = model.lm_head(hidden)
             tgt, m = ids[:, 1:], mask[:, 1:].float()
@@ -250,7 +292,7 @@ class Trainer:
             ce = (F.cross_entropy(logits[:, :-1].float().flatten(0, 1), tgt.flatten(), reduction="none")
                   * m.flatten()).sum() / n_tok
             total = ce
-            mtp = torch.zeros(())
+            mtp = torch.zeros((), device=self.device)
             if job.mtp_loss_weight > 0 and len(model.model.mtp):
                 ml = model.mtp_logits(hidden, ids, record=rec)[:, :-1]
                 t2, m2 = ids[:, 2:], mask[:, 2:].float()
@@ -258,7 +300,7 @@ class Trainer:
                 mtp = (F.cross_entropy(ml.float().flatten(0, 1), t2.flatten(), reduction="none")
                        * m2.flatten()).sum() / n2
                 total = total + job.mtp_loss_weight * mtp
-            bal = torch.zeros(())
+            bal = torch.zeros((), device=self.device)
             if job.balance_loss_alpha > 0:
                 for _, (_, ids_TK, scores_TE) in sorted(rec.layers.items()):
                     bal = bal + sequence_balance_loss(scores_TE, ids_TK, ids.shape[0], job.balance_loss_alpha, args)
@@ -295,7 +337,7 @@ class Trainer:
                 p.grad = torch.zeros_like(p)
         expert_norm = 0.0
         if t.expert_opt is not None:
-            sq = torch.zeros((), dtype=torch.float64)
+            sq = torch.zeros((), dtype=torch.float64, device=self.device)
             for p in t.expert_params:
                 sq += p.grad.double().pow(2).sum()
             expert_norm = float(_all_reduce(sq).sqrt())
@@ -334,12 +376,14 @@ class Trainer:
         idx = [i % n for i in idx]
         per = max(1, self.job.batch_size // self.world)  # the same on every rank: equal chunk counts
         n_chunks = math.ceil(math.ceil(max(n, self.world) / self.world) / per)
-        loss_sum, tok = torch.zeros((), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        tok = torch.zeros((), dtype=torch.float64, device=self.device)
         for c in range(n_chunks):
             chunk = idx[c * per:(c + 1) * per] or idx[:1]  # every rank runs every chunk (collectives)
             weight = 1.0 if idx[c * per:(c + 1) * per] else 0.0
-            ids, mask = ids_all[chunk].long(), mask_all[chunk].bool()
-            logits = self.model(ids)
+            ids, mask = ids_all[chunk].to(self.device, torch.long), mask_all[chunk].to(self.device, torch.bool)
+            with self.autocast():
+                logits = self.model(ids)
             m = mask[:, 1:].float() * weight
             loss_sum += (F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten(), reduction="none")
                          * m.flatten()).sum().double()
@@ -390,10 +434,12 @@ class Trainer:
         t0 = time.perf_counter()
         self.model.set_dispatcher(self.inner_dispatcher)
         n_batches = max(1, math.ceil(esft.score_tokens / (job.batch_size * job.seq_len)))
-        chosen, norm = score_and_select(self.model, _tensor_batches(self.train_iterate, self.rows), n_batches,
-                                        esft.scoring, esft.p)
+        with self.autocast():
+            chosen, norm = score_and_select(self.model, _tensor_batches(self.train_iterate, self.rows, self.device),
+                                            n_batches, esft.scoring, esft.p)
         if self.rank == 0:
             write_selection(self.out, esft.scoring, esft.p, chosen, norm)
+            self.plan.upload("esft_experts.json")
             log.info("ESFT (%s, p=%.2f) selected %s experts per layer in %.1fs: %s", esft.scoring, esft.p,
                      {k: len(v) for k, v in chosen.items()}, time.perf_counter() - t0, chosen)
         return chosen
@@ -406,13 +452,13 @@ class Trainer:
             eval_initial = self.evaluate()
             self.setup_trainables(self._select_experts() if job.mode == "esft" else None)
         t = self.trainables
-        n_expert = int(_all_reduce(torch.tensor(sum(p.numel() for p in t.expert_params))))
+        n_expert = int(_all_reduce(torch.tensor(sum(p.numel() for p in t.expert_params), device=self.device)))
         trainable_params = n_expert + sum(p.numel() for p in t.dense_params)
         if self.rank == 0:
             log.info("trainable parameters: %d (mode %s, world %d)", trainable_params, job.mode, self.world)
         self.model.train()
         start = resumed_from or 0
-        batches = _tensor_batches(self.train_iterate, self.rows)
+        batches = _tensor_batches(self.train_iterate, self.rows, self.device)
         for _ in range(start):  # skip what the restored steps consumed: same data position
             next(batches)
         history_file = self.out / "train_log.jsonl"
@@ -438,6 +484,8 @@ class Trainer:
                                          "world": self.world, "resumed_from": resumed_from}) + "\n")
             if self.in_ray and job.checkpoint_every and step % job.checkpoint_every == 0 and step < job.steps:
                 report_checkpoint(step, {"step": step, "loss": loss}, t, self.model, job)
+                if self.rank == 0:
+                    self.plan.upload("train_log.jsonl")
         self.model.eval()
         eval_final = self.evaluate()
         summary = {"step": job.steps, "mode": job.mode, "world": self.world, "train_loss_final": loss,
@@ -455,6 +503,7 @@ class Trainer:
         write_result(self.plan, self.base, self.model, t.selected, summary)
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+            self.plan.upload("train_log.jsonl", "summary.json")
         if self.in_ray:
             import ray.train
 

@@ -1,6 +1,7 @@
 """Expert patches: the output of ESFT, a few routed experts that replace the base model's.
 
-A patch is a directory, written atomically (``safetensors_io.atomic_dir``):
+A patch is a directory, written atomically (``safetensors_io.atomic_dir``), read from a local path or
+from object storage (``read_patch`` fetches an s3:// / gs:// one into the local cache):
 
 - ``manifest.json``: ``format``, ``base_model`` (``path`` and ``fingerprint``, plus the expert
   geometry), ``domain``, ``dtype`` of the stored tensors, ``layers`` ({layer id: [global expert
@@ -34,6 +35,7 @@ from safetensors.torch import save_file
 
 from expertpool.model.checkpoint import DTYPES
 from expertpool.model.safetensors_io import ShardReader, atomic_dir
+from expertpool.model.storage import StorageError, fetch_dir
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +91,9 @@ def base_fingerprint(model_dir) -> str:
 
 
 def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: torch.dtype = torch.float32,
-               info: dict | None = None) -> Path:
-    """Write a patch directory atomically. experts: {layer_id: {expert_id: (w13 [2F, D], w2 [D, F])}}."""
+               info: dict | None = None, base_name: str | None = None) -> Path:
+    """Write a patch directory atomically. experts: {layer_id: {expert_id: (w13 [2F, D], w2 [D, F])}}.
+    ``base_name``: the base as the manifest names it (its location); default ``base_model_dir``."""
 
     dtype_name = next((k for k, v in DTYPES.items() if v == dtype), None)
     if dtype_name is None:
@@ -117,7 +120,7 @@ def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: to
         raise PatchError("no experts to save; an ESFT run that selected no experts has nothing to patch")
     manifest = {
         "format": PATCH_FORMAT,
-        "base_model": {"path": str(base_model_dir), "fingerprint": base_fingerprint(base_model_dir),
+        "base_model": {"path": base_name or str(base_model_dir), "fingerprint": base_fingerprint(base_model_dir),
                        "n_routed_experts": cfg.get("n_routed_experts"), "hidden_size": D,
                        "moe_intermediate_size": F_},
         "domain": domain,
@@ -134,8 +137,12 @@ def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: to
 
 
 def read_patch(patch_dir, *, base_model_dir=None) -> Patch:
-    """Read and validate a patch. With base_model_dir, also check it was trained from that base."""
-    patch_dir = Path(patch_dir)
+    """Read and validate a patch: a directory, or an s3:// / gs:// location (fetched into the local cache
+    first, ``storage.fetch_dir``). With base_model_dir, also check it was trained from that base."""
+    try:
+        patch_dir = fetch_dir(patch_dir)
+    except StorageError as e:
+        raise PatchError(str(e)) from e
     mfile = patch_dir / MANIFEST
     if not mfile.exists():
         raise PatchError(f"{mfile}: not found; point at a patch directory written by the fine-tuning job")

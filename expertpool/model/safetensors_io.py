@@ -195,8 +195,8 @@ def write_safetensors_dir(tensors: dict[str, torch.Tensor], config: dict, out_di
     (name -> text) and the non-model files of ``copy_from`` (a tokenizer)."""
     with atomic_dir(out_dir) as tmp:
         if copy_from is not None:
-            for f in Path(copy_from).iterdir():
-                if f.is_file() and not f.name.startswith("model") and f.name != "config.json":
+            for f in Path(copy_from).iterdir():  # not model*, config.json, nor a fetched copy's bookkeeping (.*)
+                if f.is_file() and not f.name.startswith(("model", ".")) and f.name != "config.json":
                     shutil.copy2(f, tmp / f.name)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         for name, text in (extra_files or {}).items():

@@ -421,6 +421,20 @@ def exists(spec: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
+def listdir(spec: str) -> dict[str, tuple[bool, int]]:
+    """The entries directly under ``spec``: name -> (is a directory, modification time in ns); {} if
+    it does not exist."""
+    loc = parse(spec)
+    if loc.kind == "local":
+        path = Path(loc.path).expanduser()
+        return {p.name: (p.is_dir(), p.stat().st_mtime_ns) for p in path.iterdir()} if path.is_dir() else {}
+    from pyarrow import fs as pafs
+
+    fs, path = _writable(loc)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    return {Path(i.path).name: (i.type == pafs.FileType.Directory, i.mtime_ns or 0) for i in infos}
+
+
 # ---------------------------------------------------------------------------------------------- small files
 
 def _read_json(path: Path) -> dict:

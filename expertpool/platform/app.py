@@ -12,19 +12,20 @@ Entry points:
     tokenizer_factory?: "mod:attr"}`` (what ``cfg.serve_config()`` writes);
   * ``build_app_from_config(cfg, engine_factory=None, tokenizer_factory=None)`` — in-process use and
     tests, where the factories may be callables ``(ClusterConfig) -> Engine | Tokenizer``;
-  * ``deploy(cfg)`` — start (or join) Ray and Serve and run the application without blocking
-    (``expertpool serve``, benchmarks); returns the base URL.
+  * ``deploy(cfg)`` — start (or join) Ray and Serve and deploy the application from its Serve config,
+    declaratively (as ``serve deploy`` would), without blocking (``expertpool serve``, benchmarks);
+    returns the base URL. Declarative, so ``expertpool publish`` can later change its user_config.
 
-Replica-level methods reachable through a Serve handle: ``check_health`` (Serve calls it every
-``serving.health_check_period_s``; it runs the engine's health check, so a dead expert-parallel
-actor fails the replica and Serve replaces it) and ``load_patch(domain, patch_dir)``. A handle
-call reaches ONE replica; the caller fans out to every replica.
+Replica-level methods: ``reconfigure(user_config)`` (Serve calls it at start and on every change of
+the deployment's user_config: the declared patches, ``platform.patches``), ``check_health`` (Serve
+calls it every ``serving.health_check_period_s``; it runs the engine's health check, so a dead
+expert-parallel actor fails the replica and Serve replaces it) and ``stats``, reachable through a
+Serve handle. A handle call reaches ONE replica.
 
 The API key is resolved inside the replica (``serving.api_key``, else env ``EXPERTPOOL_API_KEY`` of
 the replica process), so a key from the environment never travels in the Serve config.
 """
 
-import asyncio
 import importlib
 import logging
 import os
@@ -36,11 +37,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.serve.deployment import Application
 
+from expertpool.model import storage
 from expertpool.platform.api import OpenAIServer, build_fastapi_app
 from expertpool.platform.config import ClusterConfig, load_config, parse_config
 from expertpool.platform.logs import show_info_logs
 from expertpool.platform.metrics import ServerMetrics
-from expertpool.platform.patches import watch_patches
+from expertpool.platform.patches import PatchSet, apply_app, wait_running
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def default_tokenizer(cfg: ClusterConfig) -> Any:
         from expertpool.model.embedded import ensure_embedded_model
 
         path = ensure_embedded_model()
-    return Tokenizer.from_dir(path)
+    return Tokenizer.from_dir(storage.resolve_model(path, weights=False))  # a remote one: its small files only
 
 
 @serve.deployment
@@ -104,19 +106,21 @@ class ExpertPoolServer:
         self.cfg = cfg
         self.engine = _resolve(engine_factory, default_engine)(cfg)
         tokenizer = _resolve(tokenizer_factory, default_tokenizer)(cfg)
+        self.replica_id = serve.get_replica_context().replica_id.unique_id
         self.api = OpenAIServer(self.engine, tokenizer, api_key=cfg.serving.resolve_api_key(),
-                                metrics=ServerMetrics(replica=serve.get_replica_context().replica_id.unique_id,
-                                                      model_name=self.engine.model_ids()[0]),
+                                metrics=ServerMetrics(replica=self.replica_id, model_name=self.engine.model_ids()[0]),
                                 reasoning_parser=cfg.serving.reasoning_parser)
-        ctx = serve.get_replica_context()
-        # hot-swap: load every patch published for this app, now and whenever one is published
-        self._patch_watch = asyncio.get_running_loop().create_task(
-            watch_patches(self.engine, ctx.app_name, ctx.replica_id.unique_id), name="expertpool-patches")
+        self.patches = PatchSet()  # filled by reconfigure: Serve calls it right after this constructor
         logger.info("replica up: serving %s (max_seq_len=%d, auth=%s)", self.engine.model_ids(),
                     self.engine.max_seq_len, "on" if self.api.api_key else "off")
 
     def __serve_build_asgi_app__(self):
         return build_fastapi_app(self.api)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Load the patches declared in the deployment's user_config that this replica does not serve
+        yet (``platform.patches``); Serve calls it at start and on every change, without a restart."""
+        await self.patches.apply(self.engine, user_config)
 
     async def check_health(self) -> None:
         await self.engine.check_health()
@@ -124,18 +128,12 @@ class ExpertPoolServer:
     async def stats(self) -> dict:
         """Engine stats of this replica (running/waiting, KV blocks, steps, per-expert tokens, recoveries,
         the actors of its group) and the replica's own pid."""
-        return {**self.engine.stats(), "replica_pid": os.getpid()}
-
-    async def load_patch(self, domain: str, patch_dir: str) -> str:
-        """Hot-swap an ESFT expert patch into this replica's engine; returns the served id BASE:DOMAIN."""
-        model_id = await self.engine.load_patch(domain, patch_dir)
-        logger.info("loaded patch %s from %s as %s", domain, patch_dir, model_id)
-        return model_id
+        return {**self.engine.stats(), **self.patches.stats(), "replica_pid": os.getpid(),
+                "replica_id": self.replica_id}
 
     async def __del__(self):
         """Serve calls this once the replica has drained (its in-flight requests finished, or
         serving.graceful_shutdown_timeout_s passed): stop the engine and its actor group."""
-        self._patch_watch.cancel()
         shutdown = getattr(self.engine, "shutdown", None)
         if shutdown is not None:
             await shutdown()
@@ -147,7 +145,7 @@ def build_app_from_config(cfg: ClusterConfig, engine_factory: Factory | None = N
     """The Serve application for ``cfg``; run it with
     ``serve.run(app, name=cfg.serving.app_name, route_prefix=cfg.serving.route_prefix)``."""
     return ExpertPoolServer.options(**cfg.serve_deployment_options()).bind(
-        cfg.model_dump(mode="json"), engine_factory, tokenizer_factory)
+        cfg.serving_dump(), engine_factory, tokenizer_factory)
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -160,25 +158,26 @@ def build_app(args: dict[str, Any]) -> Application:
     return build_app_from_config(cfg, a.engine_factory, a.tokenizer_factory)
 
 
-def deploy(cfg: ClusterConfig, *, address: str | None = None) -> str:
-    """Check ``cfg`` against the model, start or join Ray, start Serve and run the application
-    (non-blocking). Returns the base URL. Raises ConfigError before anything starts."""
+def deploy(cfg: ClusterConfig, *, address: str | None = None, timeout_s: float = 600.0) -> str:
+    """Check ``cfg`` against the model, start or join Ray, start Serve and deploy the application from
+    its Serve config (declaratively; other declared applications stay) and wait until it runs.
+    Returns the base URL. Raises ConfigError before anything starts."""
     import ray
 
     from expertpool.model.args import ModelArgs
     from expertpool.model.embedded import ensure_embedded_model
 
-    model_dir = cfg.model.path or ensure_embedded_model()  # create the embedded model once, before replicas
-    cfg.validate_against_model(ModelArgs.from_dir(model_dir).n_routed_experts)
+    source = cfg.model.path or ensure_embedded_model()  # create the embedded model once, before replicas
+    cfg.validate_against_model(ModelArgs.from_dir(storage.resolve_model(source, weights=False)).n_routed_experts)
     if not ray.is_initialized():
         from expertpool.platform.proxy import set_proxy_env
 
         set_proxy_env()  # applies when this call starts the Ray instance (see platform/proxy.py)
         ray.init(address=address, include_dashboard=False)
     s = cfg.serving
-    serve.start(http_options={"host": s.host, "port": s.port})
     t0 = time.time()
-    serve.run(build_app_from_config(cfg), name=s.app_name, route_prefix=s.route_prefix, blocking=False)
+    apply_app(cfg.serve_app_config(), http_options={"host": s.host, "port": s.port})
+    wait_running(s.app_name, timeout_s)
     url = f"http://{s.host}:{s.port}{s.route_prefix.rstrip('/')}"
     logger.info("deployed %s in %.1fs", s.app_name, time.time() - t0)
     return url

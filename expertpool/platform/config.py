@@ -40,20 +40,26 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from expertpool.model import storage
 from expertpool.model.args import EMBEDDED_MODEL_NAME
-from expertpool.platform.config_base import (GIB, K8S_NAME, RULE_ERROR_TYPE, ActorResources, Closed, ConfigError,
-                                             ConfigProblem, divisor_message, rule_error)
+from expertpool.platform.config_base import (DOMAIN, GIB, K8S_NAME, RULE_ERROR_TYPE, ActorResources, Closed,
+                                             ConfigError, ConfigProblem, check_location, divisor_message, rule_error)
 from expertpool.platform.train_config import DatasetConfig, EsftConfig, TrainConfig, TrainJobConfig
 
 # re-exported: the whole schema is importable from here
-__all__ = ["API_KEY_ENV", "DEFAULT_IMPORT_PATH", "DEPLOYMENT_NAME", "GIB", "ActorResources", "AutoscalingConfig",
+__all__ = ["API_KEY_ENV", "DEFAULT_IMPORT_PATH", "DEPLOYMENT_NAME", "GIB", "HF_TOKEN_KEY", "SERVE_SECTIONS",
+           "ActorResources", "AutoscalingConfig",
            "ClusterConfig", "ConfigError", "ConfigProblem", "DatasetConfig", "EsftConfig", "KVCacheConfig",
            "KubernetesConfig", "ModelConfig", "PoolConfig", "RecoveryConfig", "ServingConfig", "TrainConfig",
            "TrainJobConfig", "field_paths", "load_config", "parse_config"]
 
 DEPLOYMENT_NAME = "ExpertPool"  # the Serve deployment that hosts one expert-parallel group per replica
 API_KEY_ENV = "EXPERTPOOL_API_KEY"
+HF_TOKEN_KEY = "token"  # the key of kubernetes.hf_token_secret's Secret
 DEFAULT_IMPORT_PATH = "expertpool.platform.app:build_app"
+# what a Serve replica reads: a Serve config's args carry these sections only, so an edit elsewhere
+# (a training job, the Kubernetes settings) leaves the deployment, and its replicas, untouched
+SERVE_SECTIONS = ("model", "pool", "serving")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -62,9 +68,12 @@ DEFAULT_IMPORT_PATH = "expertpool.platform.app:build_app"
 
 
 class ModelConfig(Closed):
-    path: str | None = Field(None, description="Hugging Face checkpoint directory (config.json + safetensors). "
-                             "None = the embedded tiny DeepSeek-V3-architecture model, created on first use in a "
-                             "cache dir.")
+    path: str | None = Field(None, description="The Hugging Face format checkpoint (config.json + safetensors): a "
+                             "local directory, a Hugging Face repo id `org/name` or `org/name@revision` (`hf://org/"
+                             "name` forces the repo reading), or an `s3://` / `gs://` URI. Each expert actor fetches "
+                             "only the dense shards and the shards of its experts into the local cache "
+                             "(EXPERTPOOL_CACHE; the hub cache for repos). None = the embedded tiny "
+                             "DeepSeek-V3-architecture model, created on first use in a cache dir.")
     name: str | None = Field(None, description="Served model id (the OpenAI `model` field). Default: the basename "
                              f"of `path`, or `{EMBEDDED_MODEL_NAME}` for the embedded model. Must not contain ':' "
                              "(fine-tuned variants are served as `NAME:DOMAIN`).")
@@ -72,13 +81,18 @@ class ModelConfig(Closed):
                                                   "non-quantized weights.")
     weight_dtype: Literal["fp8", "bf16", "fp32"] | None = Field(None, description="Resident format of the expert and "
                                                                 "linear weights. None = as stored in the checkpoint.")
-    tokenizer: str | None = Field(None, description="Tokenizer directory (tokenizer.json). Default: `path`; for the "
-                                  "embedded model, its embedded tokenizer.")
+    tokenizer: str | None = Field(None, description="Where the tokenizer (tokenizer.json) is: any location `path` "
+                                  "accepts. Default: `path`; for the embedded model, its embedded tokenizer.")
+
+    @field_validator("path", "tokenizer")
+    @classmethod
+    def _location(cls, v: str | None) -> str | None:
+        return check_location(v)
 
     @model_validator(mode="after")
     def _derive(self) -> ModelConfig:
         if self.name is None:
-            self.name = Path(self.path.rstrip("/\\")).name if self.path else EMBEDDED_MODEL_NAME
+            self.name = storage.basename(self.path) if self.path else EMBEDDED_MODEL_NAME
         if ":" in self.name or not self.name:
             raise rule_error("name", f"'{self.name}' is not a usable model id (empty, or contains ':', which separates "
                         "BASE:DOMAIN variants)", "set model.name to an id without ':'")
@@ -276,12 +290,30 @@ class ServingConfig(Closed):
     graceful_shutdown_timeout_s: float = Field(120.0, ge=0, description="When Serve removes a replica (downscale, "
                                                "redeploy), it stops routing to it and waits up to this long for "
                                                "its in-flight requests and streams to finish before it exits.")
+    patches: dict[str, str] = Field(default_factory=dict, description="ESFT patches served beside the base, as "
+                                    "`<model.name>:<domain>`: domain -> patch directory (a path every node can read, "
+                                    "or s3:// / gs://). They go into the deployment's user_config, not its args, so "
+                                    "a change loads them into the running replicas (Serve `reconfigure`) without a "
+                                    "restart; `expertpool publish` adds one to a running app.")
 
     @field_validator("route_prefix")
     @classmethod
     def _prefix(cls, v: str) -> str:
         if not v.startswith("/"):
             raise rule_error("", f"must start with '/', got '{v}'", f"set route_prefix to '/{v}'")
+        return v
+
+    @field_validator("patches")
+    @classmethod
+    def _patches(cls, v: dict[str, str]) -> dict[str, str]:
+        for domain, where in v.items():
+            if not DOMAIN.match(domain):
+                raise rule_error(domain, "has characters outside [A-Za-z0-9._-]",
+                                 "name the domain with letters, digits, '.', '_' or '-'")
+            try:
+                storage.parse(where)
+            except storage.StorageError as e:
+                raise rule_error(domain, str(e), "point it at a patch directory") from None
         return v
 
     @field_validator("max_queued_requests")
@@ -358,12 +390,28 @@ class KubernetesConfig(Closed):
                                        "in every pod. Use this instead of serving.api_key on Kubernetes.")
     node_selector: dict[str, str] = Field(default_factory=dict, description="nodeSelector of worker pods, e.g. "
                                           "{nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3}.")
+    hf_token_secret: str | None = Field(None, description=f"Secret (key `{HF_TOKEN_KEY}`) exposed as env HF_TOKEN "
+                                        "in every pod, for gated or private Hugging Face models.")
+    pod_template: dict[str, Any] = Field(default_factory=dict, description="A partial PodTemplateSpec (`metadata`, "
+                                         "`spec`) deep-merged into every generated pod template: mappings merge key "
+                                         "by key, lists of named entries (containers, env, volumes, volumeMounts, "
+                                         "ports) merge by `name`, other lists (tolerations, imagePullSecrets) are "
+                                         "appended. A container named `ray` applies to the Ray container of every "
+                                         "pod. For tolerations, volumes, serviceAccountName, annotations, env from "
+                                         "Secrets.")
 
     @model_validator(mode="after")
     def _check(self) -> KubernetesConfig:
         if self.name is not None and (not K8S_NAME.match(self.name) or len(self.name) > 40):
             raise rule_error("name", f"'{self.name}' is not a DNS-1123 label of at most 40 characters",
                         "use lowercase letters, digits and '-'")
+        extra = sorted(set(self.pod_template) - {"metadata", "spec"})
+        if extra:
+            raise rule_error("pod_template", f"has {extra} at the top; a PodTemplateSpec has `metadata` and `spec`",
+                             "move those keys under pod_template.spec (or pod_template.metadata)")
+        for key in ("metadata", "spec"):
+            if not isinstance(self.pod_template.get(key, {}), dict):
+                raise rule_error(f"pod_template.{key}", "must be a mapping", f"write pod_template.{key} as a mapping")
         return self
 
 
@@ -477,21 +525,37 @@ class ClusterConfig(Closed):
             "health_check_timeout_s": self.serving.health_check_timeout_s,
             "graceful_shutdown_timeout_s": self.serving.graceful_shutdown_timeout_s,
             "graceful_shutdown_wait_loop_s": 1.0,
+            # published patches: Serve hands user_config to the replicas' ``reconfigure``, at start and
+            # on every change, without restarting them (a change of args would restart every replica)
+            "user_config": {"patches": dict(self.serving.patches)},
+        }
+
+    def serving_dump(self) -> dict[str, Any]:
+        """The sections a replica reads (``SERVE_SECTIONS``), without the declared patches (they travel in
+        the deployment's user_config): the ``args.config`` of the Serve application."""
+        data = self.model_dump(mode="json", include=set(SERVE_SECTIONS))
+        data["serving"].pop("patches")
+        return data
+
+    def serve_app_config(self, import_path: str = DEFAULT_IMPORT_PATH) -> dict[str, Any]:
+        """The application entry of a Serve config (``applications[]``)."""
+        return {
+            "name": self.serving.app_name,
+            "route_prefix": self.serving.route_prefix,
+            "import_path": import_path,
+            "args": {"config": self.serving_dump()},
+            "deployments": [self.serve_deployment_options()],
         }
 
     def serve_config(self, import_path: str = DEFAULT_IMPORT_PATH, *, host: str | None = None) -> dict[str, Any]:
-        """A Serve config file (``serve deploy``; RayService ``serveConfigV2``). ``args.config`` carries this whole
-        config, so ``build_app`` rebuilds it with :func:`parse_config`. ``host`` overrides serving.host."""
+        """A Serve config file (``serve deploy``; RayService ``serveConfigV2``). ``args.config`` carries model,
+        pool and serving (``serving_dump``), so ``build_app`` rebuilds what a replica needs with
+        :func:`parse_config` and an edit to a training job leaves the file byte-identical; the declared
+        patches are the deployment's ``user_config``. ``host`` overrides serving.host."""
         return {
             "proxy_location": "EveryNode",
             "http_options": {"host": host or self.serving.host, "port": self.serving.port},
-            "applications": [{
-                "name": self.serving.app_name,
-                "route_prefix": self.serving.route_prefix,
-                "import_path": import_path,
-                "args": {"config": self.model_dump(mode="json")},
-                "deployments": [self.serve_deployment_options()],
-            }],
+            "applications": [self.serve_app_config(import_path)],
         }
 
 
@@ -517,14 +581,25 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
 
 
+ENV_PREFIX = "env:"  # load_config("env:VAR"): the YAML in an environment variable (generated RayJobs)
+
+
 def load_config(path: str | os.PathLike) -> ClusterConfig:
-    """Read and validate a cluster.yaml. Raises ConfigError naming the file, the field and the fix."""
+    """Read and validate a cluster.yaml, or with ``env:VAR`` the YAML held in environment variable VAR.
+    Raises ConfigError naming the file, the field and the fix."""
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError([ConfigProblem("", "file not found; pass the path of a cluster.yaml "
-                                         "(the repository root has a documented example)")], source) from None
+    if source.startswith(ENV_PREFIX):
+        text = os.environ.get(source[len(ENV_PREFIX):])
+        if text is None:
+            raise ConfigError([ConfigProblem("", "the environment variable is not set; the generated RayJob sets it "
+                                             "in its runtime environment, elsewhere pass a cluster.yaml path")],
+                              source)
+    else:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([ConfigProblem("", "file not found; pass the path of a cluster.yaml "
+                                             "(the repository root has a documented example)")], source) from None
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:

@@ -19,6 +19,7 @@ from pydantic_core import PydanticCustomError
 GIB = 1024**3
 RULE_ERROR_TYPE = "expertpool_rule"  # pydantic error type of our own cross-field rules (carries field/problem/fix)
 K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123 label: job names end up in pod names
+DOMAIN = re.compile(r"^[A-Za-z0-9._-]+$")  # a fine-tuned variant's name, served as MODEL:DOMAIN
 
 
 class ConfigProblem(NamedTuple):
@@ -65,6 +66,9 @@ class ActorResources(Closed):
     gpu: float = Field(0.0, ge=0, description="GPUs reserved per actor (Ray `num_gpus`; fractions allowed).")
     memory_gb: float | None = Field(None, gt=0, description="Memory reserved per actor in GiB (Ray `memory`). "
                                     "None = no memory reservation.")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory of one of its GPUs in GiB (80 for an H100 "
+                                        "80GB). A training job with GPUs must set it: `expertpool validate` checks "
+                                        "the job's per-worker memory plan against gpu x gpu_memory_gb.")
     custom: dict[str, float] = Field(default_factory=dict, description="Custom Ray resources per actor, e.g. "
                                      "{accelerator_type_H100: 0.001} or a node label resource.")
 
@@ -101,6 +105,18 @@ class ActorResources(Closed):
         if self.custom:
             out["resources"] = dict(self.custom)
         return out
+
+
+def check_location(v: str | None) -> str | None:
+    """A field validator for checkpoint/patch/output locations (``model.storage`` specs)."""
+    from expertpool.model import storage
+
+    if v is not None:
+        try:
+            storage.parse(v)
+        except storage.StorageError as e:
+            raise rule_error("", str(e), "fix the location") from None
+    return v
 
 
 def divisor_message(n_experts: int, parts: int, field: str, what: str) -> str:

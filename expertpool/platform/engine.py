@@ -369,6 +369,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+    from expertpool.model import storage
     from expertpool.model.args import ModelArgs
     from expertpool.model.attention import PagedLatentCache
     from expertpool.model.checkpoint import DTYPES
@@ -377,8 +378,10 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     from expertpool.platform.worker import RayExecutor, WorkerSpec
 
     t0 = time.time()
+    # a checkpoint location: the replica reads its small files, each actor fetches its own shards
     model_dir = str(cfg.model.path or ensure_embedded_model())
-    args = ModelArgs.from_dir(model_dir)
+    meta_dir = storage.resolve_model(model_dir, weights=False)
+    args = ModelArgs.from_dir(meta_dir)
     world = cfg.pool.actors_per_replica
     cfg.validate_against_model(args.n_routed_experts, max_position_embeddings=args.max_position_embeddings)
     s = cfg.serving
@@ -402,7 +405,8 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
                       cfg.model.tokenizer, spec_tokens)
     executor = RayExecutor(spec, options, hooks=hooks)
     executor.start()
-    tok = Tokenizer.from_dir(cfg.model.tokenizer or model_dir)
+    tok = Tokenizer.from_dir(storage.resolve_model(cfg.model.tokenizer, weights=False) if cfg.model.tokenizer
+                             else meta_dir)
     core = EngineCore(executor, num_blocks=blocks_per_worker, block_size=s.kv_cache.block_size,
                       max_batch_size=s.max_batch_size, max_seq_len=s.max_seq_len,
                       max_num_batched_tokens=s.max_num_batched_tokens,
@@ -413,5 +417,6 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
              model_dir, world, args.n_routed_experts // world, blocks_per_worker, s.kv_cache.block_size,
              time.time() - t0)
     policy = RecoveryPolicy(rec.enabled, rec.timeout_s, rec.liveness_check_s, rec.max_attempts)
-    return AsyncEngine(core, cfg.model.name, s.max_seq_len, model_dir, async_scheduling=s.async_scheduling,
-                       recovery=policy)
+    # a remote base's router weights are not on the replica: its actors check a patch's base instead
+    return AsyncEngine(core, cfg.model.name, s.max_seq_len, None if storage.is_remote(model_dir) else model_dir,
+                       async_scheduling=s.async_scheduling, recovery=policy)

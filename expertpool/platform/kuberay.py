@@ -1,10 +1,23 @@
 """KubeRay manifests (apiVersion ray.io/v1) derived from a :class:`ClusterConfig`.
 
 ``rayservice_manifest(cfg)`` serves the app on an autoscaling cluster (``serveConfigV2`` is
-``cfg.serve_config()``); ``raycluster_manifest(cfg)`` is the same cluster without Serve management, for
-``serve deploy`` plus ``ray job submit``; ``rayjob_manifest(cfg, job)`` runs one fine-tuning job, on its own
-cluster or, with ``cluster_name``, on an existing RayCluster (required when the job publishes into a
-running app). ``manifests(cfg, out_dir)`` writes them all as YAML.
+``cfg.serve_config()``: model, pool and serving only, so editing a training job leaves it byte-identical,
+and the published patches in the deployment's user_config); ``raycluster_manifest(cfg)`` is the same
+cluster without Serve management, for ``serve deploy`` plus ``ray job submit``; ``rayjob_manifest(cfg,
+job)`` runs one fine-tuning job, on its own cluster or, with ``cluster_name``, on an existing RayCluster
+(required when the job publishes into a running app). A RayJob carries its own config (model and that
+one job) in its runtime environment, so the image holds only code, and its output goes to the job's
+resolved output_dir (an s3:// / gs:// URI or shared storage outlives the job's cluster).
+
+``manifests(cfg, out_dir)`` writes them so that ``kubectl apply -f`` on any directory it writes is safe:
+one directory per deployment choice, holding Kubernetes objects only (``rayservice/``; ``raycluster/``
+with the jobs that publish into it; ``rayjobs/`` with the jobs on clusters of their own), and the Serve
+configs for ``serve deploy`` apart in ``serve-config/`` (``raycluster.yaml`` binds 0.0.0.0 so the head
+service reaches the proxy; ``local.yaml`` binds serving.host).
+
+Every pod template gets ``kubernetes.pod_template`` deep-merged into it (``deep_merge``): tolerations,
+volumes, service account, image pull secrets, annotations, env from Secrets; ``kubernetes.
+hf_token_secret`` becomes env ``HF_TOKEN`` in every container.
 
 Sizing is derived, not configured. Serve autoscales whole replicas; each replica asks for one placement
 group (``cfg.pool.placement_group_bundles()``), and the Ray autoscaler adds pods until the group fits.
@@ -22,6 +35,7 @@ are checked in tests against the KubeRay CRD schemas in ``shared/kuberay-crds``.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -29,8 +43,10 @@ from typing import Any
 
 import yaml
 
-from expertpool.platform.config import API_KEY_ENV, GIB, ClusterConfig, ConfigError, ConfigProblem
+from expertpool.model import storage
+from expertpool.platform.config import API_KEY_ENV, GIB, HF_TOKEN_KEY, ClusterConfig, ConfigError, ConfigProblem
 from expertpool.platform.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from expertpool.platform.train_config import DEFAULT_STORAGE
 
 API_VERSION = "ray.io/v1"
 POOL_GROUP = "pool"
@@ -38,10 +54,46 @@ TRAIN_GROUP = "train"
 OBJECT_STORE_FRACTION = 0.3  # Ray's default object store share of node memory: pods get this on top
 RAY_OVERHEAD_GB = 1.0  # raylet, dashboard agent, Python workers' baseline, per pod
 GPU_RESOURCE = "nvidia.com/gpu"
+RAY_CONTAINER = "ray"  # the name a pod_template container takes to apply to every pod's Ray container
+CONFIG_ENV = "EXPERTPOOL_CONFIG"  # a RayJob's config, in its runtime environment
 
 
-def finetune_entrypoint(job_name: str, config_path: str = "cluster.yaml") -> str:
-    return f"python -m expertpool.jobs.finetune --config {config_path} --job {job_name}"
+def finetune_entrypoint(job_name: str, config: str = "cluster.yaml") -> str:
+    return f"python -m expertpool.jobs.finetune --config {config} --job {job_name}"
+
+
+def deep_merge(base: Any, overlay: Any) -> Any:
+    """``overlay`` merged into ``base`` (neither changed): mappings key by key; lists whose entries are all
+    mappings with a ``name`` merge entry by entry on it (containers, env, volumes, volumeMounts, ports);
+    other lists are appended (tolerations, imagePullSecrets); anything else is replaced."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        out = dict(base)
+        for k, v in overlay.items():
+            out[k] = deep_merge(base[k], v) if k in base else copy.deepcopy(v)
+        return out
+    if isinstance(base, list) and isinstance(overlay, list):
+        if all(isinstance(x, dict) and "name" in x for x in base + overlay):
+            out = list(base)
+            index = {x["name"]: i for i, x in enumerate(out)}
+            for item in overlay:
+                if item["name"] in index:
+                    out[index[item["name"]]] = deep_merge(out[index[item["name"]]], item)
+                else:
+                    out.append(copy.deepcopy(item))
+            return out
+        return base + copy.deepcopy(overlay)
+    return copy.deepcopy(overlay)
+
+
+def _pod_template(cfg: ClusterConfig, spec: dict[str, Any]) -> dict[str, Any]:
+    """A pod template: our labels and ``spec`` with kubernetes.pod_template merged in; its container
+    named ``ray`` goes into this pod's Ray container."""
+    overlay = copy.deepcopy(cfg.kubernetes.pod_template)
+    ray_name = spec["containers"][0]["name"]
+    for c in overlay.get("spec", {}).get("containers", []):
+        if c.get("name") == RAY_CONTAINER:
+            c["name"] = ray_name
+    return deep_merge({"metadata": {"labels": _labels(cfg)}, "spec": spec}, overlay)
 
 
 # --- pods ---------------------------------------------------------------------------------------------
@@ -89,6 +141,9 @@ def _container(cfg: ClusterConfig, name: str, resources: dict[str, Any], ports: 
     if k8s.api_key_secret:
         container["env"].append({"name": API_KEY_ENV,
                                  "valueFrom": {"secretKeyRef": {"name": k8s.api_key_secret, "key": "api-key"}}})
+    if k8s.hf_token_secret:  # huggingface_hub reads HF_TOKEN: gated and private model repos
+        container["env"].append({"name": "HF_TOKEN",
+                                 "valueFrom": {"secretKeyRef": {"name": k8s.hf_token_secret, "key": HF_TOKEN_KEY}}})
     return container
 
 
@@ -120,7 +175,7 @@ def _worker_group(cfg: ClusterConfig, group: str, ray_resources: dict[str, float
         "minReplicas": min_replicas,
         "maxReplicas": max_replicas,
         "rayStartParams": start_params,
-        "template": {"metadata": {"labels": _labels(cfg)}, "spec": pod_spec},
+        "template": _pod_template(cfg, pod_spec),
     }
 
 
@@ -132,8 +187,7 @@ def _head_group(cfg: ClusterConfig) -> dict[str, Any]:
     return {
         "serviceType": cfg.kubernetes.service_type,
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
-        "template": {"metadata": {"labels": _labels(cfg)},
-                     "spec": {"containers": [_container(cfg, "ray-head", limits, ports)]}},
+        "template": _pod_template(cfg, {"containers": [_container(cfg, "ray-head", limits, ports)]}),
     }
 
 
@@ -207,16 +261,50 @@ def rayservice_manifest(cfg: ClusterConfig, import_path: str | None = None) -> d
     }
 
 
-def rayjob_manifest(cfg: ClusterConfig, job_name: str, *, cluster_name: str | None = None,
-                    config_path: str = "cluster.yaml") -> dict[str, Any]:
-    """A RayJob running ``python -m expertpool.jobs.finetune --config CONFIG --job NAME``.
+def job_config(cfg: ClusterConfig, job_name: str) -> dict[str, Any]:
+    """What a RayJob of ``job_name`` reads: model, serving.app_name (its publish_to target) and train with
+    this job only, so an edit to another job or to the Kubernetes settings leaves that RayJob unchanged."""
+    data = cfg.model_dump(mode="json", include={"model", "train"})
+    data["serving"] = {"app_name": cfg.serving.app_name}
+    data["train"]["jobs"] = {job_name: data["train"]["jobs"][job_name]}
+    return data
+
+
+def _mount_paths(cfg: ClusterConfig) -> list[str]:
+    containers = cfg.kubernetes.pod_template.get("spec", {}).get("containers", [])
+    return [m["mountPath"].rstrip("/") for c in containers if c.get("name") == RAY_CONTAINER
+            for m in c.get("volumeMounts", []) if "mountPath" in m]
+
+
+def _refuse_pod_local_output(cfg: ClusterConfig, job_name: str) -> None:
+    """A RayJob's pods (and a RayCluster's, on restart) lose their files: the job's outputs must go to
+    object storage, or to a volume mounted through kubernetes.pod_template."""
+    out, root = cfg.get_job(job_name).output_dir, cfg.train.storage_path
+    if storage.is_remote(out) or Path(out).is_absolute() or root is None:
+        location = out if storage.is_remote(out) or Path(out).is_absolute() else f"{DEFAULT_STORAGE}/{out}"
+    else:
+        location = storage.parse(root).join(out) if storage.is_remote(root) else str(Path(root) / out)
+    if storage.is_remote(location) or any(location == m or location.startswith(m + "/") for m in _mount_paths(cfg)):
+        return
+    raise ConfigError([ConfigProblem(f"train.jobs.{job_name}.output_dir", f"'{location}' is inside the pod, and the "
+                                     "RayJob's cluster is deleted after the job (a head restart loses it too); set "
+                                     "train.storage_path (or output_dir) to an s3:// or gs:// URI, or mount a "
+                                     "volume there with a `ray` container in kubernetes.pod_template")], cfg.source)
+
+
+def rayjob_manifest(cfg: ClusterConfig, job_name: str, *, cluster_name: str | None = None) -> dict[str, Any]:
+    """A RayJob running ``python -m expertpool.jobs.finetune --config env:EXPERTPOOL_CONFIG --job NAME``,
+    its config (``job_config``) in the runtime environment.
 
     Without ``cluster_name`` the job gets its own autoscaling cluster (head + one pod per worker), deleted
     when the job finishes. With it, the job runs on that existing RayCluster (``clusterSelector``), which
-    is how a ``publish_to`` job reaches the app it hot-swaps into. ``config_path`` is read in the image."""
+    is how a ``publish_to`` job reaches the app it hot-swaps into."""
     _refuse_inline_secret(cfg)
     job = cfg.get_job(job_name)
-    spec: dict[str, Any] = {"entrypoint": finetune_entrypoint(job_name, config_path)}
+    _refuse_pod_local_output(cfg, job_name)
+    runtime_env = {"env_vars": {CONFIG_ENV: dump_yaml(job_config(cfg, job_name))}}
+    spec: dict[str, Any] = {"entrypoint": finetune_entrypoint(job_name, f"env:{CONFIG_ENV}"),
+                            "runtimeEnvYAML": dump_yaml(runtime_env)}
     if cluster_name is not None:
         spec["clusterSelector"] = {"ray.io/cluster": cluster_name}
     else:
@@ -232,23 +320,35 @@ def rayjob_manifest(cfg: ClusterConfig, job_name: str, *, cluster_name: str | No
             "metadata": _metadata(cfg, f"{cfg.kubernetes.name}-{job_name}"[:63].rstrip("-")), "spec": spec}
 
 
-def manifests(cfg: ClusterConfig, out_dir: str | Path, *, config_path: str = "cluster.yaml") -> list[Path]:
-    """Write serve_config.yaml, rayservice.yaml, raycluster.yaml and rayjob-<job>.yaml; return the paths.
+KINDS = ("rayservice", "raycluster", "rayjobs", "serve-config")
 
-    Jobs with ``publish_to`` attach to the RayCluster of raycluster.yaml (they must run where the app runs)."""
+
+def manifests(cfg: ClusterConfig, out_dir: str | Path, *, kinds: tuple[str, ...] = KINDS) -> list[Path]:
+    """Write the manifests of ``kinds`` under ``out_dir``, one directory each (see the module docstring);
+    return the paths. A directory is emptied of the YAML files an earlier run wrote there first, so a
+    removed job's RayJob does not linger. Jobs with ``publish_to`` go with the RayCluster (they must
+    run where the app runs); the others get clusters of their own in ``rayjobs/``."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    docs: dict[str, dict[str, Any]] = {
-        "serve_config.yaml": cfg.serve_config(),
-        "rayservice.yaml": rayservice_manifest(cfg),
-        "raycluster.yaml": raycluster_manifest(cfg),
-    }
+    docs: dict[str, dict[str, Any]] = {}
+    if "rayservice" in kinds:
+        docs["rayservice/rayservice.yaml"] = rayservice_manifest(cfg)
+    if "raycluster" in kinds:
+        docs["raycluster/raycluster.yaml"] = raycluster_manifest(cfg)
     for name, job in cfg.train.jobs.items():
-        attach = str(cfg.kubernetes.name) if job.publish_to else None
-        docs[f"rayjob-{name}.yaml"] = rayjob_manifest(cfg, name, cluster_name=attach, config_path=config_path)
+        if job.publish_to and "raycluster" in kinds:
+            docs[f"raycluster/rayjob-{name}.yaml"] = rayjob_manifest(cfg, name, cluster_name=str(cfg.kubernetes.name))
+        elif not job.publish_to and "rayjobs" in kinds:
+            docs[f"rayjobs/rayjob-{name}.yaml"] = rayjob_manifest(cfg, name)
+    if "serve-config" in kinds:
+        docs["serve-config/raycluster.yaml"] = cfg.serve_config(host="0.0.0.0")
+        docs["serve-config/local.yaml"] = cfg.serve_config()
+    for kind in kinds:
+        for old in (out / kind).glob("*.yaml"):
+            old.unlink()
     paths = []
     for filename, doc in docs.items():
         path = out / filename
+        path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(dump_yaml(doc), encoding="utf-8")
         paths.append(path)
     return paths

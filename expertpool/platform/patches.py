@@ -1,111 +1,205 @@
-"""Hot-swapping fine-tuned expert patches into running Serve replicas, without a restart.
+"""Published ESFT patches: declared in the Serve deployment's ``user_config``, applied by ``reconfigure``.
 
-A detached named actor per Serve app (``PatchRegistry``) is the source of truth: ``publish`` records
-``domain -> patch_dir`` there, and every replica runs ``watch_patches``, which loads each new patch
-into its engine as variant ``BASE:DOMAIN`` between engine steps and acknowledges it. Replicas that
-start later (autoscaling, restarts) load every registered patch on start, so all replicas converge.
-``publish`` returns once every running replica of the app has acknowledged (or raises on timeout).
+The declaration is ``{"patches": {domain: location}}`` in the user_config of the ``ExpertPool``
+deployment (``serving.patches`` in cluster.yaml, hence in the Serve config and the RayService's
+``serveConfigV2``). Serve hands it to every replica's ``reconfigure``: when the replica starts and
+whenever it changes, without restarting the replica (the application's code version covers its
+import path and args, not user_config). A replica loads each declared patch it does not serve yet
+(``PatchSet``) into its engine as ``<model>:<domain>``, between engine steps, so running requests are
+unaffected; a replica that starts later (autoscaling, a restart, a head-node restart, a RayService
+upgrade) loads the declared patches before it takes traffic. The declaration is the state: nothing
+lives in a detached actor.
+
+``publish(app, location, domain)`` is the convenience for a running app: it validates the patch, adds
+it to the deployment's user_config by re-applying the application's declarative config (what ``serve
+deploy`` would do with the edited file) and returns once every running replica serves it, or raises
+with the replicas' errors. It needs an app deployed from a Serve config (``expertpool serve``, ``serve
+deploy``, a RayService): an app started with ``serve.run`` has no declarative config to edit. On a
+RayService, KubeRay re-applies its ``serveConfigV2`` after a head restart or an upgrade, so there the
+lasting declaration is ``serving.patches`` in cluster.yaml, applied with the regenerated manifests.
+
+A patch that fails to load on a replica does not take the replica down: it is logged, kept in the
+replica's ``patch_errors`` (``stats``) and raised by ``publish``. Removing a patch from the
+declaration stops new replicas from loading it; running ones keep serving it until they restart.
+
+Relies on Ray Serve's controller client (``ray.serve.context._get_global_client``, as Serve's own
+``serve run`` CLI does) to read and apply declarative configs; pinned Ray 2.60.
 """
 
-import asyncio
+from __future__ import annotations
+
 import logging
 import time
+from typing import Any
 
-import ray
+from pydantic import BaseModel, ConfigDict, Field
+
+from expertpool.platform.config import DEPLOYMENT_NAME
 
 log = logging.getLogger(__name__)
 
-NAMESPACE = "expertpool"
-POLL_S = 1.0
+
+class UserConfig(BaseModel):
+    """The ``user_config`` of the ExpertPool deployment."""
+
+    model_config = ConfigDict(extra="forbid")
+    patches: dict[str, str] = Field(default_factory=dict, description="domain -> patch location")
 
 
-@ray.remote(num_cpus=0)
-class PatchRegistry:
+class PatchSet:
+    """A replica's view of the declaration: what it serves, and what failed to load."""
+
     def __init__(self):
-        self.patches: dict[str, str] = {}
-        self.acks: dict[str, dict[str, str]] = {}   # replica id -> {domain: model id}
-        self.errors: dict[str, dict[str, str]] = {}  # replica id -> {domain: error}
+        self.loaded: dict[str, str] = {}   # domain -> location it was loaded from
+        self.model_ids: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
 
-    def publish(self, domain: str, patch_dir: str) -> None:
-        self.patches[domain] = patch_dir
+    async def apply(self, engine, user_config: dict[str, Any] | None) -> None:
+        """Load every declared patch not served yet (``reconfigure``). Raises only for a malformed
+        user_config; a patch that fails to load is logged and kept in ``errors``."""
+        declared = UserConfig.model_validate(user_config or {}).patches
+        for domain, where in declared.items():
+            if self.loaded.get(domain) == where:
+                continue
+            if domain in self.loaded:
+                self.errors[domain] = (f"domain {domain!r} already serves {self.loaded[domain]}; publish {where} "
+                                       "under another domain, or redeploy the app to replace it")
+                log.error("patch %s: %s", domain, self.errors[domain])
+                continue
+            try:
+                self.model_ids[domain] = await engine.load_patch(domain, where)
+            except Exception as e:  # a bad patch must not take the replica down: publish reports it
+                self.errors[domain] = f"{type(e).__name__}: {e}"
+                log.error("could not load patch %s from %s: %s", domain, where, self.errors[domain])
+                continue
+            self.loaded[domain] = where
+            self.errors.pop(domain, None)
+            log.info("serving %s from %s", self.model_ids[domain], where)
+        for domain in sorted(set(self.loaded) - set(declared)):
+            log.warning("patch %s is no longer declared; this replica serves it until it restarts", domain)
 
-    def list(self) -> dict[str, str]:
-        return dict(self.patches)
-
-    def ack(self, replica_id: str, domain: str, model_id: str | None, error: str | None = None) -> None:
-        if error is None:
-            self.acks.setdefault(replica_id, {})[domain] = model_id
-        else:
-            self.errors.setdefault(replica_id, {})[domain] = error
-
-    def status(self) -> tuple[dict, dict]:
-        return self.acks, self.errors
+    def stats(self) -> dict[str, Any]:
+        return {"patches": dict(self.model_ids), "patch_sources": dict(self.loaded), "patch_errors": dict(self.errors)}
 
 
-def registry(app_name: str):
-    return PatchRegistry.options(name=f"patches:{app_name}", namespace=NAMESPACE, lifetime="detached",
-                                 get_if_exists=True).remote()
-
-
-async def watch_patches(engine, app_name: str, replica_id: str) -> None:
-    """Replica side: poll the registry and load new patches into ``engine`` (runs until cancelled)."""
-    reg = registry(app_name)
-    done: set[str] = set()
-    while True:
-        try:
-            patches = await reg.list.remote()
-            for domain, patch_dir in patches.items():
-                if domain in done:
-                    continue
-                try:
-                    model_id = await engine.load_patch(domain, patch_dir)
-                    await reg.ack.remote(replica_id, domain, model_id)
-                    log.info("replica %s now serves %s", replica_id, model_id)
-                except Exception as e:  # a bad patch must not take the replica down: report it to publish
-                    log.error("replica %s could not load patch %s from %s: %s", replica_id, domain, patch_dir, e)
-                    await reg.ack.remote(replica_id, domain, None, f"{type(e).__name__}: {e}")
-                done.add(domain)
-        except ray.exceptions.RayError as e:
-            log.warning("patch registry unreachable (%s); retrying", e)
-        await asyncio.sleep(POLL_S)
-
+# ---------------------------------------------------------------------------------------------- applying
 
 class AppNotRunning(LookupError):
     """The Serve application to publish into is not running on this Ray cluster."""
 
 
-def _running_replicas(app_name: str) -> int:
-    from ray import serve
+class AppNotDeclared(AppNotRunning):
+    """The application runs, but from ``serve.run``: it has no declarative config whose user_config could
+    change in place."""
+
+
+def _client():
+    from ray.serve.context import _get_global_client
     from ray.serve.exceptions import RayServeException
+
     try:
-        app = serve.status().applications.get(app_name)
-    except RayServeException:  # Serve itself is not running on this cluster
-        app = None
-    n = 0 if app is None else sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
-    if n == 0:
-        raise AppNotRunning(f"no running Serve application named {app_name!r} on this Ray cluster; start it with "
-                            "`expertpool serve` (or check `serve status` and --app)")
-    return n
+        return _get_global_client()
+    except RayServeException as e:
+        raise AppNotRunning(f"Serve is not running on this Ray cluster ({e}); start the app with "
+                            "`expertpool serve` or `serve deploy`") from e
 
 
-def publish(app_name: str, patch_dir: str, domain: str | None = None, timeout_s: float = 300.0) -> str:
-    """Make every replica of ``app_name`` serve the patch; returns the served model id."""
-    from expertpool.model.patch import read_patch
-    patch = read_patch(patch_dir)  # validate before anything is published
-    domain = domain or patch.domain
-    n = _running_replicas(app_name)
-    reg = registry(app_name)
-    ray.get(reg.publish.remote(domain, str(patch_dir)))
+def apply_app(app_config: dict[str, Any], *, http_options: dict[str, Any] | None = None) -> None:
+    """Deploy (or update) one application from its Serve-config entry, declaratively, keeping every
+    other declaratively deployed application as it is (Serve's declarative apply replaces the whole
+    set). Starts Serve with ``http_options`` if it is not running."""
+    from ray import serve
+    from ray.serve.schema import ServeDeploySchema
+
+    if http_options is not None:
+        serve.start(http_options=http_options)
+    client = _client()
+    details = client.get_serve_details()
+    apps = {name: app["deployed_app_config"] for name, app in details.get("applications", {}).items()
+            if app.get("source") == "declarative" and app.get("deployed_app_config")}
+    if app_config["name"] in details.get("applications", {}) and app_config["name"] not in apps:
+        raise AppNotDeclared(f"Serve application {app_config['name']!r} was deployed with serve.run; delete it "
+                             "(serve.delete) or pick another serving.app_name before deploying it from a config")
+    apps[app_config["name"]] = app_config
+    config = {"applications": list(apps.values())}
+    if details.get("target_capacity") is not None:
+        config["target_capacity"] = details["target_capacity"]
+    client.deploy_apps(ServeDeploySchema.model_validate(config))
+
+
+def wait_running(app_name: str, timeout_s: float) -> None:
+    """Block until the application is RUNNING; raise with its status message if it fails."""
+    from ray import serve
+
     t0 = time.time()
     while True:
-        acks, errors = ray.get(reg.status.remote())
-        failed = {r: e[domain] for r, e in errors.items() if domain in e}
-        if failed:
-            raise RuntimeError(f"patch {domain!r} failed to load on {len(failed)} replica(s): {failed}")
-        ok = [a[domain] for a in acks.values() if domain in a]
-        if len(ok) >= n:
-            log.info("patch %s live on %d replica(s) as %s in %.1fs", domain, n, ok[0], time.time() - t0)
-            return ok[0]
+        app = serve.status().applications.get(app_name)
+        status = None if app is None else str(app.status)
+        if status is not None and status.endswith("RUNNING"):
+            return
+        if status is not None and status.endswith(("DEPLOY_FAILED", "UNHEALTHY")):
+            raise RuntimeError(f"Serve application {app_name!r} is {status}: {app.message}")
         if time.time() - t0 > timeout_s:
-            raise TimeoutError(f"patch {domain!r}: {len(ok)} of {n} replicas loaded it within {timeout_s:.0f}s")
+            raise TimeoutError(f"Serve application {app_name!r} not running after {timeout_s:.0f}s (status {status})")
         time.sleep(0.5)
+
+
+def declared_app(app_name: str) -> dict[str, Any]:
+    """The running application's declarative config (``deployed_app_config``)."""
+    details = _client().get_serve_details().get("applications", {})
+    app = details.get(app_name)
+    if app is None:
+        raise AppNotRunning(f"no Serve application named {app_name!r} on this Ray cluster; start it with "
+                            "`expertpool serve` (or check `serve status` and --app)")
+    if app.get("source") != "declarative" or not app.get("deployed_app_config"):
+        raise AppNotDeclared(f"Serve application {app_name!r} was deployed with serve.run, so its user_config "
+                             "cannot change in place; deploy it from a Serve config (`expertpool serve`, `serve "
+                             "deploy`), or add the patch to serving.patches and redeploy")
+    return app["deployed_app_config"]
+
+
+def _running_replicas(app_name: str) -> int:
+    from ray import serve
+
+    app = serve.status().applications.get(app_name)
+    return 0 if app is None else sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
+
+
+def publish(app_name: str, location: str, domain: str | None = None, timeout_s: float = 300.0) -> str:
+    """Declare a patch in ``app_name``'s user_config and wait until every running replica serves it;
+    returns the served model id ``<model>:<domain>``. Raises PatchError for an invalid patch,
+    AppNotRunning / AppNotDeclared, RuntimeError with the replicas' errors, TimeoutError."""
+    from ray import serve
+
+    from expertpool.model.patch import read_patch
+
+    patch = read_patch(location)  # validate (and fetch a remote one) before anything is declared
+    domain = domain or patch.domain
+    app = declared_app(app_name)
+    deployments = app.setdefault("deployments", [])
+    entry = next((d for d in deployments if d.get("name") == DEPLOYMENT_NAME), None)
+    if entry is None:
+        entry = {"name": DEPLOYMENT_NAME}
+        deployments.append(entry)
+    user_config = UserConfig.model_validate(entry.get("user_config") or {})
+    user_config.patches[domain] = str(location)
+    entry["user_config"] = user_config.model_dump()
+    apply_app(app)
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name)
+    t0 = time.time()
+    served: dict[str, str] = {}
+    while True:
+        n = _running_replicas(app_name)
+        stats = handle.stats.remote().result(timeout_s=max(1.0, timeout_s - (time.time() - t0)))
+        if domain in stats.get("patch_errors", {}):
+            raise RuntimeError(f"patch {domain!r} failed to load on replica {stats['replica_id']}: "
+                               f"{stats['patch_errors'][domain]}")
+        if stats.get("patch_sources", {}).get(domain) == str(location):
+            served[stats["replica_id"]] = stats["patches"][domain]
+        if n and len(served) >= n:
+            log.info("patch %s live on %d replica(s) as %s in %.1fs", domain, n, next(iter(served.values())),
+                     time.time() - t0)
+            return next(iter(served.values()))
+        if time.time() - t0 > timeout_s:
+            raise TimeoutError(f"patch {domain!r}: {len(served)} of {n} replicas serve it after {timeout_s:.0f}s")
+        time.sleep(0.2)

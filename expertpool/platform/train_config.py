@@ -12,17 +12,19 @@ ones that touch the file system are ``TrainJobConfig.check_dataset``.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, PrivateAttr, model_validator
 
-from expertpool.platform.config_base import (K8S_NAME, ActorResources, Closed, ConfigError, ConfigProblem,
-                                             divisor_message, rule_error)
+from pydantic import field_validator
 
-_DOMAIN = re.compile(r"^[A-Za-z0-9._-]+$")
+from expertpool.model import storage
+from expertpool.platform.config_base import (DOMAIN, K8S_NAME, ActorResources, Closed, ConfigError, ConfigProblem,
+                                             check_location, divisor_message, rule_error)
+
+DEFAULT_STORAGE = "~/expertpool/runs"  # where relative output_dir go when train.storage_path is unset
 _SUFFIX_FORMAT = {".jsonl": "jsonl", ".parquet": "parquet", ".pq": "parquet"}
 
 
@@ -71,8 +73,9 @@ class EsftConfig(Closed):
 
 
 class TrainJobConfig(Closed):
-    base_model: str | None = Field(None, description="Checkpoint directory to fine-tune. None = the embedded tiny "
-                                   "model.")
+    base_model: str | None = Field(None, description="Checkpoint to fine-tune: any location model.path accepts "
+                                   "(directory, Hugging Face repo id, s3:// / gs://); each worker fetches only the "
+                                   "dense shards and those of its experts. None = the embedded tiny model.")
     dataset: DatasetConfig = Field(description="Training data.")
     mode: Literal["esft", "full"] = Field("esft", description="`esft`: train only the routed experts relevant to the "
                                           "data (everything else frozen); `full`: train all weights.")
@@ -102,7 +105,11 @@ class TrainJobConfig(Closed):
     router_bias_rate: float = Field(0.0, ge=0, description="Aux-loss-free router bias update speed (gamma). "
                                     "0 = routing frozen, as in ESFT.")
     checkpoint_every: int = Field(100, ge=0, description="Steps between checkpoints; 0 = only at the end.")
-    output_dir: str | None = Field(None, description="Where checkpoints and the result go. None = out/<job name>.")
+    output_dir: str | None = Field(None, description="Where the run's checkpoints (Ray Train storage_path), "
+                                   "train_log.jsonl, summary.json and result (patch/ or model/) go: an absolute path "
+                                   "every train node reaches, an s3:// or gs:// URI, or a path relative to "
+                                   "train.storage_path (never the job's working directory, a temporary copy). "
+                                   "None = the job name.")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint before the job "
                               "fails (Ray Train FailureConfig.max_failures; -1 = unlimited).")
     publish_to: str | None = Field(None, description="Serving app (serving.app_name) to hot-swap the result into at "
@@ -117,8 +124,23 @@ class TrainJobConfig(Closed):
         return ConfigError([ConfigProblem(f"train.jobs.{self._name}.{field}" if self._name else field, message)],
                            self._source)
 
+    @field_validator("base_model", "output_dir")
+    @classmethod
+    def _location(cls, v: str | None) -> str | None:
+        return check_location(v)
+
     @model_validator(mode="after")
     def _check(self) -> TrainJobConfig:
+        if self.output_dir is not None and storage.parse(self.output_dir).kind == "hf":
+            raise rule_error("output_dir", f"'{self.output_dir}' reads as a Hugging Face repo, and outputs cannot go "
+                             "there", "use a local path (./runs/x for a relative one), s3:// or gs://")
+        gpu = self.worker_resources.gpu
+        if gpu and (gpu != int(gpu) or (self.workers > 1 and gpu != 1)):
+            raise rule_error("worker_resources.gpu", f"({gpu}) is not one whole GPU per worker; NCCL runs one rank "
+                             "per GPU", "set worker_resources.gpu to 1 (or 0 for CPU training)")
+        if gpu and self.worker_resources.gpu_memory_gb is None:
+            raise rule_error("worker_resources.gpu_memory_gb", "is unset, so the job's memory plan cannot be checked "
+                             "before it starts", "set it to the memory of one GPU in GiB (80 for an H100 80GB)")
         if self.warmup_steps > self.steps:
             raise rule_error("warmup_steps", f"({self.warmup_steps}) exceeds steps ({self.steps})",
                         f"set warmup_steps to at most {self.steps}")
@@ -129,7 +151,7 @@ class TrainJobConfig(Closed):
         if self.min_workers is not None and self.min_workers > self.workers:
             raise rule_error("min_workers", f"({self.min_workers}) exceeds workers ({self.workers}), the most workers",
                         f"set min_workers to at most {self.workers}, or raise workers")
-        if self.domain is not None and not _DOMAIN.match(self.domain):
+        if self.domain is not None and not DOMAIN.match(self.domain):
             raise rule_error("domain", f"'{self.domain}' has characters outside [A-Za-z0-9._-]",
                         "set domain to a short name such as 'law' or 'math-v2'")
         return self
@@ -197,9 +219,31 @@ def _detect_field(path: Path, fmt: str, error: Callable[[str, str], ConfigError]
 
 
 class TrainConfig(Closed):
+    storage_path: str | None = Field(None, description="Where relative output_dir resolve: a directory the train "
+                                     "nodes share, or an s3:// or gs:// URI. None = ~/expertpool/runs on the node "
+                                     "that runs the job's driver (the head node under `ray job submit`).")
     jobs: dict[str, TrainJobConfig] = Field(default_factory=dict, description="Fine-tuning jobs by name; run one "
                                             "with `python -m expertpool.jobs.finetune --config cluster.yaml "
                                             "--job NAME`.")
+
+    def output_location(self, job_name: str) -> str:
+        """The job's output_dir as an absolute path or a URI: a relative one goes under storage_path
+        (default ``DEFAULT_STORAGE``, ``~`` expanded here, on the node that runs the driver)."""
+        out = self.jobs[job_name].output_dir
+        loc = storage.parse(out)
+        if loc.remote or Path(out).expanduser().is_absolute():
+            return out if loc.remote else str(Path(out).expanduser())
+        root = storage.parse(self.storage_path or DEFAULT_STORAGE)
+        return root.join(out) if root.remote else str(Path(root.path).expanduser() / out)
+
+    @field_validator("storage_path")
+    @classmethod
+    def _location(cls, v: str | None) -> str | None:
+        v = check_location(v)
+        if v is not None and storage.parse(v).kind == "hf":
+            raise rule_error("", f"'{v}' reads as a Hugging Face repo, and outputs cannot go there",
+                             "use an absolute path, s3:// or gs://")
+        return v
 
     @model_validator(mode="after")
     def _derive(self) -> TrainConfig:
@@ -209,7 +253,7 @@ class TrainConfig(Closed):
                             "use lowercase letters, digits and '-' (at most 40 characters), e.g. 'law-esft'")
             job._name = name
             if job.output_dir is None:
-                job.output_dir = f"out/{name}"
+                job.output_dir = name
             if job.domain is None:
                 job.domain = name
         return self

@@ -315,9 +315,11 @@ class ExpertWorker:
 
     def load(self, spec: WorkerSpec) -> dict[str, Any]:
         """Load the dense weights, this rank's experts and the KV cache; returns where it runs and what
-        it holds (rank, pid, node, device, expert ids)."""
+        it holds (rank, pid, node, device, expert ids). ``spec.model_dir`` is any checkpoint location
+        (``model.storage``): a remote one is fetched here, only the dense shards and this rank's."""
         from expertpool.model.args import ModelArgs
         from expertpool.model.dispatch import owned_experts
+        from expertpool.model.storage import resolve_model
 
         torch.set_num_threads(max(1, spec.threads))
         use_cuda = torch.cuda.is_available() and spec.backend != "gloo"
@@ -328,13 +330,17 @@ class ExpertWorker:
         self.backend = ("nccl" if use_cuda else "gloo") if spec.backend == "auto" else spec.backend
         self.spec = spec
         t0 = time.time()
-        n_experts = ModelArgs.from_dir(spec.model_dir).n_routed_experts
+        n_experts = ModelArgs.from_dir(resolve_model(spec.model_dir, weights=False)).n_routed_experts
         self.n_experts = n_experts
         self.experts = owned_experts(self.rank, self.world, n_experts)
-        model = load_model(spec.model_dir, spec.dtype, spec.weight_dtype, self.experts, self.device,
-                           with_mtp=spec.spec_tokens > 0)
+        with_mtp = spec.spec_tokens > 0  # the MTP module drafts for speculative decoding
+        self.model_dir = str(resolve_model(spec.model_dir, experts=self.experts, with_mtp=with_mtp))
+        model = load_model(self.model_dir, spec.dtype, spec.weight_dtype, self.experts, self.device,
+                           with_mtp=with_mtp)
         from expertpool.model.tokenizer import Tokenizer
-        tokenizer = Tokenizer.from_dir(spec.tokenizer_dir or spec.model_dir)
+        # the tokenizer files came with the fetched checkpoint; a separate location: its small files only
+        tokenizer = Tokenizer.from_dir(resolve_model(spec.tokenizer_dir, weights=False) if spec.tokenizer_dir
+                                       else self.model_dir)
         self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device, tokenizer, spec.spec_tokens)
         log.info("worker %d/%d loaded experts %d..%d on %s in %.1fs", self.rank, self.world, self.experts[0],
                  self.experts[-1], self.device, time.time() - t0)
@@ -380,7 +386,7 @@ class ExpertWorker:
         return self.runner.expert_load()
 
     def load_patch(self, patch_dir: str) -> int:
-        return self.runner.load_patch(patch_dir, self.spec.model_dir)
+        return self.runner.load_patch(patch_dir, self.model_dir)  # this actor's copy of the base
 
     @ray.method(concurrency_group=CONTROL)
     def ping(self) -> int:

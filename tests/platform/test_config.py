@@ -12,6 +12,7 @@ import yaml
 
 import expertpool  # noqa: F401  (imported before ray: guards the `platform` stdlib-name shadowing)
 from expertpool.platform.config import (
+    SERVE_SECTIONS,
     API_KEY_ENV,
     DEPLOYMENT_NAME,
     ClusterConfig,
@@ -63,7 +64,9 @@ def test_shipped_cluster_yaml_loads_without_ray():
     demo = cfg.get_job("demo")
     assert demo.mode == "esft" and demo.base_model is None
     assert demo.dataset.path == "data/demo_domain.jsonl" and demo.dataset.format == "jsonl"
-    assert demo.output_dir.startswith("out/") and demo.publish_to == cfg.serving.app_name
+    assert demo.output_dir == "demo" and demo.publish_to == cfg.serving.app_name
+    # relative output_dir go under train.storage_path, by default a directory that outlives the job
+    assert cfg.train.output_location("demo") == str(Path.home() / "expertpool" / "runs" / "demo")
     assert demo.esft.p == 0.2  # derived from scoring=token
 
 
@@ -334,7 +337,11 @@ def test_serve_config_validates_against_ray_schema(shipped):
     assert app.deployments[0].name == DEPLOYMENT_NAME
     assert app.deployments[0].autoscaling_config["max_replicas"] == 2
     assert (schema.http_options.host, schema.http_options.port) == ("127.0.0.1", 8000)
-    assert parse_config(app.args["config"]) == cfg  # build_app can rebuild the config from args
+    # build_app rebuilds what a replica reads from args: model, pool and serving, the patches apart
+    rebuilt = parse_config(app.args["config"])
+    assert rebuilt.model_dump(include=set(SERVE_SECTIONS)) == cfg.model_dump(include=set(SERVE_SECTIONS))
+    assert set(app.args["config"]) == set(SERVE_SECTIONS) and "patches" not in app.args["config"]["serving"]
+    assert app.deployments[0].user_config == {"patches": {}}
     # Ray's DeploymentSchema ignores unknown keys, so check ours are all real Ray field names
     assert set(serve_cfg["applications"][0]["deployments"][0]) <= set(DeploymentSchema.model_fields)
     assert set(serve_cfg["applications"][0]) <= set(ServeApplicationSchema.model_fields)
@@ -361,5 +368,56 @@ def test_derived_names(shipped):
     for key in ("output_dir", "domain", "publish_to"):
         job.pop(key)
     cfg = parse_config(_mutated(shipped, "train.jobs", {"law-esft": job}))
-    assert cfg.get_job("law-esft").output_dir == "out/law-esft" and cfg.get_job("law-esft").domain == "law-esft"
+    assert cfg.get_job("law-esft").output_dir == "law-esft" and cfg.get_job("law-esft").domain == "law-esft"
     assert re.fullmatch(r"[a-z0-9-]+", cfg.kubernetes.name)
+
+
+def test_serve_config_ignores_everything_but_model_pool_and_serving(shipped):
+    """Serve restarts every replica when an application's args change: a training job or a Kubernetes
+    setting must leave the Serve config byte-identical; a declared patch changes only user_config."""
+    base = yaml.safe_dump(parse_config(shipped).serve_config())
+    for path, value in (("train.jobs.demo.lr", 0.5), ("train.jobs.demo.steps", 7),
+                        ("kubernetes.image", "registry.example.com/x:1"), ("train.storage_path", "s3://b/runs")):
+        assert yaml.safe_dump(parse_config(_mutated(shipped, path, value)).serve_config()) == base, path
+    patched = parse_config(_mutated(shipped, "serving.patches", {"law": "s3://b/runs/law/patch"})).serve_config()
+    app, before = patched["applications"][0], parse_config(shipped).serve_config()["applications"][0]
+    assert app["args"] == before["args"] and app["import_path"] == before["import_path"]  # same code version
+    assert app["deployments"][0]["user_config"] == {"patches": {"law": "s3://b/runs/law/patch"}}
+
+
+@pytest.mark.parametrize("path,name", [("deepseek-ai/DeepSeek-V3", "DeepSeek-V3"),
+                                       ("deepseek-ai/DeepSeek-V3@v1.0", "DeepSeek-V3"),
+                                       ("s3://bucket/models/DeepSeek-V3/", "DeepSeek-V3"),
+                                       ("gs://bucket/m/v3", "v3"), ("/ckpt/tiny", "tiny")])
+def test_model_locations(shipped, path, name):
+    cfg = parse_config(_mutated(_mutated(shipped, "model.path", path), "train.jobs.demo.base_model", path))
+    assert cfg.model.name == name and cfg.model.tokenizer == path
+
+
+def test_bad_locations_and_outputs(shipped):
+    with pytest.raises(ConfigError, match=r"model\.path: 's3://' names no bucket"):
+        parse_config(_mutated(shipped, "model.path", "s3://"))
+    with pytest.raises(ConfigError, match=r"output_dir: 'org/name' reads as a Hugging Face repo"):
+        parse_config(_mutated(shipped, "train.jobs.demo.output_dir", "org/name"))
+    cfg = parse_config(_mutated(shipped, "train.storage_path", "s3://bucket/runs"))
+    assert cfg.train.output_location("demo") == "s3://bucket/runs/demo"
+    cfg = parse_config(_mutated(shipped, "train.jobs.demo.output_dir", "gs://b/x"))
+    assert cfg.train.output_location("demo") == "gs://b/x"
+    with pytest.raises(ConfigError, match=r"serving\.patches\.law school: has characters"):
+        parse_config(_mutated(shipped, "serving.patches", {"law school": "/p"}))
+
+
+def test_gpu_training_jobs_declare_one_whole_gpu_and_its_memory(shipped):
+    with pytest.raises(ConfigError, match=r"worker_resources\.gpu_memory_gb: is unset.*set it to the memory"):
+        parse_config(_mutated(shipped, "train.jobs.demo.worker_resources", {"cpu": 1, "gpu": 1}))
+    with pytest.raises(ConfigError, match=r"worker_resources\.gpu: \(0\.5\) is not one whole GPU per worker"):
+        parse_config(_mutated(shipped, "train.jobs.demo.worker_resources",
+                              {"cpu": 1, "gpu": 0.5, "gpu_memory_gb": 80}))
+    cfg = parse_config(_mutated(shipped, "train.jobs.demo.worker_resources", {"cpu": 1, "gpu": 1, "gpu_memory_gb": 80}))
+    assert cfg.get_job("demo").worker_resources.bundle() == {"CPU": 1, "GPU": 1}  # gpu_memory_gb is no Ray resource
+
+
+def test_pod_template_is_a_partial_pod_template(shipped):
+    with pytest.raises(ConfigError, match=r"kubernetes\.pod_template: has \['tolerations'\] at the top"):
+        parse_config(_mutated(shipped, "kubernetes.pod_template", {"tolerations": []}))
+    parse_config(_mutated(shipped, "kubernetes.pod_template", {"spec": {"tolerations": []}, "metadata": {}}))
