@@ -17,6 +17,15 @@ Parameters and optimizers.
 - ``esft`` mode trains only the selected experts (``jobs.esft``); everything else is frozen, so
   there is no dense optimizer and DeepSpeed is not used.
 
+Devices and precision. ``train_device`` picks the device: in Ray Train the one Ray Train gives the
+worker (``use_gpu`` follows ``worker_resources.gpu``, and Ray Train then forms an NCCL group, which
+the all-to-all and DeepSpeed use), in one process the first GPU when the job reserves GPUs; else the
+CPU, by the same code. On GPU the forward runs under bf16 autocast; the CPU keeps its fp32 path.
+ESFT loads the frozen weights in their stored format (FP8 stays FP8 and runs through the kernels'
+dispatch point, ``jobs.esft``; others in the compute dtype); only the selected experts get fp32
+master weights and AdamW state. Full fine-tuning trains everything, so it loads fp32 (FP8
+dequantized). ``platform.memory_plan`` checks before the start that this fits a worker's GPUs.
+
 Loss (fp32): masked next-token CE + ``mtp_loss_weight`` x masked MTP CE (token i+2) + the
 sequence-wise balance loss (``balance_loss_alpha``), each a global mean: a rank's CE is its summed
 token loss over the all-reduced token count, and its balance loss is its sequence mean weighted by

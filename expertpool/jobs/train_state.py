@@ -5,7 +5,8 @@ The whole checkpoint contract is here: the format, and the orchestration the tra
 Train hands an attempt a checkpoint). What it saves is a ``Trainables``: what this rank trains
 and the optimizers that step it.
 
-A checkpoint is one directory; every rank writes its files into its own temporary directory and
+Tensors are saved from CPU copies, so a checkpoint written on GPUs restores on any device. A
+checkpoint is one directory; every rank writes its files into its own temporary directory and
 reports it with ``ray.train.report``, and Ray merges them (registering it only once every rank has
 reported, so a rank dying mid-write leaves no half-written checkpoint), so every rank of a later
 attempt sees all of them. Nothing in it depends on the writer's world size:
@@ -123,9 +124,9 @@ def expert_rows_state(groups: list[ExpertRows], opt: torch.optim.Optimizer | Non
         for name, p in g.params().items():
             st = opt.state[p]
             for i, e in enumerate(g.ids):
-                out[_key(g.layer, e, name)] = p.detach()[i].clone()
+                out[_key(g.layer, e, name)] = p.detach()[i].cpu().clone()
                 for m in MOMENTS:
-                    out[_key(g.layer, e, f"{name}.{m}")] = st[m][i].clone()
+                    out[_key(g.layer, e, f"{name}.{m}")] = st[m][i].cpu().clone()
     return out
 
 
@@ -185,7 +186,7 @@ def dense_state(engine, named: list[tuple[str, nn.Parameter]]) -> dict[str, dict
             st = engine.optimizer.state[p]
             full = {"fp32": p.detach()} | {m: st[m] for m in MOMENTS}
         if i % world == rank:
-            out[name] = {k: v.detach().float().clone() for k, v in full.items()}
+            out[name] = {k: v.detach().float().cpu().clone() for k, v in full.items()}
     return out
 
 
@@ -286,7 +287,7 @@ def write_checkpoint(d: Path, step: int, t: Trainables, model: Transformer, job:
         torch.save({"adam_step": step, "selection": t.selection,
                     "expert_sched": next((x for x in scheds if x is not None), None),
                     "dense_sched": t.engine.lr_scheduler.state_dict() if t.engine is not None else None,
-                    "router_bias": {m.layer_id: m.gate.e_score_correction_bias.clone()
+                    "router_bias": {m.layer_id: m.gate.e_score_correction_bias.cpu().clone()
                                     for m in model.moe_layers()}}, d / "global.pt")
         write_state(d, step, world, job)
 

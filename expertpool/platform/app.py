@@ -131,6 +131,12 @@ class ExpertPoolServer:
         return {**self.engine.stats(), **self.patches.stats(), "replica_pid": os.getpid(),
                 "replica_id": self.replica_id}
 
+    async def load_patch(self, domain: str, patch_dir: str) -> str:
+        """Load a patch into THIS replica only (a handle call reaches one replica), outside the
+        declaration, so a restarted or added replica does not have it: for tests and debugging. To serve
+        a patch, declare it (serving.patches, ``expertpool publish``)."""
+        return await self.engine.load_patch(domain, patch_dir)
+
     async def __del__(self):
         """Serve calls this once the replica has drained (its in-flight requests finished, or
         serving.graceful_shutdown_timeout_s passed): stop the engine and its actor group."""

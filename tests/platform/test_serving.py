@@ -37,13 +37,14 @@ def tiny_dir():
 
 @pytest.fixture(scope="module")
 def served(ray_cluster, tiny_dir):
+    """Both apps deployed from their Serve configs, declaratively, as `expertpool serve` and `serve
+    deploy` do: `expertpool publish` edits a declarative app's user_config."""
     from ray import serve
 
-    from expertpool.platform.app import build_app_from_config
     from expertpool.platform.config import parse_config
+    from expertpool.platform.patches import apply_app
 
     port = _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     apps = {}
     for key, actors in ((2, 2), (4, 4), ("spec", 2)):  # "spec": MTP speculative decoding, 2 drafts per step
         name = f"ep{actors}" if key != "spec" else "spec2"
@@ -54,7 +55,7 @@ def served(ray_cluster, tiny_dir):
                         "kv_cache": {"block_size": 8, "num_blocks": 1024},
                         "api_key": API_KEY if actors == 4 else None,
                         "speculative": {"num_speculative_tokens": 2} if key == "spec" else None}})
-        serve.run(build_app_from_config(cfg), name=name, route_prefix=f"/{name}", blocking=False)
+        apply_app(cfg.serve_app_config(), http_options={"host": "127.0.0.1", "port": port})
         apps[key] = name
     deadline = time.time() + 240
     while time.time() < deadline:
@@ -360,6 +361,42 @@ def test_patch_hot_swap_serves_base_and_variant(served, tiny_dir, tmp_path):
                                   extra_body={"ignore_eos": True})
     assert r_var.choices[0].text == tok.decode(patched_ref)
     assert r_base.choices[0].text == tok.decode(base_ref)
+    # the declaration is the deployment's user_config: in the app's Serve config, not in an actor
+    from expertpool.platform.patches import declared_app
+    (dep,) = declared_app(served["apps"][2])["deployments"]
+    assert dep["user_config"] == {"patches": {"legal": str(patch_dir)}}
+
+
+def test_published_s3_patch_reaches_replicas_started_later(served, tiny_dir, tmp_path, s3):
+    """`expertpool publish --patch s3://...` against the loopback S3 server; a replica started after the
+    publish (here: the autoscaling floor raised to 2) loads the declared patch before it serves."""
+    from ray import serve
+
+    from expertpool.model.storage import upload_dir
+    from expertpool.platform.patches import apply_app, declared_app, publish
+
+    app = served["apps"][4]
+    s3.create_bucket("patches")
+    upload_dir(_make_patch(tiny_dir, tmp_path / "patch"), "s3://patches/legal-v1", last=["manifest.json"])
+    assert publish(app, "s3://patches/legal-v1", domain="law") == "expertpool-tiny:law"
+    config = declared_app(app)
+    (dep,) = config["deployments"]
+    assert dep["user_config"] == {"patches": {"law": "s3://patches/legal-v1"}}
+    dep["autoscaling_config"].update(min_replicas=2, max_replicas=2)
+    apply_app(config)  # a lightweight update: the running replica stays, a second one starts
+    handle = serve.get_deployment_handle("ExpertPool", app)
+    seen: dict[str, dict] = {}
+    deadline = time.time() + 300
+    while len(seen) < 2 and time.time() < deadline:
+        stats = handle.stats.remote().result(timeout_s=120)
+        seen[stats["replica_id"]] = stats["patches"]
+        time.sleep(0.2)
+    assert len(seen) == 2 and all(p == {"law": "expertpool-tiny:law"} for p in seen.values()), seen
+    r = served["client"][4].completions.create(model="expertpool-tiny:law", prompt="The contract", max_tokens=4,
+                                               temperature=0, extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 4
+    dep["autoscaling_config"].update(min_replicas=1, max_replicas=1)
+    apply_app(config)
 
 
 def test_autoscaling_adds_a_whole_expert_parallel_group(served):
