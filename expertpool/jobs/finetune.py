@@ -107,14 +107,12 @@ def _too_little_data(plan: TrainPlan, n_rows: int) -> JobError:
 
 
 def _fresh_outputs(plan: TrainPlan, resume: bool = False) -> None:
-    """A new run starts a new log; worker restarts within a run, and resumed runs, append to it. A
-    resumed run with a URI output_dir continues the log stored there."""
-    out = plan.local_output
-    out.mkdir(parents=True, exist_ok=True)
+    """A new run starts a new log; worker restarts within a run, and resumed runs, append to it (for
+    a URI output_dir, to the log stored there: rank 0 pulls it at its start)."""
+    if not plan.remote_output:
+        plan.local_output.mkdir(parents=True, exist_ok=True)
     for name in ("summary.json",) if resume else ("train_log.jsonl", "summary.json"):
-        (out / name).unlink(missing_ok=True)
-    if resume and plan.remote_output and storage.exists(plan.output("train_log.jsonl")):
-        (out / "train_log.jsonl").write_text(storage.read_text(plan.output("train_log.jsonl")))
+        storage.remove(plan.output(name))
 
 
 def resumable_run(runs: str, job_name: str) -> str | None:

@@ -11,7 +11,8 @@ Locations. ``base_model`` is a ``model.storage`` location: each worker resolves 
 only its share of a remote checkpoint (``base_dir``). ``output_dir`` is an absolute path or a URI,
 never relative: relative ones were put under ``train.storage_path`` by the driver. Rank 0 writes its
 files into ``local_output`` (``output_dir`` itself, or for a URI a staging directory in the local
-cache) and ``upload`` copies them to a URI output_dir.
+cache) and ``upload`` copies them to a URI output_dir (the step log after every step); ``pull`` brings
+the stored log back to a rank 0 that starts or restarts on any node.
 """
 
 from __future__ import annotations
@@ -74,6 +75,18 @@ class TrainPlan:
                 storage.upload_dir(path, self.output(name), last=["manifest.json", "config.json"])
             elif path.exists():
                 storage.write_text(self.output(name), path.read_text())
+
+    def pull(self, name: str) -> None:
+        """Make ``local_output/name`` the URI output_dir's copy (absent there: absent here), so a rank 0
+        on any node continues the stored file; nothing to do for a local output_dir."""
+        if not self.remote_output:
+            return
+        local = self.local_output / name
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if storage.exists(self.output(name)):
+            local.write_text(storage.read_text(self.output(name)))
+        else:
+            local.unlink(missing_ok=True)
 
     @property
     def ray_storage(self) -> str:

@@ -200,6 +200,8 @@ class Trainer:
                      str(self.compute_dtype).removeprefix("torch."),
                      f", {n_fp8} frozen FP8 linears through the FP8 kernels" if n_fp8 else "")
         self.out = plan.local_output
+        if self.rank == 0:
+            plan.pull("train_log.jsonl")  # a URI output_dir: continue the stored log, whichever node this is
         self.train_iterate = data.train_epochs(B)
         self.eval_rows = data.eval_rows()
         self.trainables: Trainables | None = None  # set up by run: setup_trainables, or restore
@@ -491,10 +493,9 @@ class Trainer:
                 with history_file.open("a") as fh:
                     fh.write(json.dumps({"step": step, "loss": loss, "tokens_per_s": tok_s, "data_fingerprint": fp,
                                          "world": self.world, "resumed_from": resumed_from}) + "\n")
+                self.plan.upload("train_log.jsonl")
             if self.in_ray and job.checkpoint_every and step % job.checkpoint_every == 0 and step < job.steps:
                 report_checkpoint(step, {"step": step, "loss": loss}, t, self.model, job)
-                if self.rank == 0:
-                    self.plan.upload("train_log.jsonl")
         self.model.eval()
         eval_final = self.evaluate()
         summary = {"step": job.steps, "mode": job.mode, "world": self.world, "train_loss_final": loss,
@@ -512,7 +513,7 @@ class Trainer:
         write_result(self.plan, self.base, self.model, t.selected, summary)
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-            self.plan.upload("train_log.jsonl", "summary.json")
+            self.plan.upload("summary.json")
         if self.in_ray:
             import ray.train
 

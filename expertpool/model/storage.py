@@ -411,6 +411,19 @@ def read_text(spec: str) -> str:
         raise StorageError(f"{loc}: cannot read it ({e})") from e
 
 
+def remove(spec: str) -> None:
+    """Delete one file if it exists."""
+    loc = parse(spec)
+    if loc.kind == "local":
+        Path(loc.path).expanduser().unlink(missing_ok=True)
+        return
+    from pyarrow import fs as pafs
+
+    fs, path = _writable(loc)
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
 def exists(spec: str) -> bool:
     loc = parse(spec)
     if loc.kind == "local":

@@ -46,7 +46,6 @@ import yaml
 from expertpool.model import storage
 from expertpool.platform.config import API_KEY_ENV, GIB, HF_TOKEN_KEY, ClusterConfig, ConfigError, ConfigProblem
 from expertpool.platform.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
-from expertpool.platform.train_config import DEFAULT_STORAGE
 
 API_VERSION = "ray.io/v1"
 POOL_GROUP = "pool"
@@ -279,11 +278,7 @@ def _mount_paths(cfg: ClusterConfig) -> list[str]:
 def _refuse_pod_local_output(cfg: ClusterConfig, job_name: str) -> None:
     """A RayJob's pods (and a RayCluster's, on restart) lose their files: the job's outputs must go to
     object storage, or to a volume mounted through kubernetes.pod_template."""
-    out, root = cfg.get_job(job_name).output_dir, cfg.train.storage_path
-    if storage.is_remote(out) or Path(out).is_absolute() or root is None:
-        location = out if storage.is_remote(out) or Path(out).is_absolute() else f"{DEFAULT_STORAGE}/{out}"
-    else:
-        location = storage.parse(root).join(out) if storage.is_remote(root) else str(Path(root) / out)
+    location = cfg.train.output_location(job_name, expand_home=False)  # `~` is the pod's home there
     if storage.is_remote(location) or any(location == m or location.startswith(m + "/") for m in _mount_paths(cfg)):
         return
     raise ConfigError([ConfigProblem(f"train.jobs.{job_name}.output_dir", f"'{location}' is inside the pod, and the "

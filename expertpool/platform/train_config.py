@@ -226,15 +226,17 @@ class TrainConfig(Closed):
                                             "with `python -m expertpool.jobs.finetune --config cluster.yaml "
                                             "--job NAME`.")
 
-    def output_location(self, job_name: str) -> str:
+    def output_location(self, job_name: str, *, expand_home: bool = True) -> str:
         """The job's output_dir as an absolute path or a URI: a relative one goes under storage_path
-        (default ``DEFAULT_STORAGE``, ``~`` expanded here, on the node that runs the driver)."""
+        (default ``DEFAULT_STORAGE``). ``~`` is expanded here, on the node that runs the driver, unless
+        ``expand_home`` is False (where it will expand elsewhere, say in a pod)."""
         out = self.jobs[job_name].output_dir
         loc = storage.parse(out)
+        home = (lambda p: p.expanduser()) if expand_home else (lambda p: p)
         if loc.remote or Path(out).expanduser().is_absolute():
-            return out if loc.remote else str(Path(out).expanduser())
+            return out if loc.remote else str(home(Path(out)))
         root = storage.parse(self.storage_path or DEFAULT_STORAGE)
-        return root.join(out) if root.remote else str(Path(root.path).expanduser() / out)
+        return root.join(out) if root.remote else str(home(Path(root.path)) / out)
 
     @field_validator("storage_path")
     @classmethod

@@ -62,7 +62,7 @@ checkpoint_every: 0
     # every dense tensor and every non-selected expert row is bit-identical to the base,
     # with weight decay on (AdamW would move any row it held)
     assert s["frozen_changed"] == 0
-    chosen = json.loads((config.output_dir / "esft_experts.json").read_text())["layers"]
+    chosen = json.loads((config.local_output / "esft_experts.json").read_text())["layers"]
     patch = read_patch(s["output"], base_model_dir=tiny_dir)
     assert patch.expert_ids == {int(k): v["experts"] for k, v in chosen.items()}
     assert 0 < patch.num_experts < 2 * 256

@@ -25,47 +25,33 @@ def fp8_mini(tmp_path_factory):
     return init_model("bench-mini", tmp_path_factory.mktemp("gpu") / "mini-fp8", fp8=True, seed=0)
 
 
-def test_esft_in_one_process_on_one_gpu(fp8_mini, tmp_path):
-    plan = job_config(tmp_path, fp8_mini, GPU_JOB + """
-workers: 1
-batch_size: 2
-mode: esft
-esft: {score_tokens: 512}
-lr: 1.0e-3
-steps: 2
-""")
-    s = finetune.run_local(plan, [FrozenCheck(), Formats()])
-    assert s["device"] == "cuda:0" and s["weights_on"] == "cuda" and s["backend"] == "nccl"
+ESFT = "mode: esft\nesft: {score_tokens: 512}\nlr: 1.0e-3\n"
+
+
+def _esft_on_fp8_gpus(s: dict) -> None:
     assert s["stacked_dtype"] == "torch.float8_e4m3fn" and s["trainable_dtypes"] == ["torch.float32"]
     assert s["frozen_changed"] == 0 and math.isfinite(s["train_loss_final"])
+
+
+def test_esft_in_one_process_on_one_gpu(fp8_mini, tmp_path):
+    plan = job_config(tmp_path, fp8_mini, GPU_JOB + ESFT + "workers: 1\nbatch_size: 2\nsteps: 2\n")
+    s = finetune.run_local(plan, [FrozenCheck(), Formats()])
+    assert s["device"] == "cuda:0" and s["weights_on"] == "cuda" and s["backend"] == "nccl"
+    _esft_on_fp8_gpus(s)
 
 
 @two_gpus
 def test_esft_step_on_two_ranks_over_nccl(ray_cluster, fp8_mini, tmp_path):
-    plan = job_config(tmp_path, fp8_mini, GPU_JOB + """
-workers: 2
-batch_size: 2
-mode: esft
-esft: {score_tokens: 512}
-lr: 1.0e-3
-steps: 1
-""")
+    plan = job_config(tmp_path, fp8_mini, GPU_JOB + ESFT + "workers: 2\nbatch_size: 2\nsteps: 1\n")
     s = finetune.run_ray(plan, hooks=[FrozenCheck(), Formats()])
     assert s["world"] == 2 and s["backend"] == "nccl" and s["device"].startswith("cuda")
-    assert s["stacked_dtype"] == "torch.float8_e4m3fn" and s["trainable_dtypes"] == ["torch.float32"]
-    assert s["frozen_changed"] == 0 and math.isfinite(s["train_loss_final"])
+    _esft_on_fp8_gpus(s)
 
 
 @two_gpus
 def test_full_step_on_two_ranks_deepspeed_on_cuda(ray_cluster, tiny_dir, tmp_path):
-    plan = job_config(tmp_path, tiny_dir, GPU_JOB + """
-workers: 2
-batch_size: 2
-mode: full
-zero_stage: 1
-lr: 1.0e-3
-steps: 1
-""")
+    plan = job_config(tmp_path, tiny_dir, GPU_JOB + "workers: 2\nbatch_size: 2\nmode: full\nzero_stage: 1\n"
+                      "lr: 1.0e-3\nsteps: 1\n")
     s = finetune.run_ray(plan, hooks=[Formats()])
     assert s["world"] == 2 and s["backend"] == "nccl" and s["deepspeed_accelerator"] == "cuda"
     assert s["dense_replicas_agree"] and math.isfinite(s["train_loss_final"])
