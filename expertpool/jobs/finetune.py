@@ -119,7 +119,7 @@ def resumable_run(runs: str, job_name: str) -> str | None:
     """The name of the newest Ray Train run of ``job_name`` under ``runs`` (a path or URI) that registered
     a checkpoint (Ray Train keeps ``checkpoint_manager_snapshot.json`` in the run directory), or None."""
     run = re.compile(rf"{re.escape(job_name)}-\d{{8}}-\d{{6}}")  # the names run_ray gives (not job 'a-b' for 'a')
-    root = storage.parse(runs)
+    root = storage.parse(runs, hub=False)
     found = []
     for name, (is_dir, _) in storage.listdir(runs).items():
         if is_dir and run.fullmatch(name):

@@ -51,7 +51,7 @@ class TrainPlan:
 
     @property
     def remote_output(self) -> bool:
-        return storage.is_remote(self.output_dir)
+        return storage.is_remote(self.output_dir, hub=False)
 
     @property
     def local_output(self) -> Path:
@@ -62,7 +62,7 @@ class TrainPlan:
 
     def output(self, name: str) -> str:
         """The location of ``name`` in output_dir."""
-        return storage.parse(self.output_dir).join(name)
+        return storage.parse(self.output_dir, hub=False).join(name)
 
     def upload(self, *names: str) -> None:
         """Copy files (or directories, with manifest.json last) of ``local_output`` to a URI output_dir;

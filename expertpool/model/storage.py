@@ -95,21 +95,27 @@ class Location:
         return "/".join([self.path, *parts])
 
 
-def parse(spec: str | os.PathLike) -> Location:
-    """Classify a location spec (see the module docstring)."""
+def check(spec: str | os.PathLike) -> None:
+    """Raise StorageError for a spec no location can have (a URI without a bucket, a malformed
+    ``hf://``); reads no file system (config validation runs it)."""
+    s = str(spec)
+    if s.startswith(OBJECT_SCHEMES) and not s.split("://", 1)[1].strip("/"):
+        raise StorageError(f"'{s}' names no bucket; write it as {s.split('://')[0]}://BUCKET/PREFIX")
+    if s.startswith(HF_SCHEME) and not _HF_ID.match(s[len(HF_SCHEME):]):
+        raise StorageError(f"'{s}' is not a Hugging Face repo id; write it as hf://ORG/NAME or hf://ORG/NAME@REVISION")
+
+
+def parse(spec: str | os.PathLike, *, hub: bool = True) -> Location:
+    """Classify a location spec (see the module docstring); ``org/name`` is a local path if it exists.
+    ``hub=False`` (outputs and patches, never read from the hub): ``org/name`` is always a path."""
+    check(spec)
     s = str(spec)
     if s.startswith(OBJECT_SCHEMES):
-        bucket_and_key = s.split("://", 1)[1].strip("/")
-        if not bucket_and_key:
-            raise StorageError(f"'{s}' names no bucket; write it as {s.split('://')[0]}://BUCKET/PREFIX")
-        return Location(s[:2], f"{s[:2]}://{bucket_and_key}")
+        return Location(s[:2], f"{s[:2]}://{s.split('://', 1)[1].strip('/')}")
     if s.startswith(HF_SCHEME):
-        repo = s[len(HF_SCHEME):]
-        if not _HF_ID.match(repo):
-            raise StorageError(f"'{s}' is not a Hugging Face repo id; write it as hf://ORG/NAME or "
-                               "hf://ORG/NAME@REVISION")
-        return _hf(repo)
-    if s.startswith(("/", "./", "../", "~")) or Path(s).expanduser().exists() or not _HF_ID.match(s):
+        return _hf(s[len(HF_SCHEME):])
+    if (not hub or s.startswith(("/", "./", "../", "~")) or Path(s).expanduser().exists()
+            or not _HF_ID.match(s)):
         return Location("local", s)
     return _hf(s)
 
@@ -119,14 +125,17 @@ def _hf(repo: str) -> Location:
     return Location("hf", name, rev or None)
 
 
-def is_remote(spec: str | os.PathLike | None) -> bool:
-    return spec is not None and parse(spec).remote
+def is_remote(spec: str | os.PathLike | None, *, hub: bool = True) -> bool:
+    return spec is not None and parse(spec, hub=hub).remote
 
 
 def basename(spec: str) -> str:
-    """The last path component (a model id default): ``deepseek-ai/DeepSeek-V3@main`` -> ``DeepSeek-V3``."""
-    loc = parse(spec)
-    return loc.path.rstrip("/\\").rsplit("/", 1)[-1] if loc.remote else Path(loc.path.rstrip("/\\")).name
+    """The last path component (a model id default): ``deepseek-ai/DeepSeek-V3@main`` -> ``DeepSeek-V3``.
+    Reads no file system: a repo id and a local path of that name give the same."""
+    s = str(spec).split("://", 1)[-1].rstrip("/\\")
+    if str(spec).startswith(HF_SCHEME) or _HF_ID.match(s):
+        s = s.partition("@")[0]
+    return s.replace("\\", "/").rsplit("/", 1)[-1]
 
 
 # ---------------------------------------------------------------------------------------------- selection
@@ -342,7 +351,7 @@ def resolve_model(spec: str | os.PathLike, *, experts: Iterable[int] | None = No
 def fetch_dir(spec: str | os.PathLike) -> Path:
     """A local copy of a small directory (a patch) at ``spec``; a local spec is returned as is. Files
     already fetched and unchanged remotely are not fetched again."""
-    loc = parse(spec)
+    loc = parse(spec, hub=False)
     if loc.kind == "local":
         return Path(loc.path).expanduser()
     if loc.kind == "hf":
@@ -361,7 +370,7 @@ def upload_dir(local: str | os.PathLike, spec: str, *, last: Iterable[str] = ())
     go last. A local spec gets a plain copy. Returns ``spec``."""
     local = Path(local)
     files = sorted((p for p in local.iterdir() if p.is_file()), key=lambda p: (p.name in set(last), p.name))
-    loc = parse(spec)
+    loc = parse(spec, hub=False)
     if loc.kind == "local":
         dest = Path(loc.path).expanduser()
         dest.mkdir(parents=True, exist_ok=True)
@@ -388,7 +397,7 @@ def _writable(loc: Location):
 
 
 def write_text(spec: str, text: str) -> None:
-    loc = parse(spec)
+    loc = parse(spec, hub=False)
     if loc.kind == "local":
         path = Path(loc.path).expanduser()
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -400,7 +409,7 @@ def write_text(spec: str, text: str) -> None:
 
 
 def read_text(spec: str) -> str:
-    loc = parse(spec)
+    loc = parse(spec, hub=False)
     if loc.kind == "local":
         return Path(loc.path).expanduser().read_text()
     fs, path = _writable(loc)
@@ -413,7 +422,7 @@ def read_text(spec: str) -> str:
 
 def remove(spec: str) -> None:
     """Delete one file if it exists."""
-    loc = parse(spec)
+    loc = parse(spec, hub=False)
     if loc.kind == "local":
         Path(loc.path).expanduser().unlink(missing_ok=True)
         return
@@ -425,7 +434,7 @@ def remove(spec: str) -> None:
 
 
 def exists(spec: str) -> bool:
-    loc = parse(spec)
+    loc = parse(spec, hub=False)
     if loc.kind == "local":
         return Path(loc.path).expanduser().exists()
     from pyarrow import fs as pafs
@@ -437,7 +446,7 @@ def exists(spec: str) -> bool:
 def listdir(spec: str) -> dict[str, tuple[bool, int]]:
     """The entries directly under ``spec``: name -> (is a directory, modification time in ns); {} if
     it does not exist."""
-    loc = parse(spec)
+    loc = parse(spec, hub=False)
     if loc.kind == "local":
         path = Path(loc.path).expanduser()
         return {p.name: (p.is_dir(), p.stat().st_mtime_ns) for p in path.iterdir()} if path.is_dir() else {}

@@ -311,7 +311,7 @@ class ServingConfig(Closed):
                 raise rule_error(domain, "has characters outside [A-Za-z0-9._-]",
                                  "name the domain with letters, digits, '.', '_' or '-'")
             try:
-                storage.parse(where)
+                storage.check(where)
             except storage.StorageError as e:
                 raise rule_error(domain, str(e), "point it at a patch directory") from None
         return v

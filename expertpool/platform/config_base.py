@@ -113,7 +113,7 @@ def check_location(v: str | None) -> str | None:
 
     if v is not None:
         try:
-            storage.parse(v)
+            storage.check(v)  # syntax only: where a relative `org/name` lives is decided where it is read
         except storage.StorageError as e:
             raise rule_error("", str(e), "fix the location") from None
     return v

@@ -279,7 +279,8 @@ def _refuse_pod_local_output(cfg: ClusterConfig, job_name: str) -> None:
     """A RayJob's pods (and a RayCluster's, on restart) lose their files: the job's outputs must go to
     object storage, or to a volume mounted through kubernetes.pod_template."""
     location = cfg.train.output_location(job_name, expand_home=False)  # `~` is the pod's home there
-    if storage.is_remote(location) or any(location == m or location.startswith(m + "/") for m in _mount_paths(cfg)):
+    mounted = any(location == m or location.startswith(m + "/") for m in _mount_paths(cfg))
+    if mounted or storage.is_remote(location, hub=False):
         return
     raise ConfigError([ConfigProblem(f"train.jobs.{job_name}.output_dir", f"'{location}' is inside the pod, and the "
                                      "RayJob's cluster is deleted after the job (a head restart loses it too); set "

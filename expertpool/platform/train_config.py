@@ -131,9 +131,9 @@ class TrainJobConfig(Closed):
 
     @model_validator(mode="after")
     def _check(self) -> TrainJobConfig:
-        if self.output_dir is not None and storage.parse(self.output_dir).kind == "hf":
-            raise rule_error("output_dir", f"'{self.output_dir}' reads as a Hugging Face repo, and outputs cannot go "
-                             "there", "use a local path (./runs/x for a relative one), s3:// or gs://")
+        if self.output_dir is not None and self.output_dir.startswith(storage.HF_SCHEME):
+            raise rule_error("output_dir", f"'{self.output_dir}' is a Hugging Face repo, and outputs cannot go there",
+                             "use a path, s3:// or gs://")
         gpu = self.worker_resources.gpu
         if gpu and (gpu != int(gpu) or (self.workers > 1 and gpu != 1)):
             raise rule_error("worker_resources.gpu", f"({gpu}) is not one whole GPU per worker; NCCL runs one rank "
@@ -231,19 +231,19 @@ class TrainConfig(Closed):
         (default ``DEFAULT_STORAGE``). ``~`` is expanded here, on the node that runs the driver, unless
         ``expand_home`` is False (where it will expand elsewhere, say in a pod)."""
         out = self.jobs[job_name].output_dir
-        loc = storage.parse(out)
+        loc = storage.parse(out, hub=False)
         home = (lambda p: p.expanduser()) if expand_home else (lambda p: p)
         if loc.remote or Path(out).expanduser().is_absolute():
             return out if loc.remote else str(home(Path(out)))
-        root = storage.parse(self.storage_path or DEFAULT_STORAGE)
+        root = storage.parse(self.storage_path or DEFAULT_STORAGE, hub=False)
         return root.join(out) if root.remote else str(home(Path(root.path)) / out)
 
     @field_validator("storage_path")
     @classmethod
     def _location(cls, v: str | None) -> str | None:
         v = check_location(v)
-        if v is not None and storage.parse(v).kind == "hf":
-            raise rule_error("", f"'{v}' reads as a Hugging Face repo, and outputs cannot go there",
+        if v is not None and v.startswith(storage.HF_SCHEME):
+            raise rule_error("", f"'{v}' is a Hugging Face repo, and outputs cannot go there",
                              "use an absolute path, s3:// or gs://")
         return v
 

@@ -397,8 +397,11 @@ def test_model_locations(shipped, path, name):
 def test_bad_locations_and_outputs(shipped):
     with pytest.raises(ConfigError, match=r"model\.path: 's3://' names no bucket"):
         parse_config(_mutated(shipped, "model.path", "s3://"))
-    with pytest.raises(ConfigError, match=r"output_dir: 'org/name' reads as a Hugging Face repo"):
-        parse_config(_mutated(shipped, "train.jobs.demo.output_dir", "org/name"))
+    with pytest.raises(ConfigError, match=r"output_dir: 'hf://org/name' is a Hugging Face repo"):
+        parse_config(_mutated(shipped, "train.jobs.demo.output_dir", "hf://org/name"))
+    # outputs are never read from the hub: a relative `team/law` is a path under train.storage_path
+    cfg = parse_config(_mutated(shipped, "train.jobs.demo.output_dir", "team/law"))
+    assert cfg.train.output_location("demo") == str(Path.home() / "expertpool" / "runs" / "team" / "law")
     cfg = parse_config(_mutated(shipped, "train.storage_path", "s3://bucket/runs"))
     assert cfg.train.output_location("demo") == "s3://bucket/runs/demo"
     cfg = parse_config(_mutated(shipped, "train.jobs.demo.output_dir", "gs://b/x"))
