@@ -4,6 +4,8 @@ FakeTokenizer: ids 0-2 are <pad>, <s>, </s>; ids 3..258 are the 256 bytes; a few
 (" world", "Hello") follow. Decoding is UTF-8 with replacement, so a character split across tokens
 decodes to U+FFFD until its last byte arrives, as with real byte-level BPE.
 
+FakeEngine counts a prompt it has seen before as a prefix-cache hit of all but its last token (the
+real engine's rule), so the prefix-cache metrics have something to export.
 FakeEngine replies with REPLY (or, when the prompt contains "ECHO", the decoded prompt) one token
 per step, then EOS ("stop"), honouring max_tokens, stop_token_ids, ignore_eos and max_seq_len.
 Prompt keywords: "OVERLOAD" raises the engine's EngineOverloaded before the first event, "SLOW" sleeps 0.2 s per
@@ -115,6 +117,8 @@ class FakeEngine:
         self.running = 0
         self.expert_tokens = [0] * 8
         self.steps = 0
+        self.seen_prompts: set[tuple[int, ...]] = set()  # a prefix cache of whole prompts
+        self.prefix_queries = self.prefix_hits = 0
         self.calls: list[tuple[str, list[int], object, str | None]] = []
         self.closed_early: list[str] = []
         self.aborted: list[str] = []
@@ -138,6 +142,10 @@ class FakeEngine:
         reply = self.tok.encode(prompt_text if "ECHO" in prompt_text else REPLY, add_bos=False)
         delay = 0.2 if "SLOW" in prompt_text else self.step_s
         n_prompt = len(prompt_token_ids)
+        self.prefix_queries += n_prompt
+        if tuple(prompt_token_ids) in self.seen_prompts:  # all but the last token, as the real engine
+            self.prefix_hits += n_prompt - 1
+        self.seen_prompts.add(tuple(prompt_token_ids))
         if n_prompt + params.max_tokens > self.max_seq_len:  # the HTTP layer must clamp max_tokens
             raise ValueError(f"prompt {n_prompt} + max_tokens {params.max_tokens} > max_seq_len {self.max_seq_len}")
         limit = params.max_tokens
@@ -191,7 +199,8 @@ class FakeEngine:
     def stats(self) -> dict:
         return {"running": self.running, "waiting": 0, "kv_blocks_used": self.running, "kv_blocks_total": 64,
                 "kv_usage": self.running / 64, "expert_tokens": list(self.expert_tokens), "steps": self.steps,
-                "max_batch_seen": 1}
+                "max_batch_seen": 1, "prefix_cache_queries": self.prefix_queries,
+                "prefix_cache_hits": self.prefix_hits}
 
     async def check_health(self) -> None:
         if self.unhealthy_path and os.path.exists(self.unhealthy_path):
