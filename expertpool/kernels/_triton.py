@@ -10,8 +10,10 @@ decides compile-or-interpret for its own ``tl.max``/``tl.cdiv``... at import tim
 interpreter tests run in a subprocess (``tests/kernels/test_kernels_interpreter.py``).
 """
 
+import contextlib
 import functools
 import os
+from contextvars import ContextVar
 
 
 @functools.cache
@@ -27,3 +29,26 @@ def triton_import_error() -> str | None:
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (CPU tensors are then accepted)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# An observer of Triton launches (``counting.OpCounter``): a callable kernel -> context manager wrapped
+# around each launch. A ContextVar, so it is scoped to the counting block and costs one lookup otherwise.
+_launch_observer: ContextVar = ContextVar("expertpool_launch_observer", default=None)
+
+
+@contextlib.contextmanager
+def observe_launches(observer):
+    token = _launch_observer.set(observer)
+    try:
+        yield
+    finally:
+        _launch_observer.reset(token)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``: every Triton launch of ``expertpool.kernels`` goes through here."""
+    observer = _launch_observer.get()
+    if observer is None:
+        return kernel[grid](*args, **kwargs)
+    with observer(kernel):
+        return kernel[grid](*args, **kwargs)

@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from expertpool.kernels import tuned
+from expertpool.kernels._triton import launch
 from expertpool.kernels.fp8_gemm import check_block_config
 from expertpool.kernels.quant import SUPPORTED_FLOAT_INPUTS, act_quant, row_major
 from expertpool.kernels.reference import BLOCK_SIZE
@@ -185,8 +186,9 @@ def _validate(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w
 
 
 def fused_moe(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale,
-              config: dict | None = None) -> torch.Tensor:
-    """Grouped FP8 SwiGLU experts for all local experts in a constant number of launches."""
+              config: dict | None = None, scale_fmt: str | None = None) -> torch.Tensor:
+    """Grouped FP8 SwiGLU experts for all local experts in a constant number of launches.
+    ``scale_fmt``: the activation scale format (x and h), e.g. the checkpoint's "ue8m0"."""
     t, d, e, f = _validate(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF,
                            w2_scale)
     top_k = topk_ids_TK.shape[1]
@@ -196,30 +198,32 @@ def fused_moe(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w
     cfg = config or tuned.get_config("fused_moe", tuned.moe_shape_key(e, f, d), t, x_TD.device)
     check_block_config(cfg)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_SIZE, TOP_K=top_k,
-                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_SIZE, TOP_K=top_k,
+                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     f_pad = triton.cdiv(f, BLOCK_SIZE) * BLOCK_SIZE
 
     sorted_pair_P, block_expert_B, num_padded = moe_align_block_size(topk_ids_TK, e, bm)
     p_pad = sorted_pair_P.numel()
     num_blocks = block_expert_B.numel()
     topk_w_P = topk_weights_TK.reshape(-1).contiguous()
-    x_q_TD, x_s_TDb = act_quant(x_TD.contiguous())
+    x_q_TD, x_s_TDb = act_quant(x_TD.contiguous(), scale_fmt=scale_fmt)
 
     # Zeroed: rows past num_padded are never written (their programs exit), but act_quant reads
     # all P_pad rows (bounded by min(E, P) * BLOCK_M extra, the price of not syncing the host).
     h_PF = torch.zeros((p_pad, f_pad), dtype=x_TD.dtype, device=x_TD.device)
-    _fused_moe_kernel[(num_blocks, triton.cdiv(f_pad, bn))](
+    launch(
+        _fused_moe_kernel, (num_blocks, triton.cdiv(f_pad, bn)),
         x_q_TD, x_s_TDb, w13_E2FD, w13_scale, h_PF, sorted_pair_P, block_expert_B, num_padded,
         topk_w_P, f, d, f_pad, p, x_q_TD.stride(0), x_s_TDb.stride(0), w13_E2FD.stride(0),
         w13_E2FD.stride(1), w13_scale.stride(0), w13_scale.stride(1), h_PF.stride(0),
-        f, triton.cdiv(f, BLOCK_SIZE), GATED=True, **launch)
+        f, triton.cdiv(f, BLOCK_SIZE), GATED=True, **meta)
 
-    h_q_PF, h_s_PFb = act_quant(h_PF)
+    h_q_PF, h_s_PFb = act_quant(h_PF, scale_fmt=scale_fmt)
     out_PD = torch.zeros((p, d), dtype=x_TD.dtype, device=x_TD.device)
-    _fused_moe_kernel[(num_blocks, triton.cdiv(d, bn))](
+    launch(
+        _fused_moe_kernel, (num_blocks, triton.cdiv(d, bn)),
         h_q_PF, h_s_PFb, w2_EDF, w2_scale, out_PD, sorted_pair_P, block_expert_B, num_padded,
         topk_w_P, d, f, d, p, h_q_PF.stride(0), h_s_PFb.stride(0), w2_EDF.stride(0),
         w2_EDF.stride(1), w2_scale.stride(0), w2_scale.stride(1), out_PD.stride(0),
-        0, 0, GATED=False, **launch)
+        0, 0, GATED=False, **meta)
     return out_PD.view(t, top_k, d).sum(dim=1, dtype=torch.float32).to(x_TD.dtype)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from expertpool import kernels
+from expertpool.kernels.reference import int8_dequant, int8_weight_quant
 from expertpool.model.args import ConfigError, ModelArgs
 from expertpool.model.layers import Linear
 from expertpool.model.moe import Experts, Gate
@@ -31,7 +32,9 @@ from expertpool.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
-WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32}  # resident formats (weight_dtype)
+# resident formats (weight_dtype). "int8": the routed experts weight-only int8 with one bf16 scale per
+# row (``kernels.reference.int8_weight_quant``), every other linear bf16: the CPU decode fast path.
+WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
 # dtypes by name: the compute dtype (cluster.yaml model.dtype, the CLI) and the dtype of patch tensors
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,6 +64,8 @@ def _resident(w: torch.Tensor, s: torch.Tensor | None, target: torch.dtype, scal
     """Convert one [N, K] weight (+ scale) to the resident format."""
     if target == FP8:
         return (w, s) if w.dtype == FP8 else kernels.weight_quant(w, scale_fmt=scale_fmt)
+    if target == torch.int8:
+        return int8_weight_quant(kernels.weight_dequant(w, s, torch.float32) if w.dtype == FP8 else w)
     if w.dtype == FP8:
         return kernels.weight_dequant(w, s, target), None
     return w.to(target), None
@@ -85,8 +90,9 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
                     weight_dtype: str | None = None, with_mtp: bool = True) -> Transformer:
     """Load an HF-format DeepSeek-V3 checkpoint directory.
 
-    dtype: compute dtype. weight_dtype: resident linear-weight format, "fp8" | "bf16" | "fp32", or None
-    (FP8 tensors stay FP8, others take ``dtype``). experts: global routed-expert ids to load (None = all).
+    dtype: compute dtype. weight_dtype: resident linear-weight format, "fp8" | "bf16" | "fp32" | "int8"
+    (routed experts int8, other linears bf16), or None (FP8 tensors stay FP8, others take ``dtype``).
+    experts: global routed-expert ids to load (None = all).
     """
     path = Path(path)
     try:
@@ -110,13 +116,14 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
         model = Transformer(args, experts, with_mtp=with_mtp and mtp_present)
     target_of = ((lambda w: WEIGHT_DTYPES[weight_dtype]) if weight_dtype
                  else (lambda w: FP8 if w.dtype == FP8 else dtype))
+    linear_target_of = (lambda w: torch.bfloat16) if weight_dtype == "int8" else target_of
 
     for mname, module in model.named_modules():
         cname = _ckpt_name(args, mname)
         if isinstance(module, Linear):
             w, s = _read_linear(r, cname, (module.out_features, module.in_features))
             # embeddings-sized tensors (lm_head, MTP eh_proj) are never FP8 in V3 checkpoints: keep them dense
-            tgt = target_of(w)
+            tgt = linear_target_of(w)
             if mname in ("lm_head",) or mname.endswith("eh_proj"):
                 tgt = torch.bfloat16 if tgt == FP8 else tgt
             w, s = _resident(w, s, tgt, args.scale_fmt)
@@ -133,7 +140,7 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
             _set(module, "e_score_correction_bias", bias.to(device), False)
         elif isinstance(module, nn.Embedding):
             # a compact resident format applies to the (vocab x hidden) embedding too; rows are cast on lookup
-            edt = torch.bfloat16 if weight_dtype in ("fp8", "bf16") else dtype
+            edt = torch.bfloat16 if weight_dtype in ("fp8", "bf16", "int8") else dtype
             emb = r.get(cname + ".weight", (args.vocab_size, args.hidden_size))
             _set(module, "weight", emb.to(edt).to(device), True)
         else:
@@ -180,6 +187,8 @@ def _load_experts(r: ShardReader, args: ModelArgs, cname: str, module: Experts, 
 # ---------------------------------------------------------------- saving
 
 def _dense(w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    if w.dtype == torch.int8:
+        return int8_dequant(w, s)
     return kernels.weight_dequant(w, s, torch.float32) if w.dtype == FP8 else w.float()
 
 
@@ -210,7 +219,8 @@ def checkpoint_tensors(model: Transformer, *, fp8: bool = False, dtype: torch.dt
                                       "only a model with all experts can be saved as a full checkpoint")
             prefix = cname[: -len(".experts")]
             F_ = args.moe_intermediate_size
-            fb = -(-F_ // kernels.BLOCK_SIZE)
+            # the gate half's scale rows: 128-row blocks (fp8) or one per row (int8)
+            fb = F_ if module.w13_weight.dtype == torch.int8 else -(-F_ // kernels.BLOCK_SIZE)
             s13, s2 = module.w13_weight_scale_inv, module.w2_weight_scale_inv
             for i, e in enumerate(module.expert_ids.tolist()):
                 w13 = module.w13_weight[i].detach()

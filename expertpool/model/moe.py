@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expertpool import kernels
+from expertpool.kernels.reference import int8_weight_quant
 from expertpool.model.args import ModelArgs
 from expertpool.model.dispatch import Dispatcher, LocalDispatcher
 from expertpool.model.layers import MLP
@@ -104,6 +105,9 @@ class Experts(nn.Module):
         dev = self.w13_weight.device
         if self.w13_weight.dtype == torch.float8_e4m3fn:
             q13, s13, q2, s2 = quantize_expert(w13_2FD, w2_DF, self.scale_fmt)
+            return q13.to(dev), s13.to(dev), q2.to(dev), s2.to(dev)
+        if self.w13_weight.dtype == torch.int8:
+            (q13, s13), (q2, s2) = int8_weight_quant(w13_2FD), int8_weight_quant(w2_DF)
             return q13.to(dev), s13.to(dev), q2.to(dev), s2.to(dev)
         return w13_2FD.to(dev, self.w13_weight.dtype), None, w2_DF.to(dev, self.w2_weight.dtype), None
 

@@ -51,6 +51,7 @@ class ModelRunner:
                                       dtype=model.compute_dtype, device=device)
         self.device = device
         self._last: dict[str, int] = {}  # last sampled token per sequence (feeds PLACEHOLDER items)
+        model.prepare_for_inference()
 
     @torch.inference_mode()
     def step(self, items: list[StepItem]) -> list[int | None]:

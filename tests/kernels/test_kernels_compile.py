@@ -36,6 +36,11 @@ def _cases():
            {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, {"num_warps": 4, "num_stages": 5})
     yield ("fp8_gemm", "_fp8_gemm_kernel", FP8_GEMM_PTRS,
            {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, {"num_warps": 8, "num_stages": 3})
+    mla = {"q_abs_ptr": "*bf16", "q_pe_ptr": "*bf16", "cache_ptr": "*bf16", "table_ptr": "*i32", "lens_ptr": "*i32",
+           "out_ptr": "*bf16", "scale": "fp32"}
+    yield ("mla_decode", "_paged_mla_decode_kernel", mla,
+           {"PAGE": 64, "C_PAD": 512, "R_PAD": 64, "BLOCK_H": 16, "BLOCK_T": 32, "IEEE": False, "UPCAST": False},
+           {"num_warps": 4, "num_stages": 2})
     for gated in (True, False):
         yield ("fused_moe", "_fused_moe_kernel", MOE_PTRS,
                {"TOP_K": 8, "GATED": gated, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128},
