@@ -28,6 +28,7 @@ from expertpool.kernels.backend import (  # noqa: F401
     pack_weight,
     packed_linear,
     paged_mla_decode,
+    route,
     select_backend,
     use_backend,
     weight_dequant,

@@ -31,24 +31,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-# An observer of Triton launches (``counting.OpCounter``): a callable kernel -> context manager wrapped
-# around each launch. A ContextVar, so it is scoped to the counting block and costs one lookup otherwise.
-_launch_observer: ContextVar = ContextVar("expertpool_launch_observer", default=None)
+# Observers of Triton launches (``counting.OpCounter``): callables kernel -> context manager, wrapped
+# around each launch, innermost last (nested counters all see it). A ContextVar, so it is scoped to the
+# counting block and costs one lookup otherwise.
+_launch_observers: ContextVar[tuple] = ContextVar("expertpool_launch_observers", default=())
 
 
 @contextlib.contextmanager
 def observe_launches(observer):
-    token = _launch_observer.set(observer)
+    token = _launch_observers.set(_launch_observers.get() + (observer,))
     try:
         yield
     finally:
-        _launch_observer.reset(token)
+        _launch_observers.reset(token)
 
 
 def launch(kernel, grid, *args, **kwargs):
     """``kernel[grid](*args, **kwargs)``: every Triton launch of ``expertpool.kernels`` goes through here."""
-    observer = _launch_observer.get()
-    if observer is None:
+    observers = _launch_observers.get()
+    if not observers:
         return kernel[grid](*args, **kwargs)
-    with observer(kernel):
+    with contextlib.ExitStack() as stack:
+        for observe in observers:
+            stack.enter_context(observe(kernel))
         return kernel[grid](*args, **kwargs)

@@ -196,6 +196,23 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, n_group: int, topk_group: int, top_k: int,
+          scoring: str = "sigmoid", norm_topk_prob: bool = True, scale: float = 1.0, need_scores: bool = True):
+    """DeepSeek-V3 expert selection from fp32 router logits: (weights_TK fp32, ids_TK, scores_TE or None).
+    The fused Triton router when nothing needs the score matrix or gradients (serving), else the
+    reference (``reference.route_ref``)."""
+    if not need_scores and not torch.is_grad_enabled() and \
+            _choose("route", logits_TE.device, fp8=False) == "triton":
+        from expertpool.kernels import router
+        if router.supported(logits_TE.shape[1], n_group, top_k):
+            w_TK, ids_TK = router.route(logits_TE.contiguous(), bias_E, n_group, topk_group, top_k, scoring,
+                                        norm_topk_prob, scale)
+            return w_TK, ids_TK, None
+        _log_once("route", "torch", f"E={logits_TE.shape[1]}, n_group={n_group}: shapes the fused router "
+                  "does not take")
+    return ref.route_ref(logits_TE, bias_E, n_group, topk_group, top_k, scoring, norm_topk_prob, scale)
+
+
 def paged_mla_decode(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens_B, scale: float, block_size: int,
                      max_len: int, padded=None):
     """Absorbed-MLA decode attention over a paged latent cache (see ``mla_decode``); ``padded()``

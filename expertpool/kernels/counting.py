@@ -32,8 +32,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from expertpool.kernels import _triton
 
-_ALLOCATIONS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
-                "alias", "_unsafe_view"}
+# allocations and autograd/metadata-only ops: no kernel runs
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach",
+              "detach_", "alias", "_unsafe_view"}
 _SIZE_SYNCS = {"nonzero", "bincount", "masked_select", "_unique2", "unique_dim", "unique_consecutive",
                "argwhere", "nonzero_static"}
 
@@ -80,7 +81,7 @@ class OpCounter:
         if _reads_host(func, args, kwargs, out):
             self.host_reads += 1
             self.reads_by_name[name] += 1
-        if name in _ALLOCATIONS or _is_view(func):
+        if name in _NO_KERNEL or _is_view(func):
             return
         self.ops += 1
         self.ops_by_name[name] += 1

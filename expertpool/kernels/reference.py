@@ -270,3 +270,32 @@ def paged_mla_decode_ref(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens
     scores_BHT = scores_BHT.masked_fill(~valid_BT[:, None, :], float("-inf"))
     p_BHT = torch.softmax(scores_BHT, dim=-1, dtype=torch.float32).to(q_abs_BHC.dtype)
     return torch.bmm(p_BHT, ctx_BTX)[..., :C]
+
+
+def route_ref(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, n_group: int, topk_group: int, top_k: int,
+              scoring: str = "sigmoid", norm_topk_prob: bool = True, scale: float = 1.0):
+    """DeepSeek-V3's router from the fp32 router logits: (weights_TK fp32, ids_TK, scores_TE fp32).
+
+    Scores are sigmoid (V3) or softmax (V2) of the logits; the correction bias is added for selection
+    only; with groups, a group's score is the sum of its top-2 biased scores (sigmoid) or its max
+    (V2 group-limited greedy), the ``topk_group`` best groups are kept and the rest masked with -inf;
+    the ``top_k`` best experts are chosen; their weights are the *unbiased* scores, normalized
+    (sigmoid, ``norm_topk_prob``) and times ``scale`` (routed_scaling_factor). The reference of
+    ``router`` and the training path (autograd flows from the logits)."""
+    T, E = logits_TE.shape
+    scores_TE = logits_TE.sigmoid() if scoring == "sigmoid" else logits_TE.softmax(-1)
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
+    if n_group > 1:
+        grouped_TGe = choice_TE.view(T, n_group, E // n_group)
+        if scoring == "sigmoid" and E // n_group >= 2:
+            group_TG = grouped_TGe.topk(2, dim=-1).values.sum(-1)
+        else:  # V2 group-limited greedy
+            group_TG = grouped_TGe.amax(-1)
+        keep_TG = group_TG.topk(topk_group, dim=-1).indices
+        mask_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
+        choice_TE = grouped_TGe.masked_fill(mask_TG[..., None], float("-inf")).view(T, E)
+    ids_TK = choice_TE.topk(top_k, dim=-1).indices
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if norm_topk_prob and top_k > 1:
+        weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+    return weights_TK * scale, ids_TK, scores_TE

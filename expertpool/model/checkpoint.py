@@ -151,7 +151,7 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
         if isinstance(m, Experts):
             m.expert_ids, m.global_to_local = m.expert_ids.to(device), m.global_to_local.to(device)
     for moe in model.moe_layers():
-        moe.expert_load = moe.expert_load.to(device)
+        moe.expert_load, moe._one = moe.expert_load.to(device), moe._one.to(device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not leftover, f"loader left tensors unset: {leftover[:5]}"
     r.close()
