@@ -136,6 +136,8 @@ class AttnBatch:
 def causal_attention(q_HSD: torch.Tensor, k_HTD: torch.Tensor, v_HTD: torch.Tensor, scale: float) -> torch.Tensor:
     """Attention of S queries at the last S of T positions (query i sees keys <= T - S + i), in fused
     kernels only: nothing of size S x T per head is built. q, k, v share the last dim (pad v)."""
+    if q_HSD.dim() == 3:  # the fused kernels (CPU flash attention among them) take [B, H, S, D] only
+        return causal_attention(q_HSD[None], k_HTD[None], v_HTD[None], scale)[0]
     S, T = q_HSD.shape[-2], k_HTD.shape[-2]
     if S == T:
         return F.scaled_dot_product_attention(q_HSD, k_HTD, v_HTD, is_causal=True, scale=scale)
