@@ -63,6 +63,8 @@ class Linear(nn.Module):
         w = self.weight
         if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
             return False
+        if self._packed is not None and self._packed[0] == (w.data_ptr(), w._version):
+            return True  # already packed from this weight
         packed = kernels.pack_weight(w)
         self._packed = None if packed is None else ((w.data_ptr(), w._version), packed)
         return packed is not None
