@@ -135,6 +135,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="requests each client sends back to back per level "
                     "(default %(default)s; more = steadier numbers on a noisy machine)")
     ap.add_argument("--async-scheduling", action="store_true", help="serve with serving.async_scheduling on")
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs per expert actor (default 0: CPU actors)")
+    ap.add_argument("--fp8", action="store_true", help="an FP8 bench-mini checkpoint (the GPU path)")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline (quick iteration; "
                     "implies --no-append)")
     ap.add_argument("--hf-child", nargs=3, help=argparse.SUPPRESS)
@@ -153,7 +155,7 @@ def main():
     tmp = tempfile.mkdtemp()
     model_dir = os.path.join(tmp, "bench-mini")
     print(f"creating bench-mini (random weights) in {model_dir} ...", flush=True)
-    init_model("bench-mini", model_dir, seed=0)
+    init_model("bench-mini", model_dir, seed=0, fp8=a.fp8)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(5, 2000, (32, PROMPT), generator=g).tolist()
     json.dump(prompts, open(os.path.join(model_dir, "bench_prompts.json"), "w"))
@@ -183,6 +185,7 @@ def main():
     data["model"]["dtype"] = a.dtype
     data["model"]["weight_dtype"] = a.weight_dtype
     data["pool"]["actor_resources"]["cpu"] = a.actor_cpus
+    data["pool"]["actor_resources"]["gpu"] = a.gpus
     data["serving"].update(max_batch_size=32, max_num_batched_tokens=512, max_seq_len=PROMPT + NEW + 8,
                            async_scheduling=a.async_scheduling)
     from expertpool.platform.config import parse_config
