@@ -144,7 +144,7 @@ def run_ray(a):
                         "serving": {"max_batch_size": BATCH, "max_seq_len": PROMPT + 400,
                                     "max_num_batched_tokens": BATCH * PROMPT, "kv_cache": {"num_blocks": 128}}})
     args = ModelArgs.from_dir(a.model)
-    ray.init(num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
     try:
         spec = WorkerSpec(a.model, a.dtype, a.weight_dtype, None, 16, "gloo", 1, 60.0, max_seq_len=PROMPT + 400,
                           max_num_batched_tokens=BATCH * PROMPT, max_batch_size=BATCH)

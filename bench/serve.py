@@ -192,7 +192,7 @@ def main():
     cfg = parse_config(data)
     from expertpool.platform.proxy import set_proxy_env
     set_proxy_env()
-    ray.init(num_cpus=a.actors * a.actor_cpus + 2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=a.actors * a.actor_cpus + 2, include_dashboard=False, logging_level="WARNING")
     base = deploy(cfg)
     rows = []
     for n in levels:

@@ -145,7 +145,8 @@ def run_variant(variant: str, streams: int, tokens: int, step_ms: float, rounds:
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     os.environ.update(env)  # the controller and proxy are started by this process
     port = free_port()
-    ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": env})
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING",
+             runtime_env={"env_vars": env})
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         cfg = parse_config({"serving": {"host": "127.0.0.1", "port": port, "max_ongoing_requests": 256,
