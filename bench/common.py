@@ -30,6 +30,14 @@ def cpu_kind() -> str:
     return "AVX2 only" if "avx2" in flags else "no AVX2"
 
 
+def cpu_flags_line() -> str:
+    """The CPU's model and the flags that decide the fast dtype (printed by every benchmark)."""
+    from expertpool.model.dtype import cpu_features
+    f = cpu_features()
+    want = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni")
+    return f"{f.model_name or 'unknown CPU'}; flags: {' '.join(x for x in want if x in f.flags) or 'none of interest'}"
+
+
 def machine_line(cmd: str) -> str:
     import torch
     return (f"{datetime.date.today()}, `python {cmd}`, {platform.machine()} ({cpu_kind()}), {os.cpu_count()} CPUs, "

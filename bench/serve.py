@@ -1,11 +1,14 @@
-"""Serving benchmark (issue: serving): bench-mini behind the expert-parallel Serve app, over HTTP.
+"""Serving benchmark: bench-mini behind the expert-parallel Serve app, over HTTP, each engine in its fastest dtype.
 
 Drives 1, 4, 16 and 32 concurrent streaming clients (completions, 32-token prompts, 64 new tokens,
 EOS ignored) and reports output tokens/s, TTFT p50/p99 and inter-token latency p50/p99. In the same
 run it measures transformers' generate() on the same model and prompts (batch = 16, the compared
-concurrency) in each dtype and quotes the ratio against its fastest.
+concurrency) in each dtype and quotes the ratio against its fastest. ``--dtype fastest`` (default)
+picks expertpool's compute dtype by timing a few in-process decode steps of each (bench/decode_step.py)
+with the actor's threads, instead of assuming; the CPU model and flags are printed and recorded.
 
-    python bench/serve.py [--actors 2] [--actor-cpus 1] [--dtype float32|bfloat16] [--rounds 3] [--no-append]
+    python bench/serve.py [--actors 2] [--actor-cpus 1] [--dtype fastest|auto|float32|bfloat16]
+                          [--weight-dtype bf16|int8|...] [--rounds 3] [--no-append]
 """
 
 import argparse
@@ -95,11 +98,36 @@ def hf_child(model_dir: str, dtype: str, batch: int, reps: int = 2) -> None:
     print(json.dumps({"tok_s": best}))
 
 
+def fastest_dtype(model_dir: str, weight_dtype: str | None, threads: int) -> str:
+    """float32 or bfloat16, whichever runs bench-mini's decode step faster here (median of 12 steps at
+    batch 16, each dtype twice, interleaved), with the actor's thread count."""
+    import statistics
+    times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for _ in range(2):
+        for dt in times:
+            cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "decode_step.py"), "--model", model_dir,
+                   "--dtype", dt, "--threads", str(threads), "--steps", "12", "--json"]
+            if weight_dtype:
+                cmd += ["--weight-dtype", weight_dtype]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(out.stderr[-3000:])
+            times[dt].append(json.loads(out.stdout.strip().splitlines()[-1])["step_ms_median"])
+    med = {dt: statistics.median(v) for dt, v in times.items()}
+    best = min(med, key=med.get)
+    print(f"decode step in process: float32 {med['float32']:.1f} ms, bfloat16 {med['bfloat16']:.1f} ms -> {best}",
+          flush=True)
+    return best
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--actors", type=int, default=2, help="expert actors per replica (default 2)")
     ap.add_argument("--actor-cpus", type=int, default=1, help="CPUs (= torch threads) per expert actor (default 1)")
-    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="serving compute dtype")
+    ap.add_argument("--dtype", default="fastest", choices=["fastest", "auto", "float32", "bfloat16"],
+                    help="serving compute dtype; fastest = time both in process first (default)")
+    ap.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32", "int8"],
+                    help="resident weight format (default: as stored)")
     ap.add_argument("--config", default=None, help="cluster.yaml to start from (default: ./cluster.yaml if present)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
     ap.add_argument("--levels", default=",".join(map(str, LEVELS)),
@@ -107,6 +135,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="requests each client sends back to back per level "
                     "(default %(default)s; more = steadier numbers on a noisy machine)")
     ap.add_argument("--async-scheduling", action="store_true", help="serve with serving.async_scheduling on")
+    ap.add_argument("--gpus", type=int, default=0, help="GPUs per expert actor (default 0: CPU actors)")
+    ap.add_argument("--fp8", action="store_true", help="an FP8 bench-mini checkpoint (the GPU path)")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline (quick iteration; "
                     "implies --no-append)")
     ap.add_argument("--hf-child", nargs=3, help=argparse.SUPPRESS)
@@ -116,15 +146,22 @@ def main():
         return
     import torch
 
+    sys.path.insert(0, os.path.dirname(__file__))
+    import common
+    flags = common.cpu_flags_line()
+    print(f"CPU: {flags}; load average {os.getloadavg()[0]:.2f}", flush=True)
+
     from expertpool.model.embedded import init_model
     tmp = tempfile.mkdtemp()
     model_dir = os.path.join(tmp, "bench-mini")
     print(f"creating bench-mini (random weights) in {model_dir} ...", flush=True)
-    init_model("bench-mini", model_dir, seed=0)
+    init_model("bench-mini", model_dir, seed=0, fp8=a.fp8)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(5, 2000, (32, PROMPT), generator=g).tolist()
     json.dump(prompts, open(os.path.join(model_dir, "bench_prompts.json"), "w"))
 
+    if a.dtype == "fastest":
+        a.dtype = fastest_dtype(model_dir, a.weight_dtype, a.actor_cpus)
     levels = [int(x) for x in a.levels.split(",")]
     hf = {}
     for dt in () if a.skip_hf else ("float32", "bfloat16"):
@@ -146,14 +183,16 @@ def main():
     cfg = resolve_config(a.config, model=model_dir, port=port, actors=a.actors)
     data = cfg.model_dump(mode="json")
     data["model"]["dtype"] = a.dtype
+    data["model"]["weight_dtype"] = a.weight_dtype
     data["pool"]["actor_resources"]["cpu"] = a.actor_cpus
+    data["pool"]["actor_resources"]["gpu"] = a.gpus
     data["serving"].update(max_batch_size=32, max_num_batched_tokens=512, max_seq_len=PROMPT + NEW + 8,
                            async_scheduling=a.async_scheduling)
     from expertpool.platform.config import parse_config
     cfg = parse_config(data)
     from expertpool.platform.proxy import set_proxy_env
     set_proxy_env()
-    ray.init(num_cpus=a.actors * a.actor_cpus + 2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=a.actors * a.actor_cpus + 2, include_dashboard=False, logging_level="WARNING")
     base = deploy(cfg)
     rows = []
     for n in levels:
@@ -186,7 +225,8 @@ def main():
         with open(os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"), "a") as f:
             cmd = " ".join(sys.argv[1:])
             f.write(f"\n## Serving (bench/serve.py)\n\n{datetime.date.today()}, `python bench/serve.py {cmd}`, "
-                    f"{platform.machine()}, {os.cpu_count()} CPUs, torch "
+                    f"{platform.machine()}, CPU: {flags}, {os.cpu_count()} CPUs (shared; load average "
+                    f"{os.getloadavg()[0]:.2f} at the end), weights {a.weight_dtype or 'as stored'}, torch "
                     f"{torch.__version__}. bench-mini random weights, {a.actors} expert actors "
                     f"({a.actor_cpus} CPU each) in one "
                     f"replica, {a.dtype} compute, {PROMPT}-token prompts, {NEW} new tokens, streaming completions "

@@ -21,6 +21,7 @@ def _cmd_init_model(a):
 
 def _cmd_generate(a):
     from expertpool.model.checkpoint import DTYPES, load_checkpoint
+    from expertpool.model.dtype import log_choice, resolve_dtype
     from expertpool.model.embedded import ensure_embedded_model
     from expertpool.model.sampling import SamplingParams
     from expertpool.model.storage import resolve_model
@@ -29,7 +30,9 @@ def _cmd_generate(a):
 
     model_dir = resolve_model(a.model) if a.model else ensure_embedded_model()
     t0 = time.time()
-    model = load_checkpoint(model_dir, dtype=DTYPES[a.dtype], weight_dtype=a.weight_dtype, with_mtp=False)
+    choice = resolve_dtype(a.dtype, "cpu")
+    log_choice(a.dtype, choice, "cpu")
+    model = load_checkpoint(model_dir, dtype=DTYPES[choice.dtype], weight_dtype=a.weight_dtype, with_mtp=False)
     tok = Tokenizer.from_dir(model_dir)
     logging.info("loaded %s in %.1fs", model_dir, time.time() - t0)
     prompts = a.prompt or ["Hello, how are you?"]
@@ -127,7 +130,7 @@ def _cmd_validate(a):
     try:
         cfg = load_config(a.config)
         args = _model_args(cfg.model.path)
-        cfg.validate_against_model(args.n_routed_experts)
+        derived = cfg.validate_against_model(args.n_routed_experts, model_args=args)
         problems = []
         for name, job in cfg.train.jobs.items():  # each job's memory plan, on its own base model
             plan = train_memory_plan(job, args if job.base_model == cfg.model.path else _model_args(job.base_model))
@@ -140,6 +143,9 @@ def _cmd_validate(a):
         print(f"invalid: {e}", file=sys.stderr)
         sys.exit(1)
     print(f"{a.config}: ok")
+    if "pool.memory_per_actor_gib" in derived:
+        print(f"memory per actor: {derived['pool.memory_per_actor_gib']} GiB "
+              f"of {cfg.pool.actor_resources.gpu_memory_gb} GiB (pool.actor_resources.gpu_memory_gb)")
 
 
 def _cmd_manifests(a):
@@ -185,10 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default 0)")
     s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     s.add_argument("--seed", type=int, default=None, help="sampling seed")
-    s.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="compute dtype (default float32: fastest on CPUs without AMX)")
-    s.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32"],
-                   help="resident weight format (default: as stored, non-fp8 in --dtype)")
+    s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="compute dtype (default auto: bfloat16 on CPUs with AVX-512 BF16 or AMX, else float32)")
+    s.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32", "int8"],
+                   help="resident weight format (default: as stored, non-fp8 in --dtype; int8: routed experts "
+                   "weight-only int8, the fastest CPU decode)")
     s.set_defaults(fn=_cmd_generate)
 
     s = sub.add_parser("serve", help="deploy the OpenAI-compatible expert-parallel server on Ray Serve")

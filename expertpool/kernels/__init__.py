@@ -21,8 +21,14 @@ path runs.
 
 from expertpool.kernels.backend import (  # noqa: F401
     act_quant,
+    fast_paths,
+    int8_linear,
     linear,
     moe_experts,
+    pack_weight,
+    packed_linear,
+    paged_mla_decode,
+    route,
     select_backend,
     use_backend,
     weight_dequant,

@@ -10,8 +10,10 @@ decides compile-or-interpret for its own ``tl.max``/``tl.cdiv``... at import tim
 interpreter tests run in a subprocess (``tests/kernels/test_kernels_interpreter.py``).
 """
 
+import contextlib
 import functools
 import os
+from contextvars import ContextVar
 
 
 @functools.cache
@@ -27,3 +29,29 @@ def triton_import_error() -> str | None:
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (CPU tensors are then accepted)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Observers of Triton launches (``counting.OpCounter``): callables kernel -> context manager, wrapped
+# around each launch, innermost last (nested counters all see it). A ContextVar, so it is scoped to the
+# counting block and costs one lookup otherwise.
+_launch_observers: ContextVar[tuple] = ContextVar("expertpool_launch_observers", default=())
+
+
+@contextlib.contextmanager
+def observe_launches(observer):
+    token = _launch_observers.set(_launch_observers.get() + (observer,))
+    try:
+        yield
+    finally:
+        _launch_observers.reset(token)
+
+
+def launch(kernel, grid, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)``: every Triton launch of ``expertpool.kernels`` goes through here."""
+    observers = _launch_observers.get()
+    if not observers:
+        return kernel[grid](*args, **kwargs)
+    with contextlib.ExitStack() as stack:
+        for observe in observers:
+            stack.enter_context(observe(kernel))
+        return kernel[grid](*args, **kwargs)

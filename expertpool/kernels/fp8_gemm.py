@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from expertpool.kernels import tuned
+from expertpool.kernels._triton import launch
 from expertpool.kernels.quant import row_major
 from expertpool.kernels.reference import BLOCK_SIZE, fp8_gemm_ref  # noqa: F401  (the reference)
 
@@ -111,9 +112,9 @@ def fp8_gemm(a: torch.Tensor, a_s: torch.Tensor, b: torch.Tensor, b_s: torch.Ten
     cfg = config or tuned.get_config("fp8_gemm", tuned.gemm_shape_key(n, k), m, a.device)
     check_block_config(cfg)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(n, cfg["BLOCK_N"]))
-    _fp8_gemm_kernel[grid](a, b, c, a_s, b_s, m, n, k, a.stride(0), b.stride(0), c.stride(0),
-                           a_s.stride(0), b_s.stride(0), BLOCK_M=cfg["BLOCK_M"],
-                           BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK_SIZE,
-                           num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    launch(_fp8_gemm_kernel, grid, a, b, c, a_s, b_s, m, n, k, a.stride(0), b.stride(0), c.stride(0),
+           a_s.stride(0), b_s.stride(0), BLOCK_M=cfg["BLOCK_M"],
+           BLOCK_N=cfg["BLOCK_N"], BLOCK_K=BLOCK_SIZE,
+           num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     return c
 

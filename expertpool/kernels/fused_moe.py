@@ -13,9 +13,10 @@ one expert (``block_expert_B``). Experts with zero tokens own no block and are n
 Buffers are sized by the bound ``P + min(E, P) * (BLOCK_M - 1)`` so nothing syncs with the host;
 programs past the real padded length exit at once.
 
-Launches per MoE layer, independent of E and of how many experts are active: a few torch ops for
-the alignment, ``act_quant(x)``, gate/up GEMM (SwiGLU fused in the epilogue, two accumulators),
-``act_quant(h)``, the down GEMM (routing weight fused, one row per pair, no atomics) and a
+Launches per MoE layer, independent of E and of how many experts are active: the alignment
+(``moe_align``, one launch; ``moe_align_block_size`` is its torch reference), ``act_quant(x)``,
+gate/up GEMM (SwiGLU fused in the epilogue, two accumulators), ``act_quant(h)``, the down GEMM
+(routing weight fused, one row per pair, no atomics), a zero fill of the per-pair output and a
 ``sum`` over the K_top slots in fp32. Deterministic.
 
 Trade-off: h makes one round trip through memory (written in x's dtype, then quantized) instead
@@ -33,6 +34,7 @@ import triton
 import triton.language as tl
 
 from expertpool.kernels import tuned
+from expertpool.kernels._triton import launch
 from expertpool.kernels.fp8_gemm import check_block_config
 from expertpool.kernels.quant import SUPPORTED_FLOAT_INPUTS, act_quant, row_major
 from expertpool.kernels.reference import BLOCK_SIZE
@@ -96,6 +98,66 @@ def _fused_moe_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, out_ptr, sorted_pair_ptr, 
         out_ptrs = out_ptr + pair[:, None].to(tl.int64) * stride_om + offs_n[None, :]
         tl.store(out_ptrs, (acc * w[:, None]).to(out_ptr.dtype.element_ty),
                  mask=row_valid[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _align_kernel(ids_ptr, sorted_pair_ptr, block_expert_ptr, num_padded_ptr, P, E, P_PAD_MAX, NUM_BLOCKS,
+                  BLOCK_M: tl.constexpr, E_PAD: tl.constexpr, TILE: tl.constexpr):
+    """One program: ``moe_align_block_size`` (its torch twin below is the reference) in one launch.
+    Pass 1 counts pairs per expert, pass 2 fills every padded row with the sentinel P, pass 3 places
+    each pair at its expert's run start plus its rank among the expert's earlier pairs (stable: the
+    torch version's order), pass 4 labels each block with its expert. Invalid ids (-1, >= E) count
+    in the spare bin E and are never placed."""
+    e_idx = tl.arange(0, E_PAD)
+    t_idx = tl.arange(0, TILE)
+    counts = tl.zeros((E_PAD,), dtype=tl.int32)
+    for p0 in range(0, P, TILE):
+        p = p0 + t_idx
+        ids = tl.load(ids_ptr + p, mask=p < P, other=-1).to(tl.int32)
+        key = tl.where((ids >= 0) & (ids < E) & (p < P), ids, E)
+        counts += tl.sum((key[:, None] == e_idx[None, :]).to(tl.int32), axis=0)
+    padded = tl.where(e_idx < E, (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M, 0)
+    pad_end = tl.cumsum(padded, axis=0)
+    pad_start = pad_end - padded
+    tl.store(num_padded_ptr, tl.sum(padded, axis=0))
+    for r0 in range(0, P_PAD_MAX, TILE):
+        r = r0 + t_idx
+        tl.store(sorted_pair_ptr + r, tl.full((TILE,), 0, tl.int32) + P, mask=r < P_PAD_MAX)
+    tl.debug_barrier()  # the sentinel fill lands before the pairs overwrite it
+    running = tl.zeros((E_PAD,), dtype=tl.int32)
+    for p0 in range(0, P, TILE):
+        p = p0 + t_idx
+        ids = tl.load(ids_ptr + p, mask=p < P, other=-1).to(tl.int32)
+        key = tl.where((ids >= 0) & (ids < E) & (p < P), ids, E)
+        hot = (key[:, None] == e_idx[None, :]).to(tl.int32)                # [TILE, E_PAD]
+        before = tl.cumsum(hot, axis=0) - hot                              # earlier pairs of the same expert
+        rank = tl.sum(hot * (before + running[None, :] + pad_start[None, :]), axis=1)
+        tl.store(sorted_pair_ptr + rank, p.to(tl.int32), mask=key < E)
+        running += tl.sum(hot, axis=0)
+    last_end = tl.sum(tl.where(e_idx == E - 1, pad_end, 0), axis=0)
+    for b0 in range(0, NUM_BLOCKS, TILE):
+        b = b0 + t_idx
+        start = b * BLOCK_M
+        ends = tl.where(e_idx[None, :] < E, pad_end[None, :], last_end + 1)  # searchsorted(pad_end, start, right)
+        expert = tl.minimum(tl.sum((ends <= start[:, None]).to(tl.int32), axis=1), E - 1)
+        tl.store(block_expert_ptr + b, expert, mask=b < NUM_BLOCKS)
+
+
+ALIGN_TILE = 32  # pairs per iteration of the align kernel: a TILE x E_PAD one-hot stays in registers
+
+
+def moe_align(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int):
+    """``moe_align_block_size`` in one Triton launch (same outputs; see ``_align_kernel``)."""
+    p = topk_ids_TK.numel()
+    device = topk_ids_TK.device
+    num_blocks = triton.cdiv(p + min(num_experts, p) * (block_m - 1), block_m)
+    p_pad = num_blocks * block_m
+    sorted_pair_P = torch.empty(p_pad, dtype=torch.int32, device=device)
+    block_expert_B = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    num_padded = torch.empty(1, dtype=torch.int32, device=device)
+    launch(_align_kernel, (1,), topk_ids_TK.reshape(-1), sorted_pair_P, block_expert_B, num_padded, p, num_experts,
+           p_pad, num_blocks, BLOCK_M=block_m, E_PAD=triton.next_power_of_2(num_experts + 1), TILE=ALIGN_TILE)
+    return sorted_pair_P, block_expert_B, num_padded
 
 
 def moe_align_block_size(topk_ids_TK: torch.Tensor, num_experts: int, block_m: int):
@@ -185,8 +247,9 @@ def _validate(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w
 
 
 def fused_moe(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale,
-              config: dict | None = None) -> torch.Tensor:
-    """Grouped FP8 SwiGLU experts for all local experts in a constant number of launches."""
+              config: dict | None = None, scale_fmt: str | None = None) -> torch.Tensor:
+    """Grouped FP8 SwiGLU experts for all local experts in a constant number of launches.
+    ``scale_fmt``: the activation scale format (x and h), e.g. the checkpoint's "ue8m0"."""
     t, d, e, f = _validate(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF,
                            w2_scale)
     top_k = topk_ids_TK.shape[1]
@@ -196,30 +259,32 @@ def fused_moe(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w
     cfg = config or tuned.get_config("fused_moe", tuned.moe_shape_key(e, f, d), t, x_TD.device)
     check_block_config(cfg)
     bm, bn = cfg["BLOCK_M"], cfg["BLOCK_N"]
-    launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_SIZE, TOP_K=top_k,
-                  num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
+    meta = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=BLOCK_SIZE, TOP_K=top_k,
+                num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3))
     f_pad = triton.cdiv(f, BLOCK_SIZE) * BLOCK_SIZE
 
-    sorted_pair_P, block_expert_B, num_padded = moe_align_block_size(topk_ids_TK, e, bm)
+    sorted_pair_P, block_expert_B, num_padded = moe_align(topk_ids_TK.contiguous(), e, bm)
     p_pad = sorted_pair_P.numel()
     num_blocks = block_expert_B.numel()
     topk_w_P = topk_weights_TK.reshape(-1).contiguous()
-    x_q_TD, x_s_TDb = act_quant(x_TD.contiguous())
+    x_q_TD, x_s_TDb = act_quant(x_TD.contiguous(), scale_fmt=scale_fmt)
 
-    # Zeroed: rows past num_padded are never written (their programs exit), but act_quant reads
-    # all P_pad rows (bounded by min(E, P) * BLOCK_M extra, the price of not syncing the host).
-    h_PF = torch.zeros((p_pad, f_pad), dtype=x_TD.dtype, device=x_TD.device)
-    _fused_moe_kernel[(num_blocks, triton.cdiv(f_pad, bn))](
+    # Rows past num_padded are never written (their programs exit): act_quant reads them (bounded by
+    # min(E, P) * BLOCK_M extra rows, the price of not syncing the host), and nothing reads its result.
+    h_PF = torch.empty((p_pad, f_pad), dtype=x_TD.dtype, device=x_TD.device)
+    launch(
+        _fused_moe_kernel, (num_blocks, triton.cdiv(f_pad, bn)),
         x_q_TD, x_s_TDb, w13_E2FD, w13_scale, h_PF, sorted_pair_P, block_expert_B, num_padded,
         topk_w_P, f, d, f_pad, p, x_q_TD.stride(0), x_s_TDb.stride(0), w13_E2FD.stride(0),
         w13_E2FD.stride(1), w13_scale.stride(0), w13_scale.stride(1), h_PF.stride(0),
-        f, triton.cdiv(f, BLOCK_SIZE), GATED=True, **launch)
+        f, triton.cdiv(f, BLOCK_SIZE), GATED=True, **meta)
 
-    h_q_PF, h_s_PFb = act_quant(h_PF)
+    h_q_PF, h_s_PFb = act_quant(h_PF, scale_fmt=scale_fmt)
     out_PD = torch.zeros((p, d), dtype=x_TD.dtype, device=x_TD.device)
-    _fused_moe_kernel[(num_blocks, triton.cdiv(d, bn))](
+    launch(
+        _fused_moe_kernel, (num_blocks, triton.cdiv(d, bn)),
         h_q_PF, h_s_PFb, w2_EDF, w2_scale, out_PD, sorted_pair_P, block_expert_B, num_padded,
         topk_w_P, d, f, d, p, h_q_PF.stride(0), h_s_PFb.stride(0), w2_EDF.stride(0),
         w2_EDF.stride(1), w2_scale.stride(0), w2_scale.stride(1), out_PD.stride(0),
-        0, 0, GATED=False, **launch)
+        0, 0, GATED=False, **meta)
     return out_PD.view(t, top_k, d).sum(dim=1, dtype=torch.float32).to(x_TD.dtype)

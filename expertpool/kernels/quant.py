@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from expertpool.kernels._triton import launch
 from expertpool.kernels.reference import AMAX_FLOOR, BLOCK_SIZE, FP8_E4M3_MAX
 
 _FP8_MAX = tl.constexpr(FP8_E4M3_MAX)
@@ -138,9 +139,9 @@ def act_quant(x: torch.Tensor, block_size: int = BLOCK_SIZE, scale_fmt: str | No
     s_RG = torch.empty((r, k // block_size), dtype=torch.float32, device=x.device)
     if r:
         grid = (triton.cdiv(r, ACT_BLOCK_ROWS), k // block_size)
-        _block_quant_kernel[grid](x_RC, y_RC, s_RG, r, k, x_RC.stride(0), y_RC.stride(0),
-                                  s_RG.stride(0), BLOCK_R=ACT_BLOCK_ROWS, BLOCK_C=block_size,
-                                  PER_ROW=True, UE8M0=scale_fmt == "ue8m0")
+        launch(_block_quant_kernel, grid, x_RC, y_RC, s_RG, r, k, x_RC.stride(0), y_RC.stride(0),
+               s_RG.stride(0), BLOCK_R=ACT_BLOCK_ROWS, BLOCK_C=block_size,
+               PER_ROW=True, UE8M0=scale_fmt == "ue8m0")
     return y_RC.view(x.shape), s_RG.view(*x.shape[:-1], k // block_size)
 
 
@@ -160,9 +161,9 @@ def weight_quant(w: torch.Tensor, block_size: int = BLOCK_SIZE, scale_fmt: str |
     y = torch.empty((n, k), dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty((nb, kb), dtype=torch.float32, device=w.device)
     if n and k:
-        _block_quant_kernel[(nb, kb)](w, y, s, n, k, w.stride(0), y.stride(0), s.stride(0),
-                                      BLOCK_R=block_size, BLOCK_C=block_size, PER_ROW=False,
-                                      UE8M0=scale_fmt == "ue8m0", num_warps=WEIGHT_TILE_WARPS)
+        launch(_block_quant_kernel, (nb, kb), w, y, s, n, k, w.stride(0), y.stride(0), s.stride(0),
+               BLOCK_R=block_size, BLOCK_C=block_size, PER_ROW=False,
+               UE8M0=scale_fmt == "ue8m0", num_warps=WEIGHT_TILE_WARPS)
     return y, s
 
 
@@ -189,6 +190,6 @@ def weight_dequant(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.
         raise ValueError(f"weight_dequant: s is on {s.device}, w on {w.device}")
     y = torch.empty((n, k), dtype=dtype, device=w.device)
     if n and k:
-        _weight_dequant_kernel[(nb, kb)](w, s, y, n, k, w.stride(0), s.stride(0), y.stride(0),
-                                         BLOCK=block_size, num_warps=WEIGHT_TILE_WARPS)
+        launch(_weight_dequant_kernel, (nb, kb), w, s, y, n, k, w.stride(0), s.stride(0), y.stride(0),
+               BLOCK=block_size, num_warps=WEIGHT_TILE_WARPS)
     return y

@@ -94,10 +94,31 @@ def fp8_gemm_ref(a, a_s, b, b_s, out_dtype=torch.float32, compute_dtype=torch.fl
     return (a_full @ b_full.T).to(out_dtype)
 
 
+INT8_MAX = 127
+
+
+def int8_weight_quant(w: torch.Tensor):
+    """Weight-only int8, symmetric, one scale per output row: [..., N, K] -> (int8 [..., N, K],
+    bf16 [..., N]). The scale is rounded to bf16 first and the codes are taken against that rounded
+    scale, so every path (the CPU kernel, which takes bf16 scales, and ``int8_dequant``) multiplies
+    by the same value."""
+    amax = w.float().abs().amax(-1).clamp_min(AMAX_FLOOR)
+    s = (amax / INT8_MAX).to(torch.bfloat16)
+    q = (w.float() / s.float().unsqueeze(-1)).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, s
+
+
+def int8_dequant(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (q.float() * s.float().unsqueeze(-1)).to(dtype)
+
+
 def _weight_as(w: torch.Tensor, scale: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     if w.dtype == torch.float8_e4m3fn:
         assert scale is not None, "an fp8 weight needs its weight_scale_inv"
         return weight_dequant_ref(w, scale, dtype)
+    if w.dtype == torch.int8:
+        assert scale is not None, "an int8 weight needs its per-row scale"
+        return int8_dequant(w, scale, dtype)
     return w if w.dtype == dtype else w.to(dtype)
 
 
@@ -106,9 +127,9 @@ def linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None
 
 
 def dequant_w13_ref(w13: torch.Tensor, s13: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-    """One expert's fused [2F, D] gate/up weight, halves quantized separately."""
+    """One expert's fused [2F, D] gate/up weight, halves quantized separately (fp8)."""
     if w13.dtype != torch.float8_e4m3fn:
-        return w13 if w13.dtype == dtype else w13.to(dtype)
+        return _weight_as(w13, s13, dtype)
     f = w13.shape[0] // 2
     fb = -(-f // BLOCK_SIZE)
     return torch.cat([weight_dequant_ref(w13[:f], s13[:fb], dtype),
@@ -117,8 +138,8 @@ def dequant_w13_ref(w13: torch.Tensor, s13: torch.Tensor | None, dtype: torch.dt
 
 def _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, n_experts: int):
     """The valid (token, slot) pairs sorted by expert (stable): per-expert counts (host list), the
-    token of each pair, its input row and its routing weight in x's dtype; None if no slot is valid
-    (-1 = routed to another rank)."""
+    flat pair index (t * K + k) of each, its input row and its routing weight in x's dtype; None if no
+    slot is valid (-1 = routed to another rank)."""
     flat_ids = topk_ids_TK.reshape(-1)
     pair_idx = torch.nonzero(flat_ids >= 0, as_tuple=True)[0]
     if pair_idx.numel() == 0:
@@ -127,7 +148,18 @@ def _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, n_experts: int):
     pair_idx = pair_idx[torch.argsort(ids, stable=True)]
     counts = torch.bincount(ids, minlength=n_experts).tolist()
     tok = pair_idx // topk_ids_TK.shape[1]
-    return counts, tok, x_TD[tok], topk_weights_TK.reshape(-1)[pair_idx].to(x_TD.dtype)
+    return counts, pair_idx, x_TD[tok], topk_weights_TK.reshape(-1)[pair_idx].to(x_TD.dtype)
+
+
+def combine_pairs(y_PD: torch.Tensor, pair_idx_P: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
+    """Sum the weighted outputs of a token's slots: each pair's row goes to its own (token, slot)
+    place (no two pairs share one), and the K slots of a token are added in fp32 (at least), in slot order.
+    No atomics and one order on every device, so results are reproducible (and the same whatever
+    order the pairs came in); autograd flows through (out-of-place index_copy)."""
+    D = y_PD.shape[-1]
+    buf = y_PD.new_zeros(num_tokens * top_k, D).index_copy(0, pair_idx_P, y_PD)
+    acc = torch.promote_types(y_PD.dtype, torch.float32)  # fp32, or the input's wider type (float64 oracles)
+    return buf.view(num_tokens, top_k, D).sum(1, dtype=acc).to(y_PD.dtype)
 
 
 def moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale):
@@ -135,17 +167,18 @@ def moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_
 
     Loops over experts with at least one token (a host sync for the counts, fine on CPU); experts
     without tokens are neither dequantized nor multiplied. ``w13_E2FD`` / ``w2_EDF`` are stacked
-    tensors or sequences of per-expert rows. Built for autograd: per-expert outputs are concatenated
-    (no in-place slice writes, whose backward copies the whole buffer once per expert), and when no
-    slot is valid the output of an ``x_TD`` that requires grad stays connected to it, so the backward
-    still reaches whatever produced ``x_TD``: with expert parallelism that is an all-to-all, and every
-    rank must run the same collectives in backward.
+    tensors or sequences of per-expert rows (dense, fp8 or int8 with their scales). Built for
+    autograd: per-expert outputs are concatenated (no in-place slice writes, whose backward copies
+    the whole buffer once per expert), and when no slot is valid the output of an ``x_TD`` that
+    requires grad stays connected to it, so the backward still reaches whatever produced ``x_TD``:
+    with expert parallelism that is an all-to-all, and every rank must run the same collectives in
+    backward. The combine is ``combine_pairs`` (fp32, fixed order).
     """
-    out_TD = torch.zeros_like(x_TD)
+    T, K = topk_ids_TK.shape
     grouped = _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, len(w13_E2FD))
     if grouped is None:
-        return x_TD * 0 if x_TD.requires_grad else out_TD
-    counts, tok, x_sorted, w_sorted = grouped
+        return x_TD * 0 if x_TD.requires_grad else torch.zeros_like(x_TD)
+    counts, pair_idx, x_sorted, w_sorted = grouped
     outs, start = [], 0
     for e, n in enumerate(counts):
         if n == 0:
@@ -156,35 +189,113 @@ def moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_
         gate, up = F.linear(xe, w13).chunk(2, dim=-1)
         outs.append(F.linear(F.silu(gate) * up, w2))
         start += n
-    y_sorted = torch.cat(outs)
-    out_TD.index_add_(0, tok, y_sorted * w_sorted[:, None])
-    return out_TD
+    return combine_pairs(torch.cat(outs) * w_sorted[:, None], pair_idx, T, K)
+
+
+# fp32 products with at most this many rows run as W @ x^T: MKL streams the weight rows at memory
+# bandwidth there, while x @ W^T packs W first (measured 2-3x slower at 1-16 rows, 1024x512 weights)
+FP32_SMALL_M = 16
+
+
+def _expert_mm(x_nK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor | None, out_nN: torch.Tensor) -> None:
+    """out = x @ W.T for one expert's rows, the fastest way this weight format runs on x's device."""
+    if w_NK.dtype == torch.int8 and x_nK.device.type == "cpu":
+        # int8 widened in registers, fp32 accumulation; the op's fast path takes bf16 activations
+        out_nN.copy_(torch._weight_int8pack_mm(x_nK.to(torch.bfloat16), w_NK, scale.to(torch.bfloat16)))
+        return
+    w_NK = _weight_as(w_NK, scale, x_nK.dtype)
+    if x_nK.dtype == torch.float32 and x_nK.shape[0] <= FP32_SMALL_M:
+        out_nN.copy_(torch.mm(w_NK, x_nK.t()).t())
+    else:
+        torch.mm(x_nK, w_NK.t(), out=out_nN)
 
 
 def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_EDF, w2_scale):
-    """``moe_experts_ref`` for no-grad use, with less work per expert: each expert's two matmuls write
-    straight into shared buffers (no per-expert output tensors, no cat) and SwiGLU runs once over all
-    rows. Decode steps touch most experts with one or two rows each, so the per-expert op count is
-    what costs. Same kernels and order of operations as the reference: results are identical."""
-    out_TD = torch.zeros_like(x_TD)
+    """``moe_experts_ref`` for no-grad use on the CPU, with less work per expert: each expert's two
+    matmuls write straight into shared buffers (no per-expert output tensors, no cat), SwiGLU runs
+    once over all rows, and each weight format takes its fastest product (``_expert_mm``: int8
+    through ``torch._weight_int8pack_mm``, fp32 at few rows as W @ x^T). Decode steps touch most
+    experts with one or two rows each, so per-expert overhead and bytes read per expert are what
+    cost. With bf16 activations it runs the reference's kernels in its order (bit-identical) for dense
+    and fp8 weights; fp32 activations take W @ x^T at few rows (another summation order, ~1e-6
+    relative; fp8 weights dequantized exactly first, so an fp8-resident model equals an fp32 one
+    holding the dequantized weights), int8 weights the int8 kernel (bf16 activations)."""
+    T, K = topk_ids_TK.shape
     grouped = _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD.shape[0])
     if grouped is None:
-        return out_TD
-    counts, tok, x_sorted, w_sorted = grouped
+        return torch.zeros_like(x_TD)
+    counts, pair_idx, x_sorted, w_sorted = grouped
     (P, D), F2 = x_sorted.shape, w13_E2FD.shape[1]
     h_P2F = x_TD.new_empty(P, F2)
     y_PD = x_TD.new_empty(P, D)
+    fp8 = w13_E2FD.dtype == torch.float8_e4m3fn
     active, start = [], 0
     for e, n in enumerate(counts):
         if n:
-            w13 = dequant_w13_ref(w13_E2FD[e], None if w13_scale is None else w13_scale[e], x_TD.dtype)
-            torch.mm(x_sorted[start:start + n], w13.t(), out=h_P2F[start:start + n])
+            s13 = None if w13_scale is None else w13_scale[e]
+            if fp8:  # dequantized (exact), then the product a dense weight of that dtype takes
+                _expert_mm(x_sorted[start:start + n], dequant_w13_ref(w13_E2FD[e], s13, x_TD.dtype), None,
+                           h_P2F[start:start + n])
+            else:
+                _expert_mm(x_sorted[start:start + n], w13_E2FD[e], s13, h_P2F[start:start + n])
             active.append((e, start, n))
             start += n
     gate, up = h_P2F.chunk(2, dim=-1)
     a_PF = F.silu(gate) * up
     for e, s0, n in active:
-        w2 = _weight_as(w2_EDF[e], None if w2_scale is None else w2_scale[e], x_TD.dtype)
-        torch.mm(a_PF[s0:s0 + n], w2.t(), out=y_PD[s0:s0 + n])
+        _expert_mm(a_PF[s0:s0 + n], w2_EDF[e], None if w2_scale is None else w2_scale[e], y_PD[s0:s0 + n])
     y_PD.mul_(w_sorted[:, None])
-    return out_TD.index_add_(0, tok, y_PD)
+    return combine_pairs(y_PD, pair_idx, T, K)
+
+
+def paged_mla_decode_ref(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens_B, scale: float, block_size: int,
+                         max_len: int, padded=None):
+    """Absorbed-MLA decode attention, the reference of ``mla_decode``: one new token per sequence,
+    scores ``(q_abs . c_t + q_pe . k_pe_t) * scale`` over the sequence's context t < seq_len, read
+    from the paged cache (slot of t = block_table[t // block_size] * block_size + t % block_size),
+    softmax in fp32, output the probability-weighted latent [B, H, C] in q's dtype. Gathers every
+    context padded to ``max_len`` (the CPU path; the Triton kernel never builds it). ``padded()``:
+    precomputed (slots_BT, valid_BT), shared by the layers of a step."""
+    C = q_abs_BHC.shape[-1]
+    if padded is not None:
+        slots_BT, valid_BT = padded()
+    else:
+        t_T = torch.arange(max_len, device=cache_PX.device)
+        valid_BT = t_T[None, :] < seq_lens_B[:, None]
+        slots_BT = (block_table_BM[:, t_T // block_size].long() * block_size + t_T % block_size).masked_fill(
+            ~valid_BT, 0)
+    ctx_BTX = cache_PX[slots_BT].to(q_abs_BHC.dtype)                               # [B, T, C+R]
+    # one product over the whole C+R row (latent and rope parts at once), no sliced copies of the context
+    scores_BHT = torch.bmm(torch.cat([q_abs_BHC, q_pe_BHR], -1), ctx_BTX.transpose(1, 2)) * scale
+    scores_BHT = scores_BHT.masked_fill(~valid_BT[:, None, :], float("-inf"))
+    p_BHT = torch.softmax(scores_BHT, dim=-1, dtype=torch.float32).to(q_abs_BHC.dtype)
+    return torch.bmm(p_BHT, ctx_BTX)[..., :C]
+
+
+def route_ref(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, n_group: int, topk_group: int, top_k: int,
+              scoring: str = "sigmoid", norm_topk_prob: bool = True, scale: float = 1.0):
+    """DeepSeek-V3's router from the fp32 router logits: (weights_TK fp32, ids_TK, scores_TE fp32).
+
+    Scores are sigmoid (V3) or softmax (V2) of the logits; the correction bias is added for selection
+    only; with groups, a group's score is the sum of its top-2 biased scores (sigmoid) or its max
+    (V2 group-limited greedy), the ``topk_group`` best groups are kept and the rest masked with -inf;
+    the ``top_k`` best experts are chosen; their weights are the *unbiased* scores, normalized
+    (sigmoid, ``norm_topk_prob``) and times ``scale`` (routed_scaling_factor). The reference of
+    ``router`` and the training path (autograd flows from the logits)."""
+    T, E = logits_TE.shape
+    scores_TE = logits_TE.sigmoid() if scoring == "sigmoid" else logits_TE.softmax(-1)
+    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
+    if n_group > 1:
+        grouped_TGe = choice_TE.view(T, n_group, E // n_group)
+        if scoring == "sigmoid" and E // n_group >= 2:
+            group_TG = grouped_TGe.topk(2, dim=-1).values.sum(-1)
+        else:  # V2 group-limited greedy
+            group_TG = grouped_TGe.amax(-1)
+        keep_TG = group_TG.topk(topk_group, dim=-1).indices
+        mask_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
+        choice_TE = grouped_TGe.masked_fill(mask_TG[..., None], float("-inf")).view(T, E)
+    ids_TK = choice_TE.topk(top_k, dim=-1).indices
+    weights_TK = scores_TE.gather(1, ids_TK)
+    if norm_topk_prob and top_k > 1:
+        weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+    return weights_TK * scale, ids_TK, scores_TE

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from expertpool import kernels
+from expertpool.kernels.reference import int8_dequant, int8_weight_quant
 from expertpool.model.args import ConfigError, ModelArgs
 from expertpool.model.layers import Linear
 from expertpool.model.moe import Experts, Gate
@@ -31,7 +32,9 @@ from expertpool.model.transformer import Transformer
 log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
-WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32}  # resident formats (weight_dtype)
+# resident formats (weight_dtype). "int8": the routed experts weight-only int8 with one bf16 scale per
+# row (``kernels.reference.int8_weight_quant``), every other linear bf16: the CPU decode fast path.
+WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
 # dtypes by name: the compute dtype (cluster.yaml model.dtype, the CLI) and the dtype of patch tensors
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -57,10 +60,77 @@ def _read_linear(r: ShardReader, name: str, shape) -> tuple[torch.Tensor, torch.
     return w, None
 
 
+def resident_dtype(kind: str, stored: torch.dtype, weight_dtype: str | None, dtype: torch.dtype) -> torch.dtype:
+    """The loader's one rule for the resident format of a weight of ``kind``: "expert" (routed),
+    "linear" (every other projection), "head" (lm_head, MTP eh_proj: embeddings-sized, never FP8 in
+    V3 checkpoints, kept dense) or "embedding" (rows cast on lookup). ``stored``: the checkpoint's
+    dtype; ``weight_dtype``: the requested resident format (None = as stored, non-FP8 in ``dtype``)."""
+    if kind == "embedding":  # a compact resident format applies to the (vocab x hidden) embedding too
+        return torch.bfloat16 if weight_dtype in ("fp8", "bf16", "int8") else dtype
+    if weight_dtype is None:
+        target = FP8 if stored == FP8 else dtype
+    elif weight_dtype == "int8":
+        target = torch.int8 if kind == "expert" else torch.bfloat16
+    else:
+        target = WEIGHT_DTYPES[weight_dtype]
+    if kind == "head" and target == FP8:
+        return torch.bfloat16
+    return target
+
+
+def resident_bytes(args: ModelArgs, experts_per_layer: int, weight_dtype: str | None, dtype: torch.dtype) -> dict:
+    """Bytes one serving process holds after ``load_checkpoint(..., with_mtp=False)`` with
+    ``experts_per_layer`` routed experts per MoE layer, by ``resident_dtype`` (the loader's own rule;
+    no weights read): "experts" (routed, with their scales), "dense" (attention, dense MLPs, shared
+    experts, routers, norms, and the dense copy of kv_b_proj that absorbed attention caches when the
+    resident kv_b is not in the compute dtype), "embed_head"."""
+    stored = FP8 if args.fp8 else torch.bfloat16
+
+    def size(t: torch.dtype) -> int:
+        return torch.empty((), dtype=t).element_size()
+
+    def linear(kind: str, n: int, k: int) -> int:
+        t = resident_dtype(kind, stored, weight_dtype, dtype)
+        scales = 0
+        if t == FP8:
+            scales = -(-n // kernels.BLOCK_SIZE) * -(-k // kernels.BLOCK_SIZE) * 4  # fp32 per 128x128 block
+        elif t == torch.int8:
+            scales = n * 2  # one bf16 per row
+        return n * k * size(t) + scales
+
+    d, h, f = args.hidden_size, args.num_attention_heads, args.moe_intermediate_size
+    norm = size(dtype)
+    kvb_n, kvb_k = h * (args.qk_nope_head_dim + args.v_head_dim), args.kv_lora_rank
+    if args.q_lora_rank is None:
+        attn = linear("linear", h * args.qk_head_dim, d)
+    else:
+        attn = (linear("linear", args.q_lora_rank, d) + args.q_lora_rank * norm
+                + linear("linear", h * args.qk_head_dim, args.q_lora_rank))
+    attn += (linear("linear", args.kv_cache_dim, d) + args.kv_lora_rank * norm + linear("linear", kvb_n, kvb_k)
+             + linear("linear", d, h * args.v_head_dim))
+    if resident_dtype("linear", stored, weight_dtype, dtype) != dtype:
+        attn += kvb_n * kvb_k * size(dtype)  # MLA.kv_b_weight: dense in the compute dtype, cached at load
+    block = attn + 2 * d * norm  # + the two layer norms
+    moe = (args.n_shared_experts * (2 * linear("linear", f, d) + linear("linear", d, f))
+           + args.n_routed_experts * (d + 1) * 4)  # shared experts; router weight and bias in fp32
+    dense_mlp = 2 * linear("linear", args.intermediate_size, d) + linear("linear", d, args.intermediate_size)
+    n_moe = len(args.moe_layers)
+    n_dense = args.num_hidden_layers - n_moe
+    expert = 2 * linear("expert", f, d) + linear("expert", d, f)
+    # the embedding and the head are stored dense (bf16) in V3 checkpoints, FP8 or not
+    embed = size(resident_dtype("embedding", torch.bfloat16, weight_dtype, dtype))
+    head = size(resident_dtype("head", torch.bfloat16, weight_dtype, dtype))
+    return {"experts": n_moe * experts_per_layer * expert,
+            "dense": args.num_hidden_layers * block + n_moe * moe + n_dense * dense_mlp + d * norm,
+            "embed_head": args.vocab_size * d * (embed + head)}
+
+
 def _resident(w: torch.Tensor, s: torch.Tensor | None, target: torch.dtype, scale_fmt=None):
     """Convert one [N, K] weight (+ scale) to the resident format."""
     if target == FP8:
         return (w, s) if w.dtype == FP8 else kernels.weight_quant(w, scale_fmt=scale_fmt)
+    if target == torch.int8:
+        return int8_weight_quant(kernels.weight_dequant(w, s, torch.float32) if w.dtype == FP8 else w)
     if w.dtype == FP8:
         return kernels.weight_dequant(w, s, target), None
     return w.to(target), None
@@ -85,8 +155,9 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
                     weight_dtype: str | None = None, with_mtp: bool = True) -> Transformer:
     """Load an HF-format DeepSeek-V3 checkpoint directory.
 
-    dtype: compute dtype. weight_dtype: resident linear-weight format, "fp8" | "bf16" | "fp32", or None
-    (FP8 tensors stay FP8, others take ``dtype``). experts: global routed-expert ids to load (None = all).
+    dtype: compute dtype. weight_dtype: resident linear-weight format, "fp8" | "bf16" | "fp32" | "int8"
+    (routed experts int8, other linears bf16), or None (FP8 tensors stay FP8, others take ``dtype``).
+    experts: global routed-expert ids to load (None = all).
     """
     path = Path(path)
     try:
@@ -108,23 +179,17 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
                  path, args.num_nextn_predict_layers)
     with torch.device("meta"):
         model = Transformer(args, experts, with_mtp=with_mtp and mtp_present)
-    target_of = ((lambda w: WEIGHT_DTYPES[weight_dtype]) if weight_dtype
-                 else (lambda w: FP8 if w.dtype == FP8 else dtype))
-
     for mname, module in model.named_modules():
         cname = _ckpt_name(args, mname)
         if isinstance(module, Linear):
             w, s = _read_linear(r, cname, (module.out_features, module.in_features))
-            # embeddings-sized tensors (lm_head, MTP eh_proj) are never FP8 in V3 checkpoints: keep them dense
-            tgt = target_of(w)
-            if mname in ("lm_head",) or mname.endswith("eh_proj"):
-                tgt = torch.bfloat16 if tgt == FP8 else tgt
-            w, s = _resident(w, s, tgt, args.scale_fmt)
+            kind = "head" if mname == "lm_head" or mname.endswith("eh_proj") else "linear"
+            w, s = _resident(w, s, resident_dtype(kind, w.dtype, weight_dtype, dtype), args.scale_fmt)
             _set(module, "weight", w.to(device), True)
             if s is not None:
                 module.register_buffer("weight_scale_inv", s.to(device))
         elif isinstance(module, Experts):
-            _load_experts(r, args, cname, module, target_of, device)
+            _load_experts(r, args, cname, module, weight_dtype, dtype, device)
         elif isinstance(module, Gate):
             gate_w = r.get(cname + ".weight", (args.n_routed_experts, args.hidden_size))
             _set(module, "weight", gate_w.float().to(device), True)
@@ -132,10 +197,8 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
                     if cname + ".e_score_correction_bias" in r else torch.zeros(args.n_routed_experts))
             _set(module, "e_score_correction_bias", bias.to(device), False)
         elif isinstance(module, nn.Embedding):
-            # a compact resident format applies to the (vocab x hidden) embedding too; rows are cast on lookup
-            edt = torch.bfloat16 if weight_dtype in ("fp8", "bf16") else dtype
             emb = r.get(cname + ".weight", (args.vocab_size, args.hidden_size))
-            _set(module, "weight", emb.to(edt).to(device), True)
+            _set(module, "weight", emb.to(resident_dtype("embedding", emb.dtype, weight_dtype, dtype)).to(device), True)
         else:
             for pname, p in list(module.named_parameters(recurse=False)):
                 _set(module, pname, r.get(f"{cname}.{pname}", tuple(p.shape)).to(dtype).to(device), True)
@@ -144,7 +207,7 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
         if isinstance(m, Experts):
             m.expert_ids, m.global_to_local = m.expert_ids.to(device), m.global_to_local.to(device)
     for moe in model.moe_layers():
-        moe.expert_load = moe.expert_load.to(device)
+        moe.expert_load, moe._one = moe.expert_load.to(device), moe._one.to(device)
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not leftover, f"loader left tensors unset: {leftover[:5]}"
     r.close()
@@ -152,7 +215,7 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
     return model.eval()
 
 
-def _load_experts(r: ShardReader, args: ModelArgs, cname: str, module: Experts, target_of, device):
+def _load_experts(r: ShardReader, args: ModelArgs, cname: str, module: Experts, weight_dtype, dtype, device):
     prefix = cname[: -len(".experts")]  # model.layers.N.mlp
     F_, D = args.moe_intermediate_size, args.hidden_size
     w13s, s13s, w2s, s2s = [], [], [], []
@@ -161,7 +224,7 @@ def _load_experts(r: ShardReader, args: ModelArgs, cname: str, module: Experts, 
         g, gs = _read_linear(r, base + ".gate_proj", (F_, D))
         u, us = _read_linear(r, base + ".up_proj", (F_, D))
         dn, ds = _read_linear(r, base + ".down_proj", (D, F_))
-        tgt = target_of(g)
+        tgt = resident_dtype("expert", g.dtype, weight_dtype, dtype)
         g, gs = _resident(g, gs, tgt, args.scale_fmt)
         u, us = _resident(u, us, tgt, args.scale_fmt)
         dn, ds = _resident(dn, ds, tgt, args.scale_fmt)
@@ -180,6 +243,8 @@ def _load_experts(r: ShardReader, args: ModelArgs, cname: str, module: Experts, 
 # ---------------------------------------------------------------- saving
 
 def _dense(w: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+    if w.dtype == torch.int8:
+        return int8_dequant(w, s)
     return kernels.weight_dequant(w, s, torch.float32) if w.dtype == FP8 else w.float()
 
 
@@ -210,7 +275,8 @@ def checkpoint_tensors(model: Transformer, *, fp8: bool = False, dtype: torch.dt
                                       "only a model with all experts can be saved as a full checkpoint")
             prefix = cname[: -len(".experts")]
             F_ = args.moe_intermediate_size
-            fb = -(-F_ // kernels.BLOCK_SIZE)
+            # the gate half's scale rows: 128-row blocks (fp8) or one per row (int8)
+            fb = F_ if module.w13_weight.dtype == torch.int8 else -(-F_ // kernels.BLOCK_SIZE)
             s13, s2 = module.w13_weight_scale_inv, module.w2_weight_scale_inv
             for i, e in enumerate(module.expert_ids.tolist()):
                 w13 = module.w13_weight[i].detach()

@@ -30,20 +30,44 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x W^T without bias; W may be fp8 (then ``weight_scale_inv`` holds its 128x128 block scales)."""
+    """y = x W^T without bias; W may be fp8 (then ``weight_scale_inv`` holds its 128x128 block scales).
 
-    def __init__(self, in_features: int, out_features: int):
+    ``act_scale_fmt``: the scale format of activation quantization on the W8A8 path. DeepSeek-V3's
+    inference code passes the checkpoint's ``scale_fmt`` ("ue8m0": power-of-two scales) only in its
+    plain ``Linear`` layers (q_a_proj, kv_a_proj_with_mqa and the routed experts), not in the
+    column/row-parallel ones; the model sets it on the same layers."""
+
+    def __init__(self, in_features: int, out_features: int, act_scale_fmt: str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.act_scale_fmt = act_scale_fmt
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_buffer("weight_scale_inv", None)  # set for FP8 weights
+        self._packed: tuple | None = None  # (key of the weight it was made from, oneDNN-packed weight)
 
     def set_fp8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale_inv", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.linear(x, self.weight, self.weight_scale_inv)
+        p = self._packed
+        if p is not None and not torch.is_grad_enabled() and x.dtype == self.weight.dtype and \
+                p[0] == (self.weight.data_ptr(), self.weight._version) and kernels.fast_paths():
+            return kernels.packed_linear(x, p[1])
+        return kernels.linear(x, self.weight, self.weight_scale_inv, self.act_scale_fmt)
+
+    def pack_for_cpu(self) -> bool:
+        """Pre-pack a dense CPU weight for oneDNN (inference; see ``kernels.pack_weight``); used while the
+        weight is unchanged (same storage and version) and autograd is off. Costs a second copy of the
+        weight. Returns whether it packed."""
+        w = self.weight
+        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
+            return False
+        if self._packed is not None and self._packed[0] == (w.data_ptr(), w._version):
+            return True  # already packed from this weight
+        packed = kernels.pack_weight(w)
+        self._packed = None if packed is None else ((w.data_ptr(), w._version), packed)
+        return packed is not None
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.weight.dtype == torch.float8_e4m3fn:
@@ -51,7 +75,8 @@ class Linear(nn.Module):
         return self.weight.to(dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.in_features}, {self.out_features}, dtype={self.weight.dtype}"
+        fmt = f", act_scale_fmt={self.act_scale_fmt}" if self.act_scale_fmt else ""
+        return f"{self.in_features}, {self.out_features}, dtype={self.weight.dtype}{fmt}"
 
 
 class MLP(nn.Module):

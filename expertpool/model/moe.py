@@ -22,32 +22,19 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expertpool import kernels
+from expertpool.kernels.reference import int8_weight_quant
 from expertpool.model.args import ModelArgs
 from expertpool.model.dispatch import Dispatcher, LocalDispatcher
 from expertpool.model.layers import MLP
 
 
-def route(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor | None, args: ModelArgs):
-    """Returns (weights_TK fp32, ids_TK, scores_TE fp32)."""
-    T = x_TD.shape[0]
-    E, G = args.n_routed_experts, args.n_group
+def route(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor | None, args: ModelArgs,
+          need_scores: bool = True):
+    """Returns (weights_TK fp32, ids_TK, scores_TE fp32 or None): the exact V3 router in fp32
+    (``kernels.reference.route_ref``; a fused kernel on the GPU when no scores or gradients are needed)."""
     logits_TE = F.linear(x_TD.float(), weight_ED.float())
-    scores_TE = logits_TE.sigmoid() if args.scoring_func == "sigmoid" else logits_TE.softmax(-1)
-    choice_TE = scores_TE if bias_E is None else scores_TE + bias_E.float()
-    if G > 1:
-        grouped_TGe = choice_TE.view(T, G, E // G)
-        if args.scoring_func == "sigmoid" and E // G >= 2:
-            group_TG = grouped_TGe.topk(2, dim=-1).values.sum(-1)
-        else:  # V2 group-limited greedy
-            group_TG = grouped_TGe.amax(-1)
-        keep_TG = group_TG.topk(args.topk_group, dim=-1).indices
-        mask_TG = torch.ones_like(group_TG, dtype=torch.bool).scatter_(1, keep_TG, False)
-        choice_TE = grouped_TGe.masked_fill(mask_TG[..., None], float("-inf")).view(T, E)
-    ids_TK = choice_TE.topk(args.num_experts_per_tok, dim=-1).indices
-    weights_TK = scores_TE.gather(1, ids_TK)
-    if args.norm_topk_prob and args.num_experts_per_tok > 1:
-        weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
-    return weights_TK * args.routed_scaling_factor, ids_TK, scores_TE
+    return kernels.route(logits_TE, bias_E, args.n_group, args.topk_group, args.num_experts_per_tok,
+                         args.scoring_func, args.norm_topk_prob, args.routed_scaling_factor, need_scores)
 
 
 class Gate(nn.Module):
@@ -57,8 +44,8 @@ class Gate(nn.Module):
         self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
         self.register_buffer("e_score_correction_bias", torch.zeros(args.n_routed_experts))
 
-    def forward(self, x_TD):
-        return route(x_TD, self.weight, self.e_score_correction_bias, self.args)
+    def forward(self, x_TD, need_scores: bool = True):
+        return route(x_TD, self.weight, self.e_score_correction_bias, self.args, need_scores)
 
 
 def quantize_expert(w13_2FD: torch.Tensor, w2_DF: torch.Tensor, scale_fmt: str | None = None):
@@ -84,6 +71,8 @@ class Experts(nn.Module):
         g2l = torch.full((args.n_routed_experts,), -1, dtype=torch.long, device="cpu")
         g2l[self.expert_ids] = torch.arange(El, device="cpu")
         self.register_buffer("global_to_local", g2l, persistent=False)
+        # all experts here and no variants: global ids are local ids, the dispatcher skips the lookup
+        self.identity_map = El == args.n_routed_experts
         self.w13_weight = nn.Parameter(torch.empty(El, 2 * F_, D))
         self.w2_weight = nn.Parameter(torch.empty(El, D, F_))
         self.register_buffer("w13_weight_scale_inv", None)  # set for FP8 experts
@@ -104,6 +93,9 @@ class Experts(nn.Module):
         dev = self.w13_weight.device
         if self.w13_weight.dtype == torch.float8_e4m3fn:
             q13, s13, q2, s2 = quantize_expert(w13_2FD, w2_DF, self.scale_fmt)
+            return q13.to(dev), s13.to(dev), q2.to(dev), s2.to(dev)
+        if self.w13_weight.dtype == torch.int8:
+            (q13, s13), (q2, s2) = int8_weight_quant(w13_2FD), int8_weight_quant(w2_DF)
             return q13.to(dev), s13.to(dev), q2.to(dev), s2.to(dev)
         return w13_2FD.to(dev, self.w13_weight.dtype), None, w2_DF.to(dev, self.w2_weight.dtype), None
 
@@ -140,11 +132,12 @@ class Experts(nn.Module):
                 self.w2_weight_scale_inv = torch.cat([self.w2_weight_scale_inv, torch.stack(s2)])
             self.expert_ids = torch.cat([self.expert_ids, torch.tensor(ids, dtype=torch.long, device=dev)])
         self.global_to_local = torch.cat([self.global_to_local, table.to(dev)])
+        self.identity_map = False
         return v
 
     def forward(self, x_TD, local_ids_TK, weights_TK):
         return kernels.moe_experts(x_TD, local_ids_TK, weights_TK, self.w13_weight, self.w13_weight_scale_inv,
-                                   self.w2_weight, self.w2_weight_scale_inv)
+                                   self.w2_weight, self.w2_weight_scale_inv, scale_fmt=self.scale_fmt)
 
 
 @dataclass
@@ -166,6 +159,7 @@ class MoE(nn.Module):
         self.dispatcher: Dispatcher = LocalDispatcher()
         self.register_buffer("expert_load", torch.zeros(args.n_routed_experts, dtype=torch.long, device="cpu"),
                              persistent=False)
+        self.register_buffer("_one", torch.ones((), dtype=torch.long, device="cpu"), persistent=False)
 
     def forward(self, x: torch.Tensor, record: RoutingRecord | None = None,
                 variant_T: torch.Tensor | None = None) -> torch.Tensor:
@@ -173,15 +167,15 @@ class MoE(nn.Module):
         virtual id ``e + v * n_routed`` (a fine-tuned copy where the variant has one)."""
         shape = x.shape
         x_TD = x.reshape(-1, shape[-1])
-        weights_TK, ids_TK, scores_TE = self.gate(x_TD)
-        with torch.no_grad():
-            self.expert_load += torch.bincount(ids_TK.flatten(), minlength=self.args.n_routed_experts)
+        weights_TK, ids_TK, scores_TE = self.gate(x_TD, need_scores=record is not None)
+        with torch.no_grad():  # token counts stay on the device (no host read; read when asked)
+            self.expert_load.index_put_((ids_TK.flatten(),), self._one, accumulate=True)
         if record is not None:
             record.shape = tuple(shape[:-1])
             record.layers[self.layer_id] = (weights_TK, ids_TK, scores_TE)
         if variant_T is not None:
             ids_TK = ids_TK + variant_T[:, None] * self.args.n_routed_experts
-        y_TD = self.dispatcher(x_TD, ids_TK, weights_TK.to(x.dtype), self.experts)
+        y_TD = self.dispatcher(x_TD, ids_TK, weights_TK, self.experts)  # fp32 weights: applied in the combine
         if self.shared_experts is not None:
             y_TD = y_TD + self.shared_experts(x_TD)
         return y_TD.view(shape)

@@ -32,8 +32,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, rope, batch: AttnBatch | None = None, positions=None, record: RoutingRecord | None = None):
-        x = x + self.self_attn(self.input_layernorm(x), rope, batch, positions)
+    def forward(self, x, cos_sin, batch: AttnBatch | None = None, record: RoutingRecord | None = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, batch)
         h = self.post_attention_layernorm(x)
         if isinstance(self.mlp, MoE):
             return x + self.mlp(h, record, None if batch is None else batch.variant_N)
@@ -96,6 +96,19 @@ class Transformer(nn.Module):
         layers = [m for m in self.moe_layers() if m.layer_id < self.args.num_hidden_layers]
         return layers[0].experts.num_variants if layers else 1
 
+    @torch.no_grad()
+    def prepare_for_inference(self) -> int:
+        """One-time work before serving (at load, never per step): cache kv_b_proj's dense weight and
+        the absorbed W_UK / W_UV layouts, and on CPU pre-pack every dense linear for oneDNN (kv_b_proj
+        excepted: it is used through those caches). Returns the number of packed linears."""
+        packed = 0
+        for name, m in self.named_modules():
+            if isinstance(m, MLA):
+                m.absorbed_weights(self.compute_dtype)
+            elif isinstance(m, Linear) and not name.endswith("kv_b_proj") and m.weight.dtype == self.compute_dtype:
+                packed += m.pack_for_cpu()
+        return packed
+
     def set_dispatcher(self, dispatcher) -> None:
         for moe in self.moe_layers():
             moe.dispatcher = dispatcher
@@ -103,8 +116,9 @@ class Transformer(nn.Module):
     def hidden_states(self, input_ids: torch.Tensor, record: RoutingRecord | None = None) -> torch.Tensor:
         """input_ids [B, S] (from position 0) -> final-normed hidden [B, S, D]."""
         x = self.model.embed_tokens(input_ids).to(self.compute_dtype)
+        cos_sin = self.rope(torch.arange(input_ids.shape[1], device=input_ids.device))  # once for every layer
         for layer in self.model.layers:
-            x = layer(x, self.rope, record=record)
+            x = layer(x, cos_sin, record=record)
         return self.model.norm(x)
 
     def forward(self, input_ids: torch.Tensor, record: RoutingRecord | None = None) -> torch.Tensor:
@@ -116,7 +130,7 @@ class Transformer(nn.Module):
         mtp = self.model.mtp[k]
         emb = self.model.embed_tokens(input_ids[:, 1:]).to(hidden_BSD.dtype)
         h = mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(hidden_BSD[:, :-1])], -1))
-        h = mtp(h, self.rope, record=record)
+        h = mtp(h, self.rope(torch.arange(h.shape[1], device=h.device)), record=record)
         return self.lm_head(mtp.shared_head.norm(h))
 
     def forward_batch(self, tokens_N: torch.Tensor, batch: AttnBatch, logits_rows: torch.Tensor | None = None,
@@ -124,8 +138,9 @@ class Transformer(nn.Module):
         """Flat tokens over the paged latent cache; logits only for ``logits_rows`` (default: all).
         ``return_hidden``: also the final-normed hidden of every row [N, D] (the MTP module's input)."""
         x = self.model.embed_tokens(tokens_N).to(self.compute_dtype)
+        cos_sin = self.rope(batch.positions_N)  # RoPE once per step, shared by every layer
         for layer in self.model.layers:
-            x = layer(x, self.rope, batch)
+            x = layer(x, cos_sin, batch)
         if not return_hidden:
             return self.lm_head(self.model.norm(x if logits_rows is None else x[logits_rows]))
         h = self.model.norm(x)
@@ -140,7 +155,8 @@ class Transformer(nn.Module):
         logits of ``logits_rows``). ``batch`` must carry no variants: the module has none."""
         mtp = self.model.mtp[k]
         emb = self.model.embed_tokens(next_tokens_M).to(hidden_MD.dtype)
-        x = mtp(mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(hidden_MD)], -1)), self.rope, batch)
+        x = mtp(mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(hidden_MD)], -1)),
+                self.rope(batch.positions_N), batch)
         return x, self.lm_head(mtp.shared_head.norm(x if logits_rows is None else x[logits_rows]))
 
 

@@ -77,10 +77,14 @@ class ModelConfig(Closed):
     name: str | None = Field(None, description="Served model id (the OpenAI `model` field). Default: the basename "
                              f"of `path`, or `{EMBEDDED_MODEL_NAME}` for the embedded model. Must not contain ':' "
                              "(fine-tuned variants are served as `NAME:DOMAIN`).")
-    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Compute dtype of activations and "
-                                                  "non-quantized weights.")
-    weight_dtype: Literal["fp8", "bf16", "fp32"] | None = Field(None, description="Resident format of the expert and "
-                                                                "linear weights. None = as stored in the checkpoint.")
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Compute dtype of activations and non-quantized weights. auto = bfloat16 where the "
+        "actor's hardware runs it natively (a CPU with AVX-512 BF16 or AMX, a GPU of compute capability >= 8.0), "
+        "float32 elsewhere; each actor decides on its own device and logs the choice and the reason.")
+    weight_dtype: Literal["fp8", "bf16", "fp32", "int8"] | None = Field(
+        None, description="Resident format of the expert and linear weights. None = as stored in the checkpoint. "
+        "int8 = routed experts weight-only int8 with one scale per row (the fastest CPU decode; logits differ from "
+        "bf16 weights by ~1e-2 relative, see docs/benchmarks.md), other linears bf16.")
     tokenizer: str | None = Field(None, description="Where the tokenizer (tokenizer.json) is: any location `path` "
                                   "accepts. Default: `path`; for the embedded model, its embedded tokenizer.")
 
@@ -122,11 +126,25 @@ class RecoveryConfig(Closed):
                               "engine gives up.")
 
 
+class PoolActorResources(ActorResources):
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory of each actor's GPU in GiB (e.g. 79.6 for "
+                                        "an H100 80GB, 139.8 for an H200). Declared, `expertpool validate` and "
+                                        "deploy check the per-actor memory plan against it before anything starts; "
+                                        "None = each GPU actor checks against its device's size at start-up.")
+
+    @model_validator(mode="after")
+    def _gpu_memory(self) -> PoolActorResources:
+        if self.gpu_memory_gb is not None and self.gpu <= 0:
+            raise rule_error("gpu_memory_gb", "is set but the actor reserves no GPU (gpu is 0)",
+                             "set gpu (e.g. 1) or remove gpu_memory_gb")
+        return self
+
+
 class PoolConfig(Closed):
     actors_per_replica: int = Field(2, ge=1, description="Expert-parallel actors per Serve replica; each holds "
                                     "n_routed_experts / actors_per_replica routed experts (must divide evenly).")
-    actor_resources: ActorResources = Field(default_factory=ActorResources, description="Resources reserved by "
-                                            "each expert-parallel actor (one placement bundle each).")
+    actor_resources: PoolActorResources = Field(default_factory=PoolActorResources, description="Resources "
+                                                "reserved by each expert-parallel actor (one placement bundle each).")
     replica_cpu: float = Field(0.1, gt=0, description="Logical CPUs reserved for the Serve replica process itself "
                                "(placement bundle 0). It mostly waits on its actors, so a fraction suffices.")
     placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
@@ -137,12 +155,21 @@ class PoolConfig(Closed):
                                                      "gloo.")
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="Self-healing when an expert "
                                      "actor dies.")
+    triton_cache_dir: str | None = Field(None, description="Directory where the actors keep compiled Triton kernels "
+                                         "(TRITON_CACHE_DIR), e.g. a volume mounted into every pod, so a restarted "
+                                         "actor does not compile again. None = Triton's default (~/.triton/cache).")
 
     @model_validator(mode="after")
     def _check(self) -> PoolConfig:
-        if self.backend == "nccl" and self.actor_resources.gpu <= 0:
+        gpu = self.actor_resources.gpu
+        if self.backend == "nccl" and gpu <= 0:
             raise rule_error("backend", "nccl needs GPUs but actor_resources.gpu is 0",
                         "set pool.actor_resources.gpu (e.g. 1) or set pool.backend to gloo or auto")
+        if self.resolved_backend() == "nccl" and (gpu < 1 or gpu != int(gpu)):
+            raise rule_error("actor_resources.gpu", f"is {gpu:g}, but NCCL needs each rank on whole GPUs of its own "
+                             "(two ranks on one device cannot form a communicator)",
+                             "set pool.actor_resources.gpu to a whole number >= 1, or pool.backend to gloo to "
+                             "share GPUs between actors")
         return self
 
     def resolved_backend(self) -> Literal["gloo", "nccl"]:
@@ -184,6 +211,11 @@ class KVCacheConfig(Closed):
                                    "not both; neither = enough for max_batch_size full sequences of max_seq_len.")
     memory_gb: float | None = Field(None, gt=0, description="KV-cache memory budget per replica in GiB; the block "
                                     "count is derived from the model's bytes per cached token.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU actors, when neither num_blocks nor "
+                                          "memory_gb is set: the KV cache takes this fraction of the device memory "
+                                          "free after loading the weights, less the prefill-activation and "
+                                          "communication headroom of the memory plan (vLLM's name). CPU actors "
+                                          "ignore it.")
 
     @model_validator(mode="after")
     def _check(self) -> KVCacheConfig:
@@ -266,6 +298,10 @@ class ServingConfig(Closed):
                                                              "completions into `reasoning_content` (streaming too), "
                                                              "as vLLM's parser of the same name; None = leave it in "
                                                              "`content`.")
+    cuda_graphs: bool = Field(True, description="GPU actors: capture decode steps in CUDA graphs, one per batch "
+                              "bucket (powers of two up to the per-actor batch), after the warm-up. Applies where "
+                              "the decode forward never reads the device back: FP8 experts on the Triton path and one "
+                              "actor per replica (the all-to-all reads split sizes); elsewhere decode runs eagerly.")
     async_scheduling: bool = Field(False, description="Plan and submit engine step k+1 while step k runs (vLLM's "
                                    "--async-scheduling, SGLang's overlap scheduler), so the expert actors never wait "
                                    "for the replica. Turn it on when the replica has CPU of its own (GPU actors, or "
@@ -468,9 +504,10 @@ class ClusterConfig(Closed):
         return self.train.jobs[name]
 
     def validate_against_model(self, n_routed_experts: int, *, max_position_embeddings: int | None = None,
-                               kv_bytes_per_token: int | None = None) -> dict[str, Any]:
+                               kv_bytes_per_token: int | None = None, model_args=None) -> dict[str, Any]:
         """Rules that need the architecture. Raises ConfigError listing every problem; returns derived values
-        (for ``expertpool validate`` to print)."""
+        (for ``expertpool validate`` to print). With ``model_args`` (the checkpoint's ``ModelArgs``) and a
+        declared ``pool.actor_resources.gpu_memory_gb``, the per-actor memory plan must fit."""
         problems: list[ConfigProblem] = []
         derived: dict[str, Any] = {}
         if n_routed_experts % self.pool.actors_per_replica:
@@ -503,9 +540,29 @@ class ClusterConfig(Closed):
                                               f"{need / GIB:.3g} or lower serving.max_seq_len"))
         if kv.memory_gb is None or kv_bytes_per_token is not None:
             derived["serving.kv_cache.num_blocks"] = self.serving.num_kv_blocks(kv_bytes_per_token)
+        res = self.pool.actor_resources
+        actors = self.pool.actors_per_replica
+        if model_args is not None and res.gpu_memory_gb is not None and not n_routed_experts % actors:
+            from expertpool.platform import actor_memory as memory_plan
+            try:
+                plan = memory_plan.check(model_args, actors, int(res.gpu_memory_gb * GIB),
+                                         where="pool.actor_resources.gpu_memory_gb", **self.plan_inputs())
+                derived["pool.memory_per_actor_gib"] = round(plan.total / GIB, 1)
+            except ValueError as e:
+                problems.append(ConfigProblem("pool.actor_resources.gpu_memory_gb", str(e)))
         if problems:
             raise ConfigError(problems, self._source)
         return derived
+
+    def plan_inputs(self, dtype: str | None = None) -> dict[str, Any]:
+        """The memory plan's keyword inputs from this config. ``dtype``: the resolved compute dtype; for
+        ``auto`` the plan assumes bfloat16 (every GPU of compute capability >= 8.0 runs it), and each
+        actor re-checks with the dtype it resolves on its device."""
+        import torch
+        name = dtype or ("bfloat16" if self.model.dtype == "auto" else self.model.dtype)
+        return {"weight_dtype": self.model.weight_dtype, "dtype": getattr(torch, name),
+                "max_seq_len": self.serving.max_seq_len, "max_num_batched_tokens": self.serving.max_num_batched_tokens,
+                "max_batch_size": self.serving.max_batch_size}
 
     # --- derivations for Ray Serve ------------------------------------------------------------------
 

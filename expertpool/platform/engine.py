@@ -359,6 +359,41 @@ def generate(core: EngineCore, prompts: list[list[int]], params: SamplingParams 
     return outs
 
 
+def kv_blocks_per_worker(cfg, args, infos: list[dict]) -> int:
+    """KV-cache blocks per worker, once the workers have loaded (their infos say the compute dtype they
+    resolved and, on GPUs, the memory free after the load): ``kv_cache.num_blocks`` or ``memory_gb``
+    per replica when set; else on GPUs ``gpu_memory_utilization`` of the free memory less the memory
+    plan's headroom (the least over the workers); else, on CPUs, room for ``max_batch_size`` sequences
+    of ``max_seq_len``. At least one ``max_seq_len`` sequence per worker."""
+    from expertpool.model.attention import PagedLatentCache
+    from expertpool.model.checkpoint import DTYPES
+    from expertpool.platform import actor_memory as memory_plan
+
+    s, kv = cfg.serving, cfg.serving.kv_cache
+    world = len(infos)
+    dtypes = {i["dtype"] for i in infos}
+    assert len(dtypes) == 1, f"the workers resolved different compute dtypes {dtypes}: set model.dtype explicitly"
+    dtype = dtypes.pop()
+    spec_tokens = s.speculative.num_speculative_tokens if s.speculative else 0
+    layers = args.num_hidden_layers + (args.num_nextn_predict_layers if spec_tokens else 0)  # MTP's own cache layer
+    per_block = PagedLatentCache.bytes_per_token(args, layers, DTYPES[dtype]) * kv.block_size
+    one_sequence = -(-s.max_seq_len // kv.block_size)
+    free = [i.get("free_bytes") for i in infos]
+    if kv.num_blocks is None and kv.memory_gb is None and all(f is not None for f in free):
+        plan = memory_plan.plan(args, world, **cfg.plan_inputs(dtype))
+        blocks = min(memory_plan.kv_budget(f, kv.gpu_memory_utilization, plan) // per_block for f in free)
+        if blocks < one_sequence:
+            raise RuntimeError(f"after loading, the KV cache gets {blocks} blocks of {kv.block_size} tokens per actor, "
+                               f"fewer than one sequence of serving.max_seq_len ({s.max_seq_len}); lower max_seq_len, "
+                               "raise serving.kv_cache.gpu_memory_utilization or use more actors")
+        log.info("KV cache: %d blocks (%d tokens, %.1f GiB) per actor = %.0f%% of the %.1f GiB free after loading, "
+                 "less %.2f GiB of prefill and communication headroom", blocks, blocks * kv.block_size,
+                 blocks * per_block / memory_plan.GIB, 100 * kv.gpu_memory_utilization, min(free) / memory_plan.GIB,
+                 plan.headroom / memory_plan.GIB)
+        return blocks
+    return max(-(-s.num_kv_blocks(per_block // kv.block_size) // world), one_sequence)
+
+
 def build_engine(cfg, hooks=None) -> AsyncEngine:
     """The engine of one Serve replica: create its expert-parallel actor group and wire the scheduler.
 
@@ -371,8 +406,6 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
 
     from expertpool.model import storage
     from expertpool.model.args import ModelArgs
-    from expertpool.model.attention import PagedLatentCache
-    from expertpool.model.checkpoint import DTYPES
     from expertpool.model.embedded import ensure_embedded_model
     from expertpool.model.tokenizer import Tokenizer
     from expertpool.platform.worker import RayExecutor, WorkerSpec
@@ -383,13 +416,10 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     meta_dir = storage.resolve_model(model_dir, weights=False)
     args = ModelArgs.from_dir(meta_dir)
     world = cfg.pool.actors_per_replica
-    cfg.validate_against_model(args.n_routed_experts, max_position_embeddings=args.max_position_embeddings)
+    cfg.validate_against_model(args.n_routed_experts, max_position_embeddings=args.max_position_embeddings,
+                               model_args=args)
     s = cfg.serving
     spec_tokens = s.speculative.num_speculative_tokens if s.speculative else 0
-    cache_layers = args.num_hidden_layers + (args.num_nextn_predict_layers if spec_tokens else 0)
-    bytes_per_token = PagedLatentCache.bytes_per_token(args, cache_layers, DTYPES[cfg.model.dtype])
-    total_blocks = s.num_kv_blocks(bytes_per_token)
-    blocks_per_worker = max(-(-total_blocks // world), -(-s.max_seq_len // s.kv_cache.block_size))
     pg = ray.util.get_current_placement_group()
     res = cfg.pool.actor_resources
     options = []
@@ -400,11 +430,17 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
                 pg, placement_group_bundle_index=cfg.pool.actor_bundle_index(rank))
         options.append(opts)
     rec = cfg.pool.recovery
-    spec = WorkerSpec(model_dir, cfg.model.dtype, cfg.model.weight_dtype, blocks_per_worker, s.kv_cache.block_size,
-                      cfg.pool.backend, max(1, int(res.cpu)) if res.cpu >= 1 else 1, rec.collective_timeout_s,
-                      cfg.model.tokenizer, spec_tokens)
+    bs = s.kv_cache.block_size
+    spec = WorkerSpec(model_dir, cfg.model.dtype, cfg.model.weight_dtype, None, bs, cfg.pool.backend,
+                      max(1, int(res.cpu)) if res.cpu >= 1 else 1, rec.collective_timeout_s,
+                      tokenizer_dir=cfg.model.tokenizer, spec_tokens=spec_tokens,
+                      scratch_blocks=-(-min(s.max_num_batched_tokens, s.max_seq_len) // bs),
+                      max_seq_len=s.max_seq_len, max_num_batched_tokens=s.max_num_batched_tokens,
+                      max_batch_size=s.max_batch_size, cuda_graphs=s.cuda_graphs,
+                      triton_cache_dir=cfg.pool.triton_cache_dir)
     executor = RayExecutor(spec, options, hooks=hooks)
-    executor.start()
+    executor.start(size_kv=lambda infos: kv_blocks_per_worker(cfg, args, infos))
+    blocks_per_worker = executor.spec.num_blocks
     tok = Tokenizer.from_dir(storage.resolve_model(cfg.model.tokenizer, weights=False) if cfg.model.tokenizer
                              else meta_dir)
     core = EngineCore(executor, num_blocks=blocks_per_worker, block_size=s.kv_cache.block_size,
@@ -413,9 +449,10 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
                       eos_token_id=tok.eos_token_id if tok.eos_token_id is not None else args.eos_token_id,
                       max_queued=s.max_queued_requests if s.max_queued_requests > 0 else 1 << 30,
                       vocab_size=args.vocab_size, prefix_caching=s.prefix_caching, spec_tokens=spec_tokens)
-    log.info("engine ready: %s, %d expert actors x %d experts, %d KV blocks of %d tokens per actor, in %.1f s",
-             model_dir, world, args.n_routed_experts // world, blocks_per_worker, s.kv_cache.block_size,
-             time.time() - t0)
+    dtype = executor.slots[0].info.get("dtype")
+    log.info("engine ready: %s, %d expert actors x %d experts, %s compute, %d KV blocks of %d tokens (%d tokens) per "
+             "actor, %s, in %.1fs", model_dir, world, args.n_routed_experts // world, dtype, blocks_per_worker, bs,
+             blocks_per_worker * bs, executor.slots[0].info.get("decode", "eager decode"), time.time() - t0)
     policy = RecoveryPolicy(rec.enabled, rec.timeout_s, rec.liveness_check_s, rec.max_attempts)
     # a remote base's router weights are not on the replica: its actors check a patch's base instead
     return AsyncEngine(core, cfg.model.name, s.max_seq_len, None if storage.is_remote(model_dir) else model_dir,

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -34,6 +34,7 @@ import torch
 
 from expertpool.model.attention import AttnBatch, PagedLatentCache
 from expertpool.model.checkpoint import DTYPES, load_checkpoint
+from expertpool.model.decode_graphs import DecodeGraphs, graph_safe
 from expertpool.model.grammar import Constrainer
 from expertpool.model.sampling import sample, verify
 from expertpool.model.transformer import Transformer
@@ -48,10 +49,11 @@ class ModelRunner:
     """``tokenizer``: a ``model.tokenizer.Tokenizer``, needed only for requests with a grammar (its
     llguidance vocabulary is built on the first such request). ``spec_tokens``: MTP speculative
     decoding, drafts per step (0 = off); the model must have its MTP module, whose latent cache is one
-    more layer of the paged cache."""
+    more layer of the paged cache. ``scratch_blocks`` cache blocks past ``num_blocks`` belong to the
+    runner, never to a sequence: warm-up steps and the padding rows of graphed decode steps write there."""
 
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, device="cpu", tokenizer=None,
-                 spec_tokens: int = 0):
+                 spec_tokens: int = 0, scratch_blocks: int = 0):
         self.model = model
         args = model.args
         n_mtp = len(model.model.mtp)
@@ -60,12 +62,32 @@ class ModelRunner:
                              "and this model has none (num_nextn_predict_layers = 0 or no model.layers."
                              f"{args.num_hidden_layers}.* tensors); turn speculative decoding off")
         self.spec_tokens = spec_tokens
-        self.cache = PagedLatentCache(args.num_hidden_layers + (n_mtp if spec_tokens else 0), num_blocks, block_size,
-                                      args.kv_cache_dim, dtype=model.compute_dtype, device=device)
+        self.cache = PagedLatentCache(args.num_hidden_layers + (n_mtp if spec_tokens else 0),
+                                      num_blocks + scratch_blocks, block_size, args.kv_cache_dim,
+                                      dtype=model.compute_dtype, device=device)
+        self.num_blocks = num_blocks
+        self.scratch = list(range(num_blocks, num_blocks + scratch_blocks))
         self.device = device
         self.tokenizer = tokenizer
         self._constrainer: Constrainer | None = None
         self._last: dict[str, int] = {}  # last sampled token per sequence (feeds PLACEHOLDER items)
+        self.graphs: DecodeGraphs | None = None
+        model.prepare_for_inference()
+
+    def enable_decode_graphs(self, buckets: list[int], max_seq_len: int, capture: bool | None = None) -> str:
+        """Run decode steps of up to ``max(buckets)`` sequences from static buffers, captured as CUDA
+        graphs per bucket (``capture``: default, when on CUDA). Needs a scratch block. Returns what was
+        decided and why (logged by the caller)."""
+        ok, why = graph_safe(self.model)
+        if capture is None:
+            capture = torch.device(self.device).type == "cuda"
+        if not self.scratch or not (ok or not capture):
+            return f"eager decode ({why if not ok else 'no scratch block'})"
+        self.graphs = DecodeGraphs(self.model, self.cache, -(-max_seq_len // self.cache.block_size), buckets,
+                                   self.scratch[0], capture)
+        with torch.inference_mode():
+            n = self.graphs.capture_all()
+        return f"decode from static buffers, buckets {buckets}" + (f", {n} CUDA graphs captured" if capture else "")
 
     @property
     def constrainer(self) -> Constrainer:
@@ -91,21 +113,29 @@ class ModelRunner:
         resolved = [[last[it.seq_id] if t < 0 else t for t in it.tokens] for it in items]
         inputs = [r + list(it.draft) for r, it in zip(resolved, items)]
         q_lens = [len(x) for x in inputs]
-        batch = AttnBatch.build(self.cache, [it.block_table for it in items], [it.start_pos for it in items],
-                                q_lens, device=self.device, variants=[it.variant for it in items])
         rows, offsets, ends = [], [], 0
         for it, n in zip(items, q_lens):
             offsets.append(ends)
             ends += n
             if it.sample:  # a draft item: the rows of its first token and of every draft token
                 rows.extend(range(ends - 1 - len(it.draft), ends))
-        tokens_N = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=self.device)
-        rows_R = torch.tensor(rows, dtype=torch.long, device=self.device)
         hidden_ND = None
-        if self.spec_tokens:
-            logits, hidden_ND = self.model.forward_batch(tokens_N, batch, rows_R, return_hidden=True)
+        g = self.graphs
+        if (g is not None and items and not self.spec_tokens and all(n == 1 for n in q_lens)
+                and g.bucket(len(items)) is not None and not any(it.variant for it in items)):
+            # a decode step that fits a bucket: static buffers (a CUDA graph on GPUs)
+            logits = g.run([x[0] for x in inputs], [it.start_pos for it in items], [it.block_table for it in items])
+            if not all(it.sample for it in items):
+                logits = logits[[i for i, it in enumerate(items) if it.sample]]
         else:
-            logits = self.model.forward_batch(tokens_N, batch, rows_R)
+            batch = AttnBatch.build(self.cache, [it.block_table for it in items], [it.start_pos for it in items],
+                                    q_lens, device=self.device, variants=[it.variant for it in items])
+            tokens_N = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=self.device)
+            rows_R = torch.tensor(rows, dtype=torch.long, device=self.device)
+            if self.spec_tokens:
+                logits, hidden_ND = self.model.forward_batch(tokens_N, batch, rows_R, return_hidden=True)
+            else:
+                logits = self.model.forward_batch(tokens_N, batch, rows_R)
         sampled = [it for it in items if it.sample]
         row0, r = [], 0  # each sampling item's first logits row
         for it in sampled:
@@ -228,7 +258,6 @@ class ModelRunner:
         return logits_BV.index_copy(0, idx, masked)
 
     @staticmethod
-    @staticmethod
     def _logprobs(logits_RV: torch.Tensor, sampled: list[StepItem], row0: list[int],
                   emitted: list[list[int]]) -> list[list[Sampled] | None]:
         """The model's logprobs (before temperature, top-k/p and grammar, as vLLM's default) of each
@@ -279,15 +308,44 @@ def load_model(model_dir: str, dtype: str, weight_dtype: str | None, experts=Non
 class WorkerSpec:
     """What every worker of a group loads; the same for a replacement as for the original."""
     model_dir: str
-    dtype: str
+    dtype: str                       # auto | float32 | bfloat16: each worker resolves auto on its device
     weight_dtype: str | None
-    num_blocks: int
+    num_blocks: int | None           # KV blocks per worker; None: sized by the engine after the load
     block_size: int
     backend: str = "auto"            # auto | gloo | nccl
     threads: int = 1
     collective_timeout_s: float = 60.0
     tokenizer_dir: str | None = None  # None = model_dir; the grammar mask's vocabulary
     spec_tokens: int = 0             # MTP speculative decoding: drafts per step (0 = off)
+    scratch_blocks: int = 1          # runner-owned blocks past num_blocks (warm-up, graph padding)
+    max_seq_len: int = 512
+    max_num_batched_tokens: int = 256
+    max_batch_size: int = 32         # the replica's; a worker decodes at most ceil(max_batch_size / world)
+    cuda_graphs: bool = True
+    triton_cache_dir: str | None = None
+
+    def plan_inputs(self, dtype: str) -> dict[str, Any]:
+        return {"weight_dtype": self.weight_dtype, "dtype": DTYPES[dtype], "max_seq_len": self.max_seq_len,
+                "max_num_batched_tokens": self.max_num_batched_tokens, "max_batch_size": self.max_batch_size}
+
+
+def warmup_steps(spec: WorkerSpec, world: int, on_gpu: bool) -> list[list[StepItem]]:
+    """The steps every worker runs before the replica reports ready, all on the scratch blocks: one
+    decode step per batch bucket (compiles the Triton variants of each size; the first step of a
+    group also creates the NCCL communicator) and one prefill chunk (the large-M variants). On CPU
+    there is nothing to compile: one decode and a short chunk check the group, which keeps the
+    warm-up of a replacement actor short inside the recovery bound."""
+    from expertpool.model.decode_graphs import decode_buckets
+    from expertpool.model.sampling import SamplingParams
+
+    greedy = SamplingParams(max_tokens=1, temperature=0)
+    bs, scratch = spec.block_size, list(range(spec.num_blocks, spec.num_blocks + spec.scratch_blocks))
+    per_worker = -(-spec.max_batch_size // world)
+    buckets = decode_buckets(per_worker) if on_gpu else [1]
+    chunk = min(spec.max_num_batched_tokens, spec.scratch_blocks * bs, spec.max_seq_len - 1 if on_gpu else 16)
+    steps = [[StepItem(f"warmup-d{b}-{i}", [1], 0, scratch[:1], True, greedy) for i in range(b)] for b in buckets]
+    steps.append([StepItem("warmup-p", [1] * chunk, 0, scratch[:-(-chunk // bs)], True, greedy)])
+    return steps
 
 
 def _cuda_device_index() -> int:
@@ -314,13 +372,20 @@ class ExpertWorker:
         self.generation = -1
 
     def load(self, spec: WorkerSpec) -> dict[str, Any]:
-        """Load the dense weights, this rank's experts and the KV cache; returns where it runs and what
-        it holds (rank, pid, node, device, expert ids). ``spec.model_dir`` is any checkpoint location
-        (``model.storage``): a remote one is fetched here, only the dense shards and this rank's."""
+        """Load the dense weights and this rank's experts (and the KV cache when ``spec.num_blocks`` is
+        known; else ``allocate_cache`` follows); returns where it runs and what it holds (rank, pid,
+        node, device, expert ids, the compute dtype and why, device memory free after the load).
+        ``spec.model_dir`` is any checkpoint location (``model.storage``): a remote one is fetched here,
+        only the dense shards and this rank's."""
         from expertpool.model.args import ModelArgs
         from expertpool.model.dispatch import owned_experts
+        from expertpool.model.dtype import log_choice, resolve_dtype
         from expertpool.model.storage import resolve_model
+        from expertpool.model.tokenizer import Tokenizer
+        from expertpool.platform import actor_memory as memory_plan
 
+        if spec.triton_cache_dir:  # before anything compiles: Triton reads it when it writes a kernel
+            os.environ["TRITON_CACHE_DIR"] = spec.triton_cache_dir
         torch.set_num_threads(max(1, spec.threads))
         use_cuda = torch.cuda.is_available() and spec.backend != "gloo"
         if use_cuda:
@@ -330,22 +395,46 @@ class ExpertWorker:
         self.backend = ("nccl" if use_cuda else "gloo") if spec.backend == "auto" else spec.backend
         self.spec = spec
         t0 = time.time()
-        n_experts = ModelArgs.from_dir(resolve_model(spec.model_dir, weights=False)).n_routed_experts
-        self.n_experts = n_experts
-        self.experts = owned_experts(self.rank, self.world, n_experts)
+        args = ModelArgs.from_dir(resolve_model(spec.model_dir, weights=False))
+        choice = resolve_dtype(spec.dtype, self.device)
+        log_choice(spec.dtype, choice, f"worker {self.rank} ({self.device})")
+        if use_cuda:  # refuse before loading what cannot fit, with what to change
+            props = torch.cuda.get_device_properties(self.device)
+            memory_plan.check(args, self.world, props.total_memory, where=f"the GPU of rank {self.rank} ({props.name})",
+                              **spec.plan_inputs(choice.dtype))
+        self.n_experts = args.n_routed_experts
+        self.experts = owned_experts(self.rank, self.world, self.n_experts)
         with_mtp = spec.spec_tokens > 0  # the MTP module drafts for speculative decoding
         self.model_dir = str(resolve_model(spec.model_dir, experts=self.experts, with_mtp=with_mtp))
-        model = load_model(self.model_dir, spec.dtype, spec.weight_dtype, self.experts, self.device,
-                           with_mtp=with_mtp)
-        from expertpool.model.tokenizer import Tokenizer
+        self.model = load_model(self.model_dir, choice.dtype, spec.weight_dtype, self.experts, self.device,
+                                with_mtp=with_mtp)
+        self.model.prepare_for_inference()
         # the tokenizer files came with the fetched checkpoint; a separate location: its small files only
-        tokenizer = Tokenizer.from_dir(resolve_model(spec.tokenizer_dir, weights=False) if spec.tokenizer_dir
-                                       else self.model_dir)
-        self.runner = ModelRunner(model, spec.num_blocks, spec.block_size, self.device, tokenizer, spec.spec_tokens)
-        log.info("worker %d/%d loaded experts %d..%d on %s in %.1fs", self.rank, self.world, self.experts[0],
-                 self.experts[-1], self.device, time.time() - t0)
+        self.tokenizer = Tokenizer.from_dir(resolve_model(spec.tokenizer_dir, weights=False) if spec.tokenizer_dir
+                                            else self.model_dir)
+        free = torch.cuda.mem_get_info(self.device)[0] if use_cuda else None
+        if spec.num_blocks is not None:
+            self.allocate_cache(spec.num_blocks)
+        log.info("worker %d/%d loaded experts %d..%d on %s (%s) in %.1fs", self.rank, self.world, self.experts[0],
+                 self.experts[-1], self.device, choice.dtype, time.time() - t0)
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
-                "device": self.device, "experts": self.experts}
+                "device": self.device, "experts": self.experts, "dtype": choice.dtype, "dtype_reason": choice.reason,
+                "free_bytes": free}
+
+    def allocate_cache(self, num_blocks: int) -> None:
+        self.runner = ModelRunner(self.model, num_blocks, self.spec.block_size, self.device, self.tokenizer,
+                                  self.spec.spec_tokens, self.spec.scratch_blocks)
+
+    def enable_decode_graphs(self) -> str:
+        """After the warm-up: capture decode steps per batch bucket where the forward allows it."""
+        from expertpool.model.decode_graphs import decode_buckets
+
+        per_worker = -(-self.spec.max_batch_size // self.world)
+        if not self.spec.cuda_graphs or torch.device(self.device).type != "cuda":
+            return "eager decode (no CUDA, or serving.cuda_graphs is off)"
+        how = self.runner.enable_decode_graphs(decode_buckets(per_worker), self.spec.max_seq_len)
+        log.info("worker %d: %s", self.rank, how)
+        return how
 
     def rendezvous_address(self) -> tuple[str, int]:
         import socket
@@ -370,7 +459,8 @@ class ExpertWorker:
         dist.init_process_group(self.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world, timeout=timedelta(seconds=self.spec.collective_timeout_s),
                                 **kwargs)
-        self.runner.model.set_dispatcher(AllToAllDispatcher(self.n_experts))
+        if self.world > 1:  # one worker holds every expert: the local dispatcher, no collective per layer
+            self.model.set_dispatcher(AllToAllDispatcher(self.n_experts))
         self.generation = generation
         log.info("worker %d/%d joined group generation %d (%s) in %.1fs", self.rank, self.world, generation,
                  self.backend, time.time() - t0)
@@ -511,14 +601,35 @@ class RayExecutor:
     def _spawn(self, rank: int):
         return self._cls.options(**self.slots[rank].options).remote(rank, self.world)
 
-    def start(self) -> None:
-        """Create every actor, load all of them at once, form the group (blocking; replica start-up)."""
+    def start(self, size_kv=None) -> None:
+        """Create every actor, load all of them at once, size the KV cache when the spec leaves it open
+        (``size_kv(load infos) -> blocks per worker``: it depends on the resolved dtype and on the memory
+        free after the load), form the group, warm up (blocking; replica start-up)."""
         for r, slot in enumerate(self.slots):
             slot.actor = self._spawn(r)
         for slot, info in zip(self.slots, ray.get([s.actor.load.remote(self.spec) for s in self.slots])):
             slot.info = info
+        if self.spec.num_blocks is None:
+            n = size_kv([s.info for s in self.slots])
+            self.spec = replace(self.spec, num_blocks=n)  # a replacement actor allocates the same
+            ray.get([s.actor.allocate_cache.remote(n) for s in self.slots])
         addr, port = ray.get(self.slots[0].actor.rendezvous_address.remote())
         ray.get([s.actor.join.remote(addr, port, self.generation) for s in self.slots])
+        self.warmup()
+        for slot, how in zip(self.slots, ray.get([s.actor.enable_decode_graphs.remote() for s in self.slots])):
+            slot.info["decode"] = how
+
+    def warmup(self) -> float:
+        """Run ``warmup_steps`` on every worker (they only touch scratch blocks, so live sequences'
+        caches are safe during a recovery); returns the seconds it took."""
+        t0 = time.time()
+        on_gpu = any(str(s.info.get("device", "cpu")).startswith("cuda") for s in self.slots)
+        for items in warmup_steps(self.spec, self.world, on_gpu):
+            self.run([items] * self.world)
+            self.release([(w, it.seq_id) for w in range(self.world) for it in items])
+        dt = time.time() - t0
+        log.info("expert group warmed up in %.1fs", dt)
+        return dt
 
     def experts_of(self, rank: int) -> str:
         e = self.slots[rank].info.get("experts")
@@ -586,6 +697,9 @@ class RayExecutor:
         self.generation += 1
         addr, port = await _await(self.actors[0].rendezvous_address.remote())
         await asyncio.gather(*[_await(a.join.remote(addr, port, self.generation)) for a in self.actors])
+        await asyncio.to_thread(self.warmup)  # the replacement compiles its kernels (and NCCL its communicator)
+        for r in sorted(dead):  # then captures its decode graphs, as at start
+            self.slots[r].info["decode"] = await _await(self.slots[r].actor.enable_decode_graphs.remote())
 
     def shutdown(self) -> None:
         for s in self.slots:

@@ -110,3 +110,16 @@ def test_fused_moe_rejects_bad_inputs(gen):
     with pytest.raises(ValueError, match="w2_EDF and its scale must be 3-D with unit stride"):
         fm.fused_moe(x, ids, w, w13_q, w13_s, w2_q.transpose(1, 2).contiguous().transpose(1, 2),
                      w2_s)
+
+
+@pytest.mark.parametrize("t,k,e,bm", [(4, 2, 3, 4), (9, 3, 5, 16), (40, 8, 16, 16), (1, 6, 64, 16)])
+def test_align_kernel_equals_torch_align(gen, t, k, e, bm):
+    """The one-launch alignment gives exactly the torch version's layout (stable order within each
+    expert's run, sentinels, block labels, padded length), with remote (-1) and out-of-range slots."""
+    ids = torch.randint(-1, e + 1, (t, k), generator=gen)  # -1 and e: not owned here
+    want = fm.moe_align_block_size(ids, e, bm)
+    got = fm.moe_align(ids, e, bm)
+    n = int(want[2])
+    assert int(got[2]) == n
+    assert torch.equal(got[0][:n], want[0][:n]) and torch.equal(got[1][: -(-n // bm)], want[1][: -(-n // bm)])
+    assert got[0].shape == want[0].shape and got[1].shape == want[1].shape

@@ -65,13 +65,13 @@ def moe_w8a16_f64(x, ids, weights, w13_q, w13_s, w2_q, w2_s):
     return ref.moe_experts_ref(x.double(), ids, weights.double(), w13_q, w13_s, w2_q, w2_s)
 
 
-def moe_w8a8_f64(x, ids, weights, w13_q, w13_s, w2_q, w2_s):
+def moe_w8a8_f64(x, ids, weights, w13_q, w13_s, w2_q, w2_s, scale_fmt=None):
     """Float64 per-(token, slot) oracle of the W8A8 recipe: x and h quantized in 1x128 groups
-    with the reference quantizer, everything else exact."""
+    with the reference quantizer (scales in ``scale_fmt``), everything else exact."""
     t, d = x.shape
     f = w13_q.shape[1] // 2
     f_pad = -(-f // ref.BLOCK_SIZE) * ref.BLOCK_SIZE
-    xq, xs = ref.act_quant_ref(x)
+    xq, xs = ref.act_quant_ref(x, scale_fmt=scale_fmt)
     xd = dequant_act(xq, xs)
     y = torch.zeros(t, d, dtype=torch.float64)
     for ti in range(t):
@@ -82,7 +82,7 @@ def moe_w8a8_f64(x, ids, weights, w13_q, w13_s, w2_q, w2_s):
             gate, up = (ref.dequant_w13_ref(w13_q[e], w13_s[e], torch.float64) @ xd[ti]).chunk(2)
             h = torch.zeros(f_pad)
             h[:f] = (torch.nn.functional.silu(gate) * up).float()
-            hq, hs = ref.act_quant_ref(h)
+            hq, hs = ref.act_quant_ref(h, scale_fmt=scale_fmt)
             w2 = ref.weight_dequant_ref(w2_q[e], w2_s[e], torch.float64)
             y[ti] += weights[ti, k].double() * (w2 @ dequant_act(hq, hs)[:f])
     return y

@@ -36,6 +36,18 @@ def _cases():
            {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128}, {"num_warps": 4, "num_stages": 5})
     yield ("fp8_gemm", "_fp8_gemm_kernel", FP8_GEMM_PTRS,
            {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128}, {"num_warps": 8, "num_stages": 3})
+    mla = {"q_abs_ptr": "*bf16", "q_pe_ptr": "*bf16", "cache_ptr": "*bf16", "table_ptr": "*i32", "lens_ptr": "*i32",
+           "out_ptr": "*bf16", "scale": "fp32"}
+    yield ("mla_decode", "_paged_mla_decode_kernel", mla,
+           {"PAGE": 64, "C_PAD": 512, "R_PAD": 64, "BLOCK_H": 16, "BLOCK_T": 32, "IEEE": False, "UPCAST": False},
+           {"num_warps": 4, "num_stages": 2})
+    yield ("router", "_router_kernel", {"logits_ptr": "*fp32", "bias_ptr": "*fp32", "w_ptr": "*fp32",
+                                        "ids_ptr": "*i64", "scale": "fp32"},
+           {"E_PAD": 256, "G": 8, "EG": 32, "TOPK_GROUP": 4, "K": 8, "K_PAD": 8, "SIGMOID": True, "HAS_BIAS": True,
+            "NORM": True}, {"num_warps": 4})
+    yield ("fused_moe", "_align_kernel", {"ids_ptr": "*i64", "sorted_pair_ptr": "*i32", "block_expert_ptr": "*i32",
+                                          "num_padded_ptr": "*i32"},
+           {"BLOCK_M": 64, "E_PAD": 64, "TILE": 32}, {"num_warps": 4})
     for gated in (True, False):
         yield ("fused_moe", "_fused_moe_kernel", MOE_PTRS,
                {"TOP_K": 8, "GATED": gated, "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128},
@@ -67,5 +79,5 @@ def test_kernel_compiles_for_gpu(case, capability):
     compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
                               target=GPUTarget("cuda", capability, 32), options=options)
     assert compiled.asm.get("cubin")
-    if capability == 90 and "BLOCK_M" in constexprs and constexprs["BLOCK_M"] >= 64:
+    if capability == 90 and name in ("_fp8_gemm_kernel", "_fused_moe_kernel") and constexprs["BLOCK_M"] >= 64:
         assert "wgmma" in compiled.asm["ptx"], "fp8 tile should use Hopper wgmma"

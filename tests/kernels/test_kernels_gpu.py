@@ -134,3 +134,54 @@ def test_fused_moe_32_local_experts_with_remote_slots(cuda, experts_256):
     want = ref.moe_experts_ref(x.float(), local_ids, topk_w, *weights)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     assert rel_err(y, want) < E4M3_REL_ERROR_BOUND + 2 * BF16_ROUNDING  # bf16 h and output
+
+
+# --- the decode-step kernels of issue 16: paged MLA decode, the fused router, the one-launch alignment
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_paged_mla_decode_deepseek_heads(cuda, dtype):
+    """H = 128 heads, C = 512, R = 64, 64-token pages, contexts 1..4,000 on scattered blocks. bf16:
+    real tensor-core dots (the interpreter widens them), probabilities rounded to bf16 before the
+    value product: 1e-2 relative; fp32: IEEE dots, 1e-5."""
+    from expertpool.kernels import mla_decode
+
+    H, C, R, page = 128, 512, 64, 64
+    lens = [1, 63, 64, 1000, 4000, 257]
+    g = _gen(10)
+    blocks = sum(-(-n // page) for n in lens) + 8
+    cache = torch.randn(blocks * page, C + R, device=cuda, generator=g).to(dtype)
+    perm = torch.randperm(blocks, device=cuda, generator=g).to(torch.int32)
+    table = torch.zeros(len(lens), -(-max(lens) // page), dtype=torch.int32, device=cuda)
+    used = 0
+    for b, n in enumerate(lens):
+        k = -(-n // page)
+        table[b, :k] = perm[used:used + k]
+        used += k
+    q_abs = torch.randn(len(lens), H, C, device=cuda, generator=g).to(dtype) * 0.05
+    q_pe = torch.randn(len(lens), H, R, device=cuda, generator=g).to(dtype) * 0.05
+    seq_lens = torch.tensor(lens, dtype=torch.int32, device=cuda)
+    got = mla_decode.paged_mla_decode(q_abs, q_pe, cache, table, seq_lens, 0.135, page)
+    want = ref.paged_mla_decode_ref(q_abs.double(), q_pe.double(), cache.double(), table, seq_lens, 0.135, page,
+                                    max(lens))
+    assert rel_err(got, want) < (1e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_router_and_alignment_on_deepseek_shapes(cuda):
+    """The fused router equals route_ref (ids exact on continuous scores, weights to 1e-6) and the
+    one-launch alignment equals the torch one, at 256 experts, 8 groups, top-8, 1..4,096 tokens."""
+    from expertpool.kernels import fused_moe, router
+
+    bias = torch.randn(N_EXPERTS, device=cuda, generator=_gen(11)) * 0.1
+    for t in (1, 16, 4096):
+        logits = torch.randn(t, N_EXPERTS, device=cuda, generator=_gen(12))
+        w, ids = router.route(logits, bias, 8, 4, TOP_K, "sigmoid", True, 2.5)
+        w_ref, ids_ref, _ = ref.route_ref(logits, bias, 8, 4, TOP_K, "sigmoid", True, 2.5)
+        assert torch.equal(ids, ids_ref)
+        torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-6)
+        local = torch.where(ids < 32, ids, -1)  # EP 8: 32 local experts
+        want = fused_moe.moe_align_block_size(local, 32, 64)
+        got = fused_moe.moe_align(local, 32, 64)
+        n = int(want[2])
+        assert int(got[2]) == n and torch.equal(got[0][:n], want[0][:n])
+        assert torch.equal(got[1][: n // 64], want[1][: n // 64])

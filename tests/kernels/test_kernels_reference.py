@@ -76,24 +76,50 @@ def test_moe_experts_ref_all_slots_remote_gives_zeros():
     assert torch.equal(y, torch.zeros_like(x))
 
 
-def test_moe_experts_inference_equals_reference_bit_for_bit():
-    """The no-grad CPU path (used by serving) computes exactly what the reference computes, for fp8
-    and for bf16/fp32 resident weights, with remote (-1) slots, an idle expert and a single token."""
+def test_moe_experts_inference_equals_reference():
+    """The no-grad CPU path (used by serving) against the reference, with remote (-1) slots, an idle
+    expert and a single token: bit for bit where it runs the same kernels (bf16 activations, dense or
+    fp8 weights); fp32 activations at few rows take W @ x^T (another summation order) and int8 weights
+    the int8 kernel with bf16 activations, so those are compared within their rounding."""
     gen = torch.Generator().manual_seed(3)
     x, ids, w, w13_q, w13_s, w2_q, w2_s = make_moe(gen, t=9, top_k=3, e=5, d=256, f=96, idle_expert=1)
     ids[0, 1] = -1
     w13_q[1] = float("nan")  # never touched: no tokens
     for dt in (torch.float32, torch.bfloat16):
         xd = x.to(dt)
-        assert torch.equal(ref.moe_experts_inference(xd, ids, w, w13_q, w13_s, w2_q, w2_s),
-                           ref.moe_experts_ref(xd, ids, w, w13_q, w13_s, w2_q, w2_s))
+        got = ref.moe_experts_inference(xd, ids, w, w13_q, w13_s, w2_q, w2_s)
+        want = ref.moe_experts_ref(xd, ids, w, w13_q, w13_s, w2_q, w2_s)
+        # fp32: sums of <= 256 products in another order, ~1e-7 relative; 1e-5 leaves margin
+        assert torch.equal(got, want) if dt == torch.bfloat16 else rel_err(got, want) < 1e-5
         w13 = torch.stack([ref.dequant_w13_ref(w13_q[e], w13_s[e], dt) for e in range(5)])
         w2 = torch.stack([ref.weight_dequant_ref(w2_q[e], w2_s[e], dt) for e in range(5)])
         for rows in (slice(None), slice(0, 1)):
-            assert torch.equal(ref.moe_experts_inference(xd[rows], ids[rows], w[rows], w13, None, w2, None),
-                               ref.moe_experts_ref(xd[rows], ids[rows], w[rows], w13, None, w2, None))
+            got = ref.moe_experts_inference(xd[rows], ids[rows], w[rows], w13, None, w2, None)
+            want = ref.moe_experts_ref(xd[rows], ids[rows], w[rows], w13, None, w2, None)
+            assert torch.equal(got, want) if dt == torch.bfloat16 else rel_err(got, want) < 1e-5
+        q13, s13 = ref.int8_weight_quant(w13)
+        q2, s2 = ref.int8_weight_quant(w2)
+        got = ref.moe_experts_inference(xd, ids, w, q13, s13, q2, s2)
+        want = ref.moe_experts_ref(xd, ids, w, q13, s13, q2, s2)
+        # the int8 kernel rounds activations (x and h) to bf16: two 2**-9 roundings, ~4e-3 relative
+        assert rel_err(got, want) < 1e-2
     assert torch.equal(ref.moe_experts_inference(x, torch.full_like(ids, -1), w, w13_q, w13_s, w2_q, w2_s),
                        torch.zeros_like(x))
+
+
+def test_int8_weight_quant_roundtrip_and_kernel():
+    """int8 weight-only: codes in [-127, 127] against bf16-rounded per-row scales; the CPU kernel
+    (``int8_linear``) equals the dequantized product up to its bf16 activations."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(96, 256, generator=g) * 0.05
+    q, s = ref.int8_weight_quant(w)
+    assert q.dtype == torch.int8 and s.dtype == torch.bfloat16 and s.shape == (96,)
+    assert int(q.abs().max()) <= ref.INT8_MAX
+    # one rounding to 1/127 of the row's amax, plus the bf16 scale (2**-9): < 1e-2 relative
+    assert rel_err(ref.int8_dequant(q, s), w) < 1e-2
+    x = torch.randn(5, 256, generator=g)
+    # the kernel rounds x to bf16 (2**-9) and accumulates in fp32
+    assert rel_err(kernels.int8_linear(x, q, s), x @ ref.int8_dequant(q, s).T) < 5e-3
 
 
 def test_moe_experts_ref_over_per_expert_rows_matches_stacked_with_grads():

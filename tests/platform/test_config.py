@@ -424,3 +424,83 @@ def test_pod_template_is_a_partial_pod_template(shipped):
     with pytest.raises(ConfigError, match=r"kubernetes\.pod_template: has \['tolerations'\] at the top"):
         parse_config(_mutated(shipped, "kubernetes.pod_template", {"tolerations": []}))
     parse_config(_mutated(shipped, "kubernetes.pod_template", {"spec": {"tolerations": []}, "metadata": {}}))
+
+
+# --- GPUs: NCCL ranks and the per-actor memory plan ----------------------------------------------------
+
+
+def test_nccl_needs_whole_gpus(shipped):
+    for gpu in (0.5, 1.5):
+        _bad(_mutated(shipped, "pool.actor_resources", {"cpu": 1, "gpu": gpu}), "pool.actor_resources.gpu:",
+             "whole number >= 1", "pool.backend to gloo")
+        _bad(_mutated(shipped, "pool", {"backend": "nccl", "actor_resources": {"cpu": 1, "gpu": gpu}}),
+             "whole number >= 1")
+    parse_config(_mutated(shipped, "pool.actor_resources", {"cpu": 1, "gpu": 2}))
+    parse_config(_mutated(shipped, "pool", {"backend": "gloo", "actor_resources": {"cpu": 1, "gpu": 0.5}}))
+    _bad(_mutated(shipped, "pool.actor_resources", {"cpu": 1, "gpu_memory_gb": 80}),
+         "pool.actor_resources.gpu_memory_gb:", "set gpu")
+
+
+GIB = 2**30
+
+
+def _v3_expected_bytes(actors: int) -> dict:
+    """The DeepSeek-V3 plan by hand (FP8 checkpoint as shipped, bf16 compute, serving defaults:
+    max_seq_len 512, max_num_batched_tokens 256, max_batch_size 32), from the shapes in
+    docs/architecture.md. fp8 weights are 1 byte plus one fp32 scale per 128x128 block."""
+    def fp8(n, k):
+        return n * k + -(-n // 128) * -(-k // 128) * 4
+    expert = 2 * fp8(2048, 7168) + fp8(7168, 2048)                     # 44,050,944 B: gate, up, down
+    assert expert == 44_050_944
+    routed = 58 * (256 // actors) * expert                              # 58 MoE layers (3 dense)
+    attention = (fp8(1536, 7168) + 1536 * 2                             # q_a + q_a_layernorm (bf16)
+                 + fp8(128 * 192, 1536)                                 # q_b
+                 + fp8(576, 7168) + 512 * 2                             # kv_a + kv_a_layernorm
+                 + fp8(128 * 256, 512) + 128 * 256 * 512 * 2            # kv_b + its dense bf16 copy (absorbed)
+                 + fp8(7168, 128 * 128)                                 # o
+                 + 2 * 7168 * 2)                                        # input/post-attention norms
+    moe_dense = expert + 256 * 7168 * 4 + 256 * 4                       # shared expert, router weight + bias (fp32)
+    dense_mlp = 2 * fp8(18432, 7168) + fp8(7168, 18432)
+    dense = 61 * attention + 58 * moe_dense + 3 * dense_mlp + 7168 * 2  # + final norm
+    embed_head = 2 * 129280 * 7168 * 2                                   # bf16 embedding and lm_head
+    kv_min = 512 * 61 * 576 * 2                                          # one max_seq_len sequence, bf16
+    tokens, pairs = 256, 256 * 8
+    attn_act = (512 * 128 * (2 * 192 + 256) + 2 * tokens * 128 * 192) * 2  # context k, v, kv_b out; chunk q, out
+    moe_act = pairs * 2048 * 3 + pairs * 7168 * 2 + tokens * 7168 * 5      # h (bf16 + fp8), per-pair out, fp32 sum
+    activations = max(attn_act, moe_act) + 6 * tokens * 7168 * 2 + (32 // actors) * 129280 * (2 + 4)
+    comm = 3 * pairs * 7168 * 2 + 2 * pairs * 8 + GIB                    # all-to-all rows out/in/back, ids, NCCL
+    return {"experts": routed, "dense": dense, "embed_head": embed_head, "kv_min": kv_min,
+            "activations": activations, "comm": comm, "runtime": 2 * GIB}
+
+
+def test_memory_plan_of_deepseek_v3_matches_the_hand_computation(shipped):
+    """From the deepseek-v3 preset's config alone (no weights): 8 actors on 80 GiB GPUs are refused
+    with the fix, 16 actors fit, 8 actors on H200s (141 GB) fit; every term equals the hand count."""
+    from expertpool.model.args import preset
+    from expertpool.platform import actor_memory as memory_plan
+
+    v3 = preset("deepseek-v3")
+    for actors in (8, 16):
+        cfg = parse_config(_mutated(_mutated(shipped, "pool.actors_per_replica", actors),
+                                    "pool.actor_resources", {"cpu": 8, "gpu": 1}))
+        p = memory_plan.plan(v3, actors, **cfg.plan_inputs())
+        want = _v3_expected_bytes(actors)
+        got = {**p.weights, "kv_min": p.kv_min, "activations": p.activations, "comm": p.comm, "runtime": p.runtime}
+        assert got == want, {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    assert round(_v3_expected_bytes(8)["experts"] / GIB, 1) == 76.1  # the issue's 76 GiB of experts per actor
+
+    def config(actors, gb):
+        return parse_config(_mutated(_mutated(shipped, "pool.actors_per_replica", actors), "pool.actor_resources",
+                                     {"cpu": 8, "gpu": 1, "gpu_memory_gb": gb}))
+    total8 = sum(_v3_expected_bytes(8).values())
+    total16 = sum(_v3_expected_bytes(16).values())
+    with pytest.raises(ConfigError) as info:
+        config(8, 80).validate_against_model(256, model_args=v3)
+    message = str(info.value)
+    assert f"8 actors need {total8 / GIB:.1f} GiB each" in message
+    assert f"use 16 actors ({total16 / GIB:.1f} GiB each) or GPUs with >= {-(-total8 // GIB)} GiB" in message
+    assert "pool.actor_resources.gpu_memory_gb" in message
+    assert config(16, 80).validate_against_model(256, model_args=v3)["pool.memory_per_actor_gib"] == round(
+        total16 / GIB, 1)
+    assert config(8, 141).validate_against_model(256, model_args=v3)["pool.memory_per_actor_gib"] == round(
+        total8 / GIB, 1)

@@ -118,3 +118,35 @@ def test_pipelined_loop_stop_token_drops_the_run_ahead_token():
     # the step after the stop token was already submitted; its token must not reach the client
     assert toks == greedy[: greedy.index(stop) + 1] and reason == "stop"
     assert core.kv_blocks_used() == 0 and not core.has_work()
+
+
+def test_static_decode_buffers_and_warmup_leave_results_and_live_caches_alone():
+    """The graphed decode path without a GPU: decode steps run from static buffers updated in place
+    (padded to their bucket, the padding on a scratch block) and give the full forward's greedy
+    tokens; the warm-up steps touch only scratch blocks, so a sequence's cache survives them (as
+    during a recovery's warm-up)."""
+    from expertpool.model.decode_graphs import DecodeGraphs
+    from expertpool.platform.scheduler import EngineCore
+    from expertpool.platform.worker import LocalExecutor, ModelRunner, WorkerSpec, warmup_steps
+
+    m = random_model("tiny")
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (3, 9, 1, 7, 5)]
+    runner = ModelRunner(m, num_blocks=64, block_size=4, scratch_blocks=2)
+    how = runner.enable_decode_graphs([1, 2, 4], max_seq_len=32, capture=False)
+    assert isinstance(runner.graphs, DecodeGraphs) and "static buffers" in how
+    table = runner.graphs.table
+    core = EngineCore(LocalExecutor(runner), num_blocks=64, block_size=4, max_batch_size=3, max_seq_len=32,
+                      max_num_batched_tokens=16, eos_token_id=None, vocab_size=m.args.vocab_size)
+    outs = generate(core, prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        assert o == _greedy_reference(m, p, 10)
+    assert runner.graphs.table is table  # the block table was updated in place, never reallocated
+    # warm-up steps (as a recovery runs them) on the scratch blocks only: a live cache is untouched
+    spec = WorkerSpec("unused", "float32", None, 64, 4, scratch_blocks=2, max_seq_len=32, max_num_batched_tokens=16,
+                      max_batch_size=3)
+    live = runner.cache.kv_LPC[:, :64 * 4].clone()
+    for items in warmup_steps(spec, world=1, on_gpu=True):
+        runner.step(items)
+        runner.release([it.seq_id for it in items])
+    assert torch.equal(runner.cache.kv_LPC[:, :64 * 4], live)

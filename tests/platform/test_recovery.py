@@ -36,6 +36,7 @@ def _cfg(name: str, **serving):
 
     recovery = serving.pop("recovery", {})
     return parse_config({
+        "model": {"dtype": "float32"},  # greedy parity with the fp32 reference model
         "pool": {"actors_per_replica": 2, "actor_resources": {"cpu": 0.25}, "recovery": recovery},
         "serving": {"app_name": name, "route_prefix": f"/{name}", "max_seq_len": 2048, "max_batch_size": 16,
                     "max_num_batched_tokens": 32, "health_check_period_s": 2,

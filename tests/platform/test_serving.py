@@ -49,6 +49,7 @@ def served(ray_cluster, tiny_dir):
     for key, actors in ((2, 2), (4, 4), ("spec", 2)):  # "spec": MTP speculative decoding, 2 drafts per step
         name = f"ep{actors}" if key != "spec" else "spec2"
         cfg = parse_config({
+            "model": {"dtype": "float32"},  # greedy parity with the fp32 reference model
             "pool": {"actors_per_replica": actors, "actor_resources": {"cpu": 0.25}},
             "serving": {"app_name": name, "route_prefix": f"/{name}", "max_seq_len": MAX_SEQ_LEN,
                         "max_batch_size": 32, "max_num_batched_tokens": 128, "health_check_period_s": 600,
@@ -242,6 +243,7 @@ def test_proxy_back_pressure_is_an_openai_503_with_retry_after(served):
     from expertpool.platform.config import parse_config
     name = "epq"
     cfg = parse_config({
+        "model": {"dtype": "float32"},  # greedy parity with the fp32 reference model
         "pool": {"actors_per_replica": 1, "actor_resources": {"cpu": 0.25}},
         "serving": {"app_name": name, "route_prefix": f"/{name}", "max_seq_len": MAX_SEQ_LEN,
                     "health_check_period_s": 600, "kv_cache": {"block_size": 8, "num_blocks": 256},
@@ -408,6 +410,7 @@ def test_autoscaling_adds_a_whole_expert_parallel_group(served):
     from expertpool.platform.config import parse_config
     name = "epauto"
     cfg = parse_config({
+        "model": {"dtype": "float32"},  # greedy parity with the fp32 reference model
         "pool": {"actors_per_replica": 2, "actor_resources": {"cpu": 0.25}},
         "serving": {"app_name": name, "route_prefix": f"/{name}", "max_seq_len": MAX_SEQ_LEN,
                     "health_check_period_s": 600, "kv_cache": {"block_size": 8, "num_blocks": 512},

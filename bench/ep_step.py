@@ -1,0 +1,204 @@
+"""Where the expert-parallel layout's decode step goes (issue 14): 2 workers x 1 CPU against 1 x 2 CPUs.
+
+Three ways to run the same bench-mini decode step of 16 sequences, each for ``--steps`` steps after
+the prefill, interleaved ``--rounds`` times, medians reported:
+
+- ``single``: one process, all experts, 2 torch threads (the 1-actor layout);
+- ``gloo``: two processes of 1 thread each, each with 8 sequences and half the experts, the MoE
+  all-to-all over gloo (the 2-actor layout without Ray); the time inside the collectives is
+  measured separately (``all_to_all_single`` wrapped with a timer);
+- ``ray``: the 2-actor layout through ``RayExecutor`` (the serving path minus HTTP): what the Ray
+  calls add per step is ``ray`` minus ``gloo``.
+
+    python bench/ep_step.py [--dtype bfloat16] [--weight-dtype int8] [--steps 30] [--rounds 3]
+"""
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import expertpool  # noqa: E402,F401  (expertpool before torch, per house style)
+
+PROMPT, BATCH = 32, 16
+
+
+def _prompts(n):
+    import torch
+    g = torch.Generator().manual_seed(0)
+    return torch.randint(5, 2000, (BATCH, PROMPT), generator=g).tolist()[:n]
+
+
+def _core(runner, world, batch):
+    from expertpool.platform.scheduler import EngineCore
+
+    class OneRank:  # drives one rank's runner as if it were the whole group (the other rank mirrors it)
+        def __init__(self):
+            self.world = 1
+
+        def run(self, items):
+            return [runner.step(items[0])]
+
+        def release(self, finished):
+            runner.release([s for _, s in finished])
+    return EngineCore(OneRank(), num_blocks=runner.num_blocks, block_size=16, max_batch_size=batch,
+                      max_seq_len=PROMPT + 400, max_num_batched_tokens=batch * PROMPT, eos_token_id=None)
+
+
+def _time_steps(core, steps):
+    from expertpool.model.sampling import SamplingParams
+    for i, p in enumerate(_prompts(core.max_batch_size)):
+        core.add_request(f"s{i}", p, SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
+    while any(s.num_cached < len(s.tokens) - 1 for s in core.running) or core.waiting:
+        core.step()
+    core.step()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        core.step()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def child(a) -> dict:
+    """One process of the ``single`` or ``gloo`` layout; prints its step time (and collective time)."""
+    import torch
+    import torch.distributed as dist
+
+    from expertpool.model.checkpoint import DTYPES, load_checkpoint
+    from expertpool.model.dispatch import AllToAllDispatcher, owned_experts
+    from expertpool.platform.worker import ModelRunner
+
+    torch.set_num_threads(a.threads)
+    experts = None
+    if a.world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{a.port}", rank=a.rank, world_size=a.world)
+        experts = owned_experts(a.rank, a.world, 64)
+    model = load_checkpoint(a.model, dtype=DTYPES[a.dtype], weight_dtype=a.weight_dtype, experts=experts,
+                            with_mtp=False)
+    in_collectives = [0.0]
+    if a.world > 1:
+        model.set_dispatcher(AllToAllDispatcher(model.args.n_routed_experts))
+        real = dist.all_to_all_single
+
+        def timed(*args, **kw):
+            t = time.perf_counter()
+            try:
+                return real(*args, **kw)
+            finally:
+                in_collectives[0] += time.perf_counter() - t
+        dist.all_to_all_single = timed
+    runner = ModelRunner(model, num_blocks=192, block_size=16)
+    batch = BATCH // a.world
+    t_step = _time_steps(_core(runner, a.world, batch), a.steps)
+    in_collectives[0] = 0.0
+    core = _core(runner, a.world, batch)
+    t0 = time.perf_counter()
+    _time_steps(core, a.steps)
+    total = time.perf_counter() - t0
+    out = {"step_ms": t_step, "collective_share": in_collectives[0] / total if a.world > 1 else 0.0}
+    if a.world > 1:
+        dist.destroy_process_group()
+    return out
+
+
+def run_processes(a, world):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = [sys.executable, __file__, "--child", "--model", a.model, "--dtype", a.dtype, "--steps", str(a.steps),
+            "--world", str(world), "--port", str(port), "--threads", str(2 // world)]
+    if a.weight_dtype:
+        base += ["--weight-dtype", a.weight_dtype]
+    procs = [subprocess.Popen(base + ["--rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(world)]
+    outs = []
+    for p in procs:
+        o, e = p.communicate(timeout=1800)
+        if p.returncode:
+            raise SystemExit(e[-3000:])
+        outs.append(json.loads(o.strip().splitlines()[-1]))
+    return {"step_ms": max(o["step_ms"] for o in outs),
+            "collective_share": statistics.mean(o["collective_share"] for o in outs)}
+
+
+def run_ray(a):
+    """The 2-actor layout through RayExecutor (no Serve, no HTTP)."""
+    import ray
+
+    from expertpool.platform.config import parse_config
+    from expertpool.platform.engine import kv_blocks_per_worker
+    from expertpool.model.args import ModelArgs
+    from expertpool.platform.scheduler import EngineCore
+    from expertpool.platform.worker import RayExecutor, WorkerSpec
+
+    cfg = parse_config({"model": {"path": a.model, "dtype": a.dtype, "weight_dtype": a.weight_dtype},
+                        "pool": {"actors_per_replica": 2, "actor_resources": {"cpu": 1}},
+                        "serving": {"max_batch_size": BATCH, "max_seq_len": PROMPT + 400,
+                                    "max_num_batched_tokens": BATCH * PROMPT, "kv_cache": {"num_blocks": 128}}})
+    args = ModelArgs.from_dir(a.model)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
+    try:
+        spec = WorkerSpec(a.model, a.dtype, a.weight_dtype, None, 16, "gloo", 1, 60.0, max_seq_len=PROMPT + 400,
+                          max_num_batched_tokens=BATCH * PROMPT, max_batch_size=BATCH)
+        ex = RayExecutor(spec, [{"num_cpus": 1}, {"num_cpus": 1}])
+        ex.start(size_kv=lambda infos: kv_blocks_per_worker(cfg, args, infos))
+        core = EngineCore(ex, num_blocks=ex.spec.num_blocks, block_size=16, max_batch_size=BATCH,
+                          max_seq_len=PROMPT + 400, max_num_batched_tokens=BATCH * PROMPT, eos_token_id=None)
+        ms = _time_steps(core, a.steps)
+        ex.shutdown()
+        return {"step_ms": ms}
+    finally:
+        ray.shutdown()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint (default: bench-mini random weights in a temp dir)")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--weight-dtype", default=None)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--layouts", default="single,gloo,ray")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--threads", type=int, default=2, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        print(json.dumps(child(a)))
+        return
+    import common
+    print(f"CPU: {common.cpu_flags_line()}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    if a.model is None:
+        from expertpool.model.embedded import init_model
+        a.model = tempfile.mkdtemp()
+        init_model("bench-mini", a.model, seed=0)
+    layouts = a.layouts.split(",")
+    res: dict[str, list[dict]] = {k: [] for k in layouts}
+    for r in range(a.rounds):
+        for k in layouts:
+            out = run_processes(a, 1) if k == "single" else run_processes(a, 2) if k == "gloo" else run_ray(a)
+            res[k].append(out)
+            print(f"round {r + 1} {k}: {out}", flush=True)
+    print(f"\nbench-mini decode step, 16 sequences, {a.dtype}, weights {a.weight_dtype or 'as stored'}; "
+          f"median (min..max) of {a.rounds} rounds, load average {os.getloadavg()[0]:.2f}")
+    single = statistics.median(o["step_ms"] for o in res.get("single", [{"step_ms": float("nan")}]))
+    for k, outs in res.items():
+        ms = [o["step_ms"] for o in outs]
+        share = statistics.median(o.get("collective_share", 0.0) for o in outs)
+        med = statistics.median(ms)
+        print(f"  {k:7s} {med:6.1f} ms ({min(ms):.1f}..{max(ms):.1f}), {BATCH / med * 1e3:5.0f} tok/s, "
+              f"{single / med:.2f}x single" + (f", {share:.0%} in all_to_all" if share else ""))
+
+
+if __name__ == "__main__":
+    main()
