@@ -215,6 +215,32 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
     return model.eval()
 
 
+def load_experts(path, model: Transformer, experts, *, weight_dtype: str | None = None,
+                 device="cpu") -> dict[str, Experts]:
+    """Fresh ``Experts`` modules holding the routed experts ``experts`` (global ids) for every MoE layer
+    of ``model`` (main and MTP), read from the checkpoint at ``path`` in the same resident formats as
+    ``load_checkpoint``; keyed by module name. The model is not touched: a serving actor loads a new
+    expert placement beside the one in use and swaps it in at a step boundary."""
+    args = model.args
+    experts = sorted(set(int(e) for e in experts))
+    bad = [e for e in experts if not 0 <= e < args.n_routed_experts]
+    if bad:
+        raise CheckpointError(f"experts={bad} out of range [0, {args.n_routed_experts})")
+    r = ShardReader(Path(path))
+    out: dict[str, Experts] = {}
+    try:
+        for mname, module in model.named_modules():
+            if isinstance(module, Experts):
+                with torch.device("meta"):
+                    fresh = Experts(args, experts)
+                _load_experts(r, args, _ckpt_name(args, mname), fresh, weight_dtype, model.compute_dtype, device)
+                fresh.expert_ids, fresh.global_to_local = fresh.expert_ids.to(device), fresh.global_to_local.to(device)
+                out[mname] = fresh
+    finally:
+        r.close()
+    return out
+
+
 def _load_experts(r: ShardReader, args: ModelArgs, cname: str, module: Experts, weight_dtype, dtype, device):
     prefix = cname[: -len(".experts")]  # model.layers.N.mlp
     F_, D = args.moe_intermediate_size, args.hidden_size

@@ -13,7 +13,8 @@ dispatcher knows about expert parallelism; the two here are drop-ins for each ot
 - ``LocalDispatcher``: all routed compute in this process (the reference: CPU tests, one-process
   training). Slots routed to experts not loaded here contribute zero.
 - ``AllToAllDispatcher``: expert parallelism over a torch.distributed group (serving actors, Ray
-  Train workers). Ownership is a per-expert owner table ``owner_E``; the default (``expert_owners``)
+  Train workers). Ownership is a per-expert owner table ``owner_E``, or for serving with replicated
+  experts (``platform.placement``) a list of the ranks holding a copy of each; the default (``expert_owners``)
   gives rank r the contiguous range [r*E//W, (r+1)*E//W): E/W experts each when W divides E
   (serving requires that), and ranges differing by at most one expert otherwise (elastic
   fine-tuning may restart on any worker count).
@@ -87,25 +88,51 @@ def expert_owners(n_routed_experts: int, world: int) -> torch.Tensor:
 class AllToAllDispatcher:
     """Expert parallelism over ``group``: see the module docstring."""
 
-    def __init__(self, n_routed_experts: int, group=None, owner_E: torch.Tensor | None = None):
+    def __init__(self, n_routed_experts: int, group=None, owner_E: torch.Tensor | None = None,
+                 replicas: list[list[int]] | None = None):
+        """``replicas``: per expert, the ranks holding a copy (replicated experts, ``platform.placement``);
+        default: one owner per expert, ``owner_E`` or the contiguous ranges."""
         self.group = group
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.n_routed = n_routed_experts
-        owner_E = expert_owners(n_routed_experts, self.world) if owner_E is None else owner_E.long().cpu()
+        if replicas is not None:
+            assert owner_E is None, "give owner_E or replicas, not both"
+            assert len(replicas) == n_routed_experts and all(replicas), "every expert needs at least one rank"
+            width = max(len(r) for r in replicas)
+            # copies_EC[e, c]: the rank of copy c of expert e (padded by repeating the first copy)
+            self.copies_EC = torch.tensor([list(r) + [r[0]] * (width - len(r)) for r in replicas], dtype=torch.long)
+            self.ncopies_E = torch.tensor([len(r) for r in replicas], dtype=torch.long)
+            owner_E = self.copies_EC[:, 0].clone()
+        else:
+            self.copies_EC = self.ncopies_E = None
+            owner_E = expert_owners(n_routed_experts, self.world) if owner_E is None else owner_E.long().cpu()
         assert owner_E.shape == (n_routed_experts,), f"owner table {tuple(owner_E.shape)} != ({n_routed_experts},)"
         assert bool(((owner_E >= 0) & (owner_E < self.world)).all()), f"owner ranks outside [0, {self.world})"
         self.owner_E = owner_E
-        self._owner_on: dict[torch.device, torch.Tensor] = {}  # the table on each device ids arrive on
+        self.replicated = self.ncopies_E is not None and bool((self.ncopies_E > 1).any())
+        self._on: dict[torch.device, tuple] = {}  # the tables on each device ids arrive on
 
     def owner_range(self, rank: int | None = None) -> list[int]:
         r = self.rank if rank is None else rank
         return torch.nonzero(self.owner_E == r).flatten().tolist()
 
-    def _owners(self, device: torch.device) -> torch.Tensor:
-        if device not in self._owner_on:
-            self._owner_on[device] = self.owner_E.to(device)
-        return self._owner_on[device]
+    def _tables(self, device: torch.device) -> tuple:
+        if device not in self._on:
+            self._on[device] = tuple(None if t is None else t.to(device)
+                                     for t in (self.owner_E, self.copies_EC, self.ncopies_E))
+        return self._on[device]
+
+    def destinations(self, ids_P: torch.Tensor) -> torch.Tensor:
+        """The rank each pair goes to. A replicated expert's pairs are spread over its copies by pair
+        index (pair p takes copy p mod copies): deterministic, so every run sends the same rows to
+        the same ranks, and every copy holds the same weights, so the output does not depend on it."""
+        owner_E, copies_EC, ncopies_E = self._tables(ids_P.device)
+        e_P = ids_P % self.n_routed  # variant-offset virtual ids (e + v * E) go where base expert e is
+        if not self.replicated:
+            return owner_E[e_P]
+        pick_P = torch.arange(len(e_P), device=e_P.device) % ncopies_E[e_P]
+        return copies_EC[e_P, pick_P]
 
     def _exchange(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         out = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
@@ -118,8 +145,7 @@ class AllToAllDispatcher:
                  experts: ExpertGroup) -> torch.Tensor:
         T, K = ids_TK.shape
         flat_ids_P = ids_TK.reshape(-1)
-        # ids may be variant-offset virtual ids (e + v * E): the owner is that of the base expert
-        dest_P = self._owners(flat_ids_P.device)[flat_ids_P % self.n_routed]
+        dest_P = self.destinations(flat_ids_P)
         order_P = torch.argsort(dest_P, stable=True)
         tok_P = torch.div(order_P, K, rounding_mode="floor")
         counts_2W = torch.zeros(2, self.world, dtype=torch.long, device=dest_P.device)
@@ -136,7 +162,7 @@ class AllToAllDispatcher:
             packed = self._exchange(torch.cat([rows_PD, ids_P.view(rows_PD.dtype).view(len(ids_P), -1)], 1),
                                     send_counts, recv_counts)
             recv_x_RD, recv_ids_R = packed[:, :D], packed[:, D:].contiguous().view(torch.int64).view(-1)
-        # every received id is owned here (same owner table on every rank): the table gives its slot
+        # every received id has a copy here (same tables on every rank): the table gives its slot
         local_R1 = experts.global_to_local[recv_ids_R].unsqueeze(1)
         ones_R1 = torch.ones(local_R1.shape, dtype=torch.float32, device=x_TD.device)
         y_RD = experts(recv_x_RD, local_R1, ones_R1)

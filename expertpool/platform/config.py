@@ -5,7 +5,7 @@ Usage: ``cfg = load_config("cluster.yaml")`` reads, parses and validates the fil
 architecture is known (``ModelArgs`` from the checkpoint), call
 ``cfg.validate_against_model(args.n_routed_experts, max_position_embeddings=...)`` before any actor
 starts; a training entry point also calls ``cfg.get_job(name).check_dataset()``. The derived values
-live in methods, in one place: ``cfg.pool.placement_group_bundles()``, ``cfg.pool.experts_per_actor(n)``,
+live in methods, in one place: ``cfg.pool.placement_group_bundles()``, ``cfg.pool.placement_problem(n)``,
 ``cfg.serving.num_kv_blocks(bytes_per_token)``, ``cfg.serve_deployment_options()`` (for
 ``serve.deployment(...).options(**...)``) and ``cfg.serve_config()`` (a Serve config file for
 ``serve deploy`` and a RayService ``serveConfigV2``). Kubernetes manifests come from
@@ -35,15 +35,16 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from expertpool.model import storage
 from expertpool.model.args import EMBEDDED_MODEL_NAME
 from expertpool.platform.config_base import (DOMAIN, GIB, K8S_NAME, RULE_ERROR_TYPE, ActorResources, Closed,
-                                             ConfigError, ConfigProblem, check_location, divisor_message, rule_error)
+                                             ConfigError, ConfigProblem, check_location, rule_error)
 from expertpool.platform.train_config import DatasetConfig, EsftConfig, TrainConfig, TrainJobConfig
 
 # re-exported: the whole schema is importable from here
@@ -140,9 +141,68 @@ class PoolActorResources(ActorResources):
         return self
 
 
+class WidthRange(Closed):
+    min: int = Field(ge=1, description="Fewest expert-parallel actors of a replica.")
+    max: int = Field(ge=1, description="Most expert-parallel actors of a replica; a placement bundle is reserved for "
+                     "each, so the group can widen without a redeploy.")
+    initial: int | None = Field(None, ge=1, description="Actors at start. None = min.")
+
+    @model_validator(mode="after")
+    def _check(self) -> WidthRange:
+        if self.max < self.min:
+            raise rule_error("max", f"({self.max}) is below min ({self.min})", f"set max to at least {self.min}")
+        if self.initial is None:
+            self.initial = self.min
+        if not self.min <= self.initial <= self.max:
+            raise rule_error("initial", f"({self.initial}) is outside [{self.min}, {self.max}]",
+                             "set initial within the range or remove it")
+        return self
+
+
+class EplbConfig(Closed):
+    enabled: bool = Field(False, description="Expert-parallel load balancing: measure tokens per expert and "
+                          "periodically move and replicate experts so the most loaded actor carries less.")
+    window_steps: int = Field(1000, ge=1, description="Engine steps of per-expert token counts a rebalance plans "
+                              "from (the most recent ones).")
+    rebalance_every_steps: int = Field(3000, ge=1, description="Engine steps between rebalance plans.")
+    min_gain: float = Field(0.05, ge=0, description="Apply a new placement only when it raises balancedness "
+                            "(mean / max actor load over the window) by at least this much.")
+
+
+class WidthAutoscalingConfig(Closed):
+    interval_s: float = Field(10.0, gt=0, description="Seconds between width decisions.")
+    step_time_high_s: float = Field(0.5, gt=0, description="Widen when the mean engine step time over the last "
+                                    "interval stays above this (the most loaded actor sets it).")
+    kv_usage_high: float = Field(0.9, gt=0, le=1, description="Widen when the KV cache usage stays above this "
+                                 "fraction (more actors, more cache).")
+    idle_s: float = Field(120.0, gt=0, description="Narrow by one actor after this many seconds with no requests.")
+
+
+def _width_kind(v: Any) -> str:
+    return "[range]" if isinstance(v, (dict, WidthRange)) else "[count]"
+
+
+# A number or a range, tagged so that a bad range reports only the range's problem (not also "not an
+# integer"). The tags are bracketed: error paths drop bracketed parts (see ``_explain``).
+Width = Annotated[Annotated[int, Tag("[count]")] | Annotated[WidthRange, Tag("[range]")], Discriminator(_width_kind)]
+
+
 class PoolConfig(Closed):
-    actors_per_replica: int = Field(2, ge=1, description="Expert-parallel actors per Serve replica; each holds "
-                                    "n_routed_experts / actors_per_replica routed experts (must divide evenly).")
+    actors_per_replica: Width = Field(2, description="Expert-parallel actors per Serve replica: a number, "
+                                                 "or a range {min, max, initial} the group can change within while "
+                                                 "it serves (expertpool scale, width autoscaling). Every width must "
+                                                 "hold n_routed_experts + redundant_experts expert slots (a "
+                                                 "single actor ignores redundant_experts), each "
+                                                 "actor at most one copy of an expert.")
+    redundant_experts: int = Field(0, ge=0, description="Extra physical expert slots per replica, holding second "
+                                   "copies of experts (EPLB puts them on the most loaded experts; with as many as "
+                                   "n_routed_experts every expert has two copies, so the group can lose an actor and "
+                                   "keep serving on the survivors). Each costs one expert's weights of memory.")
+    eplb: EplbConfig = Field(default_factory=EplbConfig, description="Expert-parallel load balancing.")
+    autoscale_width: bool = Field(False, description="Widen the group when its step time or KV usage stays high "
+                                  "and narrow it when idle, within actors_per_replica's range.")
+    width_autoscaling: WidthAutoscalingConfig = Field(default_factory=WidthAutoscalingConfig,
+                                                      description="Thresholds of width autoscaling.")
     actor_resources: PoolActorResources = Field(default_factory=PoolActorResources, description="Resources "
                                                 "reserved by each expert-parallel actor (one placement bundle each).")
     replica_cpu: float = Field(0.1, gt=0, description="Logical CPUs reserved for the Serve replica process itself "
@@ -161,6 +221,9 @@ class PoolConfig(Closed):
 
     @model_validator(mode="after")
     def _check(self) -> PoolConfig:
+        if isinstance(self.actors_per_replica, int) and self.actors_per_replica < 1:
+            raise rule_error("actors_per_replica", f"must be >= 1, got {self.actors_per_replica}",
+                             "set a positive number of actors or a range {min, max}")
         gpu = self.actor_resources.gpu
         if self.backend == "nccl" and gpu <= 0:
             raise rule_error("backend", "nccl needs GPUs but actor_resources.gpu is 0",
@@ -170,7 +233,37 @@ class PoolConfig(Closed):
                              "(two ranks on one device cannot form a communicator)",
                              "set pool.actor_resources.gpu to a whole number >= 1, or pool.backend to gloo to "
                              "share GPUs between actors")
+        if self.autoscale_width and self.min_width == self.max_width:
+            raise rule_error("autoscale_width", "needs room to change: actors_per_replica is a single width",
+                             "set actors_per_replica to a range {min, max} or autoscale_width to false")
         return self
+
+    @property
+    def width(self) -> int:
+        """Actors a replica starts with."""
+        a = self.actors_per_replica
+        return a if isinstance(a, int) else a.initial
+
+    @property
+    def min_width(self) -> int:
+        a = self.actors_per_replica
+        return a if isinstance(a, int) else a.min
+
+    @property
+    def max_width(self) -> int:
+        a = self.actors_per_replica
+        return a if isinstance(a, int) else a.max
+
+    def placement_problem(self, n_routed_experts: int) -> str | None:
+        """Why some width of the range cannot place the experts (None when every width can)."""
+        E, R = n_routed_experts, self.redundant_experts
+        if self.max_width > E + R:
+            return (f"{self.max_width} actors exceed the {E + R} expert slots ({E} experts + {R} redundant), so some "
+                    f"would hold none; use at most {E + R} actors or more redundant_experts")
+        if R > E * (self.max_width - 1):
+            return (f"{R} redundant slots over at most {self.max_width} actors would give an actor two copies of one "
+                    f"expert; set redundant_experts to at most {E * (self.max_width - 1)}")
+        return None
 
     def resolved_backend(self) -> Literal["gloo", "nccl"]:
         if self.backend != "auto":
@@ -181,7 +274,7 @@ class PoolConfig(Closed):
         """Bundles of one replica: bundle 0 hosts the replica actor itself (Serve places the replica in the
         FIRST bundle, so its ``ray_actor_options`` must fit there), bundles 1..N host expert-parallel actor
         ``rank`` at index :meth:`actor_bundle_index` ``(rank)``."""
-        return [{"CPU": self.replica_cpu}] + [self.actor_resources.bundle() for _ in range(self.actors_per_replica)]
+        return [{"CPU": self.replica_cpu}] + [self.actor_resources.bundle() for _ in range(self.max_width)]
 
     def replica_actor_options(self) -> dict[str, Any]:
         """``ray_actor_options`` of the replica; a subset of bundle 0 by construction."""
@@ -191,11 +284,6 @@ class PoolConfig(Closed):
     def actor_bundle_index(rank: int) -> int:
         return rank + 1
 
-    def experts_per_actor(self, n_routed_experts: int) -> int:
-        if n_routed_experts % self.actors_per_replica:
-            raise ConfigError([ConfigProblem("pool.actors_per_replica", divisor_message(
-                n_routed_experts, self.actors_per_replica, "actors_per_replica", "actors"))])
-        return n_routed_experts // self.actors_per_replica
 
 
 
@@ -510,11 +598,14 @@ class ClusterConfig(Closed):
         declared ``pool.actor_resources.gpu_memory_gb``, the per-actor memory plan must fit."""
         problems: list[ConfigProblem] = []
         derived: dict[str, Any] = {}
-        if n_routed_experts % self.pool.actors_per_replica:
-            problems.append(ConfigProblem("pool.actors_per_replica", divisor_message(
-                n_routed_experts, self.pool.actors_per_replica, "actors_per_replica", "actors")))
+        placement = self.pool.placement_problem(n_routed_experts)
+        if placement:
+            problems.append(ConfigProblem("pool.actors_per_replica", placement))
         else:
-            derived["pool.experts_per_actor"] = n_routed_experts // self.pool.actors_per_replica
+            from expertpool.platform.placement import slots_per_rank, usable_redundant
+            w = self.pool.width
+            derived["pool.expert_slots_per_actor"] = slots_per_rank(
+                n_routed_experts, usable_redundant(n_routed_experts, self.pool.redundant_experts, w), w)
         for name, job in self.train.jobs.items():
             problem = job.experts_problem(n_routed_experts, prefix=f"train.jobs.{name}.")
             if problem:
@@ -687,6 +778,7 @@ def _explain(err: Mapping[str, Any]) -> ConfigProblem:
     loc = [str(part) for part in err["loc"]]
     kind, ctx, value = err["type"], err.get("ctx") or {}, err.get("input")
     if kind == RULE_ERROR_TYPE:
+        loc = [part for part in loc if not part.startswith("[")]  # a tagged union's tag
         path = ".".join(loc + ([ctx["field"]] if ctx["field"] else []))
         return ConfigProblem(path, f"{ctx['problem']}; {ctx['fix']}")
     loc = [part for part in loc if "[" not in part]  # pydantic tags like "function-after[...]" are not fields

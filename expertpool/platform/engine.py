@@ -66,6 +66,19 @@ class RecoveryPolicy:
     max_attempts: int = 3             # recoveries in a row without a successful step
 
 
+@dataclass
+class ElasticPolicy:
+    """Elastic expert parallelism of one replica (``pool`` in cluster.yaml)."""
+    n_experts: int = 0
+    redundant: int = 0                # pool.redundant_experts
+    min_width: int = 1
+    max_width: int = 1
+    eplb: bool = False                # pool.eplb.enabled
+    window_steps: int = 1000
+    rebalance_every_steps: int = 3000
+    min_gain: float = 0.05
+
+
 class _WorkersLost(Exception):
     def __init__(self, dead: set[int]):
         super().__init__(f"expert actors {sorted(dead)} are gone")
@@ -76,7 +89,8 @@ class AsyncEngine:
     """Serving facade over EngineCore; one background task drives the steps."""
 
     def __init__(self, core: EngineCore, model_id: str, max_seq_len: int, model_dir: str | None = None,
-                 async_scheduling: bool = False, recovery: RecoveryPolicy = RecoveryPolicy()):
+                 async_scheduling: bool = False, recovery: RecoveryPolicy = RecoveryPolicy(),
+                 elastic: ElasticPolicy | None = None):
         self.core = core
         self.depth = 2 if async_scheduling else 1  # steps in flight at once
         self.model_dir = model_dir
@@ -97,6 +111,17 @@ class AsyncEngine:
         self.actor_failures = 0
         self.recoveries = 0
         self.recovery_seconds: list[float] = []
+        self.elastic = elastic
+        self._ops: deque = deque()          # (coroutine function, future): run between steps, nothing in flight
+        self.steps = 0                      # completed engine steps
+        self.degraded_shrinks = 0
+        self.rebalances = 0
+        self.rebalance_seconds: list[float] = []      # prepare to switch
+        self.rebalance_stall_seconds: list[float] = []  # the switch: steps paused
+        self.actor_balancedness: float | None = None  # mean / max actor load over the last window
+        self._load_snapshots: deque = deque()  # (step, cumulative tokens per expert)
+        self._last_rebalance_step = 0
+        self._elastic_task: asyncio.Task | None = None
 
     def model_ids(self) -> list[str]:
         return [self.base_model_id] + list(self._variants)
@@ -179,8 +204,19 @@ class AsyncEngine:
         self.core.abort(request_id)
         self._wake.set()
 
+    async def between_steps(self, fn):
+        """Run ``await fn()`` in the step loop at a step boundary with nothing in flight (a layout
+        change); returns its result."""
+        fut = asyncio.get_running_loop().create_future()
+        self._ops.append((fn, fut))
+        self._ensure_loop()
+        self._wake.set()
+        return await fut
+
     async def _idle(self) -> None:
         """Wait for work; every ``liveness_check_s`` without any, ping the group."""
+        if self._ops:
+            return
         self._wake.clear()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=self.recovery.liveness_check_s)
@@ -202,11 +238,24 @@ class AsyncEngine:
         while True:
             events: dict[str, TokenEvent] = {}
             try:
+                if self._ops and not inflight:  # a layout change: at a step boundary, nothing in flight
+                    fn, fut = self._ops.popleft()
+                    try:
+                        fut.set_result(await fn())
+                    except (StepFailed, RayError) as e:  # the group broke while changing: recover it
+                        fut.set_exception(e)
+                        raise
+                    except Exception as e:
+                        fut.set_exception(e)
+                    continue
                 if not inflight and not core.has_work():
                     await self._idle()
                     continue
                 async with self._step_lock:  # a patch load runs between submissions
-                    plans, items = core.begin_step(events)
+                    if self._ops:  # drain what is in flight first
+                        plans, items = [], []
+                    else:
+                        plans, items = core.begin_step(events)
                     submitted = any(items)
                     if submitted:
                         inflight.append((plans, asyncio.ensure_future(core.executor.run_async(items))))
@@ -216,6 +265,7 @@ class AsyncEngine:
                     inflight.popleft()
                     core.end_step(done_plans, results, events)
                     self._attempts = 0
+                    self.steps += 1
                 elif not submitted and not events:  # requests wait for blocks: let finishing streams free some
                     await asyncio.sleep(0.005)
             except (StepFailed, RayError, _WorkersLost) as e:
@@ -266,6 +316,8 @@ class AsyncEngine:
             self._attempts += 1
             if self._attempts > self.recovery.max_attempts:
                 raise RuntimeError(f"{self.recovery.max_attempts} recoveries in a row without a successful step")
+            if dead and self._can_degrade(dead):
+                return await self._degrade(dead, t0)
             lost = core.fail_workers(dead)
             try:
                 await asyncio.wait_for(executor.recover(dead, list(self._patch_dirs)), self.recovery.timeout_s)
@@ -288,12 +340,149 @@ class AsyncEngine:
         finally:
             self._recovering = False
 
+    # ---- elastic expert parallelism
+    def _can_degrade(self, dead: set[int]) -> bool:
+        placement = getattr(self.core.executor, "placement", None)
+        return (placement is not None and len(dead) < placement.world and placement.covers_without(dead)
+                and self.elastic is not None)
+
+    async def _degrade(self, dead: set[int], t0: float) -> bool:
+        """Degraded mode: every expert of the dead ranks has a copy on a survivor, so the survivors
+        re-form a smaller group now and serve on; replacements start in the background and the group
+        widens back at a step boundary once they are loaded."""
+        core, executor = self.core, self.core.executor
+        survivors = [r for r in range(executor.world) if r not in dead]
+        lost = core.resize(survivors)
+        old = await asyncio.wait_for(executor.shrink(dead), self.recovery.timeout_s)
+        self._load_snapshots.clear()
+        dt = time.monotonic() - t0
+        self.degraded_shrinks += 1
+        self.recoveries += 1
+        self.recovery_seconds.append(dt)
+        log.warning("expert actor rank(s) %s lost; serving on the %d survivors (every expert has a copy there) after "
+                    "%.1fs, replaying %d sequences; replacements are starting", sorted(dead), len(survivors), dt,
+                    len(lost))
+        self._start_elastic(self._widen_back(old, survivors))
+        return True
+
+    async def _widen_back(self, old, survivors: list[int]) -> None:
+        """Start replacements for a degraded group and switch back to the full layout ``old``."""
+        executor = self.core.executor
+        world_then = executor.world
+        keep = [survivors.index(r) if r in survivors else None for r in range(old.world)]
+        await self.apply_placement(old, keep, expect_world=world_then)
+        log.info("expert group widened back to %d actors after degraded mode", old.world)
+
+    def _start_elastic(self, coro) -> None:
+        if self._elastic_task is not None and not self._elastic_task.done():
+            self._elastic_task.cancel()
+        self._elastic_task = asyncio.get_running_loop().create_task(self._guard(coro), context=contextvars.Context())
+
+    async def _guard(self, coro) -> None:
+        try:
+            await coro
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            log.error("elastic layout change failed: %s (the group keeps its current layout)", _first_line(e))
+
+    async def apply_placement(self, placement, keep: list[int | None], expect_world: int | None = None) -> float:
+        """Change the group's layout while it serves: new actors start and kept ones load the experts
+        they newly hold (steps go on), then at a step boundary the scheduler moves its sequences
+        (those of removed actors are re-prefilled), the actors swap experts and the group re-forms.
+        Returns the stall (seconds the steps paused)."""
+        executor = self.core.executor
+        t0 = time.monotonic()
+        new_slots = await executor.prepare(placement, keep, list(self._patch_dirs))
+
+        async def switch() -> float:
+            if expect_world is not None and executor.world != expect_world:
+                raise RuntimeError("the group changed while the new layout loaded; dropping it")
+            t1 = time.monotonic()
+            self.core.resize(keep)
+            await executor.commit(placement, new_slots)
+            self._load_snapshots.clear()  # new actors count from zero
+            return time.monotonic() - t1
+
+        stall = await self.between_steps(switch)
+        self.rebalance_seconds.append(time.monotonic() - t0)
+        self.rebalance_stall_seconds.append(stall)
+        return stall
+
+    async def resize(self, width: int) -> float:
+        """Grow or shrink every rank's share to ``width`` actors (``expertpool scale``), keeping the
+        existing actors (and their caches) as the first ranks. Returns the stall."""
+        from expertpool.platform.placement import Placement, usable_redundant
+
+        el = self.elastic
+        if el is None:
+            raise RuntimeError("this engine has no elastic expert-parallel group")
+        if not el.min_width <= width <= el.max_width:
+            raise ValueError(f"{width} actors is outside pool.actors_per_replica's range [{el.min_width}, "
+                             f"{el.max_width}]; widen the range in cluster.yaml and redeploy")
+        world = self.core.executor.world
+        if width == world:
+            return 0.0
+        placement = Placement.default(el.n_experts, width, usable_redundant(el.n_experts, el.redundant, width))
+        stall = await self.apply_placement(placement, [i if i < world else None for i in range(width)])
+        log.info("expert group resized %d -> %d actors (stall %.2fs)", world, width, stall)
+        return stall
+
+    def window_load(self) -> list[int] | None:
+        """Tokens per logical expert over the last ``window_steps`` steps (the oldest snapshot within)."""
+        if len(self._load_snapshots) < 2:
+            return None
+        (_, first), (_, last) = self._load_snapshots[0], self._load_snapshots[-1]
+        n = self.elastic.n_experts
+        return [b - a for a, b in zip(first[:n], last[:n])]
+
+    async def rebalance(self, load: list[int] | None = None) -> float | None:
+        """EPLB: plan a placement for ``load`` (default: the measured window) and apply it when it
+        raises the actor balancedness by ``min_gain``. Returns the stall, or None when kept."""
+        from expertpool.platform.placement import rebalance
+
+        load = load if load is not None else self.window_load()
+        executor, el = self.core.executor, self.elastic
+        if not load or not sum(load) or executor.placement is None:
+            return None
+        now = executor.placement.balancedness(load)
+        plan = rebalance(load, executor.world, executor.placement.redundant)
+        gain = plan.balancedness(load) - now
+        self._last_rebalance_step = self.steps
+        if gain < el.min_gain:
+            log.info("EPLB: keeping the placement (balancedness %.3f, a new one would give %.3f)", now, now + gain)
+            return None
+        stall = await self.apply_placement(plan, list(range(executor.world)))
+        self.rebalances += 1
+        log.info("EPLB: new placement, balancedness %.3f -> %.3f over the window, switched in %.3fs", now,
+                 now + gain, stall)
+        return stall
+
+    def _track_load(self, counts: list[int]) -> None:
+        el = self.elastic
+        if el is None or not counts:
+            return
+        self._load_snapshots.append((self.steps, list(counts)))
+        while len(self._load_snapshots) > 2 and self._load_snapshots[1][0] <= self.steps - el.window_steps:
+            self._load_snapshots.popleft()
+        load, placement = self.window_load(), getattr(self.core.executor, "placement", None)
+        if load and sum(load) and placement is not None:
+            self.actor_balancedness = placement.balancedness(load)
+        if (el.eplb and self.steps - self._last_rebalance_step >= el.rebalance_every_steps
+                and (self._elastic_task is None or self._elastic_task.done())):
+            self._last_rebalance_step = self.steps
+            self._start_elastic(self.rebalance())
+
     def stats(self) -> dict:
         s = self.core.stats()
         s["expert_tokens"] = list(self._expert_tokens)
         s.update(actor_failures=self.actor_failures, recoveries=self.recoveries,
                  recovery_seconds=list(self.recovery_seconds), recovering=self._recovering,
-                 open_streams=len(self._queues))
+                 open_streams=len(self._queues), steps=self.steps, width=self.core.executor.world,
+                 degraded_shrinks=self.degraded_shrinks, rebalances=self.rebalances,
+                 rebalance_seconds=list(self.rebalance_seconds),
+                 rebalance_stall_seconds=list(self.rebalance_stall_seconds),
+                 actor_balancedness=self.actor_balancedness)
         describe = getattr(self.core.executor, "describe", None)
         if describe is not None:
             s["actors"] = describe()
@@ -301,6 +490,7 @@ class AsyncEngine:
 
     async def refresh_expert_tokens(self) -> list[int]:
         self._expert_tokens = await self.core.executor.expert_load_async()
+        self._track_load(self._expert_tokens)
         return self._expert_tokens
 
     async def check_health(self) -> None:
@@ -311,7 +501,7 @@ class AsyncEngine:
         self._ensure_loop()
 
     async def shutdown(self) -> None:
-        for t in (self._task, self._refresh_task):
+        for t in (self._task, self._refresh_task, self._elastic_task):
             if t is not None:
                 t.cancel()
         shutdown = getattr(self.core.executor, "shutdown", None)
@@ -415,7 +605,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     model_dir = str(cfg.model.path or ensure_embedded_model())
     meta_dir = storage.resolve_model(model_dir, weights=False)
     args = ModelArgs.from_dir(meta_dir)
-    world = cfg.pool.actors_per_replica
+    world = cfg.pool.width
     cfg.validate_against_model(args.n_routed_experts, max_position_embeddings=args.max_position_embeddings,
                                model_args=args)
     s = cfg.serving
@@ -423,7 +613,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     pg = ray.util.get_current_placement_group()
     res = cfg.pool.actor_resources
     options = []
-    for rank in range(world):
+    for rank in range(cfg.pool.max_width):  # a bundle for every actor the widest group has; spares wait
         opts = dict(res.ray_options())
         if pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
@@ -438,7 +628,12 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
                       max_seq_len=s.max_seq_len, max_num_batched_tokens=s.max_num_batched_tokens,
                       max_batch_size=s.max_batch_size, cuda_graphs=s.cuda_graphs,
                       triton_cache_dir=cfg.pool.triton_cache_dir)
-    executor = RayExecutor(spec, options, hooks=hooks)
+    from expertpool.platform.placement import Placement, usable_redundant
+
+    pool = cfg.pool
+    E = args.n_routed_experts
+    placement = Placement.default(E, world, usable_redundant(E, pool.redundant_experts, world))
+    executor = RayExecutor(spec, options, hooks=hooks, placement=placement)
     executor.start(size_kv=lambda infos: kv_blocks_per_worker(cfg, args, infos))
     blocks_per_worker = executor.spec.num_blocks
     tok = Tokenizer.from_dir(storage.resolve_model(cfg.model.tokenizer, weights=False) if cfg.model.tokenizer
@@ -454,6 +649,9 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
              "actor, %s, in %.1fs", model_dir, world, args.n_routed_experts // world, dtype, blocks_per_worker, bs,
              blocks_per_worker * bs, executor.slots[0].info.get("decode", "eager decode"), time.time() - t0)
     policy = RecoveryPolicy(rec.enabled, rec.timeout_s, rec.liveness_check_s, rec.max_attempts)
+    elastic = ElasticPolicy(args.n_routed_experts, pool.redundant_experts, pool.min_width, pool.max_width,
+                            pool.eplb.enabled, pool.eplb.window_steps, pool.eplb.rebalance_every_steps,
+                            pool.eplb.min_gain)
     # a remote base's router weights are not on the replica: its actors check a patch's base instead
     return AsyncEngine(core, cfg.model.name, s.max_seq_len, None if storage.is_remote(model_dir) else model_dir,
-                       async_scheduling=s.async_scheduling, recovery=policy)
+                       async_scheduling=s.async_scheduling, recovery=policy, elastic=elastic)

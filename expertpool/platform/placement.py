@@ -42,6 +42,12 @@ def slots_per_rank(n_experts: int, redundant: int, world: int) -> list[int]:
     return [(r + 1) * n_experts // world - r * n_experts // world + extra[r] for r in range(world)]
 
 
+def usable_redundant(n_experts: int, redundant: int, world: int) -> int:
+    """The redundant slots a group of ``world`` ranks can use: at most E x (W - 1), since a rank holds
+    one copy of an expert at most (a single rank: none)."""
+    return min(redundant, n_experts * (world - 1))
+
+
 @dataclass(frozen=True)
 class Placement:
     n_experts: int

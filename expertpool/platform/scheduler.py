@@ -162,6 +162,7 @@ class EngineCore:
         self.block_size, self.max_seq_len = block_size, max_seq_len
         self.max_batch_size = max_batch_size
         self.per_worker_batch = -(-max_batch_size // self.world)
+        self.max_num_batched_tokens = max_num_batched_tokens
         self.token_budget = max(max_num_batched_tokens, self.per_worker_batch + block_size)
         self.eos = eos_token_id
         self.vocab_size = vocab_size
@@ -560,6 +561,26 @@ class EngineCore:
             self.allocators[w].reset()
         self.finished_ids = [(w, s) for w, s in self.finished_ids if w not in dead]
         self.waiting = deque(sorted(itertools.chain(lost, self.waiting), key=lambda s: s.arrival))
+        return lost
+
+    def resize(self, keep: list[int | None]) -> list[Sequence]:
+        """The group's width changes (elastic expert parallelism): new worker i takes over old worker
+        ``keep[i]``'s cache (its sequences and block pool), or starts empty when ``keep[i]`` is None.
+        Sequences of old workers not kept go back to the front of the queue to be re-prefilled, as
+        after a failure. Call between steps, with nothing in flight. Returns those sequences."""
+        assert not any(s.pending for s in self.running), "resize with a step in flight"
+        dropped = {w for w in range(self.world)} - {k for k in keep if k is not None}
+        lost = self.fail_workers(dropped) if dropped else []
+        new_index = {old: new for new, old in enumerate(keep) if old is not None}
+        num_blocks = self.allocators[0].num_blocks
+        caching = self.allocators[0].caching
+        self.allocators = [self.allocators[k] if k is not None else BlockPool(num_blocks, caching) for k in keep]
+        for seq in self.running:
+            seq.worker = new_index[seq.worker]
+        self.finished_ids = [(new_index[w], s) for w, s in self.finished_ids if w in new_index]
+        self.world = len(keep)
+        self.per_worker_batch = -(-self.max_batch_size // self.world)
+        self.token_budget = max(self.max_num_batched_tokens, self.per_worker_batch + self.block_size)
         return lost
 
     def stats(self) -> dict:

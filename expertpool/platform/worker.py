@@ -38,11 +38,13 @@ from expertpool.model.decode_graphs import DecodeGraphs, graph_safe
 from expertpool.model.grammar import Constrainer
 from expertpool.model.sampling import sample, verify
 from expertpool.model.transformer import Transformer
+from expertpool.platform.placement import Placement
 from expertpool.platform.scheduler import Sampled, SpecOut, StepItem
 
 log = logging.getLogger(__name__)
 
 CONTROL = "control"  # the actor concurrency group of ping/abort_group: never queued behind a step
+PREPARE = "prepare"  # loading a new expert placement beside the one in use, while steps go on
 
 
 class ModelRunner:
@@ -367,12 +369,16 @@ class ExpertWorker:
         show_info_logs()
         self.rank, self.world = rank, world
         self.runner: ModelRunner | None = None
+        self.replicas: list[list[int]] | None = None  # per expert, the ranks with a copy (None: ranges)
+        self._patches: list = []       # the patches loaded, in order (re-added to a new expert placement)
+        self._prepared: tuple[list[int], dict] | None = None
         self.device = "cpu"
         self.backend = "gloo"
         self.generation = -1
 
-    def load(self, spec: WorkerSpec) -> dict[str, Any]:
-        """Load the dense weights and this rank's experts (and the KV cache when ``spec.num_blocks`` is
+    def load(self, spec: WorkerSpec, experts: list[int] | None = None) -> dict[str, Any]:
+        """Load the dense weights and this rank's experts (``experts``: the rank's slots of the group's
+        placement; default: its contiguous range) (and the KV cache when ``spec.num_blocks`` is
         known; else ``allocate_cache`` follows); returns where it runs and what it holds (rank, pid,
         node, device, expert ids, the compute dtype and why, device memory free after the load).
         ``spec.model_dir`` is any checkpoint location (``model.storage``): a remote one is fetched here,
@@ -403,7 +409,8 @@ class ExpertWorker:
             memory_plan.check(args, self.world, props.total_memory, where=f"the GPU of rank {self.rank} ({props.name})",
                               **spec.plan_inputs(choice.dtype))
         self.n_experts = args.n_routed_experts
-        self.experts = owned_experts(self.rank, self.world, self.n_experts)
+        self.experts = sorted(experts) if experts is not None else owned_experts(self.rank, self.world,
+                                                                                  self.n_experts)
         with_mtp = spec.spec_tokens > 0  # the MTP module drafts for speculative decoding
         self.model_dir = str(resolve_model(spec.model_dir, experts=self.experts, with_mtp=with_mtp))
         self.model = load_model(self.model_dir, choice.dtype, spec.weight_dtype, self.experts, self.device,
@@ -448,7 +455,7 @@ class ExpertWorker:
         Collectives wait at most ``collective_timeout_s`` for a peer, so a dead peer is detected."""
         import torch.distributed as dist
 
-        from expertpool.model.dispatch import AllToAllDispatcher
+        from expertpool.model.dispatch import AllToAllDispatcher, LocalDispatcher
 
         t0 = time.time()
         if dist.is_initialized():
@@ -459,8 +466,10 @@ class ExpertWorker:
         dist.init_process_group(self.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world, timeout=timedelta(seconds=self.spec.collective_timeout_s),
                                 **kwargs)
-        if self.world > 1:  # one worker holds every expert: the local dispatcher, no collective per layer
-            self.model.set_dispatcher(AllToAllDispatcher(self.n_experts))
+        if self.world > 1:
+            self.model.set_dispatcher(AllToAllDispatcher(self.n_experts, replicas=self.replicas))
+        else:  # one worker holds every expert: the local dispatcher, no collective per layer
+            self.model.set_dispatcher(LocalDispatcher())
         self.generation = generation
         log.info("worker %d/%d joined group generation %d (%s) in %.1fs", self.rank, self.world, generation,
                  self.backend, time.time() - t0)
@@ -476,7 +485,50 @@ class ExpertWorker:
         return self.runner.expert_load()
 
     def load_patch(self, patch_dir: str) -> int:
-        return self.runner.load_patch(patch_dir, self.model_dir)  # this actor's copy of the base
+        from expertpool.model.patch import read_patch
+
+        patch = read_patch(patch_dir, base_model_dir=self.model_dir)  # this actor's copy of the base
+        self._patches.append(patch)
+        return self.model.add_variant(patch.experts)
+
+    # ---- elastic expert parallelism: a new placement is loaded beside the old one, then swapped in
+    @ray.method(concurrency_group=PREPARE)
+    def prepare_experts(self, experts: list[int]) -> float:
+        """Load the routed experts this rank holds under a new placement (every MoE layer, with the
+        served variants re-added in their order) while steps go on; ``commit_placement`` swaps them
+        in at a step boundary. Experts it already holds are read again from the local checkpoint
+        (simple, and the reads stay on this node). Returns the seconds it took."""
+        from expertpool.model.checkpoint import load_experts
+
+        t0 = time.time()
+        experts = sorted(experts)
+        fresh = load_experts(self.model_dir, self.model, experts, weight_dtype=self.spec.weight_dtype,
+                             device=self.device)
+        main_layers = self.model.args.num_hidden_layers
+        for patch in self._patches:
+            for name, mod in fresh.items():
+                layer = int(name.split(".")[2])  # model.layers.N.mlp.experts / model.mtp.K...: MTP has none
+                if name.startswith("model.layers.") and layer < main_layers:
+                    mod.add_variant(patch.experts.get(layer, {}))
+        self._prepared = (experts, fresh)
+        dt = time.time() - t0
+        log.info("worker %d: prepared experts %s (%d per layer) in %.1fs", self.rank, _span(experts), len(experts), dt)
+        return dt
+
+    def commit_placement(self, rank: int, world: int, replicas: list[list[int]]) -> dict[str, Any]:
+        """At a step boundary (nothing in flight): take rank ``rank`` of ``world``, swap in the prepared
+        experts if any, and remember the copies table for the next ``join``. The KV cache stays: the
+        sequences on this actor keep it."""
+        if self._prepared is not None:
+            self.experts, fresh = self._prepared
+            for name, mod in fresh.items():
+                parent, attr = name.rsplit(".", 1)
+                setattr(self.model.get_submodule(parent), attr, mod)
+            self._prepared = None
+            if self.runner is not None:
+                self.runner.graphs = None  # captured over the old expert tensors
+        self.rank, self.world, self.replicas = rank, world, replicas
+        return {"rank": rank, "experts": self.experts}
 
     @ray.method(concurrency_group=CONTROL)
     def ping(self) -> int:
@@ -584,15 +636,23 @@ class RayExecutor:
     """
 
     def __init__(self, spec: WorkerSpec, slot_options: list[dict[str, Any]], hooks: RecoveryHooks | None = None,
-                 ping_timeout_s: float = 10.0):
+                 ping_timeout_s: float = 10.0, placement: Placement | None = None):
+        """``slot_options``: Ray options of every actor the group may have (one placement-group bundle
+        each, up to the widest width); the first ``placement.world`` are used at start, the rest are
+        spares a wider group takes. ``placement``: which experts each rank holds (default: contiguous
+        ranges over all ``slot_options``)."""
         self.spec = spec
-        self.world = len(slot_options)
-        self.slots = [_Slot(o) for o in slot_options]
+        world = placement.world if placement is not None else len(slot_options)
+        assert world <= len(slot_options), f"{world} ranks but {len(slot_options)} actor bundles"
+        self.placement = placement
+        self.world = world
+        self.slots = [_Slot(o) for o in slot_options[:world]]
+        self.spare_options = list(slot_options[world:])  # bundles no actor uses now
         self.hooks = hooks
         self.ping_timeout_s = ping_timeout_s
         self.settle_s = spec.collective_timeout_s + 5.0
         self.generation = 0
-        self._cls = ray.remote(concurrency_groups={CONTROL: 1})(ExpertWorker)
+        self._cls = ray.remote(concurrency_groups={CONTROL: 1, PREPARE: 1})(ExpertWorker)
 
     @property
     def actors(self) -> list:
@@ -601,18 +661,36 @@ class RayExecutor:
     def _spawn(self, rank: int):
         return self._cls.options(**self.slots[rank].options).remote(rank, self.world)
 
+    def _experts(self, rank: int) -> list[int] | None:
+        return list(self.placement.slots[rank]) if self.placement is not None else None
+
+    def _replicas(self) -> list[list[int]] | None:
+        return self.placement.replicas() if self.placement is not None else None
+
+    async def _form_group(self) -> None:
+        """Every rank (re-)joins under a new generation with the current placement's copies table."""
+        self.generation += 1
+        replicas = self._replicas()
+        await asyncio.gather(*[_await(s.actor.commit_placement.remote(r, self.world, replicas))
+                               for r, s in enumerate(self.slots)])
+        addr, port = await _await(self.actors[0].rendezvous_address.remote())
+        await asyncio.gather(*[_await(a.join.remote(addr, port, self.generation)) for a in self.actors])
+
     def start(self, size_kv=None) -> None:
         """Create every actor, load all of them at once, size the KV cache when the spec leaves it open
         (``size_kv(load infos) -> blocks per worker``: it depends on the resolved dtype and on the memory
         free after the load), form the group, warm up (blocking; replica start-up)."""
         for r, slot in enumerate(self.slots):
             slot.actor = self._spawn(r)
-        for slot, info in zip(self.slots, ray.get([s.actor.load.remote(self.spec) for s in self.slots])):
+        loads = [s.actor.load.remote(self.spec, self._experts(r)) for r, s in enumerate(self.slots)]
+        for slot, info in zip(self.slots, ray.get(loads)):
             slot.info = info
         if self.spec.num_blocks is None:
             n = size_kv([s.info for s in self.slots])
             self.spec = replace(self.spec, num_blocks=n)  # a replacement actor allocates the same
             ray.get([s.actor.allocate_cache.remote(n) for s in self.slots])
+        replicas = self._replicas()
+        ray.get([s.actor.commit_placement.remote(r, self.world, replicas) for r, s in enumerate(self.slots)])
         addr, port = ray.get(self.slots[0].actor.rendezvous_address.remote())
         ray.get([s.actor.join.remote(addr, port, self.generation) for s in self.slots])
         self.warmup()
@@ -632,8 +710,7 @@ class RayExecutor:
         return dt
 
     def experts_of(self, rank: int) -> str:
-        e = self.slots[rank].info.get("experts")
-        return f"{e[0]}..{e[-1]}" if e else "none"
+        return _span(self.slots[rank].info.get("experts") or [])
 
     def describe(self) -> list[dict[str, Any]]:
         """Rank, pid, node, device and expert range of every actor (engine stats; operators and tests)."""
@@ -689,17 +766,86 @@ class RayExecutor:
             if self.hooks is not None:
                 await self.hooks.before_replace(self, r)
             self.slots[r].actor = self._spawn(r)
-        loaded = await asyncio.gather(*[_await(self.slots[r].actor.load.remote(self.spec)) for r in sorted(dead)])
-        for r, info in zip(sorted(dead), loaded):
-            self.slots[r].info = info
-            for p in patches:  # the same patches in the same order: variant indices agree across ranks
-                await _await(self.slots[r].actor.load_patch.remote(p))
-        self.generation += 1
-        addr, port = await _await(self.actors[0].rendezvous_address.remote())
-        await asyncio.gather(*[_await(a.join.remote(addr, port, self.generation)) for a in self.actors])
+        await self._load_new([self.slots[r] for r in sorted(dead)], sorted(dead), patches)
+        await self._form_group()
         await asyncio.to_thread(self.warmup)  # the replacement compiles its kernels (and NCCL its communicator)
         for r in sorted(dead):  # then captures its decode graphs, as at start
             self.slots[r].info["decode"] = await _await(self.slots[r].actor.enable_decode_graphs.remote())
+
+    async def _load_new(self, slots: list[_Slot], ranks: list[int], patches: list[str],
+                        placement: Placement | None = None) -> None:
+        """Load fresh actors of ``slots`` as ``ranks`` of ``placement`` (default: the current one), with
+        the served patches (the same patches in the same order: variant indices agree across ranks)."""
+        placement = placement or self.placement
+        loaded = await asyncio.gather(*[_await(s.actor.load.remote(
+            self.spec, list(placement.slots[r]) if placement is not None else None)) for s, r in zip(slots, ranks)])
+        for s, info in zip(slots, loaded):
+            s.info = info
+            for p in patches:
+                await _await(s.actor.load_patch.remote(p))
+
+    # ---- elastic expert parallelism
+    async def prepare(self, placement: Placement, keep: list[int | None], patches: list[str]) -> list[_Slot]:
+        """Get a new layout ready while the current one serves: rank i of ``placement`` is current
+        rank ``keep[i]`` (its actor and KV cache) or a new actor (None) in a spare bundle. Kept actors
+        whose experts change load them beside the ones in use (their prepare concurrency group);
+        new actors start and load. Returns the new slots, for ``commit``. Nothing changes for the
+        running group until ``commit``."""
+        assert len(keep) == placement.world
+        if sum(k is None for k in keep) > len(self.spare_options):
+            raise RuntimeError(f"widening to {placement.world} actors needs {sum(k is None for k in keep)} more "
+                               f"placement-group bundles; {len(self.spare_options)} are free (raise "
+                               "pool.actors_per_replica.max)")
+        spares = list(self.spare_options)
+        new_slots: list[_Slot] = []
+        for i, k in enumerate(keep):
+            if k is None:
+                slot = _Slot(spares.pop(0))
+                slot.actor = self._cls.options(**slot.options).remote(i, placement.world)
+            else:
+                slot = self.slots[k]
+            new_slots.append(slot)
+        fresh = [(s, i) for i, (s, k) in enumerate(zip(new_slots, keep)) if k is None]
+        try:
+            await self._load_new([s for s, _ in fresh], [i for _, i in fresh], patches, placement)
+            moved = [(new_slots[i], i) for i, k in enumerate(keep)
+                     if k is not None and sorted(placement.slots[i]) != sorted(self.slots[k].info.get("experts", []))]
+            await asyncio.gather(*[_await(s.actor.prepare_experts.remote(list(placement.slots[i]))) for s, i in moved])
+        except BaseException:
+            for s, _ in fresh:
+                ray.kill(s.actor, no_restart=True)
+            raise
+        return new_slots
+
+    async def commit(self, placement: Placement, new_slots: list[_Slot]) -> None:
+        """At a step boundary, with nothing in flight: the prepared layout becomes the group (actors
+        no longer in it are stopped and their bundles freed), the process group is re-formed."""
+        gone = [s for s in self.slots if all(s is not n for n in new_slots)]
+        for s in gone:
+            ray.kill(s.actor, no_restart=True)
+        used = {id(s.options) for s in new_slots}
+        self.spare_options = [o for o in self.spare_options if id(o) not in used] + [s.options for s in gone]
+        self.slots, self.placement, self.world = new_slots, placement, placement.world
+        for r, s in enumerate(self.slots):
+            s.info["experts"] = list(placement.slots[r])
+            s.info["rank"] = r
+        await self._form_group()
+        if any("decode" not in s.info for s in self.slots):  # new actors: compile (GPU), check the group
+            await asyncio.to_thread(self.warmup)
+            for s in self.slots:
+                if "decode" not in s.info:
+                    s.info["decode"] = await _await(s.actor.enable_decode_graphs.remote())
+
+    async def shrink(self, dead: set[int]) -> Placement:
+        """Degraded mode: drop the ``dead`` ranks at once, the survivors keep their experts (the
+        placement covers every expert without them) and re-form a smaller group. Returns the old
+        placement, which ``prepare`` can restore once replacements are up."""
+        old = self.placement
+        assert old is not None and old.covers_without(dead)
+        for r in sorted(dead):
+            ray.kill(self.slots[r].actor, no_restart=True)
+        await self.commit(old.without(dead), [s for r, s in enumerate(self.slots) if r not in dead])
+        return old
 
     def shutdown(self) -> None:
         for s in self.slots:
@@ -715,6 +861,17 @@ class RayExecutor:
     async def expert_load_async(self) -> list[int]:
         loads = await asyncio.gather(*[_await(a.expert_load.remote()) for a in self.actors])
         return [sum(x) for x in zip(*loads)] if loads else []
+
+
+def _span(experts: list[int]) -> str:
+    """Expert ids for logs: a contiguous range as ``a..b``, else ``a..b (+k more)``."""
+    if not experts:
+        return "none"
+    e = sorted(experts)
+    if e[-1] - e[0] + 1 == len(e):
+        return f"{e[0]}..{e[-1]}"
+    run = next((i for i in range(1, len(e)) if e[i] != e[i - 1] + 1), len(e))
+    return f"{e[0]}..{e[run - 1]} (+{len(e) - run} more)"
 
 
 async def _await(ref):

@@ -8,20 +8,24 @@ import torch
 import torch.multiprocessing as mp
 
 from expertpool.model.dispatch import AllToAllDispatcher, owned_experts
+from expertpool.platform.placement import Placement
 from tests.model.helpers import random_model
 
 
-def _rank(rank: int, world: int, port: int, dtype, results) -> None:
+def _rank(rank: int, world: int, port: int, dtype, results, redundant: int = 0) -> None:
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         full = random_model("tiny").to(dtype)
         mine = random_model("tiny").to(dtype)
-        ids = owned_experts(rank, world, full.args.n_routed_experts)
-        for moe in mine.moe_layers():  # this rank answers only for its experts
+        E = full.args.n_routed_experts
+        placement = Placement.default(E, world, redundant)
+        ids = list(placement.slots[rank]) if redundant else owned_experts(rank, world, E)
+        for moe in mine.moe_layers():  # this rank answers only for its experts (all are stored, for the test)
             moe.experts.global_to_local.fill_(-1)
             moe.experts.global_to_local[ids] = torch.tensor(ids)
-        mine.set_dispatcher(AllToAllDispatcher(full.args.n_routed_experts))
+        mine.set_dispatcher(AllToAllDispatcher(E, replicas=placement.replicas()) if redundant
+                            else AllToAllDispatcher(E))
         x = torch.randint(0, full.args.vocab_size, (2, 9 + rank), generator=torch.Generator().manual_seed(rank))
         with torch.no_grad():
             results[rank] = (mine(x).float(), full(x).float())
@@ -48,3 +52,30 @@ def test_all_to_all_equals_local_dispatch_at_inference():
             # fp32: an expert's rows are grouped with the other rank's (another GEMM blocking), ~1e-7;
             # bf16: the same products rounded to bf16 in other groupings, ~2**-8 per element
             assert ((got - want).norm() / want.norm()).item() < bound, (dtype, r)
+
+
+def test_replicated_experts_spread_pairs_over_copies_and_equal_local_dispatch():
+    """R = E over 2 ranks: every expert has a copy on both ranks, pairs alternate between them, and the
+    output still equals the local dispatcher's."""
+    from unittest import mock
+
+    with mock.patch("torch.distributed.get_world_size", return_value=2), \
+            mock.patch("torch.distributed.get_rank", return_value=0):
+        d = AllToAllDispatcher(4, replicas=[[0, 1], [1], [0], [0, 1]])
+    dest = d.destinations(torch.tensor([0, 0, 1, 2, 3, 3, 4, 5]))  # 4, 5: variant-offset ids of experts 0, 1
+    assert dest.tolist() == [0, 1, 1, 0, 0, 1, 0, 1]  # pair p takes copy p mod copies
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Manager().dict()
+    E = random_model("tiny").args.n_routed_experts
+    procs = [ctx.Process(target=_rank, args=(r, 2, port, torch.float32, results, E)) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+        assert p.exitcode == 0
+    for r in range(2):
+        got, want = results[r]
+        assert ((got - want).norm() / want.norm()).item() < 1e-5, r

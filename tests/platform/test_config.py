@@ -195,15 +195,40 @@ def test_yaml_errors_name_the_file(tmp_path):
 # --- rules that need the model ---------------------------------------------------------------------------
 
 
-def test_experts_not_divisible_by_actors(shipped):
-    cfg = parse_config(_mutated(shipped, "pool.actors_per_replica", 3), source="cluster.yaml")
+def test_uneven_widths_are_a_placement_check(shipped):
+    """Elastic EP: 3 actors over 8 experts is a valid placement (3, 3, 2 slots with 1 redundant copy);
+    what no placement can satisfy is refused with the field and the fix."""
+    cfg = parse_config(_mutated(shipped, "pool", {"actors_per_replica": 3, "redundant_experts": 1}))
+    assert cfg.validate_against_model(n_routed_experts=8)["pool.expert_slots_per_actor"] == [3, 3, 3]
+    cfg = parse_config(_mutated(shipped, "pool.actors_per_replica", 9), source="cluster.yaml")
     with pytest.raises(ConfigError) as info:
         cfg.validate_against_model(n_routed_experts=8)
-    msg = str(info.value)
-    assert msg.startswith("cluster.yaml: pool.actors_per_replica: 8 routed experts do not split evenly over 3")
-    assert "set actors_per_replica to a divisor of 8 (1, 2, 4, 8)" in msg
-    with pytest.raises(ConfigError, match="pool.actors_per_replica"):
-        cfg.pool.experts_per_actor(8)
+    assert str(info.value).startswith("cluster.yaml: pool.actors_per_replica: 9 actors exceed the 8 expert slots")
+    cfg = parse_config(_mutated(shipped, "pool", {"actors_per_replica": {"min": 2, "max": 4}, "redundant_experts": 25}))
+    with pytest.raises(ConfigError, match="two copies of one expert; set redundant_experts to at most 24"):
+        cfg.validate_against_model(n_routed_experts=8)
+    # a narrower width uses the redundant slots it can hold (one actor: none)
+    cfg = parse_config(_mutated(shipped, "pool", {"actors_per_replica": {"min": 1, "max": 3, "initial": 1},
+                                                  "redundant_experts": 8}))
+    assert cfg.validate_against_model(n_routed_experts=8)["pool.expert_slots_per_actor"] == [8]
+
+
+@pytest.mark.parametrize("pool, needle", [
+    ({"actors_per_replica": {"min": 4, "max": 2}}, "pool.actors_per_replica.max: (2) is below min (4)"),
+    ({"actors_per_replica": {"min": 2, "max": 4, "initial": 5}}, "initial: (5) is outside [2, 4]"),
+    ({"actors_per_replica": 2, "autoscale_width": True}, "autoscale_width: needs room to change"),
+    ({"eplb": {"window_steps": 0}}, "pool.eplb.window_steps: must be >= 1"),
+])
+def test_invalid_widths_and_redundancy_name_field_and_fix(pool, needle):
+    with pytest.raises(ConfigError) as info:
+        parse_config({"pool": pool})
+    assert needle in str(info.value), str(info.value)
+
+
+def test_width_range_reserves_bundles_up_to_max():
+    cfg = parse_config({"pool": {"actors_per_replica": {"min": 2, "max": 4}, "actor_resources": {"cpu": 0.5}}})
+    assert cfg.pool.width == 2 and cfg.pool.max_width == 4
+    assert cfg.pool.placement_group_bundles() == [{"CPU": 0.1}] + [{"CPU": 0.5}] * 4
 
 
 def test_train_workers_checked_against_experts(shipped):
@@ -218,9 +243,8 @@ def test_train_workers_checked_against_experts(shipped):
 def test_validate_against_model_returns_derived_values(shipped):
     cfg = parse_config(shipped)
     derived = cfg.validate_against_model(n_routed_experts=8, max_position_embeddings=4096)
-    assert derived == {"pool.experts_per_actor": 4, "train.jobs.demo.experts_per_worker": 4,
+    assert derived == {"pool.expert_slots_per_actor": [4, 4], "train.jobs.demo.experts_per_worker": 4,
                        "serving.kv_cache.num_blocks": 32 * 512 // 16}
-    assert cfg.pool.experts_per_actor(8) == 4
     assert cfg.get_job("demo").resolved_experts_per_worker(8) == 4
     with pytest.raises(ConfigError, match=r"serving\.max_seq_len: \(512\) exceeds"):
         cfg.validate_against_model(n_routed_experts=8, max_position_embeddings=256)

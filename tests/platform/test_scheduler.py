@@ -401,3 +401,31 @@ def test_async_engine_idle_liveness_check_repairs_a_dead_actor():
     res = asyncio.run(run())
     assert group.recovered == [{0}]
     assert res["a"] == (expected([1, 2, 3], 8), "length")
+
+
+@pytest.mark.parametrize("keep", [[0, 1, None, None], [1], [None, 0], [1, 0]])
+def test_resize_keeps_kept_caches_and_replays_the_rest(keep):
+    """Elastic width: new worker i inherits old worker keep[i] (None: a fresh one); sequences of
+    workers not kept are re-prefilled; every output equals the run without the resize."""
+    core, ex = make_core(world=2, budget=8)
+    ps = prompts(6)
+    for sid, p in ps.items():
+        core.add_request(sid, p, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    outs: dict[str, list[int]] = {}
+    for _ in range(6):
+        for sid, ev in core.step().items():
+            outs.setdefault(sid, []).extend(ev.token_ids)
+    on = {s.seq_id: s.worker for s in core.running}
+    old_slots, old_last = ex.slots, ex.last
+    lost = core.resize(keep)
+    assert {s.seq_id for s in lost} == {sid for sid, w in on.items() if w not in keep}
+    # the fake workers follow the same mapping (what the executor does with real actors)
+    ex.world = len(keep)
+    ex.slots = [old_slots[k] if k is not None else {} for k in keep]
+    ex.last = [old_last[k] if k is not None else {} for k in keep]
+    assert core.world == len(keep) and len(core.allocators) == len(keep)
+    for s in core.running:
+        assert keep[s.worker] == on[s.seq_id]
+    drain(core, outs)
+    assert outs == {sid: expected(p, 10) for sid, p in ps.items()}
+    assert core.kv_blocks_used() == 0
