@@ -9,7 +9,10 @@ gap between two tokens of one stream), and the recovery time as a client sees it
 token after the pause (the end of the longest gap, earliest over the streams). Throughput (16
 closed-loop streams) is measured before the first kill and after the last.
 
-    python bench/faults.py [--runs 5] [--streams 16] [--no-append]
+With ``--redundant 256`` (every expert of the tiny model twice) it measures degraded mode instead:
+the survivor serves on at once and the group widens back once the replacement has loaded.
+
+    python bench/faults.py [--runs 5] [--streams 16] [--redundant 256] [--no-append]
 """
 
 import argparse
@@ -66,7 +69,8 @@ async def run_once(base: str, app: str, a, rng: random.Random, reference=None) -
         return out
     for _ in range(600):  # the engine's own record of the recovery
         st = await common.stats(app)
-        if st["recoveries"] > st0["recoveries"] and not st["recovering"]:
+        if st["recoveries"] > st0["recoveries"] and not st["recovering"] and st.get("width", 2) == len(st0["actors"]):
+            # (degraded mode: also wait until the group has widened back)
             break
         await asyncio.sleep(0.1)
     # tokens computed before the death was noticed can still arrive just after the kill; the group's
@@ -94,6 +98,8 @@ def main():
     ap.add_argument("--tokens", type=int, default=200, help="tokens per stream (default %(default)s)")
     ap.add_argument("--tput-s", type=float, default=20, help="seconds of each throughput measurement")
     ap.add_argument("--seed", type=int, default=0, help="seed of the kill times and victims")
+    ap.add_argument("--redundant", type=int, default=0, help="pool.redundant_experts: 256 gives every expert of the "
+                    "tiny model a second copy, so a kill is served on by the survivor (degraded mode)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
     a = ap.parse_args()
 
@@ -102,6 +108,7 @@ def main():
     from expertpool.cli import resolve_config
     data = resolve_config(None).model_dump(mode="json")
     data.pop("train", None)
+    data["pool"]["redundant_experts"] = a.redundant
     base, app = common.start(data)
     rng = random.Random(a.seed)
     print("throughput before ...", flush=True)
@@ -130,8 +137,10 @@ def main():
     table = "\n".join(lines)
     print("\n" + table + "\n\n" + summary)
     if not a.no_append:
-        common.append_to_benchmarks("Actor faults (bench/faults.py)", f"{common.machine_line(' '.join(sys.argv))}. "
-                                    f"cluster.yaml (tiny model, 2 expert actors x 0.5 CPU), {a.streams} streams of "
+        title = "Actor faults, degraded mode" if a.redundant else "Actor faults"
+        common.append_to_benchmarks(f"{title} (bench/faults.py)", f"{common.machine_line(' '.join(sys.argv))}. "
+                                    f"cluster.yaml (tiny model, 2 expert actors x 0.5 CPU, redundant_experts "
+                                    f"{a.redundant}), {a.streams} streams of "
                                     f"{a.tokens} seeded-sampling tokens per run, SIGKILL of a random actor 1-3 s "
                                     f"in.\n\n{table}\n\n{summary}")
     sys.exit(0 if all(r["lost"] == 0 and r["equal"] for r in runs) else 1)

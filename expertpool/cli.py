@@ -1,4 +1,4 @@
-"""The ``expertpool`` command: init-model, generate, serve, validate, manifests, publish.
+"""The ``expertpool`` command: init-model, generate, serve, validate, manifests, publish, scale.
 
 Every subcommand is a thin wrapper: argument parsing here, the work in the library. Heavy imports
 (torch, ray) happen inside the subcommand so ``expertpool --help`` is instant.
@@ -169,6 +169,16 @@ def _cmd_publish(a):
     print(f"published {a.patch}: declared in app {a.app}'s user_config; every replica serves {model_id}")
 
 
+def _cmd_scale(a):
+    import ray
+
+    from expertpool.platform.patches import scale
+    ray.init(address=a.address, include_dashboard=False, logging_level=logging.WARNING)
+    n = scale(a.app, a.actors, timeout_s=a.timeout)
+    print(f"scaled app {a.app}: each of its {n} replica(s) runs {a.actors} expert actors (declared in its "
+          "user_config, so new replicas start that wide too)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="expertpool",
                                 description="Serve and fine-tune DeepSeek-V3-class MoE models on Ray.")
@@ -232,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--domain", help="variant name (default: the patch manifest's domain)")
     s.add_argument("--address", default="auto", help="Ray cluster address (default auto)")
     s.set_defaults(fn=_cmd_publish)
+
+    s = sub.add_parser("scale", help="change the number of expert-parallel actors of every replica of a running "
+                       "Serve app, while it serves (within pool.actors_per_replica's range {min, max})")
+    s.add_argument("--actors", type=int, required=True, help="expert actors per replica")
+    s.add_argument("--app", default="expertpool", help="Serve application name (default expertpool)")
+    s.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every replica (default 600)")
+    s.add_argument("--address", default="auto", help="Ray cluster address (default auto)")
+    s.set_defaults(fn=_cmd_scale)
     return p
 
 

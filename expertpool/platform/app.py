@@ -42,7 +42,7 @@ from expertpool.platform.api import OpenAIServer, build_fastapi_app
 from expertpool.platform.config import ClusterConfig, load_config, parse_config
 from expertpool.platform.logs import show_info_logs
 from expertpool.platform.metrics import ServerMetrics
-from expertpool.platform.patches import PatchSet, apply_app, wait_running
+from expertpool.platform.patches import PatchSet, apply_app, apply_width, wait_running
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +111,7 @@ class ExpertPoolServer:
                                 metrics=ServerMetrics(replica=self.replica_id, model_name=self.engine.model_ids()[0]),
                                 reasoning_parser=cfg.serving.reasoning_parser)
         self.patches = PatchSet()  # filled by reconfigure: Serve calls it right after this constructor
+        self.width_error: str | None = None
         logger.info("replica up: serving %s (max_seq_len=%d, auth=%s)", self.engine.model_ids(),
                     self.engine.max_seq_len, "on" if self.api.api_key else "off")
 
@@ -121,6 +122,7 @@ class ExpertPoolServer:
         """Load the patches declared in the deployment's user_config that this replica does not serve
         yet (``platform.patches``); Serve calls it at start and on every change, without a restart."""
         await self.patches.apply(self.engine, user_config)
+        self.width_error = await apply_width(self.engine, user_config)
 
     async def check_health(self) -> None:
         await self.engine.check_health()
@@ -129,7 +131,7 @@ class ExpertPoolServer:
         """Engine stats of this replica (running/waiting, KV blocks, steps, per-expert tokens, recoveries,
         the actors of its group) and the replica's own pid."""
         return {**self.engine.stats(), **self.patches.stats(), "replica_pid": os.getpid(),
-                "replica_id": self.replica_id}
+                "replica_id": self.replica_id, "width_error": self.width_error}
 
     async def load_patch(self, domain: str, patch_dir: str) -> str:
         """Load a patch into THIS replica only (a handle call reaches one replica), outside the

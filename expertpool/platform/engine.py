@@ -77,6 +77,23 @@ class ElasticPolicy:
     window_steps: int = 1000
     rebalance_every_steps: int = 3000
     min_gain: float = 0.05
+    autoscale: bool = False           # pool.autoscale_width, thresholds from pool.width_autoscaling
+    interval_s: float = 10.0
+    step_time_high_s: float = 0.5
+    kv_usage_high: float = 0.9
+    idle_s: float = 120.0
+
+
+def width_decision(width: int, policy: ElasticPolicy, mean_step_s: float | None, kv_usage: float,
+                   idle_s: float) -> int:
+    """Width autoscaling, one decision per interval: one actor more when the last interval's mean
+    step time (set by the most loaded actor) or the KV usage is above its threshold, one fewer after
+    ``idle_s`` without requests, within [min_width, max_width]; else unchanged."""
+    if (mean_step_s is not None and mean_step_s > policy.step_time_high_s) or kv_usage > policy.kv_usage_high:
+        return min(width + 1, policy.max_width)
+    if idle_s >= policy.idle_s:
+        return max(width - 1, policy.min_width)
+    return width
 
 
 class _WorkersLost(Exception):
@@ -122,6 +139,10 @@ class AsyncEngine:
         self._load_snapshots: deque = deque()  # (step, cumulative tokens per expert)
         self._last_rebalance_step = 0
         self._elastic_task: asyncio.Task | None = None
+        self._autoscale_task: asyncio.Task | None = None
+        self.step_seconds = 0.0             # summed duration of completed steps (width autoscaling)
+        self.last_request = time.monotonic()
+        self.width_changes = 0
 
     def model_ids(self) -> list[str]:
         return [self.base_model_id] + list(self._variants)
@@ -156,6 +177,9 @@ class AsyncEngine:
             self._task = loop.create_task(self._run(), context=contextvars.Context())
         if self._refresh_task is None or self._refresh_task.done():
             self._refresh_task = loop.create_task(self._refresh_loop(), context=contextvars.Context())
+        if self.elastic is not None and self.elastic.autoscale and (self._autoscale_task is None
+                                                                    or self._autoscale_task.done()):
+            self._autoscale_task = loop.create_task(self._autoscale_loop(), context=contextvars.Context())
 
     async def _refresh_loop(self):
         """Per-expert token counts for observability, pulled from the workers about once a second."""
@@ -177,6 +201,7 @@ class AsyncEngine:
             raise self._unavailable()
         variant = self._variant_of(model)
         self._ensure_loop()
+        self.last_request = time.monotonic()
         self.core.add_request(request_id, prompt_token_ids, params, variant)
         ids = self.core.completion_ids(request_id, params.n)
         q: asyncio.Queue = asyncio.Queue()
@@ -261,7 +286,9 @@ class AsyncEngine:
                         inflight.append((plans, asyncio.ensure_future(core.executor.run_async(items))))
                 if inflight and (len(inflight) >= self.depth or not submitted):
                     done_plans, fut = inflight[0]
+                    t_step = time.monotonic()
                     results = await fut
+                    self.step_seconds += time.monotonic() - t_step
                     inflight.popleft()
                     core.end_step(done_plans, results, events)
                     self._attempts = 0
@@ -373,6 +400,28 @@ class AsyncEngine:
         await self.apply_placement(old, keep, expect_world=world_then)
         log.info("expert group widened back to %d actors after degraded mode", old.world)
 
+    async def _autoscale_loop(self) -> None:
+        """Width autoscaling (``pool.autoscale_width``): every ``interval_s``, ``width_decision`` on the
+        interval's mean step time, the KV usage and the time since the last request."""
+        el = self.elastic
+        steps, busy = self.steps, self.step_seconds
+        while self._failed is None:
+            await asyncio.sleep(el.interval_s)
+            n, t = self.steps - steps, self.step_seconds - busy
+            steps, busy = self.steps, self.step_seconds
+            width = self.core.executor.world
+            idle = 0.0 if self._queues else time.monotonic() - self.last_request
+            target = width_decision(width, el, t / n if n else None, self.core.stats()["kv_usage"], idle)
+            if target == width or self._recovering or (self._elastic_task is not None
+                                                       and not self._elastic_task.done()):
+                continue
+            log.info("width autoscaling: %d -> %d actors (mean step %s, KV usage %.0f%%, idle %.0fs)", width,
+                     target, f"{t / n * 1000:.0f} ms" if n else "-", 100 * self.core.stats()["kv_usage"], idle)
+            self.width_changes += 1
+            self._start_elastic(self.resize(target))
+            if target < width:
+                self.last_request = time.monotonic()  # narrow one step per idle period
+
     def _start_elastic(self, coro) -> None:
         if self._elastic_task is not None and not self._elastic_task.done():
             self._elastic_task.cancel()
@@ -482,7 +531,7 @@ class AsyncEngine:
                  degraded_shrinks=self.degraded_shrinks, rebalances=self.rebalances,
                  rebalance_seconds=list(self.rebalance_seconds),
                  rebalance_stall_seconds=list(self.rebalance_stall_seconds),
-                 actor_balancedness=self.actor_balancedness)
+                 actor_balancedness=self.actor_balancedness, width_changes=self.width_changes)
         describe = getattr(self.core.executor, "describe", None)
         if describe is not None:
             s["actors"] = describe()
@@ -501,7 +550,7 @@ class AsyncEngine:
         self._ensure_loop()
 
     async def shutdown(self) -> None:
-        for t in (self._task, self._refresh_task, self._elastic_task):
+        for t in (self._task, self._refresh_task, self._elastic_task, self._autoscale_task):
             if t is not None:
                 t.cancel()
         shutdown = getattr(self.core.executor, "shutdown", None)
@@ -651,7 +700,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     policy = RecoveryPolicy(rec.enabled, rec.timeout_s, rec.liveness_check_s, rec.max_attempts)
     elastic = ElasticPolicy(args.n_routed_experts, pool.redundant_experts, pool.min_width, pool.max_width,
                             pool.eplb.enabled, pool.eplb.window_steps, pool.eplb.rebalance_every_steps,
-                            pool.eplb.min_gain)
+                            pool.eplb.min_gain, pool.autoscale_width, **pool.width_autoscaling.model_dump())
     # a remote base's router weights are not on the replica: its actors check a patch's base instead
     return AsyncEngine(core, cfg.model.name, s.max_seq_len, None if storage.is_remote(model_dir) else model_dir,
                        async_scheduling=s.async_scheduling, recovery=policy, elastic=elastic)

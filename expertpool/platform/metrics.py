@@ -46,6 +46,7 @@ LATENCY_BUCKETS_S = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 3
                      240.0, 480.0, 960.0, 1920.0, 7680.0]  # vLLM's request-latency buckets
 TOKEN_BUCKETS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000]
 RECOVERY_BUCKETS_S = [0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]
+STALL_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0]
 ENGINE = "expertpool"
 
 
@@ -122,6 +123,22 @@ class ServerMetrics:
                                           "restored.", boundaries=RECOVERY_BUCKETS_S, tag_keys=r).set_default_tags(tags)
         self.replayed_tokens = counter("expertpool_replayed_tokens", description="Tokens re-prefilled because their "
                                        "KV cache lived on a dead actor.", tag_keys=r).set_default_tags(tags)
+        self.group_width = gauge("expertpool_group_width", description="Expert-parallel actors in this replica's "
+                                 "group now.", tag_keys=r).set_default_tags(tags)
+        self.actor_balancedness = gauge("expertpool_actor_balancedness", description="Mean / max tokens per actor "
+                                        "under the current expert placement, over the EPLB window (1 = even).",
+                                        tag_keys=r).set_default_tags(tags)
+        self.rebalances = counter("expertpool_eplb_rebalances", description="Expert placements switched by EPLB.",
+                                  tag_keys=r).set_default_tags(tags)
+        self.layout_seconds = histogram("expertpool_layout_change_seconds", description="A layout change (EPLB "
+                                        "rebalance, resize, widening back after degraded mode): start to switch.",
+                                        boundaries=RECOVERY_BUCKETS_S, tag_keys=r).set_default_tags(tags)
+        self.layout_stall_seconds = histogram("expertpool_layout_change_stall_seconds", description="Steps paused "
+                                              "by a layout change (the switch at a step boundary).",
+                                              boundaries=STALL_BUCKETS_S, tag_keys=r).set_default_tags(tags)
+        self.degraded = counter("expertpool_degraded_shrinks", description="Actor losses served on by the "
+                                "survivors (every expert had a copy there) instead of waiting for a replacement.",
+                                tag_keys=r).set_default_tags(tags)
         self._last_expert_tokens: list[int] | None = None
         self._seen: dict[str, int] = {}
 
@@ -181,7 +198,8 @@ class ServerMetrics:
                             ("prefix_cache_queries", self.prefix_queries), ("prefix_cache_hits", self.prefix_hits),
                             ("spec_decode_num_drafts", self.spec_drafts),
                             ("spec_decode_num_draft_tokens", self.spec_draft_tokens),
-                            ("spec_decode_num_accepted_tokens", self.spec_accepted)):
+                            ("spec_decode_num_accepted_tokens", self.spec_accepted),
+                            ("rebalances", self.rebalances), ("degraded_shrinks", self.degraded)):
             grew = stats.get(key, 0) - self._seen.get(key, 0)
             if grew > 0:
                 metric.inc(grew)
@@ -191,7 +209,13 @@ class ServerMetrics:
             if n > self._seen.get(key, 0):
                 self.spec_accepted_per_pos.inc(n - self._seen.get(key, 0), tags={"position": str(pos)})
             self._seen[key] = n
-        durations = stats.get("recovery_seconds", [])
-        for d in durations[self._seen.get("recovery_seconds", 0):]:
-            self.recovery_seconds.observe(d)
-        self._seen["recovery_seconds"] = len(durations)
+        for key, hist in (("recovery_seconds", self.recovery_seconds), ("rebalance_seconds", self.layout_seconds),
+                          ("rebalance_stall_seconds", self.layout_stall_seconds)):
+            durations = stats.get(key, [])
+            for d in durations[self._seen.get(key, 0):]:
+                hist.observe(d)
+            self._seen[key] = len(durations)
+        if stats.get("width") is not None:
+            self.group_width.set(stats["width"])
+        if stats.get("actor_balancedness") is not None:
+            self.actor_balancedness.set(stats["actor_balancedness"])

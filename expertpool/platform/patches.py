@@ -1,4 +1,6 @@
-"""Published ESFT patches: declared in the Serve deployment's ``user_config``, applied by ``reconfigure``.
+"""Published ESFT patches and the group width: declared in the Serve deployment's ``user_config``,
+applied by ``reconfigure``. (``actors``, set by ``scale``/``expertpool scale``, resizes every replica's
+expert-parallel group the same way; see ``apply_width``.)
 
 The declaration is ``{"patches": {domain: location}}`` in the user_config of the ``ExpertPool``
 deployment (``serving.patches`` in cluster.yaml, hence in the Serve config and the RayService's
@@ -44,6 +46,25 @@ class UserConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     patches: dict[str, str] = Field(default_factory=dict, description="domain -> patch location")
+    actors: int | None = Field(None, ge=1, description="Expert-parallel actors of every replica's group "
+                               "(``expertpool scale``), within pool.actors_per_replica's range; None = as "
+                               "the replica started.")
+
+
+async def apply_width(engine, user_config: dict[str, Any] | None) -> str | None:
+    """Resize the replica's group to the declared ``actors`` (``reconfigure``); the error, if any, is
+    returned (kept in the replica's stats; ``scale`` reports it), never raised: a width the range
+    does not allow must not take the replica down."""
+    actors = UserConfig.model_validate(user_config or {}).actors
+    resize = getattr(engine, "resize", None)
+    if actors is None or resize is None:
+        return None
+    try:
+        await resize(actors)
+        return None
+    except Exception as e:
+        log.error("could not resize the expert group to %d actors: %s", actors, e)
+        return f"{type(e).__name__}: {e}"
 
 
 class PatchSet:
@@ -165,6 +186,47 @@ def _running_replicas(app_name: str) -> int:
     return 0 if app is None else sum(d.replica_states.get("RUNNING", 0) for d in app.deployments.values())
 
 
+def _user_config_entry(app: dict[str, Any]) -> dict[str, Any]:
+    deployments = app.setdefault("deployments", [])
+    entry = next((d for d in deployments if d.get("name") == DEPLOYMENT_NAME), None)
+    if entry is None:
+        entry = {"name": DEPLOYMENT_NAME}
+        deployments.append(entry)
+    return entry
+
+
+def scale(app_name: str, actors: int, timeout_s: float = 600.0) -> int:
+    """Declare ``actors`` expert-parallel actors per replica in ``app_name``'s user_config and wait
+    until every running replica's group has that width (each resizes while it serves: new actors
+    load, experts are re-sharded, the switch happens between steps, in-flight requests continue).
+    Returns the number of replicas. Raises AppNotRunning / AppNotDeclared, RuntimeError with a
+    replica's error (e.g. a width outside pool.actors_per_replica's range), TimeoutError."""
+    from ray import serve
+
+    app = declared_app(app_name)
+    entry = _user_config_entry(app)
+    user_config = UserConfig.model_validate(entry.get("user_config") or {})
+    user_config.actors = actors
+    entry["user_config"] = user_config.model_dump(exclude_none=True)
+    apply_app(app)
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name)
+    t0 = time.time()
+    done: set[str] = set()
+    while True:
+        n = _running_replicas(app_name)
+        stats = handle.stats.remote().result(timeout_s=max(1.0, timeout_s - (time.time() - t0)))
+        if stats.get("width_error"):
+            raise RuntimeError(f"replica {stats['replica_id']} could not resize: {stats['width_error']}")
+        if stats.get("width") == actors:
+            done.add(stats["replica_id"])
+        if n and len(done) >= n:
+            log.info("%d replica(s) of %s run %d expert actors each (%.1fs)", n, app_name, actors, time.time() - t0)
+            return n
+        if time.time() - t0 > timeout_s:
+            raise TimeoutError(f"{len(done)} of {n} replicas run {actors} actors after {timeout_s:.0f}s")
+        time.sleep(0.5)
+
+
 def publish(app_name: str, location: str, domain: str | None = None, timeout_s: float = 300.0) -> str:
     """Declare a patch in ``app_name``'s user_config and wait until every running replica serves it;
     returns the served model id ``<model>:<domain>``. Raises PatchError for an invalid patch,
@@ -176,14 +238,10 @@ def publish(app_name: str, location: str, domain: str | None = None, timeout_s: 
     patch = read_patch(location)  # validate (and fetch a remote one) before anything is declared
     domain = domain or patch.domain
     app = declared_app(app_name)
-    deployments = app.setdefault("deployments", [])
-    entry = next((d for d in deployments if d.get("name") == DEPLOYMENT_NAME), None)
-    if entry is None:
-        entry = {"name": DEPLOYMENT_NAME}
-        deployments.append(entry)
+    entry = _user_config_entry(app)
     user_config = UserConfig.model_validate(entry.get("user_config") or {})
     user_config.patches[domain] = str(location)
-    entry["user_config"] = user_config.model_dump()
+    entry["user_config"] = user_config.model_dump(exclude_none=True)
     apply_app(app)
     handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name)
     t0 = time.time()

@@ -327,6 +327,20 @@ def test_recovery_metrics_follow_the_engine_counters():
     assert [v for v, _ in m.recovery_seconds.values] == [3.5, 4.25]
 
 
+def test_elastic_metrics_follow_the_engine_counters():
+    m = ServerMetrics(replica="r1", counter=_Recorder, gauge=_Recorder, histogram=_Recorder)
+    base = {"running": 0, "waiting": 0, "kv_usage": 0.0, "expert_tokens": []}
+    m.update_from_stats({**base, "width": 2, "actor_balancedness": None, "rebalances": 0, "degraded_shrinks": 0,
+                         "rebalance_seconds": [], "rebalance_stall_seconds": []})
+    m.update_from_stats({**base, "width": 1, "actor_balancedness": 0.81, "rebalances": 1, "degraded_shrinks": 1,
+                         "rebalance_seconds": [2.0], "rebalance_stall_seconds": [0.07]})
+    assert [v for v, _ in m.group_width.values] == [2, 1]
+    assert [v for v, _ in m.actor_balancedness.values] == [0.81]
+    assert [v for v, _ in m.rebalances.values] == [1] and [v for v, _ in m.degraded.values] == [1]
+    assert [v for v, _ in m.layout_seconds.values] == [2.0]
+    assert [v for v, _ in m.layout_stall_seconds.values] == [0.07]
+
+
 def test_metrics_work_without_ray_initialised():
     code = ("import ray; from expertpool.platform.metrics import ServerMetrics; m = ServerMetrics('x'); "
             "m.request_done('m', 200); m.first_token('m', 0.1); m.tokens('m', 3, 0.05); "

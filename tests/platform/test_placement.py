@@ -86,3 +86,16 @@ def test_without_renumbers_the_survivors():
     p = Placement.default(8, 4, redundant=8)
     q = p.without({1})
     assert q.world == 3 and q.slots == (p.slots[0], p.slots[2], p.slots[3])
+
+
+def test_width_decision_widens_on_load_and_narrows_when_idle():
+    from expertpool.platform.engine import ElasticPolicy, width_decision
+
+    p = ElasticPolicy(n_experts=8, min_width=2, max_width=4, autoscale=True, step_time_high_s=0.5,
+                      kv_usage_high=0.9, idle_s=60)
+    assert width_decision(2, p, mean_step_s=0.8, kv_usage=0.1, idle_s=0) == 3       # slow steps
+    assert width_decision(3, p, mean_step_s=0.1, kv_usage=0.95, idle_s=0) == 4      # KV nearly full
+    assert width_decision(4, p, mean_step_s=0.9, kv_usage=0.95, idle_s=0) == 4      # at max
+    assert width_decision(3, p, mean_step_s=None, kv_usage=0.0, idle_s=61) == 2     # idle: one fewer
+    assert width_decision(2, p, mean_step_s=None, kv_usage=0.0, idle_s=600) == 2    # at min
+    assert width_decision(3, p, mean_step_s=0.2, kv_usage=0.5, idle_s=10) == 3      # neither

@@ -50,7 +50,9 @@ def served(ray_cluster, tiny_dir):
         name = f"ep{actors}" if key != "spec" else "spec2"
         cfg = parse_config({
             "model": {"dtype": "float32"},  # greedy parity with the fp32 reference model
-            "pool": {"actors_per_replica": actors, "actor_resources": {"cpu": 0.25}},
+            # ep2 may change width (test_scale_...): a range, bundles reserved up to 3 actors
+            "pool": {"actors_per_replica": {"min": 1, "max": 3, "initial": 2} if name == "ep2" else actors,
+                     "actor_resources": {"cpu": 0.25}},
             "serving": {"app_name": name, "route_prefix": f"/{name}", "max_seq_len": MAX_SEQ_LEN,
                         "max_batch_size": 32, "max_num_batched_tokens": 128, "health_check_period_s": 600,
                         "kv_cache": {"block_size": 8, "num_blocks": 1024},
@@ -366,7 +368,48 @@ def test_patch_hot_swap_serves_base_and_variant(served, tiny_dir, tmp_path):
     # the declaration is the deployment's user_config: in the app's Serve config, not in an actor
     from expertpool.platform.patches import declared_app
     (dep,) = declared_app(served["apps"][2])["deployments"]
-    assert dep["user_config"] == {"patches": {"legal": str(patch_dir)}}
+    assert dep["user_config"] == {"patches": {"legal": str(patch_dir)}}  # no actors: the width it started with
+
+
+def test_scale_changes_the_group_width_while_it_serves_base_and_variant(served, tiny_dir, tmp_path):
+    """`expertpool scale` (its ``scale``) declares 3 actors in the running app's user_config: the replica
+    widens its group while a long stream runs (new actor loads its experts and the published patch,
+    kept actors re-shard), the stream finishes unharmed, base and variant answers are unchanged;
+    then back to 2."""
+    from expertpool.model.tokenizer import Tokenizer
+    from expertpool.platform.patches import declared_app, scale
+
+    app, c = served["apps"][2], served["client"][2]
+    tok = Tokenizer.from_dir(tiny_dir)
+    ids = tok.encode("The contract shall be governed by")
+
+    def answers():
+        return [c.completions.create(model=m, prompt=ids, max_tokens=12, temperature=0,
+                                     extra_body={"ignore_eos": True}).choices[0].text
+                for m in ("expertpool-tiny", "expertpool-tiny:legal")]
+
+    before = answers()  # the variant was published by the hot-swap test
+    assert before[0] == tok.decode(_reference_greedy(tiny_dir, ids, 12))
+    for width in (3, 2):
+        stream: dict = {}
+
+        def long_stream():
+            chunks = c.completions.create(model="expertpool-tiny", prompt=ids, max_tokens=120, temperature=0,
+                                          stream=True, stream_options={"include_usage": True},
+                                          extra_body={"ignore_eos": True})
+            stream["text"] = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+
+        t = threading.Thread(target=long_stream)
+        t.start()
+        time.sleep(0.5)
+        assert scale(app, width, timeout_s=240) == 1
+        t.join(timeout=180)
+        assert stream["text"].startswith(before[0])
+        stats = _stats(app)
+        assert stats["width"] == width and len(stats["actors"]) == width, stats
+        assert answers() == before, width
+    (dep,) = declared_app(app)["deployments"]
+    assert dep["user_config"]["actors"] == 2
 
 
 def test_published_s3_patch_reaches_replicas_started_later(served, tiny_dir, tmp_path, s3):

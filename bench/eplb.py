@@ -1,0 +1,134 @@
+"""EPLB benchmark: a skewed prompt set on bench-mini, expert-parallel load balancing off, then on.
+
+Builds bench-mini (random weights) in a temp dir, starts one replica's engine in process on a
+private local Ray (``--actors`` expert actors, ``--redundant`` redundant expert slots, no Serve), and
+runs the same skewed workload twice: ``--streams`` greedy streams of ``--tokens`` tokens whose
+prompts repeat a few token ids, so the router sends most pairs to few experts. Between the two runs
+the engine rebalances from the load it measured (``AsyncEngine.rebalance``: the code the EPLB loop
+runs every ``pool.eplb.rebalance_every_steps``). Reported: decode tokens/s, mean step time,
+balancedness (mean / max actor load) of each run's measured load under the placement in use, and
+the rebalance: time to prepare the new placement while serving, and the stall (steps paused for
+the switch) against the mean decode step.
+
+    python bench/eplb.py [--actors 2] [--redundant 16] [--streams 16] [--tokens 64] [--no-append]
+"""
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+
+import common
+
+
+def skewed_prompts(n: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    """Prompts of a handful of token ids each, repeated (their routing concentrates on few experts)."""
+    import random
+
+    rng = random.Random(seed)
+    hot = [rng.randrange(100, vocab) for _ in range(3)]
+    return [[hot[i % 3]] * 24 + [hot[(i + 1) % 3]] * 8 for i in range(n)]
+
+
+async def run(engine, prompts: list[list[int]], tokens: int, tag: str) -> dict:
+    from expertpool.model.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    before = list(await engine.refresh_expert_tokens())
+    steps0, busy0 = engine.steps, engine.step_seconds
+    first: dict[str, float] = {}
+    t0 = time.monotonic()
+
+    async def one(i, p):
+        out = []
+        async for ev in engine.generate(f"{tag}-{i}", p, params):
+            first.setdefault(i, time.monotonic())
+            out.extend(ev.token_ids)
+        return out
+
+    outs = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
+    t1 = time.monotonic()
+    decode_start = max(first.values())  # every stream past its prefill
+    after = await engine.refresh_expert_tokens()
+    n = engine.elastic.n_experts
+    load = [b - a for a, b in zip(before[:n], after[:n])]
+    steps = engine.steps - steps0
+    return {"outs": outs, "tok_s": sum(map(len, outs)) / (t1 - t0),
+            "decode_tok_s": len(prompts) * (tokens - 1) / max(1e-9, t1 - decode_start) if tokens > 1 else 0.0,
+            "step_ms": 1000 * (engine.step_seconds - busy0) / max(1, steps), "load": load,
+            "balancedness": engine.core.executor.placement.balancedness(load)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--actors", type=int, default=2, help="expert actors (default %(default)s)")
+    ap.add_argument("--redundant", type=int, default=16, help="pool.redundant_experts (default %(default)s)")
+    ap.add_argument("--streams", type=int, default=16, help="concurrent greedy streams (default %(default)s)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens per stream (default %(default)s)")
+    ap.add_argument("--dtype", default="auto", help="compute dtype (default auto: bf16 where the CPU has it)")
+    ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    a = ap.parse_args()
+
+    import ray
+
+    from expertpool.model.embedded import init_model
+    from expertpool.platform.config import parse_config
+    from expertpool.platform.engine import build_engine
+
+    model_dir = tempfile.mkdtemp(prefix="bench-mini-")
+    print(f"building bench-mini in {model_dir} ...", flush=True)
+    init_model("bench-mini", model_dir, seed=0)
+    cfg = parse_config({
+        "model": {"path": model_dir, "dtype": a.dtype},
+        "pool": {"actors_per_replica": a.actors, "redundant_experts": a.redundant,
+                 "actor_resources": {"cpu": 1}},
+        "serving": {"max_seq_len": 256, "max_batch_size": max(16, a.streams), "max_num_batched_tokens": 256,
+                    "kv_cache": {"block_size": 16, "num_blocks": 512}}})
+    ray.init(address="local", include_dashboard=False, logging_level="WARNING")
+    engine = build_engine(cfg)
+    prompts = skewed_prompts(a.streams, 32000)
+
+    async def scenario():
+        try:
+            await run(engine, prompts[:2], 4, "warm")
+            off = await run(engine, prompts, a.tokens, "off")
+            print(f"EPLB off: {off['decode_tok_s']:.0f} decode tok/s, step {off['step_ms']:.1f} ms, balancedness "
+                  f"{off['balancedness']:.3f}", flush=True)
+            t0 = time.monotonic()
+            stall = await engine.rebalance(off["load"])
+            prepare = time.monotonic() - t0
+            on = await run(engine, prompts, a.tokens, "on")
+            print(f"EPLB on:  {on['decode_tok_s']:.0f} decode tok/s, step {on['step_ms']:.1f} ms, balancedness "
+                  f"{on['balancedness']:.3f}; rebalance {prepare:.2f}s, stall {stall}", flush=True)
+            return off, on, prepare, stall
+        finally:
+            await engine.shutdown()
+
+    off, on, prepare, stall = asyncio.run(scenario())
+    ray.shutdown()
+    same = off["outs"] == on["outs"]
+    lines = ["| EPLB | decode tok/s | tok/s (whole run) | mean step (ms) | balancedness (mean/max actor load) |",
+             "|---|---:|---:|---:|---:|"]
+    for name, r in (("off (default placement)", off), ("on (after one rebalance)", on)):
+        lines.append(f"| {name} | {r['decode_tok_s']:.0f} | {r['tok_s']:.0f} | {r['step_ms']:.1f} | "
+                     f"{r['balancedness']:.3f} |")
+    stall_s = "kept the placement (gain below min_gain)" if stall is None else (
+        f"{1000 * stall:.0f} ms ({stall * 1000 / off['step_ms']:.1f} mean decode steps)")
+    summary = (f"Speed-up {on['decode_tok_s'] / off['decode_tok_s']:.2f}x decode throughput (goal >= 1.2x); "
+               f"rebalance: {prepare:.2f} s from plan to switch, stall {stall_s} (goal: under one decode step); "
+               f"greedy outputs {'identical' if same else 'DIFFERENT'} before and after.")
+    table = "\n".join(lines)
+    print("\n" + table + "\n\n" + summary)
+    if not a.no_append:
+        common.append_to_benchmarks(
+            "EPLB on a skewed prompt set (bench/eplb.py)",
+            f"{common.machine_line(' '.join(sys.argv))}. bench-mini (random weights, 64 experts, 6 per token), "
+            f"{a.actors} expert actors x 1 CPU, {a.redundant} redundant slots, {a.streams} greedy streams of "
+            f"{a.tokens} tokens whose prompts repeat 2 of 3 token ids; engine in process (no HTTP).\n\n"
+            f"{table}\n\n{summary}")
+    sys.exit(0 if same else 1)
+
+
+if __name__ == "__main__":
+    main()
