@@ -71,7 +71,7 @@ def test_validate_and_manifests(tmp_path):
                    "    max_replicas: 1\n")
     r = run("validate", str(bad), check=False, env={"EXPERTPOOL_CACHE": str(tmp_path / "cache")})
     assert r.returncode != 0 and "max_replicas" in r.stderr
-    bad.write_text("pool:\n  actors_per_replica: 3\n")
+    bad.write_text("pool:\n  actors_per_replica: 300\n")  # uneven widths are fine; more actors than experts not
     r = run("validate", str(bad), check=False, env={"EXPERTPOOL_CACHE": str(tmp_path / "cache")})
     assert r.returncode != 0 and "actors_per_replica" in r.stderr and "256" in r.stderr
     # on Kubernetes a job's outputs must outlive its pods: the laptop example's are refused there
