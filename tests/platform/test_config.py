@@ -195,10 +195,18 @@ def test_yaml_errors_name_the_file(tmp_path):
 # --- rules that need the model ---------------------------------------------------------------------------
 
 
+def _model(n_routed_experts: int = 8, max_position_embeddings: int = 4096, **kw):
+    """The tiny architecture with ``n_routed_experts`` in one group: what validate_against_model reads."""
+    from expertpool.model.args import preset
+
+    return preset("tiny").replace(n_routed_experts=n_routed_experts, n_group=1, topk_group=1,
+                                  max_position_embeddings=max_position_embeddings, **kw)
+
+
 def test_experts_not_divisible_by_actors(shipped):
     cfg = parse_config(_mutated(shipped, "pool.actors_per_replica", 3), source="cluster.yaml")
     with pytest.raises(ConfigError) as info:
-        cfg.validate_against_model(n_routed_experts=8)
+        cfg.validate_against_model(_model(8))
     msg = str(info.value)
     assert msg.startswith("cluster.yaml: pool.actors_per_replica: 8 routed experts do not split evenly over 3")
     assert "set actors_per_replica to a divisor of 8 (1, 2, 4, 8)" in msg
@@ -209,29 +217,54 @@ def test_experts_not_divisible_by_actors(shipped):
 def test_train_workers_checked_against_experts(shipped):
     cfg = parse_config(_mutated(shipped, "train.jobs.demo.experts_per_worker", 3))
     with pytest.raises(ConfigError, match=r"train\.jobs\.demo\.experts_per_worker: .*set experts_per_worker to 4"):
-        cfg.validate_against_model(n_routed_experts=8)
+        cfg.validate_against_model(_model(8))
     cfg = parse_config(_mutated(_mutated(shipped, "train.jobs.demo.workers", 3), "train.jobs.demo.batch_size", 6))
     with pytest.raises(ConfigError, match=r"train\.jobs\.demo\.workers: 8 routed experts"):
-        cfg.validate_against_model(n_routed_experts=8)
+        cfg.validate_against_model(_model(8))
 
 
 def test_validate_against_model_returns_derived_values(shipped):
     cfg = parse_config(shipped)
-    derived = cfg.validate_against_model(n_routed_experts=8, max_position_embeddings=4096)
+    derived = cfg.validate_against_model(_model(8, 4096))
     assert derived == {"pool.experts_per_actor": 4, "train.jobs.demo.experts_per_worker": 4,
                        "serving.kv_cache.num_blocks": 32 * 512 // 16}
     assert cfg.pool.experts_per_actor(8) == 4
     assert cfg.get_job("demo").resolved_experts_per_worker(8) == 4
-    with pytest.raises(ConfigError, match=r"serving\.max_seq_len: \(512\) exceeds"):
-        cfg.validate_against_model(n_routed_experts=8, max_position_embeddings=256)
+    with pytest.raises(ConfigError, match=r"serving\.max_seq_len: \(512\) exceeds the model's "
+                       r"max_position_embeddings \(256\); set max_seq_len to at most 256"):
+        cfg.validate_against_model(_model(8, 256))
+
+
+def test_kv_bytes_per_token_come_from_the_model(shipped):
+    """The latent (kv_lora_rank) and rope key of every layer, in the compute dtype; plus the MTP layer's
+    own cache when speculative decoding is on."""
+    import torch
+
+    args = _model(8, num_hidden_layers=5, kv_lora_rank=512, qk_rope_head_dim=64, num_nextn_predict_layers=1)
+    cfg = parse_config(shipped)
+    assert cfg.kv_bytes_per_token(args, "float32") == 5 * (512 + 64) * 4
+    assert cfg.kv_bytes_per_token(args) == 5 * (512 + 64) * torch.empty((), dtype=getattr(
+        torch, "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype)).element_size()
+    spec = parse_config(_mutated(_mutated(shipped, "serving.speculative", {"num_speculative_tokens": 1}),
+                                 "serving.async_scheduling", False))
+    assert spec.kv_bytes_per_token(args, "float32") == 6 * (512 + 64) * 4
 
 
 def test_kv_memory_budget(shipped):
-    cfg = parse_config(_mutated(shipped, "serving.kv_cache", {"memory_gb": 0.001, "block_size": 16}))
-    bytes_per_token = 576 * 4  # MLA latent (512) + rope key (64), float32
-    assert cfg.serving.num_kv_blocks(bytes_per_token) == int(0.001 * 2**30) // (bytes_per_token * 16)
-    with pytest.raises(ConfigError, match=r"serving\.kv_cache\.memory_gb: .*set memory_gb to at least"):
-        cfg.validate_against_model(8, kv_bytes_per_token=bytes_per_token * 1000)
+    """A kv_cache.memory_gb below one sequence of max_seq_len is refused with the size that would hold one."""
+    args = _model(8, num_hidden_layers=61, kv_lora_rank=512, qk_rope_head_dim=64)
+    cfg = parse_config(_mutated(_mutated(shipped, "serving.kv_cache", {"memory_gb": 0.01, "block_size": 16}),
+                                "model.dtype", "float32"))
+    bytes_per_token = 61 * (512 + 64) * 4
+    assert cfg.serving.num_kv_blocks(bytes_per_token) == int(0.01 * 2**30) // (bytes_per_token * 16)
+    assert cfg.serving.num_kv_blocks(bytes_per_token) * 16 < cfg.serving.max_seq_len  # the budget is too small
+    need = -(-cfg.serving.max_seq_len // 16) * 16 * bytes_per_token / 2**30
+    with pytest.raises(ConfigError, match=rf"serving\.kv_cache\.memory_gb: 0\.01 GiB holds \d+ blocks, fewer than "
+                       rf"one sequence .*set memory_gb to at least {need:.3g}"):
+        cfg.validate_against_model(args)
+    ok = parse_config(_mutated(_mutated(shipped, "serving.kv_cache", {"memory_gb": round(need * 1.01, 4)}),
+                               "model.dtype", "float32"))
+    assert ok.validate_against_model(args)["serving.kv_cache.num_blocks"] * 16 >= ok.serving.max_seq_len
 
 
 def test_unknown_job_lists_known_jobs(shipped):
@@ -495,12 +528,12 @@ def test_memory_plan_of_deepseek_v3_matches_the_hand_computation(shipped):
     total8 = sum(_v3_expected_bytes(8).values())
     total16 = sum(_v3_expected_bytes(16).values())
     with pytest.raises(ConfigError) as info:
-        config(8, 80).validate_against_model(256, model_args=v3)
+        config(8, 80).validate_against_model(v3)
     message = str(info.value)
     assert f"8 actors need {total8 / GIB:.1f} GiB each" in message
     assert f"use 16 actors ({total16 / GIB:.1f} GiB each) or GPUs with >= {-(-total8 // GIB)} GiB" in message
     assert "pool.actor_resources.gpu_memory_gb" in message
-    assert config(16, 80).validate_against_model(256, model_args=v3)["pool.memory_per_actor_gib"] == round(
+    assert config(16, 80).validate_against_model(v3)["pool.memory_per_actor_gib"] == round(
         total16 / GIB, 1)
-    assert config(8, 141).validate_against_model(256, model_args=v3)["pool.memory_per_actor_gib"] == round(
+    assert config(8, 141).validate_against_model(v3)["pool.memory_per_actor_gib"] == round(
         total8 / GIB, 1)
