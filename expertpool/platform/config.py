@@ -151,7 +151,8 @@ class PoolConfig(Closed):
         "on one node when they fit, which keeps all-to-all traffic local).")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend between the "
                                                      "actors of a replica. auto = nccl when actors have GPUs, else "
-                                                     "gloo.")
+                                                     "gloo. With nccl, `actor_resources.gpu` must be a whole number "
+                                                     ">= 1.")
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="Self-healing when an expert "
                                      "actor dies.")
     triton_cache_dir: str | None = Field(None, description="Directory where the actors keep compiled Triton kernels "
@@ -295,8 +296,9 @@ class ServingConfig(Closed):
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="Paged KV cache of one replica.")
     reasoning_parser: Literal["deepseek_r1"] | None = Field(None, description="Split `<think>` output of chat "
                                                              "completions into `reasoning_content` (streaming too), "
-                                                             "as vLLM's parser of the same name; None = leave it in "
-                                                             "`content`.")
+                                                             "as vLLM's parser of the same name; off for a request "
+                                                             "that sets `chat_template_kwargs.thinking: false`. None "
+                                                             "= leave it in `content`.")
     cuda_graphs: bool = Field(True, description="GPU actors: capture decode steps in CUDA graphs, one per batch "
                               "bucket (powers of two up to the per-actor batch), after the warm-up. Applies where "
                               "the decode forward never reads the device back: FP8 experts on the Triton path and one "

@@ -104,10 +104,36 @@ def test_every_field_is_documented():
     assert not missing
 
 
-def test_operations_doc_lists_every_field():
+def test_operations_doc_reference_tables_are_generated_from_the_schema():
+    """The committed tables equal `expertpool schema --markdown`: a new or edited field is a failing test
+    until the docs are regenerated (``config_schema.replace_reference``)."""
+    from expertpool.platform.config_schema import BEGIN, END, reference_markdown, replace_reference
+
     doc = (REPO / "docs" / "operations.md").read_text()
-    missing = [path for path, _ in field_paths() if f"`{path}`" not in doc]
-    assert not missing, f"docs/operations.md does not document {missing}"
+    assert doc.count(BEGIN) == 1 and doc.count(END) == 1
+    assert replace_reference(doc) == doc, ("docs/operations.md's configuration reference is stale: paste "
+                                           "`expertpool schema --markdown` between its markers")
+    tables = reference_markdown()
+    missing = [path for path, _ in field_paths() if f"| `{path}` |" not in tables]
+    assert not missing, missing
+    assert "| `serving.port` | int | `8000` | Serve HTTP proxy port. |" in tables
+    assert "| `train.jobs.NAME.dataset.path` | str | **required** |" in tables
+    assert "| `pool.actor_resources.custom` | map of str → float | `{}` |" in tables
+
+
+def test_json_schema_is_committed_current_and_named_by_cluster_yaml(shipped):
+    import jsonschema
+
+    from expertpool.platform.config_schema import SCHEMA_PATH, json_schema, json_schema_text
+
+    assert (REPO / SCHEMA_PATH).read_text() == json_schema_text(), \
+        f"{SCHEMA_PATH} is stale: run `expertpool schema > {SCHEMA_PATH}`"
+    assert CLUSTER_YAML.read_text().splitlines()[0] == f"# yaml-language-server: $schema=./{SCHEMA_PATH}"
+    validator = jsonschema.Draft202012Validator(json_schema())
+    validator.check_schema(validator.schema)
+    validator.validate(shipped)  # the shipped example is valid to an editor too
+    errors = [e.message for e in validator.iter_errors(_mutated(shipped, "serving.prot", 9000))]
+    assert errors == ["Additional properties are not allowed ('prot' was unexpected)"]
 
 
 # --- errors name the field and the fix -----------------------------------------------------------------
