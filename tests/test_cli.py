@@ -301,11 +301,14 @@ def _documented_commands():
         if not re.search(r"(^|&&|;|\|)\s*expertpool(\s|$)", line):
             continue  # not a shell line that runs the command (YAML, Python, error messages, prose)
         argv: list[str] = []
+        redirect = False  # `> file` belongs to the shell, not to the command
         for token in [*shlex.split(line, comments=True), "&&"]:
             if token in ("&&", ";", "|", "||"):
                 if argv[:1] == ["expertpool"]:
                     yield where, argv[1:]
-                argv = []
+                argv, redirect = [], False
+            elif token in (">", ">>", "2>", "<") or redirect:
+                redirect = True
             else:
                 argv.append(token)
 
