@@ -1,7 +1,12 @@
-"""The ``expertpool`` command: init-model, generate, serve, validate, manifests, publish, scale.
+"""The ``expertpool`` command: init-model, generate, serve, validate, manifests, schema, publish, scale.
 
 Every subcommand is a thin wrapper: argument parsing here, the work in the library. Heavy imports
 (torch, ray) happen inside the subcommand so ``expertpool --help`` is instant.
+
+Errors: anything a user can get wrong raises a :class:`~expertpool.errors.UserError` in the library;
+:func:`main` catches it once and prints ``expertpool: error: <message>`` (exit status 2, as argparse's
+own usage errors), with the traceback only under ``-v``. Other exceptions are bugs and keep their
+traceback.
 """
 
 import argparse
@@ -9,7 +14,14 @@ import logging
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
+
+from expertpool import __version__
+from expertpool.errors import UserError
+from expertpool.model.args import PRESETS  # dataclasses only: `expertpool --help` stays instant
+
+EXIT_USER_ERROR = 2
 
 
 def _cmd_init_model(a):
@@ -88,14 +100,8 @@ def resolve_config(config_path: str | None, *, model: str | None = None, port: i
 
 def _cmd_serve(a):
     from expertpool.platform.app import deploy
-    from expertpool.platform.config import ConfigError
-    from expertpool.model.storage import StorageError
-    try:
-        cfg = resolve_config(a.config, model=a.model, port=a.port, actors=a.actors)
-        url = deploy(cfg, address=a.address)
-    except (ConfigError, StorageError) as e:
-        print(f"invalid config: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = resolve_config(a.config, model=a.model, port=a.port, actors=a.actors)
+    url = deploy(cfg, address=a.address)
     name = cfg.model.name
     print(f"\nexpertpool is serving {name} at {url}/v1  (Ctrl-C to stop)\n"
           f"  curl {url}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
@@ -124,40 +130,63 @@ def _model_args(location: str | None):
 
 
 def _cmd_validate(a):
-    from expertpool.model.storage import StorageError
     from expertpool.platform.config import ConfigError, ConfigProblem, load_config
+    from expertpool.platform.kuberay import pool_pod
     from expertpool.platform.memory_plan import train_memory_plan
+
+    cfg = load_config(a.config)
+    jobs = {a.job: cfg.get_job(a.job)} if a.job else dict(cfg.train.jobs)
+    args = _model_args(cfg.model.path)
+    problems = []
     try:
-        cfg = load_config(a.config)
-        args = _model_args(cfg.model.path)
-        derived = cfg.validate_against_model(args.n_routed_experts, model_args=args)
-        problems = []
-        for name, job in cfg.train.jobs.items():  # each job's memory plan, on its own base model
-            plan = train_memory_plan(job, args if job.base_model == cfg.model.path else _model_args(job.base_model))
-            print(f"train.jobs.{name}: {plan.describe()}")
-            if plan.problem:
-                problems.append(ConfigProblem(f"train.jobs.{name}", plan.problem))
-        if problems:
-            raise ConfigError(problems, cfg.source)
-    except (ConfigError, StorageError) as e:
-        print(f"invalid: {e}", file=sys.stderr)
-        sys.exit(1)
-    print(f"{a.config}: ok")
+        derived = cfg.validate_against_model(args)  # the rules deploy and every replica run
+    except ConfigError as e:  # reported together with the jobs' problems below
+        problems += e.problems
+    for name, job in jobs.items():
+        try:
+            dataset = job.check_dataset()  # the fine-tuning entry point's first check
+        except ConfigError as e:
+            problems += e.problems
+        else:
+            print(f"train.jobs.{name}.dataset: {dataset.path} ({dataset.format}, field {dataset.field})")
+        # each job's memory plan, on its own base model
+        plan = train_memory_plan(job, args if job.base_model == cfg.model.path else _model_args(job.base_model))
+        print(f"train.jobs.{name}: {plan.describe()}")
+        if plan.problem:
+            problems.append(ConfigProblem(f"train.jobs.{name}", plan.problem))
+    if problems:
+        raise ConfigError(problems, cfg.source)
+    pool = cfg.pool
+    print(f"model: {cfg.model.name}: {args.n_routed_experts} routed experts, {args.num_hidden_layers} layers, "
+          f"max_position_embeddings {args.max_position_embeddings}, KV {cfg.kv_bytes_per_token(args)} bytes per token")
+    width = (f"{pool.width}" if pool.min_width == pool.max_width
+             else f"{pool.width} (range {pool.min_width}..{pool.max_width})")
+    print(f"pool: {width} actors per replica holding {derived['pool.expert_slots_per_actor']} expert slots "
+          f"({pool.redundant_experts} redundant), backend {pool.resolved_backend()}")
+    for name in jobs:
+        print(f"train.jobs.{name}: {derived[f'train.jobs.{name}.experts_per_worker']} experts per worker")
+    kv = cfg.serving.kv_cache
+    print(f"serving.kv_cache: {derived['serving.kv_cache.num_blocks']} blocks of {kv.block_size} tokens per replica "
+          f"(max_seq_len {cfg.serving.max_seq_len})")
+    print(f"placement bundles per replica ({pool.placement_strategy}): {pool.placement_group_bundles()}")
     if "pool.memory_per_actor_gib" in derived:
         print(f"memory per actor: {derived['pool.memory_per_actor_gib']} GiB "
-              f"of {cfg.pool.actor_resources.gpu_memory_gb} GiB (pool.actor_resources.gpu_memory_gb)")
+              f"of {pool.actor_resources.gpu_memory_gb} GiB (pool.actor_resources.gpu_memory_gb)")
+    pod, pods = pool_pod(cfg)
+    print(f"kuberay: {pods} pool pod(s) per replica, each offering {pod}")
+    print(f"{a.config}: ok")
 
 
 def _cmd_manifests(a):
-    from expertpool.platform.config import ConfigError, load_config
+    from expertpool.platform.config import load_config
     from expertpool.platform.kuberay import KINDS, manifests
-    try:
-        paths = manifests(load_config(a.config), a.out, kinds=tuple(a.kind) if a.kind else KINDS)
-    except ConfigError as e:
-        print(f"invalid config: {e}", file=sys.stderr)
-        sys.exit(2)
-    for p in paths:
+    for p in manifests(load_config(a.config), a.out, kinds=tuple(a.kind) if a.kind else KINDS):
         print(f"wrote {p}")
+
+
+def _cmd_schema(a):
+    from expertpool.platform.config_schema import json_schema_text, reference_markdown
+    sys.stdout.write(reference_markdown() if a.markdown else json_schema_text())
 
 
 def _cmd_publish(a):
@@ -180,19 +209,30 @@ def _cmd_scale(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # -v is accepted before and after the subcommand: the subcommands' copy defaults to SUPPRESS, so it
+    # only sets the flag and never resets one given before the subcommand
+    verbose = argparse.ArgumentParser(add_help=False)
+    verbose.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                         help="debug logging, and the traceback of an error")
     p = argparse.ArgumentParser(prog="expertpool",
                                 description="Serve and fine-tune DeepSeek-V3-class MoE models on Ray.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="cmd", required=True)
+    p.add_argument("-v", "--verbose", action="store_true", default=False,
+                   help="debug logging, and the traceback of an error")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True, title="commands")
 
-    s = sub.add_parser("init-model", help="write a random-weight checkpoint of a preset (with tokenizer)")
-    s.add_argument("--preset", default="tiny", help="tiny | bench-mini | deepseek-v3 (default: tiny)")
+    def command(name, **kw):
+        return sub.add_parser(name, parents=[verbose], **kw)
+
+    s = command("init-model", help="write a random-weight checkpoint of a preset (with tokenizer)")
+    s.add_argument("--preset", default="tiny", choices=list(PRESETS), help="architecture preset (default: tiny); "
+                   "refused when it cannot be initialised in the available memory")
     s.add_argument("--out", required=True, help="output checkpoint directory")
     s.add_argument("--fp8", action="store_true", help="store projections as block-FP8 (e4m3 + weight_scale_inv)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(fn=_cmd_init_model)
 
-    s = sub.add_parser("generate", help="in-process batched generation, streaming to stdout")
+    s = command("generate", help="in-process batched generation, streaming to stdout")
     s.add_argument("--model", help="checkpoint: directory, Hugging Face repo id, s3:// or gs:// (default: the "
                    "embedded tiny model)")
     s.add_argument("--prompt", action="append", help="prompt text; repeat for a batch")
@@ -208,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "weight-only int8, the fastest CPU decode)")
     s.set_defaults(fn=_cmd_generate)
 
-    s = sub.add_parser("serve", help="deploy the OpenAI-compatible expert-parallel server on Ray Serve")
+    s = command("serve", help="deploy the OpenAI-compatible expert-parallel server on Ray Serve")
     s.add_argument("config", nargs="?", default=None,
                    help="cluster.yaml (default: ./cluster.yaml if present, else built-in defaults)")
     s.add_argument("--model", help="checkpoint: directory, Hugging Face repo id, s3:// or gs:// (overrides "
@@ -219,12 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-block", action="store_true", help="deploy and return instead of running until Ctrl-C")
     s.set_defaults(fn=_cmd_serve)
 
-    s = sub.add_parser("validate", help="check a cluster.yaml (schema, cross-field rules, the model, and each "
-                       "training job's per-worker memory plan)")
+    s = command("validate", help="check a cluster.yaml as serve, the replicas and the fine-tuning jobs would (schema, "
+                "cross-field rules, the model's experts, length and KV cache, each job's dataset and memory plan) "
+                "and print what it derives")
     s.add_argument("config", help="path to cluster.yaml")
+    s.add_argument("--job", metavar="NAME", help="check only this training job (train.jobs.NAME) besides serving; "
+                   "dataset paths resolve against the current directory, as in the job (default: every job)")
     s.set_defaults(fn=_cmd_validate)
 
-    s = sub.add_parser("manifests", help="write KubeRay RayService/RayCluster/RayJob manifests from cluster.yaml, "
+    s = command("manifests", help="write KubeRay RayService/RayCluster/RayJob manifests from cluster.yaml, "
                        "one directory per deployment choice (each safe for `kubectl apply -f`)")
     s.add_argument("config", help="path to cluster.yaml")
     s.add_argument("--out", default="k8s", help="output directory (default k8s/): rayservice/, raycluster/ (with "
@@ -234,7 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write only these directories (repeatable; default: all)")
     s.set_defaults(fn=_cmd_manifests)
 
-    s = sub.add_parser("publish", help="declare an ESFT expert patch in a running Serve app (its deployment's "
+    s = command("schema", help="print the JSON Schema of cluster.yaml (docs/cluster.schema.json), or the reference "
+                "tables of docs/operations.md")
+    s.add_argument("--markdown", action="store_true", help="print the configuration reference tables instead")
+    s.set_defaults(fn=_cmd_schema)
+
+    s = command("publish", help="declare an ESFT expert patch in a running Serve app (its deployment's "
                        "user_config); every replica loads it without a restart")
     s.add_argument("--patch", required=True, help="patch written by a fine-tuning job: a directory every node "
                    "reads, or s3:// / gs://")
@@ -243,7 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--address", default="auto", help="Ray cluster address (default auto)")
     s.set_defaults(fn=_cmd_publish)
 
-    s = sub.add_parser("scale", help="change the number of expert-parallel actors of every replica of a running "
+    s = command("scale", help="change the number of expert-parallel actors of every replica of a running "
                        "Serve app, while it serves (within pool.actors_per_replica's range {min, max})")
     s.add_argument("--actors", type=int, required=True, help="expert actors per replica")
     s.add_argument("--app", default="expertpool", help="Serve application name (default expertpool)")
@@ -257,7 +305,13 @@ def main(argv=None):
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if a.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    a.fn(a)
+    try:
+        a.fn(a)
+    except UserError as e:
+        if a.verbose:
+            traceback.print_exc()
+        print(f"expertpool: error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

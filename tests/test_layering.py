@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "expertpool"
-LAYERS = {"kernels": 0, "model": 1, "platform": 2, "jobs": 3, "cli": 3}
+LAYERS = {"errors": -1, "kernels": 0, "model": 1, "platform": 2, "jobs": 3, "cli": 3}
 
 
 def _module_name(path: Path) -> str:

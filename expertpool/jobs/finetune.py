@@ -34,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from expertpool.errors import UserError
 from expertpool.jobs.plan import TrainPlan
 from expertpool.model import storage
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # the hooks module imports torch; this one stays light until 
 log = logging.getLogger("expertpool.finetune")
 
 
-class JobError(ValueError):
+class JobError(UserError, ValueError):
     """A job setting that cannot run; the message names the field and the fix."""
 
 

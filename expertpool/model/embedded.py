@@ -8,11 +8,13 @@ deterministic (fixed seed) and guarded by a file lock, so concurrent workers sha
 
 import fcntl
 import logging
+import os
 from pathlib import Path
 
 import torch
 
-from expertpool.model.args import EMBEDDED_MODEL_NAME, preset
+from expertpool.errors import UserError
+from expertpool.model.args import EMBEDDED_MODEL_NAME, PRESETS, ModelArgs, preset
 from expertpool.model.checkpoint import checkpoint_tensors
 from expertpool.model.safetensors_io import write_safetensors_dir
 from expertpool.model.storage import cache_dir
@@ -26,10 +28,50 @@ EMBEDDED_VERSION = "v2"  # v2: chat template with tools and tool calls
 TINY_INIT_STD = 0.1
 
 
+class InitModelError(UserError, ValueError):
+    """A random checkpoint that cannot be written here; the message names the size and a preset that fits."""
+
+
+def init_model_bytes(args: ModelArgs, *, fp8: bool = False, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Peak memory of :func:`init_model`: the float32 model it initialises plus the copy it writes
+    (projections in fp8, one byte each, or all of it in ``dtype``)."""
+    stored = 1 if fp8 else torch.empty((), dtype=dtype).element_size()
+    return args.num_params() * (4 + stored)
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still allocate without swapping (psutil's ``available`` when installed,
+    else the free physical pages)."""
+    try:
+        import psutil
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return psutil.virtual_memory().available
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 def init_model(preset_name: str, out_dir, *, fp8: bool = False, seed: int = 0, std: float | None = None,
-               dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write a random-weight checkpoint of a preset with a tokenizer; loadable by transformers too."""
+               dtype: torch.dtype = torch.bfloat16, available_bytes: int | None = None) -> Path:
+    """Write a random-weight checkpoint of a preset with a tokenizer; loadable by transformers too.
+
+    Refuses (``InitModelError``) a preset whose peak memory (:func:`init_model_bytes`) exceeds
+    ``available_bytes`` (default: :func:`available_memory_bytes`), before allocating anything."""
     args = preset(preset_name)
+    need = init_model_bytes(args, fp8=fp8, dtype=dtype)
+    have = available_memory_bytes() if available_bytes is None else available_bytes
+    if need > have:
+        fits = [name for name, a in PRESETS.items() if init_model_bytes(a, fp8=fp8, dtype=dtype) <= have]
+        raise InitModelError(
+            f"preset {preset_name!r} has {args.num_params() / 1e9:.1f}B parameters and needs ~{_size(need)} of memory "
+            f"to initialise (a float32 model plus the copy it writes), but {_size(have)} is available; "
+            + (f"choose a smaller preset ({', '.join(fits)})" if fits else "free memory or use a larger machine"))
     if std is None:
         std = TINY_INIT_STD if preset_name == "tiny" else 0.02
     model = init_random(args, seed=seed, std=std)

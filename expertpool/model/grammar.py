@@ -30,13 +30,15 @@ from typing import Literal
 
 import torch
 
+from expertpool.errors import UserError
+
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 # JSON without free whitespace between tokens (as json.dumps with separators writes it): a model
 # cannot stall in endless blanks, and the answer is the same document.
 COMPACT_JSON = {"whitespace_flexible": False}
 
 
-class GrammarError(ValueError):
+class GrammarError(UserError, ValueError):
     """The grammar or schema of a request cannot be compiled."""
 
 

@@ -33,6 +33,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from expertpool.errors import UserError
 from expertpool.model.checkpoint import DTYPES
 from expertpool.model.safetensors_io import ShardReader, atomic_dir
 from expertpool.model.storage import StorageError, fetch_dir
@@ -44,7 +45,7 @@ MANIFEST = "manifest.json"
 TENSORS = "experts.safetensors"
 
 
-class PatchError(ValueError):
+class PatchError(UserError, ValueError):
     """A patch that cannot be written, read or applied; the message names the file and the fix."""
 
 

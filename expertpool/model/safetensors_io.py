@@ -30,12 +30,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from expertpool.errors import UserError
 from expertpool.model.storage import SHARD_HEADERS
 
 log = logging.getLogger(__name__)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be loaded or saved; the message names the file/tensor and the fix."""
 
 

@@ -44,6 +44,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from expertpool.errors import UserError
+
 log = logging.getLogger(__name__)
 
 OBJECT_SCHEMES = ("s3://", "gs://")
@@ -62,7 +64,7 @@ _HF_META = ("config.json", INDEX, "tokenizer.json", "tokenizer_config.json", "sp
 _CHUNK = 16 << 20
 
 
-class StorageError(ValueError):
+class StorageError(UserError, ValueError):
     """A location that cannot be read or written; the message names it and the fix."""
 
 

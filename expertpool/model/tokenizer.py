@@ -19,6 +19,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from expertpool.errors import UserError
+
 BOS, EOS = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"
 USER, ASSISTANT, PAD = "<｜User｜>", "<｜Assistant｜>", "<｜▁pad▁｜>"
 
@@ -71,8 +73,8 @@ DEEPSEEK_V3_CHAT_TEMPLATE = (
 )
 
 
-class TokenizerError(ValueError):
-    pass
+class TokenizerError(UserError, ValueError):
+    """A tokenizer or chat template that cannot be loaded or applied; the message names the file."""
 
 
 def _raise(msg):

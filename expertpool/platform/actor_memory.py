@@ -97,12 +97,18 @@ def comm_bytes(args: ModelArgs, tokens: int, actors: int, act_bytes: int) -> int
 
 
 def plan(args: ModelArgs, actors: int, *, weight_dtype: str | None, dtype: torch.dtype, max_seq_len: int,
-         max_num_batched_tokens: int, max_batch_size: int) -> MemoryPlan:
+         max_num_batched_tokens: int, max_batch_size: int, redundant: int = 0) -> MemoryPlan:
+    """``redundant``: the group's redundant expert slots (``pool.redundant_experts``); the plan is that
+    of the actor holding the most slots."""
+    from expertpool.platform.placement import slots_per_rank, usable_redundant
+
     act_bytes = torch.empty((), dtype=dtype).element_size()
     kv_per_token = args.num_hidden_layers * args.kv_cache_dim * act_bytes
+    E = args.n_routed_experts
+    per_actor = max(slots_per_rank(E, usable_redundant(E, redundant, actors), actors)) if actors <= E else 1
     return MemoryPlan(
-        actors=actors, experts_per_actor=args.n_routed_experts // actors,
-        weights=resident_bytes(args, args.n_routed_experts // actors, weight_dtype, dtype),
+        actors=actors, experts_per_actor=per_actor,
+        weights=resident_bytes(args, per_actor, weight_dtype, dtype),
         kv_min=max_seq_len * kv_per_token, kv_bytes_per_token=kv_per_token,
         activations=prefill_activation_bytes(args, min(max_num_batched_tokens, max_seq_len), max_seq_len, act_bytes,
                                              -(-max_batch_size // actors)),

@@ -177,7 +177,7 @@ def deploy(cfg: ClusterConfig, *, address: str | None = None, timeout_s: float =
 
     source = cfg.model.path or ensure_embedded_model()  # create the embedded model once, before replicas
     model_args = ModelArgs.from_dir(storage.resolve_model(source, weights=False))
-    cfg.validate_against_model(model_args.n_routed_experts, model_args=model_args)
+    cfg.validate_against_model(model_args)
     if not ray.is_initialized():
         from expertpool.platform.proxy import set_proxy_env
 

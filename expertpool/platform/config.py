@@ -2,10 +2,9 @@
 
 Usage: ``cfg = load_config("cluster.yaml")`` reads, parses and validates the file and raises
 :class:`ConfigError` (one line per problem: ``file: dotted.field: problem; fix``). Once the model
-architecture is known (``ModelArgs`` from the checkpoint), call
-``cfg.validate_against_model(args.n_routed_experts, max_position_embeddings=...)`` before any actor
-starts; a training entry point also calls ``cfg.get_job(name).check_dataset()``. The derived values
-live in methods, in one place: ``cfg.pool.placement_group_bundles()``, ``cfg.pool.placement_problem(n)``,
+architecture is known (``ModelArgs`` from the checkpoint), call ``cfg.validate_against_model(args)``
+before any actor starts; a training entry point also calls ``cfg.get_job(name).check_dataset()``. The
+derived values live in methods, in one place: ``cfg.pool.placement_group_bundles()``, ``cfg.pool.placement_problem(n)``,
 ``cfg.serving.num_kv_blocks(bytes_per_token)``, ``cfg.serve_deployment_options()`` (for
 ``serve.deployment(...).options(**...)``) and ``cfg.serve_config()`` (a Serve config file for
 ``serve deploy`` and a RayService ``serveConfigV2``). Kubernetes manifests come from
@@ -42,7 +41,7 @@ from pydantic import (BaseModel, Discriminator, Field, PrivateAttr, Tag, Validat
                       model_validator)
 
 from expertpool.model import storage
-from expertpool.model.args import EMBEDDED_MODEL_NAME
+from expertpool.model.args import EMBEDDED_MODEL_NAME, ModelArgs
 from expertpool.platform.config_base import (DOMAIN, GIB, K8S_NAME, RULE_ERROR_TYPE, ActorResources, Closed,
                                              ConfigError, ConfigProblem, check_location, rule_error)
 from expertpool.platform.train_config import DatasetConfig, EsftConfig, TrainConfig, TrainJobConfig
@@ -212,7 +211,8 @@ class PoolConfig(Closed):
         "on one node when they fit, which keeps all-to-all traffic local).")
     backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend between the "
                                                      "actors of a replica. auto = nccl when actors have GPUs, else "
-                                                     "gloo.")
+                                                     "gloo. With nccl, `actor_resources.gpu` must be a whole number "
+                                                     ">= 1.")
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="Self-healing when an expert "
                                      "actor dies.")
     triton_cache_dir: str | None = Field(None, description="Directory where the actors keep compiled Triton kernels "
@@ -384,8 +384,9 @@ class ServingConfig(Closed):
     kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="Paged KV cache of one replica.")
     reasoning_parser: Literal["deepseek_r1"] | None = Field(None, description="Split `<think>` output of chat "
                                                              "completions into `reasoning_content` (streaming too), "
-                                                             "as vLLM's parser of the same name; None = leave it in "
-                                                             "`content`.")
+                                                             "as vLLM's parser of the same name; off for a request "
+                                                             "that sets `chat_template_kwargs.thinking: false`. None "
+                                                             "= leave it in `content`.")
     cuda_graphs: bool = Field(True, description="GPU actors: capture decode steps in CUDA graphs, one per batch "
                               "bucket (powers of two up to the per-actor batch), after the warm-up. Applies where "
                               "the decode forward never reads the device back: FP8 experts on the Triton path and one "
@@ -591,11 +592,16 @@ class ClusterConfig(Closed):
                               self._source)
         return self.train.jobs[name]
 
-    def validate_against_model(self, n_routed_experts: int, *, max_position_embeddings: int | None = None,
-                               kv_bytes_per_token: int | None = None, model_args=None) -> dict[str, Any]:
-        """Rules that need the architecture. Raises ConfigError listing every problem; returns derived values
-        (for ``expertpool validate`` to print). With ``model_args`` (the checkpoint's ``ModelArgs``) and a
-        declared ``pool.actor_resources.gpu_memory_gb``, the per-actor memory plan must fit."""
+    def validate_against_model(self, args: ModelArgs) -> dict[str, Any]:
+        """Rules that need the architecture (``args``: the checkpoint's ``ModelArgs``): experts split over the
+        actors and each job's workers, ``max_seq_len`` and each job's ``seq_len`` within the model's
+        ``max_position_embeddings``, a ``kv_cache.memory_gb`` budget that holds one sequence and, with a
+        declared ``pool.actor_resources.gpu_memory_gb``, the per-actor memory plan. ``expertpool validate``,
+        ``deploy`` and every replica call this one method, so they agree. Raises ConfigError listing every
+        problem; returns the derived values (``expertpool validate`` prints them)."""
+        n_routed_experts = args.n_routed_experts
+        max_position_embeddings = args.max_position_embeddings
+        kv_bytes_per_token = self.kv_bytes_per_token(args)
         problems: list[ConfigProblem] = []
         derived: dict[str, Any] = {}
         placement = self.pool.placement_problem(n_routed_experts)
@@ -612,16 +618,16 @@ class ClusterConfig(Closed):
                 problems.append(ConfigProblem(*problem))
             else:
                 derived[f"train.jobs.{name}.experts_per_worker"] = n_routed_experts // job.workers
-            if max_position_embeddings is not None and job.seq_len > max_position_embeddings:
+            if job.seq_len > max_position_embeddings:
                 problems.append(ConfigProblem(f"train.jobs.{name}.seq_len", f"({job.seq_len}) exceeds the model's "
                                               f"max_position_embeddings ({max_position_embeddings}); set seq_len "
                                               f"to at most {max_position_embeddings}"))
-        if max_position_embeddings is not None and self.serving.max_seq_len > max_position_embeddings:
+        if self.serving.max_seq_len > max_position_embeddings:
             problems.append(ConfigProblem("serving.max_seq_len", f"({self.serving.max_seq_len}) exceeds the model's "
                                           f"max_position_embeddings ({max_position_embeddings}); set max_seq_len "
                                           f"to at most {max_position_embeddings}"))
         kv = self.serving.kv_cache
-        if kv.memory_gb is not None and kv_bytes_per_token is not None:
+        if kv.memory_gb is not None:
             blocks = self.serving.num_kv_blocks(kv_bytes_per_token)
             if blocks * kv.block_size < self.serving.max_seq_len:
                 need = math.ceil(self.serving.max_seq_len / kv.block_size) * kv.block_size * kv_bytes_per_token
@@ -629,21 +635,29 @@ class ClusterConfig(Closed):
                                               f"blocks, fewer than one sequence of max_seq_len "
                                               f"({self.serving.max_seq_len}); set memory_gb to at least "
                                               f"{need / GIB:.3g} or lower serving.max_seq_len"))
-        if kv.memory_gb is None or kv_bytes_per_token is not None:
-            derived["serving.kv_cache.num_blocks"] = self.serving.num_kv_blocks(kv_bytes_per_token)
+        derived["serving.kv_cache.num_blocks"] = self.serving.num_kv_blocks(kv_bytes_per_token)
         res = self.pool.actor_resources
-        actors = self.pool.actors_per_replica
-        if model_args is not None and res.gpu_memory_gb is not None and not n_routed_experts % actors:
+        actors = self.pool.min_width  # the narrowest group holds the most experts per actor
+        if res.gpu_memory_gb is not None and not placement:
             from expertpool.platform import actor_memory as memory_plan
             try:
-                plan = memory_plan.check(model_args, actors, int(res.gpu_memory_gb * GIB),
-                                         where="pool.actor_resources.gpu_memory_gb", **self.plan_inputs())
+                plan = memory_plan.check(args, actors, int(res.gpu_memory_gb * GIB),
+                                         where="pool.actor_resources.gpu_memory_gb",
+                                         redundant=self.pool.redundant_experts, **self.plan_inputs())
                 derived["pool.memory_per_actor_gib"] = round(plan.total / GIB, 1)
             except ValueError as e:
                 problems.append(ConfigProblem("pool.actor_resources.gpu_memory_gb", str(e)))
         if problems:
             raise ConfigError(problems, self._source)
         return derived
+
+    def kv_bytes_per_token(self, args: ModelArgs, dtype: str | None = None) -> int:
+        """KV-cache bytes of one token on one actor (every layer's latent and rope key, plus the MTP layer's
+        when speculative decoding is on). ``dtype``: the resolved compute dtype; for ``auto`` bfloat16, as
+        :meth:`plan_inputs` assumes (an actor that resolves float32 on a CPU caches twice as much)."""
+        from expertpool.model.attention import PagedLatentCache
+        layers = args.num_hidden_layers + (args.num_nextn_predict_layers if self.serving.speculative else 0)
+        return PagedLatentCache.bytes_per_token(args, layers, self.plan_inputs(dtype)["dtype"])
 
     def plan_inputs(self, dtype: str | None = None) -> dict[str, Any]:
         """The memory plan's keyword inputs from this config. ``dtype``: the resolved compute dtype; for

@@ -16,6 +16,8 @@ from typing import Any, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
+from expertpool.errors import UserError
+
 GIB = 1024**3
 RULE_ERROR_TYPE = "expertpool_rule"  # pydantic error type of our own cross-field rules (carries field/problem/fix)
 K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")  # RFC 1123 label: job names end up in pod names
@@ -27,7 +29,7 @@ class ConfigProblem(NamedTuple):
     message: str  # "problem; fix"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A user-fixable config problem. ``str()`` gives one ``source: field: problem; fix`` line per problem."""
 
     def __init__(self, problems: list[ConfigProblem], source: str = "cluster.yaml"):

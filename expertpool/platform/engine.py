@@ -604,8 +604,6 @@ def kv_blocks_per_worker(cfg, args, infos: list[dict]) -> int:
     per replica when set; else on GPUs ``gpu_memory_utilization`` of the free memory less the memory
     plan's headroom (the least over the workers); else, on CPUs, room for ``max_batch_size`` sequences
     of ``max_seq_len``. At least one ``max_seq_len`` sequence per worker."""
-    from expertpool.model.attention import PagedLatentCache
-    from expertpool.model.checkpoint import DTYPES
     from expertpool.platform import actor_memory as memory_plan
 
     s, kv = cfg.serving, cfg.serving.kv_cache
@@ -613,9 +611,7 @@ def kv_blocks_per_worker(cfg, args, infos: list[dict]) -> int:
     dtypes = {i["dtype"] for i in infos}
     assert len(dtypes) == 1, f"the workers resolved different compute dtypes {dtypes}: set model.dtype explicitly"
     dtype = dtypes.pop()
-    spec_tokens = s.speculative.num_speculative_tokens if s.speculative else 0
-    layers = args.num_hidden_layers + (args.num_nextn_predict_layers if spec_tokens else 0)  # MTP's own cache layer
-    per_block = PagedLatentCache.bytes_per_token(args, layers, DTYPES[dtype]) * kv.block_size
+    per_block = cfg.kv_bytes_per_token(args, dtype) * kv.block_size  # with the MTP layer's own cache when speculative
     one_sequence = -(-s.max_seq_len // kv.block_size)
     free = [i.get("free_bytes") for i in infos]
     if kv.num_blocks is None and kv.memory_gb is None and all(f is not None for f in free):
@@ -655,8 +651,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     meta_dir = storage.resolve_model(model_dir, weights=False)
     args = ModelArgs.from_dir(meta_dir)
     world = cfg.pool.width
-    cfg.validate_against_model(args.n_routed_experts, max_position_embeddings=args.max_position_embeddings,
-                               model_args=args)
+    cfg.validate_against_model(args)
     s = cfg.serving
     spec_tokens = s.speculative.num_speculative_tokens if s.speculative else 0
     pg = ray.util.get_current_placement_group()

@@ -114,7 +114,7 @@ def _max(*bundles: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def _pool_pod(cfg: ClusterConfig) -> tuple[dict[str, float], int]:
+def pool_pod(cfg: ClusterConfig) -> tuple[dict[str, float], int]:
     """(Ray resources one pool pod must offer, pods per replica), from the placement strategy."""
     bundles = cfg.pool.placement_group_bundles()
     replica, actors = bundles[0], bundles[1:]
@@ -195,7 +195,7 @@ def _labels(cfg: ClusterConfig) -> dict[str, str]:
 
 
 def _pool_group(cfg: ClusterConfig) -> dict[str, Any]:
-    pod, per_replica = _pool_pod(cfg)
+    pod, per_replica = pool_pod(cfg)
     scaling = cfg.serving.autoscaling
     initial = scaling.initial_replicas if scaling.initial_replicas is not None else scaling.min_replicas
     return _worker_group(cfg, POOL_GROUP, pod, scaling.min_replicas * per_replica,

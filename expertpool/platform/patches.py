@@ -36,6 +36,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from expertpool.errors import UserError
 from expertpool.platform.config import DEPLOYMENT_NAME
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class PatchSet:
 
 # ---------------------------------------------------------------------------------------------- applying
 
-class AppNotRunning(LookupError):
+class AppNotRunning(UserError, LookupError):
     """The Serve application to publish into is not running on this Ray cluster."""
 
 

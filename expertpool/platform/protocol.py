@@ -22,13 +22,15 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from expertpool.errors import UserError
+
 MAX_STOP_STRINGS = 16
 MAX_N = 16                # completions per request; the engine also caps it at one worker's batch
 MAX_TOP_LOGPROBS = 20     # as OpenAI (chat); completions allow 5 there, 20 here as in vLLM
 JSON_OBJECT_SCHEMA = '{"type": "object"}'
 
 
-class ApiError(Exception):
+class ApiError(UserError):
     """A request error reported to the client as OpenAI error JSON with this HTTP status."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",

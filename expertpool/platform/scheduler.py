@@ -33,6 +33,7 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
+from expertpool.errors import UserError
 from expertpool.model.sampling import SamplingParams
 from expertpool.platform.kv_blocks import BlockPool, block_hashes
 
@@ -59,8 +60,8 @@ class EngineUnavailable(Exception):
         self.retry_after_s = retry_after_s
 
 
-class RequestTooLong(ValueError):
-    pass
+class RequestTooLong(UserError, ValueError):
+    """A request whose prompt and max_tokens exceed the serving length (serving.max_seq_len)."""
 
 
 @dataclass

@@ -104,10 +104,36 @@ def test_every_field_is_documented():
     assert not missing
 
 
-def test_operations_doc_lists_every_field():
+def test_operations_doc_reference_tables_are_generated_from_the_schema():
+    """The committed tables equal `expertpool schema --markdown`: a new or edited field is a failing test
+    until the docs are regenerated (``config_schema.replace_reference``)."""
+    from expertpool.platform.config_schema import BEGIN, END, reference_markdown, replace_reference
+
     doc = (REPO / "docs" / "operations.md").read_text()
-    missing = [path for path, _ in field_paths() if f"`{path}`" not in doc]
-    assert not missing, f"docs/operations.md does not document {missing}"
+    assert doc.count(BEGIN) == 1 and doc.count(END) == 1
+    assert replace_reference(doc) == doc, ("docs/operations.md's configuration reference is stale: paste "
+                                           "`expertpool schema --markdown` between its markers")
+    tables = reference_markdown()
+    missing = [path for path, _ in field_paths() if f"| `{path}` |" not in tables]
+    assert not missing, missing
+    assert "| `serving.port` | int | `8000` | Serve HTTP proxy port. |" in tables
+    assert "| `train.jobs.NAME.dataset.path` | str | **required** |" in tables
+    assert "| `pool.actor_resources.custom` | map of str → float | `{}` |" in tables
+
+
+def test_json_schema_is_committed_current_and_named_by_cluster_yaml(shipped):
+    import jsonschema
+
+    from expertpool.platform.config_schema import SCHEMA_PATH, json_schema, json_schema_text
+
+    assert (REPO / SCHEMA_PATH).read_text() == json_schema_text(), \
+        f"{SCHEMA_PATH} is stale: run `expertpool schema > {SCHEMA_PATH}`"
+    assert CLUSTER_YAML.read_text().splitlines()[0] == f"# yaml-language-server: $schema=./{SCHEMA_PATH}"
+    validator = jsonschema.Draft202012Validator(json_schema())
+    validator.check_schema(validator.schema)
+    validator.validate(shipped)  # the shipped example is valid to an editor too
+    errors = [e.message for e in validator.iter_errors(_mutated(shipped, "serving.prot", 9000))]
+    assert errors == ["Additional properties are not allowed ('prot' was unexpected)"]
 
 
 # --- errors name the field and the fix -----------------------------------------------------------------
@@ -195,22 +221,30 @@ def test_yaml_errors_name_the_file(tmp_path):
 # --- rules that need the model ---------------------------------------------------------------------------
 
 
+def _model(n_routed_experts: int = 8, max_position_embeddings: int = 4096, **kw):
+    """The tiny architecture with ``n_routed_experts`` in one group: what validate_against_model reads."""
+    from expertpool.model.args import preset
+
+    return preset("tiny").replace(n_routed_experts=n_routed_experts, n_group=1, topk_group=1,
+                                  max_position_embeddings=max_position_embeddings, **kw)
+
+
 def test_uneven_widths_are_a_placement_check(shipped):
     """Elastic EP: 3 actors over 8 experts is a valid placement (3, 3, 2 slots with 1 redundant copy);
     what no placement can satisfy is refused with the field and the fix."""
     cfg = parse_config(_mutated(shipped, "pool", {"actors_per_replica": 3, "redundant_experts": 1}))
-    assert cfg.validate_against_model(n_routed_experts=8)["pool.expert_slots_per_actor"] == [3, 3, 3]
+    assert cfg.validate_against_model(_model(8))["pool.expert_slots_per_actor"] == [3, 3, 3]
     cfg = parse_config(_mutated(shipped, "pool.actors_per_replica", 9), source="cluster.yaml")
     with pytest.raises(ConfigError) as info:
-        cfg.validate_against_model(n_routed_experts=8)
+        cfg.validate_against_model(_model(8))
     assert str(info.value).startswith("cluster.yaml: pool.actors_per_replica: 9 actors exceed the 8 expert slots")
     cfg = parse_config(_mutated(shipped, "pool", {"actors_per_replica": {"min": 2, "max": 4}, "redundant_experts": 25}))
     with pytest.raises(ConfigError, match="two copies of one expert; set redundant_experts to at most 24"):
-        cfg.validate_against_model(n_routed_experts=8)
+        cfg.validate_against_model(_model(8))
     # a narrower width uses the redundant slots it can hold (one actor: none)
     cfg = parse_config(_mutated(shipped, "pool", {"actors_per_replica": {"min": 1, "max": 3, "initial": 1},
                                                   "redundant_experts": 8}))
-    assert cfg.validate_against_model(n_routed_experts=8)["pool.expert_slots_per_actor"] == [8]
+    assert cfg.validate_against_model(_model(8))["pool.expert_slots_per_actor"] == [8]
 
 
 @pytest.mark.parametrize("pool, needle", [
@@ -234,28 +268,53 @@ def test_width_range_reserves_bundles_up_to_max():
 def test_train_workers_checked_against_experts(shipped):
     cfg = parse_config(_mutated(shipped, "train.jobs.demo.experts_per_worker", 3))
     with pytest.raises(ConfigError, match=r"train\.jobs\.demo\.experts_per_worker: .*set experts_per_worker to 4"):
-        cfg.validate_against_model(n_routed_experts=8)
+        cfg.validate_against_model(_model(8))
     cfg = parse_config(_mutated(_mutated(shipped, "train.jobs.demo.workers", 3), "train.jobs.demo.batch_size", 6))
     with pytest.raises(ConfigError, match=r"train\.jobs\.demo\.workers: 8 routed experts"):
-        cfg.validate_against_model(n_routed_experts=8)
+        cfg.validate_against_model(_model(8))
 
 
 def test_validate_against_model_returns_derived_values(shipped):
     cfg = parse_config(shipped)
-    derived = cfg.validate_against_model(n_routed_experts=8, max_position_embeddings=4096)
+    derived = cfg.validate_against_model(_model(8, 4096))
     assert derived == {"pool.expert_slots_per_actor": [4, 4], "train.jobs.demo.experts_per_worker": 4,
                        "serving.kv_cache.num_blocks": 32 * 512 // 16}
     assert cfg.get_job("demo").resolved_experts_per_worker(8) == 4
-    with pytest.raises(ConfigError, match=r"serving\.max_seq_len: \(512\) exceeds"):
-        cfg.validate_against_model(n_routed_experts=8, max_position_embeddings=256)
+    with pytest.raises(ConfigError, match=r"serving\.max_seq_len: \(512\) exceeds the model's "
+                       r"max_position_embeddings \(256\); set max_seq_len to at most 256"):
+        cfg.validate_against_model(_model(8, 256))
+
+
+def test_kv_bytes_per_token_come_from_the_model(shipped):
+    """The latent (kv_lora_rank) and rope key of every layer, in the compute dtype; plus the MTP layer's
+    own cache when speculative decoding is on."""
+    import torch
+
+    args = _model(8, num_hidden_layers=5, kv_lora_rank=512, qk_rope_head_dim=64, num_nextn_predict_layers=1)
+    cfg = parse_config(shipped)
+    assert cfg.kv_bytes_per_token(args, "float32") == 5 * (512 + 64) * 4
+    assert cfg.kv_bytes_per_token(args) == 5 * (512 + 64) * torch.empty((), dtype=getattr(
+        torch, "bfloat16" if cfg.model.dtype == "auto" else cfg.model.dtype)).element_size()
+    spec = parse_config(_mutated(_mutated(shipped, "serving.speculative", {"num_speculative_tokens": 1}),
+                                 "serving.async_scheduling", False))
+    assert spec.kv_bytes_per_token(args, "float32") == 6 * (512 + 64) * 4
 
 
 def test_kv_memory_budget(shipped):
-    cfg = parse_config(_mutated(shipped, "serving.kv_cache", {"memory_gb": 0.001, "block_size": 16}))
-    bytes_per_token = 576 * 4  # MLA latent (512) + rope key (64), float32
-    assert cfg.serving.num_kv_blocks(bytes_per_token) == int(0.001 * 2**30) // (bytes_per_token * 16)
-    with pytest.raises(ConfigError, match=r"serving\.kv_cache\.memory_gb: .*set memory_gb to at least"):
-        cfg.validate_against_model(8, kv_bytes_per_token=bytes_per_token * 1000)
+    """A kv_cache.memory_gb below one sequence of max_seq_len is refused with the size that would hold one."""
+    args = _model(8, num_hidden_layers=61, kv_lora_rank=512, qk_rope_head_dim=64)
+    cfg = parse_config(_mutated(_mutated(shipped, "serving.kv_cache", {"memory_gb": 0.01, "block_size": 16}),
+                                "model.dtype", "float32"))
+    bytes_per_token = 61 * (512 + 64) * 4
+    assert cfg.serving.num_kv_blocks(bytes_per_token) == int(0.01 * 2**30) // (bytes_per_token * 16)
+    assert cfg.serving.num_kv_blocks(bytes_per_token) * 16 < cfg.serving.max_seq_len  # the budget is too small
+    need = -(-cfg.serving.max_seq_len // 16) * 16 * bytes_per_token / 2**30
+    with pytest.raises(ConfigError, match=rf"serving\.kv_cache\.memory_gb: 0\.01 GiB holds \d+ blocks, fewer than "
+                       rf"one sequence .*set memory_gb to at least {need:.3g}"):
+        cfg.validate_against_model(args)
+    ok = parse_config(_mutated(_mutated(shipped, "serving.kv_cache", {"memory_gb": round(need * 1.01, 4)}),
+                               "model.dtype", "float32"))
+    assert ok.validate_against_model(args)["serving.kv_cache.num_blocks"] * 16 >= ok.serving.max_seq_len
 
 
 def test_unknown_job_lists_known_jobs(shipped):
@@ -519,12 +578,12 @@ def test_memory_plan_of_deepseek_v3_matches_the_hand_computation(shipped):
     total8 = sum(_v3_expected_bytes(8).values())
     total16 = sum(_v3_expected_bytes(16).values())
     with pytest.raises(ConfigError) as info:
-        config(8, 80).validate_against_model(256, model_args=v3)
+        config(8, 80).validate_against_model(v3)
     message = str(info.value)
     assert f"8 actors need {total8 / GIB:.1f} GiB each" in message
     assert f"use 16 actors ({total16 / GIB:.1f} GiB each) or GPUs with >= {-(-total8 // GIB)} GiB" in message
     assert "pool.actor_resources.gpu_memory_gb" in message
-    assert config(16, 80).validate_against_model(256, model_args=v3)["pool.memory_per_actor_gib"] == round(
+    assert config(16, 80).validate_against_model(v3)["pool.memory_per_actor_gib"] == round(
         total16 / GIB, 1)
-    assert config(8, 141).validate_against_model(256, model_args=v3)["pool.memory_per_actor_gib"] == round(
+    assert config(8, 141).validate_against_model(v3)["pool.memory_per_actor_gib"] == round(
         total8 / GIB, 1)
