@@ -159,7 +159,9 @@ class AllToAllDispatcher:
             recv_x_RD = self._exchange(rows_PD, send_counts, recv_counts)
         else:  # one exchange: each row carries its expert id's 8 bytes as extra columns (bit-exact, no arithmetic)
             D = rows_PD.shape[1]
-            packed = self._exchange(torch.cat([rows_PD, ids_P.view(rows_PD.dtype).view(len(ids_P), -1)], 1),
+            # (explicit width: a rank with no pairs this step has an empty id list, and view(0, -1) raises)
+            id_cols_P2 = ids_P.view(rows_PD.dtype).view(len(ids_P), 8 // rows_PD.element_size())
+            packed = self._exchange(torch.cat([rows_PD, id_cols_P2], 1),
                                     send_counts, recv_counts)
             recv_x_RD, recv_ids_R = packed[:, :D], packed[:, D:].contiguous().view(torch.int64).view(-1)
         # every received id has a copy here (same tables on every rank): the table gives its slot
