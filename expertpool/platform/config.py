@@ -44,14 +44,14 @@ from expertpool.model import storage
 from expertpool.model.args import EMBEDDED_MODEL_NAME
 from expertpool.platform.config_base import (DOMAIN, GIB, K8S_NAME, RULE_ERROR_TYPE, ActorResources, Closed,
                                              ConfigError, ConfigProblem, check_location, divisor_message, rule_error)
-from expertpool.platform.train_config import DatasetConfig, EsftConfig, TrainConfig, TrainJobConfig
+from expertpool.platform.train_config import DatasetConfig, EsftConfig, MtpDistillConfig, TrainConfig, TrainJobConfig
 
 # re-exported: the whole schema is importable from here
 __all__ = ["API_KEY_ENV", "DEFAULT_IMPORT_PATH", "DEPLOYMENT_NAME", "GIB", "HF_TOKEN_KEY", "SERVE_SECTIONS",
            "ActorResources", "AutoscalingConfig",
            "ClusterConfig", "ConfigError", "ConfigProblem", "DatasetConfig", "EsftConfig", "KVCacheConfig",
-           "KubernetesConfig", "ModelConfig", "PoolConfig", "RecoveryConfig", "ServingConfig", "TrainConfig",
-           "TrainJobConfig", "field_paths", "load_config", "parse_config"]
+           "KubernetesConfig", "ModelConfig", "MtpDistillConfig", "PoolConfig", "RecoveryConfig", "ServingConfig",
+           "TrainConfig", "TrainJobConfig", "field_paths", "load_config", "parse_config"]
 
 DEPLOYMENT_NAME = "ExpertPool"  # the Serve deployment that hosts one expert-parallel group per replica
 API_KEY_ENV = "EXPERTPOOL_API_KEY"

@@ -288,9 +288,18 @@ class ModelRunner:
 
     def load_patch(self, patch_dir: str, base_model_dir: str | None = None) -> int:
         """Add an ESFT expert patch as a served variant; only the experts this model holds are kept.
+        An MTP patch (kind ``mtp``) instead overwrites the MTP module in place (its experts this model
+        holds, and its other tensors) and returns 0, the base: the drafts use it from the next step.
         With base_model_dir, the patch must have been trained from that checkpoint."""
-        from expertpool.model.patch import read_patch
+        from expertpool.model.patch import PatchError, apply_patch, read_patch
         patch = read_patch(patch_dir, base_model_dir=base_model_dir)
+        if patch.kind == "mtp":
+            if not len(self.model.model.mtp):
+                raise PatchError(f"{patch_dir}: an MTP patch, but this model has no MTP module loaded (serving."
+                                 "speculative is off); turn speculative decoding on to use it")
+            apply_patch(self.model, patch)
+            self.model.prepare_for_inference()  # re-pack the rewritten linears (a stale packing is never used)
+            return 0
         return self.model.add_variant(patch.experts)
 
     def expert_load(self) -> list[int]:
