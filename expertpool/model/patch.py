@@ -351,8 +351,10 @@ def apply_mtp(model, patch: Patch) -> int:
                              f"{list(cur.shape)}; the patch is for a different architecture")
         if isinstance(mod, Linear) and attr == "weight" and cur.dtype in (torch.float8_e4m3fn, torch.int8):
             q, s = _resident(t.to(cur.device, torch.float32), None, cur.dtype, model.args.scale_fmt)
-            cur.data.copy_(q)
+            cur.copy_(q)
             mod.weight_scale_inv.copy_(s)
         else:
-            cur.data.copy_(t.to(cur.device, cur.dtype))
+            # on the parameter itself, not .data (whose version counter is separate): caches derived from
+            # a weight (packed CPU linears, the absorbed MLA kv_b_proj) are keyed by its version
+            cur.copy_(t.to(cur.device, cur.dtype))
     return len(patch.mtp)

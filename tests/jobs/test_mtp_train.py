@@ -107,8 +107,11 @@ def test_mtp_job_raises_draft_acceptance_and_keeps_the_base_bit_identical(tmp_pa
     assert core.executor.runner.load_patch(s["output"], str(tiny_dir)) == 0  # the base, not a variant
     after, outs_after = _acceptance(base, prompts)
     assert outs_after == outs_before  # greedy speculative output is the main model's: unchanged
-    # observed: ~0.00 before (a random module), ~0.XX after 30 steps; see the commit for the numbers
-    assert before < 0.05 and after >= 0.3, (before, after)
+    # observed on this data (2-core CPU): 0.004 before (a random module: 1 of 275 drafts) and 0.194 after
+    # 30 steps (0.17-0.19 at lr 1e-2..3e-2 in scratch runs); 0.12 leaves margin for numerics and still
+    # fails if the patch is not applied, or applied behind a stale packed weight (it measured 0.10 when
+    # apply_mtp wrote through .data, which leaves the version key of the packed CPU linears unchanged)
+    assert before < 0.05 and after >= 0.12, (before, after, s)
 
     now = base.state_dict()
     main = [k for k in reference if not k.startswith("model.mtp.")]
