@@ -27,9 +27,12 @@ TINY_INIT_STD = 0.1
 
 
 def init_model(preset_name: str, out_dir, *, fp8: bool = False, seed: int = 0, std: float | None = None,
-               dtype: torch.dtype = torch.bfloat16) -> Path:
-    """Write a random-weight checkpoint of a preset with a tokenizer; loadable by transformers too."""
+               dtype: torch.dtype = torch.bfloat16, mtp_layers: int | None = None) -> Path:
+    """Write a random-weight checkpoint of a preset with a tokenizer; loadable by transformers too.
+    ``mtp_layers``: that many MTP modules instead of the preset's (bench-mini has none)."""
     args = preset(preset_name)
+    if mtp_layers is not None:
+        args = args.replace(num_nextn_predict_layers=mtp_layers)
     if std is None:
         std = TINY_INIT_STD if preset_name == "tiny" else 0.02
     model = init_random(args, seed=seed, std=std)
