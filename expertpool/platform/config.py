@@ -330,7 +330,10 @@ class ServingConfig(Closed):
                                     "`<model.name>:<domain>`: domain -> patch directory (a path every node can read, "
                                     "or s3:// / gs://). They go into the deployment's user_config, not its args, so "
                                     "a change loads them into the running replicas (Serve `reconfigure`) without a "
-                                    "restart; `expertpool publish` adds one to a running app.")
+                                    "restart; `expertpool publish` adds one to a running app. An MTP patch (from "
+                                    "a `mode: mtp` job) instead replaces the base's MTP module in place (needs "
+                                    "serving.speculative); patches load in declaration order, the last MTP one "
+                                    "wins.")
 
     @field_validator("route_prefix")
     @classmethod
