@@ -9,6 +9,18 @@ with the actor's threads, instead of assuming; the CPU model and flags are print
 
     python bench/serve.py [--actors 2] [--actor-cpus 1] [--dtype fastest|auto|float32|bfloat16]
                           [--weight-dtype bf16|int8|...] [--rounds 3] [--no-append]
+
+Two more rows, each its own run (``--speculative`` / ``--prefix``; they skip the sweep above):
+
+- ``--speculative``: bench-mini with one MTP module, calibrated first by the ``mode: mtp`` job in this
+  process (``--mtp-steps`` steps of self-distillation on other random-token prompts; its patch is
+  declared in ``serving.patches`` and applied in place), then served without and with MTP speculative
+  decoding (k = 1) in the same run: draft acceptance from the replica's counters and tok/s at 1 and
+  16 streams. Goals: acceptance >= 0.7 and >= 1.5x the non-speculative tok/s at 1 stream.
+- ``--prefix``: multi-turn chats sharing one 1,000-token system prompt (each turn's prompt is the
+  system prompt, the earlier turns and a new 32-token user message; earlier assistant turns are fixed
+  random tokens, not the model's outputs), 32 new tokens per turn, with serving.prefix_caching off and
+  on: TTFT p50/p99 and tok/s. Goal: TTFT p50 at least 3x lower with caching.
 """
 
 import argparse
@@ -75,6 +87,202 @@ async def drive(base: str, model: str, n: int, prompts, rounds: int = 1) -> dict
             "itl_p50": pct(itl, 50) if itl else 0.0, "itl_p99": pct(itl, 99) if itl else 0.0}
 
 
+SPEC_LEVELS = (1, 16)
+SYSTEM, USER, TURNS, CHATS, CHAT_NEW = 1000, 32, 4, 4, 32
+
+
+def calibrate_mtp(model_dir: str, steps: int, threads: int) -> dict:
+    """The ``mode: mtp`` job in this process on 256 random-token texts (other draws than the measured
+    prompts): prompts of PROMPT tokens, continued by the base to PROMPT + NEW. Returns its summary."""
+    import torch
+
+    from expertpool.jobs import finetune
+    from expertpool.model.tokenizer import Tokenizer
+    tok = Tokenizer.from_dir(model_dir)
+    g = torch.Generator().manual_seed(1)
+    data = os.path.join(model_dir, "mtp_texts.jsonl")
+    with open(data, "w") as f:
+        for row in torch.randint(5, 2000, (256, PROMPT + NEW), generator=g).tolist():
+            f.write(json.dumps({"text": tok.decode(row)}) + "\n")
+    cfg = os.path.join(model_dir, "mtp_job.yaml")
+    with open(cfg, "w") as f:
+        f.write(f"train:\n  jobs:\n    draft:\n      base_model: {model_dir}\n"
+                f"      dataset: {{path: {data}, eval_fraction: 0.05}}\n"
+                f"      output_dir: {os.path.join(model_dir, 'mtp_out')}\n      mode: mtp\n"
+                f"      mtp: {{prompt_tokens: {PROMPT}}}\n      workers: 1\n      batch_size: 8\n"
+                f"      seq_len: {PROMPT + NEW}\n      lr: 3.0e-3\n      steps: {steps}\n"
+                f"      worker_resources: {{cpu: {threads}}}\n")
+    return finetune.run_local(finetune.prepare(cfg, "draft"))
+
+
+def serve_levels(data: dict, levels, prompts, rounds: int, num_cpus: int) -> tuple[list[dict], dict]:
+    """Deploy ``data`` on a private Ray, drive each level, return (rows, the replica's stats)."""
+    import ray
+    from ray import serve
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import common
+    base, app = common.start(data, num_cpus=num_cpus)
+    rows = []
+    for n in levels:
+        rows.append(asyncio.run(drive(base, data["model"]["name"], n, prompts, rounds)))
+        r = rows[-1]
+        print(f"  {n} streams: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s", flush=True)
+    stats = asyncio.run(_stats(app))
+    serve.shutdown()
+    ray.shutdown()
+    return rows, stats
+
+
+async def _stats(app: str) -> dict:
+    import common
+    return await common.stats(app)
+
+
+async def drive_chats(base: str, model: str, system: list[int], chats: int, turns: int) -> dict:
+    """``chats`` concurrent multi-turn chats; each turn's prompt = system + history + a new user turn."""
+    import httpx
+    import random
+    ttft, tokens = [], 0
+
+    async def chat(client, c):
+        nonlocal tokens
+        rng = random.Random(c)
+        history: list[int] = []
+        for _ in range(turns):
+            history += [rng.randint(5, 2000) for _ in range(USER)]
+            body = {"model": model, "prompt": system + history, "max_tokens": CHAT_NEW, "temperature": 0,
+                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+            t0, first = time.perf_counter(), None
+            async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
+                assert r.status_code == 200, await r.aread()
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    ch = json.loads(line[6:])
+                    if ch.get("usage"):
+                        tokens += ch["usage"]["completion_tokens"]
+                    if first is None and ch.get("choices") and ch["choices"][0].get("text"):
+                        first = time.perf_counter() - t0
+            ttft.append(first)
+            history += [rng.randint(5, 2000) for _ in range(CHAT_NEW)]  # the assistant turn, as fixed tokens
+
+    async with httpx.AsyncClient(timeout=1200) as client:
+        t = time.perf_counter()
+        await asyncio.gather(*[chat(client, c) for c in range(chats)])
+        dt = time.perf_counter() - t
+    return {"tok_s": tokens / dt, "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99), "requests": len(ttft)}
+
+
+def bench_data(model_dir: str, a, max_seq_len: int) -> dict:
+    from expertpool.cli import resolve_config
+    cfg = resolve_config(a.config, model=model_dir, actors=a.actors)
+    data = cfg.model_dump(mode="json")
+    data["model"]["dtype"] = a.dtype if a.dtype != "fastest" else "auto"
+    data["model"]["weight_dtype"] = a.weight_dtype
+    data["pool"]["actor_resources"]["cpu"] = a.actor_cpus
+    data["serving"].update(max_batch_size=32, max_num_batched_tokens=512, max_seq_len=max_seq_len,
+                           async_scheduling=False)
+    return data
+
+
+def run_speculative(a, flags: str) -> None:
+    import torch
+
+    from expertpool.model.embedded import init_model
+    model_dir = os.path.join(tempfile.mkdtemp(), "bench-mini-mtp")
+    print(f"creating bench-mini with one MTP module (random weights) in {model_dir} ...", flush=True)
+    init_model("bench-mini", model_dir, seed=0, mtp_layers=1)
+    print(f"calibrating its MTP module: mode mtp, {a.mtp_steps} steps ...", flush=True)
+    t0 = time.perf_counter()
+    job = calibrate_mtp(model_dir, a.mtp_steps, os.cpu_count() or 1)
+    job_s = time.perf_counter() - t0
+    print(f"  agreement on held-out rows {job['mtp_agreement_initial']:.3f} -> {job['mtp_agreement_final']:.3f} "
+          f"in {job_s:.0f}s", flush=True)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(5, 2000, (32, PROMPT), generator=g).tolist()
+    ncpu = a.actors * a.actor_cpus + 2
+    results = {}
+    for name, spec, patch in (("plain", None, None), ("random MTP", 1, None), ("calibrated MTP", 1, job["output"])):
+        data = bench_data(model_dir, a, PROMPT + NEW + 8)
+        if spec:
+            data["serving"]["speculative"] = {"method": "mtp", "num_speculative_tokens": spec}
+        if patch:
+            data["serving"]["patches"] = {"draft": patch}
+        print(f"{name} ...", flush=True)
+        rows, stats = serve_levels(data, SPEC_LEVELS, prompts, a.rounds, ncpu)
+        drafted = stats.get("spec_decode_num_draft_tokens", 0)
+        results[name] = (rows, stats.get("spec_decode_num_accepted_tokens", 0) / drafted if drafted else None)
+    plain1 = results["plain"][0][0]["tok_s"]
+    lines = ["| decoding | acceptance | tok/s 1 stream | x plain | tok/s 16 streams | x plain |",
+             "|---|---|---|---|---|---|"]
+    for name, (rows, acc) in results.items():
+        r1, r16 = rows
+        lines.append(f"| {name} | {'-' if acc is None else f'{acc:.3f}'} | {r1['tok_s']:.1f} | "
+                     f"{r1['tok_s'] / plain1:.2f} | {r16['tok_s']:.1f} | "
+                     f"{r16['tok_s'] / results['plain'][0][1]['tok_s']:.2f} |")
+    cal = results["calibrated MTP"]
+    ok_acc, ok_speed = (cal[1] or 0) >= 0.7, cal[0][0]["tok_s"] >= 1.5 * plain1
+    summary = (f"Calibration: `mode: mtp`, {a.mtp_steps} steps, {job_s:.0f} s, agreement on held-out rows "
+               f"{job['mtp_agreement_initial']:.3f} -> {job['mtp_agreement_final']:.3f}. Goals: acceptance >= 0.7 "
+               f"({'met' if ok_acc else 'missed'}), >= 1.5x plain tok/s at 1 stream "
+               f"({'met' if ok_speed else 'missed'}).")
+    _report(a, flags, "Serving: MTP speculative decoding (bench/serve.py --speculative)",
+            f"bench-mini + 1 MTP module, {a.actors} expert actors ({a.actor_cpus} CPU each), {PROMPT}-token "
+            f"prompts, {NEW} new tokens, greedy, each client {a.rounds} requests back to back", lines, summary)
+
+
+def run_prefix(a, flags: str) -> None:
+    import random
+
+    from expertpool.model.embedded import init_model
+    model_dir = os.path.join(tempfile.mkdtemp(), "bench-mini")
+    init_model("bench-mini", model_dir, seed=0)
+    rng = random.Random(0)
+    system = [rng.randint(5, 2000) for _ in range(SYSTEM)]
+    max_len = SYSTEM + TURNS * (USER + CHAT_NEW) + 8
+    ncpu = a.actors * a.actor_cpus + 2
+    res = {}
+    for caching in (False, True):
+        import ray
+        from ray import serve
+
+        sys.path.insert(0, os.path.dirname(__file__))
+        import common
+        data = bench_data(model_dir, a, max_len)
+        data["serving"]["prefix_caching"] = caching
+        print(f"prefix caching {'on' if caching else 'off'} ...", flush=True)
+        base, app = common.start(data, num_cpus=ncpu)
+        res[caching] = asyncio.run(drive_chats(base, data["model"]["name"], system, CHATS, TURNS))
+        stats = asyncio.run(_stats(app))
+        res[caching]["hits"] = stats.get("prefix_cache_hits")
+        serve.shutdown()
+        ray.shutdown()
+        r = res[caching]
+        print(f"  TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s, {r['tok_s']:.1f} tok/s", flush=True)
+    lines = ["| prefix caching | TTFT p50 (s) | TTFT p99 (s) | output tok/s |", "|---|---|---|---|"]
+    for caching, r in res.items():
+        lines.append(f"| {'on' if caching else 'off'} | {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {r['tok_s']:.1f} |")
+    ratio = res[False]["ttft_p50"] / res[True]["ttft_p50"]
+    summary = f"TTFT p50 {ratio:.2f}x lower with caching (goal >= 3x: {'met' if ratio >= 3 else 'missed'})."
+    _report(a, flags, "Serving: shared-prefix chats (bench/serve.py --prefix)",
+            f"bench-mini, {a.actors} expert actors ({a.actor_cpus} CPU each), {CHATS} concurrent chats x {TURNS} "
+            f"turns, {SYSTEM}-token shared system prompt, {USER}-token user turns, {CHAT_NEW} new tokens per turn",
+            lines, summary)
+
+
+def _report(a, flags: str, title: str, setup: str, lines: list[str], summary: str) -> None:
+    import torch
+    table = "\n".join(lines)
+    print("\n" + table + "\n\n" + summary)
+    if not a.no_append:
+        with open(os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"), "a") as f:
+            f.write(f"\n## {title}\n\n{datetime.date.today()}, `python bench/serve.py {' '.join(sys.argv[1:])}`, "
+                    f"{platform.machine()}, CPU: {flags}, {os.cpu_count()} CPUs (shared; load average "
+                    f"{os.getloadavg()[0]:.2f} at the end), torch {torch.__version__}, {a.dtype} compute. {setup}."
+                    f"\n\n{table}\n\n{summary}\n")
+
+
 def hf_child(model_dir: str, dtype: str, batch: int, reps: int = 2) -> None:
     import torch
     from transformers import DeepseekV3ForCausalLM
@@ -139,6 +347,13 @@ def main():
     ap.add_argument("--fp8", action="store_true", help="an FP8 bench-mini checkpoint (the GPU path)")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline (quick iteration; "
                     "implies --no-append)")
+    ap.add_argument("--speculative", action="store_true", help="the MTP speculative-decoding row instead of the "
+                    "sweep: calibrate bench-mini's MTP module (mode: mtp), then plain vs speculative at 1 and 16 "
+                    "streams")
+    ap.add_argument("--mtp-steps", type=int, default=100, help="--speculative: steps of the mode mtp job "
+                    "(default %(default)s)")
+    ap.add_argument("--prefix", action="store_true", help="the shared-prefix chat row instead of the sweep: "
+                    "prefix caching off vs on")
     ap.add_argument("--hf-child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.hf_child:
@@ -150,6 +365,11 @@ def main():
     import common
     flags = common.cpu_flags_line()
     print(f"CPU: {flags}; load average {os.getloadavg()[0]:.2f}", flush=True)
+    if a.speculative or a.prefix:
+        if a.dtype == "fastest":
+            a.dtype = "float32"  # no timing pass for these rows: the CPU default, recorded with the row
+        (run_speculative if a.speculative else run_prefix)(a, flags)
+        return
 
     from expertpool.model.embedded import init_model
     tmp = tempfile.mkdtemp()

@@ -26,7 +26,10 @@ weights and optimizer state of the run), the forward reads those rows instead of
 (``TrainExperts``), and only they go to the optimizer, so weight decay and Adam can never move a
 non-selected row. After each optimizer step the selected rows are copied into the stacked tensors
 (re-quantized when those are FP8) so that anything reading the model sees the trained weights.
-The MTP layer is not scored or trained (its draft head stays the base's).
+The MTP layer is scored and trained only when the job trains the MTP module (``mtp_loss_weight >
+0``): its routing record comes from the MTP forward (row i: the hidden of position i and token i+1),
+its experts are selected by the same rule as a main layer's, and its non-expert tensors (router
+excepted) train too (``jobs.train``). Without it the MTP layer is neither scored nor trained.
 
 FP8 frozen weights stay FP8. Frozen FP8 experts run through the kernels' dispatch point
 (``kernels.moe_experts``: the Triton grouped GEMM on a GPU, the torch reference on CPU) without
@@ -54,10 +57,12 @@ FP8 = torch.float8_e4m3fn
 
 def expert_scores(record: RoutingRecord, n_experts: int, n_layers: int, scoring: str,
                   token_mask: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-    """Per main MoE layer: sum over the batch's sequences of the per-sequence mean score [E] (fp64).
+    """Per MoE layer below ``n_layers``: sum over the batch's sequences of the per-sequence mean score
+    [E] (fp64).
 
     ``token_mask`` [B, S]: the real (non-pad) tokens; each sequence's mean runs over those only, and
-    a row without any adds nothing. None = every position counts."""
+    a row without any adds nothing. None = every position counts. A layer that saw S' < S rows per
+    sequence (the MTP layer: S - 1, row i reads token i+1) uses the mask's last S' columns."""
     out = {}
     batch = record.shape[0]
     for layer, (w_TK, ids_TK, _) in record.layers.items():
@@ -72,6 +77,7 @@ def expert_scores(record: RoutingRecord, n_experts: int, n_layers: int, scoring:
             out[layer] = seq_SE.mean(1).sum(0)
         else:
             m_BS = token_mask.to(dev, torch.float64).view(batch, -1)
+            m_BS = m_BS[:, m_BS.shape[1] - seq_SE.shape[1]:]
             n_B = m_BS.sum(1)
             per_seq = (seq_SE * m_BS[..., None]).sum(1) / n_B.clamp(min=1)[:, None]
             out[layer] = per_seq.sum(0)
@@ -107,18 +113,22 @@ def all_reduce_scores(scores: dict[int, torch.Tensor]) -> dict[int, torch.Tensor
 
 @torch.no_grad()
 def score_and_select(model, batches: Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], n_batches: int,
-                     scoring: str, p: float) -> tuple[dict[int, list[int]], dict[int, list[float]]]:
+                     scoring: str, p: float, with_mtp: bool = False) -> tuple[dict[int, list[int]],
+                                                                              dict[int, list[float]]]:
     """Score every expert on ``n_batches`` of this rank's (input_ids, loss_mask, token_mask) batches
     (forward only, with the model's dispatcher; real tokens only), sum the scores over ranks
-    (collective) and select per layer. Returns (selected expert ids per layer, normalized scores per
-    layer)."""
+    (collective) and select per layer. ``with_mtp``: the MTP layers too (their forward runs after the
+    main one's). Returns (selected expert ids per layer, normalized scores per layer)."""
     args = model.args
+    n_mtp = len(model.model.mtp) if with_mtp else 0
     totals: dict[int, torch.Tensor] = {}
     for _ in range(n_batches):
         ids, _loss_mask, token_mask = next(batches)
         rec = RoutingRecord()
-        model.hidden_states(ids, rec)
-        for layer, s in expert_scores(rec, args.n_routed_experts, args.num_hidden_layers, scoring,
+        hidden = model.hidden_states(ids, rec)
+        for k in range(n_mtp):
+            model.mtp_logits(hidden, ids, k, record=rec)
+        for layer, s in expert_scores(rec, args.n_routed_experts, args.num_hidden_layers + n_mtp, scoring,
                                       token_mask).items():
             totals[layer] = totals.get(layer, 0) + s
     all_reduce_scores(totals)

@@ -7,7 +7,7 @@ Order of work: validate everything a user can get wrong (job name, dataset, expe
 seq_len, ESFT p, publishing) before any worker starts, and exit 2 with the message; then Ray Data
 reads, tokenizes and packs the data; a ``TorchTrainer`` runs ``jobs.train.train_loop`` on
 ``workers`` gloo/nccl workers (elastic: ``min_workers``..``workers``) with
-``FailureConfig(max_failures)``; rank 0 writes the result (``<output_dir>/patch`` for ESFT,
+``FailureConfig(max_failures)``; rank 0 writes the result (``<output_dir>/patch`` for ESFT and MTP,
 ``<output_dir>/model`` for full), ``summary.json`` and ``train_log.jsonl``; finally the patch is
 published to the serving app when ``publish_to`` is set. ``prepare`` hands the workers a
 ``jobs.plan.TrainPlan``; ``--check-frozen`` adds the ESFT invariant check (``jobs.hooks.FrozenCheck``).
@@ -80,13 +80,16 @@ def prepare(config_path: str, job_name: str, *, publish: bool = True, base_dir: 
     if job.seq_len > args.max_position_embeddings:
         raise JobError(f"{prefix}.seq_len: ({job.seq_len}) exceeds the model's max_position_embeddings "
                        f"({args.max_position_embeddings}); set seq_len to at most {args.max_position_embeddings}")
-    if job.mode == "esft" and job.router_bias_rate > 0:
-        raise JobError(f"{prefix}.router_bias_rate: ({job.router_bias_rate}) updates the router, but an ESFT patch "
-                       "holds only experts, so the change would be lost; set router_bias_rate: 0 or mode: full")
+    if job.mode in ("esft", "mtp") and job.router_bias_rate > 0:
+        raise JobError(f"{prefix}.router_bias_rate: ({job.router_bias_rate}) updates the router, but a {job.mode} "
+                       "patch holds no router, so the change would be lost; set router_bias_rate: 0 or mode: full")
+    if job.mode == "mtp" and not args.num_nextn_predict_layers:
+        raise JobError(f"{prefix}.mode: mtp trains the multi-token-prediction module, and {base} has none "
+                       "(num_nextn_predict_layers = 0); use a checkpoint with an MTP layer or another mode")
     if publish and job.publish_to:
-        if job.mode != "esft":
-            raise JobError(f"{prefix}.publish_to: only ESFT patches can be hot-swapped; remove publish_to or set "
-                           "mode: esft (serve a full fine-tune as its own model.path)")
+        if job.mode == "full":
+            raise JobError(f"{prefix}.publish_to: only ESFT and MTP patches can be hot-swapped; remove publish_to "
+                           "or set mode: esft (serve a full fine-tune as its own model.path)")
     from expertpool.platform.memory_plan import train_memory_plan
 
     plan = train_memory_plan(job, args)

@@ -41,13 +41,14 @@ class TrainHook:
 
 
 class FrozenCheck(TrainHook):
-    """ESFT: ``summary["frozen_changed"]`` = the tensors, and stacked expert rows, outside the
-    selection that differ from the base checkpoint after training (0 expected: only the selected
-    experts train). It reloads this rank's share of the base checkpoint, a full base load, so it is
-    opt-in. Collective (one all-reduce). Full fine-tuning changes everything: not checked there."""
+    """ESFT and MTP modes: ``summary["frozen_changed"]`` = the tensors, and stacked expert rows, outside
+    the selection (and the MTP module's trained tensors) that differ from the base checkpoint after
+    training (0 expected: only those train). It reloads this rank's share of the base checkpoint, a
+    full base load, so it is opt-in. Collective (one all-reduce). Full fine-tuning changes
+    everything: not checked there."""
 
     def after_run(self, trainer, summary: dict) -> None:
-        if trainer.plan.job.mode == "esft":
+        if trainer.plan.job.mode in ("esft", "mtp"):
             summary["frozen_changed"] = frozen_changed(trainer)
 
 
@@ -59,8 +60,12 @@ def frozen_changed(trainer) -> int:
     now.update(dict(model.named_buffers()))
     moes = model.moe_layers()
     layer_of = {name + ".": m.layer_id for name, m in model.named_modules() if any(m is x for x in moes)}
+    trained = {id(p) for p in trainer.trainables.mtp_params}  # the MTP module's non-expert tensors, if trained
+    trained_names = {n for n, p in model.named_parameters() if id(p) in trained}
     changed = 0
     for name, t in list(ref.named_parameters()) + list(ref.named_buffers()):
+        if name in trained_names or (name.endswith("weight_scale_inv") and name[:-len("_scale_inv")] in trained_names):
+            continue
         cur = now[name]
         if name.rsplit(".", 1)[-1] in EXPERT_ROWS:  # stacked rows (and FP8 scales): the selected ones train
             layer = next(v for prefix, v in layer_of.items() if name.startswith(prefix))

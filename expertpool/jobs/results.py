@@ -3,8 +3,11 @@
 - ``esft_experts.json`` (ESFT, rank 0, once the experts are selected): the scoring, p, and per
   layer the selected experts with their normalized scores.
 - The result, at the end: ESFT writes an expert patch (``<output_dir>/patch``, ``model.patch``
-  format) with the selected experts' fp32 weights; full fine-tuning writes a complete HF checkpoint
-  (``<output_dir>/model``): the base model with every trained tensor, the tokenizer files copied.
+  format) with the selected experts' fp32 weights, plus the MTP module's non-expert tensors when
+  the run trained it (``mtp_loss_weight > 0``); mode mtp writes a patch of kind ``mtp`` (all the MTP
+  layer's routed experts and its non-expert tensors), applied in place when served; full fine-tuning
+  writes a complete HF checkpoint (``<output_dir>/model``): the base model with every trained tensor
+  (the MTP module's included), the tokenizer files copied.
 
 Experts live on their owner ranks, so ``write_result`` first gathers them to rank 0 (collective:
 every rank calls it, on CPU copies); only rank 0 writes, into ``plan.local_output``, and uploads the
@@ -20,7 +23,7 @@ import torch.distributed as dist
 from expertpool.jobs.esft import SelectedExperts
 from expertpool.jobs.plan import TrainPlan
 from expertpool.model.checkpoint import load_checkpoint, save_checkpoint
-from expertpool.model.patch import save_patch
+from expertpool.model.patch import mtp_tensors, save_patch
 from expertpool.model.transformer import Transformer
 
 Experts = dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]  # layer -> global id -> (w13 [2F, D], w2 [D, F])
@@ -64,19 +67,26 @@ def gather_experts(model: Transformer, selected: dict[int, SelectedExperts] | No
 
 
 def write_result(plan: TrainPlan, base: Path, model: Transformer, selected: dict[int, SelectedExperts],
-                 summary: dict) -> None:
+                 summary: dict, with_mtp: bool = False) -> None:
     """Write the run's result (the patch or the full checkpoint) and put its path into
-    ``summary["output"]`` on rank 0. ``base``: the base checkpoint as resolved on this node.
+    ``summary["output"]`` on rank 0. ``base``: the base checkpoint as resolved on this node;
+    ``with_mtp``: the run trained the MTP module (esft and mtp modes), whose tensors go into the patch.
     Collective."""
     job = plan.job
     rank = dist.get_rank()
-    if job.mode == "esft":
+    if job.mode in ("esft", "mtp"):
         experts = gather_experts(model, selected)
         if rank == 0:
+            info = {"job": plan.job_name, "steps": job.steps, "eval_loss": summary.get("eval_loss_final")}
+            if job.mode == "esft":
+                info |= {"scoring": job.esft.scoring, "p": job.esft.p, "mtp_loss_weight": job.mtp_loss_weight}
+            else:
+                info |= {"prompt_tokens": job.mtp.prompt_tokens, "seq_len": job.seq_len,
+                         "agreement": summary.get("mtp_agreement_final")}
             save_patch(plan.local_output / "patch", base_model_dir=base, domain=plan.domain, experts=experts,
                        dtype=torch.float32, base_name=None if plan.embedded_base else plan.base_model,
-                       info={"job": plan.job_name, "steps": job.steps, "scoring": job.esft.scoring,
-                             "p": job.esft.p, "eval_loss": summary.get("eval_loss_final")})
+                       kind="mtp" if job.mode == "mtp" else "experts",
+                       mtp=mtp_tensors(model) if with_mtp else None, info=info)
             plan.upload("patch")
             summary["output"] = plan.output("patch")
     else:

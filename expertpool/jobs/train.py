@@ -15,7 +15,16 @@ Parameters and optimizers.
   therefore split: DeepSpeed clips the dense gradient norm, and the expert norm (all-reduced over
   ranks) is clipped separately, both at ``grad_clip``.
 - ``esft`` mode trains only the selected experts (``jobs.esft``); everything else is frozen, so
-  there is no dense optimizer and DeepSpeed is not used.
+  there is no dense optimizer and DeepSpeed is not used. With ``mtp_loss_weight > 0`` it also trains
+  the MTP module: the ESFT-selected experts of its MoE layer (scored like a main layer) and its
+  non-expert tensors, router excepted (``model.patch.mtp_parameters``).
+- ``mtp`` mode trains only the MTP module (all its routed experts, as ``SelectedExperts`` rows, and
+  its non-expert tensors) on the base's own greedy continuations of the data's prompts
+  (``jobs.distill``); the main model is frozen and runs without autograd.
+- The MTP module's non-expert tensors (esft and mtp modes) are replicated: fp32 copies under a torch
+  AdamW of their own, gradients summed over ranks by an all-reduce (each rank's loss is its share of
+  the global mean), clipped at ``grad_clip`` on their own. The embedding and output head are shared
+  with the main model and stay frozen.
 
 Devices and precision. ``train_device`` picks the device: in Ray Train the one Ray Train gives the
 worker (``use_gpu`` follows ``worker_resources.gpu``, and Ray Train then forms an NCCL group, which
@@ -33,6 +42,9 @@ its share of the batch's sequences. DeepSpeed averages dense gradients over rank
 backward loss is scaled by W and owned-expert gradients (already a sum over ranks) are divided by W.
 The aux-loss-free router bias update (``router_bias_rate``) uses the all-reduced expert load and
 runs after the optimizer step, outside forward (full mode only: a patch cannot carry router changes).
+Mode ``mtp`` has one loss: the MTP CE against the base's greedy token after token i+1, on every
+position of the generated rows; its evaluation reports that CE on the eval rows and the share of
+positions where the module's argmax agrees (what greedy acceptance of one draft token measures).
 
 Reliability. Every ``checkpoint_every`` steps each rank writes its part and reports it with
 ``ray.train.report``; Ray merges the parts into one checkpoint that any world size can restore
@@ -64,6 +76,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expertpool.jobs.data import TrainData
+from expertpool.jobs.distill import GreedyContinuations
 from expertpool.jobs.esft import (SelectedExperts, TrainDispatcher, TrainExperts, frozen_fp8_linears,
                                   score_and_select)
 from expertpool.jobs.hooks import TrainHook
@@ -73,7 +86,9 @@ from expertpool.jobs.train_state import ExpertRows, Trainables, report_checkpoin
 from expertpool.model.args import ModelArgs
 from expertpool.model.checkpoint import load_checkpoint
 from expertpool.model.dispatch import AllToAllDispatcher, LocalDispatcher, owned_experts
+from expertpool.model.layers import Linear
 from expertpool.model.moe import RoutingRecord, sequence_balance_loss, update_router_bias
+from expertpool.model.patch import mtp_parameters
 from expertpool.platform.config import TrainJobConfig
 
 log = logging.getLogger("expertpool.finetune")
@@ -191,6 +206,8 @@ class Trainer:
         self.per_worker = self.rows.stop - self.rows.start
         self.base = plan.base_dir(self.owned if self.world > 1 else None)
         self.model = self.load_base()
+        if self.trains_mtp:
+            mtp_to_fp32(self.model)  # before the FP8 wrapping below: these linears train
         n_fp8 = frozen_fp8_linears(self.model)
         # owners: owned_experts, as loaded above
         self.inner_dispatcher = AllToAllDispatcher(E) if self.world > 1 else LocalDispatcher()
@@ -206,6 +223,15 @@ class Trainer:
         self.eval_rows = data.eval_rows()
         self.trainables: Trainables | None = None  # set up by run: setup_trainables, or restore
         self.resumed_from_world: int | None = None
+        self.distill = (GreedyContinuations(self.model, self.job.mtp.prompt_tokens, self.job.seq_len, self.device)
+                        if self.job.mode == "mtp" else None)
+
+    @property
+    def trains_mtp(self) -> bool:
+        """Whether the MTP module trains outside full mode (full trains everything anyway)."""
+        job = self.job
+        return bool(self.args.num_nextn_predict_layers) and (
+            job.mode == "mtp" or (job.mode == "esft" and job.mtp_loss_weight > 0))
 
     # -- precision -------------------------------------------------------------------------------
     @property
@@ -218,7 +244,7 @@ class Trainer:
         their stored format (FP8 stays FP8; others in the compute dtype), only the selected experts get
         fp32 copies (``SelectedExperts``). Full: everything trains, so everything is fp32 (FP8
         dequantized); autocast computes in bf16 on GPU."""
-        esft = self.job.mode == "esft"
+        esft = self.job.mode in ("esft", "mtp")
         return load_checkpoint(self.base, dtype=self.compute_dtype if esft else torch.float32,
                                weight_dtype=None if esft else "fp32", device=self.device,
                                experts=self.owned if self.world > 1 else None, with_mtp=True)
@@ -237,7 +263,10 @@ class Trainer:
             p.requires_grad_(False)
         views, groups, selected = {}, [], {}
         dense_named: list[tuple[str, nn.Parameter]] = []
-        if job.mode == "esft":
+        if job.mode == "mtp" and selection is None:  # the whole MTP module: every routed expert of its layers
+            n = self.args.num_hidden_layers
+            selection = {n + k: list(range(self.args.n_routed_experts)) for k in range(len(model.model.mtp))}
+        if job.mode in ("esft", "mtp"):
             for moe in model.moe_layers():
                 mine = [e for e in selection.get(moe.layer_id, []) if int(moe.experts.global_to_local[e]) >= 0]
                 sel = SelectedExperts(moe.experts, mine) if mine else None
@@ -256,7 +285,14 @@ class Trainer:
             dense_named = [(n, p) for n, p in model.named_parameters() if id(p) not in expert_ids]
             for _, p in dense_named:
                 p.requires_grad_(True)
-        t = Trainables(groups, dense_named, selection=selection if job.mode == "esft" else None, selected=selected)
+        t = Trainables(groups, dense_named, selection=selection if job.mode in ("esft", "mtp") else None,
+                       selected=selected)
+        if self.trains_mtp:
+            t.mtp_named = mtp_parameters(model)
+            for _, p in t.mtp_named:
+                p.requires_grad_(True)
+            t.mtp_opt = torch.optim.AdamW(t.mtp_params, lr=job.lr, betas=ADAM_BETAS, weight_decay=job.weight_decay)
+            t.mtp_sched = torch.optim.lr_scheduler.LambdaLR(t.mtp_opt, _lr_lambda(job))
         model.set_dispatcher(TrainDispatcher(self.inner_dispatcher, views))
         if t.expert_params:
             t.expert_opt = torch.optim.AdamW(t.expert_params, lr=job.lr, betas=ADAM_BETAS,
@@ -292,8 +328,31 @@ class Trainer:
         return engine
 
     # -- one step --------------------------------------------------------------------------------
+    def distill_losses(self, ids, grad: bool):
+        """Mode mtp: CE of the MTP module against the base's greedy token after token i+1 (row i), every
+        position; the main model runs without autograd. Returns (mtp CE, agreement share, routing record
+        of the MTP layer, main-model CE on the rows for the log, the global row count)."""
+        model = self.model
+        with torch.no_grad(), self.autocast():
+            hidden = model.hidden_states(ids)
+            logits = model.lm_head(hidden)
+            ce = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), ids[:, 1:].flatten())
+            target = logits[:, 1:].argmax(-1)  # [B, S-1]: the base's greedy choice after token i+1
+        rec = RoutingRecord()
+        with torch.set_grad_enabled(grad), self.autocast():
+            ml = model.mtp_logits(hidden.detach(), ids, record=rec)  # [B, S-1, V]
+            n = _all_reduce(torch.tensor(float(target.numel()), device=self.device))
+            loss = F.cross_entropy(ml.float().flatten(0, 1), target.flatten(), reduction="sum") / n
+            agree = (ml.detach().argmax(-1) == target).sum().float() / n
+        return loss, agree, rec, ce, n
+
     def losses(self, ids, mask, grad: bool):
         job, args, model = self.job, self.args, self.model
+        if job.mode == "mtp":
+            mtp, _agree, rec, ce, _ = self.distill_losses(ids, grad)
+            ce = ce * (ids.shape[0] / job.batch_size)  # a share of the global mean, as the others
+            zero = torch.zeros((), device=self.device)
+            return mtp, ce.detach(), mtp, zero, rec
         rec = RoutingRecord()
         with torch.set_grad_enabled(grad), self.autocast():
             hidden = model.hidden_states(ids, rec)
@@ -332,6 +391,8 @@ class Trainer:
 
     def step(self, ids, mask) -> dict:
         W, t = self.world, self.trainables
+        if self.distill is not None:
+            ids = self.distill(ids)  # prompts -> prompt + the base's greedy continuation (collective)
         total, ce, mtp, bal, rec = self.losses(ids, mask, grad=True)
         if t.engine is not None:
             t.engine.backward(total * W)
@@ -358,6 +419,8 @@ class Trainer:
                     p.grad.mul_(clip / (expert_norm + 1e-6))
         if t.engine is not None:
             t.engine.step()
+        if t.mtp_opt is not None:
+            self._mtp_dense_step(t)
         if t.expert_opt is not None:
             t.expert_opt.step()
             t.expert_opt.zero_grad(set_to_none=True)
@@ -376,11 +439,26 @@ class Trainer:
         return {"loss": float(stats[0]), "ce": float(stats[1]), "mtp": float(stats[2]), "balance": float(stats[3]),
                 "expert_grad_norm": expert_norm, "load_max_over_mean": ratio}
 
+    def _mtp_dense_step(self, t: Trainables) -> None:
+        """The MTP module's replicated tensors: sum the ranks' gradient shares, clip, step."""
+        for p in t.mtp_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            _all_reduce(p.grad)
+        if self.job.grad_clip:
+            torch.nn.utils.clip_grad_norm_(t.mtp_params, self.job.grad_clip)
+        t.mtp_opt.step()
+        t.mtp_opt.zero_grad(set_to_none=True)
+        t.mtp_sched.step()
+
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Masked next-token CE over the whole eval set (global token mean)."""
+        """Masked next-token CE over the whole eval set (global token mean); mode mtp: the MTP module's
+        CE against the base's greedy tokens (``distill_losses``), its agreement in ``self.agreement``."""
         if self.eval_rows is None:
             return None
+        if self.job.mode == "mtp":
+            return self._evaluate_mtp()
         ids_all, mask_all = self.eval_rows["input_ids"], self.eval_rows["loss_mask"]
         n = ids_all.shape[0]
         idx = list(range(self.rank, max(n, self.world), self.world))  # equal counts: wrap when n < W
@@ -401,6 +479,28 @@ class Trainer:
             tok += m.sum().double()
         out = _all_reduce(torch.stack([loss_sum, tok]))
         return float(out[0] / out[1].clamp(min=1))
+
+    @torch.no_grad()
+    def _evaluate_mtp(self) -> float:
+        """Mode mtp on the eval rows as stored (no generation): the global mean CE and agreement of
+        the MTP module with the base's greedy next token. Every rank runs every chunk (collectives)."""
+        ids_all = self.eval_rows["input_ids"]
+        n = ids_all.shape[0]
+        idx = [i % n for i in range(self.rank, max(n, self.world), self.world)]
+        per = max(1, self.job.batch_size // self.world)
+        n_chunks = math.ceil(math.ceil(max(n, self.world) / self.world) / per)
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss x rows, agree x rows, rows
+        for c in range(n_chunks):
+            chunk = idx[c * per:(c + 1) * per] or idx[:1]
+            weight = 1.0 if idx[c * per:(c + 1) * per] else 0.0
+            ids = ids_all[chunk].to(self.device, torch.long)
+            loss, agree, _, _, n = self.distill_losses(ids, grad=False)
+            # distill_losses divides by the chunk's global row count: times it, this rank's sums
+            sums += torch.stack([loss.double() * n, agree.double() * n,
+                                 torch.tensor(float(ids.shape[0] * (ids.shape[1] - 1)), device=self.device)]) * weight
+        _all_reduce(sums)
+        self.agreement = float(sums[1] / sums[2].clamp(min=1))
+        return float(sums[0] / sums[2].clamp(min=1))
 
     @torch.no_grad()
     def _dense_replicas_agree(self) -> bool:
@@ -447,7 +547,7 @@ class Trainer:
         n_batches = max(1, math.ceil(esft.score_tokens / (job.batch_size * job.seq_len)))
         with self.autocast():
             chosen, norm = score_and_select(self.model, _tensor_batches(self.train_iterate, self.rows, self.device),
-                                            n_batches, esft.scoring, esft.p)
+                                            n_batches, esft.scoring, esft.p, with_mtp=self.trains_mtp)
         if self.rank == 0:
             write_selection(self.out, esft.scoring, esft.p, chosen, norm)
             self.plan.upload("esft_experts.json")
@@ -458,13 +558,14 @@ class Trainer:
     def run(self) -> dict:
         job = self.job
         resumed_from = self._resume()
-        eval_initial = None
+        eval_initial = agreement_initial = None
         if resumed_from is None:
             eval_initial = self.evaluate()
+            agreement_initial = getattr(self, "agreement", None)
             self.setup_trainables(self._select_experts() if job.mode == "esft" else None)
         t = self.trainables
         n_expert = int(_all_reduce(torch.tensor(sum(p.numel() for p in t.expert_params), device=self.device)))
-        trainable_params = n_expert + sum(p.numel() for p in t.dense_params)
+        trainable_params = n_expert + sum(p.numel() for p in t.dense_params) + sum(p.numel() for p in t.mtp_params)
         if self.rank == 0:
             log.info("trainable parameters: %d (mode %s, world %d)", trainable_params, job.mode, self.world)
         self.model.train()
@@ -504,13 +605,17 @@ class Trainer:
                    "resumed_from": resumed_from, "resumed_from_world": self.resumed_from_world}
         if t.dense_params:
             summary["dense_replicas_agree"] = self._dense_replicas_agree()
+        if job.mode == "mtp":
+            summary["mtp_agreement_initial"] = agreement_initial
+            summary["mtp_agreement_final"] = getattr(self, "agreement", None)
+            summary["generated_tokens"] = self.distill.generated_tokens
         summary["trainable_params"] = trainable_params
         summary["optimizer_state_bytes_rank0"] = self._optimizer_state_bytes()
         if job.mode == "esft":
             summary["experts_selected"] = {str(k): len(v) for k, v in (t.selection or {}).items()}
         for hook in self.hooks:
             hook.after_run(self, summary)
-        write_result(self.plan, self.base, self.model, t.selected, summary)
+        write_result(self.plan, self.base, self.model, t.selected, summary, with_mtp=self.trains_mtp)
         if self.rank == 0:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
             self.plan.upload("summary.json")
@@ -519,6 +624,26 @@ class Trainer:
 
             ray.train.report({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})
         return summary
+
+
+@torch.no_grad()
+def mtp_to_fp32(model) -> None:
+    """The MTP module's non-expert tensors as fp32 trainable parameters (FP8 linears dequantized): the
+    master weights of an esft or mtp run that trains the module."""
+    for name, p in mtp_parameters(model):
+        mod = model.get_submodule(_module_path(model, name).rsplit(".", 1)[0])
+        attr = name.rsplit(".", 1)[1]
+        if isinstance(mod, Linear) and attr == "weight" and mod.weight_scale_inv is not None:
+            mod.weight = nn.Parameter(mod.dense_weight(torch.float32))
+            mod.weight_scale_inv = None
+        elif p.dtype != torch.float32:
+            setattr(mod, attr, nn.Parameter(p.detach().float()))
+
+
+def _module_path(model, hf_name: str) -> str:
+    """HF name of an MTP tensor (model.layers.{L+k}.x) -> our module path (model.mtp.{k}.x)."""
+    layer, rest = hf_name[len("model.layers."):].split(".", 1)
+    return f"model.mtp.{int(layer) - model.args.num_hidden_layers}.{rest}"
 
 
 def train_loop(plan: TrainPlan, data: TrainData, hooks: Sequence[TrainHook] = ()) -> dict:

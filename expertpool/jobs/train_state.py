@@ -17,6 +17,8 @@ attempt sees all of them. Nothing in it depends on the writer's world size:
 - ``experts-rank{r}.pt``: the routed expert rows rank r trained, keyed by GLOBAL expert id:
   ``"{layer}.{expert}.{w13|w2}"`` plus ``".exp_avg"`` / ``".exp_avg_sq"`` for the AdamW moments. A
   restoring rank loads these files memory-mapped and copies only the rows it owns now.
+- ``mtp.pt`` (rank 0; esft and mtp modes when the MTP module trains): its replicated non-expert
+  tensors in fp32 with their AdamW moments, by HF name.
 - ``dense-rank{r}.pt`` (full mode): the dense (data-parallel) parameters in fp32 with their AdamW
   moments, whole tensors keyed by parameter name. DeepSpeed's own ZeRO checkpoint only loads at the
   same data-parallel size, so it is not used. Under ZeRO 1/2 each parameter is reassembled from the
@@ -87,6 +89,13 @@ class Trainables:
     engine: Any = None  # DeepSpeed engine over the dense parameters (full mode), with its optimizer and scheduler
     selection: dict[int, list[int]] | None = None  # ESFT: the selected experts per layer (global ids, every rank)
     selected: dict[int, SelectedExperts] = field(default_factory=dict)  # ESFT: this rank's trainable copies
+    mtp_named: list[tuple[str, nn.Parameter]] = field(default_factory=list)  # MTP non-expert tensors (esft, mtp)
+    mtp_opt: torch.optim.Optimizer | None = None  # torch AdamW over them (replicated: every rank the same)
+    mtp_sched: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    @property
+    def mtp_params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.mtp_named]
 
     @property
     def expert_params(self) -> list[nn.Parameter]:
@@ -284,7 +293,12 @@ def write_checkpoint(d: Path, step: int, t: Trainables, model: Transformer, job:
     scheds = [None] * world
     dist.all_gather_object(scheds, t.expert_sched.state_dict() if t.expert_sched else None)
     if rank == 0:
+        if t.mtp_opt is not None:
+            torch.save({name: {"fp32": p.detach().cpu().clone()} | {m: t.mtp_opt.state[p][m].cpu().clone()
+                                                                   for m in MOMENTS} for name, p in t.mtp_named},
+                       d / "mtp.pt")
         torch.save({"adam_step": step, "selection": t.selection,
+                    "mtp_sched": t.mtp_sched.state_dict() if t.mtp_sched is not None else None,
                     "expert_sched": next((x for x in scheds if x is not None), None),
                     "dense_sched": t.engine.lr_scheduler.state_dict() if t.engine is not None else None,
                     "router_bias": {m.layer_id: m.gate.e_score_correction_bias.cpu().clone()
@@ -313,7 +327,7 @@ def restore(d: Path, job: TrainJobConfig, model: Transformer,
     writer's world size). No collectives of its own."""
     state = read_state(d, job)
     glob = torch.load(d / "global.pt", weights_only=True)
-    t = setup(glob["selection"] if job.mode == "esft" else None)
+    t = setup(glob["selection"] if job.mode in ("esft", "mtp") else None)
     if t.expert_opt is not None:
         rows = read_expert_rows(rank_files(d, "experts"), t.expert_groups)
         load_expert_rows(t.expert_groups, t.expert_opt, rows, glob["adam_step"], source=str(d))
@@ -324,6 +338,19 @@ def restore(d: Path, job: TrainJobConfig, model: Transformer,
             saved.update(torch.load(f, mmap=True, weights_only=True))
         load_dense_state(t.engine, t.dense_named, saved, glob["adam_step"], source=str(d))
         load_scheduler(t.engine.lr_scheduler, glob["dense_sched"])
+    if t.mtp_opt is not None:
+        if not (d / "mtp.pt").exists():
+            raise ValueError(f"{d}: no mtp.pt, but this job trains the MTP module; the checkpoint belongs to a "
+                             "run with mtp_loss_weight 0; set it back or start without --resume")
+        saved = torch.load(d / "mtp.pt", weights_only=True)
+        with torch.no_grad():
+            for name, p in t.mtp_named:
+                p.copy_(saved[name]["fp32"])
+                st = adam_state(p, glob["adam_step"])
+                for m in MOMENTS:
+                    st[m].copy_(saved[name][m])
+                t.mtp_opt.state[p] = st
+        load_scheduler(t.mtp_sched, glob["mtp_sched"])
     with torch.no_grad():
         for m in model.moe_layers():
             m.gate.e_score_correction_bias.copy_(glob["router_bias"][m.layer_id])

@@ -58,12 +58,16 @@ def _size(n: float) -> str:
 
 
 def init_model(preset_name: str, out_dir, *, fp8: bool = False, seed: int = 0, std: float | None = None,
-               dtype: torch.dtype = torch.bfloat16, available_bytes: int | None = None) -> Path:
+               dtype: torch.dtype = torch.bfloat16, available_bytes: int | None = None,
+               mtp_layers: int | None = None) -> Path:
     """Write a random-weight checkpoint of a preset with a tokenizer; loadable by transformers too.
 
-    Refuses (``InitModelError``) a preset whose peak memory (:func:`init_model_bytes`) exceeds
+    ``mtp_layers``: that many MTP modules instead of the preset's (bench-mini has none). Refuses
+    (``InitModelError``) a preset whose peak memory (:func:`init_model_bytes`) exceeds
     ``available_bytes`` (default: :func:`available_memory_bytes`), before allocating anything."""
     args = preset(preset_name)
+    if mtp_layers is not None:
+        args = args.replace(num_nextn_predict_layers=mtp_layers)
     need = init_model_bytes(args, fp8=fp8, dtype=dtype)
     have = available_memory_bytes() if available_bytes is None else available_bytes
     if need > have:

@@ -1,13 +1,28 @@
-"""Expert patches: the output of ESFT, a few routed experts that replace the base model's.
+"""Patches: the output of ESFT (a few routed experts) or of an MTP job (the draft module), replacing the base's.
 
 A patch is a directory, written atomically (``safetensors_io.atomic_dir``), read from a local path or
 from object storage (``read_patch`` fetches an s3:// / gs:// one into the local cache):
 
 - ``manifest.json``: ``format``, ``base_model`` (``path`` and ``fingerprint``, plus the expert
   geometry), ``domain``, ``dtype`` of the stored tensors, ``layers`` ({layer id: [global expert
-  ids]}), ``num_experts`` and free-form ``info`` (how it was trained).
+  ids]}), ``num_experts``, ``kind``, ``mtp`` (the names of the MTP module's other tensors) and free-form
+  ``info`` (how it was trained).
 - ``experts.safetensors``: HF per-expert names, ``model.layers.{L}.mlp.experts.{e}.{gate,up,down}_proj.weight``,
-  so a patch reads like a slice of the base checkpoint.
+  plus the MTP tensors under their HF names (``model.layers.{L}.eh_proj.weight``,
+  ``model.layers.{L}.self_attn.q_a_proj.weight``, ...), so a patch reads like a slice of the base checkpoint.
+
+Two kinds (``kind`` in the manifest):
+- ``experts`` (ESFT): served beside the base as a variant ``MODEL:DOMAIN`` (``Transformer.add_variant``).
+  When the job trained the MTP module too (``mtp_loss_weight > 0``), the patch also holds the MTP
+  layer's selected experts and its non-expert tensors; a variant is served with the base's MTP module
+  (the module has no variants), and ``apply_patch`` (merging in place) writes them.
+- ``mtp`` (``mode: mtp``, self-distillation): the MTP module only (all its routed experts and its
+  non-expert tensors). It is applied in place to the served base model (``apply_patch``), so the
+  speculative drafts of every request use it; the main model's weights are untouched.
+
+The MTP module's non-expert tensors (``mtp_tensors``) are everything of ``model.layers.{L}`` except
+the routed experts and the router (``mlp.gate``: routing stays frozen, as in ESFT) and the embedding
+and output head (shared with the main model).
 
 The base fingerprint (``base_fingerprint``) is cheap and robust: sha256 over the canonical
 ``config.json``, the names/shapes/dtypes of every router and routed-expert tensor (safetensors
@@ -19,7 +34,8 @@ layouts and different trainings of one architecture, without reading the experts
 each expert-parallel actor applies the same patch to its own share. Rows are written in the
 model's resident format by ``Experts.write_expert`` (FP8 re-quantized, gate and up separately, as
 the loader does); serving a patch beside the base instead (``Transformer.add_variant``) uses the
-same writer. Everything else in the model is left untouched. A patch does not carry router
+same writer; MTP tensors are written in the model's resident format (``checkpoint._resident``, FP8
+re-quantized). Everything else in the model is left untouched. A patch does not carry router
 changes: ESFT keeps the router frozen.
 """
 
@@ -34,7 +50,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from expertpool.errors import UserError
-from expertpool.model.checkpoint import DTYPES
+from expertpool.model.checkpoint import DTYPES, _resident
+from expertpool.model.layers import Linear
 from expertpool.model.safetensors_io import ShardReader, atomic_dir
 from expertpool.model.storage import StorageError, fetch_dir
 
@@ -43,6 +60,10 @@ log = logging.getLogger(__name__)
 PATCH_FORMAT = "expertpool-expert-patch/v1"
 MANIFEST = "manifest.json"
 TENSORS = "experts.safetensors"
+KINDS = ("experts", "mtp")
+# parts of an MTP layer that no patch changes: routing (frozen, as in ESFT) and the routed experts
+# (stored per expert, as in every patch)
+MTP_NOT_DENSE = ("mlp.experts.", "mlp.gate.")
 
 
 class PatchError(UserError, ValueError):
@@ -58,6 +79,8 @@ class Patch:
     dtype: str                      # dtype of the stored tensors
     experts: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]  # layer -> expert -> (w13 [2F, D], w2 [D, F])
     manifest: dict = field(repr=False)
+    kind: str = "experts"           # experts: a served variant (ESFT); mtp: the MTP module, applied in place
+    mtp: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # HF name -> MTP non-expert tensor
 
     @property
     def expert_ids(self) -> dict[int, list[int]]:
@@ -70,6 +93,43 @@ class Patch:
 
 def _expert_name(layer: int, expert: int, proj: str) -> str:
     return f"model.layers.{layer}.mlp.experts.{expert}.{proj}.weight"
+
+
+def mtp_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    """The MTP module's non-expert parameters as (HF name, parameter): what an MTP-training job trains
+    beside the module's routed experts, and what a patch carries of it (see the module docstring)."""
+    out = []
+    for k, layer in enumerate(model.model.mtp):
+        base = f"model.layers.{model.args.num_hidden_layers + k}"
+        for name, p in layer.named_parameters():
+            if not name.startswith(MTP_NOT_DENSE):
+                out.append((f"{base}.{name}", p))
+    return out
+
+
+def _mtp_modules(model) -> dict[str, tuple[torch.nn.Module, str]]:
+    """HF name of each MTP non-expert parameter -> (its owning module, attribute)."""
+    out = {}
+    for k, layer in enumerate(model.model.mtp):
+        base = f"model.layers.{model.args.num_hidden_layers + k}"
+        for mname, mod in layer.named_modules():
+            for pname, _ in mod.named_parameters(recurse=False):
+                full = f"{mname}.{pname}" if mname else pname
+                if not full.startswith(MTP_NOT_DENSE):
+                    out[f"{base}.{full}"] = (mod, pname)
+    return out
+
+
+@torch.no_grad()
+def mtp_tensors(model) -> dict[str, torch.Tensor]:
+    """The MTP module's non-expert tensors (HF names), dense fp32 on the CPU (FP8 linears dequantized)."""
+    out = {}
+    for name, (mod, attr) in _mtp_modules(model).items():
+        if isinstance(mod, Linear) and attr == "weight":
+            out[name] = mod.dense_weight(torch.float32).detach().cpu().clone()
+        else:
+            out[name] = getattr(mod, attr).detach().float().cpu().clone()
+    return out
 
 
 def base_fingerprint(model_dir) -> str:
@@ -92,9 +152,15 @@ def base_fingerprint(model_dir) -> str:
 
 
 def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: torch.dtype = torch.float32,
-               info: dict | None = None, base_name: str | None = None) -> Path:
+               info: dict | None = None, base_name: str | None = None, kind: str = "experts",
+               mtp: dict[str, torch.Tensor] | None = None) -> Path:
     """Write a patch directory atomically. experts: {layer_id: {expert_id: (w13 [2F, D], w2 [D, F])}}.
-    ``base_name``: the base as the manifest names it (its location); default ``base_model_dir``."""
+    ``base_name``: the base as the manifest names it (its location); default ``base_model_dir``.
+    ``kind``: ``experts`` (ESFT) or ``mtp``; ``mtp``: the MTP module's non-expert tensors by HF name
+    (``mtp_tensors``), required for kind ``mtp``."""
+    assert kind in KINDS, f"patch kind {kind!r} is not one of {KINDS}"
+    if kind == "mtp" and not mtp:
+        raise PatchError("an MTP patch needs the MTP module's tensors; the model has no MTP layer")
 
     dtype_name = next((k for k, v in DTYPES.items() if v == dtype), None)
     if dtype_name is None:
@@ -117,6 +183,9 @@ def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: to
             tensors[_expert_name(layer, e, "gate_proj")] = w13[:f].contiguous()
             tensors[_expert_name(layer, e, "up_proj")] = w13[f:].contiguous()
             tensors[_expert_name(layer, e, "down_proj")] = w2.detach().to("cpu", dtype).contiguous()
+    for name, t in sorted((mtp or {}).items()):
+        assert name.startswith("model.layers.") and ".mlp.experts." not in name, f"{name} is not an MTP tensor"
+        tensors[name] = t.detach().to("cpu", dtype).contiguous()
     if not tensors:
         raise PatchError("no experts to save; an ESFT run that selected no experts has nothing to patch")
     manifest = {
@@ -128,6 +197,8 @@ def save_patch(out_dir, *, base_model_dir, domain: str, experts: dict, dtype: to
         "dtype": dtype_name,
         "layers": layers,
         "num_experts": sum(len(v) for v in layers.values()),
+        "kind": kind,
+        "mtp": sorted(mtp or {}),
         "tensors": TENSORS,
         "info": info or {},
     }
@@ -157,6 +228,9 @@ def read_patch(patch_dir, *, base_model_dir=None) -> Patch:
     for key in ("base_model", "domain", "dtype", "layers"):
         if key not in m:
             raise PatchError(f"{mfile}: missing key {key!r}; the patch is incomplete, rewrite it")
+    kind = m.get("kind", "experts")  # patches written before kinds existed are expert patches
+    if kind not in KINDS:
+        raise PatchError(f"{mfile}: kind {kind!r} unknown; expected one of {list(KINDS)} (a newer version's patch?)")
     if m["dtype"] not in DTYPES:
         raise PatchError(f"{mfile}: dtype {m['dtype']!r} unknown; expected one of {list(DTYPES)}")
     base = m["base_model"]
@@ -192,6 +266,13 @@ def read_patch(patch_dir, *, base_model_dir=None) -> Patch:
                         raise PatchError(f"{tfile}: layer {layer} expert {e}: gate {list(g.shape)}, up "
                                          f"{list(u.shape)}, down {list(d.shape)} are not [F, D], [F, D], [D, F]")
                     experts[layer][int(e)] = (torch.cat([g, u]), d)
+            mtp = {}
+            for name in m.get("mtp", []):
+                expected.add(name)
+                if name not in names:
+                    raise PatchError(f"{tfile}: MTP tensor {name!r} listed in {MANIFEST} is missing; "
+                                     "the patch is incomplete, rewrite it")
+                mtp[name] = f.get_tensor(name)
             extra = names - expected
             if extra:
                 raise PatchError(f"{tfile}: tensors not listed in {MANIFEST}: {sorted(extra)[:3]}; "
@@ -199,7 +280,9 @@ def read_patch(patch_dir, *, base_model_dir=None) -> Patch:
     except SafetensorError as e:
         raise PatchError(f"{tfile}: cannot read safetensors ({e}); the file is truncated or corrupt") from e
     patch = Patch(path=patch_dir, base_model=str(base["path"]), base_fingerprint=str(base["fingerprint"]),
-                  domain=str(m["domain"]), dtype=m["dtype"], experts=experts, manifest=m)
+                  domain=str(m["domain"]), dtype=m["dtype"], experts=experts, manifest=m, kind=kind, mtp=mtp)
+    if kind == "mtp" and not mtp:
+        raise PatchError(f"{mfile}: an MTP patch without MTP tensors ('mtp' is empty); rewrite the patch")
     if base_model_dir is not None:
         check_base(patch, base_model_dir)
     return patch
@@ -219,7 +302,8 @@ def apply_patch(model, patch: Patch, *, base_model_dir=None) -> dict[int, list[i
     """Overwrite the patched experts that ``model`` holds; skip experts it does not own.
 
     Returns {layer: [global expert ids written]}. FP8 experts are re-quantized. With base_model_dir,
-    first check that the patch was trained from that base."""
+    first check that the patch was trained from that base. The patch's MTP tensors are written into
+    the model's MTP module when it has one (``apply_mtp``)."""
     if base_model_dir is not None:
         check_base(patch, base_model_dir)
     args = model.args
@@ -246,4 +330,32 @@ def apply_patch(model, patch: Patch, *, base_model_dir=None) -> dict[int, list[i
                 continue
             experts.write_expert(local, w13, w2)
             written.setdefault(layer, []).append(e)
+    if patch.mtp and len(model.model.mtp):
+        apply_mtp(model, patch)
     return written
+
+
+@torch.no_grad()
+def apply_mtp(model, patch: Patch) -> int:
+    """Overwrite the MTP module's non-expert tensors with the patch's, in place and in the model's
+    resident format (FP8 re-quantized); returns how many. The main model is not touched."""
+    targets = _mtp_modules(model)
+    unknown = sorted(set(patch.mtp) - set(targets))
+    if unknown:
+        raise PatchError(f"{patch.path / MANIFEST}: MTP tensors {unknown[:3]} are not in this model's MTP module "
+                         f"({len(model.model.mtp)} loaded); the patch is for a different architecture")
+    for name, t in patch.mtp.items():
+        mod, attr = targets[name]
+        cur = getattr(mod, attr)
+        if tuple(cur.shape) != tuple(t.shape):
+            raise PatchError(f"{patch.path / TENSORS}: {name} has shape {list(t.shape)}, the model needs "
+                             f"{list(cur.shape)}; the patch is for a different architecture")
+        if isinstance(mod, Linear) and attr == "weight" and cur.dtype in (torch.float8_e4m3fn, torch.int8):
+            q, s = _resident(t.to(cur.device, torch.float32), None, cur.dtype, model.args.scale_fmt)
+            cur.copy_(q)
+            mod.weight_scale_inv.copy_(s)
+        else:
+            # on the parameter itself, not .data (whose version counter is separate): caches derived from
+            # a weight (packed CPU linears, the absorbed MLA kv_b_proj) are keyed by its version
+            cur.copy_(t.to(cur.device, cur.dtype))
+    return len(patch.mtp)

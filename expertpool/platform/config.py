@@ -44,14 +44,14 @@ from expertpool.model import storage
 from expertpool.model.args import EMBEDDED_MODEL_NAME, ModelArgs
 from expertpool.platform.config_base import (DOMAIN, GIB, K8S_NAME, RULE_ERROR_TYPE, ActorResources, Closed,
                                              ConfigError, ConfigProblem, check_location, rule_error)
-from expertpool.platform.train_config import DatasetConfig, EsftConfig, TrainConfig, TrainJobConfig
+from expertpool.platform.train_config import DatasetConfig, EsftConfig, MtpDistillConfig, TrainConfig, TrainJobConfig
 
 # re-exported: the whole schema is importable from here
 __all__ = ["API_KEY_ENV", "DEFAULT_IMPORT_PATH", "DEPLOYMENT_NAME", "GIB", "HF_TOKEN_KEY", "SERVE_SECTIONS",
            "ActorResources", "AutoscalingConfig",
            "ClusterConfig", "ConfigError", "ConfigProblem", "DatasetConfig", "EsftConfig", "KVCacheConfig",
-           "KubernetesConfig", "ModelConfig", "PoolConfig", "RecoveryConfig", "ServingConfig", "TrainConfig",
-           "TrainJobConfig", "field_paths", "load_config", "parse_config"]
+           "KubernetesConfig", "ModelConfig", "MtpDistillConfig", "PoolConfig", "RecoveryConfig", "ServingConfig",
+           "TrainConfig", "TrainJobConfig", "field_paths", "load_config", "parse_config"]
 
 DEPLOYMENT_NAME = "ExpertPool"  # the Serve deployment that hosts one expert-parallel group per replica
 API_KEY_ENV = "EXPERTPOOL_API_KEY"
@@ -419,7 +419,10 @@ class ServingConfig(Closed):
                                     "`<model.name>:<domain>`: domain -> patch directory (a path every node can read, "
                                     "or s3:// / gs://). They go into the deployment's user_config, not its args, so "
                                     "a change loads them into the running replicas (Serve `reconfigure`) without a "
-                                    "restart; `expertpool publish` adds one to a running app.")
+                                    "restart; `expertpool publish` adds one to a running app. An MTP patch (from "
+                                    "a `mode: mtp` job) instead replaces the base's MTP module in place (needs "
+                                    "serving.speculative); patches load in declaration order, the last MTP one "
+                                    "wins.")
 
     @field_validator("route_prefix")
     @classmethod

@@ -149,12 +149,27 @@ class AsyncEngine:
 
     async def load_patch(self, domain: str, patch_dir: str) -> str:
         """Serve an ESFT expert patch as ``BASE:DOMAIN`` beside the base, without a restart. The swap
-        happens between engine steps; running requests (base or other variants) are unaffected."""
+        happens between engine steps; running requests (base or other variants) are unaffected.
+
+        An MTP patch (kind ``mtp``) instead overwrites the MTP module of the base in place on every
+        actor (the speculative drafts of every request use it from the next step on; the main model is
+        untouched) and returns the base's id. Like expert patches it is replayed, in load order, on a
+        replacement actor after a recovery, so the last one loaded wins everywhere."""
         from expertpool.model.patch import read_patch
         model_id = f"{self.base_model_id}:{domain}"
         if model_id in self._variants:
             return model_id
-        read_patch(patch_dir, base_model_dir=self.model_dir)  # validate (clear error) before touching actors
+        patch = read_patch(patch_dir, base_model_dir=self.model_dir)  # validate (clear error) before the actors
+        if patch.kind == "mtp":
+            if not getattr(self.core, "spec_tokens", 0):
+                raise ValueError(f"{patch_dir} is an MTP patch (the speculative-decoding draft module), but this "
+                                 "engine does not decode speculatively; set serving.speculative "
+                                 "{method: mtp, num_speculative_tokens: 1} or do not load it")
+            async with self._step_lock:
+                await self.core.executor.load_patch(patch_dir)
+                self._patch_dirs.append(patch_dir)
+            log.info("MTP module of %s replaced in place from %s", self.base_model_id, patch_dir)
+            return self.base_model_id
         async with self._step_lock:
             self._variants[model_id] = await self.core.executor.load_patch(patch_dir)
             self._patch_dirs.append(patch_dir)

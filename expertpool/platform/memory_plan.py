@@ -114,13 +114,21 @@ def train_memory_plan(job: TrainJobConfig, a: ModelArgs) -> MemoryPlan:
     W = job.workers
     owned = math.ceil(a.n_routed_experts / W)
     layers_with_experts = s.moe_layers
-    if job.mode == "esft":
+    if job.mode in ("esft", "mtp"):
         linear_bytes = 1 if a.fp8 else elem
         frozen = s.embed_head * elem + s.dense_linear * linear_bytes + s.small * FP32 \
             + layers_with_experts * owned * s.expert * linear_bytes
-        selected = math.ceil(math.ceil(job.esft.p * a.n_routed_experts) / W) * a.num_hidden_layers * s.expert
-        trainable = selected * 2 * FP32  # fp32 master + gradient
-        optimizer = selected * ADAM_MOMENTS
+        n_mtp = a.num_nextn_predict_layers if job.mode == "mtp" or job.mtp_loss_weight > 0 else 0
+        # the MTP module's non-expert tensors in fp32 (attention, shared experts, eh_proj, norms)
+        mtp_dense = n_mtp * (s.dense_linear / max(1, a.num_hidden_layers + a.num_nextn_predict_layers)
+                             + 2 * a.hidden_size * a.hidden_size)
+        if job.mode == "mtp":
+            selected = owned * n_mtp * s.expert
+        else:
+            selected = math.ceil(math.ceil(job.esft.p * a.n_routed_experts) / W) * (a.num_hidden_layers + n_mtp) \
+                * s.expert
+        trainable = (selected + mtp_dense) * 2 * FP32  # fp32 master + gradient
+        optimizer = (selected + mtp_dense) * ADAM_MOMENTS
     else:
         frozen = 0.0
         experts = layers_with_experts * owned * s.expert
@@ -129,7 +137,7 @@ def train_memory_plan(job: TrainJobConfig, a: ModelArgs) -> MemoryPlan:
         dense_opt = s.dense * (ADAM_MOMENTS + FP32) / W if job.zero_stage >= 1 else s.dense * ADAM_MOMENTS
         optimizer = dense_opt + experts * ADAM_MOMENTS
     tokens = job.batch_size // W * job.seq_len
-    acts = activation_bytes(a, tokens, job.seq_len, elem, job.mtp_loss_weight > 0, gpu)
+    acts = activation_bytes(a, tokens, job.seq_len, elem, job.mtp_loss_weight > 0 or job.mode == "mtp", gpu)
     budget = HEADROOM * res.gpu * res.gpu_memory_gb * GIB if gpu and res.gpu_memory_gb else None
     plan = MemoryPlan("GPU" if gpu else "CPU", frozen, trainable, optimizer, acts, tokens, budget, None)
     if budget is not None and plan.total > budget:

@@ -72,14 +72,27 @@ class EsftConfig(Closed):
         return self
 
 
+class MtpDistillConfig(Closed):
+    prompt_tokens: int = Field(32, ge=1, description="Mode mtp: tokens of each training row kept as the prompt; "
+                               "the base model continues it greedily to seq_len, and the MTP module learns the "
+                               "base's greedy next token on the whole row (self-distillation). Must be below "
+                               "seq_len.")
+
+
 class TrainJobConfig(Closed):
     base_model: str | None = Field(None, description="Checkpoint to fine-tune: any location model.path accepts "
                                    "(directory, Hugging Face repo id, s3:// / gs://); each worker fetches only the "
                                    "dense shards and those of its experts. None = the embedded tiny model.")
     dataset: DatasetConfig = Field(description="Training data.")
-    mode: Literal["esft", "full"] = Field("esft", description="`esft`: train only the routed experts relevant to the "
-                                          "data (everything else frozen); `full`: train all weights.")
+    mode: Literal["esft", "full", "mtp"] = Field("esft", description="`esft`: train only the routed experts "
+                                                 "relevant to the data (everything else frozen; with "
+                                                 "mtp_loss_weight > 0 also the MTP module); `full`: train all "
+                                                 "weights; `mtp`: train only the MTP module (the speculative "
+                                                 "draft head) on the base's own greedy outputs, main model frozen; "
+                                                 "its patch replaces the served MTP module in place.")
     esft: EsftConfig = Field(default_factory=EsftConfig, description="Expert selection (mode esft only).")
+    mtp: MtpDistillConfig = Field(default_factory=MtpDistillConfig, description="Self-distillation of the MTP "
+                                  "module (mode mtp only).")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
     steps: int = Field(500, ge=1, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, description="Global batch size in sequences; must divide by workers (so "
@@ -100,7 +113,10 @@ class TrainJobConfig(Closed):
     worker_resources: ActorResources = Field(default_factory=ActorResources, description="Resources per train worker.")
     zero_stage: Literal[0, 1, 2] = Field(1, description="DeepSpeed ZeRO stage for the non-expert (data-parallel) "
                                          "parameters.")
-    mtp_loss_weight: float = Field(0.0, ge=0, description="Weight of the multi-token-prediction loss; 0 = off.")
+    mtp_loss_weight: float = Field(0.0, ge=0, description="Weight of the multi-token-prediction loss; 0 = off. "
+                                   "When > 0 the MTP module trains too: in mode full with everything, in mode esft "
+                                   "its non-expert tensors (router excepted) plus the ESFT-selected experts of its "
+                                   "MoE layer, all saved in the patch. Mode mtp ignores it (its loss is MTP only).")
     balance_loss_alpha: float = Field(0.0001, ge=0, description="Sequence-wise auxiliary balance loss weight (alpha).")
     router_bias_rate: float = Field(0.0, ge=0, description="Aux-loss-free router bias update speed (gamma). "
                                     "0 = routing frozen, as in ESFT.")
@@ -113,7 +129,8 @@ class TrainJobConfig(Closed):
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts from the last checkpoint before the job "
                               "fails (Ray Train FailureConfig.max_failures; -1 = unlimited).")
     publish_to: str | None = Field(None, description="Serving app (serving.app_name) to hot-swap the result into at "
-                                   "the end, served as `MODEL:DOMAIN`. None = only write output_dir.")
+                                   "the end: an ESFT patch is served as `MODEL:DOMAIN`, an MTP patch replaces the "
+                                   "app's MTP module in place. None = only write output_dir.")
     domain: str | None = Field(None, description="Variant name; the result is served as `<model.name>:<domain>`. "
                                "None = the job name.")
 
@@ -144,6 +161,10 @@ class TrainJobConfig(Closed):
         if self.warmup_steps > self.steps:
             raise rule_error("warmup_steps", f"({self.warmup_steps}) exceeds steps ({self.steps})",
                         f"set warmup_steps to at most {self.steps}")
+        if self.mode == "mtp" and self.mtp.prompt_tokens >= self.seq_len:
+            raise rule_error("mtp.prompt_tokens", f"({self.mtp.prompt_tokens}) leaves no room for the base's "
+                             f"continuation in seq_len ({self.seq_len})",
+                             f"set mtp.prompt_tokens below {self.seq_len}, such as {max(1, self.seq_len // 4)}")
         if self.batch_size % self.workers:
             raise rule_error("batch_size",
                              f"{self.batch_size} sequences do not split evenly over {self.workers} workers",

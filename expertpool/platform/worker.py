@@ -290,9 +290,22 @@ class ModelRunner:
 
     def load_patch(self, patch_dir: str, base_model_dir: str | None = None) -> int:
         """Add an ESFT expert patch as a served variant; only the experts this model holds are kept.
+        An MTP patch (kind ``mtp``) instead overwrites the MTP module in place (its experts this model
+        holds, and its other tensors) and returns 0, the base: the drafts use it from the next step.
         With base_model_dir, the patch must have been trained from that checkpoint."""
         from expertpool.model.patch import read_patch
-        patch = read_patch(patch_dir, base_model_dir=base_model_dir)
+        return self.use_patch(read_patch(patch_dir, base_model_dir=base_model_dir), patch_dir)
+
+    def use_patch(self, patch, patch_dir: str = "") -> int:
+        """``load_patch`` of a patch already read (``model.patch.Patch``)."""
+        from expertpool.model.patch import PatchError, apply_patch
+        if patch.kind == "mtp":
+            if not len(self.model.model.mtp):
+                raise PatchError(f"{patch_dir}: an MTP patch, but this model has no MTP module loaded (serving."
+                                 "speculative is off); turn speculative decoding on to use it")
+            apply_patch(self.model, patch)
+            self.model.prepare_for_inference()  # re-pack the rewritten linears (a stale packing is never used)
+            return 0
         return self.model.add_variant(patch.experts)
 
     def expert_load(self) -> list[int]:
@@ -488,8 +501,9 @@ class ExpertWorker:
         from expertpool.model.patch import read_patch
 
         patch = read_patch(patch_dir, base_model_dir=self.model_dir)  # this actor's copy of the base
-        self._patches.append(patch)
-        return self.model.add_variant(patch.experts)
+        idx = self.runner.use_patch(patch, patch_dir)
+        self._patches.append(patch)  # re-applied to the experts of a new placement
+        return idx
 
     # ---- elastic expert parallelism: a new placement is loaded beside the old one, then swapped in
     @ray.method(concurrency_group=PREPARE)
@@ -505,7 +519,7 @@ class ExpertWorker:
         fresh = load_experts(self.model_dir, self.model, experts, weight_dtype=self.spec.weight_dtype,
                              device=self.device)
         main_layers = self.model.args.num_hidden_layers
-        for patch in self._patches:
+        for patch in (p for p in self._patches if p.kind != "mtp"):  # MTP patches: re-applied at the switch
             for name, mod in fresh.items():
                 layer = int(name.split(".")[2])  # model.layers.N.mlp.experts / model.mtp.K...: MTP has none
                 if name.startswith("model.layers.") and layer < main_layers:
@@ -527,6 +541,8 @@ class ExpertWorker:
             self._prepared = None
             if self.runner is not None:
                 self.runner.graphs = None  # captured over the old expert tensors
+                for patch in (p for p in self._patches if p.kind == "mtp"):  # the MTP module's new experts
+                    self.runner.use_patch(patch)
         self.rank, self.world, self.replicas = rank, world, replicas
         return {"rank": rank, "experts": self.experts}
 

@@ -64,7 +64,7 @@ def test_publish_needs_esft(tmp_path, tiny_dir):
     path.write_text(f"model: {{path: {tiny_dir}}}\ntrain:\n  jobs:\n    j:\n      base_model: {tiny_dir}\n"
                     f"      dataset: {{path: {tmp_path / 'd.jsonl'}}}\n      mode: full\n      workers: 2\n"
                     "      batch_size: 2\n      seq_len: 64\n      publish_to: expertpool\n")
-    with pytest.raises(finetune.JobError, match="only ESFT patches can be hot-swapped"):
+    with pytest.raises(finetune.JobError, match="only ESFT and MTP patches can be hot-swapped"):
         finetune.prepare(str(path), "j")
     assert finetune.prepare(str(path), "j", publish=False).publish_to is None
 
