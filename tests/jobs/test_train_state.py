@@ -167,7 +167,7 @@ def _same(a: dict, b: dict) -> bool:
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_dense_state_round_trip_continues_bit_identically(stage):
     if not dist.is_initialized():
-        _init_single_process_group()
+        _init_single_process_group(torch.device("cpu"))
     assert dist.get_world_size() == 1
     engine, named = _dense_engine(stage)
     _dense_steps(engine, range(3))
