@@ -357,9 +357,11 @@ def warmup_steps(spec: WorkerSpec, world: int, on_gpu: bool) -> list[list[StepIt
     bs, scratch = spec.block_size, list(range(spec.num_blocks, spec.num_blocks + spec.scratch_blocks))
     per_worker = -(-spec.max_batch_size // world)
     buckets = decode_buckets(per_worker) if on_gpu else [1]
-    chunk = min(spec.max_num_batched_tokens, spec.scratch_blocks * bs, spec.max_seq_len - 1 if on_gpu else 16)
-    steps = [[StepItem(f"warmup-d{b}-{i}", [1], 0, scratch[:1], True, greedy) for i in range(b)] for b in buckets]
-    steps.append([StepItem("warmup-p", [1] * chunk, 0, scratch[:-(-chunk // bs)], True, greedy)])
+    # the sampled token and the speculative drafts chained after a chunk stay inside the scratch blocks too
+    room = spec.scratch_blocks * bs - 1 - spec.spec_tokens
+    chunk = max(1, min(spec.max_num_batched_tokens, room, spec.max_seq_len - 1 if on_gpu else 16))
+    steps = [[StepItem(f"warmup-d{b}-{i}", [1], 0, scratch, True, greedy) for i in range(b)] for b in buckets]
+    steps.append([StepItem("warmup-p", [1] * chunk, 0, scratch, True, greedy)])
     return steps
 
 

@@ -150,3 +150,22 @@ def test_static_decode_buffers_and_warmup_leave_results_and_live_caches_alone():
         runner.step(items)
         runner.release([it.seq_id for it in items])
     assert torch.equal(runner.cache.kv_LPC[:, :64 * 4], live)
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_warmup_steps_fit_the_scratch_blocks_with_speculative_drafts(on_gpu):
+    """The warm-up's chunk leaves room in the scratch blocks for its sampled token and the drafts
+    chained after it (2 MTP drafts per step here; the chunk was 16 tokens in 16 slots before)."""
+    from expertpool.platform.worker import ModelRunner, WorkerSpec, warmup_steps
+
+    m = random_model("tiny")
+    assert len(m.model.mtp)
+    runner = ModelRunner(m, num_blocks=8, block_size=8, spec_tokens=2, scratch_blocks=2)
+    spec = WorkerSpec("unused", "float32", None, 8, 8, scratch_blocks=2, max_seq_len=64, max_num_batched_tokens=128,
+                      max_batch_size=2, spec_tokens=2)
+    live = runner.cache.kv_LPC[:, :8 * 8].clone()
+    for items in warmup_steps(spec, world=1, on_gpu=on_gpu):
+        assert all(it.start_pos + len(it.tokens) + spec.spec_tokens <= len(it.block_table) * 8 for it in items)
+        runner.step(items)
+        runner.release([it.seq_id for it in items])
+    assert torch.equal(runner.cache.kv_LPC[:, :8 * 8], live)
