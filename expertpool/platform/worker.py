@@ -437,8 +437,8 @@ class ExpertWorker:
         free = torch.cuda.mem_get_info(self.device)[0] if use_cuda else None
         if spec.num_blocks is not None:
             self.allocate_cache(spec.num_blocks)
-        log.info("worker %d/%d loaded experts %d..%d on %s (%s) in %.1fs", self.rank, self.world, self.experts[0],
-                 self.experts[-1], self.device, choice.dtype, time.time() - t0)
+        log.info("worker %d/%d loaded experts %s on %s (%s) in %.1fs", self.rank, self.world, _span(self.experts),
+                 self.device, choice.dtype, time.time() - t0)
         return {"rank": self.rank, "pid": os.getpid(), "node": ray.util.get_node_ip_address(),
                 "device": self.device, "experts": self.experts, "dtype": choice.dtype, "dtype_reason": choice.reason,
                 "free_bytes": free}
@@ -531,10 +531,12 @@ class ExpertWorker:
         log.info("worker %d: prepared experts %s (%d per layer) in %.1fs", self.rank, _span(experts), len(experts), dt)
         return dt
 
-    def commit_placement(self, rank: int, world: int, replicas: list[list[int]]) -> dict[str, Any]:
+    def commit_placement(self, rank: int, world: int, replicas: list[list[int]], regroup: bool = True
+                         ) -> dict[str, Any]:
         """At a step boundary (nothing in flight): take rank ``rank`` of ``world``, swap in the prepared
-        experts if any, and remember the copies table for the next ``join``. The KV cache stays: the
-        sequences on this actor keep it."""
+        experts if any, and take the copies table: at the next ``join`` (``regroup``), or at once when
+        the group stays as it is (same ranks: an EPLB rebalance). The KV cache stays: the sequences on
+        this actor keep it."""
         if self._prepared is not None:
             self.experts, fresh = self._prepared
             for name, mod in fresh.items():
@@ -546,6 +548,9 @@ class ExpertWorker:
                 for patch in (p for p in self._patches if p.kind == "mtp"):  # the MTP module's new experts
                     self.runner.use_patch(patch)
         self.rank, self.world, self.replicas = rank, world, replicas
+        if not regroup and world > 1:
+            from expertpool.model.dispatch import AllToAllDispatcher
+            self.model.set_dispatcher(AllToAllDispatcher(self.n_experts, replicas=replicas))
         return {"rank": rank, "experts": self.experts}
 
     @ray.method(concurrency_group=CONTROL)
@@ -843,10 +848,16 @@ class RayExecutor:
             ray.kill(s.actor, no_restart=True)
         used = {id(s.options) for s in new_slots}
         self.spare_options = [o for o in self.spare_options if id(o) not in used] + [s.options for s in gone]
+        same_group = len(new_slots) == len(self.slots) and all(a is b for a, b in zip(new_slots, self.slots))
         self.slots, self.placement, self.world = new_slots, placement, placement.world
         for r, s in enumerate(self.slots):
             s.info["experts"] = list(placement.slots[r])
             s.info["rank"] = r
+        if same_group:  # a rebalance: the process group stays, only the experts and the copies table change
+            replicas = self._replicas()
+            await asyncio.gather(*[_await(s.actor.commit_placement.remote(r, self.world, replicas, False))
+                                   for r, s in enumerate(self.slots)])
+            return
         await self._form_group()
         if any("decode" not in s.info for s in self.slots):  # new actors: compile (GPU), check the group
             await asyncio.to_thread(self.warmup)
