@@ -100,7 +100,7 @@ def run(a) -> dict:
     torch.set_num_threads(a.threads)
     dtype = a.dtype
     if dtype == "auto":
-        from expertpool.platform.dtype import resolve_dtype
+        from expertpool.model.dtype import resolve_dtype
         dtype = resolve_dtype("auto", "cpu").dtype
     model, core = build(a.model, dtype, a.weight_dtype, a.batch, a.steps * 2 + 8)
     runner = core.executor.runner
