@@ -167,9 +167,9 @@ def build_app(args: dict[str, Any]) -> Application:
 
 
 def deploy(cfg: ClusterConfig, *, address: str | None = None, timeout_s: float = 600.0) -> str:
-    """Check ``cfg`` against the model, start or join Ray, start Serve and deploy the application from
-    its Serve config (declaratively; other declared applications stay) and wait until it runs.
-    Returns the base URL. Raises ConfigError before anything starts."""
+    """Check ``cfg`` against the model, start a local Ray (or join the one at ``address``), start Serve,
+    deploy the application from its Serve config (declaratively; other declared applications stay)
+    and wait until it runs. Returns the base URL. Raises ConfigError before anything starts."""
     import ray
 
     from expertpool.model.args import ModelArgs
@@ -182,7 +182,9 @@ def deploy(cfg: ClusterConfig, *, address: str | None = None, timeout_s: float =
         from expertpool.platform.proxy import set_proxy_env
 
         set_proxy_env()  # applies when this call starts the Ray instance (see platform/proxy.py)
-        ray.init(address=address, include_dashboard=False)
+        # no address: a Ray of its own, as documented; Ray's own default would join whatever cluster
+        # /tmp/ray/ray_current_cluster names, and wait forever on one that has died
+        ray.init(address=address or "local", include_dashboard=False)
     s = cfg.serving
     t0 = time.time()
     apply_app(cfg.serve_app_config(), http_options={"host": s.host, "port": s.port})
