@@ -13,7 +13,10 @@ balancedness (mean / max actor load) of each run's measured load under the place
 the rebalance: time to prepare the new placement while serving, and the stall (steps paused for
 the switch) against the mean decode step.
 
-    python bench/eplb.py [--actors 2] [--redundant 16] [--streams 16] [--tokens 64] [--no-append]
+Balancedness is reported twice: under the load model EPLB plans with (tokens plus each expert's
+weight reads, ``pool.eplb.expert_cost``) and in plain tokens (DeepSeek's measure).
+
+    python bench/eplb.py [--actors 2] [--redundant 16] [--streams 16] [--tokens 64] [--expert-cost X] [--no-append]
 """
 
 import argparse
@@ -71,10 +74,12 @@ async def run(engine, prompts: list[list[int]], tokens: int, tag: str) -> dict:
     n = engine.elastic.n_experts
     load = [b - a for a, b in zip(before[:n], after[:n])]
     steps = engine.steps - steps0
+    placement = engine.core.executor.placement
     return {"outs": outs, "tok_s": sum(map(len, outs)) / (t1 - t0),
             "decode_tok_s": len(prompts) * (tokens - 1) / max(1e-9, t1 - decode_start) if tokens > 1 else 0.0,
-            "step_ms": 1000 * (engine.step_seconds - busy0) / max(1, steps), "load": load,
-            "balancedness": engine.core.executor.placement.balancedness(load)}
+            "step_ms": 1000 * (engine.step_seconds - busy0) / max(1, steps), "load": load, "steps": steps,
+            "balancedness": placement.balancedness(load, engine.load_model(steps)),
+            "token_balancedness": placement.balancedness(load)}
 
 
 def main():
@@ -86,6 +91,8 @@ def main():
     ap.add_argument("--hot", type=int, default=8, help="experts made hot, from expert 8 on (default %(default)s)")
     ap.add_argument("--hot-bias", type=float, default=0.3, help="selection bias added to them (default "
                     "%(default)s; 0 = the random router as initialised)")
+    ap.add_argument("--expert-cost", type=float, default=None, help="pool.eplb.expert_cost: rows one expert weight "
+                    "read costs as much as (default: measured at start; 0 = balance token counts, DeepSeek's EPLB)")
     ap.add_argument("--dtype", default="auto", help="compute dtype (default auto: bf16 where the CPU has it)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
     a = ap.parse_args()
@@ -105,7 +112,7 @@ def main():
     cfg = parse_config({
         "model": {"path": model_dir, "dtype": a.dtype},
         "pool": {"actors_per_replica": a.actors, "redundant_experts": a.redundant,
-                 "actor_resources": {"cpu": 1}},
+                 "actor_resources": {"cpu": 1}, "eplb": {"expert_cost": a.expert_cost}},
         "serving": {"max_seq_len": 256, "max_batch_size": max(16, a.streams), "max_num_batched_tokens": 256,
                     "kv_cache": {"block_size": 16, "num_blocks": 512}}})
     ray.init(address="local", include_dashboard=False, logging_level="WARNING")
@@ -117,10 +124,15 @@ def main():
             await run(engine, prompts[:2], 4, "warm")
             off = await run(engine, prompts, a.tokens, "off")
             print(f"EPLB off: {off['decode_tok_s']:.0f} decode tok/s, step {off['step_ms']:.1f} ms, balancedness "
-                  f"{off['balancedness']:.3f}", flush=True)
+                  f"{off['balancedness']:.3f}; expert cost {engine.load_model(1).expert_cost:.1f} rows", flush=True)
             t0 = time.monotonic()
-            stall = await engine.rebalance(off["load"])
+            stall = await engine.rebalance(off["load"], off["steps"])
             prepare = time.monotonic() - t0
+            placement = engine.core.executor.placement
+            top = sorted(range(len(off["load"])), key=lambda e: -off["load"][e])[:a.hot]
+            print(f"placement: the {a.hot} most loaded experts {sorted(top)} have "
+                  f"{[len(placement.replicas()[e]) for e in sorted(top)]} copies; per rank "
+                  f"{[sum(e in top for e in s) for s in placement.slots]} of them", flush=True)
             on = await run(engine, prompts, a.tokens, "on")
             print(f"EPLB on:  {on['decode_tok_s']:.0f} decode tok/s, step {on['step_ms']:.1f} ms, balancedness "
                   f"{on['balancedness']:.3f}; rebalance {prepare:.2f}s, stall {stall}", flush=True)
@@ -131,11 +143,12 @@ def main():
     off, on, prepare, stall = asyncio.run(scenario())
     ray.shutdown()
     same = off["outs"] == on["outs"]
-    lines = ["| EPLB | decode tok/s | tok/s (whole run) | mean step (ms) | balancedness (mean/max actor load) |",
-             "|---|---:|---:|---:|---:|"]
+    cost = engine.load_model(1).expert_cost
+    lines = ["| EPLB | decode tok/s | tok/s (whole run) | mean step (ms) | balancedness, load model | "
+             "balancedness, tokens |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in (("off (default placement)", off), ("on (after one rebalance)", on)):
         lines.append(f"| {name} | {r['decode_tok_s']:.0f} | {r['tok_s']:.0f} | {r['step_ms']:.1f} | "
-                     f"{r['balancedness']:.3f} |")
+                     f"{r['balancedness']:.3f} | {r['token_balancedness']:.3f} |")
     if stall is None:
         summary = (f"No rebalance: the planned placement did not raise balancedness by min_gain, so the two runs "
                    f"used the same placement and their difference ({on['decode_tok_s'] / off['decode_tok_s']:.2f}x) "
@@ -145,6 +158,8 @@ def main():
                    f"rebalance: {prepare:.2f} s from plan to switch, stall {1000 * stall:.0f} ms = "
                    f"{stall * 1000 / off['step_ms']:.1f} mean decode steps (goal: under one)")
     summary += f"; greedy outputs {'identical' if same else 'DIFFERENT'} before and after."
+    summary += (f" Load model: an expert's weight read = {cost:.1f} rows ("
+                f"{'pool.eplb.expert_cost' if a.expert_cost is not None else 'measured by actor 0 at start'}).")
     table = "\n".join(lines)
     print("\n" + table + "\n\n" + summary)
     if not a.no_append:

@@ -166,6 +166,11 @@ class EplbConfig(Closed):
     rebalance_every_steps: int = Field(3000, ge=1, description="Engine steps between rebalance plans.")
     min_gain: float = Field(0.05, ge=0, description="Apply a new placement only when it raises balancedness "
                             "(mean / max actor load over the window) by at least this much.")
+    expert_cost: float | None = Field(None, ge=0, description="The rows one weight read of an expert costs as much "
+                                      "as, in the load model EPLB balances: 0 counts tokens only (DeepSeek's EPLB, "
+                                      "right when experts are compute-bound); unset: measured by the first actor at "
+                                      "start-up (small-batch decode is bound by weight reads, so extra copies of a "
+                                      "hot expert can cost more than they save).")
 
 
 class WidthAutoscalingConfig(Closed):

@@ -30,6 +30,7 @@ from typing import Protocol, runtime_checkable
 from ray.exceptions import RayError
 
 from expertpool.model.sampling import SamplingParams
+from expertpool.platform.placement import LoadModel
 from expertpool.platform.scheduler import EngineCore, EngineUnavailable, TokenEvent
 from expertpool.platform.worker import LocalExecutor, ModelRunner, StepFailed
 
@@ -77,6 +78,8 @@ class ElasticPolicy:
     window_steps: int = 1000
     rebalance_every_steps: int = 3000
     min_gain: float = 0.05
+    expert_cost: float | None = None  # pool.eplb.expert_cost; None: the executor's measured one
+    moe_layers: int = 1               # MoE layers run per engine step (EPLB's load model)
     autoscale: bool = False           # pool.autoscale_width, thresholds from pool.width_autoscaling
     interval_s: float = 10.0
     step_time_high_s: float = 0.5
@@ -500,18 +503,31 @@ class AsyncEngine:
         n = self.elastic.n_experts
         return [b - a for a, b in zip(first[:n], last[:n])]
 
-    async def rebalance(self, load: list[int] | None = None) -> float | None:
-        """EPLB: plan a placement for ``load`` (default: the measured window) and apply it when it
-        raises the actor balancedness by ``min_gain``. Returns the stall, or None when kept."""
+    def window_steps(self) -> int:
+        """Engine steps the window's load was counted over."""
+        return self._load_snapshots[-1][0] - self._load_snapshots[0][0] if len(self._load_snapshots) > 1 else 0
+
+    def load_model(self, steps: int) -> LoadModel:
+        """EPLB's load model for a load counted over ``steps`` engine steps (``placement.LoadModel``)."""
+        el = self.elastic
+        cost = el.expert_cost if el.expert_cost is not None else getattr(self.core.executor, "expert_cost", 0.0)
+        return LoadModel(passes=steps * el.moe_layers, expert_cost=cost)
+
+    async def rebalance(self, load: list[int] | None = None, steps: int | None = None) -> float | None:
+        """EPLB: plan a placement for ``load`` (default: the measured window), counted over ``steps``
+        engine steps (default: the window's), and apply it when it raises the actor balancedness by
+        ``min_gain``. Returns the stall, or None when kept."""
         from expertpool.platform.placement import rebalance
 
-        load = load if load is not None else self.window_load()
+        if load is None:
+            load, steps = self.window_load(), self.window_steps()
         executor, el = self.core.executor, self.elastic
         if not load or not sum(load) or executor.placement is None:
             return None
-        now = executor.placement.balancedness(load)
-        plan = rebalance(load, executor.world, executor.placement.redundant)
-        gain = plan.balancedness(load) - now
+        model = self.load_model(steps if steps is not None else 0)
+        now = executor.placement.balancedness(load, model)
+        plan = rebalance(load, executor.world, executor.placement.redundant, model)
+        gain = plan.balancedness(load, model) - now
         self._last_rebalance_step = self.steps
         if gain < el.min_gain:
             log.info("EPLB: keeping the placement (balancedness %.3f, a new one would give %.3f)", now, now + gain)
@@ -531,7 +547,7 @@ class AsyncEngine:
             self._load_snapshots.popleft()
         load, placement = self.window_load(), getattr(self.core.executor, "placement", None)
         if load and sum(load) and placement is not None:
-            self.actor_balancedness = placement.balancedness(load)
+            self.actor_balancedness = placement.balancedness(load, self.load_model(self.window_steps()))
         if (el.eplb and self.steps - self._last_rebalance_step >= el.rebalance_every_steps
                 and (self._elastic_task is None or self._elastic_task.done())):
             self._last_rebalance_step = self.steps
@@ -710,7 +726,9 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     policy = RecoveryPolicy(rec.enabled, rec.timeout_s, rec.liveness_check_s, rec.max_attempts)
     elastic = ElasticPolicy(args.n_routed_experts, pool.redundant_experts, pool.min_width, pool.max_width,
                             pool.eplb.enabled, pool.eplb.window_steps, pool.eplb.rebalance_every_steps,
-                            pool.eplb.min_gain, pool.autoscale_width, **pool.width_autoscaling.model_dump())
+                            pool.eplb.min_gain, pool.eplb.expert_cost,
+                            len(args.moe_layers) + (args.num_nextn_predict_layers if spec_tokens else 0),
+                            pool.autoscale_width, **pool.width_autoscaling.model_dump())
     # a remote base's router weights are not on the replica: its actors check a patch's base instead
     return AsyncEngine(core, cfg.model.name, s.max_seq_len, None if storage.is_remote(model_dir) else model_dir,
                        async_scheduling=s.async_scheduling, recovery=policy, elastic=elastic)

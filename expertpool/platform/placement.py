@@ -22,12 +22,24 @@ most loaded rank's load, which sets the step time. DeepSeek's "hierarchical" pol
 expert groups onto nodes to keep traffic inside a node; a replica's group is placed PACK on one node
 by default, so only the global policy is implemented.
 
+What a rank's "load" is (``LoadModel``): DeepSeek balances token counts, right where experts are
+compute-bound (large prefill/decode batches: each row costs the same). In small-batch decode an
+expert's cost is mostly reading its weights once per step it runs, whatever its row count (a CPU,
+or a GPU below a few hundred rows per expert). A copy of an expert with token rate λ per pass (a
+pass: one MoE layer of one engine step) then costs ``expert_cost * (1 - exp(-λ))`` token-equivalents
+per pass for the weight read (the chance it gets any token, taking arrivals as Poisson) plus λ for
+its rows. Under that model a second copy of a hot expert doubles its weight reads and gains little,
+so the copies go where they lower the bound ``max(heaviest copy, total / W)`` on the most loaded
+rank: to a heavy expert when splitting it helps, else to the coldest (nearly free). With
+``expert_cost = 0`` this is DeepSeek's token balancing exactly.
+
 Pure Python, no torch: the engine plans here and the workers apply the result.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from dataclasses import dataclass
 
 
@@ -46,6 +58,26 @@ def usable_redundant(n_experts: int, redundant: int, world: int) -> int:
     """The redundant slots a group of ``world`` ranks can use: at most E x (W - 1), since a rank holds
     one copy of an expert at most (a single rank: none)."""
     return min(redundant, n_experts * (world - 1))
+
+
+@dataclass(frozen=True)
+class LoadModel:
+    """How a rank's load is counted from tokens per logical expert over a window (module docstring).
+
+    ``passes``: the times each expert could have run over the window (engine steps x MoE layers);
+    ``expert_cost``: the rows one weight read of an expert costs as much as (0: count tokens only)."""
+    passes: float = 0.0
+    expert_cost: float = 0.0
+
+    def copy_cost(self, tokens: float, copies: int) -> float:
+        """The window cost of one of ``copies`` copies of an expert that got ``tokens`` over the window."""
+        share = tokens / copies
+        if self.expert_cost <= 0 or self.passes <= 0:
+            return share
+        return share + self.passes * self.expert_cost * -math.expm1(-share / self.passes)
+
+
+TOKENS = LoadModel()
 
 
 @dataclass(frozen=True)
@@ -87,14 +119,15 @@ class Placement:
                 out[e].append(r)
         return out
 
-    def rank_loads(self, load: list[float]) -> list[float]:
-        """Each rank's share of ``load`` (per logical expert): a copy carries load / copies."""
+    def rank_loads(self, load: list[float], model: LoadModel = TOKENS) -> list[float]:
+        """Each rank's load from ``load`` (tokens per logical expert): a copy carries tokens / copies,
+        plus its weight reads under ``model``."""
         reps = self.replicas()
-        return [sum(load[e] / len(reps[e]) for e in slots) for slots in self.slots]
+        return [sum(model.copy_cost(load[e], len(reps[e])) for e in slots) for slots in self.slots]
 
-    def balancedness(self, load: list[float]) -> float:
+    def balancedness(self, load: list[float], model: LoadModel = TOKENS) -> float:
         """Mean rank load / max rank load (1.0 = even); 1.0 when there is no load."""
-        loads = self.rank_loads(load)
+        loads = self.rank_loads(load, model)
         top = max(loads)
         return sum(loads) / len(loads) / top if top > 0 else 1.0
 
@@ -130,24 +163,16 @@ class Placement:
         return cls(n_experts, tuple(tuple(s) for s in slots))
 
 
-def rebalance(load: list[float], world: int, redundant: int = 0) -> Placement:
-    """A placement for ``load`` (tokens per logical expert) that keeps the most loaded rank low."""
+def rebalance(load: list[float], world: int, redundant: int = 0, model: LoadModel = TOKENS) -> Placement:
+    """A placement for ``load`` (tokens per logical expert) that keeps the most loaded rank low under
+    ``model`` (tokens only by default)."""
     E = len(load)
     sizes = slots_per_rank(E, redundant, world)
     if redundant > E * (world - 1):
         raise PlacementError(f"{redundant} redundant slots need more than one copy of an expert per rank")
-    copies = [1] * E
-    heap = [(-float(load[e]), e) for e in range(E)]  # by load per copy, heaviest first
-    heapq.heapify(heap)
-    for _ in range(redundant):
-        while True:
-            _, e = heapq.heappop(heap)
-            if copies[e] < world:
-                break
-        copies[e] += 1
-        heapq.heappush(heap, (-float(load[e]) / copies[e], e))
-    items = sorted(((float(load[e]) / copies[e], e) for e in range(E) for _ in range(copies[e])),
-                   key=lambda x: (-x[0], x[1]))
+    copies = _copies(load, world, redundant, model)
+    cost = [model.copy_cost(float(load[e]), copies[e]) for e in range(E)]
+    items = sorted(((cost[e], e) for e in range(E) for _ in range(copies[e])), key=lambda x: (-x[0], x[1]))
     held: list[set[int]] = [set() for _ in range(world)]
     rank_load = [0.0] * world
     for w, e in items:
@@ -156,13 +181,52 @@ def rebalance(load: list[float], world: int, redundant: int = 0) -> Placement:
             r1 = next(r for r in range(world) if len(held[r]) < sizes[r])
             r2 = next(r for r in range(world) if e not in held[r])
             x = next(x for x in sorted(held[r2]) if x not in held[r1])
-            wx = float(load[x]) / copies[x]
             held[r2].remove(x)
             held[r1].add(x)
-            rank_load[r2] -= wx
-            rank_load[r1] += wx
+            rank_load[r2] -= cost[x]
+            rank_load[r1] += cost[x]
             free = [r2]
         r = min(free, key=lambda r: (rank_load[r], r))
         held[r].add(e)
         rank_load[r] += w
     return Placement(E, tuple(tuple(h) for h in held))
+
+
+def _copies(load: list[float], world: int, redundant: int, model: LoadModel) -> list[int]:
+    """Copies per logical expert (one each, plus ``redundant`` more, at most ``world`` each). Each
+    extra copy goes where it lowers ``max(heaviest copy, total cost / world)`` most: to the expert
+    whose copies are heaviest, or, when splitting it would add more weight reads than it saves, to
+    the one whose extra copy costs least. Token counting (no weight cost) always splits the heaviest."""
+    E = len(load)
+    copies = [1] * E
+    cost = [model.copy_cost(float(load[e]), 1) for e in range(E)]
+    total = sum(cost)
+    heap = [(-cost[e], e) for e in range(E)]  # heaviest copy first
+    heapq.heapify(heap)
+    for _ in range(redundant):
+        while heap and (copies[heap[0][1]] >= world or -heap[0][0] != cost[heap[0][1]]):
+            heapq.heappop(heap)  # full, or a stale entry
+        h = heap[0][1]
+
+        def grown(e):
+            c = model.copy_cost(float(load[e]), copies[e] + 1)
+            return c, (copies[e] + 1) * c - copies[e] * cost[e]
+
+        ch, dh = grown(h)
+        split = (ch, dh)
+        if model.expert_cost > 0:
+            cheap = min((e for e in range(E) if copies[e] < world and e != h), key=lambda e: (grown(e)[1], e),
+                        default=None)
+            if cheap is not None:
+                heaviest_rest = max([ch] + [cost[e] for e in range(E) if e != h])
+                bound_split = max(heaviest_rest, (total + dh) / world)
+                cc, dc = grown(cheap)
+                bound_cheap = max(cost[h], (total + dc) / world)
+                if bound_cheap < bound_split:
+                    h, split = cheap, (cc, dc)
+        copies[h] += 1
+        cost[h] = split[0]
+        total += split[1]
+        heapq.heappush(heap, (-cost[h], h))
+    return copies
+

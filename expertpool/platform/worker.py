@@ -312,6 +312,34 @@ class ModelRunner:
         loads = [m.expert_load for m in self.model.moe_layers()]
         return torch.stack(loads).sum(0).tolist() if loads else []
 
+    @torch.inference_mode()
+    def expert_cost(self, rows: int = 64, repeats: int = 5) -> float:
+        """The rows one weight read of a routed expert costs as much as, on this device and in the
+        resident format (EPLB's load model, ``placement.LoadModel``): one expert of the first MoE
+        layer timed at 1 and at ``rows`` rows (best of ``repeats``), fitted as read + rows x row."""
+        layers = self.model.moe_layers()
+        if not layers:
+            return 0.0
+        experts = layers[0].experts
+        x = torch.randn(rows, self.model.args.hidden_size, dtype=self.model.compute_dtype, device=self.device)
+        ids = torch.zeros(rows, 1, dtype=torch.long, device=self.device)
+        weights = torch.ones(rows, 1, dtype=torch.float32, device=self.device)
+        sync = torch.cuda.synchronize if torch.device(self.device).type == "cuda" else (lambda: None)
+
+        def best(n: int) -> float:
+            times = []
+            for _ in range(repeats + 1):  # the first run is a warm-up
+                sync()
+                t0 = time.perf_counter()
+                experts(x[:n], ids[:n], weights[:n])
+                sync()
+                times.append(time.perf_counter() - t0)
+            return min(times[1:])
+
+        one, many = best(1), best(rows)
+        per_row = max(many - one, 1e-9) / (rows - 1)
+        return max(0.0, one - per_row) / per_row
+
 
 def load_model(model_dir: str, dtype: str, weight_dtype: str | None, experts=None, device="cpu",
                with_mtp: bool = False) -> Transformer:
@@ -499,6 +527,12 @@ class ExpertWorker:
     def expert_load(self) -> list[int]:
         return self.runner.expert_load()
 
+    def expert_cost(self) -> float:
+        """``ModelRunner.expert_cost``, measured once the group is warm; logged."""
+        cost = self.runner.expert_cost()
+        log.info("worker %d: one expert weight read costs as much as %.1f rows (EPLB load model)", self.rank, cost)
+        return cost
+
     def load_patch(self, patch_dir: str) -> int:
         from expertpool.model.patch import read_patch
 
@@ -674,6 +708,7 @@ class RayExecutor:
         self.hooks = hooks
         self.ping_timeout_s = ping_timeout_s
         self.settle_s = spec.collective_timeout_s + 5.0
+        self.expert_cost = 0.0  # measured by rank 0 at start (ExpertWorker.expert_cost)
         self.generation = 0
         self._cls = ray.remote(concurrency_groups={CONTROL: 1, PREPARE: 1})(ExpertWorker)
 
@@ -719,6 +754,7 @@ class RayExecutor:
         self.warmup()
         for slot, how in zip(self.slots, ray.get([s.actor.enable_decode_graphs.remote() for s in self.slots])):
             slot.info["decode"] = how
+        self.expert_cost = ray.get(self.slots[0].actor.expert_cost.remote())
 
     def warmup(self) -> float:
         """Run ``warmup_steps`` on every worker (they only touch scratch blocks, so live sequences'

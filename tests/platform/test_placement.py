@@ -1,10 +1,11 @@
 """Expert placement and EPLB (pure: no model, no Ray)."""
 
+import math
 import random
 
 import pytest
 
-from expertpool.platform.placement import Placement, PlacementError, rebalance, slots_per_rank
+from expertpool.platform.placement import TOKENS, LoadModel, Placement, PlacementError, rebalance, slots_per_rank
 
 
 def test_default_is_todays_contiguous_split():
@@ -99,3 +100,55 @@ def test_width_decision_widens_on_load_and_narrows_when_idle():
     assert width_decision(3, p, mean_step_s=None, kv_usage=0.0, idle_s=61) == 2     # idle: one fewer
     assert width_decision(2, p, mean_step_s=None, kv_usage=0.0, idle_s=600) == 2    # at min
     assert width_decision(3, p, mean_step_s=0.2, kv_usage=0.5, idle_s=10) == 3      # neither
+
+
+def test_load_model_counts_tokens_plus_the_chance_of_a_weight_read():
+    model = LoadModel(passes=100, expert_cost=30)
+    assert TOKENS.copy_cost(60, 2) == 30
+    assert LoadModel(passes=100, expert_cost=0).copy_cost(60, 2) == 30  # no weight cost: tokens only
+    # 0.3 tokens per pass on each copy: a read in 1 - e^-0.3 of the passes, each worth 30 rows
+    assert model.copy_cost(60, 2) == pytest.approx(30 + 100 * 30 * (1 - math.exp(-0.3)))
+    assert model.copy_cost(1e6, 1) == pytest.approx(1e6 + 100 * 30)  # a read every pass, no more
+    assert model.copy_cost(0, 1) == 0
+
+
+def test_weight_bound_rebalance_spreads_hot_experts_instead_of_copying_them():
+    """Small-batch decode: 8 hot experts of 64 at ~8 tokens per pass, the rest at 0.5. Token
+    balancing (DeepSeek's) spends 16 extra slots on second copies of the hot ones, so each rank reads
+    all 8 every step; with a weight-read cost the copies go to cold experts and each rank holds 4."""
+    passes = 1000
+    load = [0.5 * passes] * 64
+    for e in range(8, 16):
+        load[e] = 8.4 * passes
+    model = LoadModel(passes, expert_cost=30)
+    by_tokens, by_cost = rebalance(load, 2, 16), rebalance(load, 2, 16, model)
+    assert [len(by_tokens.replicas()[e]) for e in range(8, 16)] == [2] * 8
+    assert [len(by_cost.replicas()[e]) for e in range(8, 16)] == [1] * 8
+    assert sorted(sum(8 <= e < 16 for e in s) for s in by_cost.slots) == [4, 4]
+    default = Placement.default(64, 2, 16)
+    assert max(by_cost.rank_loads(load, model)) < max(by_tokens.rank_loads(load, model))
+    assert max(by_cost.rank_loads(load, model)) < max(default.rank_loads(load, model))
+    assert by_cost.balancedness(load, model) > 0.99
+
+
+def test_weight_bound_rebalance_still_splits_an_expert_too_heavy_for_one_rank():
+    """One expert carries most of the load, far beyond the weight-read cost: a second copy lowers
+    the peak, so it is made even though it adds a read."""
+    passes = 100
+    load = [passes * 400.0] + [passes * 1.0] * 15
+    model = LoadModel(passes, expert_cost=30)
+    p = rebalance(load, 2, 2, model)
+    assert len(p.replicas()[0]) == 2
+    assert p.balancedness(load, model) > 0.9
+
+
+@pytest.mark.parametrize("cost", [0.0, 5.0, 100.0])
+def test_rebalance_with_a_load_model_is_always_a_valid_placement(cost):
+    for seed in range(20):
+        rng = random.Random(seed)
+        E, W = rng.randint(8, 40), rng.randint(2, 6)
+        R = rng.randint(0, E * (W - 1))
+        load = [rng.random() * 1000 for _ in range(E)]
+        p = rebalance(load, W, R, LoadModel(passes=50, expert_cost=cost))
+        p.check()
+        assert [len(s) for s in sorted(p.slots, key=len)] == sorted(slots_per_rank(E, R, W))
