@@ -62,8 +62,8 @@ def test_all_to_all_equals_local_dispatch_at_inference():
 
 
 def test_replicated_experts_spread_pairs_over_copies_and_equal_local_dispatch():
-    """R = E over 2 ranks: every expert has a copy on both ranks, pairs alternate between them, and the
-    output still equals the local dispatcher's."""
+    """Pairs alternate between an expert's copies; with R = 0, W and E redundant slots at widths 2
+    and 4 every rank's logits equal the single-process model's, and so do its greedy tokens."""
     from unittest import mock
 
     with mock.patch("torch.distributed.get_world_size", return_value=2), \
@@ -71,18 +71,48 @@ def test_replicated_experts_spread_pairs_over_copies_and_equal_local_dispatch():
         d = AllToAllDispatcher(4, replicas=[[0, 1], [1], [0], [0, 1]])
     dest = d.destinations(torch.tensor([0, 0, 1, 2, 3, 3, 4, 5]))  # 4, 5: variant-offset ids of experts 0, 1
     assert dest.tolist() == [0, 1, 1, 0, 0, 1, 0, 1]  # pair p takes copy p mod copies
+    E = random_model("tiny").args.n_routed_experts
+    for world in (2, 4):  # R = 0, W and E at each width, in one process group per width
+        results = _spawn(_rank_matrix, world, E)
+        for redundant in (0, world, E):
+            for r in range(world):
+                got, want = results[(redundant, r)]
+                assert ((got - want).norm() / want.norm()).item() < 1e-5, (world, redundant, r)
+                assert torch.equal(got.argmax(-1), want.argmax(-1)), (world, redundant, r)  # greedy: same tokens
+
+
+def _rank_matrix(rank: int, world: int, port: int, results, n_experts: int) -> None:
+    """Replicated placements at one width: each rank's logits with R = 0, W and E redundant slots
+    (every expert stored on every rank for the test; a rank answers only for its slots)."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        full, mine = random_model("tiny"), random_model("tiny")
+        x = torch.randint(0, full.args.vocab_size, (2, 7 + rank), generator=torch.Generator().manual_seed(rank))
+        with torch.no_grad():
+            want = full(x).float()
+            for redundant in (0, world, n_experts):
+                placement = Placement.default(n_experts, world, redundant)
+                ids = list(placement.slots[rank])
+                for moe in mine.moe_layers():
+                    moe.experts.global_to_local.fill_(-1)
+                    moe.experts.global_to_local[ids] = torch.tensor(ids)
+                mine.set_dispatcher(AllToAllDispatcher(n_experts, replicas=placement.replicas()))
+                results[(redundant, rank)] = (mine(x).float(), want)
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(target, world: int, *args) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Manager().dict()
-    E = random_model("tiny").args.n_routed_experts
-    procs = [ctx.Process(target=_rank, args=(r, 2, port, torch.float32, results, E)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, world, port, results, *args)) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(120)
+        p.join(180)
         assert p.exitcode == 0
-    for r in range(2):
-        got, want = results[r]
-        assert ((got - want).norm() / want.norm()).item() < 1e-5, r
+    return dict(results)
