@@ -2,7 +2,8 @@
 
 One group of the tiny model with every expert twice (R = E) goes through, under 8 concurrent greedy
 streams each time: a ``kill -9`` of one actor (degraded mode: the survivor serves on at once, then
-the group widens back), a resize 2 -> 4 -> 2, and an EPLB rebalance from a skewed workload. Every
+the group widens back), a resize 2 -> 4 -> 2, an EPLB rebalance from a skewed workload, and width
+autoscaling widening the group under load and narrowing it when idle. Every
 stream must finish with exactly the tokens of the single-process reference model, which holds each
 expert once: replicated experts, degraded mode, resizes and rebalances never change an output.
 """
@@ -133,6 +134,32 @@ def test_replicated_group_degrades_resizes_and_rebalances_without_changing_outpu
         assert got == want
         got, _ = await _under_streams(engine, prompts, "w2", lambda: engine.resize(2))
         assert got == want and ex.world == 2
+
+        # 5. width autoscaling end to end: thresholds any load crosses widen the group under the streams
+        # (one actor per interval, up to max 4); idle, it narrows one actor per idle period to min 2
+        el = engine.elastic
+        el.autoscale, el.interval_s, el.step_time_high_s, el.idle_s, el.min_width = True, 0.3, 1e-4, 1.0, 2
+        widths = {ex.world}
+
+        async def watch():
+            while True:
+                widths.add(ex.world)
+                await asyncio.sleep(0.05)
+        watcher = asyncio.create_task(watch())
+        changes, rounds, deadline = engine.width_changes, 0, time.time() + 120
+        while max(widths) <= 2 and time.time() < deadline:  # streams keep coming until a widening lands
+            got = await asyncio.gather(*[_stream(engine, f"auto{rounds}-{i}", p) for i, p in enumerate(prompts)])
+            assert got == want
+            rounds += 1
+        assert max(widths) > 2 and engine.width_changes > changes, (widths, engine.width_changes)
+        deadline = time.time() + 120
+        while ex.world != 2 and time.time() < deadline:
+            await asyncio.sleep(0.2)
+        watcher.cancel()
+        assert ex.world == 2, f"the group did not narrow back when idle (width {ex.world})"
+        el.step_time_high_s = 1e9  # no more widening: the group stays at 2 for the last check
+        got = await asyncio.gather(*[_stream(engine, f"narrow-{i}", p) for i, p in enumerate(prompts)])
+        assert got == want
 
         return stall, old_balance, new_balance, rebalance_stall
 
