@@ -35,6 +35,8 @@ import sys
 import tempfile
 import time
 
+import common
+
 PROMPT, NEW = 32, 64
 LEVELS = (1, 4, 16, 32)
 
@@ -56,25 +58,14 @@ async def drive(base: str, model: str, n: int, prompts, rounds: int = 1) -> dict
     async def one(client, i):
         nonlocal tokens
         body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": NEW, "temperature": 0,
-                "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-        t0 = time.perf_counter()
-        last = None
-        async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
-            assert r.status_code == 200, await r.aread()
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                ch = json.loads(line[6:])
-                if ch.get("usage"):
-                    tokens += ch["usage"]["completion_tokens"]  # counted by the server, not by chunks
-                if not ch.get("choices") or not ch["choices"][0].get("text"):
-                    continue
-                now = time.perf_counter()
-                if last is None:
-                    ttft.append(now - t0)
-                else:
-                    itl.append(now - last)
-                last = now
+                "ignore_eos": True}
+        out = await common.stream(client, base, body)
+        assert out["error"] is None, out["error"]
+        tokens += out["usage"]  # counted by the server, not by chunks
+        times = out["times"]
+        if times:
+            ttft.append(times[0] - out["t0"])
+            itl.extend(b - a for a, b in zip(times, times[1:]))
 
     async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
         await one(client, 0)  # warm-up
@@ -120,8 +111,6 @@ def serve_levels(data: dict, levels, prompts, rounds: int, num_cpus: int) -> tup
     import ray
     from ray import serve
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    import common
     base, app = common.start(data, num_cpus=num_cpus)
     rows = []
     for n in levels:
@@ -135,7 +124,6 @@ def serve_levels(data: dict, levels, prompts, rounds: int, num_cpus: int) -> tup
 
 
 async def _stats(app: str) -> dict:
-    import common
     return await common.stats(app)
 
 
@@ -152,19 +140,11 @@ async def drive_chats(base: str, model: str, system: list[int], chats: int, turn
         for _ in range(turns):
             history += [rng.randint(5, 2000) for _ in range(USER)]
             body = {"model": model, "prompt": system + history, "max_tokens": CHAT_NEW, "temperature": 0,
-                    "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
-            t0, first = time.perf_counter(), None
-            async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
-                assert r.status_code == 200, await r.aread()
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    ch = json.loads(line[6:])
-                    if ch.get("usage"):
-                        tokens += ch["usage"]["completion_tokens"]
-                    if first is None and ch.get("choices") and ch["choices"][0].get("text"):
-                        first = time.perf_counter() - t0
-            ttft.append(first)
+                    "ignore_eos": True}
+            out = await common.stream(client, base, body)
+            assert out["error"] is None and out["times"], out["error"]
+            tokens += out["usage"]
+            ttft.append(out["times"][0] - out["t0"])
             history += [rng.randint(5, 2000) for _ in range(CHAT_NEW)]  # the assistant turn, as fixed tokens
 
     async with httpx.AsyncClient(timeout=1200) as client:
@@ -247,8 +227,6 @@ def run_prefix(a, flags: str) -> None:
         import ray
         from ray import serve
 
-        sys.path.insert(0, os.path.dirname(__file__))
-        import common
         data = bench_data(model_dir, a, max_len)
         data["serving"]["prefix_caching"] = caching
         print(f"prefix caching {'on' if caching else 'off'} ...", flush=True)
@@ -361,8 +339,6 @@ def main():
         return
     import torch
 
-    sys.path.insert(0, os.path.dirname(__file__))
-    import common
     flags = common.cpu_flags_line()
     print(f"CPU: {flags}; load average {os.getloadavg()[0]:.2f}", flush=True)
     if a.speculative or a.prefix:
