@@ -25,10 +25,8 @@ Two more rows, each its own run (``--speculative`` / ``--prefix``; they skip the
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -250,15 +248,13 @@ def run_prefix(a, flags: str) -> None:
 
 
 def _report(a, flags: str, title: str, setup: str, lines: list[str], summary: str) -> None:
-    import torch
+    """Print the table and summary; append them to docs/benchmarks.md under ``title`` unless --no-append."""
     table = "\n".join(lines)
     print("\n" + table + "\n\n" + summary)
     if not a.no_append:
-        with open(os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"), "a") as f:
-            f.write(f"\n## {title}\n\n{datetime.date.today()}, `python bench/serve.py {' '.join(sys.argv[1:])}`, "
-                    f"{platform.machine()}, CPU: {flags}, {os.cpu_count()} CPUs (shared; load average "
-                    f"{os.getloadavg()[0]:.2f} at the end), torch {torch.__version__}, {a.dtype} compute. {setup}."
-                    f"\n\n{table}\n\n{summary}\n")
+        common.append_to_benchmarks(title, f"{common.machine_line('bench/serve.py ' + ' '.join(sys.argv[1:]))}, "
+                                    f"CPU: {flags} (shared; load average {os.getloadavg()[0]:.2f} at the end), "
+                                    f"{a.dtype} compute. {setup}.\n\n{table}\n\n{summary}")
 
 
 def hf_child(model_dir: str, dtype: str, batch: int, reps: int = 2) -> None:
@@ -415,20 +411,11 @@ def main():
                f"(fastest: {best_dt}). At 16 streams over HTTP: **{r16['tok_s'] / hf['float32']:.2f}x** transformers "
                f"fp32 (goal >= 2x), {r16['tok_s'] / best_hf:.2f}x its fastest dtype. TTFT p50 at 1 stream: "
                f"**{r1['ttft_p50']:.3f} s** (goal <= 0.5 s).")
-    table = "\n".join(lines)
-    print("\n" + table + "\n\n" + summary)
-    if not a.no_append:
-        with open(os.path.join(os.path.dirname(__file__), "..", "docs", "benchmarks.md"), "a") as f:
-            cmd = " ".join(sys.argv[1:])
-            f.write(f"\n## Serving (bench/serve.py)\n\n{datetime.date.today()}, `python bench/serve.py {cmd}`, "
-                    f"{platform.machine()}, CPU: {flags}, {os.cpu_count()} CPUs (shared; load average "
-                    f"{os.getloadavg()[0]:.2f} at the end), weights {a.weight_dtype or 'as stored'}, torch "
-                    f"{torch.__version__}. bench-mini random weights, {a.actors} expert actors "
-                    f"({a.actor_cpus} CPU each) in one "
-                    f"replica, {a.dtype} compute, {PROMPT}-token prompts, {NEW} new tokens, streaming completions "
-                    f"over HTTP, each client {a.rounds} requests back to back"
-                    f"{', async scheduling' if a.async_scheduling else ''}.\n\n{table}\n\n{summary}\n")
-
+    _report(a, flags, "Serving (bench/serve.py)",
+            f"Weights {a.weight_dtype or 'as stored'}; bench-mini random weights, {a.actors} expert actors "
+            f"({a.actor_cpus} CPU each) in one replica, {PROMPT}-token prompts, {NEW} new tokens, streaming "
+            f"completions over HTTP, each client {a.rounds} requests back to back"
+            f"{', async scheduling' if a.async_scheduling else ''}", lines, summary)
 
 if __name__ == "__main__":
     main()
