@@ -52,6 +52,19 @@ def test_top_k_and_top_p_never_pick_outside_their_set():
         assert sample(logits, [SamplingParams(temperature=1.0, top_p=0.6, seed=3)], [pos]).item() in topp_set
 
 
+def _filtered_softmax(logits: torch.Tensor, temperature: float, kw: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference the sampler must match, for descending ``logits``: (kept tokens, softmax
+    renormalized over them) under ``kw``'s top-k, then top-p (the smallest prefix reaching top_p)."""
+    p = torch.softmax(logits / temperature, -1)
+    keep = torch.ones(logits.numel(), dtype=torch.bool)
+    if kw.get("top_k"):
+        keep[kw["top_k"]:] = False
+    if kw.get("top_p"):
+        q = p * keep / (p * keep).sum()
+        keep &= (q.cumsum(0) - q) < kw["top_p"]
+    return keep, (p * keep) / (p * keep).sum()
+
+
 @pytest.mark.parametrize("kw", [dict(), dict(top_k=6), dict(top_p=0.7), dict(top_k=8, top_p=0.9)],
                          ids=["plain", "top_k", "top_p", "both"])
 def test_frequencies_match_the_filtered_softmax(kw):
@@ -59,15 +72,8 @@ def test_frequencies_match_the_filtered_softmax(kw):
     kept set; 20,000 draws over a 12-token vocabulary (every expected count >= 5)."""
     V, N, T = 12, 20_000, 0.9
     logits = torch.linspace(1.5, -1.5, V)
-    p = torch.softmax(logits / T, -1)
-    keep = torch.ones(V, dtype=torch.bool)
-    if kw.get("top_k"):
-        keep[kw["top_k"]:] = False
-    if kw.get("top_p"):
-        q = p * keep
-        q = q / q.sum()
-        keep &= (q.cumsum(0) - q) < kw["top_p"]
-    expected = (p * keep) / (p * keep).sum() * N
+    keep, filtered = _filtered_softmax(logits, T, kw)
+    expected = filtered * N
     params = [SamplingParams(temperature=T, seed=5, **kw)] * 1000
     counts = torch.zeros(V)
     for chunk in range(N // 1000):
@@ -100,14 +106,7 @@ def test_speculative_token_frequencies_equal_plain_sampling(kw, draft):
 
     V, N, T = 12, 20_000, 0.9
     logits = torch.linspace(1.5, -1.5, V)
-    p = torch.softmax(logits / T, -1)
-    keep = torch.ones(V, dtype=torch.bool)
-    if kw.get("top_k"):
-        keep[kw["top_k"]:] = False
-    if kw.get("top_p"):
-        q = p * keep / (p * keep).sum()
-        keep &= (q.cumsum(0) - q) < kw["top_p"]
-    filtered = (p * keep) / (p * keep).sum()
+    keep, filtered = _filtered_softmax(logits, T, kw)
     counts, accepted = torch.zeros(V), 0
     for chunk in range(N // 1000):
         params = [SamplingParams(temperature=T, seed=chunk * 1000 + i, **kw) for i in range(1000)]
