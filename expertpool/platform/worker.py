@@ -298,7 +298,7 @@ class ModelRunner:
 
     def use_patch(self, patch, patch_dir: str = "") -> int:
         """``load_patch`` of a patch already read (``model.patch.Patch``)."""
-        from expertpool.model.patch import PatchError, apply_patch
+        from expertpool.model.patch import PatchError, add_variant, apply_patch
         if patch.kind == "mtp":
             if not len(self.model.model.mtp):
                 raise PatchError(f"{patch_dir}: an MTP patch, but this model has no MTP module loaded (serving."
@@ -306,7 +306,7 @@ class ModelRunner:
             apply_patch(self.model, patch)
             self.model.prepare_for_inference()  # re-pack the rewritten linears (a stale packing is never used)
             return 0
-        return self.model.add_variant(patch.experts)
+        return add_variant(self.model, patch.experts)
 
     def expert_load(self) -> list[int]:
         loads = [m.expert_load for m in self.model.moe_layers()]
@@ -515,6 +515,7 @@ class ExpertWorker:
         in at a step boundary. Experts it already holds are read again from the local checkpoint
         (simple, and the reads stay on this node). Returns the seconds it took."""
         from expertpool.model.checkpoint import load_experts
+        from expertpool.model.patch import add_layer_variant
 
         t0 = time.time()
         experts = sorted(experts)
@@ -525,7 +526,7 @@ class ExpertWorker:
             for name, mod in fresh.items():
                 layer = int(name.split(".")[2])  # model.layers.N.mlp.experts / model.mtp.K...: MTP has none
                 if name.startswith("model.layers.") and layer < main_layers:
-                    mod.add_variant(patch.experts.get(layer, {}))
+                    add_layer_variant(mod, patch.experts.get(layer, {}))
         self._prepared = (experts, fresh)
         dt = time.time() - t0
         log.info("worker %d: prepared experts %s (%d per layer) in %.1fs", self.rank, _span(experts), len(experts), dt)
