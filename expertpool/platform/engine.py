@@ -31,7 +31,8 @@ from ray.exceptions import RayError
 
 from expertpool.model.sampling import SamplingParams
 from expertpool.platform.scheduler import EngineCore, EngineUnavailable, TokenEvent
-from expertpool.platform.worker import LocalExecutor, ModelRunner, StepFailed
+from expertpool.platform.executor import LocalExecutor, StepFailed
+from expertpool.platform.worker import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -658,7 +659,8 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     from expertpool.model.args import ModelArgs
     from expertpool.model.embedded import ensure_embedded_model
     from expertpool.model.tokenizer import Tokenizer
-    from expertpool.platform.worker import RayExecutor, WorkerSpec
+    from expertpool.platform.executor import RayExecutor
+    from expertpool.platform.worker import WorkerSpec
 
     t0 = time.time()
     # a checkpoint location: the replica reads its small files, each actor fetches its own shards
