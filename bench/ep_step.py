@@ -137,7 +137,8 @@ def run_ray(a):
     from expertpool.platform.engine import kv_blocks_per_worker
     from expertpool.model.args import ModelArgs
     from expertpool.platform.scheduler import EngineCore
-    from expertpool.platform.worker import RayExecutor, WorkerSpec
+    from expertpool.platform.executor import RayExecutor
+    from expertpool.platform.worker import WorkerSpec
 
     cfg = parse_config({"model": {"path": a.model, "dtype": a.dtype, "weight_dtype": a.weight_dtype},
                         "pool": {"actors_per_replica": 2, "actor_resources": {"cpu": 1}},

@@ -78,7 +78,7 @@ async def run(engine, prompts: list[list[int]], tokens: int, tag: str) -> dict:
     return {"outs": outs, "tok_s": sum(map(len, outs)) / (t1 - t0),
             "decode_tok_s": len(prompts) * (tokens - 1) / max(1e-9, t1 - decode_start) if tokens > 1 else 0.0,
             "step_ms": 1000 * (engine.step_seconds - busy0) / max(1, steps), "load": load, "steps": steps,
-            "balancedness": placement.balancedness(load, engine.load_model(steps)),
+            "balancedness": placement.balancedness(load, engine.elastic_group.load_model(steps)),
             "token_balancedness": placement.balancedness(load)}
 
 
@@ -124,7 +124,8 @@ def main():
             await run(engine, prompts[:2], 4, "warm")
             off = await run(engine, prompts, a.tokens, "off")
             print(f"EPLB off: {off['decode_tok_s']:.0f} decode tok/s, step {off['step_ms']:.1f} ms, balancedness "
-                  f"{off['balancedness']:.3f}; expert cost {engine.load_model(1).expert_cost:.1f} rows", flush=True)
+                  f"{off['balancedness']:.3f}; expert cost {engine.elastic_group.load_model(1).expert_cost:.1f} rows",
+                  flush=True)
             t0 = time.monotonic()
             stall = await engine.rebalance(off["load"], off["steps"])
             prepare = time.monotonic() - t0
@@ -143,7 +144,7 @@ def main():
     off, on, prepare, stall = asyncio.run(scenario())
     ray.shutdown()
     same = off["outs"] == on["outs"]
-    cost = engine.load_model(1).expert_cost
+    cost = engine.elastic_group.load_model(1).expert_cost
     lines = ["| EPLB | decode tok/s | tok/s (whole run) | mean step (ms) | balancedness, load model | "
              "balancedness, tokens |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in (("off (default placement)", off), ("on (after one rebalance)", on)):

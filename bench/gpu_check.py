@@ -82,7 +82,8 @@ def section_tests(c: Check) -> str:
 
 def _engine(model, device, graphs, buckets):
     from expertpool.platform.scheduler import EngineCore
-    from expertpool.platform.worker import LocalExecutor, ModelRunner
+    from expertpool.platform.executor import LocalExecutor
+    from expertpool.platform.worker import ModelRunner
     runner = ModelRunner(model, num_blocks=512, block_size=16, device=device, scratch_blocks=16)
     how = runner.enable_decode_graphs(buckets, max_seq_len=256) if graphs else "eager"
     core = EngineCore(LocalExecutor(runner), num_blocks=512, block_size=16, max_batch_size=max(buckets),

@@ -26,7 +26,7 @@ Parameters and optimizers.
   the global mean), clipped at ``grad_clip`` on their own. The embedding and output head are shared
   with the main model and stay frozen.
 
-Devices and precision. ``train_device`` picks the device: in Ray Train the one Ray Train gives the
+Devices and precision. ``jobs.rank.train_device`` picks the device: in Ray Train the one Ray Train gives the
 worker (``use_gpu`` follows ``worker_resources.gpu``, and Ray Train then forms an NCCL group, which
 the all-to-all and DeepSpeed use), in one process the first GPU when the job reserves GPUs; else the
 CPU, by the same code. On GPU the forward runs under bf16 autocast; the CPU keeps its fp32 path.
@@ -53,7 +53,8 @@ with the same or another worker count, the loop reloads the latest checkpoint an
 already consumed, so the data position is a function of the step.
 
 Rooms. ``Trainer`` holds setup, losses, the step, evaluation and the run. It reads the job from a
-``jobs.plan.TrainPlan`` and its rows from a ``jobs.data.TrainData``; checkpoints are
+``jobs.plan.TrainPlan`` and its rows from a ``jobs.data.TrainData``; where this rank runs (device,
+process group, its batch rows) is ``jobs.rank``; checkpoints are
 ``jobs.train_state``, the patch or full checkpoint at the end ``jobs.results``, expert scoring and
 selection ``jobs.esft``. Tests reach in through ``jobs.hooks`` (fault injection, extra checks),
 which the loop calls at named points and never when none are given.
@@ -63,8 +64,6 @@ import contextlib
 import json
 import logging
 import math
-import os
-import socket
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,6 +80,7 @@ from expertpool.jobs.esft import (SelectedExperts, TrainDispatcher, TrainExperts
                                   score_and_select)
 from expertpool.jobs.hooks import TrainHook
 from expertpool.jobs.plan import TrainPlan
+from expertpool.jobs.rank import batch_rows, describe_layout, in_ray_train, init_single_process_group, train_device
 from expertpool.jobs.results import write_result, write_selection
 from expertpool.jobs.train_state import ExpertRows, Trainables, report_checkpoint, restore
 from expertpool.model.args import ModelArgs
@@ -99,45 +99,6 @@ SEED = 0  # every rank and every attempt starts from the same torch RNG state
 
 # ---------------------------------------------------------------------------------------------- setup
 
-def _in_ray_train() -> bool:
-    try:
-        import ray.train
-
-        ray.train.get_context().get_world_size()
-        return True
-    except (RuntimeError, ValueError, AttributeError, ImportError):
-        return False
-
-
-def _init_single_process_group(device: torch.device) -> None:
-    """A world-1 group so DeepSpeed and the collectives work in one process (NCCL on a GPU, as Ray
-    Train would pick, so collectives on device tensors work)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in dict(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                     MASTER_PORT=str(port)).items():
-        os.environ.setdefault(k, v)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=0, world_size=1)
-
-
-def train_device(job: TrainJobConfig, in_ray: bool) -> torch.device:
-    """Where this worker trains. In Ray Train: the device Ray Train gave it (``use_gpu`` follows
-    ``worker_resources.gpu``). In one process: the first GPU when the job asks for GPUs, else the CPU.
-    The same code picks the CPU in every CPU test."""
-    if in_ray:
-        import ray.train.torch
-
-        return ray.train.torch.get_device()
-    if job.worker_resources.gpu > 0:
-        if not torch.cuda.is_available():
-            raise RuntimeError("the job reserves GPUs (worker_resources.gpu) but this process sees no CUDA device; "
-                               "run it where a GPU is, or set worker_resources.gpu: 0")
-        return torch.device("cuda", 0)
-    return torch.device("cpu")
-
-
 def _lr_lambda(job: TrainJobConfig):
     """Linear warmup to the peak, then cosine decay to 10% of it."""
     def f(step: int) -> float:
@@ -153,20 +114,6 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.get_world_size() > 1:
         dist.all_reduce(t)
     return t
-
-
-def batch_rows(rank: int, world: int, batch_size: int) -> slice:
-    """The rows of each global batch rank ``rank`` of ``world`` trains on: [r*B//W, (r+1)*B//W)."""
-    assert 0 <= rank < world <= batch_size, f"rank {rank} of {world} over {batch_size} sequences"
-    return slice(rank * batch_size // world, (rank + 1) * batch_size // world)
-
-
-def _layout(world: int, n_experts: int, batch_size: int) -> str:
-    """One log line: the experts and batch rows of every rank of this attempt."""
-    experts = [owned_experts(r, world, n_experts) for r in range(world)]
-    rows = [batch_rows(r, world, batch_size) for r in range(world)]
-    return (f"{world} workers; routed experts per rank {', '.join(f'{x[0]}-{x[-1]} ({len(x)})' for x in experts)}; "
-            f"batch rows per rank {', '.join(str(r.stop - r.start) for r in rows)}")
 
 
 def _tensor_batches(iterate, rows: slice, device: torch.device):
@@ -185,12 +132,12 @@ def _tensor_batches(iterate, rows: slice, device: torch.device):
 class Trainer:
     def __init__(self, plan: TrainPlan, data: TrainData, hooks: Sequence[TrainHook] = ()):
         self.plan, self.job, self.hooks = plan, plan.job, tuple(hooks)
-        self.in_ray = _in_ray_train()
+        self.in_ray = in_ray_train()
         self.device = train_device(self.job, self.in_ray)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)  # NCCL collectives and object gathers use the current device
         if not dist.is_initialized():
-            _init_single_process_group(self.device)
+            init_single_process_group(self.device)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         torch.manual_seed(SEED)
         # intra-op threads = the worker's CPUs (what Ray sets as OMP_NUM_THREADS for its workers): more
@@ -213,7 +160,7 @@ class Trainer:
         self.inner_dispatcher = AllToAllDispatcher(E) if self.world > 1 else LocalDispatcher()
         self.model.set_dispatcher(self.inner_dispatcher)
         if self.rank == 0:
-            log.info("layout: %s; device %s, compute %s%s", _layout(self.world, E, B), self.device,
+            log.info("layout: %s; device %s, compute %s%s", describe_layout(self.world, E, B), self.device,
                      str(self.compute_dtype).removeprefix("torch."),
                      f", {n_fp8} frozen FP8 linears through the FP8 kernels" if n_fp8 else "")
         self.out = plan.local_output

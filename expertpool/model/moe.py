@@ -84,6 +84,8 @@ class Experts(nn.Module):
 
     @property
     def num_variants(self) -> int:
+        """Served variants incl. the base: ``global_to_local`` holds one table of ``n_routed`` per variant
+        (``model.patch.add_variant`` appends them)."""
         return self.global_to_local.numel() // self.n_routed
 
     def resident(self, w13_2FD: torch.Tensor, w2_DF: torch.Tensor):
@@ -106,34 +108,6 @@ class Experts(nn.Module):
         self.w13_weight.data[local], self.w2_weight.data[local] = q13, q2
         if s13 is not None:
             self.w13_weight_scale_inv[local], self.w2_weight_scale_inv[local] = s13, s2
-
-    @torch.no_grad()
-    def add_variant(self, experts: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
-        """Serve a fine-tuned variant beside the base: the given experts (global id -> (w13 [2F, D],
-        w2 [D, F])) that this module holds are appended as extra local slots, every other expert is
-        shared with the base. Routing ids of variant v are offset by v * n_routed (``MoE.forward``).
-        Returns v."""
-        E, v = self.n_routed, self.num_variants
-        table = self.global_to_local[:E].clone()
-        ids, rows = [], []
-        for e, (w13, w2) in sorted(experts.items()):
-            if self.global_to_local[e] < 0:
-                continue  # owned by another rank
-            table[e] = self.num_local + len(rows)
-            ids.append(e)
-            rows.append(self.resident(w13, w2))
-        dev = self.w13_weight.device
-        if rows:
-            q13, s13, q2, s2 = zip(*rows)
-            self.w13_weight = nn.Parameter(torch.cat([self.w13_weight.data, torch.stack(q13)]), requires_grad=False)
-            self.w2_weight = nn.Parameter(torch.cat([self.w2_weight.data, torch.stack(q2)]), requires_grad=False)
-            if s13[0] is not None:
-                self.w13_weight_scale_inv = torch.cat([self.w13_weight_scale_inv, torch.stack(s13)])
-                self.w2_weight_scale_inv = torch.cat([self.w2_weight_scale_inv, torch.stack(s2)])
-            self.expert_ids = torch.cat([self.expert_ids, torch.tensor(ids, dtype=torch.long, device=dev)])
-        self.global_to_local = torch.cat([self.global_to_local, table.to(dev)])
-        self.identity_map = False
-        return v
 
     def forward(self, x_TD, local_ids_TK, weights_TK):
         return kernels.moe_experts(x_TD, local_ids_TK, weights_TK, self.w13_weight, self.w13_weight_scale_inv,

@@ -12,7 +12,7 @@ from object storage (``read_patch`` fetches an s3:// / gs:// one into the local 
   ``model.layers.{L}.self_attn.q_a_proj.weight``, ...), so a patch reads like a slice of the base checkpoint.
 
 Two kinds (``kind`` in the manifest):
-- ``experts`` (ESFT): served beside the base as a variant ``MODEL:DOMAIN`` (``Transformer.add_variant``).
+- ``experts`` (ESFT): served beside the base as a variant ``MODEL:DOMAIN`` (``add_variant``).
   When the job trained the MTP module too (``mtp_loss_weight > 0``), the patch also holds the MTP
   layer's selected experts and its non-expert tensors; a variant is served with the base's MTP module
   (the module has no variants), and ``apply_patch`` (merging in place) writes them.
@@ -33,10 +33,16 @@ layouts and different trainings of one architecture, without reading the experts
 ``apply_patch`` overwrites the patched experts a model holds and skips those it does not own, so
 each expert-parallel actor applies the same patch to its own share. Rows are written in the
 model's resident format by ``Experts.write_expert`` (FP8 re-quantized, gate and up separately, as
-the loader does); serving a patch beside the base instead (``Transformer.add_variant``) uses the
-same writer; MTP tensors are written in the model's resident format (``checkpoint._resident``, FP8
+the loader does); serving a patch beside the base instead (``add_variant``) uses the same
+writer; MTP tensors are written in the model's resident format (``checkpoint._resident``, FP8
 re-quantized). Everything else in the model is left untouched. A patch does not carry router
 changes: ESFT keeps the router frozen.
+
+A served variant is bookkeeping on the ``Experts`` modules, kept here rather than in the model: the
+variant's experts are appended as extra local slots, and ``Experts.global_to_local`` grows by one
+table of ``n_routed`` ids per variant, so routing id ``e + v * n_routed`` (``MoE.forward``) reaches
+the fine-tuned copy of expert ``e`` where variant ``v`` has one and the base's slot otherwise. The
+MTP module has no variants: it serves every variant with the base's weights.
 """
 
 import hashlib
@@ -46,12 +52,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from expertpool.errors import UserError
 from expertpool.model.checkpoint import DTYPES, _resident
 from expertpool.model.layers import Linear
+from expertpool.model.moe import Experts
 from expertpool.model.safetensors_io import ShardReader, atomic_dir
 from expertpool.model.storage import StorageError, fetch_dir
 
@@ -359,3 +367,43 @@ def apply_mtp(model, patch: Patch) -> int:
             # a weight (packed CPU linears, the absorbed MLA kv_b_proj) are keyed by its version
             cur.copy_(t.to(cur.device, cur.dtype))
     return len(patch.mtp)
+
+
+@torch.no_grad()
+def add_variant(model, experts_by_layer: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]) -> int:
+    """Serve a fine-tuned variant (layer -> expert -> (w13 [2F, D], w2 [D, F])) beside the base weights
+    of every main-model MoE layer; returns its index for ``AttnBatch.build(variants=...)``."""
+    layers = [m for m in model.moe_layers() if m.layer_id < model.args.num_hidden_layers]
+    idx = {layers[0].experts.num_variants if layers else 1}
+    for moe in layers:
+        idx.add(add_layer_variant(moe.experts, experts_by_layer.get(moe.layer_id, {})))
+    assert len(idx) == 1, f"MoE layers disagree on the variant count: {idx}"
+    return idx.pop()
+
+
+@torch.no_grad()
+def add_layer_variant(experts: Experts, rows: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """One layer's share of ``add_variant``: the given experts (global id -> (w13, w2)) that ``experts``
+    holds are appended as extra local slots in its resident format, every other expert is shared with
+    the base. Returns the variant's index v (routing ids offset by v * n_routed)."""
+    E, v = experts.n_routed, experts.num_variants
+    table = experts.global_to_local[:E].clone()
+    ids, resident = [], []
+    for e, (w13, w2) in sorted(rows.items()):
+        if experts.global_to_local[e] < 0:
+            continue  # owned by another rank
+        table[e] = experts.num_local + len(resident)
+        ids.append(e)
+        resident.append(experts.resident(w13, w2))
+    dev = experts.w13_weight.device
+    if resident:
+        q13, s13, q2, s2 = zip(*resident)
+        experts.w13_weight = nn.Parameter(torch.cat([experts.w13_weight.data, torch.stack(q13)]), requires_grad=False)
+        experts.w2_weight = nn.Parameter(torch.cat([experts.w2_weight.data, torch.stack(q2)]), requires_grad=False)
+        if s13[0] is not None:
+            experts.w13_weight_scale_inv = torch.cat([experts.w13_weight_scale_inv, torch.stack(s13)])
+            experts.w2_weight_scale_inv = torch.cat([experts.w2_weight_scale_inv, torch.stack(s2)])
+        experts.expert_ids = torch.cat([experts.expert_ids, torch.tensor(ids, dtype=torch.long, device=dev)])
+    experts.global_to_local = torch.cat([experts.global_to_local, table.to(dev)])
+    experts.identity_map = False
+    return v

@@ -82,20 +82,6 @@ class Transformer(nn.Module):
     def moe_layers(self) -> list[MoE]:
         return [b.mlp for b in list(self.model.layers) + list(self.model.mtp) if isinstance(b.mlp, MoE)]
 
-    def add_variant(self, experts_by_layer: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]]) -> int:
-        """Register a fine-tuned expert variant (layer -> expert -> (w13, w2)) beside the base weights;
-        returns its index for ``AttnBatch.build(variants=...)``."""
-        idx = {self._variant_count()}
-        for moe in self.moe_layers():
-            if moe.layer_id < self.args.num_hidden_layers:
-                idx.add(moe.experts.add_variant(experts_by_layer.get(moe.layer_id, {})))
-        assert len(idx) == 1, f"MoE layers disagree on the variant count: {idx}"
-        return idx.pop()
-
-    def _variant_count(self) -> int:
-        layers = [m for m in self.moe_layers() if m.layer_id < self.args.num_hidden_layers]
-        return layers[0].experts.num_variants if layers else 1
-
     @torch.no_grad()
     def prepare_for_inference(self) -> int:
         """One-time work before serving (at load, never per step): cache kv_b_proj's dense weight and

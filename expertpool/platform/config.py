@@ -11,9 +11,11 @@ derived values live in methods, in one place: ``cfg.pool.placement_group_bundles
 :mod:`expertpool.platform.kuberay`. Inside Serve, ``parse_config(args["config"], source=...)`` rebuilds
 the config from the dict that ``serve_config()`` embeds.
 
-Layout: this module is the whole schema's entry point and re-exports every name; the shared pieces
-(``ConfigError``, the closed base model, ``ActorResources``) live in ``platform.config_base`` and the
-``train:`` section in ``platform.train_config``.
+Layout: this module is the whole schema's entry point (the ``model:`` and ``kubernetes:`` sections,
+the top level, loading) and re-exports every name; the shared pieces (``ConfigError``, the closed
+base model, ``ActorResources``) live in ``platform.config_base``, the ``pool:`` section in
+``platform.pool_config``, the ``serving:`` section in ``platform.serving_config`` and the ``train:``
+section in ``platform.train_config``.
 
 Contract: every model is closed (``extra="forbid"``) and every field is documented, so a typo is an
 error, never a silently ignored key. Derived defaults (``model.name``, ``model.tokenizer``,
@@ -34,27 +36,30 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import (BaseModel, Discriminator, Field, PrivateAttr, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from expertpool.model import storage
 from expertpool.model.args import EMBEDDED_MODEL_NAME, ModelArgs
-from expertpool.platform.config_base import (DOMAIN, GIB, K8S_NAME, RULE_ERROR_TYPE, ActorResources, Closed,
-                                             ConfigError, ConfigProblem, check_location, rule_error)
+from expertpool.platform.config_base import (GIB, K8S_NAME, RULE_ERROR_TYPE, ActorResources, Closed, ConfigError,
+                                             ConfigProblem, check_location, rule_error)
+from expertpool.platform.pool_config import (EplbConfig, PoolActorResources, PoolConfig, RecoveryConfig,
+                                             WidthAutoscalingConfig, WidthRange)
+from expertpool.platform.serving_config import (API_KEY_ENV, AutoscalingConfig, KVCacheConfig, ServingConfig,
+                                                SpeculativeConfig)
 from expertpool.platform.train_config import DatasetConfig, EsftConfig, MtpDistillConfig, TrainConfig, TrainJobConfig
 
 # re-exported: the whole schema is importable from here
 __all__ = ["API_KEY_ENV", "DEFAULT_IMPORT_PATH", "DEPLOYMENT_NAME", "GIB", "HF_TOKEN_KEY", "SERVE_SECTIONS",
            "ActorResources", "AutoscalingConfig",
-           "ClusterConfig", "ConfigError", "ConfigProblem", "DatasetConfig", "EsftConfig", "KVCacheConfig",
-           "KubernetesConfig", "ModelConfig", "MtpDistillConfig", "PoolConfig", "RecoveryConfig", "ServingConfig",
-           "TrainConfig", "TrainJobConfig", "field_paths", "load_config", "parse_config"]
+           "ClusterConfig", "ConfigError", "ConfigProblem", "DatasetConfig", "EplbConfig", "EsftConfig",
+           "KVCacheConfig", "KubernetesConfig", "ModelConfig", "MtpDistillConfig", "PoolActorResources", "PoolConfig",
+           "RecoveryConfig", "ServingConfig", "SpeculativeConfig", "TrainConfig", "TrainJobConfig",
+           "WidthAutoscalingConfig", "WidthRange", "field_paths", "load_config", "parse_config"]
 
 DEPLOYMENT_NAME = "ExpertPool"  # the Serve deployment that hosts one expert-parallel group per replica
-API_KEY_ENV = "EXPERTPOOL_API_KEY"
 HF_TOKEN_KEY = "token"  # the key of kubernetes.hf_token_secret's Secret
 DEFAULT_IMPORT_PATH = "expertpool.platform.app:build_app"
 # what a Serve replica reads: a Serve config's args carry these sections only, so an edit elsewhere
@@ -103,392 +108,6 @@ class ModelConfig(Closed):
         if self.tokenizer is None:
             self.tokenizer = self.path
         return self
-
-
-# ---------------------------------------------------------------------------------------------------
-# pool
-# ---------------------------------------------------------------------------------------------------
-
-
-class RecoveryConfig(Closed):
-    enabled: bool = Field(True, description="Replace a dead expert actor inside the replica and replay its "
-                          "sequences, so streams continue after a pause. false = fail the replica's requests "
-                          "and let Serve's health check replace the whole replica.")
-    timeout_s: float = Field(300.0, gt=0, description="Most seconds one recovery may take (replacement actor "
-                             "scheduled and loaded, process group re-formed). Past it, open requests get HTTP 503 "
-                             "with Retry-After and Serve replaces the replica. Size it to the load time of one "
-                             "actor's shard.")
-    collective_timeout_s: float = Field(60.0, gt=0, description="Most seconds a collective waits for a peer "
-                                        "(torch.distributed timeout), so a hung or vanished peer is detected.")
-    liveness_check_s: float = Field(5.0, gt=0, description="Seconds between pings of the actors while the "
-                                    "engine is idle, so a death is repaired before the next request needs the group.")
-    max_attempts: int = Field(3, ge=1, description="Recoveries in a row without a successful step before the "
-                              "engine gives up.")
-
-
-class PoolActorResources(ActorResources):
-    gpu_memory_gb: float | None = Field(None, gt=0, description="Memory of each actor's GPU in GiB (e.g. 79.6 for "
-                                        "an H100 80GB, 139.8 for an H200). Declared, `expertpool validate` and "
-                                        "deploy check the per-actor memory plan against it before anything starts; "
-                                        "None = each GPU actor checks against its device's size at start-up.")
-
-    @model_validator(mode="after")
-    def _gpu_memory(self) -> PoolActorResources:
-        if self.gpu_memory_gb is not None and self.gpu <= 0:
-            raise rule_error("gpu_memory_gb", "is set but the actor reserves no GPU (gpu is 0)",
-                             "set gpu (e.g. 1) or remove gpu_memory_gb")
-        return self
-
-
-class WidthRange(Closed):
-    min: int = Field(ge=1, description="Fewest expert-parallel actors of a replica.")
-    max: int = Field(ge=1, description="Most expert-parallel actors of a replica; a placement bundle is reserved for "
-                     "each, so the group can widen without a redeploy.")
-    initial: int | None = Field(None, ge=1, description="Actors at start. None = min.")
-
-    @model_validator(mode="after")
-    def _check(self) -> WidthRange:
-        if self.max < self.min:
-            raise rule_error("max", f"({self.max}) is below min ({self.min})", f"set max to at least {self.min}")
-        if self.initial is None:
-            self.initial = self.min
-        if not self.min <= self.initial <= self.max:
-            raise rule_error("initial", f"({self.initial}) is outside [{self.min}, {self.max}]",
-                             "set initial within the range or remove it")
-        return self
-
-
-class EplbConfig(Closed):
-    enabled: bool = Field(False, description="Expert-parallel load balancing: measure tokens per expert and "
-                          "periodically move and replicate experts so the most loaded actor carries less.")
-    window_steps: int = Field(1000, ge=1, description="Engine steps of per-expert token counts a rebalance plans "
-                              "from (the most recent ones).")
-    rebalance_every_steps: int = Field(3000, ge=1, description="Engine steps between rebalance plans.")
-    min_gain: float = Field(0.05, ge=0, description="Apply a new placement only when it raises balancedness "
-                            "(mean / max actor load over the window) by at least this much.")
-    expert_cost: float | None = Field(None, ge=0, description="The rows one weight read of an expert costs as much "
-                                      "as, in the load model EPLB balances: 0 counts tokens only (DeepSeek's EPLB, "
-                                      "right when experts are compute-bound); unset: measured by the first actor at "
-                                      "start-up (small-batch decode is bound by weight reads, so extra copies of a "
-                                      "hot expert can cost more than they save).")
-
-
-class WidthAutoscalingConfig(Closed):
-    interval_s: float = Field(10.0, gt=0, description="Seconds between width decisions.")
-    step_time_high_s: float = Field(0.5, gt=0, description="Widen when the mean engine step time over the last "
-                                    "interval stays above this (the most loaded actor sets it).")
-    kv_usage_high: float = Field(0.9, gt=0, le=1, description="Widen when the KV cache usage stays above this "
-                                 "fraction (more actors, more cache).")
-    idle_s: float = Field(120.0, gt=0, description="Narrow by one actor after this many seconds with no requests.")
-
-
-def _width_kind(v: Any) -> str:
-    return "[range]" if isinstance(v, (dict, WidthRange)) else "[count]"
-
-
-# A number or a range, tagged so that a bad range reports only the range's problem (not also "not an
-# integer"). The tags are bracketed: error paths drop bracketed parts (see ``_explain``).
-Width = Annotated[Annotated[int, Tag("[count]")] | Annotated[WidthRange, Tag("[range]")], Discriminator(_width_kind)]
-
-
-class PoolConfig(Closed):
-    actors_per_replica: Width = Field(2, description="Expert-parallel actors per Serve replica: a number, "
-                                                 "or a range {min, max, initial} the group can change within while "
-                                                 "it serves (expertpool scale, width autoscaling). Every width must "
-                                                 "hold n_routed_experts + redundant_experts expert slots (a "
-                                                 "single actor ignores redundant_experts), each "
-                                                 "actor at most one copy of an expert.")
-    redundant_experts: int = Field(0, ge=0, description="Extra physical expert slots per replica, holding second "
-                                   "copies of experts (EPLB puts them on the most loaded experts; with as many as "
-                                   "n_routed_experts every expert has two copies, so the group can lose an actor and "
-                                   "keep serving on the survivors). Each costs one expert's weights of memory.")
-    eplb: EplbConfig = Field(default_factory=EplbConfig, description="Expert-parallel load balancing.")
-    autoscale_width: bool = Field(False, description="Widen the group when its step time or KV usage stays high "
-                                  "and narrow it when idle, within actors_per_replica's range.")
-    width_autoscaling: WidthAutoscalingConfig = Field(default_factory=WidthAutoscalingConfig,
-                                                      description="Thresholds of width autoscaling.")
-    actor_resources: PoolActorResources = Field(default_factory=PoolActorResources, description="Resources "
-                                                "reserved by each expert-parallel actor (one placement bundle each).")
-    replica_cpu: float = Field(0.1, gt=0, description="Logical CPUs reserved for the Serve replica process itself "
-                               "(placement bundle 0). It mostly waits on its actors, so a fraction suffices.")
-    placement_strategy: Literal["PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD"] = Field(
-        "PACK", description="Ray placement-group strategy for one replica's bundles (PACK keeps a replica's actors "
-        "on one node when they fit, which keeps all-to-all traffic local).")
-    backend: Literal["auto", "gloo", "nccl"] = Field("auto", description="torch.distributed backend between the "
-                                                     "actors of a replica. auto = nccl when actors have GPUs, else "
-                                                     "gloo. With nccl, `actor_resources.gpu` must be a whole number "
-                                                     ">= 1.")
-    recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="Self-healing when an expert "
-                                     "actor dies.")
-    triton_cache_dir: str | None = Field(None, description="Directory where the actors keep compiled Triton kernels "
-                                         "(TRITON_CACHE_DIR), e.g. a volume mounted into every pod, so a restarted "
-                                         "actor does not compile again. None = Triton's default (~/.triton/cache).")
-
-    @model_validator(mode="after")
-    def _check(self) -> PoolConfig:
-        if isinstance(self.actors_per_replica, int) and self.actors_per_replica < 1:
-            raise rule_error("actors_per_replica", f"must be >= 1, got {self.actors_per_replica}",
-                             "set a positive number of actors or a range {min, max}")
-        gpu = self.actor_resources.gpu
-        if self.backend == "nccl" and gpu <= 0:
-            raise rule_error("backend", "nccl needs GPUs but actor_resources.gpu is 0",
-                        "set pool.actor_resources.gpu (e.g. 1) or set pool.backend to gloo or auto")
-        if self.resolved_backend() == "nccl" and (gpu < 1 or gpu != int(gpu)):
-            raise rule_error("actor_resources.gpu", f"is {gpu:g}, but NCCL needs each rank on whole GPUs of its own "
-                             "(two ranks on one device cannot form a communicator)",
-                             "set pool.actor_resources.gpu to a whole number >= 1, or pool.backend to gloo to "
-                             "share GPUs between actors")
-        if self.autoscale_width and self.min_width == self.max_width:
-            raise rule_error("autoscale_width", "needs room to change: actors_per_replica is a single width",
-                             "set actors_per_replica to a range {min, max} or autoscale_width to false")
-        return self
-
-    @property
-    def width(self) -> int:
-        """Actors a replica starts with."""
-        a = self.actors_per_replica
-        return a if isinstance(a, int) else a.initial
-
-    @property
-    def min_width(self) -> int:
-        a = self.actors_per_replica
-        return a if isinstance(a, int) else a.min
-
-    @property
-    def max_width(self) -> int:
-        a = self.actors_per_replica
-        return a if isinstance(a, int) else a.max
-
-    def placement_problem(self, n_routed_experts: int) -> str | None:
-        """Why some width of the range cannot place the experts (None when every width can)."""
-        E, R = n_routed_experts, self.redundant_experts
-        if self.max_width > E + R:
-            return (f"{self.max_width} actors exceed the {E + R} expert slots ({E} experts + {R} redundant), so some "
-                    f"would hold none; use at most {E + R} actors or more redundant_experts")
-        if R > E * (self.max_width - 1):
-            return (f"{R} redundant slots over at most {self.max_width} actors would give an actor two copies of one "
-                    f"expert; set redundant_experts to at most {E * (self.max_width - 1)}")
-        return None
-
-    def resolved_backend(self) -> Literal["gloo", "nccl"]:
-        if self.backend != "auto":
-            return self.backend
-        return "nccl" if self.actor_resources.gpu > 0 else "gloo"
-
-    def placement_group_bundles(self) -> list[dict[str, float]]:
-        """Bundles of one replica: bundle 0 hosts the replica actor itself (Serve places the replica in the
-        FIRST bundle, so its ``ray_actor_options`` must fit there), bundles 1..N host expert-parallel actor
-        ``rank`` at index :meth:`actor_bundle_index` ``(rank)``."""
-        return [{"CPU": self.replica_cpu}] + [self.actor_resources.bundle() for _ in range(self.max_width)]
-
-    def replica_actor_options(self) -> dict[str, Any]:
-        """``ray_actor_options`` of the replica; a subset of bundle 0 by construction."""
-        return {"num_cpus": self.replica_cpu}
-
-    @staticmethod
-    def actor_bundle_index(rank: int) -> int:
-        return rank + 1
-
-
-
-
-
-# ---------------------------------------------------------------------------------------------------
-# serving
-# ---------------------------------------------------------------------------------------------------
-
-
-class KVCacheConfig(Closed):
-    block_size: int = Field(16, ge=1, description="Tokens per KV-cache block (paged attention page).")
-    num_blocks: int | None = Field(None, ge=1, description="KV-cache blocks per replica. Set this or memory_gb, "
-                                   "not both; neither = enough for max_batch_size full sequences of max_seq_len.")
-    memory_gb: float | None = Field(None, gt=0, description="KV-cache memory budget per replica in GiB; the block "
-                                    "count is derived from the model's bytes per cached token.")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="GPU actors, when neither num_blocks nor "
-                                          "memory_gb is set: the KV cache takes this fraction of the device memory "
-                                          "free after loading the weights, less the prefill-activation and "
-                                          "communication headroom of the memory plan (vLLM's name). CPU actors "
-                                          "ignore it.")
-
-    @model_validator(mode="after")
-    def _check(self) -> KVCacheConfig:
-        if self.num_blocks is not None and self.memory_gb is not None:
-            raise rule_error("num_blocks", "num_blocks and memory_gb are both set, and they disagree in general",
-                        "set only one of serving.kv_cache.num_blocks or serving.kv_cache.memory_gb")
-        return self
-
-    def resolve_num_blocks(self, bytes_per_token: int | None, max_batch_size: int, max_seq_len: int) -> int:
-        """Blocks per replica: explicit, else from the memory budget, else max_batch_size * max_seq_len tokens."""
-        if self.num_blocks is not None:
-            return self.num_blocks
-        if self.memory_gb is not None:
-            if not bytes_per_token:
-                raise ValueError("kv_cache.memory_gb needs the model's KV bytes per token to derive num_blocks")
-            return int(self.memory_gb * GIB) // (bytes_per_token * self.block_size)
-        return math.ceil(max_batch_size * max_seq_len / self.block_size)
-
-
-class AutoscalingConfig(Closed):
-    min_replicas: int = Field(1, ge=0, description="Fewest replicas (expert-parallel groups); 0 allows scale to zero.")
-    max_replicas: int = Field(1, ge=1, description="Most replicas; on Kubernetes also bounds the pool worker group.")
-    initial_replicas: int | None = Field(None, ge=0, description="Replicas at deploy time. None = min_replicas.")
-    target_ongoing_requests: float = Field(16.0, gt=0, description="Ongoing requests per replica the autoscaler "
-                                           "steers toward (Ray Serve `target_ongoing_requests`).")
-    upscale_delay_s: float = Field(30.0, ge=0, description="Seconds the load must stay high before adding replicas.")
-    downscale_delay_s: float = Field(600.0, ge=0, description="Seconds the load must stay low before removing "
-                                     "replicas.")
-    metrics_interval_s: float = Field(10.0, gt=0, description="Seconds between replica load reports.")
-    look_back_period_s: float = Field(30.0, gt=0, description="Window in seconds over which load is averaged.")
-
-    @model_validator(mode="after")
-    def _check(self) -> AutoscalingConfig:
-        if self.max_replicas < self.min_replicas:
-            raise rule_error("max_replicas", f"must be >= min_replicas ({self.min_replicas})",
-                        f"set max_replicas to at least {self.min_replicas}")
-        if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
-            raise rule_error("initial_replicas", f"must be between min_replicas ({self.min_replicas}) and max_replicas "
-                        f"({self.max_replicas}), got {self.initial_replicas}",
-                        f"set initial_replicas within [{self.min_replicas}, {self.max_replicas}] or remove it")
-        return self
-
-    def ray_autoscaling_config(self) -> dict[str, Any]:
-        """The Ray Serve 2.60 ``autoscaling_config`` dict (field names of ``ray.serve.config.AutoscalingConfig``)."""
-        out: dict[str, Any] = {
-            "min_replicas": self.min_replicas,
-            "max_replicas": self.max_replicas,
-            "target_ongoing_requests": self.target_ongoing_requests,
-            "upscale_delay_s": self.upscale_delay_s,
-            "downscale_delay_s": self.downscale_delay_s,
-            "metrics_interval_s": self.metrics_interval_s,
-            "look_back_period_s": self.look_back_period_s,
-        }
-        if self.initial_replicas is not None:
-            out["initial_replicas"] = self.initial_replicas
-        return out
-
-
-class SpeculativeConfig(Closed):
-    method: Literal["mtp"] = Field("mtp", description="Draft source: `mtp`, the checkpoint's multi-token-prediction "
-                                   "module (DeepSeek-V3's `model.layers.{num_hidden_layers}`).")
-    num_speculative_tokens: int = Field(1, ge=1, le=8, description="Draft tokens per decode step; 1 is DeepSeek's "
-                                        "setting, more chain the module. Each step verifies them in one forward of "
-                                        "the main model and emits up to this many + 1 tokens.")
-
-
-class ServingConfig(Closed):
-    app_name: str = Field("expertpool", min_length=1, description="Serve application name (also the target of "
-                          "train.jobs.*.publish_to).")
-    route_prefix: str = Field("/", description="HTTP route prefix of the application; starts with '/'.")
-    host: str = Field("127.0.0.1", description="Serve HTTP proxy bind address for local runs (Kubernetes "
-                      "manifests always bind 0.0.0.0 inside the pod).")
-    port: int = Field(8000, ge=1, le=65535, description="Serve HTTP proxy port.")
-    max_batch_size: int = Field(32, ge=1, description="Most sequences running at once in one replica's engine.")
-    max_seq_len: int = Field(512, ge=1, description="Longest sequence (prompt + completion tokens) a replica accepts.")
-    max_num_batched_tokens: int = Field(256, ge=1, description="Most tokens per engine step; bounds prefill "
-                                        "chunking. Must be >= max_batch_size so every running sequence can decode.")
-    kv_cache: KVCacheConfig = Field(default_factory=KVCacheConfig, description="Paged KV cache of one replica.")
-    reasoning_parser: Literal["deepseek_r1"] | None = Field(None, description="Split `<think>` output of chat "
-                                                             "completions into `reasoning_content` (streaming too), "
-                                                             "as vLLM's parser of the same name; off for a request "
-                                                             "that sets `chat_template_kwargs.thinking: false`. None "
-                                                             "= leave it in `content`.")
-    cuda_graphs: bool = Field(True, description="GPU actors: capture decode steps in CUDA graphs, one per batch "
-                              "bucket (powers of two up to the per-actor batch), after the warm-up. Applies where "
-                              "the decode forward never reads the device back: FP8 experts on the Triton path and one "
-                              "actor per replica (the all-to-all reads split sizes); elsewhere decode runs eagerly.")
-    async_scheduling: bool = Field(False, description="Plan and submit engine step k+1 while step k runs (vLLM's "
-                                   "--async-scheduling, SGLang's overlap scheduler), so the expert actors never wait "
-                                   "for the replica. Turn it on when the replica has CPU of its own (GPU actors, or "
-                                   "CPU actors on other cores); where replica and actors share the same few cores, "
-                                   "the overlapped replica work slows the actors' compute more than it saves.")
-    speculative: SpeculativeConfig | None = Field(None, description="Speculative decoding with the MTP module: "
-                                                  "drafts verified in one forward, exact greedy output and the same "
-                                                  "sampling distribution. null = off. Needs async_scheduling off.")
-    prefix_caching: bool = Field(True, description="Automatic prefix caching: full KV blocks are indexed by a hash "
-                                 "of their tokens and everything before them, so a prompt that starts like an earlier "
-                                 "one (a shared system prompt, a chat's history) prefills only the rest. Unheld "
-                                 "cached blocks are evicted least recently used first.")
-    max_ongoing_requests: int = Field(64, ge=1, description="Requests in flight per replica before Serve queues "
-                                      "them at the caller (Ray Serve `max_ongoing_requests`).")
-    max_queued_requests: int = Field(128, description="Requests queued per caller before HTTP 503; "
-                                     "-1 = unbounded (Ray Serve `max_queued_requests`).")
-    api_key: str | None = Field(None, description=f"Bearer token required on the HTTP API. None = env "
-                                f"{API_KEY_ENV} if set, else no authentication. Keep it out of files you commit.")
-    autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig, description="Replica autoscaling.")
-    health_check_period_s: float = Field(10.0, gt=0, description="Seconds between replica health checks.")
-    health_check_timeout_s: float = Field(30.0, gt=0, description="Seconds before a health check counts as failed.")
-    graceful_shutdown_timeout_s: float = Field(120.0, ge=0, description="When Serve removes a replica (downscale, "
-                                               "redeploy), it stops routing to it and waits up to this long for "
-                                               "its in-flight requests and streams to finish before it exits.")
-    patches: dict[str, str] = Field(default_factory=dict, description="ESFT patches served beside the base, as "
-                                    "`<model.name>:<domain>`: domain -> patch directory (a path every node can read, "
-                                    "or s3:// / gs://). They go into the deployment's user_config, not its args, so "
-                                    "a change loads them into the running replicas (Serve `reconfigure`) without a "
-                                    "restart; `expertpool publish` adds one to a running app. An MTP patch (from "
-                                    "a `mode: mtp` job) instead replaces the base's MTP module in place (needs "
-                                    "serving.speculative); patches load in declaration order, the last MTP one "
-                                    "wins.")
-
-    @field_validator("route_prefix")
-    @classmethod
-    def _prefix(cls, v: str) -> str:
-        if not v.startswith("/"):
-            raise rule_error("", f"must start with '/', got '{v}'", f"set route_prefix to '/{v}'")
-        return v
-
-    @field_validator("patches")
-    @classmethod
-    def _patches(cls, v: dict[str, str]) -> dict[str, str]:
-        for domain, where in v.items():
-            if not DOMAIN.match(domain):
-                raise rule_error(domain, "has characters outside [A-Za-z0-9._-]",
-                                 "name the domain with letters, digits, '.', '_' or '-'")
-            try:
-                storage.check(where)
-            except storage.StorageError as e:
-                raise rule_error(domain, str(e), "point it at a patch directory") from None
-        return v
-
-    @field_validator("max_queued_requests")
-    @classmethod
-    def _queue(cls, v: int) -> int:
-        if v < 1 and v != -1:
-            raise rule_error("", f"must be >= 1 or -1 (unbounded), got {v}",
-                        "set max_queued_requests to a positive number of requests, or -1")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> ServingConfig:
-        if self.max_num_batched_tokens < self.max_batch_size:
-            raise rule_error("max_num_batched_tokens", f"({self.max_num_batched_tokens}) is below max_batch_size "
-                        f"({self.max_batch_size}), so a full batch cannot take one decode step",
-                        f"set max_num_batched_tokens to at least {self.max_batch_size}")
-        if self.autoscaling.target_ongoing_requests > self.max_ongoing_requests:
-            raise rule_error("autoscaling.target_ongoing_requests", f"({self.autoscaling.target_ongoing_requests}) "
-                        f"exceeds max_ongoing_requests ({self.max_ongoing_requests}), so the target is unreachable",
-                        f"set it to at most {self.max_ongoing_requests}")
-        if self.speculative is not None and self.async_scheduling:
-            raise rule_error("speculative", "speculative decoding needs the accepted tokens of a step before the "
-                             "next is planned, which async scheduling does not wait for",
-                             "turn off serving.async_scheduling or serving.speculative")
-        kv = self.kv_cache
-        if kv.num_blocks is not None and kv.num_blocks * kv.block_size < self.max_seq_len:
-            raise rule_error("kv_cache.num_blocks", f"{kv.num_blocks} blocks x {kv.block_size} tokens cannot hold one "
-                        f"sequence of max_seq_len ({self.max_seq_len})",
-                        f"set num_blocks to at least {math.ceil(self.max_seq_len / kv.block_size)} "
-                        "or lower serving.max_seq_len")
-        return self
-
-    def num_kv_blocks(self, bytes_per_token: int | None = None) -> int:
-        """KV-cache blocks per replica (see :meth:`KVCacheConfig.resolve_num_blocks`)."""
-        return self.kv_cache.resolve_num_blocks(bytes_per_token, self.max_batch_size, self.max_seq_len)
-
-    def resolve_api_key(self, environ: Mapping[str, str] | None = None) -> str | None:
-        """The API key: ``api_key`` if set, else env ``EXPERTPOOL_API_KEY`` (empty = unset), else None."""
-        if self.api_key:
-            return self.api_key
-        env = os.environ if environ is None else environ
-        return env.get(API_KEY_ENV) or None
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ or a train worker.
 Rules raised inside validators use ``rule_error(field, problem, fix)``; ``platform.config`` turns
 them (and pydantic's own errors) into ``ConfigProblem`` lines of one ``ConfigError``. Import these
 names from ``expertpool.platform.config``, which re-exports them; this module exists so that the
-train section (``platform.train_config``) and the rest of the schema share them without a cycle.
+sections in their own modules (``platform.pool_config``, ``serving_config``, ``train_config``) and the
+rest of the schema share them without a cycle.
 """
 
 from __future__ import annotations

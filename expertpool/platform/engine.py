@@ -14,6 +14,9 @@
   most ``max_attempts`` run back to back without a successful step in between; past either bound,
   or on a second failure during a recovery, every open request ends with ``EngineUnavailable`` (HTTP
   503 with Retry-After) and the health check fails, so Serve replaces the replica.
+- Elastic expert parallelism (degraded mode, ``resize``, EPLB ``rebalance``, width autoscaling) is
+  decided and carried out by ``elastic.ElasticGroup``, which the engine calls at named points; the
+  engine keeps the width-autoscaling loop, which reads its step times and idle time.
 - ``build_engine(cfg)`` starts the replica's actor group; ``local_engine`` and ``generate`` run the
   same scheduler in process (``expertpool generate``, tests).
 """
@@ -30,9 +33,10 @@ from typing import Protocol, runtime_checkable
 from ray.exceptions import RayError
 
 from expertpool.model.sampling import SamplingParams
-from expertpool.platform.placement import LoadModel
+from expertpool.platform.elastic import ElasticGroup, ElasticPolicy, first_line, width_decision
+from expertpool.platform.executor import LocalExecutor, StepFailed
 from expertpool.platform.scheduler import EngineCore, EngineUnavailable, TokenEvent
-from expertpool.platform.worker import LocalExecutor, ModelRunner, StepFailed
+from expertpool.platform.worker import ModelRunner
 
 log = logging.getLogger(__name__)
 
@@ -65,38 +69,6 @@ class RecoveryPolicy:
     timeout_s: float = 300.0          # one recovery: replacements started, loaded, group re-formed
     liveness_check_s: float = 5.0     # idle ping period
     max_attempts: int = 3             # recoveries in a row without a successful step
-
-
-@dataclass
-class ElasticPolicy:
-    """Elastic expert parallelism of one replica (``pool`` in cluster.yaml)."""
-    n_experts: int = 0
-    redundant: int = 0                # pool.redundant_experts
-    min_width: int = 1
-    max_width: int = 1
-    eplb: bool = False                # pool.eplb.enabled
-    window_steps: int = 1000
-    rebalance_every_steps: int = 3000
-    min_gain: float = 0.05
-    expert_cost: float | None = None  # pool.eplb.expert_cost; None: the executor's measured one
-    moe_layers: int = 1               # MoE layers run per engine step (EPLB's load model)
-    autoscale: bool = False           # pool.autoscale_width, thresholds from pool.width_autoscaling
-    interval_s: float = 10.0
-    step_time_high_s: float = 0.5
-    kv_usage_high: float = 0.9
-    idle_s: float = 120.0
-
-
-def width_decision(width: int, policy: ElasticPolicy, mean_step_s: float | None, kv_usage: float,
-                   idle_s: float) -> int:
-    """Width autoscaling, one decision per interval: one actor more when the last interval's mean
-    step time (set by the most loaded actor) or the KV usage is above its threshold, one fewer after
-    ``idle_s`` without requests, within [min_width, max_width]; else unchanged."""
-    if (mean_step_s is not None and mean_step_s > policy.step_time_high_s) or kv_usage > policy.kv_usage_high:
-        return min(width + 1, policy.max_width)
-    if idle_s >= policy.idle_s:
-        return max(width - 1, policy.min_width)
-    return width
 
 
 class _WorkersLost(Exception):
@@ -134,14 +106,8 @@ class AsyncEngine:
         self.elastic = elastic
         self._ops: deque = deque()          # (coroutine function, future): run between steps, nothing in flight
         self.steps = 0                      # completed engine steps
-        self.degraded_shrinks = 0
-        self.rebalances = 0
-        self.rebalance_seconds: list[float] = []      # prepare to switch
-        self.rebalance_stall_seconds: list[float] = []  # the switch: steps paused
-        self.actor_balancedness: float | None = None  # mean / max actor load over the last window
-        self._load_snapshots: deque = deque()  # (step, cumulative tokens per expert)
-        self._last_rebalance_step = 0
-        self._elastic_task: asyncio.Task | None = None
+        # layout changes (degraded mode, resize, EPLB): the engine calls it, it runs them
+        self.elastic_group = ElasticGroup(core, elastic, self._patch_dirs, self.between_steps, lambda: self.steps)
         self._autoscale_task: asyncio.Task | None = None
         self.step_seconds = 0.0             # summed duration of completed steps (width autoscaling)
         self.last_request = time.monotonic()
@@ -350,7 +316,7 @@ class AsyncEngine:
             stuck = set().union(*[x.stuck for x in list(settled) + [err] if isinstance(x, StepFailed)])
             core.rollback([p for p, _ in inflight])
             dead = err.dead if isinstance(err, _WorkersLost) else await executor.find_dead(stuck)
-            why = _first_line(err)
+            why = first_line(err)
             for r in sorted(dead):
                 self.actor_failures += 1
                 log.warning("expert actor rank %d (experts %s) failed: %s; recovering", r, executor.experts_of(r), why)
@@ -361,8 +327,11 @@ class AsyncEngine:
             self._attempts += 1
             if self._attempts > self.recovery.max_attempts:
                 raise RuntimeError(f"{self.recovery.max_attempts} recoveries in a row without a successful step")
-            if dead and self._can_degrade(dead):
-                return await self._degrade(dead, t0)
+            if dead and self.elastic_group.can_degrade(dead):
+                dt = await self.elastic_group.degrade(dead, t0, self.recovery.timeout_s)
+                self.recoveries += 1
+                self.recovery_seconds.append(dt)
+                return True
             lost = core.fail_workers(dead)
             try:
                 await asyncio.wait_for(executor.recover(dead, list(self._patch_dirs)), self.recovery.timeout_s)
@@ -378,45 +347,12 @@ class AsyncEngine:
                         dt, len(lost), sum(len(s.tokens) for s in lost), len(core.running))
             return True
         except Exception as e:
-            log.error("recovery of the expert group failed after %.1fs: %s", time.monotonic() - t0, _first_line(e))
+            log.error("recovery of the expert group failed after %.1fs: %s", time.monotonic() - t0, first_line(e))
             self._fail(EngineUnavailable(f"the expert-parallel group failed and could not be recovered ({e}); "
                                          "this replica is being replaced"))
             return False
         finally:
             self._recovering = False
-
-    # ---- elastic expert parallelism
-    def _can_degrade(self, dead: set[int]) -> bool:
-        placement = getattr(self.core.executor, "placement", None)
-        return (placement is not None and len(dead) < placement.world and placement.covers_without(dead)
-                and self.elastic is not None)
-
-    async def _degrade(self, dead: set[int], t0: float) -> bool:
-        """Degraded mode: every expert of the dead ranks has a copy on a survivor, so the survivors
-        re-form a smaller group now and serve on; replacements start in the background and the group
-        widens back at a step boundary once they are loaded."""
-        core, executor = self.core, self.core.executor
-        survivors = [r for r in range(executor.world) if r not in dead]
-        lost = core.resize(survivors)
-        old = await asyncio.wait_for(executor.shrink(dead), self.recovery.timeout_s)
-        self._load_snapshots.clear()
-        dt = time.monotonic() - t0
-        self.degraded_shrinks += 1
-        self.recoveries += 1
-        self.recovery_seconds.append(dt)
-        log.warning("expert actor rank(s) %s lost; serving on the %d survivors (every expert has a copy there) after "
-                    "%.1fs, replaying %d sequences; replacements are starting", sorted(dead), len(survivors), dt,
-                    len(lost))
-        self._start_elastic(self._widen_back(old, survivors))
-        return True
-
-    async def _widen_back(self, old, survivors: list[int]) -> None:
-        """Start replacements for a degraded group and switch back to the full layout ``old``."""
-        executor = self.core.executor
-        world_then = executor.world
-        keep = [survivors.index(r) if r in survivors else None for r in range(old.world)]
-        await self.apply_placement(old, keep, expect_world=world_then)
-        log.info("expert group widened back to %d actors after degraded mode", old.world)
 
     async def _autoscale_loop(self) -> None:
         """Width autoscaling (``pool.autoscale_width``): every ``interval_s``, ``width_decision`` on the
@@ -430,128 +366,28 @@ class AsyncEngine:
             width = self.core.executor.world
             idle = 0.0 if self._queues else time.monotonic() - self.last_request
             target = width_decision(width, el, t / n if n else None, self.core.stats()["kv_usage"], idle)
-            if target == width or self._recovering or (self._elastic_task is not None
-                                                       and not self._elastic_task.done()):
+            if target == width or self._recovering or self.elastic_group.busy:
                 continue
             log.info("width autoscaling: %d -> %d actors (mean step %s, KV usage %.0f%%, idle %.0fs)", width,
                      target, f"{t / n * 1000:.0f} ms" if n else "-", 100 * self.core.stats()["kv_usage"], idle)
             self.width_changes += 1
-            self._start_elastic(self.resize(target))
+            self.elastic_group.start(self.resize(target))
             if target < width:
                 self.last_request = time.monotonic()  # narrow one step per idle period
 
-    def _start_elastic(self, coro) -> None:
-        if self._elastic_task is not None and not self._elastic_task.done():
-            self._elastic_task.cancel()
-        self._elastic_task = asyncio.get_running_loop().create_task(self._guard(coro), context=contextvars.Context())
-
-    async def _guard(self, coro) -> None:
-        try:
-            await coro
-        except asyncio.CancelledError:
-            raise
-        except Exception as e:
-            log.error("elastic layout change failed: %s (the group keeps its current layout)", _first_line(e))
-
-    async def apply_placement(self, placement, keep: list[int | None], expect_world: int | None = None) -> float:
-        """Change the group's layout while it serves: new actors start and kept ones load the experts
-        they newly hold (steps go on), then at a step boundary the scheduler moves its sequences
-        (those of removed actors are re-prefilled), the actors swap experts and the group re-forms.
-        Returns the stall (seconds the steps paused)."""
-        executor = self.core.executor
-        t0 = time.monotonic()
-        new_slots = await executor.prepare(placement, keep, list(self._patch_dirs))
-
-        async def switch() -> float:
-            if expect_world is not None and executor.world != expect_world:
-                raise RuntimeError("the group changed while the new layout loaded; dropping it")
-            t1 = time.monotonic()
-            self.core.resize(keep)
-            await executor.commit(placement, new_slots)
-            self._load_snapshots.clear()  # new actors count from zero
-            return time.monotonic() - t1
-
-        stall = await self.between_steps(switch)
-        self.rebalance_seconds.append(time.monotonic() - t0)
-        self.rebalance_stall_seconds.append(stall)
-        return stall
-
+    # ---- elastic expert parallelism (``elastic.ElasticGroup`` runs it)
     async def resize(self, width: int) -> float:
-        """Grow or shrink every rank's share to ``width`` actors (``expertpool scale``), keeping the
-        existing actors (and their caches) as the first ranks. Returns the stall."""
-        from expertpool.platform.placement import Placement, usable_redundant
-
-        el = self.elastic
-        if el is None:
-            raise RuntimeError("this engine has no elastic expert-parallel group")
-        if not el.min_width <= width <= el.max_width:
-            raise ValueError(f"{width} actors is outside pool.actors_per_replica's range [{el.min_width}, "
-                             f"{el.max_width}]; widen the range in cluster.yaml and redeploy")
-        world = self.core.executor.world
-        if width == world:
-            return 0.0
-        placement = Placement.default(el.n_experts, width, usable_redundant(el.n_experts, el.redundant, width))
-        stall = await self.apply_placement(placement, [i if i < world else None for i in range(width)])
-        log.info("expert group resized %d -> %d actors (stall %.2fs)", world, width, stall)
-        return stall
-
-    def window_load(self) -> list[int] | None:
-        """Tokens per logical expert over the last ``window_steps`` steps (the oldest snapshot within)."""
-        if len(self._load_snapshots) < 2:
-            return None
-        (_, first), (_, last) = self._load_snapshots[0], self._load_snapshots[-1]
-        n = self.elastic.n_experts
-        return [b - a for a, b in zip(first[:n], last[:n])]
-
-    def window_steps(self) -> int:
-        """Engine steps the window's load was counted over."""
-        return self._load_snapshots[-1][0] - self._load_snapshots[0][0] if len(self._load_snapshots) > 1 else 0
-
-    def load_model(self, steps: int) -> LoadModel:
-        """EPLB's load model for a load counted over ``steps`` engine steps (``placement.LoadModel``)."""
-        el = self.elastic
-        cost = el.expert_cost if el.expert_cost is not None else getattr(self.core.executor, "expert_cost", 0.0)
-        return LoadModel(passes=steps * el.moe_layers, expert_cost=cost)
+        """Change the group to ``width`` actors while it serves (``expertpool scale``); returns the stall."""
+        return await self.elastic_group.resize(width)
 
     async def rebalance(self, load: list[int] | None = None, steps: int | None = None) -> float | None:
-        """EPLB: plan a placement for ``load`` (default: the measured window), counted over ``steps``
-        engine steps (default: the window's), and apply it when it raises the actor balancedness by
-        ``min_gain``. Returns the stall, or None when kept."""
-        from expertpool.platform.placement import rebalance
+        """EPLB now, for ``load`` counted over ``steps`` engine steps (default: the measured window);
+        returns the stall, or None when kept."""
+        return await self.elastic_group.rebalance(load, steps)
 
-        if load is None:
-            load, steps = self.window_load(), self.window_steps()
-        executor, el = self.core.executor, self.elastic
-        if not load or not sum(load) or executor.placement is None:
-            return None
-        model = self.load_model(steps if steps is not None else 0)
-        now = executor.placement.balancedness(load, model)
-        plan = rebalance(load, executor.world, executor.placement.redundant, model)
-        gain = plan.balancedness(load, model) - now
-        self._last_rebalance_step = self.steps
-        if gain < el.min_gain:
-            log.info("EPLB: keeping the placement (balancedness %.3f, a new one would give %.3f)", now, now + gain)
-            return None
-        stall = await self.apply_placement(plan, list(range(executor.world)))
-        self.rebalances += 1
-        log.info("EPLB: new placement, balancedness %.3f -> %.3f over the window, switched in %.3fs", now,
-                 now + gain, stall)
-        return stall
-
-    def _track_load(self, counts: list[int]) -> None:
-        el = self.elastic
-        if el is None or not counts:
-            return
-        self._load_snapshots.append((self.steps, list(counts)))
-        while len(self._load_snapshots) > 2 and self._load_snapshots[1][0] <= self.steps - el.window_steps:
-            self._load_snapshots.popleft()
-        load, placement = self.window_load(), getattr(self.core.executor, "placement", None)
-        if load and sum(load) and placement is not None:
-            self.actor_balancedness = placement.balancedness(load, self.load_model(self.window_steps()))
-        if (el.eplb and self.steps - self._last_rebalance_step >= el.rebalance_every_steps
-                and (self._elastic_task is None or self._elastic_task.done())):
-            self._last_rebalance_step = self.steps
-            self._start_elastic(self.rebalance())
+    @property
+    def degraded_shrinks(self) -> int:
+        return self.elastic_group.degraded_shrinks
 
     def stats(self) -> dict:
         s = self.core.stats()
@@ -559,10 +395,7 @@ class AsyncEngine:
         s.update(actor_failures=self.actor_failures, recoveries=self.recoveries,
                  recovery_seconds=list(self.recovery_seconds), recovering=self._recovering,
                  open_streams=len(self._queues), steps=self.steps, width=self.core.executor.world,
-                 degraded_shrinks=self.degraded_shrinks, rebalances=self.rebalances,
-                 rebalance_seconds=list(self.rebalance_seconds),
-                 rebalance_stall_seconds=list(self.rebalance_stall_seconds),
-                 actor_balancedness=self.actor_balancedness, width_changes=self.width_changes)
+                 **self.elastic_group.stats(), width_changes=self.width_changes)
         describe = getattr(self.core.executor, "describe", None)
         if describe is not None:
             s["actors"] = describe()
@@ -570,7 +403,7 @@ class AsyncEngine:
 
     async def refresh_expert_tokens(self) -> list[int]:
         self._expert_tokens = await self.core.executor.expert_load_async()
-        self._track_load(self._expert_tokens)
+        self.elastic_group.track_load(self._expert_tokens)
         return self._expert_tokens
 
     async def check_health(self) -> None:
@@ -581,17 +414,13 @@ class AsyncEngine:
         self._ensure_loop()
 
     async def shutdown(self) -> None:
-        for t in (self._task, self._refresh_task, self._elastic_task, self._autoscale_task):
+        for t in (self._task, self._refresh_task, self._autoscale_task):
             if t is not None:
                 t.cancel()
+        self.elastic_group.cancel()
         shutdown = getattr(self.core.executor, "shutdown", None)
         if shutdown is not None:
             shutdown()
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def local_engine(model, *, max_batch_size: int = 16, max_seq_len: int = 512, block_size: int = 16,
@@ -674,7 +503,8 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
     from expertpool.model.args import ModelArgs
     from expertpool.model.embedded import ensure_embedded_model
     from expertpool.model.tokenizer import Tokenizer
-    from expertpool.platform.worker import RayExecutor, WorkerSpec
+    from expertpool.platform.executor import RayExecutor
+    from expertpool.platform.worker import WorkerSpec
 
     t0 = time.time()
     # a checkpoint location: the replica reads its small files, each actor fetches its own shards

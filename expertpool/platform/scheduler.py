@@ -73,7 +73,7 @@ class StepItem:
     block_table: list[int]
     sample: bool               # sample one token after the last new token (it takes position start_pos + len(tokens))
     params: SamplingParams
-    variant: int = 0           # served variant (0 = base weights; see Transformer.add_variant)
+    variant: int = 0           # served variant (0 = base weights; see model.patch.add_variant)
     prompt_len: int = 0        # output tokens start at this position (a grammar matcher consumes those)
     draft: list[int] = field(default_factory=list)  # speculative tokens after ``tokens``, to verify
     lookahead: int | None = None  # the known token after ``tokens`` (a prefill chunk that is not the last)

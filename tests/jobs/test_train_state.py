@@ -10,7 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from expertpool.jobs.train import _init_single_process_group
+from expertpool.jobs.rank import init_single_process_group as _init_single_process_group
 from expertpool.jobs.train_state import (ExpertRows, adam_state, dense_state, dense_step, expert_rows_state,
                                          load_dense_state, load_expert_rows, load_scheduler, rank_files,
                                          read_expert_rows, uniform_step)

@@ -9,7 +9,7 @@ import torch
 from expertpool import kernels
 from expertpool.model.checkpoint import load_checkpoint
 from expertpool.model.embedded import init_model
-from expertpool.model.patch import PatchError, apply_patch, base_fingerprint, read_patch, save_patch
+from expertpool.model.patch import PatchError, add_variant, apply_patch, base_fingerprint, read_patch, save_patch
 
 LAYER = 1  # first MoE layer of the tiny preset (first_k_dense_replace=1)
 
@@ -92,6 +92,41 @@ def test_fp8_model_is_requantized(tiny_dir, patch_dir):
     d, ds = kernels.weight_quant(w2, scale_fmt=model.args.scale_fmt)
     assert torch.equal(ex.w2_weight[5].view(torch.uint8), d.view(torch.uint8))
     assert torch.equal(ex.w2_weight_scale_inv[5], ds)
+
+
+def test_variant_routes_like_the_patched_model_and_leaves_the_base(tiny_dir, base, patch_dir):
+    """A variant served beside the base computes what the patch applied in place computes; variant 0
+    still computes the base."""
+    path, _ = patch_dir
+    patch = read_patch(path)
+    served = load_checkpoint(tiny_dir, dtype=torch.float32)
+    patched = load_checkpoint(tiny_dir, dtype=torch.float32)
+    apply_patch(patched, patch)
+    assert add_variant(served, patch.experts) == 1 and add_variant(served, {}) == 2
+    x_TD = torch.randn(512, base.args.hidden_size, generator=torch.Generator().manual_seed(0))
+    changed = []
+    for moe_s, moe_p, moe_b in zip(served.moe_layers(), patched.moe_layers(), base.moe_layers()):
+        if moe_s.layer_id >= base.args.num_hidden_layers:
+            continue
+        ones_T = torch.ones(512, dtype=torch.long)
+        # same rows, same grouping and combine order: bit-equal
+        assert torch.equal(moe_s(x_TD, variant_T=ones_T), moe_p(x_TD))
+        assert torch.equal(moe_s(x_TD, variant_T=0 * ones_T), moe_b(x_TD))
+        assert torch.equal(moe_s(x_TD, variant_T=2 * ones_T), moe_b(x_TD))
+        changed.append(not torch.equal(moe_p(x_TD), moe_b(x_TD)))
+    assert any(changed), "no token reached a patched expert: the test is vacuous"
+
+
+def test_variant_on_a_partial_model_keeps_only_owned_experts(tiny_dir, patch_dir):
+    path, experts = patch_dir
+    model = load_checkpoint(tiny_dir, dtype=torch.float32, experts=list(range(128, 256)))  # rank 1 of 2
+    assert add_variant(model, read_patch(path).experts) == 1
+    ex = model.moe_layers()[0].experts
+    E = model.args.n_routed_experts
+    assert ex.num_variants == 2 and ex.num_local == 129 and ex.expert_ids[-1] == 200
+    assert int(ex.global_to_local[E + 200]) == 128 and int(ex.global_to_local[E + 201]) == 73
+    assert int(ex.global_to_local[E + 5]) == -1
+    assert torch.equal(ex.w13_weight[128], experts[1][200][0])
 
 
 def test_patch_from_another_base_is_rejected(tiny_dir, patch_dir, tmp_path):

@@ -127,7 +127,8 @@ def test_static_decode_buffers_and_warmup_leave_results_and_live_caches_alone():
     during a recovery's warm-up)."""
     from expertpool.model.decode_graphs import DecodeGraphs
     from expertpool.platform.scheduler import EngineCore
-    from expertpool.platform.worker import LocalExecutor, ModelRunner, WorkerSpec, warmup_steps
+    from expertpool.platform.executor import LocalExecutor, warmup_steps
+    from expertpool.platform.worker import ModelRunner, WorkerSpec
 
     m = random_model("tiny")
     g = torch.Generator().manual_seed(2)
@@ -156,7 +157,8 @@ def test_static_decode_buffers_and_warmup_leave_results_and_live_caches_alone():
 def test_warmup_steps_fit_the_scratch_blocks_with_speculative_drafts(on_gpu):
     """The warm-up's chunk leaves room in the scratch blocks for its sampled token and the drafts
     chained after it (2 MTP drafts per step here; the chunk was 16 tokens in 16 slots before)."""
-    from expertpool.platform.worker import ModelRunner, WorkerSpec, warmup_steps
+    from expertpool.platform.executor import warmup_steps
+    from expertpool.platform.worker import ModelRunner, WorkerSpec
 
     m = random_model("tiny")
     assert len(m.model.mtp)

@@ -25,7 +25,8 @@ from expertpool.model.sampling import SamplingParams
 from expertpool.model.transformer import init_random
 from expertpool.platform.engine import generate
 from expertpool.platform.scheduler import EngineCore
-from expertpool.platform.worker import LocalExecutor, ModelRunner
+from expertpool.platform.executor import LocalExecutor
+from expertpool.platform.worker import ModelRunner
 
 BENCH_MINI_SHAPED = preset("bench-mini").replace(vocab_size=2048, num_hidden_layers=2)
 NEW = 12

@@ -20,7 +20,8 @@ from expertpool.model.checkpoint import load_checkpoint  # noqa: E402
 from expertpool.model.embedded import init_model  # noqa: E402
 from expertpool.model.sampling import SamplingParams  # noqa: E402
 from expertpool.platform.scheduler import EngineCore  # noqa: E402
-from expertpool.platform.worker import LocalExecutor, ModelRunner  # noqa: E402
+from expertpool.platform.executor import LocalExecutor  # noqa: E402
+from expertpool.platform.worker import ModelRunner  # noqa: E402
 
 NEW = 24
 

@@ -90,7 +90,7 @@ def test_without_renumbers_the_survivors():
 
 
 def test_width_decision_widens_on_load_and_narrows_when_idle():
-    from expertpool.platform.engine import ElasticPolicy, width_decision
+    from expertpool.platform.elastic import ElasticPolicy, width_decision
 
     p = ElasticPolicy(n_experts=8, min_width=2, max_width=4, autoscale=True, step_time_high_s=0.5,
                       kv_usage_high=0.9, idle_s=60)

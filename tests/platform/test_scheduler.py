@@ -286,7 +286,7 @@ class FlakyGroup(FakeExecutor):
         self.down: set[int] = set()  # ranks dead since the last failed step, until recovered
 
     async def run_async(self, items):
-        from expertpool.platform.worker import StepFailed
+        from expertpool.platform.executor import StepFailed
 
         await asyncio.sleep(0)
         self.n += 1

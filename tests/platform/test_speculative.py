@@ -15,7 +15,8 @@ import torch
 from expertpool.model.sampling import SamplingParams
 from expertpool.platform.engine import generate
 from expertpool.platform.scheduler import EngineCore, SpecOut, StepItem
-from expertpool.platform.worker import LocalExecutor, ModelRunner
+from expertpool.platform.executor import LocalExecutor
+from expertpool.platform.worker import ModelRunner
 from tests.model.helpers import random_model
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)

@@ -1,0 +1,374 @@
+"""Executors: run one engine step on the workers, and keep the group of them whole.
+
+``LocalExecutor`` drives one in-process ``ModelRunner`` (no expert parallelism, nothing to recover).
+``RayExecutor`` drives the replica's group of ``ExpertWorker`` actors: start-up (create the actors in
+their placement-group bundles, load, size the KV cache, rendezvous and join the process group, warm
+up on scratch blocks), steps (every rank together: MoE layers are collectives), failure detection and
+recovery (replace dead actors, re-form the group), and the elastic layouts the engine asks for
+(``prepare`` beside the serving one, ``commit`` at a step boundary, ``shrink`` for degraded mode).
+The engine decides when; the executor only carries it out.
+"""
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+import ray
+
+from expertpool.platform.placement import Placement
+from expertpool.platform.scheduler import StepItem
+from expertpool.platform.worker import CONTROL, PREPARE, ExpertWorker, WorkerSpec, expert_span
+
+log = logging.getLogger(__name__)
+
+
+def warmup_steps(spec: WorkerSpec, world: int, on_gpu: bool) -> list[list[StepItem]]:
+    """The steps every worker runs before the replica reports ready, all on the scratch blocks: one
+    decode step per batch bucket (compiles the Triton variants of each size; the first step of a
+    group also creates the NCCL communicator) and one prefill chunk (the large-M variants). On CPU
+    there is nothing to compile: one decode and a short chunk check the group, which keeps the
+    warm-up of a replacement actor short inside the recovery bound."""
+    from expertpool.model.decode_graphs import decode_buckets
+    from expertpool.model.sampling import SamplingParams
+
+    greedy = SamplingParams(max_tokens=1, temperature=0)
+    bs, scratch = spec.block_size, list(range(spec.num_blocks, spec.num_blocks + spec.scratch_blocks))
+    per_worker = -(-spec.max_batch_size // world)
+    buckets = decode_buckets(per_worker) if on_gpu else [1]
+    # the sampled token and the speculative drafts chained after a chunk stay inside the scratch blocks too
+    room = spec.scratch_blocks * bs - 1 - spec.spec_tokens
+    chunk = max(1, min(spec.max_num_batched_tokens, room, spec.max_seq_len - 1 if on_gpu else 16))
+    steps = [[StepItem(f"warmup-d{b}-{i}", [1], 0, scratch, True, greedy) for i in range(b)] for b in buckets]
+    steps.append([StepItem("warmup-p", [1] * chunk, 0, scratch, True, greedy)])
+    return steps
+
+
+class LocalExecutor:
+    """One in-process ModelRunner (no expert parallelism). The sync methods call the runner on the
+    caller's thread (torch runs ~1.5x slower on a secondary thread here, measured); the async ones
+    go through one worker thread, in submission order, as actor tasks do, so pipelined steps,
+    releases and patch loads never overlap. Use one mode per executor. Nothing to recover."""
+
+    world = 1
+
+    def __init__(self, runner, model_dir: str | None = None):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.runner = runner
+        self.model_dir = model_dir
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="expertpool-runner")
+        self._async = False
+
+    def run(self, items_per_worker):
+        return [self.runner.step(items_per_worker[0])]
+
+    def release(self, finished):
+        if finished:
+            ids = [s for _, s in finished]
+            if self._async:
+                self._thread.submit(self.runner.release, ids)
+            else:
+                self.runner.release(ids)
+
+    def expert_load(self) -> list[int]:
+        return self.runner.expert_load()
+
+    async def run_async(self, items_per_worker):
+        self._async = True
+        return [await asyncio.wrap_future(self._thread.submit(self.runner.step, items_per_worker[0]))]
+
+    async def find_dead(self) -> set[int]:
+        return set()
+
+    async def load_patch(self, patch_dir: str) -> int:
+        return await asyncio.wrap_future(self._thread.submit(self.runner.load_patch, patch_dir, self.model_dir))
+
+    async def expert_load_async(self):
+        return await asyncio.wrap_future(self._thread.submit(self.runner.expert_load))
+
+
+class StepFailed(Exception):
+    """A group step did not complete; ``errors`` maps rank -> what that rank's step raised (ranks
+    whose step was still stuck after the bound are in ``stuck``)."""
+
+    def __init__(self, errors: dict[int, BaseException], stuck: set[int]):
+        self.errors, self.stuck = errors, stuck
+        first = next(iter(errors.values()), None)
+        super().__init__(f"step failed on ranks {sorted(errors)}" + (f", stuck on {sorted(stuck)}" if stuck else "")
+                         + (f": {type(first).__name__}: {first}" if first is not None else ""))
+
+
+class RecoveryFailed(Exception):
+    """The group could not be restored within its bound (a replacement did not start, or a second
+    failure hit the recovery); the engine stops and answers 503 until Serve replaces the replica."""
+
+
+class RecoveryHooks(Protocol):
+    """Fault-injection points of a recovery (tests pass one to ``build_engine``; production passes none)."""
+
+    async def before_replace(self, executor: "RayExecutor", rank: int) -> None: ...
+
+
+@dataclass
+class _Slot:
+    """Where rank r's actor goes (its Ray options: resources, placement-group bundle) and what runs there."""
+    options: dict[str, Any]
+    actor: Any = None
+    info: dict[str, Any] = field(default_factory=dict)  # what ExpertWorker.load returned
+
+
+class RayExecutor:
+    """The replica's expert-parallel actor group; every actor steps together (MoE layers are collectives).
+
+    Failure handling: a step waits for every rank's result; when one fails (a dead actor's call
+    raises ``ActorDiedError`` within about a second; its peers' collectives then fail on the closed
+    connection, or time out), the others get ``settle_s`` to finish, stuck ones get ``abort_group``,
+    and ``StepFailed`` says which ranks raised. ``recover`` then kills the dead, starts replacements
+    in their placement-group bundles (they load their experts while the survivors wait), replays the
+    published patches on them, and re-forms the process group on every rank under a new generation.
+    """
+
+    def __init__(self, spec: WorkerSpec, slot_options: list[dict[str, Any]], hooks: RecoveryHooks | None = None,
+                 ping_timeout_s: float = 10.0, placement: Placement | None = None):
+        """``slot_options``: Ray options of every actor the group may have (one placement-group bundle
+        each, up to the widest width); the first ``placement.world`` are used at start, the rest are
+        spares a wider group takes. ``placement``: which experts each rank holds (default: contiguous
+        ranges over all ``slot_options``)."""
+        self.spec = spec
+        world = placement.world if placement is not None else len(slot_options)
+        assert world <= len(slot_options), f"{world} ranks but {len(slot_options)} actor bundles"
+        self.placement = placement
+        self.world = world
+        self.slots = [_Slot(o) for o in slot_options[:world]]
+        self.spare_options = list(slot_options[world:])  # bundles no actor uses now
+        self.hooks = hooks
+        self.ping_timeout_s = ping_timeout_s
+        self.settle_s = spec.collective_timeout_s + 5.0
+        self.expert_cost = 0.0  # measured by rank 0 at start (ExpertWorker.expert_cost)
+        self.generation = 0
+        self._cls = ray.remote(concurrency_groups={CONTROL: 1, PREPARE: 1})(ExpertWorker)
+
+    @property
+    def actors(self) -> list:
+        return [s.actor for s in self.slots]
+
+    def _spawn(self, rank: int):
+        return self._cls.options(**self.slots[rank].options).remote(rank, self.world)
+
+    def _experts(self, rank: int) -> list[int] | None:
+        return list(self.placement.slots[rank]) if self.placement is not None else None
+
+    def _replicas(self) -> list[list[int]] | None:
+        return self.placement.replicas() if self.placement is not None else None
+
+    async def _form_group(self) -> None:
+        """Every rank (re-)joins under a new generation with the current placement's copies table."""
+        self.generation += 1
+        replicas = self._replicas()
+        await asyncio.gather(*[_await(s.actor.commit_placement.remote(r, self.world, replicas))
+                               for r, s in enumerate(self.slots)])
+        addr, port = await _await(self.actors[0].rendezvous_address.remote())
+        await asyncio.gather(*[_await(a.join.remote(addr, port, self.generation)) for a in self.actors])
+
+    def start(self, size_kv=None) -> None:
+        """Create every actor, load all of them at once, size the KV cache when the spec leaves it open
+        (``size_kv(load infos) -> blocks per worker``: it depends on the resolved dtype and on the memory
+        free after the load), form the group, warm up (blocking; replica start-up)."""
+        for r, slot in enumerate(self.slots):
+            slot.actor = self._spawn(r)
+        loads = [s.actor.load.remote(self.spec, self._experts(r)) for r, s in enumerate(self.slots)]
+        for slot, info in zip(self.slots, ray.get(loads)):
+            slot.info = info
+        if self.spec.num_blocks is None:
+            n = size_kv([s.info for s in self.slots])
+            self.spec = replace(self.spec, num_blocks=n)  # a replacement actor allocates the same
+            ray.get([s.actor.allocate_cache.remote(n) for s in self.slots])
+        replicas = self._replicas()
+        ray.get([s.actor.commit_placement.remote(r, self.world, replicas) for r, s in enumerate(self.slots)])
+        addr, port = ray.get(self.slots[0].actor.rendezvous_address.remote())
+        ray.get([s.actor.join.remote(addr, port, self.generation) for s in self.slots])
+        self.warmup()
+        for slot, how in zip(self.slots, ray.get([s.actor.enable_decode_graphs.remote() for s in self.slots])):
+            slot.info["decode"] = how
+        self.expert_cost = ray.get(self.slots[0].actor.expert_cost.remote())
+
+    def warmup(self) -> float:
+        """Run ``warmup_steps`` on every worker (they only touch scratch blocks, so live sequences'
+        caches are safe during a recovery); returns the seconds it took."""
+        t0 = time.time()
+        on_gpu = any(str(s.info.get("device", "cpu")).startswith("cuda") for s in self.slots)
+        for items in warmup_steps(self.spec, self.world, on_gpu):
+            self.run([items] * self.world)
+            self.release([(w, it.seq_id) for w in range(self.world) for it in items])
+        dt = time.time() - t0
+        log.info("expert group warmed up in %.1fs", dt)
+        return dt
+
+    def experts_of(self, rank: int) -> str:
+        return expert_span(self.slots[rank].info.get("experts") or [])
+
+    def describe(self) -> list[dict[str, Any]]:
+        """Rank, pid, node, device and expert range of every actor (engine stats; operators and tests)."""
+        return [{**s.info, "experts": self.experts_of(r)} for r, s in enumerate(self.slots)]
+
+    # ---- steps
+    def run(self, items_per_worker):
+        return ray.get([a.step.remote(items) for a, items in zip(self.actors, items_per_worker)])
+
+    async def run_async(self, items_per_worker):
+        refs = [a.step.remote(items) for a, items in zip(self.actors, items_per_worker)]
+        futs = [asyncio.ensure_future(_await(r)) for r in refs]
+        done, pending = await asyncio.wait(futs, return_when=asyncio.FIRST_EXCEPTION)
+        if all(f.exception() is None for f in done) and not pending:
+            return [f.result() for f in futs]
+        if pending:  # a rank failed: give the others a bound to fail (or finish) in turn
+            _, pending = await asyncio.wait(pending, timeout=self.settle_s)
+        if pending:
+            stuck = {futs.index(f) for f in pending}
+            await asyncio.gather(*[_bounded(self.actors[r].abort_group.remote(), self.ping_timeout_s) for r in stuck],
+                                 return_exceptions=True)
+            _, pending = await asyncio.wait(pending, timeout=self.ping_timeout_s)
+        stuck = {futs.index(f) for f in pending}
+        errors = {r: f.exception() for r, f in enumerate(futs) if f.done() and f.exception() is not None}
+        raise StepFailed(errors, stuck)
+
+    def release(self, finished):
+        by_worker: dict[int, list[str]] = {}
+        for w, s in finished:
+            by_worker.setdefault(w, []).append(s)
+        for w, ids in by_worker.items():
+            self.actors[w].release.remote(ids)
+
+    # ---- liveness and recovery
+    async def find_dead(self, stuck: set[int] = frozenset()) -> set[int]:
+        """Ranks whose actor is gone (its ping raises) or unresponsive (no answer within the bound;
+        pings run in their own concurrency group, so a long step does not delay them). ``stuck``
+        ranks (a step that never returned) count as dead: they are killed and replaced."""
+        res = await asyncio.gather(*[_bounded(a.ping.remote(), self.ping_timeout_s) for a in self.actors],
+                                   return_exceptions=True)
+        return {r for r, x in enumerate(res) if isinstance(x, BaseException)} | set(stuck)
+
+    async def check_health(self) -> None:
+        dead = await self.find_dead()
+        if dead:
+            raise RuntimeError(f"expert actors {sorted(dead)} of the group are dead")
+
+    async def recover(self, dead: set[int], patches: list[str]) -> None:
+        """Replace the ``dead`` ranks and re-form the group on every rank (bounded by the caller)."""
+        for r in sorted(dead):
+            ray.kill(self.slots[r].actor, no_restart=True)
+        for r in sorted(dead):
+            if self.hooks is not None:
+                await self.hooks.before_replace(self, r)
+            self.slots[r].actor = self._spawn(r)
+        await self._load_new([self.slots[r] for r in sorted(dead)], sorted(dead), patches)
+        await self._form_group()
+        await asyncio.to_thread(self.warmup)  # the replacement compiles its kernels (and NCCL its communicator)
+        for r in sorted(dead):  # then captures its decode graphs, as at start
+            self.slots[r].info["decode"] = await _await(self.slots[r].actor.enable_decode_graphs.remote())
+
+    async def _load_new(self, slots: list[_Slot], ranks: list[int], patches: list[str],
+                        placement: Placement | None = None) -> None:
+        """Load fresh actors of ``slots`` as ``ranks`` of ``placement`` (default: the current one), with
+        the served patches (the same patches in the same order: variant indices agree across ranks)."""
+        placement = placement or self.placement
+        loaded = await asyncio.gather(*[_await(s.actor.load.remote(
+            self.spec, list(placement.slots[r]) if placement is not None else None)) for s, r in zip(slots, ranks)])
+        for s, info in zip(slots, loaded):
+            s.info = info
+            for p in patches:
+                await _await(s.actor.load_patch.remote(p))
+
+    # ---- elastic expert parallelism
+    async def prepare(self, placement: Placement, keep: list[int | None], patches: list[str]) -> list[_Slot]:
+        """Get a new layout ready while the current one serves: rank i of ``placement`` is current
+        rank ``keep[i]`` (its actor and KV cache) or a new actor (None) in a spare bundle. Kept actors
+        whose experts change load them beside the ones in use (their prepare concurrency group);
+        new actors start and load. Returns the new slots, for ``commit``. Nothing changes for the
+        running group until ``commit``."""
+        assert len(keep) == placement.world
+        if sum(k is None for k in keep) > len(self.spare_options):
+            raise RuntimeError(f"widening to {placement.world} actors needs {sum(k is None for k in keep)} more "
+                               f"placement-group bundles; {len(self.spare_options)} are free (raise "
+                               "pool.actors_per_replica.max)")
+        spares = list(self.spare_options)
+        new_slots: list[_Slot] = []
+        for i, k in enumerate(keep):
+            if k is None:
+                slot = _Slot(spares.pop(0))
+                slot.actor = self._cls.options(**slot.options).remote(i, placement.world)
+            else:
+                slot = self.slots[k]
+            new_slots.append(slot)
+        fresh = [(s, i) for i, (s, k) in enumerate(zip(new_slots, keep)) if k is None]
+        try:
+            await self._load_new([s for s, _ in fresh], [i for _, i in fresh], patches, placement)
+            moved = [(new_slots[i], i) for i, k in enumerate(keep)
+                     if k is not None and sorted(placement.slots[i]) != sorted(self.slots[k].info.get("experts", []))]
+            await asyncio.gather(*[_await(s.actor.prepare_experts.remote(list(placement.slots[i]))) for s, i in moved])
+        except BaseException:
+            for s, _ in fresh:
+                ray.kill(s.actor, no_restart=True)
+            raise
+        return new_slots
+
+    async def commit(self, placement: Placement, new_slots: list[_Slot]) -> None:
+        """At a step boundary, with nothing in flight: the prepared layout becomes the group (actors
+        no longer in it are stopped and their bundles freed), the process group is re-formed."""
+        gone = [s for s in self.slots if all(s is not n for n in new_slots)]
+        for s in gone:
+            ray.kill(s.actor, no_restart=True)
+        used = {id(s.options) for s in new_slots}
+        self.spare_options = [o for o in self.spare_options if id(o) not in used] + [s.options for s in gone]
+        same_group = len(new_slots) == len(self.slots) and all(a is b for a, b in zip(new_slots, self.slots))
+        self.slots, self.placement, self.world = new_slots, placement, placement.world
+        for r, s in enumerate(self.slots):
+            s.info["experts"] = list(placement.slots[r])
+            s.info["rank"] = r
+        if same_group:  # a rebalance: the process group stays, only the experts and the copies table change
+            replicas = self._replicas()
+            await asyncio.gather(*[_await(s.actor.commit_placement.remote(r, self.world, replicas, False))
+                                   for r, s in enumerate(self.slots)])
+            return
+        await self._form_group()
+        if any("decode" not in s.info for s in self.slots):  # new actors: compile (GPU), check the group
+            await asyncio.to_thread(self.warmup)
+            for s in self.slots:
+                if "decode" not in s.info:
+                    s.info["decode"] = await _await(s.actor.enable_decode_graphs.remote())
+
+    async def shrink(self, dead: set[int]) -> Placement:
+        """Degraded mode: drop the ``dead`` ranks at once, the survivors keep their experts (the
+        placement covers every expert without them) and re-form a smaller group. Returns the old
+        placement, which ``prepare`` can restore once replacements are up."""
+        old = self.placement
+        assert old is not None and old.covers_without(dead)
+        for r in sorted(dead):
+            ray.kill(self.slots[r].actor, no_restart=True)
+        await self.commit(old.without(dead), [s for r, s in enumerate(self.slots) if r not in dead])
+        return old
+
+    def shutdown(self) -> None:
+        for s in self.slots:
+            if s.actor is not None:
+                ray.kill(s.actor, no_restart=True)
+
+    # ---- patches and load statistics
+    async def load_patch(self, patch_dir: str) -> int:
+        idx = set(await asyncio.gather(*[_await(a.load_patch.remote(patch_dir)) for a in self.actors]))
+        assert len(idx) == 1, f"actors disagree on the variant index: {idx}"
+        return idx.pop()
+
+    async def expert_load_async(self) -> list[int]:
+        loads = await asyncio.gather(*[_await(a.expert_load.remote()) for a in self.actors])
+        return [sum(x) for x in zip(*loads)] if loads else []
+
+
+async def _await(ref):
+    return await ref
+
+
+async def _bounded(ref, timeout_s: float):
+    return await asyncio.wait_for(_await(ref), timeout=timeout_s)
