@@ -244,6 +244,10 @@ class TrainExperts:
             self._position[selected.local_idx] = torch.arange(len(selected.global_ids), device=self._position.device)
 
     def __call__(self, x_TD, local_ids_TK, weights_TK):
+        if self.selected is None and not torch.is_grad_enabled():
+            # nothing trainable here and no graph to build (``mode: mtp`` generating its targets, evaluation):
+            # the module's own inference path, the one serving runs
+            return self.experts(x_TD, local_ids_TK, weights_TK)
         if self.fp8:
             return self._fp8(x_TD, local_ids_TK, weights_TK)
         w13 = list(self.experts.w13_weight.unbind(0))
