@@ -38,4 +38,5 @@ from expertpool.kernels.reference import (  # noqa: F401
     BLOCK_SIZE,
     FP8_E4M3_MAX,
     dequant_w13_ref,
+    shape_bucket,
 )

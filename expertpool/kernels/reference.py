@@ -192,6 +192,20 @@ def moe_experts_ref(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scale, w2_
     return combine_pairs(torch.cat(outs) * w_sorted[:, None], pair_idx, T, K)
 
 
+def shape_bucket(n: int, exact: int = 16, per_octave: int = 4) -> int:
+    """``n`` rounded up to one of few sizes: ``n`` itself up to ``exact``, above it ``per_octave`` sizes
+    per power of two (at most 1 / per_octave more). oneDNN (the CPU's bf16 matmuls, every packed
+    linear) compiles and caches a kernel per distinct problem shape, a few hundred KB each, up to 1024
+    of them per cache (ONEDNN_PRIMITIVE_CACHE_CAPACITY, and ideep's LRU_CACHE_CAPACITY beside it):
+    serving steps whose row counts take every value from 1 to the token budget grew an expert
+    actor's resident memory by ~0.7 GB before both caches filled. Rows padded to a bucket (and
+    cut off after the product) keep the shapes few, so the caches stop growing early."""
+    if n <= exact:
+        return n
+    step = max(1, (1 << (n - 1).bit_length()) // (2 * per_octave))
+    return -(-n // step) * step
+
+
 # fp32 products with at most this many rows run as W @ x^T: MKL streams the weight rows at memory
 # bandwidth there, while x @ W^T packs W first (measured 2-3x slower at 1-16 rows, 1024x512 weights)
 FP32_SMALL_M = 16
@@ -204,8 +218,12 @@ def _expert_mm(x_nK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor | Non
         out_nN.copy_(torch._weight_int8pack_mm(x_nK.to(torch.bfloat16), w_NK, scale.to(torch.bfloat16)))
         return
     w_NK = _weight_as(w_NK, scale, x_nK.dtype)
-    if x_nK.dtype == torch.float32 and x_nK.shape[0] <= FP32_SMALL_M:
+    n = x_nK.shape[0]
+    if x_nK.dtype == torch.float32 and n <= FP32_SMALL_M:
         out_nN.copy_(torch.mm(w_NK, x_nK.t()).t())
+    elif x_nK.device.type == "cpu" and x_nK.dtype != torch.float32 and shape_bucket(n) > n:
+        # oneDNN runs the CPU's bf16 products: rows padded to a bucket keep its kernel shapes few
+        out_nN.copy_(torch.mm(F.pad(x_nK, (0, 0, 0, shape_bucket(n) - n)), w_NK.t())[:n])
     else:
         torch.mm(x_nK, w_NK.t(), out=out_nN)
 

@@ -20,7 +20,7 @@ Three paths compute one function (they differ in summation order only):
     into the query, scores against the latent cache, ``W_UV`` applied after
     (``kernels.paged_mla_decode``: a Triton kernel that reads the cache through the block table
     with an online softmax on CUDA; the torch reference, which gathers each context padded to the
-    longest of the step, elsewhere).
+    longest of the step rounded up to a few sizes, elsewhere).
 - ``kv_b_proj`` always multiplies with its dense weight (``MLA.kv_b_weight``, dequantized once and
   cached), never through the W8A8 FP8 GEMM: the full forward, prefill and decode then compute the
   same function. DeepSeek's own code quantizes the kv_b input in its naive attention and not in its
@@ -69,7 +69,8 @@ class Decode:
     rows_B: torch.Tensor | None    # flat row of each decode token (device long); None: rows 0..B-1
     block_table_BM: torch.Tensor   # (device int32)
     seq_lens_B: torch.Tensor       # context length including the new token (device int32)
-    max_len: int                   # longest context (host-known: the torch path's padded bound)
+    max_len: int                   # the torch path's padded bound: the longest context, in whole blocks
+                                   # rounded up to a ``kernels.shape_bucket`` (few shapes for oneDNN)
     block_size: int
     _padded: tuple | None = field(default=None, repr=False)
 
@@ -119,12 +120,14 @@ class AttnBatch:
             off += q
         decode = None
         if dec_rows:
-            m = max(len(t) for t in dec_tables)
+            # the torch path gathers every context padded to max_len: a bucket of whole blocks, so that
+            # its two batched products take few shapes (padding is masked: the same function)
+            m = kernels.shape_bucket(max(len(t) for t in dec_tables), exact=4, per_octave=2)
             table = torch.tensor([t + [0] * (m - len(t)) for t in dec_tables], dtype=torch.int32)
             contiguous = dec_rows == list(range(len(dec_rows)))
             decode = Decode(None if contiguous else torch.tensor(dec_rows, dtype=torch.long, device=device),
                             table.to(device), torch.tensor(dec_lens, dtype=torch.int32, device=device),
-                            max(dec_lens), bs)
+                            m * bs, bs)
         variant_N = None
         if variants is not None and any(variants):
             variant_N = torch.tensor([v for v, q in zip(variants, q_lens) for _ in range(q)], dtype=torch.long,
@@ -215,11 +218,14 @@ class MLA(nn.Module):
             return self._forward_full(x, cos_sin)
         return self._forward_batch(x, cos_sin, batch)
 
-    def _expand(self, c_TC, k_pe_TR, dtype):
+    def _expand(self, c_TC, k_pe_TR, dtype, rows: int | None = None):
         """Per-head keys [.., H, T, D] and values padded to D (fused kernels need one head dim) from the
-        normalized latent and the roped shared key."""
+        normalized latent and the roped shared key (``rows``: only the first T = rows of them)."""
         H = self.n_heads
-        kv = F.linear(c_TC, self.kv_b_weight(dtype)).unflatten(-1, (H, self.nope + self.v_dim))  # [.., T, H, Dn+Dv]
+        kv = F.linear(c_TC, self.kv_b_weight(dtype))
+        if rows is not None:
+            kv, k_pe_TR = kv[:rows], k_pe_TR[:rows]
+        kv = kv.unflatten(-1, (H, self.nope + self.v_dim))                         # [.., T, H, Dn+Dv]
         k_nope, v = kv.split([self.nope, self.v_dim], -1)
         k = torch.cat([k_nope, k_pe_TR.unsqueeze(-2).expand(*k_pe_TR.shape[:-1], H, self.rope_dim)], -1)
         v = F.pad(v, (0, self.qk_dim - self.v_dim))
@@ -262,8 +268,12 @@ class MLA(nn.Module):
         return self.o_proj(o_NV)
 
     def _prefill(self, q_nope_SHd, q_pe_SHR, cache_PC, slots_T, dtype):
-        ctx_TC = cache_PC[slots_T].to(dtype)                                       # [T, C+R]
-        k, v = self._expand(ctx_TC[:, :self.kv_lora_rank], ctx_TC[:, self.kv_lora_rank:], dtype)  # [H, T, D]
+        T = slots_T.shape[0]
+        # on CPU the context rows are padded to a bucket (slot 0, cut off after the kv_b product): few
+        # shapes for oneDNN, which compiles and caches a kernel per shape
+        pad = kernels.shape_bucket(T) - T if cache_PC.device.type == "cpu" else 0
+        ctx_TC = cache_PC[F.pad(slots_T, (0, pad))].to(dtype)                      # [T + pad, C+R]
+        k, v = self._expand(ctx_TC[:, :self.kv_lora_rank], ctx_TC[:, self.kv_lora_rank:], dtype, T)  # [H, T, D]
         q = torch.cat([q_nope_SHd, q_pe_SHR], -1).transpose(0, 1)                  # [H, S, D]
         o = causal_attention(q, k, v, self.scale)[..., :self.v_dim]                # [H, S, Dv]
         return o.transpose(0, 1).flatten(1)

@@ -53,6 +53,24 @@ def test_env_var_and_context_manager(monkeypatch):
             pass
 
 
+def test_packed_linear_pads_rows_to_a_bucket_without_changing_them():
+    """Row counts above 16 run padded to ``shape_bucket`` (few oneDNN kernel shapes); the rows kept
+    equal the unpadded product bit for bit (each output row depends on its own input row only), for
+    flat and batched inputs."""
+    dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+    for dt in dtypes:
+        w = torch.randn(96, 64).to(dt)
+        packed = K.pack_weight(w)
+        assert packed is not None
+        x = torch.randn(150, 64).to(dt)
+        for n in (1, 16, 17, 33, 100, 150):
+            assert K.shape_bucket(n) > n or n in (1, 16)
+            want = torch.ops.mkldnn._linear_pointwise(x[:n], packed, None, "none", [], "")
+            assert torch.equal(K.packed_linear(x[:n], packed), want), (dt, n)
+        assert torch.equal(K.packed_linear(x[:100].view(4, 25, 64), packed).view(100, 96),
+                           K.packed_linear(x[:100], packed))
+
+
 def test_forced_triton_on_cpu_without_interpreter_raises():
     q, s = ref.weight_quant_ref(torch.randn(64, 128))
     with K.use_backend("triton"), pytest.raises(RuntimeError, match="needs CUDA tensors"):

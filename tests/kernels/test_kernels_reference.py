@@ -107,6 +107,34 @@ def test_moe_experts_inference_equals_reference():
                        torch.zeros_like(x))
 
 
+def test_shape_bucket_takes_few_sizes_and_pads_at_most_a_quarter():
+    """Row counts 1..4096 map to 48 sizes (16 exact, then 4 per power of two), each size a fixed
+    point, at most 25% above the count; the decode context's coarser buckets (exact to 4, then 2 per
+    power of two) pad at most 50%."""
+    ns = range(1, 4097)
+    sizes = [ref.shape_bucket(n) for n in ns]
+    assert sizes[:16] == list(range(1, 17))
+    assert all(n <= b <= 1.25 * n for n, b in zip(ns, sizes))
+    assert len(set(sizes)) == 16 + 4 * 8 and all(ref.shape_bucket(b) == b for b in set(sizes))
+    coarse = [ref.shape_bucket(n, exact=4, per_octave=2) for n in ns]
+    assert all(n <= b <= 1.5 * n for n, b in zip(ns, coarse)) and len(set(coarse)) == 4 + 2 * 10
+
+
+def test_expert_rows_padded_to_a_bucket_keep_their_results():
+    """Experts with more than 16 rows run their bf16 products on rows padded to a bucket (cut off
+    after): bit for bit the reference, which multiplies the exact rows (each output row depends on
+    its own input row only)."""
+    gen = torch.Generator().manual_seed(4)
+    x, ids, w, w13_q, w13_s, w2_q, w2_s = make_moe(gen, t=60, top_k=2, e=3, d=256, f=96, idle_expert=None)
+    w13 = torch.stack([ref.dequant_w13_ref(w13_q[e], w13_s[e], torch.bfloat16) for e in range(3)])
+    w2 = torch.stack([ref.weight_dequant_ref(w2_q[e], w2_s[e], torch.bfloat16) for e in range(3)])
+    xb = x.to(torch.bfloat16)
+    counts = torch.bincount(ids[ids >= 0], minlength=3)
+    assert (counts > 16).all() and any(ref.shape_bucket(int(c)) > c for c in counts)  # padding happens
+    got = ref.moe_experts_inference(xb, ids, w, w13, None, w2, None)
+    assert torch.equal(got, ref.moe_experts_ref(xb, ids, w, w13, None, w2, None))
+
+
 def test_int8_weight_quant_roundtrip_and_kernel():
     """int8 weight-only: codes in [-127, 127] against bf16-rounded per-row scales; the CPU kernel
     (``int8_linear``) equals the dequantized product up to its bf16 activations."""

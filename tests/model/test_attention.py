@@ -1,6 +1,7 @@
 """MLA over the paged cache: prefill chunks (expanded, fused attention) and decodes (absorbed, through
 the block table) against the formula the serving path used before (absorbed, every score
-materialized), and the prefill's peak memory, measured."""
+materialized), the prefill's peak memory, measured, and the few oneDNN kernel shapes a serving
+workload takes (each one costs resident memory)."""
 
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 import torch
 
 from expertpool.model.attention import AttnBatch, PagedLatentCache
@@ -122,3 +124,49 @@ def test_prefill_peak_memory_is_linear_in_tokens_and_context():
     for S, chunk in ((4096, 4096), (4096, 512)):
         peak = _prefill_peak_bytes(S, chunk)
         assert peak < per_token * S + fixed, (S, chunk, peak)
+
+
+SHAPES_SCRIPT = textwrap.dedent("""
+    import torch
+    from expertpool.model.args import preset
+    from expertpool.model.attention import AttnBatch, PagedLatentCache
+    from expertpool.model.transformer import init_random
+    torch.set_num_threads(1)
+    args = preset("tiny")
+    dtype = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    m = init_random(args, seed=0, std=0.1, dtype=dtype)
+    m.prepare_for_inference()
+    bs, T = 16, 256
+    nb = T // bs
+    cache = PagedLatentCache(args.num_hidden_layers, 8 * nb, bs, args.kv_cache_dim, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.inference_mode():
+        for n in range(1, T + 1):  # a prefill chunk of every size
+            ids = torch.randint(0, args.vocab_size, (n,), generator=g)
+            m.forward_batch(ids, AttnBatch.build(cache, [list(range(nb))], [0], [n]), torch.tensor([n - 1]))
+        for b in (1, 2, 5, 8):  # decode batches over contexts of every length
+            tables = [list(range(i * nb, (i + 1) * nb)) for i in range(b)]
+            for t in range(1, T + 1):
+                ids = torch.randint(0, args.vocab_size, (b,), generator=g)
+                m.forward_batch(ids, AttnBatch.build(cache, tables, [t - 1] * b, [1] * b))
+""")
+
+
+def test_serving_steps_take_few_onednn_kernel_shapes():
+    """Prefill chunks of every size from 1 to 256 tokens and decode batches over contexts of every
+    length up to 256 run through few distinct oneDNN problem shapes (counted from ONEDNN_VERBOSE):
+    oneDNN compiles a kernel per shape and caches up to 1024 of them (plus ideep's cache of as many
+    descriptors), a few hundred KB each, so every new shape grew a serving actor's resident memory
+    (the soak: ~0.7 GB before both caches filled). Row counts and decode contexts padded to buckets
+    (``kernels.shape_bucket``) keep this workload at ~420 shapes (~4,500 before the buckets); the
+    bound is the cache capacity, under which nothing is evicted and compiled again."""
+    env = dict(os.environ, ONEDNN_VERBOSE="1", PYTHONPATH=str(REPO_ROOT))
+    out = subprocess.run([sys.executable, "-c", SHAPES_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=REPO_ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    # onednn_verbose,...,exec,cpu,<kind>,<impl>,...,<problem>,<time>: the line less its time is the shape
+    shapes = {line.rsplit(",", 1)[0] for line in out.stdout.splitlines()
+              if line.startswith("onednn_verbose") and ",exec," in line}
+    if not shapes:
+        pytest.skip("this torch build prints no oneDNN verbose lines")
+    assert len(shapes) < 1024, len(shapes)
