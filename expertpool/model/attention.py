@@ -99,20 +99,26 @@ class AttnBatch:
 
     @classmethod
     def build(cls, cache: PagedLatentCache, block_tables: list[list[int]], start_pos: list[int],
-              q_lens: list[int], device="cpu", variants: list[int] | None = None) -> "AttnBatch":
+              q_lens: list[int], device="cpu", variants: list[int] | None = None,
+              as_decode: list[bool] | None = None) -> "AttnBatch":
+        """``as_decode``: items whose tokens run as decode rows, one per token, each seeing the context
+        up to itself (speculative verification: a few queries over a long context, where the absorbed
+        form reads the latent cache per query instead of expanding the whole context). Single-token
+        items always do."""
         bs = cache.block_size
         positions, slots, prefills = [], [], []
         dec_rows, dec_tables, dec_lens = [], [], []
         off = 0
-        for bt, st, q in zip(block_tables, start_pos, q_lens):
+        for i, (bt, st, q) in enumerate(zip(block_tables, start_pos, q_lens)):
             end = st + q
             assert (end + bs - 1) // bs <= len(bt), f"block table too short for {end} tokens"
             positions.extend(range(st, end))
             slots.extend(bt[p // bs] * bs + p % bs for p in range(st, end))
-            if q == 1:
-                dec_rows.append(off)
-                dec_tables.append(bt[:(end + bs - 1) // bs])
-                dec_lens.append(end)
+            if q == 1 or (as_decode is not None and as_decode[i]):
+                for r in range(q):  # row r sees positions <= st + r: causal by its context length
+                    dec_rows.append(off + r)
+                    dec_tables.append(bt[:(st + r + bs) // bs])
+                    dec_lens.append(st + r + 1)
             else:
                 ctx = torch.tensor(bt[:(end + bs - 1) // bs], dtype=torch.long)
                 t_T = torch.arange(end)

@@ -128,7 +128,8 @@ class ModelRunner:
                 logits = logits[[i for i, it in enumerate(items) if it.sample]]
         else:
             batch = AttnBatch.build(self.cache, [it.block_table for it in items], [it.start_pos for it in items],
-                                    q_lens, device=self.device, variants=[it.variant for it in items])
+                                    q_lens, device=self.device, variants=[it.variant for it in items],
+                                    as_decode=[bool(it.draft) and len(it.tokens) == 1 for it in items])
             tokens_N = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=self.device)
             rows_R = torch.tensor(rows, dtype=torch.long, device=self.device)
             if self.spec_tokens:
@@ -199,7 +200,7 @@ class ModelRunner:
         sampling item's newest row proposes one more token, one position further on. Every rank runs
         all ``spec_tokens`` depths, with no rows if need be: the module's MoE layer is a collective."""
         dev = self.device
-        tables, starts, q_lens, hid, nxt = [], [], [], [], []
+        tables, starts, q_lens, hid, nxt, as_decode = [], [], [], [], [], []
         newest: list[tuple[int, int, list[int]]] = []  # per sampling item: (its newest row, position, table)
         j = 0
         for it, x, off in zip(items, inputs, offsets):
@@ -213,13 +214,14 @@ class ModelRunner:
             tables.append(it.block_table)
             starts.append(it.start_pos)
             q_lens.append(len(follow))
+            as_decode.append(bool(it.sample and it.draft))  # a verified decode's rows: decode rows, as above
             hid.extend(range(off, off + len(follow)))
             nxt.extend(follow)
             if it.sample:
                 newest.append((len(hid) - 1, it.start_pos + len(follow) - 1, it.block_table))
         h_MD = hidden_ND.index_select(0, torch.tensor(hid, dtype=torch.long, device=dev))
         tok_M = torch.tensor(nxt, dtype=torch.long, device=dev)
-        batch = AttnBatch.build(self.cache, tables, starts, q_lens, device=dev)
+        batch = AttnBatch.build(self.cache, tables, starts, q_lens, device=dev, as_decode=as_decode)
         sel = torch.tensor([r for r, _, _ in newest], dtype=torch.long, device=dev)
         drafts: list[list[int]] = [[] for _ in newest]
         n_mtp = len(self.model.model.mtp)
@@ -389,8 +391,10 @@ class ExpertWorker:
         self.rank, self.world = rank, world
         self.runner: ModelRunner | None = None
         self.replicas: list[list[int]] | None = None  # per expert, the ranks with a copy (None: ranges)
-        self._patches: list = []       # the patches loaded, in order (re-added to a new expert placement)
-        self._prepared: tuple[list[int], dict] | None = None
+        # the patches loaded, in order: (directory, kind), read again for a new expert placement (the tensors
+        # are not kept: a served variant's experts already live in the model, a second copy would double them)
+        self._patches: list[tuple[str, str]] = []
+        self._prepared: tuple[list[int], dict, list] | None = None  # experts, their modules, MTP patches
         self.device = "cpu"
         self.backend = "gloo"
         self.generation = -1
@@ -514,7 +518,7 @@ class ExpertWorker:
 
         patch = read_patch(patch_dir, base_model_dir=self.model_dir)  # this actor's copy of the base
         idx = self.runner.use_patch(patch, patch_dir)
-        self._patches.append(patch)  # re-applied to the experts of a new placement
+        self._patches.append((patch_dir, patch.kind))  # re-applied to the experts of a new placement
         return idx
 
     # ---- elastic expert parallelism: a new placement is loaded beside the old one, then swapped in
@@ -525,19 +529,24 @@ class ExpertWorker:
         in at a step boundary. Experts it already holds are read again from the local checkpoint
         (simple, and the reads stay on this node). Returns the seconds it took."""
         from expertpool.model.checkpoint import load_experts
-        from expertpool.model.patch import add_layer_variant
+        from expertpool.model.patch import add_layer_variant, read_patch
 
         t0 = time.time()
         experts = sorted(experts)
         fresh = load_experts(self.model_dir, self.model, experts, weight_dtype=self.spec.weight_dtype,
                              device=self.device)
         main_layers = self.model.args.num_hidden_layers
-        for patch in (p for p in self._patches if p.kind != "mtp"):  # MTP patches: re-applied at the switch
+        mtp = []
+        for patch_dir, kind in self._patches:
+            patch = read_patch(patch_dir, base_model_dir=self.model_dir)  # a remote one: from the local cache
+            if kind == "mtp":
+                mtp.append(patch)  # the MTP module's experts: rewritten in place at the switch
+                continue
             for name, mod in fresh.items():
                 layer = int(name.split(".")[2])  # model.layers.N.mlp.experts / model.mtp.K...: MTP has none
                 if name.startswith("model.layers.") and layer < main_layers:
                     add_layer_variant(mod, patch.experts.get(layer, {}))
-        self._prepared = (experts, fresh)
+        self._prepared = (experts, fresh, mtp)
         dt = time.time() - t0
         log.info("worker %d: prepared experts %s (%d per layer) in %.1fs", self.rank, expert_span(experts),
                  len(experts), dt)
@@ -550,14 +559,14 @@ class ExpertWorker:
         the group stays as it is (same ranks: an EPLB rebalance). The KV cache stays: the sequences on
         this actor keep it."""
         if self._prepared is not None:
-            self.experts, fresh = self._prepared
+            self.experts, fresh, mtp = self._prepared
             for name, mod in fresh.items():
                 parent, attr = name.rsplit(".", 1)
                 setattr(self.model.get_submodule(parent), attr, mod)
             self._prepared = None
             if self.runner is not None:
                 self.runner.graphs = None  # captured over the old expert tensors
-                for patch in (p for p in self._patches if p.kind == "mtp"):  # the MTP module's new experts
+                for patch in mtp:  # the MTP module's new experts
                     self.runner.use_patch(patch)
         self.rank, self.world, self.replicas = rank, world, replicas
         if not regroup and world > 1:
