@@ -7,10 +7,12 @@ hooks split the step into attention, dense MLP, MoE (router, routed experts, sha
 rest: dispatch and combine), lm_head, the rest of the forward (embedding, norms, residuals), the
 runner outside the forward (batch metadata, sampling) and the scheduler. Medians over the steps,
 with the spread. ``--count`` adds the ops and host reads of one decode step (``kernels.counting``),
-per MoE layer.
+per MoE layer. ``--spec-tokens K`` runs MTP speculative decoding (bench-mini gets one MTP module,
+random: its drafts are rarely accepted, so this times what a speculative step costs, verification
+and drafting, and its tokens per step show the acceptance).
 
     python bench/decode_step.py [--dtype auto|float32|bfloat16] [--weight-dtype ...] [--threads N]
-                                [--batch 16] [--steps 30] [--count] [--model DIR] [--json]
+                                [--batch 16] [--steps 30] [--count] [--spec-tokens K] [--model DIR] [--json]
 
 Hooks cost a few microseconds per module call; the step total is measured without them in a second
 pass, and both are printed.
@@ -39,35 +41,42 @@ class Timer:
     def __init__(self):
         self.acc: dict[str, float] = {}
         self._t0: dict[int, float] = {}
+        self.paused = False  # inside a wrapped call that counts as a whole (``wrap(whole=True)``)
 
     def hook(self, module, name):
         def pre(mod, args):
-            self._t0[id(mod)] = time.perf_counter()
+            if not self.paused:
+                self._t0[id(mod)] = time.perf_counter()
 
         def post(mod, args, out):
-            self.acc[name] = self.acc.get(name, 0.0) + time.perf_counter() - self._t0.pop(id(mod))
+            if not self.paused:
+                self.acc[name] = self.acc.get(name, 0.0) + time.perf_counter() - self._t0.pop(id(mod))
         return [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
 
-    def wrap(self, obj, attr, name):
+    def wrap(self, obj, attr, name, whole: bool = False):
+        """Time calls of ``obj.attr`` under ``name``; ``whole``: module hooks inside it do not count
+        (the MTP draft calls the shared lm_head, which is the main model's row otherwise)."""
         fn = getattr(obj, attr)
 
         def timed(*a, **k):
             t = time.perf_counter()
+            self.paused = whole
             try:
                 return fn(*a, **k)
             finally:
+                self.paused = False
                 self.acc[name] = self.acc.get(name, 0.0) + time.perf_counter() - t
         setattr(obj, attr, timed)
         return lambda: setattr(obj, attr, fn)
 
 
-def build(model_dir, dtype, weight_dtype, batch, max_new):
+def build(model_dir, dtype, weight_dtype, batch, max_new, spec_tokens=0):
     from expertpool.model.checkpoint import DTYPES, load_checkpoint
     from expertpool.model.sampling import SamplingParams
     from expertpool.platform.engine import local_engine
-    model = load_checkpoint(model_dir, dtype=DTYPES[dtype], weight_dtype=weight_dtype, with_mtp=False)
+    model = load_checkpoint(model_dir, dtype=DTYPES[dtype], weight_dtype=weight_dtype, with_mtp=spec_tokens > 0)
     core = local_engine(model, max_batch_size=batch, max_seq_len=PROMPT + max_new + 8,
-                        max_num_batched_tokens=batch * PROMPT)
+                        max_num_batched_tokens=batch * PROMPT, spec_tokens=spec_tokens)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(5, 2000, (batch, PROMPT), generator=g).tolist()
     sp = SamplingParams(max_tokens=max_new, temperature=0, ignore_eos=True)
@@ -102,19 +111,22 @@ def run(a) -> dict:
     if dtype == "auto":
         from expertpool.model.dtype import resolve_dtype
         dtype = resolve_dtype("auto", "cpu").dtype
-    model, core = build(a.model, dtype, a.weight_dtype, a.batch, a.steps * 2 + 8)
+    model, core = build(a.model, dtype, a.weight_dtype, a.batch, a.steps * 2 * (1 + a.spec_tokens) + 8,
+                        a.spec_tokens)
     runner = core.executor.runner
 
     # pass 1: step totals without hooks
-    totals = []
+    totals, tokens = [], 0
     for _ in range(a.steps):
         t = time.perf_counter()
-        core.step()
+        tokens += sum(len(ev.token_ids) for ev in core.step().values())
         totals.append(time.perf_counter() - t)
     # pass 2: with hooks
     timer = Timer()
     handles = categories(model, timer)
     undo = [timer.wrap(runner, "step", "runner.step"), timer.wrap(model, "forward_batch", "forward")]
+    if a.spec_tokens:
+        undo.append(timer.wrap(runner, "_draft", "draft", whole=True))
     per_step: list[dict[str, float]] = []
     for _ in range(a.steps):
         timer.acc = {}
@@ -140,12 +152,14 @@ def run(a) -> dict:
         "lm_head": med("lm_head"),
         "forward rest (embed, norms, residuals)": med("forward") - sum(
             med(k) for k in ("attention", "dense_mlp", "moe", "lm_head")),
-        "runner outside forward (metadata, sampling)": med("runner.step") - med("forward"),
+        "MTP draft (module and head, per depth)": med("draft"),
+        "runner outside forward (metadata, sampling)": med("runner.step") - med("forward") - med("draft"),
         "scheduler (EngineCore)": med("step") - med("runner.step"),
     }
     out = {"dtype": dtype, "weight_dtype": a.weight_dtype, "threads": a.threads, "batch": a.batch,
            "step_ms_median": statistics.median(totals) * 1e3, "step_ms_min": min(totals) * 1e3,
-           "step_ms_max": max(totals) * 1e3, "hooked_step_ms_median": med("step"), "rows": rows}
+           "step_ms_max": max(totals) * 1e3, "hooked_step_ms_median": med("step"), "rows": rows,
+           "spec_tokens": a.spec_tokens, "tokens_per_step": tokens / a.steps, "tok_s": tokens / sum(totals)}
     if a.count:
         from expertpool.kernels.counting import OpCounter
         with OpCounter() as c:
@@ -177,6 +191,8 @@ def main():
     ap.add_argument("--batch", type=int, default=16, help="decoding sequences (default 16)")
     ap.add_argument("--steps", type=int, default=30, help="timed decode steps (default 30)")
     ap.add_argument("--count", action="store_true", help="also count ops and host reads of one step")
+    ap.add_argument("--spec-tokens", type=int, default=0, help="MTP speculative decoding with this many drafts "
+                    "per step (bench-mini gets a random MTP module; default 0: off)")
     ap.add_argument("--json", action="store_true", help="print one JSON line only")
     a = ap.parse_args()
     tmp = None
@@ -184,7 +200,7 @@ def main():
         from expertpool.model.embedded import init_model
         tmp = tempfile.TemporaryDirectory()
         a.model = tmp.name
-        init_model("bench-mini", a.model, seed=0)
+        init_model("bench-mini", a.model, seed=0, mtp_layers=1 if a.spec_tokens else 0)
     out = run(a)
     out["cpu"] = common.cpu_kind()
     if a.json:
@@ -193,8 +209,9 @@ def main():
     print(f"CPU: {common.cpu_flags_line()}")
     print(f"bench-mini decode step, batch {a.batch}, compute {out['dtype']}, weights {a.weight_dtype or 'as stored'}, "
           f"{a.threads} threads: median {out['step_ms_median']:.1f} ms (min {out['step_ms_min']:.1f}, "
-          f"max {out['step_ms_max']:.1f}) -> {a.batch / out['step_ms_median'] * 1e3:.0f} tok/s; with hooks "
-          f"{out['hooked_step_ms_median']:.1f} ms")
+          f"max {out['step_ms_max']:.1f}) -> {out['tok_s']:.0f} tok/s ({out['tokens_per_step']:.2f} tokens per step"
+          f"{f', {a.spec_tokens} MTP drafts' if a.spec_tokens else ''}); "
+          f"with hooks {out['hooked_step_ms_median']:.1f} ms")
     for k, v in out["rows"].items():
         print(f"  {k:45s} {v:7.2f} ms")
     if a.count:
