@@ -197,7 +197,7 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     unchanged) so that oneDNN sees few problem shapes."""
     x2 = x.reshape(-1, x.shape[-1])
     n = x2.shape[0]
-    pad = ref.shape_bucket(n) - n
+    pad = ref.row_bucket(n) - n
     if pad:
         x2 = F.pad(x2, (0, 0, 0, pad))
     y = torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")

@@ -206,6 +206,18 @@ def shape_bucket(n: int, exact: int = 16, per_octave: int = 4) -> int:
     return -(-n // step) * step
 
 
+ROW_TILE = 16  # the CPU GEMMs' row counts are multiples of this (``row_bucket``)
+
+
+def row_bucket(n: int) -> int:
+    """The rows a CPU GEMM of ``n`` rows runs on: ``shape_bucket(n)`` (few shapes, for oneDNN's kernel
+    caches) rounded up to a multiple of ``ROW_TILE``. The GEMM kernels tile rows, and a row that lands
+    in a remainder tile is summed in another order than one in a full tile: a token's result would
+    then depend on how many other rows share its step, and a replay after a failure (other batches,
+    other chunks) would not reproduce it bit for bit. With whole tiles every row takes the same path."""
+    return max(ROW_TILE, -(-shape_bucket(n, exact=0) // ROW_TILE) * ROW_TILE)
+
+
 # fp32 products with at most this many rows run as W @ x^T: MKL streams the weight rows at memory
 # bandwidth there, while x @ W^T packs W first (measured 2-3x slower at 1-16 rows, 1024x512 weights)
 FP32_SMALL_M = 16
@@ -221,9 +233,9 @@ def _expert_mm(x_nK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor | Non
     n = x_nK.shape[0]
     if x_nK.dtype == torch.float32 and n <= FP32_SMALL_M:
         out_nN.copy_(torch.mm(w_NK, x_nK.t()).t())
-    elif x_nK.device.type == "cpu" and x_nK.dtype != torch.float32 and shape_bucket(n) > n:
-        # oneDNN runs the CPU's bf16 products: rows padded to a bucket keep its kernel shapes few
-        out_nN.copy_(torch.mm(F.pad(x_nK, (0, 0, 0, shape_bucket(n) - n)), w_NK.t())[:n])
+    elif x_nK.device.type == "cpu" and x_nK.dtype != torch.float32 and row_bucket(n) > n:
+        # oneDNN runs the CPU's bf16 products: rows padded to whole tiles of a few sizes (``row_bucket``)
+        out_nN.copy_(torch.mm(F.pad(x_nK, (0, 0, 0, row_bucket(n) - n)), w_NK.t())[:n])
     else:
         torch.mm(x_nK, w_NK.t(), out=out_nN)
 
@@ -273,8 +285,9 @@ def paged_mla_decode_ref(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens
     from the paged cache (slot of t = block_table[t // block_size] * block_size + t % block_size),
     softmax in fp32, output the probability-weighted latent [B, H, C] in q's dtype. Gathers every
     context padded to ``max_len`` (the CPU path; the Triton kernel never builds it). ``padded()``:
-    precomputed (slots_BT, valid_BT), shared by the layers of a step."""
-    C = q_abs_BHC.shape[-1]
+    precomputed (slots_BT, valid_BT), shared by the layers of a step. At most ``DECODE_ROWS`` rows are
+    gathered at a time (a replay's output tokens are many decode rows of one step): the gathered
+    context stays the size of a decode batch's, and rows are independent, so slicing changes nothing."""
     if padded is not None:
         slots_BT, valid_BT = padded()
     else:
@@ -282,6 +295,19 @@ def paged_mla_decode_ref(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens
         valid_BT = t_T[None, :] < seq_lens_B[:, None]
         slots_BT = (block_table_BM[:, t_T // block_size].long() * block_size + t_T % block_size).masked_fill(
             ~valid_BT, 0)
+    B = q_abs_BHC.shape[0]
+    if B > DECODE_ROWS:
+        return torch.cat([_decode_rows(q_abs_BHC[i:i + DECODE_ROWS], q_pe_BHR[i:i + DECODE_ROWS], cache_PX,
+                                       slots_BT[i:i + DECODE_ROWS], valid_BT[i:i + DECODE_ROWS], scale)
+                          for i in range(0, B, DECODE_ROWS)])
+    return _decode_rows(q_abs_BHC, q_pe_BHR, cache_PX, slots_BT, valid_BT, scale)
+
+
+DECODE_ROWS = 32  # decode rows gathered at once by the torch path
+
+
+def _decode_rows(q_abs_BHC, q_pe_BHR, cache_PX, slots_BT, valid_BT, scale: float):
+    C = q_abs_BHC.shape[-1]
     ctx_BTX = cache_PX[slots_BT].to(q_abs_BHC.dtype)                               # [B, T, C+R]
     # one product over the whole C+R row (latent and rope parts at once), no sliced copies of the context
     scores_BHT = torch.bmm(torch.cat([q_abs_BHC, q_pe_BHR], -1), ctx_BTX.transpose(1, 2)) * scale

@@ -114,7 +114,7 @@ class AttnBatch:
             assert (end + bs - 1) // bs <= len(bt), f"block table too short for {end} tokens"
             positions.extend(range(st, end))
             slots.extend(bt[p // bs] * bs + p % bs for p in range(st, end))
-            if q == 1 or (as_decode is not None and as_decode[i]):
+            if (q == 1 and as_decode is None) or (as_decode is not None and as_decode[i]):
                 for r in range(q):  # row r sees positions <= st + r: causal by its context length
                     dec_rows.append(off + r)
                     dec_tables.append(bt[:(st + r + bs) // bs])
@@ -161,6 +161,22 @@ def causal_attention(q_HSD: torch.Tensor, k_HTD: torch.Tensor, v_HTD: torch.Tens
             q_HSD[..., i0:i0 + n, :], k_HTD[..., :t, :], v_HTD[..., :t, :], attn_mask=causal_lower_right(n, t),
             scale=scale)
     return out
+
+
+BMM_ROWS = 16  # the CPU's per-head products of decode rows run on a multiple of this many rows (``_per_head``)
+
+
+def _per_head(x_BHK: torch.Tensor, w_HKN: torch.Tensor) -> torch.Tensor:
+    """``x[b, h] @ w[h]`` for every row b and head h: [B, H, N]. On the CPU in bfloat16 (oneDNN) the rows
+    are padded to a multiple of ``BMM_ROWS``: the batched GEMM rounds a row differently at some row
+    counts (measured: 3 rows against 1), and a decode row must come out the same in any batch, or a
+    replay after a failure would not continue exactly (tests/platform/test_engine_local). fp32 (MKL)
+    keeps its own kernels, which the W8A8 path's tests pin down to the last bit."""
+    B = x_BHK.shape[0]
+    pad = -B % BMM_ROWS if x_BHK.device.type == "cpu" and x_BHK.dtype != torch.float32 else 0
+    if pad:
+        x_BHK = F.pad(x_BHK, (0, 0, 0, 0, 0, pad))
+    return torch.bmm(x_BHK.transpose(0, 1), w_HKN).transpose(0, 1)[:B]
 
 
 class MLA(nn.Module):
@@ -286,7 +302,7 @@ class MLA(nn.Module):
 
     def _decode(self, q_nope_BHd, q_pe_BHR, cache_PC, d: Decode):
         w_uk, w_uv_t = self.absorbed_weights(q_nope_BHd.dtype)
-        q_abs = torch.bmm(q_nope_BHd.transpose(0, 1), w_uk).transpose(0, 1)      # [B, H, C]
+        q_abs = _per_head(q_nope_BHd, w_uk)                                       # [B, H, C]
         o_BHC = kernels.paged_mla_decode(q_abs.contiguous(), q_pe_BHR.contiguous(), cache_PC, d.block_table_BM,
                                          d.seq_lens_B, self.scale, d.block_size, d.max_len, d.padded_slots)
-        return torch.bmm(o_BHC.transpose(0, 1), w_uv_t).transpose(0, 1).flatten(1)  # [B, H*Dv]
+        return _per_head(o_BHC, w_uv_t).flatten(1)                                # [B, H*Dv]

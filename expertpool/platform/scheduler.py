@@ -407,6 +407,23 @@ class EngineCore:
         drafts (each depth caches one position ahead); 0 without speculation."""
         return n_draft + self.spec_tokens - 1 if self.spec_tokens else 0
 
+    def _chunk(self, seq: Sequence, room: int) -> int:
+        """The next prefill chunk of ``seq`` in ``room`` tokens. A prompt is prefilled up to its end and
+        no further, in chunks that end on block boundaries (or at the prompt's end); the output tokens
+        of a recomputed sequence (a replay after a worker failure, a preempted one) follow in chunks of
+        their own and run as decode rows, as they did when they were generated (``ModelRunner.step``).
+        Every position's cache entry and logits are then computed by the same function however the
+        steps were packed: the fused CPU attention gives each query row the same result for any
+        block-aligned chunking (measured bit for bit), and the decode rows are independent of their
+        batch. So a replay continues exactly, in bfloat16 too (tested)."""
+        start, P = seq.num_cached, len(seq.prompt)
+        if start >= P:
+            return min(len(seq.tokens) - start, room)
+        chunk = min(P - start, room)
+        if start + chunk < P:  # not the prompt's last chunk: end on a block boundary
+            chunk = (start + chunk) // self.block_size * self.block_size - start
+        return chunk
+
     def schedule(self) -> list[list[tuple[Sequence, StepItem]]]:
         self._admit()
         plans: list[list[tuple[Sequence, StepItem]]] = [[] for _ in range(self.world)]
@@ -436,15 +453,15 @@ class EngineCore:
             if seq.worker < 0 or seq.num_cached >= len(seq.tokens) - 1:
                 continue
             w = seq.worker
-            chunk = min(len(seq.tokens) - seq.num_cached, budget[w])
+            chunk = self._chunk(seq, budget[w])
             if chunk <= 0:
                 continue
             alloc = self.allocators[w]
             extra = self._spec_room(0) if seq.num_cached + chunk == len(seq.tokens) else 0
             need = self._blocks_needed(seq, seq.num_cached + chunk + extra)
             if need > alloc.num_available():
-                chunk = min(chunk, len(seq.blocks) * self.block_size + alloc.num_available() * self.block_size
-                            - seq.num_cached - self._spec_room(0))
+                chunk = self._chunk(seq, len(seq.blocks) * self.block_size + alloc.num_available() * self.block_size
+                                    - seq.num_cached - self._spec_room(0))
                 need = self._blocks_needed(seq, seq.num_cached + chunk + self._spec_room(0))
                 if chunk <= 0:
                     continue

@@ -129,7 +129,7 @@ class ModelRunner:
         else:
             batch = AttnBatch.build(self.cache, [it.block_table for it in items], [it.start_pos for it in items],
                                     q_lens, device=self.device, variants=[it.variant for it in items],
-                                    as_decode=[bool(it.draft) and len(it.tokens) == 1 for it in items])
+                                    as_decode=[_fed_back(it) for it in items])
             tokens_N = torch.tensor([t for x in inputs for t in x], dtype=torch.long, device=self.device)
             rows_R = torch.tensor(rows, dtype=torch.long, device=self.device)
             if self.spec_tokens:
@@ -214,7 +214,7 @@ class ModelRunner:
             tables.append(it.block_table)
             starts.append(it.start_pos)
             q_lens.append(len(follow))
-            as_decode.append(bool(it.sample and it.draft))  # a verified decode's rows: decode rows, as above
+            as_decode.append(_fed_back(it))  # as in the main model's step
             hid.extend(range(off, off + len(follow)))
             nxt.extend(follow)
             if it.sample:
@@ -338,6 +338,17 @@ class ModelRunner:
         one, many = best(1), best(rows)
         per_row = max(many - one, 1e-9) / (rows - 1)
         return max(0.0, one - per_row) / per_row
+
+
+def _fed_back(it: StepItem) -> bool:
+    """Whether an item's tokens are output tokens fed back (a decode, a speculative verification, the
+    output part of a replay): they run as decode rows, one query per token over its own context, the
+    function that computed them when they were generated; a prompt's chunks run as prefill, a last
+    chunk of one token too. Items that do not say where their prompt ends (``prompt_len`` 0: direct
+    runner users) decode exactly their single-token items."""
+    if it.prompt_len:
+        return it.prompt_len <= it.start_pos
+    return len(it.tokens) + len(it.draft) == 1
 
 
 def load_model(model_dir: str, dtype: str, weight_dtype: str | None, experts=None, device="cpu",

@@ -77,7 +77,7 @@ def test_mixed_step_equals_the_materialized_formula():
 
     # the continuing chunk as decode rows (speculative verification: one query per token, each over its
     # own context through the block table) computes the same function, and every row is a decode row
-    as_rows = AttnBatch.build(cache, tables, starts, q_lens, as_decode=[False, False, True, False, False])
+    as_rows = AttnBatch.build(cache, tables, starts, q_lens, as_decode=[False, True, True, True, True])
     with torch.no_grad():
         got_rows = mla(x, cos_sin, as_rows)
     assert len(as_rows.prefills) == 1 and as_rows.decode.seq_lens_B.tolist() == [11, 6, 7, 8, 9, 10, 11, 8, 20]

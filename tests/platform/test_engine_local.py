@@ -171,3 +171,40 @@ def test_warmup_steps_fit_the_scratch_blocks_with_speculative_drafts(on_gpu):
         runner.step(items)
         runner.release([it.seq_id for it in items])
     assert torch.equal(runner.cache.kv_LPC[:, :8 * 8], live)
+
+
+def _run(core, prompts, params, lose_after: int | None = None):
+    """Drive ``core`` to completion: per prompt, its (token, logprob) pairs. ``lose_after``: after that
+    many steps the worker's cache is lost (overwritten with noise, as a replacement actor holds nothing
+    of these sequences) and every sequence is replayed from prompt + output."""
+    for i, p in enumerate(prompts):
+        core.add_request(f"r{i}", p, params)
+    out = {f"r{i}": [] for i in range(len(prompts))}
+    steps = 0
+    while core.has_work():
+        for rid, ev in core.step().items():
+            out[rid] += [(t, lp.logprob) for t, lp in zip(ev.token_ids, ev.logprobs)]
+        steps += 1
+        if steps == lose_after:
+            core.executor.runner.cache.kv_LPC.normal_()
+            assert core.fail_workers({0})
+    return [out[f"r{i}"] for i in range(len(prompts))]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_a_replay_continues_bit_for_bit_in_bfloat16(temperature):
+    """After the worker's cache is lost mid-stream, the replayed sequences (prompts longer than the
+    token budget among them, so prefilled in several chunks) emit exactly the tokens and logprobs of
+    the run without a fault, in bfloat16: the prompt is re-prefilled in the chunks it first ran in,
+    and the output tokens run as decode rows, as when they were generated."""
+    model = random_model("tiny").to(torch.bfloat16)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 41, 70, 23)]
+    params = SamplingParams(max_tokens=24, temperature=temperature, seed=11, ignore_eos=True, logprobs=0)
+
+    def engine():
+        return local_engine(model, max_num_batched_tokens=32, prefix_caching=False)
+    want = _run(engine(), prompts, params)
+    got = _run(engine(), prompts, params, lose_after=12)
+    assert all(len(w) == 24 for w in want)
+    assert got == want
