@@ -101,6 +101,8 @@ def main():
     ap.add_argument("--redundant", type=int, default=0, help="pool.redundant_experts: 256 gives every expert of the "
                     "tiny model a second copy, so a kill is served on by the survivor (degraded mode)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
+    ap.add_argument("--batch-invariant", action="store_true", help="serving.batch_invariant: every row's result "
+                    "the same in any batch, so replays continue bit for bit in bf16 too")
     a = ap.parse_args()
 
     import ray
@@ -109,6 +111,7 @@ def main():
     data = resolve_config(None).model_dump(mode="json")
     data.pop("train", None)
     data["pool"]["redundant_experts"] = a.redundant
+    data["serving"]["batch_invariant"] = a.batch_invariant
     base, app = common.start(data)
     rng = random.Random(a.seed)
     print("throughput before ...", flush=True)
@@ -140,7 +143,8 @@ def main():
         title = "Actor faults, degraded mode" if a.redundant else "Actor faults"
         common.append_to_benchmarks(f"{title} (bench/faults.py)", f"{common.machine_line(' '.join(sys.argv))}. "
                                     f"cluster.yaml (tiny model, 2 expert actors x 0.5 CPU, redundant_experts "
-                                    f"{a.redundant}), {a.streams} streams of "
+                                    f"{a.redundant}, serving.batch_invariant {a.batch_invariant}), {a.streams} "
+                                    f"streams of "
                                     f"{a.tokens} seeded-sampling tokens per run, SIGKILL of a random actor 1-3 s "
                                     f"in.\n\n{table}\n\n{summary}")
     sys.exit(0 if all(r["lost"] == 0 and r["equal"] for r in runs) else 1)

@@ -37,6 +37,8 @@ from expertpool.kernels.backend import (  # noqa: F401
 from expertpool.kernels.reference import (  # noqa: F401
     BLOCK_SIZE,
     FP8_E4M3_MAX,
+    batch_invariant,
     dequant_w13_ref,
+    set_batch_invariant,
     shape_bucket,
 )

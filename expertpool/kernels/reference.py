@@ -206,15 +206,31 @@ def shape_bucket(n: int, exact: int = 16, per_octave: int = 4) -> int:
     return -(-n // step) * step
 
 
-ROW_TILE = 16  # the CPU GEMMs' row counts are multiples of this (``row_bucket``)
+ROW_TILE = 16  # batch-invariant mode: the CPU GEMMs' row counts are multiples of this (``row_bucket``)
+_BATCH_INVARIANT = [False]
+
+
+def set_batch_invariant(on: bool) -> None:
+    """Batch-invariant CPU products (``serving.batch_invariant``): every row's result is the same in
+    any batch, at the price of computing whole row tiles (measured on bench-mini in bf16: decode
+    steps 74 vs 50 ms at batch 16, 24-30 vs 18-20 ms at batch 1; a decode step's experts get one or
+    two rows each, now 16). Process-wide: an expert actor sets it at start."""
+    _BATCH_INVARIANT[0] = bool(on)
+
+
+def batch_invariant() -> bool:
+    return _BATCH_INVARIANT[0]
 
 
 def row_bucket(n: int) -> int:
     """The rows a CPU GEMM of ``n`` rows runs on: ``shape_bucket(n)`` (few shapes, for oneDNN's kernel
-    caches) rounded up to a multiple of ``ROW_TILE``. The GEMM kernels tile rows, and a row that lands
-    in a remainder tile is summed in another order than one in a full tile: a token's result would
-    then depend on how many other rows share its step, and a replay after a failure (other batches,
-    other chunks) would not reproduce it bit for bit. With whole tiles every row takes the same path."""
+    caches); in batch-invariant mode rounded up to a multiple of ``ROW_TILE``. The GEMM kernels tile
+    rows, and a row that lands in a remainder tile is summed in another order than one in a full tile
+    (rarely visible in bf16, one rounding in thousands): a token's result then depends on how many
+    other rows share its step, and a replay after a failure (other batches, other chunks) does not
+    reproduce it bit for bit. With whole tiles every row takes the same path."""
+    if not _BATCH_INVARIANT[0]:
+        return shape_bucket(n)
     return max(ROW_TILE, -(-shape_bucket(n, exact=0) // ROW_TILE) * ROW_TILE)
 
 

@@ -167,13 +167,15 @@ BMM_ROWS = 16  # the CPU's per-head products of decode rows run on a multiple of
 
 
 def _per_head(x_BHK: torch.Tensor, w_HKN: torch.Tensor) -> torch.Tensor:
-    """``x[b, h] @ w[h]`` for every row b and head h: [B, H, N]. On the CPU in bfloat16 (oneDNN) the rows
-    are padded to a multiple of ``BMM_ROWS``: the batched GEMM rounds a row differently at some row
-    counts (measured: 3 rows against 1), and a decode row must come out the same in any batch, or a
-    replay after a failure would not continue exactly (tests/platform/test_engine_local). fp32 (MKL)
-    keeps its own kernels, which the W8A8 path's tests pin down to the last bit."""
+    """``x[b, h] @ w[h]`` for every row b and head h: [B, H, N]. On the CPU in bfloat16 (oneDNN), in
+    batch-invariant mode (``kernels.set_batch_invariant``), the rows are padded to a multiple of
+    ``BMM_ROWS``: the batched GEMM rounds a row differently at some row counts (measured: 3 rows
+    against 1), and a decode row must come out the same in any batch for a replay after a failure to
+    continue exactly (tests/platform/test_engine_local). fp32 (MKL) keeps its own kernels, which the
+    W8A8 path's tests pin down to the last bit."""
     B = x_BHK.shape[0]
-    pad = -B % BMM_ROWS if x_BHK.device.type == "cpu" and x_BHK.dtype != torch.float32 else 0
+    cpu_bf16 = x_BHK.device.type == "cpu" and x_BHK.dtype != torch.float32
+    pad = -B % BMM_ROWS if cpu_bf16 and kernels.batch_invariant() else 0
     if pad:
         x_BHK = F.pad(x_BHK, (0, 0, 0, 0, 0, pad))
     return torch.bmm(x_BHK.transpose(0, 1), w_HKN).transpose(0, 1)[:B]

@@ -531,7 +531,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
                       tokenizer_dir=cfg.model.tokenizer, spec_tokens=spec_tokens,
                       scratch_blocks=-(-min(s.max_num_batched_tokens, s.max_seq_len) // bs),
                       max_seq_len=s.max_seq_len, max_num_batched_tokens=s.max_num_batched_tokens,
-                      max_batch_size=s.max_batch_size, cuda_graphs=s.cuda_graphs,
+                      max_batch_size=s.max_batch_size, cuda_graphs=s.cuda_graphs, batch_invariant=s.batch_invariant,
                       triton_cache_dir=cfg.pool.triton_cache_dir)
     from expertpool.platform.placement import Placement, usable_redundant
 

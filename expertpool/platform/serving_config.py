@@ -114,6 +114,11 @@ class ServingConfig(Closed):
                                                              "as vLLM's parser of the same name; off for a request "
                                                              "that sets `chat_template_kwargs.thinking: false`. None "
                                                              "= leave it in `content`.")
+    batch_invariant: bool = Field(False, description="CPU actors: compute every row's result the same in any "
+                                  "batch (whole 16-row GEMM tiles), so that a sequence replayed after an actor's "
+                                  "death or a preemption continues bit for bit in bfloat16 too (float32 replays "
+                                  "are exact without it in our tests). Costs decode speed: bench-mini bf16 decode "
+                                  "steps 1.5x slower at batch 16, 1.35x at batch 1.")
     cuda_graphs: bool = Field(True, description="GPU actors: capture decode steps in CUDA graphs, one per batch "
                               "bucket (powers of two up to the per-actor batch), after the warm-up. Applies where "
                               "the decode forward never reads the device back: FP8 experts on the Triton path and one "

@@ -30,6 +30,7 @@ from typing import Any
 import ray
 import torch
 
+from expertpool import kernels
 from expertpool.model.attention import AttnBatch, PagedLatentCache
 from expertpool.model.checkpoint import DTYPES, load_checkpoint
 from expertpool.model.decode_graphs import DecodeGraphs, graph_safe
@@ -376,6 +377,7 @@ class WorkerSpec:
     max_batch_size: int = 32         # the replica's; a worker decodes at most ceil(max_batch_size / world)
     cuda_graphs: bool = True
     triton_cache_dir: str | None = None
+    batch_invariant: bool = False    # serving.batch_invariant (kernels.set_batch_invariant)
 
     def plan_inputs(self, dtype: str) -> dict[str, Any]:
         return {"weight_dtype": self.weight_dtype, "dtype": DTYPES[dtype], "max_seq_len": self.max_seq_len,
@@ -427,6 +429,7 @@ class ExpertWorker:
         if spec.triton_cache_dir:  # before anything compiles: Triton reads it when it writes a kernel
             os.environ["TRITON_CACHE_DIR"] = spec.triton_cache_dir
         torch.set_num_threads(max(1, spec.threads))
+        kernels.set_batch_invariant(spec.batch_invariant)
         use_cuda = torch.cuda.is_available() and spec.backend != "gloo"
         if use_cuda:
             index = _cuda_device_index()

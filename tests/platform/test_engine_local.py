@@ -191,20 +191,29 @@ def _run(core, prompts, params, lose_after: int | None = None):
     return [out[f"r{i}"] for i in range(len(prompts))]
 
 
+@pytest.fixture
+def batch_invariant():
+    from expertpool import kernels
+    kernels.set_batch_invariant(True)
+    yield
+    kernels.set_batch_invariant(False)
+
+
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_a_replay_continues_bit_for_bit_in_bfloat16(temperature):
-    """After the worker's cache is lost mid-stream, the replayed sequences (prompts longer than the
-    token budget among them, so prefilled in several chunks) emit exactly the tokens and logprobs of
-    the run without a fault, in bfloat16: the prompt is re-prefilled in the chunks it first ran in,
-    and the output tokens run as decode rows, as when they were generated."""
+def test_a_replay_continues_bit_for_bit_in_bfloat16(temperature, batch_invariant):
+    """After the worker's cache is lost mid-stream (at three points: prompts still prefilling, all
+    decoding, late), the replayed sequences emit exactly the tokens and logprobs of the run without a
+    fault, in bfloat16 with ``serving.batch_invariant``: prompts (some longer than the token budget,
+    so prefilled in several chunks) are prefilled in block-aligned chunks, output tokens run as decode
+    rows, as when they were generated, and no row's result depends on its batch."""
     model = random_model("tiny").to(torch.bfloat16)
     g = torch.Generator().manual_seed(3)
-    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 41, 70, 23)]
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (9, 41, 70, 23, 17, 50)]
     params = SamplingParams(max_tokens=24, temperature=temperature, seed=11, ignore_eos=True, logprobs=0)
 
     def engine():
         return local_engine(model, max_num_batched_tokens=32, prefix_caching=False)
     want = _run(engine(), prompts, params)
-    got = _run(engine(), prompts, params, lose_after=12)
     assert all(len(w) == 24 for w in want)
-    assert got == want
+    for lose_after in (3, 12, 21):
+        assert _run(engine(), prompts, params, lose_after=lose_after) == want, lose_after
