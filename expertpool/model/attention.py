@@ -101,10 +101,10 @@ class AttnBatch:
     def build(cls, cache: PagedLatentCache, block_tables: list[list[int]], start_pos: list[int],
               q_lens: list[int], device="cpu", variants: list[int] | None = None,
               as_decode: list[bool] | None = None) -> "AttnBatch":
-        """``as_decode``: items whose tokens run as decode rows, one per token, each seeing the context
-        up to itself (speculative verification: a few queries over a long context, where the absorbed
-        form reads the latent cache per query instead of expanding the whole context). Single-token
-        items always do."""
+        """``as_decode``: per item, whether its tokens run as decode rows, one per token, each seeing
+        the context up to itself (output tokens fed back: decodes, speculative verification, a
+        replay's output part; the absorbed form reads the latent cache per query instead of expanding
+        the whole context), or as a prefill chunk. None: single-token items decode, longer ones prefill."""
         bs = cache.block_size
         positions, slots, prefills = [], [], []
         dec_rows, dec_tables, dec_lens = [], [], []
