@@ -25,7 +25,7 @@ from expertpool import kernels
 from expertpool.kernels.reference import int8_dequant, int8_weight_quant
 from expertpool.model.args import ConfigError, ModelArgs
 from expertpool.model.layers import Linear
-from expertpool.model.moe import Experts, Gate
+from expertpool.model.moe import Experts, ExpertIds, Gate, MoE, all_expert_ids, layer_expert_ids
 from expertpool.model.safetensors_io import CheckpointError, ShardReader, write_safetensors_dir
 from expertpool.model.transformer import Transformer
 
@@ -157,7 +157,8 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
 
     dtype: compute dtype. weight_dtype: resident linear-weight format, "fp8" | "bf16" | "fp32" | "int8"
     (routed experts int8, other linears bf16), or None (FP8 tensors stay FP8, others take ``dtype``).
-    experts: global routed-expert ids to load (None = all).
+    experts: global routed-expert ids to load (None = all; a list: the same in every MoE layer; per
+    layer: ``model.moe.ExpertIds``).
     """
     path = Path(path)
     try:
@@ -166,11 +167,7 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
         raise CheckpointError(str(e)) from e
     if weight_dtype is not None and weight_dtype not in WEIGHT_DTYPES:
         raise CheckpointError(f"weight_dtype {weight_dtype!r} unknown; use one of {list(WEIGHT_DTYPES)}")
-    if experts is not None:
-        experts = sorted(set(int(e) for e in experts))
-        bad = [e for e in experts if not 0 <= e < args.n_routed_experts]
-        if bad:
-            raise CheckpointError(f"experts={bad} out of range [0, {args.n_routed_experts})")
+    _check_expert_ids(args, experts)
     r = ShardReader(path)
     mtp_present = all(f"model.layers.{args.num_hidden_layers + k}.eh_proj.weight" in r
                       for k in range(args.num_nextn_predict_layers))
@@ -215,27 +212,32 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
     return model.eval()
 
 
-def load_experts(path, model: Transformer, experts, *, weight_dtype: str | None = None,
-                 device="cpu") -> dict[str, Experts]:
-    """Fresh ``Experts`` modules holding the routed experts ``experts`` (global ids) for every MoE layer
-    of ``model`` (main and MTP), read from the checkpoint at ``path`` in the same resident formats as
-    ``load_checkpoint``; keyed by module name. The model is not touched: a serving actor loads a new
-    expert placement beside the one in use and swaps it in at a step boundary."""
-    args = model.args
-    experts = sorted(set(int(e) for e in experts))
-    bad = [e for e in experts if not 0 <= e < args.n_routed_experts]
+def _check_expert_ids(args: ModelArgs, experts: ExpertIds) -> None:
+    bad = [e for e in all_expert_ids(experts) or [] if not 0 <= e < args.n_routed_experts]
     if bad:
         raise CheckpointError(f"experts={bad} out of range [0, {args.n_routed_experts})")
+
+
+def load_experts(path, model: Transformer, experts: ExpertIds, *, weight_dtype: str | None = None,
+                 device="cpu") -> dict[str, Experts]:
+    """Fresh ``Experts`` modules holding the routed experts ``experts`` (global ids; per layer:
+    ``model.moe.ExpertIds``) for every MoE layer of ``model`` (main and MTP), read from the
+    checkpoint at ``path`` in the same resident formats as ``load_checkpoint``; keyed by module name.
+    The model is not touched: a serving actor loads a new expert placement beside the one in use and
+    swaps it in at a step boundary."""
+    args = model.args
+    _check_expert_ids(args, experts)
     r = ShardReader(Path(path))
     out: dict[str, Experts] = {}
     try:
-        for mname, module in model.named_modules():
-            if isinstance(module, Experts):
+        for mname, moe in model.named_modules():
+            if isinstance(moe, MoE):
                 with torch.device("meta"):
-                    fresh = Experts(args, experts)
-                _load_experts(r, args, _ckpt_name(args, mname), fresh, weight_dtype, model.compute_dtype, device)
+                    fresh = Experts(args, layer_expert_ids(experts, moe.layer_id))
+                name = f"{mname}.experts"
+                _load_experts(r, args, _ckpt_name(args, name), fresh, weight_dtype, model.compute_dtype, device)
                 fresh.expert_ids, fresh.global_to_local = fresh.expert_ids.to(device), fresh.global_to_local.to(device)
-                out[mname] = fresh
+                out[name] = fresh
     finally:
         r.close()
     return out

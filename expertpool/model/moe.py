@@ -67,6 +67,28 @@ def quantize_expert(w13_2FD: torch.Tensor, w2_DF: torch.Tensor, scale_fmt: str |
     return torch.cat([g, u]), torch.cat([gs, us]), d, ds
 
 
+# The routed experts a process holds: all (None), the same in every MoE layer (a list of global ids),
+# or per layer (``(rest, {MoE layer id: ids})``: layers absent from the dict hold ``rest``; an
+# expert-parallel group's per-layer placement, ``platform.placement``)
+ExpertIds = list[int] | tuple[list[int], dict[int, list[int]]] | None
+
+
+def layer_expert_ids(expert_ids: ExpertIds, layer_id: int) -> list[int] | None:
+    """The global ids of the routed experts MoE layer ``layer_id`` holds under ``expert_ids``."""
+    if isinstance(expert_ids, tuple):
+        rest, per_layer = expert_ids
+        return per_layer.get(layer_id, rest)
+    return expert_ids
+
+
+def all_expert_ids(expert_ids: ExpertIds) -> list[int] | None:
+    """Every global id some MoE layer holds under ``expert_ids`` (None: all), ascending."""
+    if isinstance(expert_ids, tuple):
+        rest, per_layer = expert_ids
+        return sorted(set(rest).union(*per_layer.values()))
+    return None if expert_ids is None else sorted(set(expert_ids))
+
+
 class Experts(nn.Module):
     """Local routed experts; ``expert_ids`` are their global ids (sorted)."""
 
@@ -132,11 +154,11 @@ class RoutingRecord:
 
 
 class MoE(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, expert_ids: list[int] | None = None):
+    def __init__(self, args: ModelArgs, layer_id: int, expert_ids: ExpertIds = None):
         super().__init__()
         self.args, self.layer_id = args, layer_id
         self.gate = Gate(args)
-        self.experts = Experts(args, expert_ids)
+        self.experts = Experts(args, layer_expert_ids(expert_ids, layer_id))
         self.shared_experts = (MLP(args.hidden_size, args.n_shared_experts * args.moe_intermediate_size)
                                if args.n_shared_experts else None)
         self.dispatcher: Dispatcher = LocalDispatcher()

@@ -19,11 +19,11 @@ import torch.nn as nn
 from expertpool.model.args import ModelArgs
 from expertpool.model.attention import MLA, AttnBatch
 from expertpool.model.layers import MLP, Linear, RMSNorm, RotaryEmbedding
-from expertpool.model.moe import MoE, RoutingRecord
+from expertpool.model.moe import ExpertIds, MoE, RoutingRecord
 
 
 class Block(nn.Module):
-    def __init__(self, args: ModelArgs, layer_id: int, expert_ids: list[int] | None = None, moe: bool | None = None):
+    def __init__(self, args: ModelArgs, layer_id: int, expert_ids: ExpertIds = None, moe: bool | None = None):
         super().__init__()
         self.layer_id = layer_id
         self.self_attn = MLA(args, layer_id)
@@ -49,7 +49,7 @@ class SharedHead(nn.Module):
 class MTPLayer(Block):
     """Multi-token prediction module k: h' = eh_proj([enorm(emb(t_{i+k+1})); hnorm(h_i)]) -> block -> head."""
 
-    def __init__(self, args: ModelArgs, k: int, expert_ids: list[int] | None = None):
+    def __init__(self, args: ModelArgs, k: int, expert_ids: ExpertIds = None):
         super().__init__(args, args.num_hidden_layers + k, expert_ids, moe=True)
         self.enorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.hnorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
@@ -58,7 +58,7 @@ class MTPLayer(Block):
 
 
 class DeepseekV3Model(nn.Module):
-    def __init__(self, args: ModelArgs, expert_ids: list[int] | None = None, with_mtp: bool = True):
+    def __init__(self, args: ModelArgs, expert_ids: ExpertIds = None, with_mtp: bool = True):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleList(Block(args, i, expert_ids) for i in range(args.num_hidden_layers))
@@ -68,7 +68,7 @@ class DeepseekV3Model(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, args: ModelArgs, expert_ids: list[int] | None = None, with_mtp: bool = True):
+    def __init__(self, args: ModelArgs, expert_ids: ExpertIds = None, with_mtp: bool = True):
         super().__init__()
         self.args = args
         self.model = DeepseekV3Model(args, expert_ids, with_mtp)

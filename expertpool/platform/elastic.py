@@ -195,36 +195,42 @@ class ElasticGroup:
         return stall
 
     # ---- EPLB
-    def window_load(self) -> list[int] | None:
-        """Tokens per logical expert over the last ``window_steps`` steps (the oldest snapshot within)."""
+    def window_load(self) -> dict[int, list[int]] | None:
+        """Tokens per logical expert over the last ``window_steps`` steps (the oldest snapshot within),
+        per MoE layer id."""
         if len(self._load_snapshots) < 2:
             return None
         (_, first), (_, last) = self._load_snapshots[0], self._load_snapshots[-1]
         n = self.policy.n_experts
-        return [b - a for a, b in zip(first[:n], last[:n])]
+        return {layer: [b - a for a, b in zip(first.get(layer, [0] * n)[:n], counts[:n])]
+                for layer, counts in last.items()}
 
     def window_steps(self) -> int:
         """Engine steps the window's load was counted over."""
         return self._load_snapshots[-1][0] - self._load_snapshots[0][0] if len(self._load_snapshots) > 1 else 0
 
-    def load_model(self, steps: int) -> LoadModel:
-        """EPLB's load model for a load counted over ``steps`` engine steps (``placement.LoadModel``)."""
+    def load_model(self, steps: int, load: list[int] | dict[int, list[int]] | None = None) -> LoadModel:
+        """EPLB's load model (``placement.LoadModel``) for ``load`` counted over ``steps`` engine steps:
+        a load per MoE layer ran once a step, a load summed over the layers ``moe_layers`` times."""
         el = self.policy
         cost = el.expert_cost if el.expert_cost is not None else getattr(self.core.executor, "expert_cost", 0.0)
-        return LoadModel(passes=steps * el.moe_layers, expert_cost=cost)
+        return LoadModel(passes=steps * (1 if isinstance(load, dict) else el.moe_layers), expert_cost=cost)
 
-    async def rebalance(self, load: list[int] | None = None, steps: int | None = None) -> float | None:
-        """EPLB: plan a placement for ``load`` (default: the measured window), counted over ``steps``
-        engine steps (default: the window's), and apply it when it raises the actor balancedness by
-        ``min_gain``. Returns the stall, or None when kept."""
+    async def rebalance(self, load: list[int] | dict[int, list[int]] | None = None, steps: int | None = None
+                        ) -> float | None:
+        """EPLB: plan a placement for ``load`` (default: the measured window, per MoE layer, which places
+        each layer on its own; a list: one layout for every layer), counted over ``steps`` engine steps
+        (default: the window's), and apply it when it raises the actor balancedness by ``min_gain``.
+        Returns the stall, or None when kept."""
         from expertpool.platform.placement import rebalance
 
         if load is None:
             load, steps = self.window_load(), self.window_steps()
         executor, el = self.core.executor, self.policy
-        if not load or not sum(load) or executor.placement is None:
+        total = sum(sum(c) for c in load.values()) if isinstance(load, dict) else sum(load or [])
+        if not load or not total or executor.placement is None:
             return None
-        model = self.load_model(steps if steps is not None else 0)
+        model = self.load_model(steps if steps is not None else 0, load)
         now = executor.placement.balancedness(load, model)
         plan = rebalance(load, executor.world, executor.placement.redundant, model)
         gain = plan.balancedness(load, model) - now
@@ -238,9 +244,9 @@ class ElasticGroup:
                  now + gain, stall)
         return stall
 
-    def track_load(self, counts: list[int]) -> None:
-        """A new snapshot of the cumulative tokens per expert: slide the window, update the actor
-        balancedness, start a rebalance when one is due."""
+    def track_load(self, counts: dict[int, list[int]]) -> None:
+        """A new snapshot of the cumulative tokens per expert, per MoE layer id: slide the window,
+        update the actor balancedness, start a rebalance when one is due."""
         el = self.policy
         if el is None or not counts:
             return
@@ -249,8 +255,8 @@ class ElasticGroup:
         while len(self._load_snapshots) > 2 and self._load_snapshots[1][0] <= steps - el.window_steps:
             self._load_snapshots.popleft()
         load, placement = self.window_load(), getattr(self.core.executor, "placement", None)
-        if load and sum(load) and placement is not None:
-            self.actor_balancedness = placement.balancedness(load, self.load_model(self.window_steps()))
+        if load and any(map(sum, load.values())) and placement is not None:
+            self.actor_balancedness = placement.balancedness(load, self.load_model(self.window_steps(), load))
         if el.eplb and steps - self._last_rebalance_step >= el.rebalance_every_steps and not self.busy:
             self._last_rebalance_step = steps
             self.start(self.rebalance())

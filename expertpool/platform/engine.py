@@ -380,9 +380,10 @@ class AsyncEngine:
         """Change the group to ``width`` actors while it serves (``expertpool scale``); returns the stall."""
         return await self.elastic_group.resize(width)
 
-    async def rebalance(self, load: list[int] | None = None, steps: int | None = None) -> float | None:
-        """EPLB now, for ``load`` counted over ``steps`` engine steps (default: the measured window);
-        returns the stall, or None when kept."""
+    async def rebalance(self, load: list[int] | dict[int, list[int]] | None = None, steps: int | None = None
+                        ) -> float | None:
+        """EPLB now, for ``load`` (per MoE layer id, or one list for every layer) counted over ``steps``
+        engine steps (default: the measured window, per layer); returns the stall, or None when kept."""
         return await self.elastic_group.rebalance(load, steps)
 
     @property
@@ -402,8 +403,11 @@ class AsyncEngine:
         return s
 
     async def refresh_expert_tokens(self) -> list[int]:
-        self._expert_tokens = await self.core.executor.expert_load_async()
-        self.elastic_group.track_load(self._expert_tokens)
+        """Pull the cumulative tokens per logical expert from the workers (per MoE layer: EPLB's load
+        window); returns their sum over layers (the metrics')."""
+        by_layer = await self.core.executor.expert_load_async()
+        self._expert_tokens = [sum(x) for x in zip(*by_layer.values())]
+        self.elastic_group.track_load(by_layer)
         return self._expert_tokens
 
     async def check_health(self) -> None:

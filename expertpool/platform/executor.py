@@ -72,7 +72,7 @@ class LocalExecutor:
             else:
                 self.runner.release(ids)
 
-    def expert_load(self) -> list[int]:
+    def expert_load(self) -> dict[int, list[int]]:
         return self.runner.expert_load()
 
     async def run_async(self, items_per_worker):
@@ -157,11 +157,13 @@ class RayExecutor:
     def _spawn(self, rank: int):
         return self._cls.options(**self.slots[rank].options).remote(rank, self.world)
 
-    def _experts(self, rank: int) -> list[int] | None:
-        return list(self.placement.slots[rank]) if self.placement is not None else None
+    def _experts(self, rank: int, placement: Placement | None = None):
+        """What rank ``rank`` holds under ``placement`` (default: the current one), in the workers' form."""
+        placement = placement or self.placement
+        return _worker_form(placement.experts_of(rank)) if placement is not None else None
 
-    def _replicas(self) -> list[list[int]] | None:
-        return self.placement.replicas() if self.placement is not None else None
+    def _replicas(self):
+        return self.placement.copies() if self.placement is not None else None
 
     async def _form_group(self) -> None:
         """Every rank (re-)joins under a new generation with the current placement's copies table."""
@@ -274,8 +276,8 @@ class RayExecutor:
         """Load fresh actors of ``slots`` as ``ranks`` of ``placement`` (default: the current one), with
         the served patches (the same patches in the same order: variant indices agree across ranks)."""
         placement = placement or self.placement
-        loaded = await asyncio.gather(*[_await(s.actor.load.remote(
-            self.spec, list(placement.slots[r]) if placement is not None else None)) for s, r in zip(slots, ranks)])
+        loaded = await asyncio.gather(*[_await(s.actor.load.remote(self.spec, self._experts(r, placement)))
+                                        for s, r in zip(slots, ranks)])
         for s, info in zip(slots, loaded):
             s.info = info
             for p in patches:
@@ -306,8 +308,9 @@ class RayExecutor:
         try:
             await self._load_new([s for s, _ in fresh], [i for _, i in fresh], patches, placement)
             moved = [(new_slots[i], i) for i, k in enumerate(keep)
-                     if k is not None and sorted(placement.slots[i]) != sorted(self.slots[k].info.get("experts", []))]
-            await asyncio.gather(*[_await(s.actor.prepare_experts.remote(list(placement.slots[i]))) for s, i in moved])
+                     if k is not None and self._experts(i, placement) != self.slots[k].info.get("experts")]
+            await asyncio.gather(*[_await(s.actor.prepare_experts.remote(self._experts(i, placement)))
+                                   for s, i in moved])
         except BaseException:
             for s, _ in fresh:
                 ray.kill(s.actor, no_restart=True)
@@ -325,7 +328,7 @@ class RayExecutor:
         same_group = len(new_slots) == len(self.slots) and all(a is b for a, b in zip(new_slots, self.slots))
         self.slots, self.placement, self.world = new_slots, placement, placement.world
         for r, s in enumerate(self.slots):
-            s.info["experts"] = list(placement.slots[r])
+            s.info["experts"] = self._experts(r)
             s.info["rank"] = r
         if same_group:  # a rebalance: the process group stays, only the experts and the copies table change
             replicas = self._replicas()
@@ -361,9 +364,17 @@ class RayExecutor:
         assert len(idx) == 1, f"actors disagree on the variant index: {idx}"
         return idx.pop()
 
-    async def expert_load_async(self) -> list[int]:
+    async def expert_load_async(self) -> dict[int, list[int]]:
+        """Cumulative tokens routed to each logical expert, per MoE layer id, over every actor."""
         loads = await asyncio.gather(*[_await(a.expert_load.remote()) for a in self.actors])
-        return [sum(x) for x in zip(*loads)] if loads else []
+        return {layer: [sum(x) for x in zip(*(load[layer] for load in loads))] for layer in loads[0]} if loads else {}
+
+
+def _worker_form(experts: tuple[list[int], dict[int, list[int]]]):
+    """``Placement.experts_of`` as a worker takes it (``model.moe.ExpertIds``): a plain list when every
+    layer holds the same experts."""
+    rest, per_layer = experts
+    return (rest, per_layer) if per_layer else rest
 
 
 async def _await(ref):

@@ -33,6 +33,13 @@ so the copies go where they lower the bound ``max(heaviest copy, total / W)`` on
 rank: to a heavy expert when splitting it helps, else to the coldest (nearly free). With
 ``expert_cost = 0`` this is DeepSeek's token balancing exactly.
 
+Per layer (``Placement.layers``): each MoE layer has its own hot experts, and a step waits at every
+layer's all-to-all for that layer's most loaded rank, so one layout for all layers can only balance
+the sum of the layers (which may look even while every layer is skewed). As DeepSeek's EPLB does,
+``rebalance`` of a load per layer places each layer on its own; every layer gives each rank the same
+number of slots, so memory stays even. Layers without a placement of their own (the base layout:
+``default``, or a layer EPLB saw no load for) use ``slots``.
+
 Pure Python, no torch: the engine plans here and the workers apply the result.
 """
 
@@ -40,7 +47,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class PlacementError(ValueError):
@@ -80,18 +87,47 @@ class LoadModel:
 TOKENS = LoadModel()
 
 
+LayerLoad = dict[int, list[float]]  # MoE layer id -> tokens per logical expert
+
+
 @dataclass(frozen=True)
 class Placement:
     n_experts: int
     slots: tuple[tuple[int, ...], ...]  # per rank: the logical expert of each local slot, ascending
+    # (MoE layer id, that layer's own placement), ascending; every other layer uses ``slots``
+    layers: tuple[tuple[int, Placement], ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "slots", tuple(tuple(sorted(s)) for s in self.slots))
+        object.__setattr__(self, "layers", tuple(sorted(self.layers, key=lambda x: x[0])))
         self.check()
+        sizes = [len(s) for s in self.slots]
+        for layer, p in self.layers:
+            if p.layers or p.n_experts != self.n_experts or [len(s) for s in p.slots] != sizes:
+                raise PlacementError(f"MoE layer {layer}'s placement must give each of the {self.world} ranks as many "
+                                     f"slots of the same {self.n_experts} experts as the others ({sizes})")
 
     @property
     def world(self) -> int:
         return len(self.slots)
+
+    @property
+    def base(self) -> Placement:
+        """The layout of every MoE layer without a placement of its own."""
+        return Placement(self.n_experts, self.slots) if self.layers else self
+
+    def layer(self, layer_id: int) -> Placement:
+        """MoE layer ``layer_id``'s placement."""
+        return dict(self.layers).get(layer_id, self.base)
+
+    def experts_of(self, rank: int) -> tuple[list[int], dict[int, list[int]]]:
+        """What rank ``rank`` holds: its experts in every layer without its own placement, and per
+        layer with one (the workers' form: ``ExpertWorker.load``)."""
+        return list(self.slots[rank]), {layer: list(p.slots[rank]) for layer, p in self.layers}
+
+    def copies(self) -> tuple[list[list[int]], dict[int, list[list[int]]]]:
+        """The copies tables (``replicas``) of the base layout and of each layer with its own."""
+        return self.base.replicas(), {layer: p.replicas() for layer, p in self.layers}
 
     @property
     def redundant(self) -> int:
@@ -125,19 +161,26 @@ class Placement:
         reps = self.replicas()
         return [sum(model.copy_cost(load[e], len(reps[e])) for e in slots) for slots in self.slots]
 
-    def balancedness(self, load: list[float], model: LoadModel = TOKENS) -> float:
-        """Mean rank load / max rank load (1.0 = even); 1.0 when there is no load."""
-        loads = self.rank_loads(load, model)
-        top = max(loads)
-        return sum(loads) / len(loads) / top if top > 0 else 1.0
+    def balancedness(self, load: list[float] | LayerLoad, model: LoadModel = TOKENS) -> float:
+        """Mean rank load / max rank load (1.0 = even); 1.0 when there is no load. For a load per
+        MoE layer, each under its layer's placement: the sum over layers of the mean rank load over
+        the sum of the maxima (a step waits for every layer's most loaded rank)."""
+        per_layer = load.items() if isinstance(load, dict) else [(None, load)]
+        mean = top = 0.0
+        for layer, counts in per_layer:
+            loads = (self.base if layer is None else self.layer(layer)).rank_loads(counts, model)
+            mean, top = mean + sum(loads) / len(loads), top + max(loads)
+        return mean / top if top > 0 else 1.0
 
     def covers_without(self, ranks: set[int]) -> bool:
-        """Whether every expert keeps a copy when ``ranks`` are gone (degraded mode)."""
-        return all(any(r not in ranks for r in reps) for reps in self.replicas())
+        """Whether every expert keeps a copy in every layer when ``ranks`` are gone (degraded mode)."""
+        return all(any(r not in ranks for r in reps) for p in [self.base] + [p for _, p in self.layers]
+                   for reps in p.replicas())
 
     def without(self, ranks: set[int]) -> Placement:
         """The placement of the surviving ranks, renumbered 0..W'-1 in order (degraded mode)."""
-        return Placement(self.n_experts, tuple(s for r, s in enumerate(self.slots) if r not in ranks))
+        return Placement(self.n_experts, tuple(s for r, s in enumerate(self.slots) if r not in ranks),
+                         tuple((layer, p.without(ranks)) for layer, p in self.layers))
 
     @classmethod
     def default(cls, n_experts: int, world: int, redundant: int = 0) -> Placement:
@@ -163,9 +206,17 @@ class Placement:
         return cls(n_experts, tuple(tuple(s) for s in slots))
 
 
-def rebalance(load: list[float], world: int, redundant: int = 0, model: LoadModel = TOKENS) -> Placement:
-    """A placement for ``load`` (tokens per logical expert) that keeps the most loaded rank low under
-    ``model`` (tokens only by default)."""
+def rebalance(load: list[float] | LayerLoad, world: int, redundant: int = 0, model: LoadModel = TOKENS
+              ) -> Placement:
+    """A placement for ``load`` (tokens per logical expert, or per MoE layer a list of them) that
+    keeps the most loaded rank low under ``model`` (tokens only by default). A load per layer gives
+    each layer its own placement, and the base layout (layers not in ``load``) is planned for their
+    sum; ``model.passes`` then counts one layer's passes."""
+    if isinstance(load, dict):
+        total = [sum(c) for c in zip(*load.values())]
+        base = rebalance(total, world, redundant, replace(model, passes=model.passes * len(load)))
+        return Placement(base.n_experts, base.slots,
+                         tuple((layer, rebalance(c, world, redundant, model)) for layer, c in load.items()))
     E = len(load)
     sizes = slots_per_rank(E, redundant, world)
     if redundant > E * (world - 1):

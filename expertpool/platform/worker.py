@@ -35,6 +35,7 @@ from expertpool.model.attention import AttnBatch, PagedLatentCache
 from expertpool.model.checkpoint import DTYPES, load_checkpoint
 from expertpool.model.decode_graphs import DecodeGraphs, graph_safe
 from expertpool.model.grammar import Constrainer
+from expertpool.model.moe import ExpertIds, all_expert_ids
 from expertpool.model.sampling import sample, verify
 from expertpool.model.transformer import Transformer
 from expertpool.platform.scheduler import Sampled, SpecOut, StepItem
@@ -308,9 +309,9 @@ class ModelRunner:
             return 0
         return add_variant(self.model, patch.experts)
 
-    def expert_load(self) -> list[int]:
-        loads = [m.expert_load for m in self.model.moe_layers()]
-        return torch.stack(loads).sum(0).tolist() if loads else []
+    def expert_load(self) -> dict[int, list[int]]:
+        """Cumulative tokens this process routed to each logical expert, per MoE layer id."""
+        return {m.layer_id: m.expert_load.tolist() for m in self.model.moe_layers()}
 
     @torch.inference_mode()
     def expert_cost(self, rows: int = 64, repeats: int = 5) -> float:
@@ -403,20 +404,23 @@ class ExpertWorker:
         show_info_logs()
         self.rank, self.world = rank, world
         self.runner: ModelRunner | None = None
-        self.replicas: list[list[int]] | None = None  # per expert, the ranks with a copy (None: ranges)
+        # per expert, the ranks with a copy: the base layout's table and those of the layers with their own
+        # (``Placement.copies``); None: contiguous ranges
+        self.replicas: tuple[list[list[int]], dict[int, list[list[int]]]] | None = None
         # the patches loaded, in order: (directory, kind), read again for a new expert placement (the tensors
         # are not kept: a served variant's experts already live in the model, a second copy would double them)
         self._patches: list[tuple[str, str]] = []
-        self._prepared: tuple[list[int], dict, list] | None = None  # experts, their modules, MTP patches
+        self._prepared: tuple[ExpertIds, dict, list] | None = None  # experts, their modules, MTP patches
         self.device = "cpu"
         self.backend = "gloo"
         self.generation = -1
 
-    def load(self, spec: WorkerSpec, experts: list[int] | None = None) -> dict[str, Any]:
+    def load(self, spec: WorkerSpec, experts: ExpertIds = None) -> dict[str, Any]:
         """Load the dense weights and this rank's experts (``experts``: the rank's slots of the group's
-        placement; default: its contiguous range) (and the KV cache when ``spec.num_blocks`` is
-        known; else ``allocate_cache`` follows); returns where it runs and what it holds (rank, pid,
-        node, device, expert ids, the compute dtype and why, device memory free after the load).
+        placement, per layer where layers differ; default: its contiguous range) (and the KV cache when
+        ``spec.num_blocks`` is known; else ``allocate_cache`` follows); returns where it runs and what
+        it holds (rank, pid, node, device, expert ids, the compute dtype and why, device memory free
+        after the load).
         ``spec.model_dir`` is any checkpoint location (``model.storage``): a remote one is fetched here,
         only the dense shards and this rank's."""
         from expertpool.model.args import ModelArgs
@@ -446,10 +450,9 @@ class ExpertWorker:
             memory_plan.check(args, self.world, props.total_memory, where=f"the GPU of rank {self.rank} ({props.name})",
                               **spec.plan_inputs(choice.dtype))
         self.n_experts = args.n_routed_experts
-        self.experts = sorted(experts) if experts is not None else owned_experts(self.rank, self.world,
-                                                                                  self.n_experts)
+        self.experts = experts if experts is not None else owned_experts(self.rank, self.world, self.n_experts)
         with_mtp = spec.spec_tokens > 0  # the MTP module drafts for speculative decoding
-        self.model_dir = str(resolve_model(spec.model_dir, experts=self.experts, with_mtp=with_mtp))
+        self.model_dir = str(resolve_model(spec.model_dir, experts=all_expert_ids(self.experts), with_mtp=with_mtp))
         self.model = load_model(self.model_dir, choice.dtype, spec.weight_dtype, self.experts, self.device,
                                 with_mtp=with_mtp)
         self.model.prepare_for_inference()
@@ -492,8 +495,6 @@ class ExpertWorker:
         Collectives wait at most ``collective_timeout_s`` for a peer, so a dead peer is detected."""
         import torch.distributed as dist
 
-        from expertpool.model.dispatch import AllToAllDispatcher, LocalDispatcher
-
         t0 = time.time()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -503,10 +504,7 @@ class ExpertWorker:
         dist.init_process_group(self.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world, timeout=timedelta(seconds=self.spec.collective_timeout_s),
                                 **kwargs)
-        if self.world > 1:
-            self.model.set_dispatcher(AllToAllDispatcher(self.n_experts, replicas=self.replicas))
-        else:  # one worker holds every expert: the local dispatcher, no collective per layer
-            self.model.set_dispatcher(LocalDispatcher())
+        self._set_dispatchers()
         self.generation = generation
         log.info("worker %d/%d joined group generation %d (%s) in %.1fs", self.rank, self.world, generation,
                  self.backend, time.time() - t0)
@@ -518,7 +516,7 @@ class ExpertWorker:
     def release(self, seq_ids: list[str]) -> None:
         self.runner.release(seq_ids)
 
-    def expert_load(self) -> list[int]:
+    def expert_load(self) -> dict[int, list[int]]:
         return self.runner.expert_load()
 
     def expert_cost(self) -> float:
@@ -537,7 +535,7 @@ class ExpertWorker:
 
     # ---- elastic expert parallelism: a new placement is loaded beside the old one, then swapped in
     @ray.method(concurrency_group=PREPARE)
-    def prepare_experts(self, experts: list[int]) -> float:
+    def prepare_experts(self, experts: ExpertIds) -> float:
         """Load the routed experts this rank holds under a new placement (every MoE layer, with the
         served variants re-added in their order) while steps go on; ``commit_placement`` swaps them
         in at a step boundary. Experts it already holds are read again from the local checkpoint
@@ -546,7 +544,6 @@ class ExpertWorker:
         from expertpool.model.patch import add_layer_variant, read_patch
 
         t0 = time.time()
-        experts = sorted(experts)
         fresh = load_experts(self.model_dir, self.model, experts, weight_dtype=self.spec.weight_dtype,
                              device=self.device)
         main_layers = self.model.args.num_hidden_layers
@@ -562,12 +559,10 @@ class ExpertWorker:
                     add_layer_variant(mod, patch.experts.get(layer, {}))
         self._prepared = (experts, fresh, mtp)
         dt = time.time() - t0
-        log.info("worker %d: prepared experts %s (%d per layer) in %.1fs", self.rank, expert_span(experts),
-                 len(experts), dt)
+        log.info("worker %d: prepared experts %s in %.1fs", self.rank, expert_span(experts), dt)
         return dt
 
-    def commit_placement(self, rank: int, world: int, replicas: list[list[int]], regroup: bool = True
-                         ) -> dict[str, Any]:
+    def commit_placement(self, rank: int, world: int, replicas, regroup: bool = True) -> dict[str, Any]:
         """At a step boundary (nothing in flight): take rank ``rank`` of ``world``, swap in the prepared
         experts if any, and take the copies table: at the next ``join`` (``regroup``), or at once when
         the group stays as it is (same ranks: an EPLB rebalance). The KV cache stays: the sequences on
@@ -583,10 +578,23 @@ class ExpertWorker:
                 for patch in mtp:  # the MTP module's new experts
                     self.runner.use_patch(patch)
         self.rank, self.world, self.replicas = rank, world, replicas
-        if not regroup and world > 1:
-            from expertpool.model.dispatch import AllToAllDispatcher
-            self.model.set_dispatcher(AllToAllDispatcher(self.n_experts, replicas=replicas))
+        if not regroup:
+            self._set_dispatchers()
         return {"rank": rank, "experts": self.experts}
+
+    def _set_dispatchers(self) -> None:
+        """Each MoE layer's dispatcher under the copies tables in use: one for the layers of the base
+        layout, one per layer with a placement of its own; a single worker needs no collective."""
+        from expertpool.model.dispatch import AllToAllDispatcher, LocalDispatcher
+
+        if self.world == 1:
+            self.model.set_dispatcher(LocalDispatcher())
+            return
+        rest, per_layer = self.replicas if self.replicas is not None else (None, {})
+        self.model.set_dispatcher(AllToAllDispatcher(self.n_experts, replicas=rest))
+        for moe in self.model.moe_layers():
+            if moe.layer_id in per_layer:
+                moe.dispatcher = AllToAllDispatcher(self.n_experts, replicas=per_layer[moe.layer_id])
 
     @ray.method(concurrency_group=CONTROL)
     def ping(self) -> int:
@@ -608,8 +616,12 @@ class ExpertWorker:
         return True
 
 
-def expert_span(experts: list[int]) -> str:
-    """Expert ids for logs: a contiguous range as ``a..b``, else ``a..b (+k more)``."""
+def expert_span(experts: ExpertIds) -> str:
+    """Expert ids for logs: a contiguous range as ``a..b``, else ``a..b (+k more)``; per layer: the
+    base layout's and the number of layers with their own."""
+    if isinstance(experts, tuple):
+        rest, per_layer = experts
+        return expert_span(rest) + (f" ({len(per_layer)} layers placed on their own)" if per_layer else "")
     if not experts:
         return "none"
     e = sorted(experts)

@@ -125,6 +125,34 @@ def test_partial_expert_loading(fp32_dir, monkeypatch):
         assert torch.equal(full(ids), part(ids))
 
 
+
+def test_per_layer_expert_loading(fp32_dir, monkeypatch):
+    """EPLB's per-layer placements: each MoE layer holds its own experts (``(rest, {layer: ids})``), at
+    load and in ``load_experts``'s fresh modules, and reads only those from the checkpoint."""
+    from expertpool.model.checkpoint import load_experts
+
+    full = load_checkpoint(fp32_dir, dtype=torch.float32)
+    layers = [m.layer_id for m in full.moe_layers()]
+    per_layer = {layers[0]: list(range(0, 64)), layers[1]: list(range(100, 164))}
+    rest = list(range(64, 128))
+    requested = []
+    orig = ShardReader.get
+    monkeypatch.setattr(ShardReader, "get",
+                        lambda self, name, *a, **k: requested.append(name) or orig(self, name, *a, **k))
+    part = load_checkpoint(fp32_dir, dtype=torch.float32, experts=(rest, per_layer))
+    for moe, want in zip(part.moe_layers(), [per_layer.get(layer, rest) for layer in layers]):
+        assert moe.experts.expert_ids.tolist() == want
+        read = {int(n.split(".experts.")[1].split(".")[0]) for n in requested if n.startswith(
+            f"model.layers.{moe.layer_id}.mlp.experts.")}
+        assert read == set(want), moe.layer_id  # only what this layer holds was read
+        full_moe = full.moe_layers()[layers.index(moe.layer_id)]
+        assert torch.equal(moe.experts.w13_weight, full_moe.experts.w13_weight[want])
+    fresh = load_experts(fp32_dir, part, (rest, {layers[-1]: list(range(10, 74))}))
+    assert [m.expert_ids.tolist()[:2] for m in fresh.values()] == [[64, 65]] * (len(layers) - 1) + [[10, 11]]
+    assert list(fresh) == [n for n, m in part.named_modules() if n.endswith("mlp.experts")]  # MTP's included
+    with pytest.raises(CheckpointError, match="out of range"):
+        load_checkpoint(fp32_dir, dtype=torch.float32, experts=(rest, {layers[0]: [9999]}))
+
 def _corrupt(src, dst, fn):
     import shutil
     shutil.copytree(src, dst)

@@ -152,3 +152,41 @@ def test_rebalance_with_a_load_model_is_always_a_valid_placement(cost):
         p = rebalance(load, W, R, LoadModel(passes=50, expert_cost=cost))
         p.check()
         assert [len(s) for s in sorted(p.slots, key=len)] == sorted(slots_per_rank(E, R, W))
+
+
+def test_per_layer_rebalance_balances_layers_a_shared_layout_cannot():
+    # three MoE layers, two ranks of two slots: expert 0 is hot in every layer, with 1, 2 and 3 beside it.
+    # A step waits for each layer's most loaded rank (balancedness: sum of means over sum of maxima);
+    # one layout for all layers can split expert 0 from at most two of the three, each layer on its own all
+    E, W = 4, 2
+    load = {layer: [40.0 if e in (0, layer) else 1.0 for e in range(E)] for layer in (1, 2, 3)}
+    total = [sum(c) for c in zip(*load.values())]
+    shared = rebalance(total, W)
+    per_layer = rebalance(load, W)
+    assert not shared.layers and [layer for layer, _ in per_layer.layers] == [1, 2, 3]
+    # at best 2 layers even (41 / 41) and one with both hot experts on a rank (80 / 2): 123 / 162
+    assert shared.balancedness(load) <= 123 / 162 + 1e-9
+    assert Placement.default(E, W).balancedness(load) <= 123 / 162 + 1e-9
+    assert per_layer.balancedness(load) == 1.0
+    for layer, counts in load.items():  # each layer is balanced on its own, and holds every expert
+        assert per_layer.layer(layer).balancedness(counts) == 1.0
+        assert sorted(e for s in per_layer.layer(layer).slots for e in s) == list(range(E))
+    assert per_layer.layer(7).slots == per_layer.slots  # a layer EPLB saw no load for: the base layout
+    rest, mine = per_layer.experts_of(1)
+    assert rest == list(per_layer.slots[1]) and mine == {layer: list(p.slots[1]) for layer, p in per_layer.layers}
+    base_copies, layer_copies = per_layer.copies()
+    assert base_copies == per_layer.base.replicas() and set(layer_copies) == {1, 2, 3}
+
+
+def test_per_layer_placements_degrade_only_when_every_layer_is_covered():
+    E, W = 8, 4
+    base = Placement.default(E, W, redundant=E)  # every expert twice, in the base layout
+    narrow = Placement(E, ((0, 1, 2, 3), (4, 5, 6, 7), (0, 1, 2, 3), (4, 5, 6, 7)))
+    lone = Placement(E, ((0, 1, 2, 3), (0, 4, 5, 6), (0, 1, 2, 3), (4, 5, 6, 7)))  # expert 7: rank 3 only
+    p = Placement(E, base.slots, ((1, narrow), (2, lone)))
+    assert p.redundant == E and all(base.covers_without({r}) for r in range(W))
+    assert p.covers_without({0}) and not p.covers_without({3})  # layer 2 would lose expert 7
+    q = p.without({0})
+    assert q.world == 3 and q.layer(1).slots == narrow.slots[1:] and q.layer(2).slots == lone.slots[1:]
+    with pytest.raises(PlacementError, match="layer 3"):  # a layer must give each rank as many slots
+        Placement(E, base.slots, ((3, Placement.default(E, W)),))

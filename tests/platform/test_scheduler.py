@@ -313,7 +313,7 @@ class FlakyGroup(FakeExecutor):
         return f"{rank * 4}..{rank * 4 + 3}"
 
     async def expert_load_async(self):
-        return []
+        return {}
 
 
 async def _collect(engine, ps, params):
