@@ -78,7 +78,7 @@ async def run(engine, prompts: list[list[int]], tokens: int, tag: str) -> dict:
     return {"outs": outs, "tok_s": sum(map(len, outs)) / (t1 - t0),
             "decode_tok_s": len(prompts) * (tokens - 1) / max(1e-9, t1 - decode_start) if tokens > 1 else 0.0,
             "step_ms": 1000 * (engine.step_seconds - busy0) / max(1, steps), "load": load, "steps": steps,
-            "balancedness": placement.balancedness(load, engine.elastic_group.load_model(steps)),
+            "balancedness": placement.balancedness(load, await engine.elastic_group.load_model(steps)),
             "token_balancedness": placement.balancedness(load)}
 
 
@@ -92,7 +92,7 @@ def main():
     ap.add_argument("--hot-bias", type=float, default=0.3, help="selection bias added to them (default "
                     "%(default)s; 0 = the random router as initialised)")
     ap.add_argument("--expert-cost", type=float, default=None, help="pool.eplb.expert_cost: rows one expert weight "
-                    "read costs as much as (default: measured at start; 0 = balance token counts, DeepSeek's EPLB)")
+                    "read costs as much as (default: measured by actor 0; 0 = balance token counts, DeepSeek's EPLB)")
     ap.add_argument("--dtype", default="auto", help="compute dtype (default auto: bf16 where the CPU has it)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
     a = ap.parse_args()
@@ -123,9 +123,9 @@ def main():
         try:
             await run(engine, prompts[:2], 4, "warm")
             off = await run(engine, prompts, a.tokens, "off")
+            cost = (await engine.elastic_group.load_model(1)).expert_cost
             print(f"EPLB off: {off['decode_tok_s']:.0f} decode tok/s, step {off['step_ms']:.1f} ms, balancedness "
-                  f"{off['balancedness']:.3f}; expert cost {engine.elastic_group.load_model(1).expert_cost:.1f} rows",
-                  flush=True)
+                  f"{off['balancedness']:.3f}; expert cost {cost:.1f} rows", flush=True)
             t0 = time.monotonic()
             stall = await engine.rebalance(off["load"], off["steps"])
             prepare = time.monotonic() - t0
@@ -137,14 +137,13 @@ def main():
             on = await run(engine, prompts, a.tokens, "on")
             print(f"EPLB on:  {on['decode_tok_s']:.0f} decode tok/s, step {on['step_ms']:.1f} ms, balancedness "
                   f"{on['balancedness']:.3f}; rebalance {prepare:.2f}s, stall {stall}", flush=True)
-            return off, on, prepare, stall
+            return off, on, prepare, stall, cost
         finally:
             await engine.shutdown()
 
-    off, on, prepare, stall = asyncio.run(scenario())
+    off, on, prepare, stall, cost = asyncio.run(scenario())
     ray.shutdown()
     same = off["outs"] == on["outs"]
-    cost = engine.elastic_group.load_model(1).expert_cost
     lines = ["| EPLB | decode tok/s | tok/s (whole run) | mean step (ms) | balancedness, load model | "
              "balancedness, tokens |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in (("off (default placement)", off), ("on (after one rebalance)", on)):
@@ -160,7 +159,7 @@ def main():
                    f"{stall * 1000 / off['step_ms']:.1f} mean decode steps (goal: under one)")
     summary += f"; greedy outputs {'identical' if same else 'DIFFERENT'} before and after."
     summary += (f" Load model: an expert's weight read = {cost:.1f} rows ("
-                f"{'pool.eplb.expert_cost' if a.expert_cost is not None else 'measured by actor 0 at start'}).")
+                f"{'pool.eplb.expert_cost' if a.expert_cost is not None else 'measured by actor 0'}).")
     table = "\n".join(lines)
     print("\n" + table + "\n\n" + summary)
     if not a.no_append:

@@ -43,7 +43,7 @@ class ElasticPolicy:
     window_steps: int = 1000
     rebalance_every_steps: int = 3000
     min_gain: float = 0.05
-    expert_cost: float | None = None  # pool.eplb.expert_cost; None: the executor's measured one
+    expert_cost: float | None = None  # pool.eplb.expert_cost; None: the executor's, measured on first use
     moe_layers: int = 1               # MoE layers run per engine step (EPLB's load model)
     autoscale: bool = False           # pool.autoscale_width, thresholds from pool.width_autoscaling
     interval_s: float = 10.0
@@ -207,10 +207,15 @@ class ElasticGroup:
         """Engine steps the window's load was counted over."""
         return self._load_snapshots[-1][0] - self._load_snapshots[0][0] if len(self._load_snapshots) > 1 else 0
 
-    def load_model(self, steps: int) -> LoadModel:
-        """EPLB's load model for a load counted over ``steps`` engine steps (``placement.LoadModel``)."""
+    async def load_model(self, steps: int) -> LoadModel:
+        """EPLB's load model for a load counted over ``steps`` engine steps (``placement.LoadModel``). Its
+        expert cost is ``pool.eplb.expert_cost``, else the executor's (``RayExecutor.expert_cost``:
+        measured by actor 0 on the first call; 0 for an executor without one)."""
         el = self.policy
-        cost = el.expert_cost if el.expert_cost is not None else getattr(self.core.executor, "expert_cost", 0.0)
+        cost = el.expert_cost
+        if cost is None:
+            measured = getattr(self.core.executor, "expert_cost", None)
+            cost = await measured() if measured is not None else 0.0
         return LoadModel(passes=steps * el.moe_layers, expert_cost=cost)
 
     async def rebalance(self, load: list[int] | None = None, steps: int | None = None) -> float | None:
@@ -224,7 +229,7 @@ class ElasticGroup:
         executor, el = self.core.executor, self.policy
         if not load or not sum(load) or executor.placement is None:
             return None
-        model = self.load_model(steps if steps is not None else 0)
+        model = await self.load_model(steps if steps is not None else 0)
         now = executor.placement.balancedness(load, model)
         plan = rebalance(load, executor.world, executor.placement.redundant, model)
         gain = plan.balancedness(load, model) - now
@@ -238,7 +243,7 @@ class ElasticGroup:
                  now + gain, stall)
         return stall
 
-    def track_load(self, counts: list[int]) -> None:
+    async def track_load(self, counts: list[int]) -> None:
         """A new snapshot of the cumulative tokens per expert: slide the window, update the actor
         balancedness, start a rebalance when one is due."""
         el = self.policy
@@ -250,7 +255,7 @@ class ElasticGroup:
             self._load_snapshots.popleft()
         load, placement = self.window_load(), getattr(self.core.executor, "placement", None)
         if load and sum(load) and placement is not None:
-            self.actor_balancedness = placement.balancedness(load, self.load_model(self.window_steps()))
+            self.actor_balancedness = placement.balancedness(load, await self.load_model(self.window_steps()))
         if el.eplb and steps - self._last_rebalance_step >= el.rebalance_every_steps and not self.busy:
             self._last_rebalance_step = steps
             self.start(self.rebalance())

@@ -403,7 +403,7 @@ class AsyncEngine:
 
     async def refresh_expert_tokens(self) -> list[int]:
         self._expert_tokens = await self.core.executor.expert_load_async()
-        self.elastic_group.track_load(self._expert_tokens)
+        await self.elastic_group.track_load(self._expert_tokens)
         return self._expert_tokens
 
     async def check_health(self) -> None:
