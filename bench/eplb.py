@@ -90,7 +90,7 @@ async def run(engine, prompts: list[list[int]], tokens: int, tag: str) -> dict:
     return {"outs": outs, "tok_s": sum(map(len, outs)) / (t1 - t0),
             "decode_tok_s": len(prompts) * (tokens - 1) / max(1e-9, t1 - decode_start) if tokens > 1 else 0.0,
             "step_ms": 1000 * (engine.step_seconds - busy0) / max(1, steps), "load": load, "steps": steps,
-            "balancedness": placement.balancedness(load, engine.elastic_group.load_model(steps, load)),
+            "balancedness": placement.balancedness(load, await engine.elastic_group.load_model(steps, load)),
             "token_balancedness": placement.balancedness(load)}
 
 
@@ -110,7 +110,7 @@ def main():
     ap.add_argument("--hot-bias", type=float, default=0.3, help="selection bias added to them (default "
                     "%(default)s; 0 = the random router as initialised)")
     ap.add_argument("--expert-cost", type=float, default=None, help="pool.eplb.expert_cost: rows one expert weight "
-                    "read costs as much as (default: measured at start; 0 = balance token counts, DeepSeek's EPLB)")
+                    "read costs as much as (default: measured by actor 0; 0 = balance token counts, DeepSeek's EPLB)")
     ap.add_argument("--dtype", default="auto", help="compute dtype (default auto: bf16 where the CPU has it)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")
     a = ap.parse_args()
@@ -164,20 +164,20 @@ def main():
             await run(engine, prompts[:2], 4, "warm")
             off = await run(engine, prompts, a.tokens, "off")
             off_load = off["load"]
+            cost = (await engine.elastic_group.load_model(1)).expert_cost
             print(f"EPLB off: {off['decode_tok_s']:.0f} decode tok/s, step {off['step_ms']:.1f} ms, balancedness "
                   f"{off['balancedness']:.3f}; hot experts per rank, "
                   f"{describe(engine.core.executor.placement, off_load)}", flush=True)
             shared = await rebalanced(summed(off_load), off["steps"], "one layout for all layers")
             per_layer = await rebalanced(off_load, off["steps"], "a placement per layer")
-            return off, shared, per_layer
+            return off, shared, per_layer, cost
         finally:
             await engine.shutdown()
 
     off_load: dict = {}
-    off, shared, per_layer = asyncio.run(scenario())
+    off, shared, per_layer, cost = asyncio.run(scenario())
     ray.shutdown()
     same = off["outs"] == shared[0]["outs"] == per_layer[0]["outs"]
-    cost = engine.elastic_group.load_model(1).expert_cost
     lines = ["| EPLB | decode tok/s | x off | tok/s (whole run) | mean step (ms) | balancedness, load model | "
              "balancedness, tokens | rebalance: plan to switch (s) | stall (ms) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]

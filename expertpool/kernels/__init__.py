@@ -37,8 +37,12 @@ from expertpool.kernels.backend import (  # noqa: F401
 from expertpool.kernels.reference import (  # noqa: F401
     BLOCK_SIZE,
     FP8_E4M3_MAX,
+    ROW_TILE,
     batch_invariant,
     dequant_w13_ref,
+    pad_rows,
+    row_bucket,
     set_batch_invariant,
     shape_bucket,
+    tile_rows,
 )

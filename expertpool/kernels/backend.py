@@ -193,15 +193,11 @@ def pack_weight(w_NK: torch.Tensor) -> torch.Tensor | None:
 
 def packed_linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """``x @ W.T`` with W in ``pack_weight``'s layout (CPU, no autograd). The rows are padded to a
-    ``shape_bucket`` (zeros; each output row depends on its input row only, so the rows kept are
-    unchanged) so that oneDNN sees few problem shapes."""
+    ``row_bucket`` (``reference.pad_rows``) so that oneDNN sees few problem shapes."""
     x2 = x.reshape(-1, x.shape[-1])
-    n = x2.shape[0]
-    pad = ref.row_bucket(n) - n
-    if pad:
-        x2 = F.pad(x2, (0, 0, 0, pad))
+    x2, n = ref.pad_rows(x2, ref.row_bucket(x2.shape[0]))
     y = torch.ops.mkldnn._linear_pointwise(x2, packed, None, "none", [], "")
-    return (y[:n] if pad else y).view(*x.shape[:-1], y.shape[-1])
+    return (y[:n] if x2.shape[0] > n else y).view(*x.shape[:-1], y.shape[-1])
 
 
 def route(logits_TE: torch.Tensor, bias_E: torch.Tensor | None, n_group: int, topk_group: int, top_k: int,

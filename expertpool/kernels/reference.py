@@ -206,7 +206,10 @@ def shape_bucket(n: int, exact: int = 16, per_octave: int = 4) -> int:
     return -(-n // step) * step
 
 
-ROW_TILE = 16  # batch-invariant mode: the CPU GEMMs' row counts are multiples of this (``row_bucket``)
+# the CPU GEMMs whose rows must come out the same in any batch run on whole tiles of this many rows:
+# the router's fp32 GEMM always, the per-head absorbed products and the bf16 expert / packed-linear
+# GEMMs in batch-invariant mode (``tile_rows``, ``row_bucket``, ``pad_rows``)
+ROW_TILE = 16
 _BATCH_INVARIANT = [False]
 
 
@@ -222,6 +225,21 @@ def batch_invariant() -> bool:
     return _BATCH_INVARIANT[0]
 
 
+def tile_rows(n: int) -> int:
+    """``n`` rounded up to whole ``ROW_TILE`` tiles."""
+    return -(-n // ROW_TILE) * ROW_TILE
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> tuple[torch.Tensor, int]:
+    """(``x`` with zero rows appended along dim 0 up to ``rows``, its original row count n); ``x``
+    itself when it has ``rows`` already. In the products this serves each output row depends on its
+    input row only, so the first n rows of the result are unchanged by the padding."""
+    n = x.shape[0]
+    if rows > n:
+        x = F.pad(x, (0, 0) * (x.dim() - 1) + (0, rows - n))
+    return x, n
+
+
 def row_bucket(n: int) -> int:
     """The rows a CPU GEMM of ``n`` rows runs on: ``shape_bucket(n)`` (few shapes, for oneDNN's kernel
     caches); in batch-invariant mode rounded up to a multiple of ``ROW_TILE``. The GEMM kernels tile
@@ -231,7 +249,7 @@ def row_bucket(n: int) -> int:
     reproduce it bit for bit. With whole tiles every row takes the same path."""
     if not _BATCH_INVARIANT[0]:
         return shape_bucket(n)
-    return max(ROW_TILE, -(-shape_bucket(n, exact=0) // ROW_TILE) * ROW_TILE)
+    return max(ROW_TILE, tile_rows(shape_bucket(n, exact=0)))
 
 
 # fp32 products with at most this many rows run as W @ x^T: MKL streams the weight rows at memory
@@ -251,7 +269,7 @@ def _expert_mm(x_nK: torch.Tensor, w_NK: torch.Tensor, scale: torch.Tensor | Non
         out_nN.copy_(torch.mm(w_NK, x_nK.t()).t())
     elif x_nK.device.type == "cpu" and x_nK.dtype != torch.float32 and row_bucket(n) > n:
         # oneDNN runs the CPU's bf16 products: rows padded to whole tiles of a few sizes (``row_bucket``)
-        out_nN.copy_(torch.mm(F.pad(x_nK, (0, 0, 0, row_bucket(n) - n)), w_NK.t())[:n])
+        out_nN.copy_(torch.mm(pad_rows(x_nK, row_bucket(n))[0], w_NK.t())[:n])
     else:
         torch.mm(x_nK, w_NK.t(), out=out_nN)
 

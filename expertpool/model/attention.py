@@ -163,21 +163,17 @@ def causal_attention(q_HSD: torch.Tensor, k_HTD: torch.Tensor, v_HTD: torch.Tens
     return out
 
 
-BMM_ROWS = 16  # the CPU's per-head products of decode rows run on a multiple of this many rows (``_per_head``)
-
-
 def _per_head(x_BHK: torch.Tensor, w_HKN: torch.Tensor) -> torch.Tensor:
     """``x[b, h] @ w[h]`` for every row b and head h: [B, H, N]. On the CPU in bfloat16 (oneDNN), in
     batch-invariant mode (``kernels.set_batch_invariant``), the rows are padded to a multiple of
-    ``BMM_ROWS``: the batched GEMM rounds a row differently at some row counts (measured: 3 rows
+    ``kernels.ROW_TILE``: the batched GEMM rounds a row differently at some row counts (measured: 3 rows
     against 1), and a decode row must come out the same in any batch for a replay after a failure to
     continue exactly (tests/platform/test_engine_local). fp32 (MKL) keeps its own kernels, which the
     W8A8 path's tests pin down to the last bit."""
     B = x_BHK.shape[0]
     cpu_bf16 = x_BHK.device.type == "cpu" and x_BHK.dtype != torch.float32
-    pad = -B % BMM_ROWS if cpu_bf16 and kernels.batch_invariant() else 0
-    if pad:
-        x_BHK = F.pad(x_BHK, (0, 0, 0, 0, 0, pad))
+    if cpu_bf16 and kernels.batch_invariant():
+        x_BHK, B = kernels.pad_rows(x_BHK, kernels.tile_rows(B))
     return torch.bmm(x_BHK.transpose(0, 1), w_HKN).transpose(0, 1)[:B]
 
 

@@ -28,19 +28,16 @@ from expertpool.model.dispatch import Dispatcher, LocalDispatcher
 from expertpool.model.layers import MLP
 
 
-ROUTER_ROWS = 16  # the CPU router's GEMM runs on a multiple of this many rows (``route``)
-
-
 def route(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor | None, args: ModelArgs,
           need_scores: bool = True):
     """Returns (weights_TK fp32, ids_TK, scores_TE fp32 or None): the exact V3 router in fp32
     (``kernels.reference.route_ref``; a fused kernel on the GPU when no scores or gradients are needed)."""
     x_TD32, T = x_TD.float(), x_TD.shape[0]
-    if x_TD.device.type == "cpu" and T % ROUTER_ROWS:
+    if x_TD.device.type == "cpu":
         # MKL's fp32 GEMM rounds a row differently at some row counts (1 and 9 among them); at a multiple of
-        # ROUTER_ROWS rows each row's logits are the same in any batch, so a replayed or re-batched token
+        # kernels.ROW_TILE rows each row's logits are the same in any batch, so a replayed or re-batched token
         # routes with bit-identical weights (a recovery then continues exactly, tests/platform/test_engine_local)
-        x_TD32 = F.pad(x_TD32, (0, 0, 0, ROUTER_ROWS - T % ROUTER_ROWS))
+        x_TD32, T = kernels.pad_rows(x_TD32, kernels.tile_rows(T))
     logits_TE = F.linear(x_TD32, weight_ED.float())[:T]
     return kernels.route(logits_TE, bias_E, args.n_group, args.topk_group, args.num_experts_per_tok,
                          args.scoring_func, args.norm_topk_prob, args.routed_scaling_factor, need_scores)

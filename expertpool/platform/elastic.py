@@ -43,7 +43,7 @@ class ElasticPolicy:
     window_steps: int = 1000
     rebalance_every_steps: int = 3000
     min_gain: float = 0.05
-    expert_cost: float | None = None  # pool.eplb.expert_cost; None: the executor's measured one
+    expert_cost: float | None = None  # pool.eplb.expert_cost; None: the executor's, measured on first use
     moe_layers: int = 1               # MoE layers run per engine step (EPLB's load model)
     autoscale: bool = False           # pool.autoscale_width, thresholds from pool.width_autoscaling
     interval_s: float = 10.0
@@ -209,11 +209,16 @@ class ElasticGroup:
         """Engine steps the window's load was counted over."""
         return self._load_snapshots[-1][0] - self._load_snapshots[0][0] if len(self._load_snapshots) > 1 else 0
 
-    def load_model(self, steps: int, load: list[int] | dict[int, list[int]] | None = None) -> LoadModel:
+    async def load_model(self, steps: int, load: list[int] | dict[int, list[int]] | None = None) -> LoadModel:
         """EPLB's load model (``placement.LoadModel``) for ``load`` counted over ``steps`` engine steps:
-        a load per MoE layer ran once a step, a load summed over the layers ``moe_layers`` times."""
+        a load per MoE layer ran once a step, a load summed over the layers ``moe_layers`` times. Its
+        expert cost is ``pool.eplb.expert_cost``, else the executor's (``RayExecutor.expert_cost``:
+        measured by actor 0 on the first call; 0 for an executor without one)."""
         el = self.policy
-        cost = el.expert_cost if el.expert_cost is not None else getattr(self.core.executor, "expert_cost", 0.0)
+        cost = el.expert_cost
+        if cost is None:
+            measured = getattr(self.core.executor, "expert_cost", None)
+            cost = await measured() if measured is not None else 0.0
         return LoadModel(passes=steps * (1 if isinstance(load, dict) else el.moe_layers), expert_cost=cost)
 
     async def rebalance(self, load: list[int] | dict[int, list[int]] | None = None, steps: int | None = None
@@ -230,7 +235,7 @@ class ElasticGroup:
         total = sum(sum(c) for c in load.values()) if isinstance(load, dict) else sum(load or [])
         if not load or not total or executor.placement is None:
             return None
-        model = self.load_model(steps if steps is not None else 0, load)
+        model = await self.load_model(steps if steps is not None else 0, load)
         now = executor.placement.balancedness(load, model)
         plan = rebalance(load, executor.world, executor.placement.redundant, model)
         gain = plan.balancedness(load, model) - now
@@ -244,7 +249,7 @@ class ElasticGroup:
                  now + gain, stall)
         return stall
 
-    def track_load(self, counts: dict[int, list[int]]) -> None:
+    async def track_load(self, counts: dict[int, list[int]]) -> None:
         """A new snapshot of the cumulative tokens per expert, per MoE layer id: slide the window,
         update the actor balancedness, start a rebalance when one is due."""
         el = self.policy
@@ -256,7 +261,7 @@ class ElasticGroup:
             self._load_snapshots.popleft()
         load, placement = self.window_load(), getattr(self.core.executor, "placement", None)
         if load and any(map(sum, load.values())) and placement is not None:
-            self.actor_balancedness = placement.balancedness(load, self.load_model(self.window_steps(), load))
+            self.actor_balancedness = placement.balancedness(load, await self.load_model(self.window_steps(), load))
         if el.eplb and steps - self._last_rebalance_step >= el.rebalance_every_steps and not self.busy:
             self._last_rebalance_step = steps
             self.start(self.rebalance())

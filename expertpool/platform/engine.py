@@ -407,7 +407,7 @@ class AsyncEngine:
         window); returns their sum over layers (the metrics')."""
         by_layer = await self.core.executor.expert_load_async()
         self._expert_tokens = [sum(x) for x in zip(*by_layer.values())]
-        self.elastic_group.track_load(by_layer)
+        await self.elastic_group.track_load(by_layer)
         return self._expert_tokens
 
     async def check_health(self) -> None:

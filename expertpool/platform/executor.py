@@ -146,7 +146,7 @@ class RayExecutor:
         self.hooks = hooks
         self.ping_timeout_s = ping_timeout_s
         self.settle_s = spec.collective_timeout_s + 5.0
-        self.expert_cost = 0.0  # measured by rank 0 at start (ExpertWorker.expert_cost)
+        self._expert_cost: float | None = None  # rank 0's measurement, on first use (``expert_cost``)
         self.generation = 0
         self._cls = ray.remote(concurrency_groups={CONTROL: 1, PREPARE: 1})(ExpertWorker)
 
@@ -194,7 +194,19 @@ class RayExecutor:
         self.warmup()
         for slot, how in zip(self.slots, ray.get([s.actor.enable_decode_graphs.remote() for s in self.slots])):
             slot.info["decode"] = how
-        self.expert_cost = ray.get(self.slots[0].actor.expert_cost.remote())
+
+    async def expert_cost(self) -> float:
+        """The rows one expert weight read costs as much as, for EPLB's load model when
+        ``pool.eplb.expert_cost`` is unset: rank 0 times one expert (``ExpertWorker.expert_cost``, 12
+        calls, between two of its steps) the first time the load model asks, not at start-up, so a
+        replica whose load model never runs does not pay for it. Kept from then on, across group
+        re-formations too (a resize or a replacement runs the same model on the same kind of device).
+        Two first callers at once both measure; the first answer is kept."""
+        if self._expert_cost is None:
+            cost = await _await(self.slots[0].actor.expert_cost.remote())
+            if self._expert_cost is None:
+                self._expert_cost = cost
+        return self._expert_cost
 
     def warmup(self) -> float:
         """Run ``warmup_steps`` on every worker (they only touch scratch blocks, so live sequences'

@@ -74,7 +74,8 @@ class EplbConfig(Closed):
                             "(mean / max actor load over the window) by at least this much.")
     expert_cost: float | None = Field(None, ge=0, description="The rows one weight read of an expert costs as much "
                                       "as, in the load model EPLB balances: 0 counts tokens only (DeepSeek's EPLB, "
-                                      "right when experts are compute-bound); unset: measured by the first actor at "
+                                      "right when experts are compute-bound); unset: measured by the first actor when "
+                                      "the load model is first used (the first load window with traffic), not at "
                                       "start-up (small-batch decode is bound by weight reads, so extra copies of a "
                                       "hot expert can cost more than they save).")
 

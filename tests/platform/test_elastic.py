@@ -97,6 +97,7 @@ def test_replicated_group_degrades_resizes_and_rebalances_without_changing_outpu
     async def _scenario():
         ex = engine.core.executor
         assert ex.world == 2 and all(len(r) == 2 for r in ex.placement.replicas())  # two copies of each expert
+        assert ex._expert_cost is None  # pool.eplb.expert_cost unset: measured when the load model first runs
 
         # 1. replicated experts: same tokens as the reference
         got = await asyncio.gather(*[_stream(engine, f"plain-{i}", p) for i, p in enumerate(prompts)])
@@ -135,10 +136,13 @@ def test_replicated_group_degrades_resizes_and_rebalances_without_changing_outpu
         new_balance = ex.placement.balancedness(load)
         assert [layer for layer, _ in ex.placement.layers] == sorted(load)
         assert len({tuple(p.slots[0]) for _, p in ex.placement.layers}) > 1, "every layer got the same layout"
+        cost = ex._expert_cost
+        assert cost is not None and cost >= 0  # the rebalance's load model measured it (or the metric's before)
         got = await asyncio.gather(*[_stream(engine, f"after-{i}", p) for i, p in enumerate(prompts)])
         assert got == want
         got, _ = await _under_streams(engine, prompts, "w2", lambda: engine.resize(2))
         assert got == want and ex.world == 2
+        assert ex._expert_cost == cost  # kept across the re-formation
 
         # 5. width autoscaling end to end: thresholds any load crosses widen the group under the streams
         # (one actor per interval, up to max 4); idle, it narrows one actor per idle period to min 2
