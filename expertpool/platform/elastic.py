@@ -256,7 +256,7 @@ class ElasticGroup:
         if el is None or not counts:
             return
         steps = self.steps()
-        self._load_snapshots.append((steps, list(counts)))
+        self._load_snapshots.append((steps, {layer: list(c) for layer, c in counts.items()}))
         while len(self._load_snapshots) > 2 and self._load_snapshots[1][0] <= steps - el.window_steps:
             self._load_snapshots.popleft()
         load, placement = self.window_load(), getattr(self.core.executor, "placement", None)

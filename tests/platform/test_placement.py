@@ -190,3 +190,52 @@ def test_per_layer_placements_degrade_only_when_every_layer_is_covered():
     assert q.world == 3 and q.layer(1).slots == narrow.slots[1:] and q.layer(2).slots == lone.slots[1:]
     with pytest.raises(PlacementError, match="layer 3"):  # a layer must give each rank as many slots
         Placement(E, base.slots, ((3, Placement.default(E, W)),))
+
+
+def test_eplb_loop_plans_each_layer_from_the_measured_window():
+    """``ElasticGroup.track_load`` as the engine's refresh loop calls it (cumulative counts per MoE layer):
+    the window keeps the layers apart, and the rebalance it starts when due places each layer on its own."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from expertpool.platform.elastic import ElasticGroup, ElasticPolicy
+
+    class Executor:
+        world = 2
+
+        def __init__(self):
+            self.placement, self.committed = Placement.default(4, 2), []
+
+        async def prepare(self, placement, keep, patches):
+            return []
+
+        async def commit(self, placement, slots):
+            self.placement = placement
+            self.committed.append(placement)
+
+    async def between_steps(fn):
+        return await fn()
+
+    ex, step = Executor(), [0]
+    policy = ElasticPolicy(n_experts=4, eplb=True, window_steps=100, rebalance_every_steps=10, expert_cost=0.0,
+                           moe_layers=3)
+    group = ElasticGroup(SimpleNamespace(executor=ex, resize=lambda keep: []), policy, [], between_steps,
+                         lambda: step[0])
+    per_snapshot = {layer: [40 if e in (0, layer) else 1 for e in range(4)] for layer in (1, 2, 3)}
+
+    async def serve():
+        cumulative = {layer: [0] * 4 for layer in per_snapshot}
+        for s in range(0, 30, 5):  # a snapshot every 5 steps; a rebalance is due at step 10 (and 20)
+            step[0] = s
+            cumulative = {layer: [a + b for a, b in zip(c, per_snapshot[layer])] for layer, c in cumulative.items()}
+            await group.track_load(cumulative)
+            while group.busy:
+                await asyncio.sleep(0)
+
+    asyncio.run(serve())
+    # a layout change restarts the window: snapshots at steps 15, 20 and 25 remain
+    assert group.window_steps() == 10
+    assert group.window_load() == {layer: [2 * x for x in c] for layer, c in per_snapshot.items()}
+    assert group.rebalances == 1 and len(ex.committed) == 1  # at step 20 the placement was already even
+    assert [layer for layer, _ in ex.placement.layers] == [1, 2, 3]
+    assert group.actor_balancedness == 1.0  # the last window, under the per-layer placement
