@@ -161,7 +161,7 @@ def main():
     async def scenario():
         nonlocal off_load
         try:
-            await run(engine, prompts[:2], 4, "warm")
+            await run(engine, prompts, a.tokens, "warm")  # every batch shape compiled before the timed runs
             off = await run(engine, prompts, a.tokens, "off")
             off_load = off["load"]
             cost = (await engine.elastic_group.load_model(1)).expert_cost
