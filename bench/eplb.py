@@ -19,6 +19,11 @@ the switch) against the mean decode step.
 Balancedness is reported twice: under the load model EPLB plans with (tokens plus each expert's
 weight reads, ``pool.eplb.expert_cost``) and in plain tokens (DeepSeek's measure).
 
+Issue 13's goal (>= 1.2x decode throughput) needs a workload whose imbalance costs that much:
+``--same-hot --hot 24 --hot-bias 1.0`` leaves one actor with most of the routed-expert reads. At the
+default skew (a random hot set per layer) the default placement is already near even (balancedness
+~0.93), so no placement can gain much there.
+
     python bench/eplb.py [--actors 2] [--redundant 16] [--streams 16] [--tokens 64] [--expert-cost X] [--same-hot]
                          [--no-append]
 """
