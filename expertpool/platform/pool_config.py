@@ -65,8 +65,9 @@ class WidthRange(Closed):
 
 
 class EplbConfig(Closed):
-    enabled: bool = Field(False, description="Expert-parallel load balancing: measure tokens per expert and "
-                          "periodically move and replicate experts so the most loaded actor carries less.")
+    enabled: bool = Field(False, description="Expert-parallel load balancing: measure tokens per expert of each "
+                          "MoE layer and periodically move and replicate experts, each layer on its own, so the most "
+                          "loaded actor carries less.")
     window_steps: int = Field(1000, ge=1, description="Engine steps of per-expert token counts a rebalance plans "
                               "from (the most recent ones).")
     rebalance_every_steps: int = Field(3000, ge=1, description="Engine steps between rebalance plans.")
