@@ -99,9 +99,6 @@ async def run(engine, prompts: list[list[int]], tokens: int, tag: str) -> dict:
             "token_balancedness": placement.balancedness(load)}
 
 
-def summed(load: dict[int, list[int]]) -> list[int]:
-    return [sum(c) for c in zip(*load.values())]
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,6 +170,7 @@ def main():
             print(f"EPLB off: {off['decode_tok_s']:.0f} decode tok/s, step {off['step_ms']:.1f} ms, balancedness "
                   f"{off['balancedness']:.3f}; hot experts per rank, "
                   f"{describe(engine.core.executor.placement, off_load)}", flush=True)
+            from expertpool.platform.placement import summed
             shared = await rebalanced(summed(off_load), off["steps"], "one layout for all layers")
             per_layer = await rebalanced(off_load, off["steps"], "a placement per layer")
             return off, shared, per_layer, cost

@@ -35,6 +35,7 @@ from ray.exceptions import RayError
 from expertpool.model.sampling import SamplingParams
 from expertpool.platform.elastic import ElasticGroup, ElasticPolicy, first_line, width_decision
 from expertpool.platform.executor import LocalExecutor, StepFailed
+from expertpool.platform.placement import summed
 from expertpool.platform.scheduler import EngineCore, EngineUnavailable, TokenEvent
 from expertpool.platform.worker import ModelRunner
 
@@ -406,7 +407,7 @@ class AsyncEngine:
         """Pull the cumulative tokens per logical expert from the workers (per MoE layer: EPLB's load
         window); returns their sum over layers (the metrics')."""
         by_layer = await self.core.executor.expert_load_async()
-        self._expert_tokens = [sum(x) for x in zip(*by_layer.values())]
+        self._expert_tokens = summed(by_layer)
         await self.elastic_group.track_load(by_layer)
         return self._expert_tokens
 

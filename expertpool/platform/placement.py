@@ -90,6 +90,11 @@ TOKENS = LoadModel()
 LayerLoad = dict[int, list[float]]  # MoE layer id -> tokens per logical expert
 
 
+def summed(load: LayerLoad) -> list[float]:
+    """Tokens per logical expert summed over the MoE layers of ``load``."""
+    return [sum(c) for c in zip(*load.values())]
+
+
 @dataclass(frozen=True)
 class Placement:
     n_experts: int
@@ -213,8 +218,7 @@ def rebalance(load: list[float] | LayerLoad, world: int, redundant: int = 0, mod
     each layer its own placement, and the base layout (layers not in ``load``) is planned for their
     sum; ``model.passes`` then counts one layer's passes."""
     if isinstance(load, dict):
-        total = [sum(c) for c in zip(*load.values())]
-        base = rebalance(total, world, redundant, replace(model, passes=model.passes * len(load)))
+        base = rebalance(summed(load), world, redundant, replace(model, passes=model.passes * len(load)))
         return Placement(base.n_experts, base.slots,
                          tuple((layer, rebalance(c, world, redundant, model)) for layer, c in load.items()))
     E = len(load)

@@ -5,7 +5,15 @@ import random
 
 import pytest
 
-from expertpool.platform.placement import TOKENS, LoadModel, Placement, PlacementError, rebalance, slots_per_rank
+from expertpool.platform.placement import (
+    TOKENS,
+    LoadModel,
+    Placement,
+    PlacementError,
+    rebalance,
+    slots_per_rank,
+    summed,
+)
 
 
 def test_default_is_todays_contiguous_split():
@@ -160,8 +168,7 @@ def test_per_layer_rebalance_balances_layers_a_shared_layout_cannot():
     # one layout for all layers can split expert 0 from at most two of the three, each layer on its own all
     E, W = 4, 2
     load = {layer: [40.0 if e in (0, layer) else 1.0 for e in range(E)] for layer in (1, 2, 3)}
-    total = [sum(c) for c in zip(*load.values())]
-    shared = rebalance(total, W)
+    shared = rebalance(summed(load), W)
     per_layer = rebalance(load, W)
     assert not shared.layers and [layer for layer, _ in per_layer.layers] == [1, 2, 3]
     # at best 2 layers even (41 / 41) and one with both hot experts on a rank (80 / 2): 123 / 162
