@@ -24,6 +24,8 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from expertpool.kernels import cpu_experts
+
 FP8_E4M3_MAX = 448.0
 BLOCK_SIZE = 128
 AMAX_FLOOR = 1e-4  # keeps all-zero groups finite (the upstream NaN bug)
@@ -280,7 +282,11 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
     once over all rows, and each weight format takes its fastest product (``_expert_mm``: int8
     through ``torch._weight_int8pack_mm``, fp32 at few rows as W @ x^T). Decode steps touch most
     experts with one or two rows each, so per-expert overhead and bytes read per expert are what
-    cost. With bf16 activations it runs the reference's kernels in its order (bit-identical) for dense
+    cost. Dense fp32 / bf16 weights with at most ``cpu_experts.MAX_ROWS`` rows per expert (decode
+    steps) go to the grouped C kernel (``cpu_experts``: one call per product for the layer, bf16
+    weights widened in registers, fp32 accumulation in another summation order than oneDNN's, the
+    reference's bf16 roundings of the intermediates kept), except in batch-invariant mode. Otherwise,
+    with bf16 activations it runs the reference's kernels in its order (bit-identical) for dense
     and fp8 weights; fp32 activations take W @ x^T at few rows (another summation order, ~1e-6
     relative; fp8 weights dequantized exactly first, so an fp8-resident model equals an fp32 one
     holding the dequantized weights), int8 weights the int8 kernel (bf16 activations)."""
@@ -289,6 +295,21 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
     if grouped is None:
         return torch.zeros_like(x_TD)
     counts, pair_idx, x_sorted, w_sorted = grouped
+    if w13_scale is None and w2_scale is None and not _BATCH_INVARIANT[0] and cpu_experts.applies(
+            x_sorted, w13_E2FD, counts) and w13_E2FD.dtype == w2_EDF.dtype and w13_E2FD.is_contiguous() \
+            and w2_EDF.is_contiguous():
+        # few rows per expert (decode): one grouped call per product, weights streamed once
+        # SwiGLU in fp32 with the reference's roundings to the compute dtype (the products, silu, and
+        # silu * up: a product of two bf16 values is exact in fp32), without bf16 elementwise kernels
+        groups = cpu_experts.Groups(counts)
+        h_P2F = cpu_experts.grouped_gemv(x_sorted, groups, w13_E2FD)
+        low = x_TD.dtype != torch.float32
+        gate, up = (h_P2F.to(x_TD.dtype).float() if low else h_P2F).chunk(2, dim=-1)
+        silu = F.silu(gate)
+        a_PF = silu.to(x_TD.dtype).float().mul_(up).to(x_TD.dtype) if low else silu.mul_(up)
+        y_PD = cpu_experts.grouped_gemv(a_PF, groups, w2_EDF).to(x_TD.dtype)
+        y_PD.mul_(w_sorted[:, None])
+        return combine_pairs(y_PD, pair_idx, T, K)
     (P, D), F2 = x_sorted.shape, w13_E2FD.shape[1]
     h_P2F = x_TD.new_empty(P, F2)
     y_PD = x_TD.new_empty(P, D)

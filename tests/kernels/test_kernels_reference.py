@@ -4,6 +4,7 @@ import numpy as np
 import torch
 
 from expertpool import kernels
+from expertpool.kernels import cpu_experts
 from expertpool.kernels import reference as ref
 from tests.kernels.kernel_oracles import make_moe, moe_w8a16_f64, rel_err
 
@@ -94,7 +95,8 @@ def test_moe_experts_inference_equals_reference():
         w13 = torch.stack([ref.dequant_w13_ref(w13_q[e], w13_s[e], dt) for e in range(5)])
         w2 = torch.stack([ref.weight_dequant_ref(w2_q[e], w2_s[e], dt) for e in range(5)])
         for rows in (slice(None), slice(0, 1)):
-            got = ref.moe_experts_inference(xd[rows], ids[rows], w[rows], w13, None, w2, None)
+            with cpu_experts.switched_off():  # the torch loop; the grouped kernel: tests/kernels/test_cpu_experts.py
+                got = ref.moe_experts_inference(xd[rows], ids[rows], w[rows], w13, None, w2, None)
             want = ref.moe_experts_ref(xd[rows], ids[rows], w[rows], w13, None, w2, None)
             assert torch.equal(got, want) if dt == torch.bfloat16 else rel_err(got, want) < 1e-5
         q13, s13 = ref.int8_weight_quant(w13)
@@ -131,7 +133,8 @@ def test_expert_rows_padded_to_a_bucket_keep_their_results():
     xb = x.to(torch.bfloat16)
     counts = torch.bincount(ids[ids >= 0], minlength=3)
     assert (counts > 16).all() and any(ref.shape_bucket(int(c)) > c for c in counts)  # padding happens
-    got = ref.moe_experts_inference(xb, ids, w, w13, None, w2, None)
+    with cpu_experts.switched_off():  # more than cpu_experts.MAX_ROWS rows: the torch loop anyway
+        got = ref.moe_experts_inference(xb, ids, w, w13, None, w2, None)
     assert torch.equal(got, ref.moe_experts_ref(xb, ids, w, w13, None, w2, None))
 
 

@@ -1,0 +1,157 @@
+/* Grouped few-row products for the routed experts on CPU (expertpool.kernels.cpu_experts).
+
+   out[p, n] = sum_k x[p, k] * W[e(p), n, k] for the rows p of each active expert e (rows sorted by
+   expert). A decode step gives most experts one to three rows, where a GEMM library spends more time
+   packing and dispatching than reading the weights; this loop streams each weight row once, widens
+   bf16 weights to fp32 in registers and accumulates in fp32. Every output row is summed in the same
+   order whatever the other rows are, so a row's result does not depend on its batch.
+
+   Built at first use with the machine's compiler (-O3 -march=native -fopenmp); the vector type below
+   becomes AVX-512 or AVX2 code on the CPU it is built for. OpenMP resolves to the libgomp torch has
+   already loaded (same soname), so this kernel and torch's ops share one thread team. */
+
+#include <stdint.h>
+#include <string.h>
+
+#define L 16         /* fp32 lanes per vector */
+#define MB 4         /* rows that share one pass over a weight row */
+#define KS 2         /* accumulators per row over k */
+#define PF 256       /* weight elements prefetched ahead */
+#define NB 16        /* weight rows per work item */
+
+typedef float v16f __attribute__((vector_size(64), aligned(4), may_alias));
+typedef uint16_t v16h __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+static inline v16f widen_bf16(const uint16_t *p) {
+    return (v16f)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+#else
+static inline v16f widen_bf16(const uint16_t *p) {
+    v16u u = __builtin_convertvector(*(const v16h *)p, v16u) << 16;
+    v16f f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+#endif
+
+static inline float bf16_to_f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline float hsum(v16f v) {
+    /* fixed order: lanes added pairwise in a tree */
+    float s8[8], s4[4], s2[2];
+    for (int i = 0; i < 8; i++) s8[i] = v[i] + v[i + 8];
+    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+    for (int i = 0; i < 2; i++) s2[i] = s4[i] + s4[i + 2];
+    return s2[0] + s2[1];
+}
+
+/* One weight row (fp32 or bf16, widened in registers) times MBR rows of x, packed as
+   [K / L][MBR][L] so that a k-chunk's MBR vectors are adjacent. KS accumulators per row hide the FMA
+   latency; their tree-sum and the lane tree-sum are the same for every MBR, so a row's result does
+   not depend on how many rows share its expert. */
+static inline __attribute__((always_inline)) void row_dot(const float *xp, int64_t K, const void *w,
+                                                           int w_bf16, const int mbr, float *res) {
+    const int64_t Kv = K - K % (L * KS);
+    const uint16_t *h = (const uint16_t *)w;
+    const float *g = (const float *)w;
+    v16f acc[MB][KS];
+#pragma GCC unroll 4
+    for (int i = 0; i < mbr; i++)
+#pragma GCC unroll 4
+        for (int j = 0; j < KS; j++) acc[i][j] = (v16f){0};
+    for (int64_t k = 0; k < Kv; k += L * KS) {
+        /* the weight stream prefetched ahead (measured: 4 rows per expert ~1.9x faster, 1 row unchanged) */
+        __builtin_prefetch(w_bf16 ? (const void *)(h + k + PF) : (const void *)(g + k + PF));
+#pragma GCC unroll 4
+        for (int j = 0; j < KS; j++) {
+            const v16f wv = w_bf16 ? widen_bf16(h + k + j * L) : *(const v16f *)(g + k + j * L);
+            const float *xk = xp + (k + j * L) * mbr;
+#pragma GCC unroll 4
+            for (int i = 0; i < mbr; i++) acc[i][j] += wv * *(const v16f *)(xk + i * L);
+        }
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < mbr; i++) {
+        v16f a = acc[i][0];
+#pragma GCC unroll 4
+        for (int j = 1; j < KS; j++) a += acc[i][j];
+        float s = hsum(a);
+        for (int64_t k = Kv; k < K; k++) {
+            const float wk = w_bf16 ? bf16_to_f(h[k]) : g[k];
+            s += wk * xp[(k / L) * L * mbr + i * L + k % L];
+        }
+        res[i] = s;
+    }
+}
+
+#define ROWS_FN(MBR)                                                                                  \
+    static void rows_##MBR(const float *xp, int64_t K, const void *w, int w_bf16, int64_t n0,          \
+                           int64_t n1, float *out, int64_t N) {                                        \
+        const size_t rb = (size_t)K * (w_bf16 ? 2 : 4);                                               \
+        for (int64_t n = n0; n < n1; n++) {                                                           \
+            float res[MB];                                                                            \
+            if (w_bf16) row_dot(xp, K, (const char *)w + n * rb, 1, MBR, res);                        \
+            else row_dot(xp, K, (const char *)w + n * rb, 0, MBR, res);                               \
+            for (int i = 0; i < MBR; i++) out[i * N + n] = res[i];                                    \
+        }                                                                                             \
+    }
+ROWS_FN(1)
+ROWS_FN(2)
+ROWS_FN(3)
+ROWS_FN(4)
+
+/* rows [r, r + mbr) of x_PK into the packed layout at xp */
+static void pack_rows(const float *x, int64_t K, int mbr, float *xp) {
+    const int64_t chunks = (K + L - 1) / L;
+    for (int64_t c = 0; c < chunks; c++)
+        for (int i = 0; i < mbr; i++)
+            for (int l = 0; l < L; l++) {
+                const int64_t k = c * L + l;
+                xp[(c * mbr + i) * L + l] = k < K ? x[i * K + k] : 0.0f;
+            }
+}
+
+/* x_PK: fp32 rows sorted by expert; for active expert j: rows [start[j], start[j] + count[j]) use
+   weight slot expert[j] of w_ENK (bf16 if w_bf16, else fp32); out_PN fp32. xp_scratch: P * (K rounded up to L) floats. */
+void grouped_gemv(const float *x_PK, int64_t K, const int64_t *start, const int64_t *count,
+                  const int64_t *expert, int64_t n_active, const void *w_ENK, int w_bf16, int64_t N,
+                  float *out_PN, float *xp_scratch, int nthreads) {
+    const int64_t Kp = (K + L - 1) / L * L;
+    const int64_t blocks = (N + NB - 1) / NB;
+    const size_t esize = w_bf16 ? 2 : 4;
+    /* every (expert, block of MB rows) packed once: block of rows [start + m0, ...) at (start + m0) * Kp */
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t j = 0; j < n_active; j++)
+            for (int64_t m0 = 0; m0 < count[j]; m0 += MB) {
+                const int mbr = count[j] - m0 < MB ? (int)(count[j] - m0) : MB;
+                pack_rows(x_PK + (start[j] + m0) * K, K, mbr, xp_scratch + (start[j] + m0) * Kp);
+            }
+#pragma omp for schedule(static)
+        for (int64_t it = 0; it < n_active * blocks; it++) {
+            const int64_t j = it / blocks, b = it % blocks;
+            const int64_t n0 = b * NB, n1 = n0 + NB < N ? n0 + NB : N;
+            const void *w = (const char *)w_ENK + (size_t)expert[j] * (size_t)N * (size_t)K * esize;
+            for (int64_t m0 = 0; m0 < count[j]; m0 += MB) {
+                const int64_t mbr = count[j] - m0 < MB ? count[j] - m0 : MB;
+                const float *xp = xp_scratch + (start[j] + m0) * Kp;
+                float *o = out_PN + (start[j] + m0) * N;
+                switch (mbr) {
+                case 1: rows_1(xp, K, w, w_bf16, n0, n1, o, N); break;
+                case 2: rows_2(xp, K, w, w_bf16, n0, n1, o, N); break;
+                case 3: rows_3(xp, K, w, w_bf16, n0, n1, o, N); break;
+                default: rows_4(xp, K, w, w_bf16, n0, n1, o, N);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,152 @@
+"""The grouped few-row expert kernel on CPU (``kernels.cpu_experts``, ``csrc/expert_gemv.c``): its
+products against an fp64 oracle, row independence (a row's bits do not depend on its batch), the
+routed-expert layer it serves against the reference, and how it is built and switched off."""
+
+import shutil
+
+import pytest
+import torch
+
+from expertpool.kernels import cpu_experts
+from expertpool.kernels import reference as ref
+from tests.kernels.kernel_oracles import rel_err
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) to build the CPU kernel")
+
+
+def _oracle(x_PK, counts, w_ENK):
+    out, s = [], 0
+    for e, n in enumerate(counts):
+        if n:
+            out.append(x_PK[s:s + n].double() @ w_ENK[e].double().T)
+            s += n
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K,N", [(1024, 512), (256, 1024), (48, 40), (40, 17)])
+def test_grouped_gemv_equals_the_fp64_products(wdt, K, N):
+    """Every row count the kernel blocks differently (1-3, a whole block of 4, 5-8: two passes), an
+    idle expert, K with a vector tail (48 = 3 x 16) and without whole vectors (40: packed with zeros),
+    N not a multiple of the work item: fp32 accumulation of exact widened weights, ~1e-7 relative."""
+    g = torch.Generator().manual_seed(0)
+    counts = [1, 0, 2, 3, 4, 5, 8, 1]
+    w = (torch.randn(len(counts), N, K, generator=g) * 0.05).to(wdt)
+    x = torch.randn(sum(counts), K, generator=g)
+    got = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), w)
+    assert got.dtype == torch.float32 and got.shape == (sum(counts), N)
+    assert rel_err(got, _oracle(x, counts, w)) < 1e-6
+
+
+def test_a_rows_result_does_not_depend_on_its_batch():
+    """The kernel sums each row in one order whatever shares its expert: every row alone gives the
+    same bits as in a group of up to 8 rows (each position in a block of 4, and the second block)."""
+    g = torch.Generator().manual_seed(1)
+    w = (torch.randn(2, 96, 256, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(8, 256, generator=g)
+    together = cpu_experts.grouped_gemv(x, cpu_experts.Groups([0, 8]), w)
+    for r in range(8):
+        alone = cpu_experts.grouped_gemv(x[r:r + 1], cpu_experts.Groups([0, 1]), w)
+        assert torch.equal(alone[0], together[r]), r
+
+
+def _layer(g, t, e=8, d=256, f=64, k=2, wdt=torch.bfloat16):
+    x = torch.randn(t, d, generator=g)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    ids[0, 1] = -1  # a slot owned by another rank
+    w = torch.rand(t, k, generator=g)
+    w13 = (torch.randn(e, 2 * f, d, generator=g) * 0.05).to(wdt)
+    w2 = (torch.randn(e, d, f, generator=g) * 0.05).to(wdt)
+    return x, ids, w, w13, w2
+
+
+@pytest.mark.parametrize("xdt,wdt", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                     (torch.bfloat16, torch.bfloat16)])
+def test_the_routed_experts_through_the_kernel_equal_the_reference(xdt, wdt, monkeypatch):
+    """``moe_experts_inference`` takes the kernel at decode row counts. fp32 compute (fp32 or bf16
+    weights) differs from the reference only in summation order (~1e-7). In bf16 both paths round the
+    same intermediates to bf16 (the products, silu, silu * up, the outputs): their distance to the fp64
+    oracle is that rounding (a few 2**-9), and the kernel is as close to it as the torch loop."""
+    g = torch.Generator().manual_seed(2)
+    x, ids, w, w13, w2 = _layer(g, t=12, wdt=wdt)
+    xd = x.to(xdt)
+    counts = torch.bincount(ids[ids >= 0], minlength=8)
+    assert 0 < counts.max() <= cpu_experts.MAX_ROWS
+    calls = []
+    kernel = cpu_experts.grouped_gemv
+    monkeypatch.setattr(cpu_experts, "grouped_gemv", lambda *a: calls.append(a[2].shape) or kernel(*a))
+    with torch.no_grad():
+        got = ref.moe_experts_inference(xd, ids, w, w13, None, w2, None)
+    assert calls == [w13.shape, w2.shape]  # one call per product for the whole layer
+    with torch.no_grad():
+        want = ref.moe_experts_ref(xd, ids, w, w13, None, w2, None)
+        oracle = ref.moe_experts_ref(xd.double(), ids, w.double(), w13.double(), None, w2.double(), None)
+    with cpu_experts.switched_off(), torch.no_grad():
+        loop = ref.moe_experts_inference(xd, ids, w, w13, None, w2, None)
+    assert got.dtype == xdt
+    if xdt == torch.float32:
+        assert rel_err(got, want) < 1e-6
+    else:
+        assert torch.equal(loop, want)  # the torch loop runs the reference's kernels
+        assert rel_err(got, oracle) < 1e-2 and rel_err(want, oracle) < 1e-2
+        assert rel_err(got, oracle) < 1.5 * rel_err(want, oracle)
+
+
+def test_many_rows_and_batch_invariant_mode_take_the_torch_loop():
+    """More than MAX_ROWS rows on an expert (a prefill chunk), or batch-invariant mode (whole-tile
+    oneDNN products everywhere), keep the torch loop: bit for bit the reference in bf16."""
+    g = torch.Generator().manual_seed(3)
+    x, ids, w, w13, w2 = _layer(g, t=40, e=4)
+    xb = x.to(torch.bfloat16)
+    assert torch.bincount(ids[ids >= 0]).max() > cpu_experts.MAX_ROWS
+    with torch.no_grad():
+        assert torch.equal(ref.moe_experts_inference(xb, ids, w, w13, None, w2, None),
+                           ref.moe_experts_ref(xb, ids, w, w13, None, w2, None))
+        x, ids, w, w13, w2 = _layer(g, t=6, e=4)
+        xb = x.to(torch.bfloat16)
+        ref.set_batch_invariant(True)
+        try:
+            got = ref.moe_experts_inference(xb, ids, w, w13, None, w2, None)
+        finally:
+            ref.set_batch_invariant(False)
+        with cpu_experts.switched_off():
+            assert torch.equal(got, ref.moe_experts_inference(xb, ids, w, w13, None, w2, None))
+
+
+def test_the_kernel_is_built_once_per_source_compiler_and_cpu(tmp_path, monkeypatch, caplog):
+    """A fresh cache builds the library once and logs it; a second load reuses the file. Without a
+    compiler, or switched off by the environment, the kernel is unavailable and says why."""
+    monkeypatch.setenv("EXPERTPOOL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_experts, "_state", {})
+    with caplog.at_level("INFO", logger=cpu_experts.log.name):
+        assert cpu_experts.library() is not None
+    built = list((tmp_path / "kernels").glob("expert_gemv-*.so"))
+    assert len(built) == 1 and "built the CPU expert kernel" in caplog.text
+    mtime = built[0].stat().st_mtime_ns
+    monkeypatch.setattr(cpu_experts, "_state", {})
+    assert cpu_experts.library() is not None and built[0].stat().st_mtime_ns == mtime
+    assert list((tmp_path / "kernels").iterdir()) == built  # no temporary left behind
+
+    for env, why in (({"CC": str(tmp_path / "no-such-cc")}, "no C compiler"),
+                     ({cpu_experts.ENV_SWITCH: "0"}, f"{cpu_experts.ENV_SWITCH}=0")):
+        caplog.clear()
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            m.setattr(cpu_experts, "_state", {})
+            assert cpu_experts.library() is None
+            assert "CPU expert kernel unavailable" in caplog.text and why in caplog.text
+            x = torch.randn(2, 16)
+            assert not cpu_experts.applies(x, torch.zeros(1, 8, 16), [2])
+
+
+def test_a_compiler_error_leaves_no_library_and_names_the_failure(tmp_path, monkeypatch, caplog):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'expert_gemv.c:1: error: broken' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("EXPERTPOOL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    monkeypatch.setattr(cpu_experts, "_state", {})
+    assert cpu_experts.library() is None
+    assert "error: broken" in caplog.text
+    assert not list((tmp_path / "cache" / "kernels").glob("*"))
