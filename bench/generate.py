@@ -33,10 +33,10 @@ def run_one(kind: str, model_dir: str, dtype: str, weight_dtype: str | None, new
     from expertpool.model.checkpoint import DTYPES
     tdt = DTYPES[dtype]
     if kind == "ours":
-        from expertpool.model.checkpoint import load_checkpoint
         from expertpool.model.sampling import SamplingParams
         from expertpool.platform.engine import generate, local_engine
-        model = load_checkpoint(model_dir, dtype=tdt, weight_dtype=weight_dtype, with_mtp=False)
+        from expertpool.platform.worker import load_model
+        model = load_model(model_dir, dtype, weight_dtype)  # as a serving actor loads it
         sp = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
 
         def gen():

@@ -32,19 +32,19 @@ def _cmd_init_model(a):
 
 
 def _cmd_generate(a):
-    from expertpool.model.checkpoint import DTYPES, load_checkpoint
     from expertpool.model.dtype import log_choice, resolve_dtype
     from expertpool.model.embedded import ensure_embedded_model
     from expertpool.model.sampling import SamplingParams
     from expertpool.model.storage import resolve_model
     from expertpool.model.tokenizer import Tokenizer
     from expertpool.platform.engine import generate, local_engine
+    from expertpool.platform.worker import load_model
 
     model_dir = resolve_model(a.model) if a.model else ensure_embedded_model()
     t0 = time.time()
     choice = resolve_dtype(a.dtype, "cpu")
     log_choice(a.dtype, choice, "cpu")
-    model = load_checkpoint(model_dir, dtype=DTYPES[choice.dtype], weight_dtype=a.weight_dtype, with_mtp=False)
+    model = load_model(model_dir, choice.dtype, a.weight_dtype)  # as a serving actor loads it
     tok = Tokenizer.from_dir(model_dir)
     logging.info("loaded %s in %.1fs", model_dir, time.time() - t0)
     prompts = a.prompt or ["Hello, how are you?"]

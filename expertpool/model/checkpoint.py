@@ -60,15 +60,20 @@ def _read_linear(r: ShardReader, name: str, shape) -> tuple[torch.Tensor, torch.
     return w, None
 
 
-def resident_dtype(kind: str, stored: torch.dtype, weight_dtype: str | None, dtype: torch.dtype) -> torch.dtype:
+def resident_dtype(kind: str, stored: torch.dtype, weight_dtype: str | None, dtype: torch.dtype,
+                   keep_bf16_experts: bool = False) -> torch.dtype:
     """The loader's one rule for the resident format of a weight of ``kind``: "expert" (routed),
     "linear" (every other projection), "head" (lm_head, MTP eh_proj: embeddings-sized, never FP8 in
     V3 checkpoints, kept dense) or "embedding" (rows cast on lookup). ``stored``: the checkpoint's
-    dtype; ``weight_dtype``: the requested resident format (None = as stored, non-FP8 in ``dtype``)."""
+    dtype; ``weight_dtype``: the requested resident format (None = as stored, non-FP8 in ``dtype``,
+    except that with ``keep_bf16_experts`` routed experts stored in bf16 stay bf16: lossless, and
+    the CPU expert kernel widens them in registers, so fp32 compute reads half the bytes)."""
     if kind == "embedding":  # a compact resident format applies to the (vocab x hidden) embedding too
         return torch.bfloat16 if weight_dtype in ("fp8", "bf16", "int8") else dtype
     if weight_dtype is None:
         target = FP8 if stored == FP8 else dtype
+        if kind == "expert" and keep_bf16_experts and stored == torch.bfloat16:
+            target = torch.bfloat16
     elif weight_dtype == "int8":
         target = torch.int8 if kind == "expert" else torch.bfloat16
     else:
@@ -152,11 +157,14 @@ def _set(module: nn.Module, attr: str, t: torch.Tensor, param: bool) -> None:
 
 
 def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", experts=None,
-                    weight_dtype: str | None = None, with_mtp: bool = True) -> Transformer:
+                    weight_dtype: str | None = None, with_mtp: bool = True,
+                    keep_bf16_experts: bool = False) -> Transformer:
     """Load an HF-format DeepSeek-V3 checkpoint directory.
 
     dtype: compute dtype. weight_dtype: resident linear-weight format, "fp8" | "bf16" | "fp32" | "int8"
-    (routed experts int8, other linears bf16), or None (FP8 tensors stay FP8, others take ``dtype``).
+    (routed experts int8, other linears bf16), or None (FP8 tensors stay FP8, others take ``dtype``;
+    ``keep_bf16_experts``: bf16 routed experts stay bf16, see ``resident_dtype``; serving only, where
+    no optimizer updates them).
     experts: global routed-expert ids to load (None = all; a list: the same in every MoE layer; per
     layer: ``model.moe.ExpertIds``).
     """
@@ -186,7 +194,7 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
             if s is not None:
                 module.register_buffer("weight_scale_inv", s.to(device))
         elif isinstance(module, Experts):
-            _load_experts(r, args, cname, module, weight_dtype, dtype, device)
+            _load_experts(r, args, cname, module, weight_dtype, dtype, device, keep_bf16_experts)
         elif isinstance(module, Gate):
             gate_w = r.get(cname + ".weight", (args.n_routed_experts, args.hidden_size))
             _set(module, "weight", gate_w.float().to(device), True)
@@ -219,7 +227,7 @@ def _check_expert_ids(args: ModelArgs, experts: ExpertIds) -> None:
 
 
 def load_experts(path, model: Transformer, experts: ExpertIds, *, weight_dtype: str | None = None,
-                 device="cpu") -> dict[str, Experts]:
+                 device="cpu", keep_bf16_experts: bool = False) -> dict[str, Experts]:
     """Fresh ``Experts`` modules holding the routed experts ``experts`` (global ids; per layer:
     ``model.moe.ExpertIds``) for every MoE layer of ``model`` (main and MTP), read from the
     checkpoint at ``path`` in the same resident formats as ``load_checkpoint``; keyed by module name.
@@ -235,7 +243,8 @@ def load_experts(path, model: Transformer, experts: ExpertIds, *, weight_dtype: 
                 with torch.device("meta"):
                     fresh = Experts(args, layer_expert_ids(experts, moe.layer_id))
                 name = f"{mname}.experts"
-                _load_experts(r, args, _ckpt_name(args, name), fresh, weight_dtype, model.compute_dtype, device)
+                _load_experts(r, args, _ckpt_name(args, name), fresh, weight_dtype, model.compute_dtype, device,
+                              keep_bf16_experts)
                 fresh.expert_ids, fresh.global_to_local = fresh.expert_ids.to(device), fresh.global_to_local.to(device)
                 out[name] = fresh
     finally:
@@ -243,7 +252,8 @@ def load_experts(path, model: Transformer, experts: ExpertIds, *, weight_dtype: 
     return out
 
 
-def _load_experts(r: ShardReader, args: ModelArgs, cname: str, module: Experts, weight_dtype, dtype, device):
+def _load_experts(r: ShardReader, args: ModelArgs, cname: str, module: Experts, weight_dtype, dtype, device,
+                  keep_bf16_experts: bool = False):
     prefix = cname[: -len(".experts")]  # model.layers.N.mlp
     F_, D = args.moe_intermediate_size, args.hidden_size
     w13s, s13s, w2s, s2s = [], [], [], []
@@ -252,7 +262,7 @@ def _load_experts(r: ShardReader, args: ModelArgs, cname: str, module: Experts, 
         g, gs = _read_linear(r, base + ".gate_proj", (F_, D))
         u, us = _read_linear(r, base + ".up_proj", (F_, D))
         dn, ds = _read_linear(r, base + ".down_proj", (D, F_))
-        tgt = resident_dtype("expert", g.dtype, weight_dtype, dtype)
+        tgt = resident_dtype("expert", g.dtype, weight_dtype, dtype, keep_bf16_experts)
         g, gs = _resident(g, gs, tgt, args.scale_fmt)
         u, us = _resident(u, us, tgt, args.scale_fmt)
         dn, ds = _resident(dn, ds, tgt, args.scale_fmt)

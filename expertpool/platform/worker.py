@@ -353,10 +353,18 @@ def _fed_back(it: StepItem) -> bool:
     return len(it.tokens) + len(it.draft) == 1
 
 
+def keep_bf16_experts(dtype: str, device) -> bool:
+    """Whether a serving process keeps bf16-stored routed experts in bf16 under fp32 compute (weights
+    as stored): on a CPU where the grouped expert kernel runs, which widens them in registers; decode
+    then reads half the expert bytes, with the checkpoint's exact values."""
+    from expertpool.kernels import cpu_experts
+    return dtype == "float32" and torch.device(device).type == "cpu" and cpu_experts.library() is not None
+
+
 def load_model(model_dir: str, dtype: str, weight_dtype: str | None, experts=None, device="cpu",
                with_mtp: bool = False) -> Transformer:
     return load_checkpoint(model_dir, dtype=DTYPES[dtype], weight_dtype=weight_dtype, experts=experts,
-                           device=device, with_mtp=with_mtp)
+                           device=device, with_mtp=with_mtp, keep_bf16_experts=keep_bf16_experts(dtype, device))
 
 
 @dataclass(frozen=True)
@@ -545,7 +553,8 @@ class ExpertWorker:
 
         t0 = time.time()
         fresh = load_experts(self.model_dir, self.model, experts, weight_dtype=self.spec.weight_dtype,
-                             device=self.device)
+                             device=self.device, keep_bf16_experts=keep_bf16_experts(
+                                 "float32" if self.model.compute_dtype == torch.float32 else "bfloat16", self.device))
         main_layers = self.model.args.num_hidden_layers
         mtp = []
         for patch_dir, kind in self._patches:

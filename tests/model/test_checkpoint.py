@@ -92,6 +92,35 @@ def test_resident_weight_formats(fp32_dir):
             assert torch.equal(m(ids), ref(ids)), wd
 
 
+def test_serving_keeps_bf16_experts_bf16_under_fp32_compute(tmp_path):
+    """``keep_bf16_experts`` (what a CPU serving actor with the expert kernel passes for fp32 compute):
+    routed experts stored in bf16 stay bf16, every other linear takes the compute dtype, and the
+    forward equals the fp32-resident model up to summation order (the kernel widens the same values).
+    It applies to bf16-stored experts only, and not by default (training loads update fp32 weights)."""
+    from expertpool.model.checkpoint import load_experts
+    from expertpool.platform.worker import keep_bf16_experts
+
+    bf16_dir = make_checkpoint("tiny", tmp_path / "bf16", dtype=torch.bfloat16)
+    kept = load_checkpoint(bf16_dir, dtype=torch.float32, keep_bf16_experts=True)
+    plain = load_checkpoint(bf16_dir, dtype=torch.float32)
+    assert kept.moe_layers()[0].experts.w13_weight.dtype == torch.bfloat16
+    assert kept.model.layers[0].self_attn.o_proj.weight.dtype == torch.float32
+    assert plain.moe_layers()[0].experts.w13_weight.dtype == torch.float32
+    assert torch.equal(kept.moe_layers()[0].experts.w2_weight.float(), plain.moe_layers()[0].experts.w2_weight)
+    fresh = load_experts(bf16_dir, kept, [0, 3], keep_bf16_experts=True)
+    assert all(m.w13_weight.dtype == torch.bfloat16 for m in fresh.values())
+    ids = torch.randint(0, 512, (1, 10))
+    kept.prepare_for_inference()
+    plain.prepare_for_inference()
+    with torch.no_grad():
+        assert _rel(kept(ids), plain(ids)) < 1e-5
+    fp32_stored = load_checkpoint(make_checkpoint("tiny", tmp_path / "fp32"), dtype=torch.float32,
+                                  keep_bf16_experts=True)
+    assert fp32_stored.moe_layers()[0].experts.w13_weight.dtype == torch.float32  # rounding would lose bits
+    assert keep_bf16_experts("float32", "cpu") and not keep_bf16_experts("bfloat16", "cpu")
+    assert not keep_bf16_experts("float32", "cuda")
+
+
 def test_sharded_checkpoint_loads_identically(fp32_dir, tmp_path):
     ref = load_checkpoint(fp32_dir, dtype=torch.float32)
     d = save_checkpoint(ref, tmp_path / "sharded", dtype=torch.float32, max_shard_bytes=200_000)
