@@ -27,6 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 
 import expertpool  # noqa: E402,F401  (expertpool before torch, per house style)
+from common import stream  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -112,15 +113,10 @@ async def _drive(url: str, model: str, streams: int, tokens: int) -> dict:
     import httpx
 
     async def one(client, i):
-        body = {"model": model, "prompt": f"stream {i}", "max_tokens": tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}}
-        n = 0
-        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
-            assert r.status_code == 200, await r.aread()
-            async for line in r.aiter_lines():
-                if line.startswith("data: {") and '"usage"' in line:
-                    n = json.loads(line[6:])["usage"]["completion_tokens"]
-        return n
+        out = await stream(client, url, {"model": model, "prompt": f"stream {i}", "max_tokens": tokens,
+                                         "temperature": 0})
+        assert out["error"] is None, out["error"]
+        return out["usage"]
 
     async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=streams + 4)) as client:
         await one(client, -1)
@@ -165,7 +161,7 @@ def run_variant(variant: str, streams: int, tokens: int, step_ms: float, rounds:
         out = []
         for _ in range(rounds):
             c0 = {p: _cpu_s(p) for p in replica + proxy + [me]}
-            res = asyncio.run(_drive(url, "expertpool-tiny", streams, tokens))
+            res = asyncio.run(_drive(url, "paced", streams, tokens))  # PacedEngine.model_id
             c1 = {p: _cpu_s(p) for p in c0}
             n = res["tokens"]
             out.append({"tok_s": n / res["seconds"],

@@ -136,7 +136,10 @@ void grouped_gemv(const float *x_PK, int64_t K, const int64_t *start, const int6
                 const int mbr = count[j] - m0 < MB ? (int)(count[j] - m0) : MB;
                 pack_rows(x_PK + (start[j] + m0) * K, K, mbr, xp_scratch + (start[j] + m0) * Kp);
             }
-#pragma omp for schedule(static)
+/* dynamic: a thread that another process preempts (the serving replica, on a shared CPU) leaves its
+   items to the others instead of holding the whole region up (measured: 5.6 vs 6.7 ms for a layer's
+   w13 at 2 rows per expert beside a 33%-busy neighbour, the same when quiet) */
+#pragma omp for schedule(dynamic, 4)
         for (int64_t it = 0; it < n_active * blocks; it++) {
             const int64_t j = it / blocks, b = it % blocks;
             const int64_t n0 = b * NB, n1 = n0 + NB < N ? n0 + NB : N;
