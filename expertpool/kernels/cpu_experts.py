@@ -103,6 +103,15 @@ def _build(cc: str) -> Path:
     return out
 
 
+def _load(path: Path):
+    lib = ctypes.CDLL(str(path))
+    fn = lib.grouped_gemv
+    P, I64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [P, I64, P, P, P, I64, P, ctypes.c_int, I64, P, P, ctypes.c_int]
+    fn.restype = None
+    return lib
+
+
 def library():
     """The loaded kernel (``ctypes``), or None where it is switched off or cannot be built (the reason
     logged once)."""
@@ -118,11 +127,7 @@ def library():
             why = f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH"
         else:
             try:
-                lib = ctypes.CDLL(str(_build(cc)))
-                fn = lib.grouped_gemv
-                P, I64 = ctypes.c_void_p, ctypes.c_int64
-                fn.argtypes = [P, I64, P, P, P, I64, P, ctypes.c_int, I64, P, P, ctypes.c_int]
-                fn.restype = None
+                lib = _load(_build(cc))
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 lib, why = None, str(e)
         if lib is None:
@@ -151,10 +156,10 @@ class Groups:
         self.rows = int(sum(counts))
 
 
-def grouped_gemv(x_PK: torch.Tensor, groups: Groups, w_ENK: torch.Tensor) -> torch.Tensor:
+def grouped_gemv(x_PK: torch.Tensor, groups: Groups, w_ENK: torch.Tensor, lib=None) -> torch.Tensor:
     """``out[p] = x[p] @ W[e(p)].T`` in fp32 for rows sorted by expert (``groups``); ``w_ENK`` fp32 or
-    bf16, contiguous."""
-    lib = library()
+    bf16, contiguous. ``lib``: another build of the kernel (tests build the AVX2 code path)."""
+    lib = lib or library()
     assert lib is not None and w_ENK.is_contiguous() and w_ENK.dim() == 3
     x = x_PK.to(torch.float32).contiguous()
     P, K = x.shape

@@ -13,29 +13,37 @@
 #include <stdint.h>
 #include <string.h>
 
-#define L 16         /* fp32 lanes per vector */
+#if defined(__AVX512F__)
+#define L 16         /* fp32 lanes per vector: one zmm */
+#else
+#define L 8          /* one ymm (AVX2; 16 registers, so the accumulators below stay in registers) */
+#endif
 #define MB 4         /* rows that share one pass over a weight row */
 #define KS 2         /* accumulators per row over k */
 #define PF 256       /* weight elements prefetched ahead */
 #define NB 16        /* weight rows per work item */
 
-typedef float v16f __attribute__((vector_size(64), aligned(4), may_alias));
-typedef uint16_t v16h __attribute__((vector_size(32), aligned(2), may_alias));
-typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef float vf __attribute__((vector_size(L * 4), aligned(4), may_alias));
+typedef uint16_t vh __attribute__((vector_size(L * 2), aligned(2), may_alias));
+typedef uint32_t vu __attribute__((vector_size(L * 4)));
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
-static inline v16f widen_bf16(const uint16_t *p) {
-    return (v16f)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-}
+#endif
+
+/* L bf16 values widened to fp32 (exact: a bf16 is the top half of an fp32) */
+static inline vf widen_bf16(const uint16_t *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+#elif defined(__AVX2__)
+    return (vf)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 #else
-static inline v16f widen_bf16(const uint16_t *p) {
-    v16u u = __builtin_convertvector(*(const v16h *)p, v16u) << 16;
-    v16f f;
+    vu u = __builtin_convertvector(*(const vh *)p, vu) << 16;
+    vf f;
     memcpy(&f, &u, sizeof f);
     return f;
-}
 #endif
+}
 
 static inline float bf16_to_f(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -44,13 +52,13 @@ static inline float bf16_to_f(uint16_t h) {
     return f;
 }
 
-static inline float hsum(v16f v) {
+static inline float hsum(vf v) {
     /* fixed order: lanes added pairwise in a tree */
-    float s8[8], s4[4], s2[2];
-    for (int i = 0; i < 8; i++) s8[i] = v[i] + v[i + 8];
-    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
-    for (int i = 0; i < 2; i++) s2[i] = s4[i] + s4[i + 2];
-    return s2[0] + s2[1];
+    float t[L];
+    memcpy(t, &v, sizeof t);
+    for (int w = L / 2; w >= 1; w /= 2)
+        for (int i = 0; i < w; i++) t[i] += t[i + w];
+    return t[0];
 }
 
 /* One weight row (fp32 or bf16, widened in registers) times MBR rows of x, packed as
@@ -62,25 +70,25 @@ static inline __attribute__((always_inline)) void row_dot(const float *xp, int64
     const int64_t Kv = K - K % (L * KS);
     const uint16_t *h = (const uint16_t *)w;
     const float *g = (const float *)w;
-    v16f acc[MB][KS];
+    vf acc[MB][KS];
 #pragma GCC unroll 4
     for (int i = 0; i < mbr; i++)
 #pragma GCC unroll 4
-        for (int j = 0; j < KS; j++) acc[i][j] = (v16f){0};
+        for (int j = 0; j < KS; j++) acc[i][j] = (vf){0};
     for (int64_t k = 0; k < Kv; k += L * KS) {
         /* the weight stream prefetched ahead (measured: 4 rows per expert ~1.9x faster, 1 row unchanged) */
         __builtin_prefetch(w_bf16 ? (const void *)(h + k + PF) : (const void *)(g + k + PF));
 #pragma GCC unroll 4
         for (int j = 0; j < KS; j++) {
-            const v16f wv = w_bf16 ? widen_bf16(h + k + j * L) : *(const v16f *)(g + k + j * L);
+            const vf wv = w_bf16 ? widen_bf16(h + k + j * L) : *(const vf *)(g + k + j * L);
             const float *xk = xp + (k + j * L) * mbr;
 #pragma GCC unroll 4
-            for (int i = 0; i < mbr; i++) acc[i][j] += wv * *(const v16f *)(xk + i * L);
+            for (int i = 0; i < mbr; i++) acc[i][j] += wv * *(const vf *)(xk + i * L);
         }
     }
 #pragma GCC unroll 4
     for (int i = 0; i < mbr; i++) {
-        v16f a = acc[i][0];
+        vf a = acc[i][0];
 #pragma GCC unroll 4
         for (int j = 1; j < KS; j++) a += acc[i][j];
         float s = hsum(a);
