@@ -363,6 +363,9 @@ def keep_bf16_experts(dtype: str, device) -> bool:
 
 def load_model(model_dir: str, dtype: str, weight_dtype: str | None, experts=None, device="cpu",
                with_mtp: bool = False) -> Transformer:
+    if torch.device(device).type == "cpu":
+        from expertpool.kernels import cpu_experts
+        cpu_experts.library()  # built (about a second) or found before the first step, not during it
     return load_checkpoint(model_dir, dtype=DTYPES[dtype], weight_dtype=weight_dtype, experts=experts,
                            device=device, with_mtp=with_mtp, keep_bf16_experts=keep_bf16_experts(dtype, device))
 
