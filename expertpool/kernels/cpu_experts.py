@@ -78,11 +78,22 @@ def _compiler() -> str | None:
 
 def _build(cc: str) -> Path:
     """The shared library for this source, compiler and CPU, built once (atomically: concurrent actors
-    each build to a temporary name and the rename wins)."""
+    each build to a temporary name and the rename wins). A cache directory that cannot be written (a
+    read-only home in a container) falls back to the temporary directory, logged."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(CFLAGS), _cpu_flags()])
                          .encode()).hexdigest()[:16]
-    out = _cache_dir() / f"expert_gemv-{key}.so"
+    name = f"expert_gemv-{key}.so"
+    try:
+        return _build_in(cc, _cache_dir(), name)
+    except OSError as e:
+        fallback = Path(tempfile.gettempdir()) / "expertpool-kernels"
+        log.warning("cannot build the CPU expert kernel in %s (%s); building it in %s", _cache_dir(), e, fallback)
+        return _build_in(cc, fallback, name)
+
+
+def _build_in(cc: str, where: Path, name: str) -> Path:
+    out = where / name
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)

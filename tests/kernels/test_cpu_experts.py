@@ -160,6 +160,19 @@ def test_the_kernel_is_built_once_per_source_compiler_and_cpu(tmp_path, monkeypa
             assert not cpu_experts.applies(x, torch.zeros(1, 8, 16), [2])
 
 
+def test_an_unwritable_cache_builds_in_the_temporary_directory(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    monkeypatch.setenv("EXPERTPOOL_CACHE", str(blocker))  # kernels/ under a file: mkdir fails, even as root
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(cpu_experts.tempfile, "tempdir", None)  # re-read TMPDIR
+    monkeypatch.setattr(cpu_experts, "_state", {})
+    assert cpu_experts.library() is not None
+    assert "building it in" in caplog.text
+    assert list((tmp_path / "tmp" / "expertpool-kernels").glob("expert_gemv-*.so"))
+
+
 def test_a_compiler_error_leaves_no_library_and_names_the_failure(tmp_path, monkeypatch, caplog):
     fake = tmp_path / "cc"
     fake.write_text("#!/bin/sh\n[ \"$1\" = --version ] && exit 0\necho 'expert_gemv.c:1: error: broken' >&2\nexit 1\n")
