@@ -148,12 +148,14 @@ def library():
         return lib
 
 
-def applies(x: torch.Tensor, w: torch.Tensor, counts: list[int]) -> bool:
-    """Whether ``grouped_gemv`` serves these products: CPU tensors, fp32 or bf16 activations and
-    weights, at most ``MAX_ROWS`` rows per expert, and the kernel available."""
-    return (not _OFF[0] and x.device.type == "cpu" and w.device.type == "cpu"
-            and x.dtype in (torch.float32, torch.bfloat16) and w.dtype in (torch.float32, torch.bfloat16)
-            and max(counts) <= MAX_ROWS and library() is not None)
+def applies(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int]) -> bool:
+    """Whether ``grouped_gemv`` serves a layer's two products: CPU tensors, fp32 or bf16 activations,
+    contiguous fp32 or bf16 weights (no scales: the caller passes dense ones only), at most
+    ``MAX_ROWS`` rows per expert, and the kernel available."""
+    dense = (torch.float32, torch.bfloat16)
+    return (not _OFF[0] and x.device.type == "cpu" and x.dtype in dense and max(counts) <= MAX_ROWS
+            and all(w.device.type == "cpu" and w.dtype in dense and w.is_contiguous() for w in (w13, w2))
+            and library() is not None)
 
 
 class Groups:

@@ -296,9 +296,8 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
         return torch.zeros_like(x_TD)
     counts, pair_idx, x_sorted, w_sorted = grouped
     if w13_scale is None and w2_scale is None and not _BATCH_INVARIANT[0] and cpu_experts.applies(
-            x_sorted, w13_E2FD, counts) and w13_E2FD.dtype == w2_EDF.dtype and w13_E2FD.is_contiguous() \
-            and w2_EDF.is_contiguous():
-        # few rows per expert (decode): one grouped call per product, weights streamed once
+            x_sorted, w13_E2FD, w2_EDF, counts):
+        # few rows per expert (decode): one grouped call per product, weights streamed once;
         # SwiGLU in fp32 with the reference's roundings to the compute dtype (the products, silu, and
         # silu * up: a product of two bf16 values is exact in fp32), without bf16 elementwise kernels
         groups = cpu_experts.Groups(counts)

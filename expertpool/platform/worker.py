@@ -464,6 +464,7 @@ class ExpertWorker:
         self.experts = experts if experts is not None else owned_experts(self.rank, self.world, self.n_experts)
         with_mtp = spec.spec_tokens > 0  # the MTP module drafts for speculative decoding
         self.model_dir = str(resolve_model(spec.model_dir, experts=all_expert_ids(self.experts), with_mtp=with_mtp))
+        self.keep_bf16_experts = keep_bf16_experts(choice.dtype, self.device)  # a new placement loads the same way
         self.model = load_model(self.model_dir, choice.dtype, spec.weight_dtype, self.experts, self.device,
                                 with_mtp=with_mtp)
         self.model.prepare_for_inference()
@@ -556,8 +557,7 @@ class ExpertWorker:
 
         t0 = time.time()
         fresh = load_experts(self.model_dir, self.model, experts, weight_dtype=self.spec.weight_dtype,
-                             device=self.device, keep_bf16_experts=keep_bf16_experts(
-                                 "float32" if self.model.compute_dtype == torch.float32 else "bfloat16", self.device))
+                             device=self.device, keep_bf16_experts=self.keep_bf16_experts)
         main_layers = self.model.args.num_hidden_layers
         mtp = []
         for patch_dir, kind in self._patches:

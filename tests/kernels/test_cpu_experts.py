@@ -157,7 +157,7 @@ def test_the_kernel_is_built_once_per_source_compiler_and_cpu(tmp_path, monkeypa
             assert cpu_experts.library() is None
             assert "CPU expert kernel unavailable" in caplog.text and why in caplog.text
             x = torch.randn(2, 16)
-            assert not cpu_experts.applies(x, torch.zeros(1, 8, 16), [2])
+            assert not cpu_experts.applies(x, torch.zeros(1, 8, 16), torch.zeros(1, 16, 4), [2])
 
 
 def test_an_unwritable_cache_builds_in_the_temporary_directory(tmp_path, monkeypatch, caplog):
