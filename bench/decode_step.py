@@ -71,12 +71,10 @@ class Timer:
 
 
 def build(model_dir, dtype, weight_dtype, batch, max_new, spec_tokens=0):
-    from expertpool.model.checkpoint import DTYPES, load_checkpoint
-    from expertpool.platform.worker import keep_bf16_experts
     from expertpool.model.sampling import SamplingParams
     from expertpool.platform.engine import local_engine
-    model = load_checkpoint(model_dir, dtype=DTYPES[dtype], weight_dtype=weight_dtype, with_mtp=spec_tokens > 0,
-                            keep_bf16_experts=keep_bf16_experts(dtype, "cpu"))  # as a serving actor loads it
+    from expertpool.platform.worker import load_model
+    model = load_model(model_dir, dtype, weight_dtype, with_mtp=spec_tokens > 0)  # as a serving actor loads it
     core = local_engine(model, max_batch_size=batch, max_seq_len=PROMPT + max_new + 8,
                         max_num_batched_tokens=batch * PROMPT, spec_tokens=spec_tokens)
     g = torch.Generator().manual_seed(0)

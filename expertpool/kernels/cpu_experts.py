@@ -34,8 +34,8 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "expert_gemv.c"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV_SWITCH = "EXPERTPOOL_CPU_EXPERT_KERNEL"
-# the kernel's row block (MB in the source): rows beyond it take another pass over the weights
-ROW_BLOCK = 4
+# the widest vector of the source (L: 16 fp32 lanes with AVX-512): the packed-row scratch is sized for it
+MAX_LANES = 16
 # experts with more rows than this in a layer send the layer to oneDNN / MKL, whose GEMMs win once the
 # weights are reused over many rows (prefill chunks)
 MAX_ROWS = 8
@@ -179,7 +179,7 @@ def grouped_gemv(x_PK: torch.Tensor, groups: Groups, w_ENK: torch.Tensor, lib=No
     assert P == groups.rows and w_ENK.shape[2] == K, (x.shape, groups.rows, w_ENK.shape)
     N = w_ENK.shape[1]
     out = torch.empty(P, N, dtype=torch.float32)
-    scratch = torch.empty(P, -(-K // 16) * 16, dtype=torch.float32)
+    scratch = torch.empty(P, -(-K // MAX_LANES) * MAX_LANES, dtype=torch.float32)
     lib.grouped_gemv(x.data_ptr(), K, groups.start.data_ptr(), groups.count.data_ptr(), groups.experts.data_ptr(),
                      groups.experts.numel(), w_ENK.data_ptr(), int(w_ENK.dtype == torch.bfloat16), N,
                      out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())

@@ -362,12 +362,16 @@ def keep_bf16_experts(dtype: str, device) -> bool:
 
 
 def load_model(model_dir: str, dtype: str, weight_dtype: str | None, experts=None, device="cpu",
-               with_mtp: bool = False) -> Transformer:
+               with_mtp: bool = False, keep_bf16: bool | None = None) -> Transformer:
+    """The model as a serving process loads it; ``keep_bf16``: ``keep_bf16_experts``, decided here
+    unless the caller already did."""
     if torch.device(device).type == "cpu":
         from expertpool.kernels import cpu_experts
         cpu_experts.library()  # built (about a second) or found before the first step, not during it
+    if keep_bf16 is None:
+        keep_bf16 = keep_bf16_experts(dtype, device)
     return load_checkpoint(model_dir, dtype=DTYPES[dtype], weight_dtype=weight_dtype, experts=experts,
-                           device=device, with_mtp=with_mtp, keep_bf16_experts=keep_bf16_experts(dtype, device))
+                           device=device, with_mtp=with_mtp, keep_bf16_experts=keep_bf16)
 
 
 @dataclass(frozen=True)
@@ -466,7 +470,7 @@ class ExpertWorker:
         self.model_dir = str(resolve_model(spec.model_dir, experts=all_expert_ids(self.experts), with_mtp=with_mtp))
         self.keep_bf16_experts = keep_bf16_experts(choice.dtype, self.device)  # a new placement loads the same way
         self.model = load_model(self.model_dir, choice.dtype, spec.weight_dtype, self.experts, self.device,
-                                with_mtp=with_mtp)
+                                with_mtp=with_mtp, keep_bf16=self.keep_bf16_experts)
         self.model.prepare_for_inference()
         # the tokenizer files came with the fetched checkpoint; a separate location: its small files only
         self.tokenizer = Tokenizer.from_dir(resolve_model(spec.tokenizer_dir, weights=False) if spec.tokenizer_dir

@@ -76,7 +76,8 @@ static inline __attribute__((always_inline)) void row_dot(const float *xp, int64
 #pragma GCC unroll 4
         for (int j = 0; j < KS; j++) acc[i][j] = (vf){0};
     for (int64_t k = 0; k < Kv; k += L * KS) {
-        /* the weight stream prefetched ahead (measured: 4 rows per expert ~1.9x faster, 1 row unchanged) */
+        /* the weight stream prefetched ahead (measured on an earlier tiling of 4 weight rows per pass:
+           4 rows per expert ~1.9x faster, 1 row unchanged) */
         __builtin_prefetch(w_bf16 ? (const void *)(h + k + PF) : (const void *)(g + k + PF));
 #pragma GCC unroll 4
         for (int j = 0; j < KS; j++) {
