@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 import ray.train
 
 from expertpool.jobs import finetune
@@ -114,9 +115,15 @@ def second_node(ray_cluster, tmp_path):
             assert node.poll() is None and time.monotonic() < deadline, (tmp_path / "node.log").read_text()
             time.sleep(0.5)
         # Ray Train's elastic policy sizes the group from Ray's AutoscalingCoordinator, which refreshes
-        # its node view every 20 s (TICK_INTERVAL_S in ray 2.60): without this wait a coordinator left
-        # from an earlier test still sees 3 slots and the job starts on 3 workers
-        time.sleep(25)
+        # its node view every 20 s (TICK_INTERVAL_S in ray 2.60): a coordinator left from an earlier
+        # test would still see 3 slots and start the job on 3 workers. Asking it for a recomputed
+        # reservation runs that refresh now (a detached actor: absent if no job has run yet).
+        try:
+            coordinator = ray.get_actor("AutoscalingCoordinator", namespace="AutoscalingCoordinator")
+        except ValueError:
+            coordinator = None
+        if coordinator is not None:
+            ray.get(coordinator.get_reserved_resources.remote("expertpool-tests", recompute=True), timeout=60)
         yield kill
     finally:
         kill()
