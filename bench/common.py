@@ -54,7 +54,7 @@ def start(cfg_data: dict, num_cpus: int | None = None) -> tuple[str, str]:
 
     cfg_data.setdefault("serving", {}).update(host="127.0.0.1", port=free_port())
     cfg = parse_config(cfg_data)
-    set_proxy_env()
+    set_proxy_env(cfg.serving.ingress)
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
     base = deploy(cfg)
     from ray import serve

@@ -317,6 +317,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="requests each client sends back to back per level "
                     "(default %(default)s; more = steadier numbers on a noisy machine)")
     ap.add_argument("--async-scheduling", action="store_true", help="serve with serving.async_scheduling on")
+    ap.add_argument("--ingress", default="proxy", choices=["proxy", "haproxy"],
+                    help="serving.ingress: Serve's Python proxy (default) or HAProxy to the replica's own server")
     ap.add_argument("--gpus", type=int, default=0, help="GPUs per expert actor (default 0: CPU actors)")
     ap.add_argument("--fp8", action="store_true", help="an FP8 bench-mini checkpoint (the GPU path)")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline (quick iteration; "
@@ -379,11 +381,11 @@ def main():
     data["pool"]["actor_resources"]["cpu"] = a.actor_cpus
     data["pool"]["actor_resources"]["gpu"] = a.gpus
     data["serving"].update(max_batch_size=32, max_num_batched_tokens=512, max_seq_len=PROMPT + NEW + 8,
-                           async_scheduling=a.async_scheduling)
+                           async_scheduling=a.async_scheduling, ingress=a.ingress)
     from expertpool.platform.config import parse_config
     cfg = parse_config(data)
     from expertpool.platform.proxy import set_proxy_env
-    set_proxy_env()
+    set_proxy_env(a.ingress)
     ray.init(address="local", num_cpus=a.actors * a.actor_cpus + 2, include_dashboard=False, logging_level="WARNING")
     base = deploy(cfg)
     rows = []
@@ -414,7 +416,7 @@ def main():
     _report(a, flags, "Serving (bench/serve.py)",
             f"Weights {a.weight_dtype or 'as stored'}; bench-mini random weights, {a.actors} expert actors "
             f"({a.actor_cpus} CPU each) in one replica, {PROMPT}-token prompts, {NEW} new tokens, streaming "
-            f"completions over HTTP, each client {a.rounds} requests back to back"
+            f"completions over HTTP ({a.ingress} ingress), each client {a.rounds} requests back to back"
             f"{', async scheduling' if a.async_scheduling else ''}", lines, summary)
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def _cmd_generate(a):
 
 
 def resolve_config(config_path: str | None, *, model: str | None = None, port: int | None = None,
-                   actors: int | None = None):
+                   actors: int | None = None, ingress: str | None = None):
     """The cluster config ``expertpool serve`` runs: the file (default ./cluster.yaml if present, else
     built-in defaults) with the command line's overrides. Raises ConfigError."""
     from expertpool.platform.config import load_config, parse_config
@@ -95,12 +95,14 @@ def resolve_config(config_path: str | None, *, model: str | None = None, port: i
         data.setdefault("serving", {})["port"] = port
     if actors:
         data.setdefault("pool", {})["actors_per_replica"] = actors
+    if ingress:
+        data.setdefault("serving", {})["ingress"] = ingress
     return parse_config(data, source=config_path or "defaults")
 
 
 def _cmd_serve(a):
     from expertpool.platform.app import deploy
-    cfg = resolve_config(a.config, model=a.model, port=a.port, actors=a.actors)
+    cfg = resolve_config(a.config, model=a.model, port=a.port, actors=a.actors, ingress=a.ingress)
     url = deploy(cfg, address=a.address)
     name = cfg.model.name
     print(f"\nexpertpool is serving {name} at {url}/v1  (Ctrl-C to stop)\n"
@@ -256,6 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, help="HTTP port (overrides serving.port)")
     s.add_argument("--address", help="Ray cluster address to connect to (default: start a local Ray)")
     s.add_argument("--actors", type=int, help="expert actors per replica (overrides pool.actors_per_replica)")
+    s.add_argument("--ingress", choices=["proxy", "haproxy"], help="how HTTP reaches the replica (overrides "
+                   "serving.ingress): Serve's Python proxy, or HAProxy straight to the replica's own HTTP server")
     s.add_argument("--no-block", action="store_true", help="deploy and return instead of running until Ctrl-C")
     s.set_defaults(fn=_cmd_serve)
 

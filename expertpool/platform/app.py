@@ -43,6 +43,7 @@ from expertpool.platform.config import ClusterConfig, load_config, parse_config
 from expertpool.platform.logs import show_info_logs
 from expertpool.platform.metrics import ServerMetrics
 from expertpool.platform.patches import PatchSet, apply_app, apply_width, wait_running
+from expertpool.platform.proxy import ingress_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class ExpertPoolServer:
                                 reasoning_parser=cfg.serving.reasoning_parser)
         self.patches = PatchSet()  # filled by reconfigure: Serve calls it right after this constructor
         self.width_error: str | None = None
+        if (why := ingress_mismatch(cfg.serving.ingress)) is not None:
+            logger.warning("%s", why)
         logger.info("replica up: serving %s (max_seq_len=%d, auth=%s)", self.engine.model_ids(),
                     self.engine.max_seq_len, "on" if self.api.api_key else "off")
 
@@ -166,6 +169,22 @@ def build_app(args: dict[str, Any]) -> Application:
     return build_app_from_config(cfg, a.engine_factory, a.tokenizer_factory)
 
 
+def local_num_cpus(cfg: ClusterConfig) -> int:
+    """Logical CPUs of a Ray that ``deploy`` starts on this machine: the machine's, or as many as one
+    replica's bundles need if that is more (a 2-core laptop and the default 2 actors x 1 CPU + the
+    replica's 0.1). Ray's CPUs are only bookkeeping: a replica that does not fit is never scheduled,
+    while one that shares the cores runs."""
+    import math
+
+    have = os.cpu_count() or 1
+    need = math.ceil(sum(b.get("CPU", 0.0) for b in cfg.pool.placement_group_bundles()))
+    if need > have:
+        logger.info("a replica reserves %d CPUs (%d expert actors x %g + the replica's %g) and this machine has %d:"
+                    " the local Ray counts %d, and the actors share the cores", need, cfg.pool.max_width,
+                    cfg.pool.actor_resources.cpu, cfg.pool.replica_cpu, have, need)
+    return max(have, need)
+
+
 def deploy(cfg: ClusterConfig, *, address: str | None = None, timeout_s: float = 600.0) -> str:
     """Check ``cfg`` against the model, start a local Ray (or join the one at ``address``), start Serve,
     deploy the application from its Serve config (declaratively; other declared applications stay)
@@ -179,12 +198,20 @@ def deploy(cfg: ClusterConfig, *, address: str | None = None, timeout_s: float =
     model_args = ModelArgs.from_dir(storage.resolve_model(source, weights=False))
     cfg.validate_against_model(model_args)
     if not ray.is_initialized():
-        from expertpool.platform.proxy import set_proxy_env
+        from expertpool.platform.proxy import orphaned_haproxies, set_proxy_env
 
-        set_proxy_env()  # applies when this call starts the Ray instance (see platform/proxy.py)
-        # no address: a Ray of its own, as documented; Ray's own default would join whatever cluster
-        # /tmp/ray/ray_current_cluster names, and wait forever on one that has died
-        ray.init(address=address or "local", include_dashboard=False)
+        set_proxy_env(cfg.serving.ingress)  # applies when this call starts the Ray instance (platform/proxy.py)
+        if address in (None, "local"):
+            orphans = orphaned_haproxies() if cfg.serving.ingress == "haproxy" else []
+            if orphans:
+                logger.warning("HAProxy processes left by a Ray that was force-stopped (pids %s) hold their "
+                               "ports, and a new HAProxy may fail to start; stop them: kill %s",
+                               orphans, " ".join(map(str, orphans)))
+            # no address: a Ray of its own, as documented; Ray's own default would join whatever cluster
+            # /tmp/ray/ray_current_cluster names, and wait forever on one that has died
+            ray.init(address="local", include_dashboard=False, num_cpus=local_num_cpus(cfg))
+        else:
+            ray.init(address=address, include_dashboard=False)  # its replicas check its ingress
     s = cfg.serving
     t0 = time.time()
     apply_app(cfg.serve_app_config(), http_options={"host": s.host, "port": s.port})

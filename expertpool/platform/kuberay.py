@@ -45,7 +45,7 @@ import yaml
 
 from expertpool.model import storage
 from expertpool.platform.config import API_KEY_ENV, GIB, HF_TOKEN_KEY, ClusterConfig, ConfigError, ConfigProblem
-from expertpool.platform.proxy import PROXY_CALLBACK, PROXY_CALLBACK_ENV
+from expertpool.platform.proxy import ingress_env
 
 API_VERSION = "ray.io/v1"
 POOL_GROUP = "pool"
@@ -135,8 +135,10 @@ def _container(cfg: ClusterConfig, name: str, resources: dict[str, Any], ports: 
         "resources": {"limits": dict(resources), "requests": dict(resources)},
         "ports": ports,
     }
-    # Serve's proxy answers some errors itself (back-pressure 503s); this makes them OpenAI JSON
-    container["env"] = [{"name": PROXY_CALLBACK_ENV, "value": PROXY_CALLBACK}]
+    # Serve's proxy (or, with the HAProxy ingress, the replica's own HTTP server) answers some errors
+    # itself (back-pressure 503s): the middleware makes them OpenAI JSON. serving.ingress is a setting
+    # of every Ray process, so every pod carries it.
+    container["env"] = [{"name": k, "value": v} for k, v in ingress_env(cfg.serving.ingress).items()]
     if k8s.api_key_secret:
         container["env"].append({"name": API_KEY_ENV,
                                  "valueFrom": {"secretKeyRef": {"name": k8s.api_key_secret, "key": "api-key"}}})

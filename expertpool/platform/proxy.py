@@ -1,4 +1,6 @@
-"""Ray Serve HTTP-proxy middleware: OpenAI error JSON for errors the proxy answers itself.
+"""Ray Serve HTTP ingress: the middleware that makes the errors Serve answers itself OpenAI JSON, and
+the cluster environment of ``serving.ingress`` (Serve's Python proxy, or HAProxy in front of an HTTP
+server inside each replica).
 
 Most errors come from the replica (``api.py``) and are already OpenAI JSON. A few never reach it:
 Serve's proxy answers them with a plain-text body. The one clients meet in production is
@@ -21,6 +23,7 @@ from typing import Any
 
 PROXY_CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 PROXY_CALLBACK = "expertpool.platform.proxy:middlewares"
+HAPROXY_ENV = "RAY_SERVE_ENABLE_HA_PROXY"  # serving.ingress: haproxy
 
 _TYPES = {408: ("timeout", "request_timeout"), 429: ("server_overloaded", "too_many_requests"),
           503: ("server_overloaded", "service_unavailable")}
@@ -78,11 +81,71 @@ class OpenAIErrorMiddleware:
         await self.app(scope, receive, send_rewriting)
 
 
-def set_proxy_env() -> None:
-    """Make a Ray instance started by this process load the middleware (call before ``ray.init``)."""
+def ingress_env(ingress: str = "proxy") -> dict[str, str]:
+    """The environment every Ray process of a cluster needs for ``serving.ingress``: the middleware
+    always (Serve applies HTTP middlewares in its proxy and in a replica's own HTTP server alike), and
+    Ray Serve's HAProxy switch for ``haproxy``."""
+    env = {PROXY_CALLBACK_ENV: PROXY_CALLBACK}
+    if ingress == "haproxy":
+        env[HAPROXY_ENV] = "1"
+    return env
+
+
+def set_proxy_env(ingress: str = "proxy") -> None:
+    """Make a Ray instance started by this process load the middleware, and use HAProxy for
+    ``ingress="haproxy"`` (call before ``ray.init``; a value the caller exported wins)."""
     import os
 
-    os.environ.setdefault(PROXY_CALLBACK_ENV, PROXY_CALLBACK)
+    for key, value in ingress_env(ingress).items():
+        os.environ.setdefault(key, value)
+
+
+def cluster_ingress() -> str:
+    """The ingress of the Ray cluster this process belongs to, as its environment says."""
+    import os
+
+    return "haproxy" if os.environ.get(HAPROXY_ENV, "0") == "1" else "proxy"
+
+
+def ingress_mismatch(declared: str) -> str | None:
+    """Why the cluster does not serve ``declared`` (a replica logs it), or None."""
+    actual = cluster_ingress()
+    if actual == declared:
+        return None
+    how = (f"export {HAPROXY_ENV}=1" if declared == "haproxy" else f"unset {HAPROXY_ENV}")
+    return (f"serving.ingress is {declared!r} but this Ray cluster runs the {actual!r} ingress; "
+            f"{HAPROXY_ENV} is a setting of the cluster: {how} before `ray start` on every node "
+            "(expertpool serve and the KubeRay manifests set it for you)")
+
+
+def orphaned_haproxies() -> list[int]:
+    """PIDs of Ray Serve HAProxy processes whose Ray is gone (no longer children of Serve's
+    HAProxyManager actor). A Ray stopped with
+    ``ray stop --force`` kills the manager actor before it can stop its HAProxy; the orphan keeps its
+    ports and makes the next HAProxy start fail."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc") if os.path.isdir("/proc") else []:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmd = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        if not (cmd and cmd[0].endswith(b"/haproxy") and any(b"haproxy-serve" in c for c in cmd)):
+            continue
+        try:  # a live one is a child of Serve's HAProxyManager actor; an orphan, of init or a subreaper
+            with open(f"/proc/{ppid}/cmdline", "rb") as f:
+                parent = f.read()
+        except OSError:
+            parent = b""
+        if b"HAProxyManager" not in parent:
+            pids.append(int(entry))
+    return pids
 
 
 def middlewares() -> list:

@@ -135,6 +135,20 @@ class ServingConfig(Closed):
                                  "of their tokens and everything before them, so a prompt that starts like an earlier "
                                  "one (a shared system prompt, a chat's history) prefills only the rest. Unheld "
                                  "cached blocks are evicted least recently used first.")
+    ingress: Literal["proxy", "haproxy"] = Field("proxy", description="How HTTP reaches a replica. `proxy`: "
+                                                  "Serve's Python HTTP proxy, which forwards each request and every "
+                                                  "streamed chunk to the replica over Ray. `haproxy`: Ray Serve's "
+                                                  "HAProxy ingress (Ray Serve LLM's direct streaming): HAProxy "
+                                                  "forwards the connection to an HTTP server inside the replica, one "
+                                                  "hop less per token (bench-mini, 16 streams on 2 cores: 259-311 vs "
+                                                  "235-241 tok/s). A setting of the Ray cluster "
+                                                  "(`RAY_SERVE_ENABLE_HA_PROXY=1` in every Ray process's environment "
+                                                  "before it starts): `expertpool serve` sets it when it starts its "
+                                                  "own Ray, the KubeRay manifests on every pod; a replica on a "
+                                                  "cluster started otherwise logs a warning. A replica behind HAProxy "
+                                                  "drains at least 30 s before it stops, so that HAProxy stops routing "
+                                                  "to it first (`RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`). "
+                                                  "Experimental in Ray 2.60.")
     max_ongoing_requests: int = Field(64, ge=1, description="Requests in flight per replica before Serve queues "
                                       "them at the caller (Ray Serve `max_ongoing_requests`).")
     max_queued_requests: int = Field(128, description="Requests queued per caller before HTTP 503; "

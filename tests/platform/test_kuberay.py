@@ -168,6 +168,20 @@ def test_every_pod_loads_the_openai_error_middleware_into_serves_proxy(cfg):
             assert {"name": PROXY_CALLBACK_ENV, "value": PROXY_CALLBACK} in c["env"], c
 
 
+@pytest.mark.parametrize("ingress", ["proxy", "haproxy"])
+def test_every_pod_runs_the_declared_ingress(validators, cfg, ingress):
+    """serving.ingress is a setting of every Ray process: HAProxy's switch is on every pod or on none."""
+    from expertpool.platform.proxy import HAPROXY_ENV
+    c = parse_config(deep_merge(cfg.model_dump(mode="json"), {"serving": {"ingress": ingress}}))
+    for manifest in (rayservice_manifest(c), raycluster_manifest(c)):
+        _check(validators, manifest)
+        spec = manifest["spec"].get("rayClusterConfig", manifest["spec"])
+        for pod in [spec["headGroupSpec"]] + spec["workerGroupSpecs"]:
+            for container in pod["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in container["env"]}
+                assert env.get(HAPROXY_ENV) == ("1" if ingress == "haproxy" else None), container["env"]
+
+
 def test_schema_check_catches_a_broken_manifest(validators, cfg):
     manifest = copy.deepcopy(raycluster_manifest(cfg))
     del manifest["spec"]["workerGroupSpecs"][0]["minReplicas"]
