@@ -120,9 +120,8 @@ def ingress_mismatch(declared: str) -> str | None:
 
 def orphaned_haproxies() -> list[int]:
     """PIDs of Ray Serve HAProxy processes whose Ray is gone (no longer children of Serve's
-    HAProxyManager actor). A Ray stopped with
-    ``ray stop --force`` kills the manager actor before it can stop its HAProxy; the orphan keeps its
-    ports and makes the next HAProxy start fail."""
+    HAProxyManager actor). A Ray stopped with ``ray stop --force`` kills the manager actor before it
+    can stop its HAProxy; the orphan keeps its ports and makes the next HAProxy start fail."""
     import os
 
     pids = []
