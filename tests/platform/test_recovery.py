@@ -322,13 +322,17 @@ def test_downscale_2_to_1_finishes_every_stream(serve_base):
     try:
         _wait_for(lambda: _replica_count("down") == 2, what="2 replicas")
 
+        downscaled = []
+
         async def faults():
             await asyncio.sleep(3)  # streams running on both replicas
+            downscaled.append(time.monotonic())
             _deploy(cfg, num_replicas=1)
-        res = asyncio.run(_run(base, _prompts(8), lambda i: dict(max_tokens=300, temperature=0,
+        res = asyncio.run(_run(base, _prompts(8), lambda i: dict(max_tokens=150, temperature=0,
                                                                    extra_body={"ignore_eos": True}), faults))
-        for text, finish, usage, err, _ in res:
-            assert err is None and finish == "length" and usage == 300
+        for text, finish, usage, err, times in res:
+            assert err is None and finish == "length" and usage == 150
+            assert times[-1] > downscaled[0], "a stream ended before the downscale: nothing was drained"
         _wait_for(lambda: _replica_count("down") == 1, what="the downscale to 1 replica")
     finally:
         serve.delete("down")
