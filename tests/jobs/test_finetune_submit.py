@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,19 +17,11 @@ from pathlib import Path
 import pytest
 
 from expertpool.model.patch import read_patch
+from tests.ports import free_ports
 
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 def _own_processes(marker: str) -> list[int]:
@@ -61,7 +52,7 @@ def machine(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": str(home)}
-    (port,) = _free_ports(1)
+    (port,) = free_ports(1)
     r = subprocess.run(_script("expertpool") + ["serve", "--no-block", "--address", "local", "--port", str(port)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
@@ -72,7 +63,7 @@ def machine(tmp_path):
 @pytest.fixture
 def head(machine, tmp_path):
     temp_dir = tempfile.mkdtemp(prefix="eprs", dir="/tmp")  # short: Ray's unix socket paths are limited
-    gcs, dash, client, nm, om, agent, metrics, wmin = _free_ports(8)
+    gcs, dash, client, nm, om, agent, metrics, wmin = free_ports(8)
     env = machine | DOCUMENTED
     subprocess.run(_script("ray") + ["get-auth-token", "--generate"], check=True, env=env, capture_output=True,
                    timeout=120)

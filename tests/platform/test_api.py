@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from expertpool.platform import protocol as P
 from expertpool.platform.api import IncrementalDetokenizer, OpenAIServer, StopStringMatcher, build_fastapi_app
 from expertpool.platform.metrics import ServerMetrics
 from tests.platform.fake_engine import REPLY, FakeEngine, FakeTokenizer, side_files
+from tests.ports import free_port
 
 API_KEY = "sk-test-" + uuid.uuid4().hex[:8]
 MAX_SEQ_LEN = 128
@@ -356,11 +356,6 @@ def test_metrics_work_without_ray_initialised():
 # Integration: one Serve application for the module, real HTTP
 # ------------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def served(ray_cluster):
@@ -379,7 +374,7 @@ def served(ray_cluster):
         "serving": {"app_name": app_name, "max_seq_len": MAX_SEQ_LEN, "api_key": API_KEY,
                     "health_check_period_s": 600, "autoscaling": {"target_ongoing_requests": 4}},
     }
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({"config": config, "engine_factory": "tests.platform.fake_engine:make_engine",
                      "tokenizer_factory": "tests.platform.fake_engine:make_tokenizer"})

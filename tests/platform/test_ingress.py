@@ -7,7 +7,6 @@ in a directory without cluster.yaml (so the built-in defaults: 2 actors x 1 CPU 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,13 +15,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.ports import free_port
+
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _listener(port: int):
@@ -33,10 +29,20 @@ def _listener(port: int):
     return None
 
 
-def test_expertpool_serve_behind_haproxy(tiny_dir, tmp_path):
-    from expertpool.platform.proxy import orphaned_haproxies
+def _haproxies(config: str) -> list[int]:
+    """PIDs of the HAProxy processes running config file ``config`` (Ray Serve's HAProxy runs
+    ``haproxy -db -f <config>``, one config per Ray node)."""
+    import psutil
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("haproxy") and config in cmd:
+            pids.append(p.pid)
+    return pids
 
-    port = _free_port()
+
+def test_expertpool_serve_behind_haproxy(tiny_dir, tmp_path):
+    port = free_port()
     home = tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -63,6 +69,8 @@ def test_expertpool_serve_behind_haproxy(tiny_dir, tmp_path):
             time.sleep(1)
         listener = _listener(port)
         assert listener is not None and listener.name() == "haproxy", listener
+        cmd = listener.cmdline()
+        config = cmd[cmd.index("-f") + 1]  # this run's HAProxy config: checked below that none outlives it
 
         chunks = []
         with httpx.stream("POST", f"{base}/v1/completions", timeout=60, json={
@@ -86,7 +94,8 @@ def test_expertpool_serve_behind_haproxy(tiny_dir, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+    # only this run's HAProxy: an unrelated leftover on the machine is not this test's failure
     deadline = time.monotonic() + 30
-    while _listener(port) is not None or orphaned_haproxies():
-        assert time.monotonic() < deadline, ("HAProxy outlived expertpool serve", orphaned_haproxies())
+    while _listener(port) is not None or _haproxies(config):
+        assert time.monotonic() < deadline, ("HAProxy outlived expertpool serve", _listener(port), _haproxies(config))
         time.sleep(0.5)

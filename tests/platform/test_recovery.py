@@ -13,22 +13,17 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import time
 
 import httpx
 import pytest
+from tests.ports import free_port
 
 openai = pytest.importorskip("openai")
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 MAX_TOKENS = 160
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(name: str, **serving):
@@ -59,7 +54,7 @@ def _wait_running(names, timeout=240):
 def serve_base(ray_cluster):
     from ray import serve
 
-    port = _free_port()
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()

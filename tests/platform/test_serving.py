@@ -8,13 +8,13 @@ One Serve instance hosts two apps: the tiny model with 2 expert actors per repli
 import asyncio
 import functools
 from pathlib import Path
-import socket
 import threading
 import time
 
 import httpx
 import pytest
 import torch
+from tests.ports import free_port
 
 openai = pytest.importorskip("openai")
 
@@ -22,11 +22,6 @@ pytestmark = pytest.mark.ray
 MAX_SEQ_LEN = 2048  # long enough that a 1500-token stream is still running when its client leaves
 API_KEY = "sk-test-ep4"  # the 4-actor app requires a bearer token
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +39,7 @@ def served(ray_cluster, tiny_dir):
     from expertpool.platform.config import parse_config
     from expertpool.platform.patches import apply_app
 
-    port = _free_port()
+    port = free_port()
     apps = {}
     for key, actors in ((2, 2), (4, 4), ("spec", 2)):  # "spec": MTP speculative decoding, 2 drafts per step
         name = f"ep{actors}" if key != "spec" else "spec2"
