@@ -7,8 +7,11 @@ the prefill, interleaved ``--rounds`` times, medians reported:
 - ``gloo``: two processes of 1 thread each, each with 8 sequences and half the experts, the MoE
   all-to-all over gloo (the 2-actor layout without Ray); the time inside the collectives is
   measured separately (``all_to_all_single`` wrapped with a timer);
-- ``ray``: the 2-actor layout through ``RayExecutor`` (the serving path minus HTTP): what the Ray
-  calls add per step is ``ray`` minus ``gloo``.
+- ``shm``: as ``gloo``, the exchanges through shared memory (``model.shm_exchange``, what the actors
+  of one host use by default); ``gloo`` and ``shm`` split the output head by vocabulary as the actors
+  do (``model.vocab_parallel``), ``gloo-whole-head`` / ``shm-whole-head`` give every rank the whole head;
+- ``ray``: the 2-actor layout through ``RayExecutor`` (the serving path minus HTTP, shared-memory
+  exchanges): what the Ray calls add per step is ``ray`` minus ``shm``.
 
     python bench/ep_step.py [--dtype bfloat16] [--weight-dtype int8] [--steps 30] [--rounds 3]
 """
@@ -85,8 +88,17 @@ def child(a) -> dict:
                             with_mtp=False)
     in_collectives = [0.0]
     if a.world > 1:
-        model.set_dispatcher(AllToAllDispatcher(model.args.n_routed_experts))
-        real = dist.all_to_all_single
+        exchange = None
+        if a.exchange == "shm":
+            from expertpool.model.shm_exchange import join_group, slot_bytes_for
+            exchange = join_group(slot_bytes=slot_bytes_for(a.world))
+            assert exchange is not None, "no shared-memory exchange on this machine"
+        model.set_dispatcher(AllToAllDispatcher(model.args.n_routed_experts, exchange=exchange))
+        if not a.whole_head:  # as the serving actors do (model.vocab_parallel)
+            from expertpool.model.vocab_parallel import VocabParallelHead
+            model.vocab_parallel = VocabParallelHead(model.lm_head, a.rank, a.world, exchange)
+        owner = exchange if exchange is not None else dist
+        real = owner.all_to_all_single
 
         def timed(*args, **kw):
             t = time.perf_counter()
@@ -94,7 +106,7 @@ def child(a) -> dict:
                 return real(*args, **kw)
             finally:
                 in_collectives[0] += time.perf_counter() - t
-        dist.all_to_all_single = timed
+        setattr(owner, "all_to_all_single", timed)
     runner = ModelRunner(model, num_blocks=192, block_size=16)
     batch = BATCH // a.world
     t_step = _time_steps(_core(runner, a.world, batch), a.steps)
@@ -109,12 +121,14 @@ def child(a) -> dict:
     return out
 
 
-def run_processes(a, world):
+def run_processes(a, world, exchange="gloo", whole_head=False):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base = [sys.executable, __file__, "--child", "--model", a.model, "--dtype", a.dtype, "--steps", str(a.steps),
-            "--world", str(world), "--port", str(port), "--threads", str(2 // world)]
+            "--world", str(world), "--port", str(port), "--threads", str(2 // world), "--exchange", exchange]
+    if whole_head:
+        base.append("--whole-head")
     if a.weight_dtype:
         base += ["--weight-dtype", a.weight_dtype]
     procs = [subprocess.Popen(base + ["--rank", str(r)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -163,11 +177,17 @@ def run_ray(a):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint (default: bench-mini random weights in a temp dir)")
-    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--weight-dtype", default=None)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--layouts", default="single,gloo,ray")
+    ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    ap.add_argument("--weight-dtype", default=None, help="routed experts' storage (e.g. int8); default: as stored")
+    ap.add_argument("--steps", type=int, default=30, help="decode steps timed per layout and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of all layouts, interleaved (medians reported)")
+    ap.add_argument("--layouts", default="single,gloo,shm,ray",
+                    help="comma-separated: single (1 process, 2 threads), gloo / shm (2 processes of 1 thread, the "
+                         "MoE exchanges over gloo / through shared memory; with the suffix -whole-head each rank "
+                         "computes its rows' logits over the whole lm_head instead of the vocabulary-parallel "
+                         "head the actors use), ray (2 actors via RayExecutor)")
+    ap.add_argument("--whole-head", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--exchange", default="gloo", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
@@ -187,7 +207,9 @@ def main():
     res: dict[str, list[dict]] = {k: [] for k in layouts}
     for r in range(a.rounds):
         for k in layouts:
-            out = run_processes(a, 1) if k == "single" else run_processes(a, 2) if k == "gloo" else run_ray(a)
+            exchange, _, whole = k.partition("-")
+            out = (run_processes(a, 1) if k == "single" else run_ray(a) if k == "ray"
+                   else run_processes(a, 2, exchange, whole_head=whole == "whole-head"))
             res[k].append(out)
             print(f"round {r + 1} {k}: {out}", flush=True)
     print(f"\nbench-mini decode step, 16 sequences, {a.dtype}, weights {a.weight_dtype or 'as stored'}; "
@@ -197,7 +219,7 @@ def main():
         ms = [o["step_ms"] for o in outs]
         share = statistics.median(o.get("collective_share", 0.0) for o in outs)
         med = statistics.median(ms)
-        print(f"  {k:7s} {med:6.1f} ms ({min(ms):.1f}..{max(ms):.1f}), {BATCH / med * 1e3:5.0f} tok/s, "
+        print(f"  {k:16s} {med:6.1f} ms ({min(ms):.1f}..{max(ms):.1f}), {BATCH / med * 1e3:5.0f} tok/s, "
               f"{single / med:.2f}x single" + (f", {share:.0%} in all_to_all" if share else ""))
 
 

@@ -319,6 +319,8 @@ def main():
     ap.add_argument("--async-scheduling", action="store_true", help="serve with serving.async_scheduling on")
     ap.add_argument("--ingress", default="proxy", choices=["proxy", "haproxy"],
                     help="serving.ingress: Serve's Python proxy (default) or HAProxy to the replica's own server")
+    ap.add_argument("--no-shared-memory", action="store_true", help="pool.shared_memory false: the actors' MoE "
+                    "exchanges over gloo even on one host (to compare with the default, through /dev/shm)")
     ap.add_argument("--gpus", type=int, default=0, help="GPUs per expert actor (default 0: CPU actors)")
     ap.add_argument("--fp8", action="store_true", help="an FP8 bench-mini checkpoint (the GPU path)")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline (quick iteration; "
@@ -380,6 +382,7 @@ def main():
     data["model"]["weight_dtype"] = a.weight_dtype
     data["pool"]["actor_resources"]["cpu"] = a.actor_cpus
     data["pool"]["actor_resources"]["gpu"] = a.gpus
+    data["pool"]["shared_memory"] = not a.no_shared_memory
     data["serving"].update(max_batch_size=32, max_num_batched_tokens=512, max_seq_len=PROMPT + NEW + 8,
                            async_scheduling=a.async_scheduling, ingress=a.ingress)
     from expertpool.platform.config import parse_config
@@ -417,6 +420,7 @@ def main():
             f"Weights {a.weight_dtype or 'as stored'}; bench-mini random weights, {a.actors} expert actors "
             f"({a.actor_cpus} CPU each) in one replica, {PROMPT}-token prompts, {NEW} new tokens, streaming "
             f"completions over HTTP ({a.ingress} ingress), each client {a.rounds} requests back to back"
+            f"{'; MoE exchanges over gloo (--no-shared-memory)' if a.no_shared_memory and a.actors > 1 else ''}"
             f"{', async scheduling' if a.async_scheduling else ''}", lines, summary)
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ in a fixed order (``combine_pairs``: no atomics, so greedy output is reproducibl
 never travel. The collectives come from
 ``torch.distributed.nn.functional`` so gradients flow back through dispatch and combine in training.
 Every rank must call every MoE layer each step, with zero tokens if it has none: the collectives
-are matched by order. Works on gloo (CPU) and NCCL (GPU). Plain torch.distributed, no Ray: the
-model layer stays importable anywhere.
+are matched by order. Works on gloo (CPU) and NCCL (GPU); at inference, ranks on one CPU host pass
+their rows through shared memory instead of gloo (``model.shm_exchange``, ~10x less per exchange).
+Plain torch.distributed, no Ray: the model layer stays importable anywhere.
 """
 
 from typing import Protocol
@@ -89,10 +90,13 @@ class AllToAllDispatcher:
     """Expert parallelism over ``group``: see the module docstring."""
 
     def __init__(self, n_routed_experts: int, group=None, owner_E: torch.Tensor | None = None,
-                 replicas: list[list[int]] | None = None):
+                 replicas: list[list[int]] | None = None, exchange=None):
         """``replicas``: per expert, the ranks holding a copy (replicated experts, ``platform.placement``);
-        default: one owner per expert, ``owner_E`` or the contiguous ranges."""
+        default: one owner per expert, ``owner_E`` or the contiguous ranges. ``exchange``: an object with
+        ``all_to_all_single(out, send, recv_counts, send_counts)`` over the same ranks
+        (``model.shm_exchange``) for the exchanges without gradients; default: ``group``'s collectives."""
         self.group = group
+        self.exchange = exchange
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.n_routed = n_routed_experts
@@ -138,6 +142,8 @@ class AllToAllDispatcher:
         out = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
         if send.requires_grad:
             return dist_fn.all_to_all_single(out, send, recv_counts, send_counts, group=self.group)
+        if self.exchange is not None:
+            return self.exchange.all_to_all_single(out, send, recv_counts, send_counts)
         dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=self.group)
         return out
 
@@ -150,7 +156,10 @@ class AllToAllDispatcher:
         tok_P = torch.div(order_P, K, rounding_mode="floor")
         counts_2W = torch.zeros(2, self.world, dtype=torch.long, device=dest_P.device)
         counts_2W[0].scatter_add_(0, dest_P, torch.ones_like(dest_P))  # bincount would read the host for its size
-        dist.all_to_all_single(counts_2W[1], counts_2W[0], group=self.group)
+        if self.exchange is not None:
+            self.exchange.all_to_all_single(counts_2W[1], counts_2W[0])
+        else:
+            dist.all_to_all_single(counts_2W[1], counts_2W[0], group=self.group)
         send_counts, recv_counts = counts_2W.tolist()  # the one host read of the layer: the split sizes
 
         rows_PD, ids_P = x_TD[tok_P], flat_ids_P[order_P]

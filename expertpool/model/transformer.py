@@ -74,6 +74,12 @@ class Transformer(nn.Module):
         self.model = DeepseekV3Model(args, expert_ids, with_mtp)
         self.lm_head = Linear(args.hidden_size, args.vocab_size)
         self.rope = RotaryEmbedding(args)
+        # serving in an expert-parallel group on CPU: the head split by vocabulary over the ranks
+        # (model.vocab_parallel.VocabParallelHead, set by the worker); None: this process's whole lm_head
+        self.vocab_parallel = None
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(h) if self.vocab_parallel is None else self.vocab_parallel(h)
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -128,9 +134,9 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x = layer(x, cos_sin, batch)
         if not return_hidden:
-            return self.lm_head(self.model.norm(x if logits_rows is None else x[logits_rows]))
+            return self._logits(self.model.norm(x if logits_rows is None else x[logits_rows]))
         h = self.model.norm(x)
-        return self.lm_head(h if logits_rows is None else h[logits_rows]), h
+        return self._logits(h if logits_rows is None else h[logits_rows]), h
 
     def mtp_forward_batch(self, hidden_MD: torch.Tensor, next_tokens_M: torch.Tensor, batch: AttnBatch, k: int = 0,
                           logits_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,7 +149,7 @@ class Transformer(nn.Module):
         emb = self.model.embed_tokens(next_tokens_M).to(hidden_MD.dtype)
         x = mtp(mtp.eh_proj(torch.cat([mtp.enorm(emb), mtp.hnorm(hidden_MD)], -1)),
                 self.rope(batch.positions_N), batch)
-        return x, self.lm_head(mtp.shared_head.norm(x if logits_rows is None else x[logits_rows]))
+        return x, self._logits(mtp.shared_head.norm(x if logits_rows is None else x[logits_rows]))
 
 
 @torch.no_grad()

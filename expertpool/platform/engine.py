@@ -537,7 +537,7 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
                       scratch_blocks=-(-min(s.max_num_batched_tokens, s.max_seq_len) // bs),
                       max_seq_len=s.max_seq_len, max_num_batched_tokens=s.max_num_batched_tokens,
                       max_batch_size=s.max_batch_size, cuda_graphs=s.cuda_graphs, batch_invariant=s.batch_invariant,
-                      triton_cache_dir=cfg.pool.triton_cache_dir)
+                      triton_cache_dir=cfg.pool.triton_cache_dir, shared_memory=cfg.pool.shared_memory)
     from expertpool.platform.placement import Placement, usable_redundant
 
     pool = cfg.pool

@@ -126,6 +126,12 @@ class PoolConfig(Closed):
                                                      "actors of a replica. auto = nccl when actors have GPUs, else "
                                                      "gloo. With nccl, `actor_resources.gpu` must be a whole number "
                                                      ">= 1.")
+    shared_memory: bool = Field(True, description="On CPU (gloo), when all actors of a replica share a host and "
+                                "its /dev/shm, pass the MoE layers' token rows between them through a shared-memory "
+                                "segment instead of gloo's TCP (~30 us instead of 200-400 us per exchange, measured "
+                                "on two 1-CPU actors; three exchanges per MoE layer). The group keeps gloo when they "
+                                "do not, or when /dev/shm has no room for the segment (8 MiB for 2 actors, at most "
+                                "32 MiB); the actors log which. false = always gloo.")
     recovery: RecoveryConfig = Field(default_factory=RecoveryConfig, description="Self-healing when an expert "
                                      "actor dies.")
     triton_cache_dir: str | None = Field(None, description="Directory where the actors keep compiled Triton kernels "

@@ -394,6 +394,7 @@ class WorkerSpec:
     cuda_graphs: bool = True
     triton_cache_dir: str | None = None
     batch_invariant: bool = False    # serving.batch_invariant (kernels.set_batch_invariant)
+    shared_memory: bool = True       # pool.shared_memory: MoE exchanges through /dev/shm when co-located (gloo)
 
     def plan_inputs(self, dtype: str) -> dict[str, Any]:
         return {"weight_dtype": self.weight_dtype, "dtype": DTYPES[dtype], "max_seq_len": self.max_seq_len,
@@ -429,6 +430,7 @@ class ExpertWorker:
         self.device = "cpu"
         self.backend = "gloo"
         self.generation = -1
+        self.exchange = None  # model.shm_exchange.ShmExchange of the current group, or None (the group's gloo)
 
     def load(self, spec: WorkerSpec, experts: ExpertIds = None) -> dict[str, Any]:
         """Load the dense weights and this rank's experts (``experts``: the rank's slots of the group's
@@ -512,6 +514,9 @@ class ExpertWorker:
         import torch.distributed as dist
 
         t0 = time.time()
+        if self.exchange is not None:
+            self.exchange.close()
+            self.exchange = None
         if dist.is_initialized():
             dist.destroy_process_group()
         kwargs: dict[str, Any] = {}
@@ -520,10 +525,19 @@ class ExpertWorker:
         dist.init_process_group(self.backend, init_method=f"tcp://{master_addr}:{master_port}", rank=self.rank,
                                 world_size=self.world, timeout=timedelta(seconds=self.spec.collective_timeout_s),
                                 **kwargs)
+        how = self.backend
+        if self.backend == "gloo" and self.world > 1 and self.spec.shared_memory:
+            from expertpool.model.shm_exchange import join_group, slot_bytes_for
+
+            slot = slot_bytes_for(self.world)
+            self.exchange = join_group(slot_bytes=slot, timeout_s=self.spec.collective_timeout_s,
+                                       tag=f"g{generation}")
+            how = (f"gloo, MoE exchanges through /dev/shm ({self.world ** 2 * 2 * slot >> 20} MiB)"
+                   if self.exchange is not None else "gloo; /dev/shm not shared by every rank, exchanges on gloo")
         self._set_dispatchers()
         self.generation = generation
         log.info("worker %d/%d joined group generation %d (%s) in %.1fs", self.rank, self.world, generation,
-                 self.backend, time.time() - t0)
+                 how, time.time() - t0)
         return generation
 
     def step(self, items: list[StepItem]) -> list[int | None]:
@@ -605,12 +619,17 @@ class ExpertWorker:
 
         if self.world == 1:
             self.model.set_dispatcher(LocalDispatcher())
+            self.model.vocab_parallel = None
             return
+        if self.device == "cpu":  # each rank reads 1/world of the output head (model.vocab_parallel)
+            from expertpool.model.vocab_parallel import VocabParallelHead
+            self.model.vocab_parallel = VocabParallelHead(self.model.lm_head, self.rank, self.world, self.exchange)
         rest, per_layer = self.replicas if self.replicas is not None else (None, {})
-        self.model.set_dispatcher(AllToAllDispatcher(self.n_experts, replicas=rest))
+        self.model.set_dispatcher(AllToAllDispatcher(self.n_experts, replicas=rest, exchange=self.exchange))
         for moe in self.model.moe_layers():
             if moe.layer_id in per_layer:
-                moe.dispatcher = AllToAllDispatcher(self.n_experts, replicas=per_layer[moe.layer_id])
+                moe.dispatcher = AllToAllDispatcher(self.n_experts, replicas=per_layer[moe.layer_id],
+                                                    exchange=self.exchange)
 
     @ray.method(concurrency_group=CONTROL)
     def ping(self) -> int:
@@ -619,9 +638,14 @@ class ExpertWorker:
     @ray.method(concurrency_group=CONTROL)
     def abort_group(self) -> bool:
         """Release a step stuck in a collective (NCCL: abort the communicator, so the blocked op returns
-        with an error). Gloo needs nothing: its ops fail when a peer's socket closes, or time out."""
+        with an error; the shared-memory exchange: raise in the waiting rank). Gloo needs nothing: its ops
+        fail when a peer's socket closes, or time out."""
         import torch.distributed as dist
 
+        if self.exchange is not None:
+            self.exchange.abort()
+            log.warning("worker %d aborted its shared-memory exchange", self.rank)
+            return True
         if self.backend != "nccl" or not dist.is_initialized():
             return False
         abort = getattr(dist.distributed_c10d, "_abort_process_group", None)

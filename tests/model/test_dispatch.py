@@ -1,6 +1,6 @@
 """The all-to-all dispatcher at inference, two gloo ranks on CPU: each rank's output equals the local
 dispatcher's over all experts (rows and ids exchanged in one collective; the combine in fp32, in a
-fixed order)."""
+fixed order), and through the shared-memory exchange it is the gloo output, bit for bit."""
 
 import socket
 
@@ -33,6 +33,27 @@ def _rank(rank: int, world: int, port: int, dtype, results, redundant: int = 0) 
             # it must still take part in every exchange, with empty sends
             x_idle = x[:, :0] if rank == 1 else x
             results[f"idle{rank}"] = (mine(x_idle).float(), full(x_idle).float())
+            if not redundant:  # the same exchanges through shared memory: the same bytes move
+                from expertpool.model.shm_exchange import join_group, supported
+                ex = join_group(slot_bytes=4096)  # small slots: a layer's rows go in several pieces
+                assert (ex is not None) == supported()
+                if ex is not None:
+                    mine.set_dispatcher(AllToAllDispatcher(E, exchange=ex))
+                    results[f"shm{rank}"] = (mine(x).float(), mine(x_idle).float())
+                # the output head split by vocabulary (gloo, then shared memory): each rank gets its own
+                # rows' logits over the whole vocabulary, also when it has no rows
+                from expertpool.model.vocab_parallel import VocabParallelHead
+                full.prepare_for_inference()  # packed for oneDNN, as served
+                h = torch.randn(3 + 2 * rank, full.args.hidden_size, generator=torch.Generator().manual_seed(rank))
+                h = h.to(dtype)
+                for name, exchange in (("gloo", None), ("shm", ex)):
+                    if name == "shm" and ex is None:
+                        continue
+                    vp = VocabParallelHead(full.lm_head, rank, world, exchange)
+                    results[f"head-{name}{rank}"] = (vp(h).float(), full.lm_head(h).float(),
+                                                     vp(h[:0] if rank == 0 else h).shape)
+                if ex is not None:
+                    ex.close()
     finally:
         dist.destroy_process_group()
 
@@ -59,6 +80,17 @@ def test_all_to_all_equals_local_dispatch_at_inference():
             # fp32: an expert's rows are grouped with the other rank's (another GEMM blocking), ~1e-7;
             # bf16: the same products rounded to bf16 in other groupings, ~2**-8 per element
             assert ((got - want).norm() / want.norm()).item() < bound, (dtype, r)
+        for r in (0, 1):
+            for name in ("gloo", "shm"):
+                if f"head-{name}{r}" not in results:
+                    continue
+                got, want, idle_shape = results[f"head-{name}{r}"]
+                assert got.shape == want.shape and idle_shape == ((0 if r == 0 else 5), want.shape[1])
+                assert ((got - want).norm() / want.norm()).item() < 1e-6, (dtype, name, r)
+                assert torch.equal(got.argmax(-1), want.argmax(-1)), (dtype, name, r)
+            if f"shm{r}" in results:
+                got, got_idle = results[f"shm{r}"]
+                assert torch.equal(got, results[r][0]) and torch.equal(got_idle, results[f"idle{r}"][0]), (dtype, r)
 
 
 def test_replicated_experts_spread_pairs_over_copies_and_equal_local_dispatch():

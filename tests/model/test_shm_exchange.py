@@ -1,0 +1,128 @@
+"""The shared-memory all-to-all (``model.shm_exchange``), its ranks as threads of one process: the
+bytes each rank receives are what ``all_to_all_single`` defines, for uneven splits, empty pairs and
+messages many slots long; a dead peer, an abort and a timeout each raise ``PeerGone`` naming what
+happened; a segment that is not the group's is refused. (Across processes and against gloo:
+tests/model/test_dispatch.py.)"""
+
+import os
+import subprocess
+import threading
+import time
+
+import pytest
+import torch
+
+from expertpool.model.shm_exchange import PeerGone, ShmExchange, slot_bytes_for, supported
+
+pytestmark = pytest.mark.skipif(not supported(), reason="shared-memory exchange: x86 with /dev/shm only")
+
+
+def _group(world: int, slot_bytes: int, timeout_s: float = 30.0) -> list[ShmExchange]:
+    path = f"/dev/shm/expertpool-test-{os.getpid()}-{time.monotonic_ns()}"
+    ex0 = ShmExchange.create(path, world, slot_bytes, timeout_s)
+    group = [ex0] + [ShmExchange.attach(path, r, world, slot_bytes, ex0.token, timeout_s) for r in range(1, world)]
+    for ex in group:
+        ex.ready()
+    assert not os.path.exists(path)  # unlinked once all mapped: nothing left behind
+    return group
+
+
+def _run_all(fns) -> list:
+    out, errors = [None] * len(fns), []
+
+    def run(i):
+        try:
+            out[i] = fns[i]()
+        except BaseException as e:  # noqa: BLE001 (re-raised below)
+            errors.append(e)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(t.is_alive() for t in threads), "an exchange hung"
+    if errors:
+        raise errors[0]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_rows_arrive_where_all_to_all_puts_them(dtype):
+    world, D = 3, 37
+    g = torch.Generator().manual_seed(0)
+    # counts[s][d]: rows s sends d; zeros included (a pair with nothing to send sends no piece), and
+    # pairs far larger than the 4 KiB slots (many pieces through a ring of two, both directions at once)
+    counts = [[5, 0, 300], [0, 1, 0], [260, 7, 2]]
+    sends = [(torch.randn(sum(counts[s]), D, generator=g) * 100).to(dtype) for s in range(world)]
+    group = _group(world, slot_bytes=4096)
+    for _ in range(3):  # the rings carry on from call to call
+        outs = [torch.empty(sum(counts[s][d] for s in range(world)), D, dtype=dtype) for d in range(world)]
+        _run_all([lambda d=d: group[d].all_to_all_single(outs[d], sends[d], [counts[s][d] for s in range(world)],
+                                                        counts[d]) for d in range(world)])
+        for d in range(world):
+            want = torch.cat([sends[s][sum(counts[s][:d]):sum(counts[s][:d + 1])] for s in range(world)])
+            assert torch.equal(outs[d], want), d
+    # equal splits (the dispatcher's counts exchange), and a rank with no rows at all
+    counts_sent = [torch.tensor([10 * s + d for d in range(world)]) for s in range(world)]
+    got = [torch.empty(world, dtype=torch.long) for _ in range(world)]
+    _run_all([lambda d=d: group[d].all_to_all_single(got[d], counts_sent[d]) for d in range(world)])
+    assert [t.tolist() for t in got] == [[10 * s + d for s in range(world)] for d in range(world)]
+    empty = [torch.empty(0, D, dtype=dtype) for _ in range(world)]
+    _run_all([lambda d=d: group[d].all_to_all_single(torch.empty(0, D, dtype=dtype), empty[d], [0] * world,
+                                                    [0] * world) for d in range(world)])
+    for ex in group:
+        ex.close()
+
+
+def test_a_dead_peer_an_abort_and_a_timeout_raise():
+    a, b = _group(2, slot_bytes=4096, timeout_s=1.0)
+    x, out = torch.ones(4, 8), torch.empty(4, 8)
+    # rank 1's process has exited (a reaped pid): rank 0 waiting for its rows says so at once
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    a._pids[1] = gone.pid
+    t0 = time.monotonic()
+    with pytest.raises(PeerGone, match=f"peer rank 1 \\(pid {gone.pid}\\) exited"):
+        a.all_to_all_single(out, x, [2, 2], [2, 2])
+    assert time.monotonic() - t0 < 1.0
+    a._pids[1] = os.getpid()
+    # a live peer that never sends: the collective timeout
+    a2, b2 = _group(2, slot_bytes=4096, timeout_s=0.3)
+    t0 = time.monotonic()
+    with pytest.raises(PeerGone, match="ranks \\[1\\] sent nothing"):
+        a2.all_to_all_single(out, x, [2, 2], [2, 2])
+    assert 0.3 <= time.monotonic() - t0 < 5
+    # the executor's abort releases a rank stuck waiting, from another thread
+    a3, b3 = _group(2, slot_bytes=4096, timeout_s=60.0)
+    threading.Timer(0.2, a3.abort).start()
+    t0 = time.monotonic()
+    with pytest.raises(PeerGone, match="aborted"):
+        a3.all_to_all_single(out, x, [2, 2], [2, 2])
+    assert time.monotonic() - t0 < 5
+    for ex in (a, b, a2, b2, a3, b3):
+        ex.close()
+
+
+def test_a_segment_that_is_not_the_groups_is_refused(tmp_path):
+    path = f"/dev/shm/expertpool-test-{os.getpid()}-{time.monotonic_ns()}"
+    ex = ShmExchange.create(path, 2, 4096)
+    try:
+        with pytest.raises(ValueError, match="token"):  # another group's (or another container's) file
+            ShmExchange.attach(path, 1, 2, 4096, ex.token + 1)
+        with pytest.raises(ValueError, match="size"):
+            ShmExchange.attach(path, 1, 3, 4096, ex.token)
+    finally:
+        ex.ready()
+        ex.close()
+    with pytest.raises(FileExistsError):  # never someone else's file: created exclusively
+        p = tmp_path / "taken"
+        p.write_bytes(b"")
+        ShmExchange.create(str(p), 2, 4096)
+
+
+def test_slot_sizes_keep_the_segment_bounded():
+    assert slot_bytes_for(2) == 1 << 20  # 8 MiB: a decode step's rows in one piece
+    for world in (2, 4, 8, 16, 64):
+        slot = slot_bytes_for(world)
+        assert slot % 4096 == 0 and slot >= 4096
+        assert 2 * world * world * slot <= 32 << 20 or slot == 4096  # the slots within 32 MiB, or 4 KiB
