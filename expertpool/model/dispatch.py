@@ -30,7 +30,7 @@ never travel. The collectives come from
 ``torch.distributed.nn.functional`` so gradients flow back through dispatch and combine in training.
 Every rank must call every MoE layer each step, with zero tokens if it has none: the collectives
 are matched by order. Works on gloo (CPU) and NCCL (GPU); at inference, ranks on one CPU host pass
-their rows through shared memory instead of gloo (``model.shm_exchange``, ~10x less per exchange).
+their rows through shared memory instead of gloo (``model.shm_exchange``, 5-10x less per exchange).
 Plain torch.distributed, no Ray: the model layer stays importable anywhere.
 """
 

@@ -1,10 +1,10 @@
 """All-to-all through shared memory, for the expert-parallel ranks of one CPU host.
 
 On CPU the MoE layer's exchanges go over gloo, whose every collective is a TCP round trip handled by
-a background thread: ~0.2-0.4 ms per ``all_to_all_single`` on loopback between two 1-thread ranks,
-however small the message (``bench/ep_step.py``), three per MoE layer. Ranks on one host can instead
-copy rows through a shared-memory segment (what vLLM's and SGLang's CPU backends do for their
-collectives): a few microseconds plus the memcpy.
+a background thread: 0.2-0.5 ms per ``all_to_all_single`` on loopback between two 1-thread ranks,
+however small the message, three per MoE layer. Ranks on one host can instead copy rows through a
+shared-memory segment (what vLLM's and SGLang's CPU backends do for their collectives): 40-80 µs
+(``bench/ep_exchange.py``; most of it Python and the waits' naps).
 
 Layout of the segment (a file in ``/dev/shm``, created by rank 0 and unlinked once every rank has
 mapped it, so nothing is left behind when a process dies):
@@ -22,8 +22,10 @@ each rank passes the sizes it expects, and a pair with nothing to send sends no 
 is copied before the counter that publishes it is stored, and x86's stores become visible in program
 order (TSO); other architectures keep gloo (``supported``).
 
-Waiting: spin briefly, then ``sched_yield`` (a waiting rank gives its core to the replica and Ray
-processes that share the machine). Every few hundred polls it checks that the peers it waits for are
+Waiting: spin for 64 polls, then sleep ``EXPERTPOOL_SHM_NAP_US`` (20 µs; measured ~95 µs here)
+between polls, so a waiting rank gives its core to the replica and Ray processes that share the
+machine (gloo's waits block too); 0 = ``sched_yield`` instead, for hosts whose cores the actors have
+to themselves. Every 32 naps (256 yields) it checks that the peers it waits for are
 alive (a dead rank raises at once, as gloo's closed socket does), the group's abort flag
 (``abort``: the executor releasing a stuck step) and the timeout.
 """
@@ -78,6 +80,7 @@ class ShmExchange:
         self._q = memoryview(self._mm).cast("q")  # int64 view of the records and headers
         self._bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
         self.aborted = False
+        self._nap = float(os.environ.get("EXPERTPOOL_SHM_NAP_US", "20")) * 1e-6
         self._pids: list[int] = []
         self._q[rank * _REC // 8] = os.getpid()
 
@@ -203,8 +206,11 @@ class ShmExchange:
             spins += 1
             if spins < 64:
                 continue
-            os.sched_yield()
-            if spins % 256 == 0:
+            if self._nap:
+                time.sleep(self._nap)
+            else:
+                os.sched_yield()
+            if spins % (32 if self._nap else 256) == 0:
                 now = time.monotonic()
                 if not t_wait:
                     t_wait = now

@@ -128,7 +128,7 @@ class PoolConfig(Closed):
                                                      ">= 1.")
     shared_memory: bool = Field(True, description="On CPU (gloo), when all actors of a replica share a host and "
                                 "its /dev/shm, pass the MoE layers' token rows between them through a shared-memory "
-                                "segment instead of gloo's TCP (~30 us instead of 200-400 us per exchange, measured "
+                                "segment instead of gloo's TCP (40-80 us instead of 270-480 us per exchange, measured "
                                 "on two 1-CPU actors; three exchanges per MoE layer). The group keeps gloo when they "
                                 "do not, or when /dev/shm has no room for the segment (8 MiB for 2 actors, at most "
                                 "32 MiB); the actors log which. false = always gloo.")

@@ -534,6 +534,8 @@ class ExpertWorker:
                                        tag=f"g{generation}")
             how = (f"gloo, MoE exchanges through /dev/shm ({self.world ** 2 * 2 * slot >> 20} MiB)"
                    if self.exchange is not None else "gloo; /dev/shm not shared by every rank, exchanges on gloo")
+        if self.device == "cpu" and self.world > 1:
+            how += f"; output head split by vocabulary, this rank's slice 1/{self.world}"
         self._set_dispatchers()
         self.generation = generation
         log.info("worker %d/%d joined group generation %d (%s) in %.1fs", self.rank, self.world, generation,
