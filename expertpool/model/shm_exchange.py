@@ -242,7 +242,7 @@ def join_group(group=None, slot_bytes: int = 1 << 20, timeout_s: float = 60.0, t
 
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     ok = supported()
-    path, token = None, 0
+    path, token, ex = None, 0, None
     if rank == 0 and ok:
         path = f"/dev/shm/expertpool-a2a-{os.getpid()}-{tag or secrets.token_hex(4)}"
         try:

@@ -14,7 +14,7 @@ import torch
 
 from expertpool.model.shm_exchange import PeerGone, ShmExchange, slot_bytes_for, supported
 
-pytestmark = pytest.mark.skipif(not supported(), reason="shared-memory exchange: x86 with /dev/shm only")
+x86_only = pytest.mark.skipif(not supported(), reason="shared-memory exchange: x86 with /dev/shm only")
 
 
 def _group(world: int, slot_bytes: int, timeout_s: float = 30.0) -> list[ShmExchange]:
@@ -46,6 +46,7 @@ def _run_all(fns) -> list:
     return out
 
 
+@x86_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
 def test_rows_arrive_where_all_to_all_puts_them(dtype):
     world, D = 3, 37
@@ -74,6 +75,7 @@ def test_rows_arrive_where_all_to_all_puts_them(dtype):
         ex.close()
 
 
+@x86_only
 def test_a_dead_peer_an_abort_and_a_timeout_raise():
     a, b = _group(2, slot_bytes=4096, timeout_s=1.0)
     x, out = torch.ones(4, 8), torch.empty(4, 8)
@@ -103,6 +105,7 @@ def test_a_dead_peer_an_abort_and_a_timeout_raise():
         ex.close()
 
 
+@x86_only
 def test_a_segment_that_is_not_the_groups_is_refused(tmp_path):
     path = f"/dev/shm/expertpool-test-{os.getpid()}-{time.monotonic_ns()}"
     ex = ShmExchange.create(path, 2, 4096)
@@ -120,9 +123,32 @@ def test_a_segment_that_is_not_the_groups_is_refused(tmp_path):
         ShmExchange.create(str(p), 2, 4096)
 
 
+@x86_only
 def test_slot_sizes_keep_the_segment_bounded():
     assert slot_bytes_for(2) == 1 << 20  # 8 MiB: a decode step's rows in one piece
     for world in (2, 4, 8, 16, 64):
         slot = slot_bytes_for(world)
         assert slot % 4096 == 0 and slot >= 4096
         assert 2 * world * world * slot <= 32 << 20 or slot == 4096  # the slots within 32 MiB, or 4 KiB
+
+
+def test_join_group_keeps_gloo_where_shared_memory_is_not_supported(monkeypatch):
+    """A one-rank gloo group: on a platform without it every rank gets None (the dispatcher keeps gloo);
+    where it is supported, an exchange that copies the rank's own rows."""
+    import torch.distributed as dist
+
+    from expertpool.model import shm_exchange
+    from tests.ports import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        monkeypatch.setattr(shm_exchange, "supported", lambda: False)
+        assert shm_exchange.join_group() is None
+        monkeypatch.undo()
+        if supported():
+            ex = shm_exchange.join_group(slot_bytes=4096)
+            x = torch.arange(6.0).view(3, 2)
+            assert torch.equal(ex.all_to_all_single(torch.empty(3, 2), x, [3], [3]), x)
+            ex.close()
+    finally:
+        dist.destroy_process_group()
