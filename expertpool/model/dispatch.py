@@ -86,6 +86,19 @@ def expert_owners(n_routed_experts: int, world: int) -> torch.Tensor:
     return owner_E
 
 
+class GroupExchange:
+    """``all_to_all_single`` over a torch.distributed group, in the shape of ``model.shm_exchange``'s:
+    what the dispatcher and the split output head call when the ranks do not share memory."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def all_to_all_single(self, out: torch.Tensor, send: torch.Tensor, recv_counts: list[int] | None = None,
+                          send_counts: list[int] | None = None) -> torch.Tensor:
+        dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=self.group)
+        return out
+
+
 class AllToAllDispatcher:
     """Expert parallelism over ``group``: see the module docstring."""
 
@@ -96,7 +109,7 @@ class AllToAllDispatcher:
         ``all_to_all_single(out, send, recv_counts, send_counts)`` over the same ranks
         (``model.shm_exchange``) for the exchanges without gradients; default: ``group``'s collectives."""
         self.group = group
-        self.exchange = exchange
+        self.exchange = exchange if exchange is not None else GroupExchange(group)
         self.world = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
         self.n_routed = n_routed_experts
@@ -142,10 +155,7 @@ class AllToAllDispatcher:
         out = send.new_empty((sum(recv_counts),) + tuple(send.shape[1:]))
         if send.requires_grad:
             return dist_fn.all_to_all_single(out, send, recv_counts, send_counts, group=self.group)
-        if self.exchange is not None:
-            return self.exchange.all_to_all_single(out, send, recv_counts, send_counts)
-        dist.all_to_all_single(out, send.contiguous(), recv_counts, send_counts, group=self.group)
-        return out
+        return self.exchange.all_to_all_single(out, send, recv_counts, send_counts)
 
     def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                  experts: ExpertGroup) -> torch.Tensor:
@@ -156,10 +166,7 @@ class AllToAllDispatcher:
         tok_P = torch.div(order_P, K, rounding_mode="floor")
         counts_2W = torch.zeros(2, self.world, dtype=torch.long, device=dest_P.device)
         counts_2W[0].scatter_add_(0, dest_P, torch.ones_like(dest_P))  # bincount would read the host for its size
-        if self.exchange is not None:
-            self.exchange.all_to_all_single(counts_2W[1], counts_2W[0])
-        else:
-            dist.all_to_all_single(counts_2W[1], counts_2W[0], group=self.group)
+        self.exchange.all_to_all_single(counts_2W[1], counts_2W[0])
         send_counts, recv_counts = counts_2W.tolist()  # the one host read of the layer: the split sizes
 
         rows_PD, ids_P = x_TD[tok_P], flat_ids_P[order_P]

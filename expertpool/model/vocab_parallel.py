@@ -16,9 +16,9 @@ greedy tokens exactly).
 """
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 
+from expertpool.model.dispatch import GroupExchange
 from expertpool.model.layers import Linear
 
 
@@ -30,29 +30,24 @@ class VocabParallelHead:
     def __init__(self, head: Linear, rank: int, world: int, exchange=None, group=None):
         V = head.out_features
         self.bounds = [r * V // world for r in range(world + 1)]
-        self.head, self.rank, self.world, self.exchange, self.group = head, rank, world, exchange, group
+        self.head, self.rank, self.world = head, rank, world
+        self.exchange = exchange if exchange is not None else GroupExchange(group)
         v0, v1 = self.bounds[rank], self.bounds[rank + 1]
         self.shard = Linear(head.in_features, v1 - v0)
         self.shard.weight = nn.Parameter(head.weight.detach()[v0:v1], requires_grad=False)
         self.shard.pack_for_cpu()
 
-    def _a2a(self, out: torch.Tensor, send: torch.Tensor, recv_counts=None, send_counts=None) -> torch.Tensor:
-        if self.exchange is not None:
-            return self.exchange.all_to_all_single(out, send, recv_counts, send_counts)
-        dist.all_to_all_single(out, send, recv_counts, send_counts, group=self.group)
-        return out
-
     def __call__(self, x_ND: torch.Tensor) -> torch.Tensor:
-        W, D = self.world, x_ND.shape[-1]
+        W, D, a2a = self.world, x_ND.shape[-1], self.exchange.all_to_all_single
         n = x_ND.shape[0]
         ns_W = torch.empty(W, dtype=torch.long)
-        self._a2a(ns_W, torch.full((W,), n, dtype=torch.long))
+        a2a(ns_W, torch.full((W,), n, dtype=torch.long))
         ns = ns_W.tolist()  # every rank's row count
         rows_MD = x_ND.new_empty((sum(ns), D))
-        self._a2a(rows_MD, x_ND.contiguous().repeat(W, 1), ns, [n] * W)  # everyone's rows, in rank order
+        a2a(rows_MD, x_ND.contiguous().repeat(W, 1), ns, [n] * W)  # everyone's rows, in rank order
         part_MV = self.shard(rows_MD)  # this rank's vocabulary slice of every row's logits
         widths = [self.bounds[r + 1] - self.bounds[r] for r in range(W)]
         back = part_MV.new_empty(n * self.head.out_features)
-        self._a2a(back, part_MV.reshape(-1), [n * w for w in widths], [m * widths[self.rank] for m in ns])
+        a2a(back, part_MV.reshape(-1), [n * w for w in widths], [m * widths[self.rank] for m in ns])
         pieces = back.split([n * w for w in widths])
         return torch.cat([p.view(n, w) for p, w in zip(pieces, widths)], dim=1)
