@@ -8,8 +8,9 @@ the prefill, interleaved ``--rounds`` times, medians reported:
   all-to-all over gloo (the 2-actor layout without Ray); the time inside the collectives is
   measured separately (``all_to_all_single`` wrapped with a timer);
 - ``shm``: as ``gloo``, the exchanges through shared memory (``model.shm_exchange``, what the actors
-  of one host use by default); ``gloo`` and ``shm`` split the output head by vocabulary as the actors
-  do (``model.vocab_parallel``), ``gloo-whole-head`` / ``shm-whole-head`` give every rank the whole head;
+  of one host use by default); both split the output head by vocabulary (``model.vocab_parallel``), and
+  ``gloo-whole-head`` / ``shm-whole-head`` give every rank the whole head. The actors run ``shm``, or
+  ``gloo-whole-head`` where the ranks do not share memory;
 - ``ray``: the 2-actor layout through ``RayExecutor`` (the serving path minus HTTP, shared-memory
   exchanges): what the Ray calls add per step is ``ray`` minus ``shm``.
 

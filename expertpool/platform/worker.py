@@ -534,7 +534,7 @@ class ExpertWorker:
                                        tag=f"g{generation}")
             how = (f"gloo, MoE exchanges through /dev/shm ({self.world ** 2 * 2 * slot >> 20} MiB)"
                    if self.exchange is not None else "gloo; /dev/shm not shared by every rank, exchanges on gloo")
-        if self.device == "cpu" and self.world > 1:
+        if self.exchange is not None:
             how += f"; output head split by vocabulary, this rank's slice 1/{self.world}"
         self._set_dispatchers()
         self.generation = generation
@@ -623,7 +623,9 @@ class ExpertWorker:
             self.model.set_dispatcher(LocalDispatcher())
             self.model.vocab_parallel = None
             return
-        if self.device == "cpu":  # each rank reads 1/world of the output head (model.vocab_parallel)
+        self.model.vocab_parallel = None
+        if self.exchange is not None:  # each rank reads 1/world of the output head (model.vocab_parallel): only
+            # where exchanges are cheap; over gloo its three more exchanges cost what it saves (bench/ep_step.py)
             from expertpool.model.vocab_parallel import VocabParallelHead
             self.model.vocab_parallel = VocabParallelHead(self.model.lm_head, self.rank, self.world, self.exchange)
         rest, per_layer = self.replicas if self.replicas is not None else (None, {})
