@@ -17,12 +17,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def isa_caps() -> str:
+    """The instruction-set caps of this run's environment (torch's ATen and oneDNN), '' without any:
+    ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` runs an AVX-512 machine as an AVX2-only one."""
+    caps = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)]
+    return " ".join(caps)
+
+
 def cpu_kind() -> str:
-    """'AVX-512 BF16' or 'AVX2 only' (or what lscpu shows), for the benchmark record."""
+    """'AVX-512 BF16' or 'AVX2 only' (or what lscpu shows), for the benchmark record; with an ISA cap in
+    the environment, what it emulates and the cap."""
     try:
         flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     except OSError:
         return "unknown CPU"
+    if caps := isa_caps():
+        return f"{cpu_kind_of(flags)}, instruction set capped by {caps}"
+    return cpu_kind_of(flags)
+
+
+def cpu_kind_of(flags: str) -> str:
     if "amx_bf16" in flags:
         return "AMX + AVX-512 BF16"
     if "avx512_bf16" in flags:
@@ -35,7 +49,8 @@ def cpu_flags_line() -> str:
     from expertpool.model.dtype import cpu_features
     f = cpu_features()
     want = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile", "avx512_vnni", "avx_vnni")
-    return f"{f.model_name or 'unknown CPU'}; flags: {' '.join(x for x in want if x in f.flags) or 'none of interest'}"
+    line = f"{f.model_name or 'unknown CPU'}; flags: {' '.join(x for x in want if x in f.flags) or 'none of interest'}"
+    return f"{line}; capped by {caps}" if (caps := isa_caps()) else line
 
 
 def machine_line(cmd: str) -> str:

@@ -9,7 +9,9 @@ OpenMP threads. Each output row is summed in one order whatever else is in the b
 
 Built with the machine's C compiler (``cc -O3 -march=native -fopenmp``; ``CC`` overrides) into
 ``$EXPERTPOOL_CACHE/kernels`` (default ``~/.cache/expertpool/kernels``), keyed by the source,
-the compiler and the CPU's flags, so a cluster of mixed CPUs builds one per kind. Without a
+the compiler, its flags and the CPU's flags, so a cluster of mixed CPUs builds one per kind. A cap
+on torch's vector ISA (``ATEN_CPU_CAPABILITY=avx2`` or ``default``) caps the build the same way, so
+an AVX-512 machine can run the code an AVX2-only one would (``isa_cap_flags``). Without a
 compiler, or with ``EXPERTPOOL_CPU_EXPERT_KERNEL=0``, the experts run through torch (logged once).
 """
 
@@ -39,6 +41,9 @@ MAX_LANES = 16
 # experts with more rows than this in a layer send the layer to oneDNN / MKL, whose GEMMs win once the
 # weights are reused over many rows (prefill chunks)
 MAX_ROWS = 8
+
+# ATen's ISA cap (ATEN_CPU_CAPABILITY) -> the compiler flags that keep the kernel within it
+ISA_CAP_FLAGS = {"avx2": ["-mno-avx512f"], "default": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
 
 _lock = threading.Lock()
 _state: dict = {}
@@ -71,6 +76,12 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("EXPERTPOOL_CACHE", Path.home() / ".cache" / "expertpool")) / "kernels"
 
 
+def isa_cap_flags(env=os.environ) -> list[str]:
+    """Compiler flags for an ISA cap set for torch (``ATEN_CPU_CAPABILITY``), none without one."""
+    cap = env.get("ATEN_CPU_CAPABILITY", "").strip().lower()
+    return ISA_CAP_FLAGS.get(cap, [])
+
+
 def _compiler() -> str | None:
     cc = os.environ.get("CC", "cc")
     return shutil.which(cc)
@@ -81,18 +92,19 @@ def _build(cc: str) -> Path:
     each build to a temporary name and the rename wins). A cache directory that cannot be written (a
     read-only home in a container) falls back to the temporary directory, logged."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(CFLAGS), _cpu_flags()])
+    flags = CFLAGS + isa_cap_flags()
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags()])
                          .encode()).hexdigest()[:16]
     name = f"expert_gemv-{key}.so"
     try:
-        return _build_in(cc, _cache_dir(), name)
+        return _build_in(cc, flags, _cache_dir(), name)
     except OSError as e:
         fallback = Path(tempfile.gettempdir()) / "expertpool-kernels"
         log.warning("cannot build the CPU expert kernel in %s (%s); building it in %s", _cache_dir(), e, fallback)
-        return _build_in(cc, fallback, name)
+        return _build_in(cc, flags, fallback, name)
 
 
-def _build_in(cc: str, where: Path, name: str) -> Path:
+def _build_in(cc: str, flags: list[str], where: Path, name: str) -> Path:
     out = where / name
     if out.exists():
         return out
@@ -101,7 +113,7 @@ def _build_in(cc: str, where: Path, name: str) -> Path:
     os.close(fd)
     t0 = time.perf_counter()
     try:
-        r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit status {r.returncode}"
             raise RuntimeError(f"{cc} failed: {last}")
@@ -110,7 +122,7 @@ def _build_in(cc: str, where: Path, name: str) -> Path:
         if os.path.exists(tmp):
             os.unlink(tmp)
     log.info("built the CPU expert kernel %s in %.1f s (%s %s)", out.name, time.perf_counter() - t0, cc,
-             " ".join(CFLAGS))
+             " ".join(flags))
     return out
 
 

@@ -84,7 +84,8 @@ class ModelConfig(Closed):
                              "(fine-tuned variants are served as `NAME:DOMAIN`).")
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Compute dtype of activations and non-quantized weights. auto = bfloat16 where the "
-        "actor's hardware runs it natively (a CPU with AVX-512 BF16 or AMX, a GPU of compute capability >= 8.0), "
+        "actor's hardware runs it natively (a CPU with AVX-512 BF16 or AMX, unless "
+        "ONEDNN_MAX_CPU_ISA caps oneDNN below AVX512_CORE_BF16; a GPU of compute capability >= 8.0), "
         "float32 elsewhere; each actor decides on its own device and logs the choice and the reason.")
     weight_dtype: Literal["fp8", "bf16", "fp32", "int8"] | None = Field(
         None, description="Resident format of the expert and linear weights. None = as stored in the checkpoint. "

@@ -160,6 +160,26 @@ def test_the_kernel_is_built_once_per_source_compiler_and_cpu(tmp_path, monkeypa
             assert not cpu_experts.applies(x, torch.zeros(1, 8, 16), torch.zeros(1, 16, 4), [2])
 
 
+def test_an_isa_cap_for_torch_caps_the_kernels_build(tmp_path, monkeypatch, caplog):
+    """``ATEN_CPU_CAPABILITY=avx2`` (how an AVX-512 machine runs as an AVX2-only one) builds a second
+    library without AVX-512, which still computes the products."""
+    assert cpu_experts.isa_cap_flags({}) == [] and cpu_experts.isa_cap_flags({"ATEN_CPU_CAPABILITY": "AVX512"}) == []
+    monkeypatch.setenv("EXPERTPOOL_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_experts, "_state", {})
+    assert cpu_experts.library() is not None
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setattr(cpu_experts, "_state", {})
+    with caplog.at_level("INFO", logger=cpu_experts.log.name):
+        lib = cpu_experts.library()
+    assert lib is not None and "-mno-avx512f" in caplog.text
+    assert len(list((tmp_path / "kernels").glob("expert_gemv-*.so"))) == 2
+    g = torch.Generator().manual_seed(6)
+    counts = [1, 3, 0, 2]
+    w = (torch.randn(len(counts), 40, 48, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(sum(counts), 48, generator=g)
+    assert rel_err(cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), w, lib=lib), _oracle(x, counts, w)) < 1e-6
+
+
 def test_an_unwritable_cache_builds_in_the_temporary_directory(tmp_path, monkeypatch, caplog):
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")

@@ -50,3 +50,20 @@ def test_the_choice_is_logged_once_with_its_reason(caplog):
         log_choice("auto", choice, "cpu")
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 1 and "float32" in lines[0] and "avx512_bf16" in lines[0]
+
+
+def test_a_onednn_isa_cap_below_bf16_makes_auto_pick_fp32():
+    for cap in ("AVX2", "AVX512_CORE", "AVX512_CORE_VNNI"):
+        capped = CpuFeatures(AVX512_BF16.model_name, AVX512_BF16.flags, cap)
+        choice = resolve_dtype("auto", "cpu", features=capped)
+        assert choice.dtype == "float32" and f"ONEDNN_MAX_CPU_ISA={cap}" in choice.reason, choice
+    for cap in ("AVX512_CORE_BF16", "AVX512_CORE_AMX", "ALL", ""):
+        assert resolve_dtype("auto", "cpu", features=CpuFeatures("", AMX.flags, cap)).dtype == "bfloat16", cap
+    assert resolve_dtype("bfloat16", "cpu", features=CpuFeatures("", AMX.flags, "AVX2")).dtype == "bfloat16"
+
+
+def test_cpu_features_read_the_onednn_cap_from_the_environment(tmp_path, monkeypatch):
+    info = tmp_path / "cpuinfo"
+    info.write_text("model name\t: AMD EPYC 9654\nflags\t\t: fpu avx2 avx512_bf16\n")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx2")
+    assert cpu_features(str(info)).onednn_isa_cap == "AVX2"
