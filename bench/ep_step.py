@@ -77,7 +77,7 @@ def child(a) -> dict:
     import torch.distributed as dist
 
     from expertpool.model.checkpoint import DTYPES, load_checkpoint
-    from expertpool.model.dispatch import AllToAllDispatcher, owned_experts
+    from expertpool.model.dispatch import AllToAllDispatcher, GroupExchange, owned_experts
     from expertpool.platform.worker import ModelRunner
 
     torch.set_num_threads(a.threads)
@@ -89,25 +89,25 @@ def child(a) -> dict:
                             with_mtp=False)
     in_collectives = [0.0]
     if a.world > 1:
-        exchange = None
         if a.exchange == "shm":
             from expertpool.model.shm_exchange import join_group, slot_bytes_for
             exchange = join_group(slot_bytes=slot_bytes_for(a.world))
             assert exchange is not None, "no shared-memory exchange on this machine"
-        model.set_dispatcher(AllToAllDispatcher(model.args.n_routed_experts, exchange=exchange))
-        if not a.whole_head:  # as the serving actors do (model.vocab_parallel)
-            from expertpool.model.vocab_parallel import VocabParallelHead
-            model.vocab_parallel = VocabParallelHead(model.lm_head, a.rank, a.world, exchange)
-        owner = exchange if exchange is not None else dist
-        real = owner.all_to_all_single
+        else:
+            exchange = GroupExchange()
+        real = exchange.all_to_all_single
 
-        def timed(*args, **kw):
+        def timed(*args, **kw):  # every exchange of an inference step goes through this one object
             t = time.perf_counter()
             try:
                 return real(*args, **kw)
             finally:
                 in_collectives[0] += time.perf_counter() - t
-        setattr(owner, "all_to_all_single", timed)
+        exchange.all_to_all_single = timed
+        model.set_dispatcher(AllToAllDispatcher(model.args.n_routed_experts, exchange=exchange))
+        if not a.whole_head:  # as the serving actors do (model.vocab_parallel)
+            from expertpool.model.vocab_parallel import VocabParallelHead
+            model.vocab_parallel = VocabParallelHead(model.lm_head, a.rank, a.world, exchange)
     runner = ModelRunner(model, num_blocks=192, block_size=16)
     batch = BATCH // a.world
     t_step = _time_steps(_core(runner, a.world, batch), a.steps)

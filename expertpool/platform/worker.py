@@ -623,11 +623,17 @@ class ExpertWorker:
             self.model.set_dispatcher(LocalDispatcher())
             self.model.vocab_parallel = None
             return
-        self.model.vocab_parallel = None
-        if self.exchange is not None:  # each rank reads 1/world of the output head (model.vocab_parallel): only
-            # where exchanges are cheap; over gloo its three more exchanges cost what it saves (bench/ep_step.py)
+        if self.exchange is None:
+            self.model.vocab_parallel = None
+        else:  # each rank reads 1/world of the output head (model.vocab_parallel): only where exchanges are
+            # cheap; over gloo its three more exchanges cost what it saves (bench/ep_step.py). An EPLB
+            # rebalance keeps the group, and so the slice already packed.
             from expertpool.model.vocab_parallel import VocabParallelHead
-            self.model.vocab_parallel = VocabParallelHead(self.model.lm_head, self.rank, self.world, self.exchange)
+            vp = self.model.vocab_parallel
+            if not (vp is not None and vp.head is self.model.lm_head and vp.exchange is self.exchange
+                    and (vp.rank, vp.world) == (self.rank, self.world)):
+                self.model.vocab_parallel = VocabParallelHead(self.model.lm_head, self.rank, self.world,
+                                                              self.exchange)
         rest, per_layer = self.replicas if self.replicas is not None else (None, {})
         self.model.set_dispatcher(AllToAllDispatcher(self.n_experts, replicas=rest, exchange=self.exchange))
         for moe in self.model.moe_layers():
