@@ -26,7 +26,7 @@ def isa_caps() -> str:
 
 def cpu_kind() -> str:
     """'AVX-512 BF16' or 'AVX2 only' (or what lscpu shows), for the benchmark record; with an ISA cap in
-    the environment, what it emulates and the cap."""
+    the environment, followed by the cap."""
     try:
         flags = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     except OSError:
