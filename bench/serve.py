@@ -317,6 +317,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="requests each client sends back to back per level "
                     "(default %(default)s; more = steadier numbers on a noisy machine)")
     ap.add_argument("--async-scheduling", action="store_true", help="serve with serving.async_scheduling on")
+    ap.add_argument("--scheduler-steps", type=int, default=1, help="serving.num_scheduler_steps: engine steps "
+                    "planned and sent to the actors in one call (default %(default)s = off)")
     ap.add_argument("--ingress", default="proxy", choices=["proxy", "haproxy"],
                     help="serving.ingress: Serve's Python proxy (default) or HAProxy to the replica's own server")
     ap.add_argument("--no-shared-memory", action="store_true", help="pool.shared_memory false: the actors' MoE "
@@ -384,7 +386,8 @@ def main():
     data["pool"]["actor_resources"]["gpu"] = a.gpus
     data["pool"]["shared_memory"] = not a.no_shared_memory
     data["serving"].update(max_batch_size=32, max_num_batched_tokens=512, max_seq_len=PROMPT + NEW + 8,
-                           async_scheduling=a.async_scheduling, ingress=a.ingress)
+                           async_scheduling=a.async_scheduling, ingress=a.ingress,
+                           num_scheduler_steps=a.scheduler_steps)
     from expertpool.platform.config import parse_config
     cfg = parse_config(data)
     from expertpool.platform.proxy import set_proxy_env
@@ -421,7 +424,8 @@ def main():
             f"({a.actor_cpus} CPU each) in one replica, {PROMPT}-token prompts, {NEW} new tokens, streaming "
             f"completions over HTTP ({a.ingress} ingress), each client {a.rounds} requests back to back"
             f"{'; MoE exchanges over gloo (--no-shared-memory)' if a.no_shared_memory and a.actors > 1 else ''}"
-            f"{', async scheduling' if a.async_scheduling else ''}", lines, summary)
+            f"{', async scheduling' if a.async_scheduling else ''}"
+            f"{f', {a.scheduler_steps} scheduler steps per call' if a.scheduler_steps > 1 else ''}", lines, summary)
 
 if __name__ == "__main__":
     main()

@@ -83,9 +83,10 @@ class AsyncEngine:
 
     def __init__(self, core: EngineCore, model_id: str, max_seq_len: int, model_dir: str | None = None,
                  async_scheduling: bool = False, recovery: RecoveryPolicy = RecoveryPolicy(),
-                 elastic: ElasticPolicy | None = None):
+                 elastic: ElasticPolicy | None = None, scheduler_steps: int = 1):
         self.core = core
         self.depth = 2 if async_scheduling else 1  # steps in flight at once
+        self.scheduler_steps = scheduler_steps     # steps planned and submitted together (multi-step)
         self.model_dir = model_dir
         self.max_seq_len = max_seq_len
         self.base_model_id = model_id
@@ -242,7 +243,8 @@ class AsyncEngine:
         step k+1 whose token comes out of step k carries ``PLACEHOLDER``; the worker fills it in.
         When step k ends a sequence (EOS, stop id), its decode in step k+1 was computed ahead for
         nothing and is dropped. Without it (depth 1) each step's tokens are streamed before the next
-        step is planned: the replica and the workers take turns."""
+        step is planned: the replica and the workers take turns. With ``scheduler_steps`` > 1 a turn
+        is a chain of steps planned and submitted together (``_submit_chain``), streamed step by step."""
         core = self.core
         inflight: deque = deque()  # (plans, future of per-worker results), oldest first
         while True:
@@ -263,12 +265,14 @@ class AsyncEngine:
                     continue
                 async with self._step_lock:  # a patch load runs between submissions
                     if self._ops:  # drain what is in flight first
-                        plans, items = [], []
+                        submitted = False
+                    elif self.scheduler_steps > 1:
+                        submitted = not inflight and self._submit_chain(events, inflight)
                     else:
                         plans, items = core.begin_step(events)
-                    submitted = any(items)
-                    if submitted:
-                        inflight.append((plans, asyncio.ensure_future(core.executor.run_async(items))))
+                        submitted = any(items)
+                        if submitted:
+                            inflight.append((plans, asyncio.ensure_future(core.executor.run_async(items))))
                 if inflight and (len(inflight) >= self.depth or not submitted):
                     done_plans, fut = inflight[0]
                     t_step = time.monotonic()
@@ -293,6 +297,26 @@ class AsyncEngine:
                 return
             self._emit(events)
             await asyncio.sleep(0)
+
+    def _submit_chain(self, events: dict[str, TokenEvent], inflight: deque) -> bool:
+        """Multi-step: plan up to ``scheduler_steps`` consecutive steps now (a decode in step j + 1 takes
+        its input token from step j on the worker: ``PLACEHOLDER``; a sequence predicted to reach
+        max_tokens is not planned past it) and submit them all at once (``executor.submit_many``):
+        the actors run them back to back. Their results arrive step by step and are streamed as they
+        come. A request that arrives meanwhile is
+        admitted when the chain ends; a sequence that ends early (EOS, stop id, stop string, abort)
+        has its remaining steps computed and dropped."""
+        chain = []
+        for _ in range(self.scheduler_steps):
+            plans, items = self.core.begin_step(events)
+            if not any(items):
+                break
+            chain.append((plans, items))
+        if not chain:
+            return False
+        futs = self.core.executor.submit_many([items for _, items in chain])
+        inflight.extend((plans, fut) for (plans, _), fut in zip(chain, futs))
+        return True
 
     def _emit(self, events: dict[str, TokenEvent]) -> None:
         for rid, ev in events.items():
@@ -566,4 +590,5 @@ def build_engine(cfg, hooks=None) -> AsyncEngine:
                             pool.autoscale_width, **pool.width_autoscaling.model_dump())
     # a remote base's router weights are not on the replica: its actors check a patch's base instead
     return AsyncEngine(core, cfg.model.name, s.max_seq_len, None if storage.is_remote(model_dir) else model_dir,
-                       async_scheduling=s.async_scheduling, recovery=policy, elastic=elastic)
+                       async_scheduling=s.async_scheduling, recovery=policy, elastic=elastic,
+                       scheduler_steps=s.num_scheduler_steps)

@@ -79,6 +79,11 @@ class LocalExecutor:
         self._async = True
         return [await asyncio.wrap_future(self._thread.submit(self.runner.step, items_per_worker[0]))]
 
+    def submit_many(self, steps: list[list[list[StepItem]]]) -> list[asyncio.Future]:
+        """Consecutive steps, queued at once on the runner's thread (which runs them in order)."""
+        self._async = True
+        return [asyncio.wrap_future(self._thread.submit(lambda it=items[0]: [self.runner.step(it)])) for items in steps]
+
     async def find_dead(self) -> set[int]:
         return set()
 
@@ -233,7 +238,32 @@ class RayExecutor:
 
     async def run_async(self, items_per_worker):
         refs = [a.step.remote(items) for a, items in zip(self.actors, items_per_worker)]
-        futs = [asyncio.ensure_future(_await(r)) for r in refs]
+        return await self._settle([asyncio.ensure_future(_await(r)) for r in refs])
+
+    def submit_many(self, steps: list[list[list[StepItem]]]) -> list[asyncio.Future]:
+        """Consecutive steps (each: items per worker), all submitted now. An actor runs the tasks of one
+        caller in submission order, so it goes from one step to the next without a round trip to the
+        replica; a decode's ``PLACEHOLDER`` token is the one the actor sampled in the step before.
+        Returns one future per step, in order, each resolving to that step's per-worker results (or
+        raising ``StepFailed`` as ``run_async``). When a step fails, the later steps still queued on the
+        actors are cancelled, so a surviving rank does not run them against a broken group."""
+        refs = [[a.step.remote(items) for a, items in zip(self.actors, per_worker)] for per_worker in steps]
+
+        async def one(j: int):
+            try:
+                return await self._settle([asyncio.ensure_future(_await(r)) for r in refs[j]])
+            except StepFailed:
+                for later in refs[j + 1:]:
+                    for ref in later:
+                        try:
+                            ray.cancel(ref)  # a queued actor task is dropped; a running one finishes
+                        except Exception:  # already finished, or its actor is gone
+                            pass
+                raise
+        return [asyncio.ensure_future(one(j)) for j in range(len(refs))]
+
+    async def _settle(self, futs: list[asyncio.Future]):
+        """One step's per-rank results, or ``StepFailed`` once a failed rank's peers have had their bound."""
         done, pending = await asyncio.wait(futs, return_when=asyncio.FIRST_EXCEPTION)
         if all(f.exception() is None for f in done) and not pending:
             return [f.result() for f in futs]

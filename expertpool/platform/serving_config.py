@@ -128,6 +128,17 @@ class ServingConfig(Closed):
                                    "for the replica. Turn it on when the replica has CPU of its own (GPU actors, or "
                                    "CPU actors on other cores); where replica and actors share the same few cores, "
                                    "the overlapped replica work slows the actors' compute more than it saves.")
+    num_scheduler_steps: int = Field(1, ge=1, le=64, description="Multi-step scheduling (vLLM's "
+                                     "--num-scheduler-steps): plan this many consecutive engine steps at once and "
+                                     "send them to the expert actors in one call; each step's tokens still stream "
+                                     "to the clients as soon as it ends. The actors then run the steps back to back "
+                                     "without waiting for the replica. A request that arrives meanwhile waits for "
+                                     "the chain to end (up to this many steps more to its first token), and a "
+                                     "sequence that ends early (EOS, stop) is computed to the chain's end and "
+                                     "dropped. Cannot be combined with async_scheduling or speculative. 1 = off. "
+                                     "Measured on a 2-core CPU machine (bench-mini, 16 streams, 1 actor): 8 steps "
+                                     "gave +3.5% tok/s over 4 alternated pairs, within that machine's noise, and "
+                                     "TTFT p50 0.04-0.15 s longer.")
     speculative: SpeculativeConfig | None = Field(None, description="Speculative decoding with the MTP module: "
                                                   "drafts verified in one forward, exact greedy output and the same "
                                                   "sampling distribution. null = off. Needs async_scheduling off.")
@@ -212,6 +223,11 @@ class ServingConfig(Closed):
             raise rule_error("speculative", "speculative decoding needs the accepted tokens of a step before the "
                              "next is planned, which async scheduling does not wait for",
                              "turn off serving.async_scheduling or serving.speculative")
+        if self.num_scheduler_steps > 1 and (self.speculative is not None or self.async_scheduling):
+            other = "speculative" if self.speculative is not None else "async_scheduling"
+            raise rule_error("num_scheduler_steps", f"multi-step scheduling ({self.num_scheduler_steps} steps) "
+                             f"cannot be combined with serving.{other}",
+                             f"set num_scheduler_steps to 1 or turn off serving.{other}")
         kv = self.kv_cache
         if kv.num_blocks is not None and kv.num_blocks * kv.block_size < self.max_seq_len:
             raise rule_error("kv_cache.num_blocks", f"{kv.num_blocks} blocks x {kv.block_size} tokens cannot hold one "

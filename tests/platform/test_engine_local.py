@@ -71,14 +71,15 @@ def test_abort_frees_blocks():
 
 # ---- the serving loop: AsyncEngine pipelines steps two deep (PLACEHOLDER tokens, dropped run-ahead)
 
-def _serve(core, prompts, params, async_scheduling=True):
+def _serve(core, prompts, params, async_scheduling=True, scheduler_steps=1):
     """Run prompts concurrently through AsyncEngine's serving loop; returns outputs and finish reasons."""
     import asyncio
 
     from expertpool.platform.engine import AsyncEngine
 
     async def main():
-        engine = AsyncEngine(core, "m", core.max_seq_len, async_scheduling=async_scheduling)
+        engine = AsyncEngine(core, "m", core.max_seq_len, async_scheduling=async_scheduling,
+                             scheduler_steps=scheduler_steps)
 
         async def one(i, p):
             toks, reason = [], None
@@ -90,33 +91,79 @@ def _serve(core, prompts, params, async_scheduling=True):
     return asyncio.run(main())
 
 
-@pytest.mark.parametrize("async_scheduling", [True, False])
-def test_serving_loop_greedy_equals_full_forward_with_chunked_prefill_and_preemption(async_scheduling):
+@pytest.mark.parametrize("async_scheduling,scheduler_steps", [(True, 1), (False, 1), (False, 4)],
+                         ids=["async", "turns", "multi-step"])
+def test_serving_loop_greedy_equals_full_forward_with_chunked_prefill_and_preemption(async_scheduling,
+                                                                                     scheduler_steps):
     m = random_model("tiny")
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(2, 512, (n,), generator=g).tolist() for n in (3, 9, 1, 30, 6, 13)]
     for kw, preempts in ((dict(max_batch_size=3, max_seq_len=64, block_size=4, max_num_batched_tokens=8), False),
                          (dict(max_batch_size=3, max_seq_len=48, block_size=4, num_blocks=12), True)):
         core = local_engine(m, **kw)
-        outs = _serve(core, prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), async_scheduling)
+        outs = _serve(core, prompts, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True), async_scheduling,
+                      scheduler_steps)
         for p, (o, reason) in zip(prompts, outs):
             assert o == _greedy_reference(m, p, 10) and reason == "length"
         assert core.kv_blocks_used() == 0 and not core.has_work()
         assert (core.stats()["preempted"] > 0) == preempts
-        # with async scheduling nearly every decode was planned before its input token was known:
-        # the outputs above prove the placeholder path exact
+        # with async scheduling nearly every decode was planned before its input token was known, and
+        # with multi-step all but the first of a chain's: the outputs above prove the placeholder path exact
         assert core.max_batch_seen > 1
 
 
-def test_pipelined_loop_stop_token_drops_the_run_ahead_token():
+@pytest.mark.parametrize("scheduler_steps", [1, 4])
+def test_pipelined_loop_stop_token_drops_the_run_ahead_token(scheduler_steps):
     m = random_model("tiny")
     core = local_engine(m, max_batch_size=4, max_seq_len=64)
     greedy = _greedy_reference(m, [3, 4, 5], 8)
-    stop = greedy[3]
+    stop = greedy[1]
     (toks, reason), = _serve(core, [[3, 4, 5]], SamplingParams(max_tokens=8, temperature=0, stop_token_ids=(stop,),
-                                                                ignore_eos=True))
-    # the step after the stop token was already submitted; its token must not reach the client
+                                                                ignore_eos=True),
+                             async_scheduling=scheduler_steps == 1, scheduler_steps=scheduler_steps)
+    # the steps after the stop token were already submitted (the next one, or the rest of the chain);
+    # their tokens must not reach the client
     assert toks == greedy[: greedy.index(stop) + 1] and reason == "stop"
+    assert core.kv_blocks_used() == 0 and not core.has_work()
+
+
+def test_multi_step_chains_stream_every_step_and_a_closed_stream_frees_its_blocks():
+    """Multi-step (``serving.num_scheduler_steps``): a chain's steps are all submitted at once, yet each
+    step's tokens reach their streams as that step ends, one token per stream per step; a stream the
+    client closes mid-chain is aborted when the chain ends, and the others finish exactly."""
+    import asyncio
+
+    from expertpool.platform.engine import AsyncEngine
+
+    m = random_model("tiny")
+    core = local_engine(m, max_batch_size=4, max_seq_len=64, block_size=4)
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(core, "m", core.max_seq_len, scheduler_steps=5)
+        seen: list[tuple[int, int]] = []  # (engine steps completed, tokens in the event) per event received
+
+        async def one(i, p, keep):
+            toks = []
+            async for ev in engine.generate(f"r{i}", p, params):
+                seen.append((engine.steps, len(ev.token_ids)))
+                toks += ev.token_ids
+                if len(toks) >= keep:
+                    break  # the client goes away: the generator's close aborts the sequence
+            return toks
+        outs = await asyncio.gather(*[one(i, p, 12 if i != 1 else 3) for i, p in enumerate(prompts)])
+        for _ in range(100):  # the abort lands when the chain in flight ends
+            if not core.has_work():
+                break
+            await asyncio.sleep(0.01)
+        return outs, seen, engine.steps
+    outs, seen, steps = asyncio.run(main())
+    assert outs[0] == _greedy_reference(m, prompts[0], 12) and outs[2] == _greedy_reference(m, prompts[2], 12)
+    assert outs[1] == _greedy_reference(m, prompts[1], 3)
+    assert all(n == 1 for _, n in seen)  # one token per event: each step streamed on its own
+    assert len({s for s, _ in seen}) == 12  # and in 12 distinct engine steps, not in a chain's burst
+    assert steps == 12  # the closed stream added no step: the chains ran as long as the longest streams
     assert core.kv_blocks_used() == 0 and not core.has_work()
 
 

@@ -297,6 +297,9 @@ class FlakyGroup(FakeExecutor):
             raise StepFailed({min(self.down): RuntimeError("actor died")}, set())
         return res
 
+    def submit_many(self, steps):
+        return [asyncio.ensure_future(self.run_async(items)) for items in steps]
+
     async def find_dead(self, stuck=frozenset()):
         return set(self.down)
 
@@ -332,13 +335,13 @@ def _async_engine(group, **policy):
     core = EngineCore(group, num_blocks=64, block_size=4, max_batch_size=8, max_seq_len=64,
                       max_num_batched_tokens=8, eos_token_id=None, vocab_size=V)
     return AsyncEngine(core, "m", 64, async_scheduling=policy.pop("async_scheduling", False),
-                       recovery=RecoveryPolicy(**policy))
+                       scheduler_steps=policy.pop("scheduler_steps", 1), recovery=RecoveryPolicy(**policy))
 
 
-@pytest.mark.parametrize("async_scheduling", [False, True])
-def test_async_engine_recovers_and_streams_continue(async_scheduling):
+@pytest.mark.parametrize("async_scheduling,scheduler_steps", [(False, 1), (True, 1), (False, 4)])
+def test_async_engine_recovers_and_streams_continue(async_scheduling, scheduler_steps):
     group = FlakyGroup(fail_at={5, 9})
-    engine = _async_engine(group, async_scheduling=async_scheduling)
+    engine = _async_engine(group, async_scheduling=async_scheduling, scheduler_steps=scheduler_steps)
     ps = prompts(6)
     res = asyncio.run(_collect(engine, ps, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)))
     assert {sid: r for sid, r in res.items()} == {sid: (expected(p, 10), "length") for sid, p in ps.items()}

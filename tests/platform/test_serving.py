@@ -2,7 +2,8 @@
 (gloo all-to-all between them), real HTTP, the official openai client.
 
 One Serve instance hosts two apps: the tiny model with 2 expert actors per replica (/ep2) and with 4
-(/ep4). fp32 compute, so greedy outputs must equal the in-process model's greedy tokens exactly.
+(/ep4, with multi-step scheduling: 4 steps per call). fp32 compute, so greedy outputs must equal the
+in-process model's greedy tokens exactly.
 """
 
 import asyncio
@@ -52,6 +53,7 @@ def served(ray_cluster, tiny_dir):
                         "max_batch_size": 32, "max_num_batched_tokens": 128, "health_check_period_s": 600,
                         "kv_cache": {"block_size": 8, "num_blocks": 1024},
                         "api_key": API_KEY if actors == 4 else None,
+                        "num_scheduler_steps": 4 if key == 4 else 1,
                         "speculative": {"num_speculative_tokens": 2} if key == "spec" else None}})
         apply_app(cfg.serve_app_config(), http_options={"host": "127.0.0.1", "port": port})
         apps[key] = name

@@ -230,3 +230,16 @@ def test_config_rejects_speculation_with_async_scheduling():
     assert cfg.serving.speculative.method == "mtp"
     with pytest.raises(ConfigError, match="async"):
         parse_config({"serving": {"speculative": {}, "async_scheduling": True}})
+
+
+@pytest.mark.parametrize("other", [{"speculative": {}}, {"async_scheduling": True}])
+def test_config_rejects_multi_step_with_speculation_or_async_scheduling(other):
+    """A chain's later steps are planned before the earlier ones' tokens are known: a speculative step's
+    accepted count, or a second pipeline, would move the positions they were planned at."""
+    from expertpool.platform.config import ConfigError, parse_config
+
+    assert parse_config({"serving": {"num_scheduler_steps": 8}}).serving.num_scheduler_steps == 8
+    with pytest.raises(ConfigError, match=f"num_scheduler_steps.*serving.{next(iter(other))}"):
+        parse_config({"serving": {"num_scheduler_steps": 4, **other}})
+    with pytest.raises(ConfigError, match="num_scheduler_steps"):
+        parse_config({"serving": {"num_scheduler_steps": 0}})
