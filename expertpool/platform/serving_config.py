@@ -136,9 +136,10 @@ class ServingConfig(Closed):
                                      "the chain to end (up to this many steps more to its first token), and a "
                                      "sequence that ends early (EOS, stop) is computed to the chain's end and "
                                      "dropped. Cannot be combined with async_scheduling or speculative. 1 = off. "
-                                     "Measured on a 2-core CPU machine (bench-mini, 16 streams, 1 actor): 8 steps "
-                                     "gave +3.5% tok/s over 4 alternated pairs, within that machine's noise, and "
-                                     "TTFT p50 0.04-0.15 s longer.")
+                                     "Measured on a 2-core CPU machine (bench-mini, 16 streams), 8 steps against "
+                                     "1: with one actor of 2 CPUs no consistent difference (3 of 5 alternated "
+                                     "pairs won, mean -1%); with one actor of 1 CPU, which leaves the replica a "
+                                     "core, +7.5% and +29% tok/s (2 pairs). TTFT p50 0.04-0.15 s longer.")
     speculative: SpeculativeConfig | None = Field(None, description="Speculative decoding with the MTP module: "
                                                   "drafts verified in one forward, exact greedy output and the same "
                                                   "sampling distribution. null = off. Needs async_scheduling off.")
