@@ -318,7 +318,7 @@ def main():
                     "(default %(default)s; more = steadier numbers on a noisy machine)")
     ap.add_argument("--async-scheduling", action="store_true", help="serve with serving.async_scheduling on")
     ap.add_argument("--scheduler-steps", type=int, default=1, help="serving.num_scheduler_steps: engine steps "
-                    "planned and sent to the actors in one call (default %(default)s = off)")
+                    "planned and submitted to the actors together (default %(default)s = off)")
     ap.add_argument("--ingress", default="proxy", choices=["proxy", "haproxy"],
                     help="serving.ingress: Serve's Python proxy (default) or HAProxy to the replica's own server")
     ap.add_argument("--no-shared-memory", action="store_true", help="pool.shared_memory false: the actors' MoE "

@@ -303,9 +303,8 @@ class AsyncEngine:
         its input token from step j on the worker: ``PLACEHOLDER``; a sequence predicted to reach
         max_tokens is not planned past it) and submit them all at once (``executor.submit_many``):
         the actors run them back to back. Their results arrive step by step and are streamed as they
-        come. A request that arrives meanwhile is
-        admitted when the chain ends; a sequence that ends early (EOS, stop id, stop string, abort)
-        has its remaining steps computed and dropped."""
+        come. A request that arrives meanwhile is admitted when the chain ends; a sequence that ends
+        early (EOS, stop id, stop string, abort) has its remaining steps computed and dropped."""
         chain = []
         for _ in range(self.scheduler_steps):
             plans, items = self.core.begin_step(events)

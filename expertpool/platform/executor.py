@@ -76,8 +76,7 @@ class LocalExecutor:
         return self.runner.expert_load()
 
     async def run_async(self, items_per_worker):
-        self._async = True
-        return [await asyncio.wrap_future(self._thread.submit(self.runner.step, items_per_worker[0]))]
+        return await self.submit_many([items_per_worker])[0]
 
     def submit_many(self, steps: list[list[list[StepItem]]]) -> list[asyncio.Future]:
         """Consecutive steps, queued at once on the runner's thread (which runs them in order)."""
@@ -237,8 +236,7 @@ class RayExecutor:
         return ray.get([a.step.remote(items) for a, items in zip(self.actors, items_per_worker)])
 
     async def run_async(self, items_per_worker):
-        refs = [a.step.remote(items) for a, items in zip(self.actors, items_per_worker)]
-        return await self._settle([asyncio.ensure_future(_await(r)) for r in refs])
+        return await self.submit_many([items_per_worker])[0]
 
     def submit_many(self, steps: list[list[list[StepItem]]]) -> list[asyncio.Future]:
         """Consecutive steps (each: items per worker), all submitted now. An actor runs the tasks of one

@@ -130,7 +130,7 @@ class ServingConfig(Closed):
                                    "the overlapped replica work slows the actors' compute more than it saves.")
     num_scheduler_steps: int = Field(1, ge=1, le=64, description="Multi-step scheduling (vLLM's "
                                      "--num-scheduler-steps): plan this many consecutive engine steps at once and "
-                                     "send them to the expert actors in one call; each step's tokens still stream "
+                                     "submit them to the expert actors together; each step's tokens still stream "
                                      "to the clients as soon as it ends. The actors then run the steps back to back "
                                      "without waiting for the replica. A request that arrives meanwhile waits for "
                                      "the chain to end (up to this many steps more to its first token), and a "
