@@ -425,7 +425,7 @@ def main():
             f"completions over HTTP ({a.ingress} ingress), each client {a.rounds} requests back to back"
             f"{'; MoE exchanges over gloo (--no-shared-memory)' if a.no_shared_memory and a.actors > 1 else ''}"
             f"{', async scheduling' if a.async_scheduling else ''}"
-            f"{f', {a.scheduler_steps} scheduler steps per call' if a.scheduler_steps > 1 else ''}", lines, summary)
+            f"{f', {a.scheduler_steps}-step scheduler chains' if a.scheduler_steps > 1 else ''}", lines, summary)
 
 if __name__ == "__main__":
     main()

@@ -2,7 +2,7 @@
 (gloo all-to-all between them), real HTTP, the official openai client.
 
 One Serve instance hosts two apps: the tiny model with 2 expert actors per replica (/ep2) and with 4
-(/ep4, with multi-step scheduling: 4 steps per call). fp32 compute, so greedy outputs must equal the
+(/ep4, with multi-step scheduling: chains of 4 steps). fp32 compute, so greedy outputs must equal the
 in-process model's greedy tokens exactly.
 """
 
