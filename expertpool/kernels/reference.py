@@ -150,7 +150,7 @@ def _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, n_experts: int):
     pair_idx = pair_idx[torch.argsort(ids, stable=True)]
     counts = torch.bincount(ids, minlength=n_experts).tolist()
     tok = pair_idx // topk_ids_TK.shape[1]
-    return counts, pair_idx, x_TD[tok], topk_weights_TK.reshape(-1)[pair_idx].to(x_TD.dtype)
+    return counts, pair_idx, x_TD.index_select(0, tok), topk_weights_TK.reshape(-1)[pair_idx].to(x_TD.dtype)
 
 
 def combine_pairs(y_PD: torch.Tensor, pair_idx_P: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
@@ -362,7 +362,9 @@ DECODE_ROWS = 32  # decode rows gathered at once by the torch path
 
 def _decode_rows(q_abs_BHC, q_pe_BHR, cache_PX, slots_BT, valid_BT, scale: float):
     C = q_abs_BHC.shape[-1]
-    ctx_BTX = cache_PX[slots_BT].to(q_abs_BHC.dtype)                               # [B, T, C+R]
+    # index_select, not cache_PX[slots_BT]: the same rows, 7-8x faster on the CPU (a row copy per slot
+    # instead of the generic indexing kernel; 16 x 48 slots of 576 bf16: 20 us against 146 us)
+    ctx_BTX = cache_PX.index_select(0, slots_BT.flatten()).view(*slots_BT.shape, -1).to(q_abs_BHC.dtype)
     # one product over the whole C+R row (latent and rope parts at once), no sliced copies of the context
     scores_BHT = torch.bmm(torch.cat([q_abs_BHC, q_pe_BHR], -1), ctx_BTX.transpose(1, 2)) * scale
     scores_BHT = scores_BHT.masked_fill(~valid_BT[:, None, :], float("-inf"))

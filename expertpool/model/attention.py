@@ -292,7 +292,7 @@ class MLA(nn.Module):
         # on CPU the context rows are padded to a bucket (slot 0, cut off after the kv_b product): few
         # shapes for oneDNN, which compiles and caches a kernel per shape
         pad = kernels.shape_bucket(T) - T if cache_PC.device.type == "cpu" else 0
-        ctx_TC = cache_PC[F.pad(slots_T, (0, pad))].to(dtype)                      # [T + pad, C+R]
+        ctx_TC = cache_PC.index_select(0, F.pad(slots_T, (0, pad))).to(dtype)     # [T + pad, C+R]
         k, v = self._expand(ctx_TC[:, :self.kv_lora_rank], ctx_TC[:, self.kv_lora_rank:], dtype, T)  # [H, T, D]
         q = torch.cat([q_nope_SHd, q_pe_SHR], -1).transpose(0, 1)                  # [H, S, D]
         o = causal_attention(q, k, v, self.scale)[..., :self.v_dim]                # [H, S, Dv]

@@ -169,7 +169,7 @@ class AllToAllDispatcher:
         self.exchange.all_to_all_single(counts_2W[1], counts_2W[0])
         send_counts, recv_counts = counts_2W.tolist()  # the one host read of the layer: the split sizes
 
-        rows_PD, ids_P = x_TD[tok_P], flat_ids_P[order_P]
+        rows_PD, ids_P = x_TD.index_select(0, tok_P), flat_ids_P[order_P]  # index_select: a row copy each
         if rows_PD.requires_grad or 8 % rows_PD.element_size():
             recv_ids_R = self._exchange(ids_P, send_counts, recv_counts)
             recv_x_RD = self._exchange(rows_PD, send_counts, recv_counts)

@@ -36,7 +36,7 @@ from expertpool.model.checkpoint import DTYPES, load_checkpoint
 from expertpool.model.decode_graphs import DecodeGraphs, graph_safe
 from expertpool.model.grammar import Constrainer
 from expertpool.model.moe import ExpertIds, all_expert_ids
-from expertpool.model.sampling import sample, verify
+from expertpool.model.sampling import greedy, sample, verify
 from expertpool.model.transformer import Transformer
 from expertpool.platform.scheduler import Sampled, SpecOut, StepItem
 
@@ -146,7 +146,8 @@ class ModelRunner:
         last_R = torch.tensor([a + len(it.draft) for a, it in zip(row0, sampled)], dtype=torch.long,
                               device=self.device)
         raw = logits
-        last_logits = logits.index_select(0, last_R) if sampled else logits
+        whole = not sampled or (len(sampled) == logits.shape[0] and not any(it.draft for it in sampled))
+        last_logits = logits if whole else logits.index_select(0, last_R)  # no copy when every row is a last row
         if any(it.params.grammar is not None for it in items):
             last_logits = self._apply_grammars(items, resolved, last_logits)
         ends_at = [it.start_pos + len(it.tokens) + len(it.draft) for it in sampled]
@@ -229,7 +230,7 @@ class ModelRunner:
         n_mtp = len(self.model.model.mtp)
         for depth in range(self.spec_tokens):
             x_MD, logits = self.model.mtp_forward_batch(h_MD, tok_M, batch, min(depth, n_mtp - 1), sel)
-            proposed = logits.argmax(-1).tolist()
+            proposed = greedy(logits.float()).tolist()
             for d, t in zip(drafts, proposed):
                 d.append(t)
             if depth + 1 < self.spec_tokens:  # chain: the newest row's output and its proposal, one position on

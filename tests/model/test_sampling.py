@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import chi2
 
-from expertpool.model.sampling import SamplingParams, sample, uniform
+from expertpool.model.sampling import SamplingParams, greedy, sample, uniform
 
 
 def test_uniform_is_a_pure_function_in_unit_interval():
@@ -18,6 +18,24 @@ def test_greedy_rows_are_argmax_and_need_no_seed():
     logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
     out = sample(logits, [SamplingParams(temperature=0)] * 5, [0] * 5)
     assert out.tolist() == logits.argmax(-1).tolist()
+
+
+def test_greedy_is_torch_argmax_with_ties_nans_and_bf16_rows():
+    """The CPU fast path (numpy's argmax) picks what torch.argmax picks: the first of tied maxima, the
+    first NaN, and on bf16 logits widened to fp32 (exact) the bf16 argmax; non-contiguous rows too."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 32000, generator=g)
+    x[1, 7] = x[1, 900] = x[1, 31999] = 50.0                  # tied maxima: the first wins
+    x[2, 5], x[2, 10] = float("nan"), float("nan")           # NaN counts as the maximum, the first one
+    x[3] = float("-inf")
+    x[4, 123] = float("inf")
+    got = greedy(x)
+    assert got.dtype == torch.long and got.tolist() == x.argmax(-1).tolist()
+    assert got[1] == 7 and got[2] == 5 and got[4] == 123
+    b = (x * 4).bfloat16()  # bf16 rounding makes many ties
+    assert greedy(b.float()).tolist() == b.argmax(-1).tolist()
+    assert greedy(x[::2, 1:]).tolist() == x[::2, 1:].argmax(-1).tolist()
+    assert greedy(x.double()).tolist() == x.argmax(-1).tolist()  # other dtypes: torch's own argmax
 
 
 def test_token_depends_only_on_its_own_row():
