@@ -7,8 +7,16 @@ concurrency) in each dtype and quotes the ratio against its fastest. ``--dtype f
 picks expertpool's compute dtype by timing a few in-process decode steps of each (bench/decode_step.py)
 with the actor's threads, instead of assuming; the CPU model and flags are printed and recorded.
 
+On a shared machine one reading of each engine minutes apart says little (transformers' own rate
+moved 186-317 tok/s within an hour on one VM), so after the sweep the transformers child keeps its
+model loaded and the two engines are measured back to back ``--pairs`` times, each alone on the
+machine (our 16 streams, then transformers' generate() with our cluster shut down; redeployed for the
+next pair); the record gives each pair and the median ratio. The load generator runs on the same
+CPUs as the server, so it uses aiohttp (about a third of httpx's CPU per streamed token; ``--client
+httpx`` for the old one).
+
     python bench/serve.py [--actors 2] [--actor-cpus 1] [--dtype fastest|auto|float32|bfloat16]
-                          [--weight-dtype bf16|int8|...] [--rounds 3] [--no-append]
+                          [--weight-dtype bf16|int8|...] [--rounds 3] [--pairs 3] [--no-append]
 
 Two more rows, each its own run (``--speculative`` / ``--prefix``; they skip the sweep above):
 
@@ -44,9 +52,9 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-async def drive(base: str, model: str, n: int, prompts, rounds: int = 1) -> dict:
-    """n concurrent clients, each sending ``rounds`` requests back to back (closed loop)."""
-    import httpx
+async def drive(base: str, model: str, n: int, prompts, rounds: int = 1, client_lib: str = "aiohttp") -> dict:
+    """n concurrent clients, each sending ``rounds`` requests back to back (closed loop), through aiohttp
+    (default: less of the shared CPUs per token) or httpx (what runs before 2026-12-02 session 13 used)."""
     ttft, itl, tokens = [], [], 0
 
     async def client_loop(client, i):
@@ -57,7 +65,7 @@ async def drive(base: str, model: str, n: int, prompts, rounds: int = 1) -> dict
         nonlocal tokens
         body = {"model": model, "prompt": prompts[i % len(prompts)], "max_tokens": NEW, "temperature": 0,
                 "ignore_eos": True}
-        out = await common.stream(client, base, body)
+        out = await (common.stream_aiohttp if client_lib == "aiohttp" else common.stream)(client, base, body)
         assert out["error"] is None, out["error"]
         tokens += out["usage"]  # counted by the server, not by chunks
         times = out["times"]
@@ -65,7 +73,14 @@ async def drive(base: str, model: str, n: int, prompts, rounds: int = 1) -> dict
             ttft.append(times[0] - out["t0"])
             itl.extend(b - a for a, b in zip(times, times[1:]))
 
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64)) as client:
+    if client_lib == "aiohttp":
+        import aiohttp
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600),
+                                        connector=aiohttp.TCPConnector(limit=64))
+    else:
+        import httpx
+        session = httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=64))
+    async with session as client:
         await one(client, 0)  # warm-up
         ttft.clear(), itl.clear()
         tokens = 0
@@ -271,13 +286,70 @@ def hf_child(model_dir: str, dtype: str, batch: int, reps: int = 2) -> None:
             out = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=NEW,
                                  min_new_tokens=NEW, do_sample=False, pad_token_id=0)
         return (out.shape[1] - PROMPT) * batch
+    def best_of() -> float:  # best of reps: the baseline gets the benefit of the doubt
+        best = 0.0
+        for _ in range(reps):
+            t = time.perf_counter()
+            n = gen()
+            best = max(best, n / (time.perf_counter() - t))
+        return best
     gen()
-    best = 0.0
-    for _ in range(reps):  # best of reps: the baseline gets the benefit of the doubt
-        t = time.perf_counter()
-        n = gen()
-        best = max(best, n / (time.perf_counter() - t))
-    print(json.dumps({"tok_s": best}))
+    print(json.dumps({"tok_s": best_of()}), flush=True)
+    for _ in sys.stdin:  # the parent asks again (interleaved with its serving runs) until it closes stdin
+        print(json.dumps({"tok_s": best_of()}), flush=True)
+
+
+class HFChild:
+    """transformers' generate() in a child process that keeps its model loaded: measured once when it
+    starts, then again on each ``measure()``, so the baseline can be timed between our serving runs
+    under the same conditions (this VM's speed drifts by tens of percent within minutes)."""
+
+    def __init__(self, model_dir: str, dtype: str, batch: int):
+        self.err = tempfile.TemporaryFile()
+        self.p = subprocess.Popen([sys.executable, __file__, "--hf-child", model_dir, dtype, str(batch)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err, text=True)
+        self.first = self._read()
+
+    def _read(self) -> float:
+        for line in self.p.stdout:
+            if line.startswith("{"):
+                return json.loads(line)["tok_s"]
+        self.p.wait()
+        self.err.seek(0)
+        raise SystemExit(f"transformers child exited {self.p.returncode}:\n{self.err.read()[-3000:].decode()}")
+
+    def measure(self) -> float:
+        self.p.stdin.write("go\n")
+        self.p.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.p.stdin.close()
+        self.p.wait(timeout=60)
+        self.err.close()
+
+
+def interleave(hf: HFChild, up, down, model: str, prompts, rounds: int, n: int, client_lib: str,
+               first: float) -> list[tuple[float, float]]:
+    """``n`` pairs of (our tok/s at 16 streams, transformers' tok/s), the two measured back to back, each
+    engine alone on the machine: transformers right after our cluster is shut down, our cluster
+    (``up()``, warmed by one round of 16 streams) right after transformers. Pair 1 takes the sweep's
+    16-stream row (``first``). A ratio from adjacent minutes, not from one reading of each engine
+    several minutes apart."""
+    pairs = []
+    for i in range(n):
+        if i:
+            base = up()
+            asyncio.run(drive(base, model, 16, prompts, 1, client_lib))  # warm-up: the batch shapes of 16
+            ours = asyncio.run(drive(base, model, 16, prompts, rounds, client_lib))["tok_s"]
+            down()
+        else:
+            ours = first
+        theirs = hf.measure()
+        pairs.append((ours, theirs))
+        print(f"pair {i + 1}/{n}: ours {ours:.1f} tok/s, transformers {theirs:.1f} tok/s -> {ours / theirs:.2f}x",
+              flush=True)
+    return pairs
 
 
 def fastest_dtype(model_dir: str, weight_dtype: str | None, threads: int) -> str:
@@ -327,6 +399,13 @@ def main():
     ap.add_argument("--fp8", action="store_true", help="an FP8 bench-mini checkpoint (the GPU path)")
     ap.add_argument("--skip-hf", action="store_true", help="skip the transformers baseline (quick iteration; "
                     "implies --no-append)")
+    ap.add_argument("--client", default="aiohttp", choices=["aiohttp", "httpx"],
+                    help="the load generator's HTTP client (it shares the CPUs with the server): aiohttp "
+                    "(default, ~3x less CPU per token) or httpx (what runs before 2026-12-02 session 13 used)")
+    ap.add_argument("--pairs", type=int, default=3, help="measure our 16 streams and transformers (fastest dtype) "
+                    "back to back, each alone on the machine, this many times (the first pair uses the sweep's "
+                    "16-stream row; each further pair redeploys the cluster) and report the median ratio (default "
+                    "%(default)s; 0 = off; needs the transformers baseline and 16 in --levels)")
     ap.add_argument("--speculative", action="store_true", help="the MTP speculative-decoding row instead of the "
                     "sweep: calibrate bench-mini's MTP module (mode: mtp), then plain vs speculative at 1 and 16 "
                     "streams")
@@ -361,15 +440,16 @@ def main():
     if a.dtype == "fastest":
         a.dtype = fastest_dtype(model_dir, a.weight_dtype, a.actor_cpus)
     levels = [int(x) for x in a.levels.split(",")]
-    hf = {}
+    hf, hf_child_ = {}, None
     for dt in () if a.skip_hf else ("float32", "bfloat16"):
         print(f"transformers generate() {dt}, batch 16 ...", flush=True)
-        out = subprocess.run([sys.executable, __file__, "--hf-child", model_dir, dt, "16"], capture_output=True,
-                             text=True)
-        if out.returncode:
-            raise SystemExit(out.stderr[-3000:])
-        hf[dt] = json.loads(out.stdout.strip().splitlines()[-1])["tok_s"]
+        child = HFChild(model_dir, dt, 16)
+        hf[dt] = child.first
         print(f"  {hf[dt]:.1f} tok/s", flush=True)
+        if hf_child_ is None or hf[dt] > hf_child_.first:  # keep the fastest dtype's child for the pairs
+            (child, hf_child_) = (hf_child_, child)
+        if child is not None:
+            child.close()
 
     import ray
 
@@ -392,18 +472,32 @@ def main():
     cfg = parse_config(data)
     from expertpool.platform.proxy import set_proxy_env
     set_proxy_env(a.ingress)
-    ray.init(address="local", num_cpus=a.actors * a.actor_cpus + 2, include_dashboard=False, logging_level="WARNING")
-    base = deploy(cfg)
+    ncpu = a.actors * a.actor_cpus + 2
+
+    def up() -> str:
+        ray.init(address="local", num_cpus=ncpu, include_dashboard=False, logging_level="WARNING")
+        return deploy(cfg)
+
+    def down() -> None:
+        from ray import serve
+        serve.shutdown()
+        ray.shutdown()
+
+    base = up()
     rows = []
     for n in levels:
         print(f"{n} concurrent streams ...", flush=True)
-        rows.append(asyncio.run(drive(base, cfg.model.name, n, prompts, a.rounds)))
+        rows.append(asyncio.run(drive(base, cfg.model.name, n, prompts, a.rounds, a.client)))
         r = rows[-1]
         print(f"  {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s, ITL p50 {r['itl_p50'] * 1000:.0f}ms",
               flush=True)
-    from ray import serve
-    serve.shutdown()
-    ray.shutdown()
+    down()
+    pairs = []
+    if hf_child_ is not None and a.pairs and 16 in levels:
+        pairs = interleave(hf_child_, up, down, cfg.model.name, prompts, a.rounds, a.pairs, a.client,
+                           first=next(r["tok_s"] for r in rows if r["streams"] == 16))
+    if hf_child_ is not None:
+        hf_child_.close()
     if a.skip_hf or 16 not in levels or 1 not in levels:
         return
     best_hf = max(hf.values())
@@ -419,10 +513,19 @@ def main():
                f"(fastest: {best_dt}). At 16 streams over HTTP: **{r16['tok_s'] / hf['float32']:.2f}x** transformers "
                f"fp32 (goal >= 2x), {r16['tok_s'] / best_hf:.2f}x its fastest dtype. TTFT p50 at 1 stream: "
                f"**{r1['ttft_p50']:.3f} s** (goal <= 0.5 s).")
+    if pairs:
+        ratios = sorted(o / t for o, t in pairs)
+        summary += (f"\n\nInterleaved with transformers {best_dt}, each engine alone on the machine ({len(pairs)} "
+                    "pairs; ours at 16 streams, then transformers' best of two generate() calls with its model kept "
+                    "loaded; our cluster shut down while it runs and redeployed for the next pair): "
+                    + ", ".join(f"{o:.1f} / {t:.1f}" for o, t in pairs)
+                    + f" tok/s; ratio min {ratios[0]:.2f}x, **median {ratios[len(ratios) // 2]:.2f}x**, "
+                    f"max {ratios[-1]:.2f}x (goal >= 2.2x).")
     _report(a, flags, "Serving (bench/serve.py)",
             f"Weights {a.weight_dtype or 'as stored'}; bench-mini random weights, {a.actors} expert actors "
             f"({a.actor_cpus} CPU each) in one replica, {PROMPT}-token prompts, {NEW} new tokens, streaming "
-            f"completions over HTTP ({a.ingress} ingress), each client {a.rounds} requests back to back"
+            f"completions over HTTP ({a.ingress} ingress, {a.client} client), each client {a.rounds} requests back "
+            f"to back"
             f"{'; MoE exchanges over gloo (--no-shared-memory)' if a.no_shared_memory and a.actors > 1 else ''}"
             f"{', async scheduling' if a.async_scheduling else ''}"
             f"{f', {a.scheduler_steps}-step scheduler chains' if a.scheduler_steps > 1 else ''}", lines, summary)
