@@ -120,9 +120,13 @@ def _groups(params: list[SamplingParams]):
 def greedy(logits_BV: torch.Tensor) -> torch.Tensor:
     """Each row's argmax ([B] int64): the first index of its maximum, NaN counting as the maximum, as
     ``torch.argmax``. On the CPU through numpy, whose argmax is vectorized where torch's is not
-    (16 x 32,000 fp32 logits: 36 us against 318 us, Zen 5, 2 threads)."""
-    if logits_BV.device.type == "cpu" and logits_BV.dim() == 2 and logits_BV.dtype == torch.float32:
-        return torch.from_numpy(logits_BV.detach().numpy().argmax(-1)).long()
+    (16 x 32,000 fp32 logits: 36 us against 318 us, bf16 985 us; Zen 5, 2 threads); bf16 and fp16
+    logits are widened to fp32 first (exact, so the same index)."""
+    if logits_BV.device.type == "cpu" and logits_BV.dim() == 2 and logits_BV.is_floating_point():
+        x = logits_BV.detach()
+        if x.dtype in (torch.bfloat16, torch.float16):
+            x = x.float()
+        return torch.from_numpy(x.numpy().argmax(-1)).long()
     return logits_BV.argmax(-1)
 
 

@@ -143,11 +143,13 @@ class ModelRunner:
         for it in sampled:
             row0.append(r)
             r += 1 + len(it.draft)
-        last_R = torch.tensor([a + len(it.draft) for a, it in zip(row0, sampled)], dtype=torch.long,
-                              device=self.device)
         raw = logits
-        whole = not sampled or (len(sampled) == logits.shape[0] and not any(it.draft for it in sampled))
-        last_logits = logits if whole else logits.index_select(0, last_R)  # no copy when every row is a last row
+        if not sampled or (len(sampled) == logits.shape[0] and not any(it.draft for it in sampled)):
+            last_logits = logits  # every row is a sampling item's last row: no copy
+        else:
+            last_R = torch.tensor([a + len(it.draft) for a, it in zip(row0, sampled)], dtype=torch.long,
+                                  device=self.device)
+            last_logits = logits.index_select(0, last_R)
         if any(it.params.grammar is not None for it in items):
             last_logits = self._apply_grammars(items, resolved, last_logits)
         ends_at = [it.start_pos + len(it.tokens) + len(it.draft) for it in sampled]
@@ -230,7 +232,7 @@ class ModelRunner:
         n_mtp = len(self.model.model.mtp)
         for depth in range(self.spec_tokens):
             x_MD, logits = self.model.mtp_forward_batch(h_MD, tok_M, batch, min(depth, n_mtp - 1), sel)
-            proposed = greedy(logits.float()).tolist()
+            proposed = greedy(logits).tolist()
             for d, t in zip(drafts, proposed):
                 d.append(t)
             if depth + 1 < self.spec_tokens:  # chain: the newest row's output and its proposal, one position on

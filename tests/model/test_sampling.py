@@ -22,7 +22,8 @@ def test_greedy_rows_are_argmax_and_need_no_seed():
 
 def test_greedy_is_torch_argmax_with_ties_nans_and_bf16_rows():
     """The CPU fast path (numpy's argmax) picks what torch.argmax picks: the first of tied maxima, the
-    first NaN, and on bf16 logits widened to fp32 (exact) the bf16 argmax; non-contiguous rows too."""
+    first NaN, on bf16 and fp16 logits (widened to fp32 first, exactly) their own argmax; non-contiguous
+    rows and fp64 too."""
     g = torch.Generator().manual_seed(2)
     x = torch.randn(16, 32000, generator=g)
     x[1, 7] = x[1, 900] = x[1, 31999] = 50.0                  # tied maxima: the first wins
@@ -33,9 +34,10 @@ def test_greedy_is_torch_argmax_with_ties_nans_and_bf16_rows():
     assert got.dtype == torch.long and got.tolist() == x.argmax(-1).tolist()
     assert got[1] == 7 and got[2] == 5 and got[4] == 123
     b = (x * 4).bfloat16()  # bf16 rounding makes many ties
-    assert greedy(b.float()).tolist() == b.argmax(-1).tolist()
+    assert greedy(b).tolist() == greedy(b.float()).tolist() == b.argmax(-1).tolist()
+    assert greedy(x.half()).tolist() == x.half().argmax(-1).tolist()
     assert greedy(x[::2, 1:]).tolist() == x[::2, 1:].argmax(-1).tolist()
-    assert greedy(x.double()).tolist() == x.argmax(-1).tolist()  # other dtypes: torch's own argmax
+    assert greedy(x.double()).tolist() == x.argmax(-1).tolist()
 
 
 def test_token_depends_only_on_its_own_row():
