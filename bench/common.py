@@ -78,6 +78,14 @@ def start(cfg_data: dict, num_cpus: int | None = None) -> tuple[str, str]:
     return base, cfg.serving.app_name
 
 
+def stop() -> None:
+    """Shut down what ``start`` brought up: the Serve app, then the private Ray."""
+    import ray
+    from ray import serve
+    serve.shutdown()
+    ray.shutdown()
+
+
 def handle(app: str):
     from ray import serve
     from expertpool.platform.config import DEPLOYMENT_NAME

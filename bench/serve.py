@@ -35,7 +35,7 @@ import argparse
 import asyncio
 import json
 import os
-import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,9 +121,6 @@ def calibrate_mtp(model_dir: str, steps: int, threads: int) -> dict:
 
 def serve_levels(data: dict, levels, prompts, rounds: int, num_cpus: int) -> tuple[list[dict], dict]:
     """Deploy ``data`` on a private Ray, drive each level, return (rows, the replica's stats)."""
-    import ray
-    from ray import serve
-
     base, app = common.start(data, num_cpus=num_cpus)
     rows = []
     for n in levels:
@@ -131,8 +128,7 @@ def serve_levels(data: dict, levels, prompts, rounds: int, num_cpus: int) -> tup
         r = rows[-1]
         print(f"  {n} streams: {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s", flush=True)
     stats = asyncio.run(_stats(app))
-    serve.shutdown()
-    ray.shutdown()
+    common.stop()
     return rows, stats
 
 
@@ -237,9 +233,6 @@ def run_prefix(a, flags: str) -> None:
     ncpu = a.actors * a.actor_cpus + 2
     res = {}
     for caching in (False, True):
-        import ray
-        from ray import serve
-
         data = bench_data(model_dir, a, max_len)
         data["serving"]["prefix_caching"] = caching
         print(f"prefix caching {'on' if caching else 'off'} ...", flush=True)
@@ -247,8 +240,7 @@ def run_prefix(a, flags: str) -> None:
         res[caching] = asyncio.run(drive_chats(base, data["model"]["name"], system, CHATS, TURNS))
         stats = asyncio.run(_stats(app))
         res[caching]["hits"] = stats.get("prefix_cache_hits")
-        serve.shutdown()
-        ray.shutdown()
+        common.stop()
         r = res[caching]
         print(f"  TTFT p50 {r['ttft_p50']:.3f}s p99 {r['ttft_p99']:.3f}s, {r['tok_s']:.1f} tok/s", flush=True)
     lines = ["| prefix caching | TTFT p50 (s) | TTFT p99 (s) | output tok/s |", "|---|---|---|---|"]
@@ -355,7 +347,6 @@ def interleave(hf: HFChild, up, down, model: str, prompts, rounds: int, n: int, 
 def fastest_dtype(model_dir: str, weight_dtype: str | None, threads: int) -> str:
     """float32 or bfloat16, whichever runs bench-mini's decode step faster here (median of 12 steps at
     batch 16, each dtype twice, interleaved), with the actor's thread count."""
-    import statistics
     times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
     for _ in range(2):
         for dt in times:
@@ -451,50 +442,29 @@ def main():
         if child is not None:
             child.close()
 
-    import ray
-
-    from expertpool.cli import resolve_config
-    from expertpool.platform.app import deploy
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = resolve_config(a.config, model=model_dir, port=port, actors=a.actors)
-    data = cfg.model_dump(mode="json")
-    data["model"]["dtype"] = a.dtype
-    data["model"]["weight_dtype"] = a.weight_dtype
-    data["pool"]["actor_resources"]["cpu"] = a.actor_cpus
+    data = bench_data(model_dir, a, PROMPT + NEW + 8)
     data["pool"]["actor_resources"]["gpu"] = a.gpus
     data["pool"]["shared_memory"] = not a.no_shared_memory
-    data["serving"].update(max_batch_size=32, max_num_batched_tokens=512, max_seq_len=PROMPT + NEW + 8,
-                           async_scheduling=a.async_scheduling, ingress=a.ingress,
+    data["serving"].update(async_scheduling=a.async_scheduling, ingress=a.ingress,
                            num_scheduler_steps=a.scheduler_steps)
-    from expertpool.platform.config import parse_config
-    cfg = parse_config(data)
-    from expertpool.platform.proxy import set_proxy_env
-    set_proxy_env(a.ingress)
+    model = data["model"]["name"]
     ncpu = a.actors * a.actor_cpus + 2
 
     def up() -> str:
-        ray.init(address="local", num_cpus=ncpu, include_dashboard=False, logging_level="WARNING")
-        return deploy(cfg)
-
-    def down() -> None:
-        from ray import serve
-        serve.shutdown()
-        ray.shutdown()
+        return common.start(data, num_cpus=ncpu)[0]
 
     base = up()
     rows = []
     for n in levels:
         print(f"{n} concurrent streams ...", flush=True)
-        rows.append(asyncio.run(drive(base, cfg.model.name, n, prompts, a.rounds, a.client)))
+        rows.append(asyncio.run(drive(base, model, n, prompts, a.rounds, a.client)))
         r = rows[-1]
         print(f"  {r['tok_s']:.1f} tok/s, TTFT p50 {r['ttft_p50']:.3f}s, ITL p50 {r['itl_p50'] * 1000:.0f}ms",
               flush=True)
-    down()
+    common.stop()
     pairs = []
     if hf_child_ is not None and a.pairs and 16 in levels:
-        pairs = interleave(hf_child_, up, down, cfg.model.name, prompts, a.rounds, a.pairs, a.client,
+        pairs = interleave(hf_child_, up, common.stop, model, prompts, a.rounds, a.pairs, a.client,
                            first=next(r["tok_s"] for r in rows if r["streams"] == 16))
     if hf_child_ is not None:
         hf_child_.close()
@@ -519,7 +489,7 @@ def main():
                     "pairs; ours at 16 streams, then transformers' best of two generate() calls with its model kept "
                     "loaded; our cluster shut down while it runs and redeployed for the next pair): "
                     + ", ".join(f"{o:.1f} / {t:.1f}" for o, t in pairs)
-                    + f" tok/s; ratio min {ratios[0]:.2f}x, **median {ratios[len(ratios) // 2]:.2f}x**, "
+                    + f" tok/s; ratio min {ratios[0]:.2f}x, **median {statistics.median(ratios):.2f}x**, "
                     f"max {ratios[-1]:.2f}x (goal >= 2.2x).")
     _report(a, flags, "Serving (bench/serve.py)",
             f"Weights {a.weight_dtype or 'as stored'}; bench-mini random weights, {a.actors} expert actors "
