@@ -70,6 +70,64 @@ def test_a_rows_result_does_not_depend_on_its_batch():
         assert torch.equal(alone[0], together[r]), r
 
 
+needs_bf16_dot = pytest.mark.skipif(
+    shutil.which("cc") is None or cpu_experts.library() is None or not cpu_experts.has_bf16_dot(cpu_experts.library()),
+    reason="the kernel's bf16 dot-product entry needs a CPU (and compiler target) with AVX512_BF16")
+
+
+@needs_bf16_dot
+@pytest.mark.parametrize("K,N", [(1024, 512), (256, 1024), (96, 40), (40, 17)])
+def test_the_bf16_dot_product_equals_the_fp64_products(K, N, monkeypatch):
+    """bf16 activations and weights take the bf16 dot-product entry: every product of two bf16 values
+    is exact in fp32, so only the fp32 sums round (~1e-7 relative), at every row blocking (1-8 rows),
+    with a K tail past the last whole pair of vectors (96, 40) and N not a multiple of the work item.
+    It agrees with the widening fp32 path to that rounding."""
+    g = torch.Generator().manual_seed(6)
+    counts = [1, 0, 2, 3, 4, 5, 8, 1]
+    w = (torch.randn(len(counts), N, K, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(sum(counts), K, generator=g).to(torch.bfloat16)
+    lib, calls = cpu_experts.library(), []
+    entry = lib.grouped_gemv_bf16
+    monkeypatch.setattr(lib, "grouped_gemv_bf16", lambda *a: calls.append(len(a)) or entry(*a))
+    got = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), w)
+    assert calls == [11] and got.dtype == torch.float32 and got.shape == (sum(counts), N)
+    assert rel_err(got, _oracle(x, counts, w)) < 1e-6
+    with cpu_experts.without_bf16_dot():
+        widened = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), w)
+    assert calls == [11] and rel_err(got, widened) < 1e-6
+
+
+@needs_bf16_dot
+def test_a_rows_result_does_not_depend_on_its_batch_through_the_bf16_dot_product():
+    """The bf16 entry blocks rows as the fp32 path does and sums each row in one order: a row alone
+    gives the same bits as in a group of 8 (every position of a block of 4, and the second block)."""
+    g = torch.Generator().manual_seed(7)
+    w = (torch.randn(2, 96, 320, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(8, 320, generator=g).to(torch.bfloat16)
+    together = cpu_experts.grouped_gemv(x, cpu_experts.Groups([0, 8]), w)
+    for r in range(8):
+        alone = cpu_experts.grouped_gemv(x[r:r + 1], cpu_experts.Groups([0, 1]), w)
+        assert torch.equal(alone[0], together[r]), r
+
+
+def test_an_avx2_build_has_no_bf16_dot_product_and_widens(tmp_path):
+    """A build without AVX-512 (an AVX2-only CPU, or ATEN_CPU_CAPABILITY=avx2) has no bf16 entry:
+    bf16 activations are widened there, as before."""
+    so = tmp_path / "avx2.so"
+    r = subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC", "-o", str(so),
+                        str(cpu_experts.SOURCE)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lib = cpu_experts._load(so)
+    assert not cpu_experts.has_bf16_dot(lib)
+    if "avx2" in Path("/proc/cpuinfo").read_text():
+        g = torch.Generator().manual_seed(8)
+        counts = [2, 1, 3]
+        w = (torch.randn(3, 24, 64, generator=g) * 0.05).to(torch.bfloat16)
+        x = torch.randn(6, 64, generator=g).to(torch.bfloat16)
+        got = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), w, lib=lib)
+        assert rel_err(got, _oracle(x, counts, w)) < 1e-6
+
+
 def _layer(g, t, e=8, d=256, f=64, k=2, wdt=torch.bfloat16):
     x = torch.randn(t, d, generator=g)
     ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
