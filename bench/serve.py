@@ -170,6 +170,8 @@ def bench_data(model_dir: str, a, max_seq_len: int) -> dict:
     data["model"]["dtype"] = a.dtype if a.dtype != "fastest" else "auto"
     data["model"]["weight_dtype"] = a.weight_dtype
     data["pool"]["actor_resources"]["cpu"] = a.actor_cpus
+    data["serving"]["autoscaling"].update(min_replicas=a.replicas, max_replicas=a.replicas,
+                                          initial_replicas=a.replicas)
     data["serving"].update(max_batch_size=32, max_num_batched_tokens=512, max_seq_len=max_seq_len,
                            async_scheduling=False)
     return data
@@ -369,6 +371,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--actors", type=int, default=2, help="expert actors per replica (default 2)")
     ap.add_argument("--actor-cpus", type=int, default=1, help="CPUs (= torch threads) per expert actor (default 1)")
+    ap.add_argument("--replicas", type=int, default=1, help="Serve replicas, each its own group of --actors actors "
+                    "(data parallel; default 1)")
     ap.add_argument("--dtype", default="fastest", choices=["fastest", "auto", "float32", "bfloat16"],
                     help="serving compute dtype; fastest = time both in process first (default)")
     ap.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32", "int8"],
@@ -448,7 +452,7 @@ def main():
     data["serving"].update(async_scheduling=a.async_scheduling, ingress=a.ingress,
                            num_scheduler_steps=a.scheduler_steps)
     model = data["model"]["name"]
-    ncpu = a.actors * a.actor_cpus + 2
+    ncpu = a.replicas * a.actors * a.actor_cpus + 2
 
     def up() -> str:
         return common.start(data, num_cpus=ncpu)[0]
@@ -493,7 +497,8 @@ def main():
                     f"max {ratios[-1]:.2f}x (goal >= 2.2x).")
     _report(a, flags, "Serving (bench/serve.py)",
             f"Weights {a.weight_dtype or 'as stored'}; bench-mini random weights, {a.actors} expert actors "
-            f"({a.actor_cpus} CPU each) in one replica, {PROMPT}-token prompts, {NEW} new tokens, streaming "
+            f"({a.actor_cpus} CPU each) in {'one replica' if a.replicas == 1 else f'each of {a.replicas} replicas'}, "
+            f"{PROMPT}-token prompts, {NEW} new tokens, streaming "
             f"completions over HTTP ({a.ingress} ingress, {a.client} client), each client {a.rounds} requests back "
             f"to back"
             f"{'; MoE exchanges over gloo (--no-shared-memory)' if a.no_shared_memory and a.actors > 1 else ''}"
