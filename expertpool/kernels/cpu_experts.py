@@ -9,7 +9,8 @@ OpenMP threads. Each output row is summed in one order whatever else is in the b
 activations and weights (bf16 compute) on a CPU with AVX512_BF16, a second entry takes both as they
 are through the CPU's bf16 dot product (``vdpbf16ps``: exact products, fp32 sums, pairs of k first),
 without the widening instructions: at one thread on Zen 5, 64 experts from DRAM, 29-33 against 26-29
-GB/s at one row per expert, 20-28 against 13-19 at two (``has_bf16_dot``, ``without_bf16_dot``).
+GB/s at one row per expert, 20-28 against 13-19 at two (``has_bf16_dot``; ``without_bf16_dot`` or
+``EXPERTPOOL_CPU_BF16_DOT=0`` for the widening path).
 
 Built with the machine's C compiler (``cc -O3 -march=native -fopenmp``; ``CC`` overrides) into
 ``$EXPERTPOOL_CACHE/kernels`` (default ``~/.cache/expertpool/kernels``), keyed by the source,
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("csrc") / "expert_gemv.c"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV_SWITCH = "EXPERTPOOL_CPU_EXPERT_KERNEL"
+DOT_SWITCH = "EXPERTPOOL_CPU_BF16_DOT"  # =0: bf16 activations widen as fp32 compute does (A/B, a suspect CPU)
 # the widest vector of the source (L: 16 fp32 lanes with AVX-512): the packed-row scratch is sized for it
 MAX_LANES = 16
 # experts with more rows than this in a layer send the layer to oneDNN / MKL, whose GEMMs win once the
@@ -154,6 +156,14 @@ def _load(path: Path):
     return lib
 
 
+def _dot_allowed() -> bool:
+    if "dot" not in _state:
+        _state["dot"] = os.environ.get(DOT_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+        if not _state["dot"]:
+            log.info("%s=0: bf16 routed experts are widened to fp32 in the kernel", DOT_SWITCH)
+    return _state["dot"]
+
+
 def has_bf16_dot(lib) -> bool:
     """Whether this build of the kernel has the bf16 dot-product entry (``grouped_gemv_bf16``: compiled
     only where the target CPU has AVX512_BF16, e.g. AMD Zen 4/5, Intel Cooper Lake and later)."""
@@ -215,7 +225,7 @@ def grouped_gemv(x_PK: torch.Tensor, groups: Groups, w_ENK: torch.Tensor, lib=No
     assert P == groups.rows and w_ENK.shape[2] == K, (x_PK.shape, groups.rows, w_ENK.shape)
     N = w_ENK.shape[1]
     out = torch.empty(P, N, dtype=torch.float32)
-    if x_PK.dtype == w_ENK.dtype == torch.bfloat16 and not _NO_DOT[0] and has_bf16_dot(lib):
+    if x_PK.dtype == w_ENK.dtype == torch.bfloat16 and not _NO_DOT[0] and has_bf16_dot(lib) and _dot_allowed():
         # bf16 compute: the CPU's bf16 dot product takes both as they are (exact products, fp32 sums)
         x = x_PK.contiguous()
         scratch = torch.empty(P, -(-K // 32) * 32, dtype=torch.bfloat16)

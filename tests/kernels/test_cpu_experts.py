@@ -71,8 +71,10 @@ def test_a_rows_result_does_not_depend_on_its_batch():
 
 
 needs_bf16_dot = pytest.mark.skipif(
-    shutil.which("cc") is None or cpu_experts.library() is None or not cpu_experts.has_bf16_dot(cpu_experts.library()),
-    reason="the kernel's bf16 dot-product entry needs a CPU (and compiler target) with AVX512_BF16")
+    shutil.which("cc") is None or cpu_experts.library() is None or not cpu_experts.has_bf16_dot(cpu_experts.library())
+    or not cpu_experts._dot_allowed(),
+    reason=f"the kernel's bf16 dot-product entry needs a CPU (and compiler target) with AVX512_BF16 (and "
+           f"{cpu_experts.DOT_SWITCH} not 0)")
 
 
 @needs_bf16_dot
@@ -108,6 +110,26 @@ def test_a_rows_result_does_not_depend_on_its_batch_through_the_bf16_dot_product
     for r in range(8):
         alone = cpu_experts.grouped_gemv(x[r:r + 1], cpu_experts.Groups([0, 1]), w)
         assert torch.equal(alone[0], together[r]), r
+
+
+@needs_bf16_dot
+def test_the_environment_switch_keeps_the_widening_path(monkeypatch):
+    """EXPERTPOOL_CPU_BF16_DOT=0 (read once per process) sends bf16 activations through the widening
+    fp32 path even where the build has the bf16 entry."""
+    lib = cpu_experts.library()
+    calls = []
+    entry = lib.grouped_gemv_bf16
+    monkeypatch.setattr(lib, "grouped_gemv_bf16", lambda *a: calls.append(1) or entry(*a))
+    monkeypatch.setenv(cpu_experts.DOT_SWITCH, "0")
+    monkeypatch.delitem(cpu_experts._state, "dot", raising=False)
+    g = torch.Generator().manual_seed(10)
+    w = (torch.randn(2, 24, 64, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
+    try:
+        got = cpu_experts.grouped_gemv(x, cpu_experts.Groups([1, 2]), w)
+    finally:
+        cpu_experts._state.pop("dot", None)
+    assert not calls and rel_err(got, _oracle(x, [1, 2], w)) < 1e-6
 
 
 def test_an_avx2_build_has_no_bf16_dot_product_and_widens(tmp_path):
