@@ -142,16 +142,18 @@ ROWS_FN(4)
    row's sums do not depend on its block. */
 static inline int64_t blk(int64_t left) { return left == 2 ? 1 : (left < MB ? left : MB); }
 
-/* rows [r, r + mbr) of x_PK into the packed layout at xp */
-static void pack_rows(const float *x, int64_t K, int mbr, float *xp) {
-    const int64_t chunks = (K + L - 1) / L;
-    for (int64_t c = 0; c < chunks; c++)
-        for (int i = 0; i < mbr; i++)
-            for (int l = 0; l < L; l++) {
-                const int64_t k = c * L + l;
-                xp[(c * mbr + i) * L + l] = k < K ? x[i * K + k] : 0.0f;
-            }
-}
+/* mbr rows of x (T, K per row) into the packed layout at xp: [K / LANES][mbr][LANES], zero-padded */
+#define PACK_FN(NAME, T, LANES)                                                                       \
+    static void NAME(const T *x, int64_t K, int mbr, T *xp) {                                         \
+        const int64_t chunks = (K + (LANES) - 1) / (LANES);                                           \
+        for (int64_t c = 0; c < chunks; c++)                                                          \
+            for (int i = 0; i < mbr; i++)                                                             \
+                for (int l = 0; l < (LANES); l++) {                                                   \
+                    const int64_t k = c * (LANES) + l;                                                \
+                    xp[(c * mbr + i) * (LANES) + l] = k < K ? x[i * K + k] : (T)0;                    \
+                }                                                                                     \
+    }
+PACK_FN(pack_rows, float, L)
 
 /* x_PK: fp32 rows sorted by expert; for active expert j: rows [start[j], start[j] + count[j]) use
    weight slot expert[j] of w_ENK (bf16 if w_bf16, else fp32); out_PN fp32. xp_scratch: P * (K rounded up to L) floats. */
@@ -242,15 +244,7 @@ ROWS_BF16_FN(1)
 ROWS_BF16_FN(3)
 ROWS_BF16_FN(4)
 
-static void pack_rows_bf16(const uint16_t *x, int64_t K, int mbr, uint16_t *xp) {
-    const int64_t chunks = (K + LB - 1) / LB;
-    for (int64_t c = 0; c < chunks; c++)
-        for (int i = 0; i < mbr; i++)
-            for (int l = 0; l < LB; l++) {
-                const int64_t k = c * LB + l;
-                xp[(c * mbr + i) * LB + l] = k < K ? x[i * K + k] : 0;
-            }
-}
+PACK_FN(pack_rows_bf16, uint16_t, LB)
 
 /* grouped_gemv for bf16 x_PK and bf16 w_ENK (out fp32); xp_scratch: P * (K rounded up to 32) bf16 */
 void grouped_gemv_bf16(const uint16_t *x_PK, int64_t K, const int64_t *start, const int64_t *count,
