@@ -155,45 +155,6 @@ static inline int64_t blk(int64_t left) { return left == 2 ? 1 : (left < MB ? le
     }
 PACK_FN(pack_rows, float, L)
 
-/* x_PK: fp32 rows sorted by expert; for active expert j: rows [start[j], start[j] + count[j]) use
-   weight slot expert[j] of w_ENK (bf16 if w_bf16, else fp32); out_PN fp32. xp_scratch: P * (K rounded up to L) floats. */
-void grouped_gemv(const float *x_PK, int64_t K, const int64_t *start, const int64_t *count,
-                  const int64_t *expert, int64_t n_active, const void *w_ENK, int w_bf16, int64_t N,
-                  float *out_PN, float *xp_scratch, int nthreads) {
-    const int64_t Kp = (K + L - 1) / L * L;
-    const int64_t blocks = (N + NB - 1) / NB;
-    const size_t esize = w_bf16 ? 2 : 4;
-    /* every (expert, block of MB rows) packed once: block of rows [start + m0, ...) at (start + m0) * Kp */
-#pragma omp parallel num_threads(nthreads)
-    {
-#pragma omp for schedule(static)
-        for (int64_t j = 0; j < n_active; j++)
-            for (int64_t m0 = 0, mbr = 0; m0 < count[j]; m0 += mbr) {
-                mbr = blk(count[j] - m0);
-                pack_rows(x_PK + (start[j] + m0) * K, K, mbr, xp_scratch + (start[j] + m0) * Kp);
-            }
-/* dynamic: a thread that another process preempts (the serving replica, on a shared CPU) leaves its
-   items to the others instead of holding the whole region up (measured: 5.6 vs 6.7 ms for a layer's
-   w13 at 2 rows per expert beside a 33%-busy neighbour, the same when quiet) */
-#pragma omp for schedule(dynamic, 4)
-        for (int64_t it = 0; it < n_active * blocks; it++) {
-            const int64_t j = it / blocks, b = it % blocks;
-            const int64_t n0 = b * NB, n1 = n0 + NB < N ? n0 + NB : N;
-            const void *w = (const char *)w_ENK + (size_t)expert[j] * (size_t)N * (size_t)K * esize;
-            for (int64_t m0 = 0, mbr = 0; m0 < count[j]; m0 += mbr) {
-                mbr = blk(count[j] - m0);
-                const float *xp = xp_scratch + (start[j] + m0) * Kp;
-                float *o = out_PN + (start[j] + m0) * N;
-                switch (mbr) {  /* 1, 3 or 4 (blk) */
-                case 1: rows_1(xp, K, w, w_bf16, n0, n1, o, N); break;
-                case 3: rows_3(xp, K, w, w_bf16, n0, n1, o, N); break;
-                default: rows_4(xp, K, w, w_bf16, n0, n1, o, N);
-                }
-            }
-        }
-    }
-}
-
 #if defined(__AVX512BF16__)
 /* bf16 activations against bf16 weights with the CPU's bf16 dot product (AVX512_BF16 vdpbf16ps: 32
    bf16 pairs per instruction, each product exact in fp32, summed into 16 fp32 lanes), where the fp32
@@ -245,37 +206,83 @@ ROWS_BF16_FN(3)
 ROWS_BF16_FN(4)
 
 PACK_FN(pack_rows_bf16, uint16_t, LB)
+#endif
 
-/* grouped_gemv for bf16 x_PK and bf16 w_ENK (out fp32); xp_scratch: P * (K rounded up to 32) bf16 */
-void grouped_gemv_bf16(const uint16_t *x_PK, int64_t K, const int64_t *start, const int64_t *count,
-                       const int64_t *expert, int64_t n_active, const uint16_t *w_ENK, int64_t N,
-                       float *out_PN, uint16_t *xp_scratch, int nthreads) {
-    const int64_t Kp = (K + LB - 1) / LB * LB;
+/* The one driver of both entries. x_PK: rows sorted by expert, fp32 (x_bf16 = 0) or, where built,
+   bf16 (x_bf16 = 1: the dot-product path, bf16 weights); for active expert j: rows [start[j], start[j]
+   + count[j]) use weight slot expert[j] of w_ENK (bf16 if w_bf16, else fp32); out_PN fp32. xp_scratch:
+   P * (K rounded up to the path's lanes) elements of x's type. */
+static void grouped(const void *x_PK, int x_bf16, int64_t K, const int64_t *start, const int64_t *count,
+                    const int64_t *expert, int64_t n_active, const void *w_ENK, int w_bf16, int64_t N,
+                    float *out_PN, void *xp_scratch, int nthreads) {
+#if defined(__AVX512BF16__)
+    const int64_t lanes = x_bf16 ? LB : L;
+#else
+    const int64_t lanes = L;
+#endif
+    const int64_t Kp = (K + lanes - 1) / lanes * lanes;
     const int64_t blocks = (N + NB - 1) / NB;
+    const size_t esize = w_bf16 ? 2 : 4, xsize = x_bf16 ? 2 : 4;
+    /* every (expert, block of MB rows) packed once: block of rows [start + m0, ...) at (start + m0) * Kp */
 #pragma omp parallel num_threads(nthreads)
     {
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n_active; j++)
             for (int64_t m0 = 0, mbr = 0; m0 < count[j]; m0 += mbr) {
                 mbr = blk(count[j] - m0);
-                pack_rows_bf16(x_PK + (start[j] + m0) * K, K, mbr, xp_scratch + (start[j] + m0) * Kp);
+                const int64_t r = start[j] + m0;
+#if defined(__AVX512BF16__)
+                if (x_bf16) {
+                    pack_rows_bf16((const uint16_t *)x_PK + r * K, K, mbr, (uint16_t *)xp_scratch + r * Kp);
+                    continue;
+                }
+#endif
+                pack_rows((const float *)x_PK + r * K, K, mbr, (float *)xp_scratch + r * Kp);
             }
+/* dynamic: a thread that another process preempts (the serving replica, on a shared CPU) leaves its
+   items to the others instead of holding the whole region up (measured: 5.6 vs 6.7 ms for a layer's
+   w13 at 2 rows per expert beside a 33%-busy neighbour, the same when quiet) */
 #pragma omp for schedule(dynamic, 4)
         for (int64_t it = 0; it < n_active * blocks; it++) {
             const int64_t j = it / blocks, b = it % blocks;
             const int64_t n0 = b * NB, n1 = n0 + NB < N ? n0 + NB : N;
-            const uint16_t *w = w_ENK + (size_t)expert[j] * (size_t)N * (size_t)K;
+            const void *w = (const char *)w_ENK + (size_t)expert[j] * (size_t)N * (size_t)K * esize;
             for (int64_t m0 = 0, mbr = 0; m0 < count[j]; m0 += mbr) {
                 mbr = blk(count[j] - m0);
-                const uint16_t *xp = xp_scratch + (start[j] + m0) * Kp;
+                const void *xp = (const char *)xp_scratch + (size_t)((start[j] + m0) * Kp) * xsize;
                 float *o = out_PN + (start[j] + m0) * N;
+#if defined(__AVX512BF16__)
+                if (x_bf16) {
+                    switch (mbr) {  /* 1, 3 or 4 (blk) */
+                    case 1: rows_bf16_1(xp, K, w, n0, n1, o, N); break;
+                    case 3: rows_bf16_3(xp, K, w, n0, n1, o, N); break;
+                    default: rows_bf16_4(xp, K, w, n0, n1, o, N);
+                    }
+                    continue;
+                }
+#endif
                 switch (mbr) {
-                case 1: rows_bf16_1(xp, K, w, n0, n1, o, N); break;
-                case 3: rows_bf16_3(xp, K, w, n0, n1, o, N); break;
-                default: rows_bf16_4(xp, K, w, n0, n1, o, N);
+                case 1: rows_1(xp, K, w, w_bf16, n0, n1, o, N); break;
+                case 3: rows_3(xp, K, w, w_bf16, n0, n1, o, N); break;
+                default: rows_4(xp, K, w, w_bf16, n0, n1, o, N);
                 }
             }
         }
     }
+}
+
+/* fp32 x_PK (weights fp32 or bf16, widened in registers); xp_scratch: P * (K rounded up to L) floats. */
+void grouped_gemv(const float *x_PK, int64_t K, const int64_t *start, const int64_t *count,
+                  const int64_t *expert, int64_t n_active, const void *w_ENK, int w_bf16, int64_t N,
+                  float *out_PN, float *xp_scratch, int nthreads) {
+    grouped(x_PK, 0, K, start, count, expert, n_active, w_ENK, w_bf16, N, out_PN, xp_scratch, nthreads);
+}
+
+#if defined(__AVX512BF16__)
+/* bf16 x_PK and bf16 w_ENK through the dot product; xp_scratch: P * (K rounded up to 32) bf16 */
+void grouped_gemv_bf16(const uint16_t *x_PK, int64_t K, const int64_t *start, const int64_t *count,
+                       const int64_t *expert, int64_t n_active, const uint16_t *w_ENK, int64_t N,
+                       float *out_PN, uint16_t *xp_scratch, int nthreads) {
+    grouped(x_PK, 1, K, start, count, expert, n_active, w_ENK, 1, N, out_PN, xp_scratch, nthreads);
 }
 #endif
