@@ -26,6 +26,7 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 
+from expertpool.kernels import cpu_attention
 from expertpool.kernels import reference as ref
 from expertpool.kernels._triton import interpreting, triton_import_error
 
@@ -225,6 +226,8 @@ def paged_mla_decode(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens_B, 
         from expertpool.kernels import mla_decode
         return mla_decode.paged_mla_decode(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens_B, scale,
                                            block_size)
+    if not torch.is_grad_enabled() and fast_paths() and cpu_attention.applies(q_abs_BHC, q_pe_BHR, cache_PX):
+        return cpu_attention.mla_decode(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens_B, scale, block_size)
     return ref.paged_mla_decode_ref(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens_B, scale, block_size,
                                     max_len, padded)
 

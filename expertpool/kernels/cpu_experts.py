@@ -12,12 +12,15 @@ without the widening instructions: at one thread on Zen 5, 64 experts from DRAM,
 GB/s at one row per expert, 20-28 against 13-19 at two (``has_bf16_dot``; ``without_bf16_dot`` or
 ``EXPERTPOOL_CPU_BF16_DOT=0`` for the widening path).
 
-Built with the machine's C compiler (``cc -O3 -march=native -fopenmp``; ``CC`` overrides) into
-``$EXPERTPOOL_CACHE/kernels`` (default ``~/.cache/expertpool/kernels``), keyed by the source,
-the compiler, its flags and the CPU's flags, so a cluster of mixed CPUs builds one per kind. A cap
-on torch's vector ISA (``ATEN_CPU_CAPABILITY=avx2`` or ``default``) caps the build the same way, so
-an AVX-512 machine can run the code an AVX2-only one would (``isa_cap_flags``). Without a
-compiler, or with ``EXPERTPOOL_CPU_EXPERT_KERNEL=0``, the experts run through torch (logged once).
+The same library holds the decode attention (``csrc/mla_decode.c``, called through
+``cpu_attention``); this module builds and loads it. Built with the machine's C compiler (``cc -O3
+-march=native -fopenmp``; ``CC`` overrides) into ``$EXPERTPOOL_CACHE/kernels`` (default
+``~/.cache/expertpool/kernels``), keyed by the sources, the compiler, its flags and the CPU's flags,
+so a cluster of mixed CPUs builds one per kind. A cap on torch's vector ISA
+(``ATEN_CPU_CAPABILITY=avx2`` or ``default``) caps the build the same way, so an AVX-512 machine can
+run the code an AVX2-only one would (``isa_cap_flags``). Without a compiler, or with
+``EXPERTPOOL_CPU_EXPERT_KERNEL=0``, the experts and the decode attention run through torch (logged
+once).
 """
 
 from __future__ import annotations
@@ -38,10 +41,14 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "expert_gemv.c"
+CSRC = Path(__file__).with_name("csrc")
+SOURCE = CSRC / "expert_gemv.c"
+# one library for the CPU kernels: the experts' products here, the decode attention (cpu_attention)
+SOURCES = [SOURCE, CSRC / "mla_decode.c"]
+HEADERS = [CSRC / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV_SWITCH = "EXPERTPOOL_CPU_EXPERT_KERNEL"
-DOT_SWITCH = "EXPERTPOOL_CPU_BF16_DOT"  # =0: bf16 activations widen as fp32 compute does (A/B, a suspect CPU)
+DOT_SWITCH = "EXPERTPOOL_CPU_BF16_DOT"
 # the widest vector of the source (L: 16 fp32 lanes with AVX-512): the packed-row scratch is sized for it
 MAX_LANES = 16
 # experts with more rows than this in a layer send the layer to oneDNN / MKL, whose GEMMs win once the
@@ -53,30 +60,46 @@ ISA_CAP_FLAGS = {"avx2": ["-mno-avx512f"], "default": ["-mno-avx512f", "-mno-avx
 
 _lock = threading.Lock()
 _state: dict = {}
-_OFF = [False]
-_NO_DOT = [False]
 
 
-@contextmanager
-def switched_off():
-    """Run the experts through torch's GEMMs inside the block (tests and A/B benchmarks)."""
-    before, _OFF[0] = _OFF[0], True
-    try:
-        yield
-    finally:
-        _OFF[0] = before
+class Switch:
+    """A fast path's off switch: its environment variable set to 0 (read once per process, logged), or
+    ``off()`` around a block (tests and A/B benchmarks)."""
+
+    def __init__(self, env: str | None, off_means: str):
+        self.env, self.off_means = env, off_means
+        self._blocked = False
+        self._env_on: bool | None = None
+
+    def on(self) -> bool:
+        if self._blocked:
+            return False
+        if self._env_on is None:
+            value = os.environ.get(self.env, "1") if self.env else "1"
+            self._env_on = value.strip().lower() not in ("0", "false", "no", "off")
+            if not self._env_on:
+                log.info("%s=0: %s", self.env, self.off_means)
+        return self._env_on
+
+    def reread(self) -> None:
+        """Read the environment variable again at the next ``on()`` (tests)."""
+        self._env_on = None
+
+    @contextmanager
+    def off(self):
+        before, self._blocked = self._blocked, True
+        try:
+            yield
+        finally:
+            self._blocked = before
 
 
-@contextmanager
-def without_bf16_dot():
-    """Inside the block, bf16 activations take the widening fp32 path even where the build has the bf16
-    dot product (tests and A/B benchmarks)."""
-    before, _NO_DOT[0] = _NO_DOT[0], True
-    try:
-        yield
-    finally:
-        _NO_DOT[0] = before
-
+# the experts' kernel inside a block (the library as a whole: ENV_SWITCH)
+EXPERTS = Switch(None, "routed experts run through torch's GEMMs")
+# bf16 activations through the bf16 dot product; off: widened as fp32 compute does (A/B, a suspect CPU)
+BF16_DOT = Switch(DOT_SWITCH, "bf16 routed experts are widened to fp32 in the kernel")
+switched_off = EXPERTS.off  # run the experts through torch's GEMMs inside the block
+without_bf16_dot = BF16_DOT.off  # bf16 activations take the widening fp32 path inside the block
 
 def _cpu_flags() -> str:
     try:
@@ -111,15 +134,20 @@ def _build(cc: str) -> Path:
     read-only home in a container) falls back to the temporary directory, logged."""
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     flags = CFLAGS + isa_cap_flags()
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, version, " ".join(flags), _cpu_flags()])
-                         .encode()).hexdigest()[:16]
-    name = f"expert_gemv-{key}.so"
+    texts = [f.read_text() for f in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, cc, version, " ".join(flags), _cpu_flags()]).encode()).hexdigest()[:16]
+    name = f"cpu_kernels-{key}.so"
     try:
         return _build_in(cc, flags, _cache_dir(), name)
     except OSError as e:
         fallback = Path(tempfile.gettempdir()) / "expertpool-kernels"
-        log.warning("cannot build the CPU expert kernel in %s (%s); building it in %s", _cache_dir(), e, fallback)
+        log.warning("cannot build the CPU kernels in %s (%s); building it in %s", _cache_dir(), e, fallback)
         return _build_in(cc, flags, fallback, name)
+
+
+def compile_command(cc: str, flags: list[str], out) -> list[str]:
+    """The compiler's command line that builds the library (every source, the headers' directory)."""
+    return [cc, *flags, "-I", str(CSRC), "-o", str(out), *map(str, SOURCES)]
 
 
 def _build_in(cc: str, flags: list[str], where: Path, name: str) -> Path:
@@ -131,7 +159,7 @@ def _build_in(cc: str, flags: list[str], where: Path, name: str) -> Path:
     os.close(fd)
     t0 = time.perf_counter()
     try:
-        r = subprocess.run([cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(compile_command(cc, flags, tmp), capture_output=True, text=True, timeout=120)
         if r.returncode != 0:
             last = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f"exit status {r.returncode}"
             raise RuntimeError(f"{cc} failed: {last}")
@@ -139,7 +167,7 @@ def _build_in(cc: str, flags: list[str], where: Path, name: str) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    log.info("built the CPU expert kernel %s in %.1f s (%s %s)", out.name, time.perf_counter() - t0, cc,
+    log.info("built the CPU kernels %s in %.1f s (%s %s)", out.name, time.perf_counter() - t0, cc,
              " ".join(flags))
     return out
 
@@ -150,18 +178,13 @@ def _load(path: Path):
     P, I64 = ctypes.c_void_p, ctypes.c_int64
     fn.argtypes = [P, I64, P, P, P, I64, P, ctypes.c_int, I64, P, P, ctypes.c_int]
     fn.restype = None
+    lib.mla_decode.argtypes = [P, P, ctypes.c_int, P, ctypes.c_int, I64, P, I64, P, I64, I64, I64, I64, I64,
+                               ctypes.c_float, P, ctypes.c_int]
+    lib.mla_decode.restype = ctypes.c_int
     if has_bf16_dot(lib):  # built where the compiler targets AVX512_BF16
         lib.grouped_gemv_bf16.argtypes = [P, I64, P, P, P, I64, P, I64, P, P, ctypes.c_int]
         lib.grouped_gemv_bf16.restype = None
     return lib
-
-
-def _dot_allowed() -> bool:
-    if "dot" not in _state:
-        _state["dot"] = os.environ.get(DOT_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
-        if not _state["dot"]:
-            log.info("%s=0: bf16 routed experts are widened to fp32 in the kernel", DOT_SWITCH)
-    return _state["dot"]
 
 
 def has_bf16_dot(lib) -> bool:
@@ -189,7 +212,7 @@ def library():
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 lib, why = None, str(e)
         if lib is None:
-            log.warning("CPU expert kernel unavailable (%s): routed experts run through torch's GEMMs, "
+            log.warning("CPU kernels unavailable (%s): routed experts and decode attention run through torch, "
                         "slower at decode batch sizes", why)
         _state["lib"] = lib
         return lib
@@ -200,7 +223,7 @@ def applies(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[i
     contiguous fp32 or bf16 weights (no scales: the caller passes dense ones only), at most
     ``MAX_ROWS`` rows per expert, and the kernel available."""
     dense = (torch.float32, torch.bfloat16)
-    return (not _OFF[0] and x.device.type == "cpu" and x.dtype in dense and max(counts) <= MAX_ROWS
+    return (EXPERTS.on() and x.device.type == "cpu" and x.dtype in dense and max(counts) <= MAX_ROWS
             and all(w.device.type == "cpu" and w.dtype in dense and w.is_contiguous() for w in (w13, w2))
             and library() is not None)
 
@@ -225,7 +248,7 @@ def grouped_gemv(x_PK: torch.Tensor, groups: Groups, w_ENK: torch.Tensor, lib=No
     assert P == groups.rows and w_ENK.shape[2] == K, (x_PK.shape, groups.rows, w_ENK.shape)
     N = w_ENK.shape[1]
     out = torch.empty(P, N, dtype=torch.float32)
-    if x_PK.dtype == w_ENK.dtype == torch.bfloat16 and not _NO_DOT[0] and has_bf16_dot(lib) and _dot_allowed():
+    if x_PK.dtype == w_ENK.dtype == torch.bfloat16 and has_bf16_dot(lib) and BF16_DOT.on():
         # bf16 compute: the CPU's bf16 dot product takes both as they are (exact products, fp32 sums)
         x = x_PK.contiguous()
         scratch = torch.empty(P, -(-K // 32) * 32, dtype=torch.bfloat16)

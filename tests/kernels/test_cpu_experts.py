@@ -45,8 +45,8 @@ def test_the_avx2_build_equals_the_fp64_products(tmp_path):
     """The kernel built for an AVX2-only CPU (generic vectors, 8-lane halves; bf16 widened without the
     AVX-512 intrinsic), which is where fp32 compute with bf16 weights matters most, run here."""
     so = tmp_path / "avx2.so"
-    r = subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC", "-o", str(so),
-                        str(cpu_experts.SOURCE)], capture_output=True, text=True)
+    flags = ["-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC"]
+    r = subprocess.run(cpu_experts.compile_command("cc", flags, so), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lib = cpu_experts._load(so)
     g = torch.Generator().manual_seed(5)
@@ -72,7 +72,7 @@ def test_a_rows_result_does_not_depend_on_its_batch():
 
 needs_bf16_dot = pytest.mark.skipif(
     shutil.which("cc") is None or cpu_experts.library() is None or not cpu_experts.has_bf16_dot(cpu_experts.library())
-    or not cpu_experts._dot_allowed(),
+    or not cpu_experts.BF16_DOT.on(),
     reason=f"the kernel's bf16 dot-product entry needs a CPU (and compiler target) with AVX512_BF16 (and "
            f"{cpu_experts.DOT_SWITCH} not 0)")
 
@@ -121,14 +121,14 @@ def test_the_environment_switch_keeps_the_widening_path(monkeypatch):
     entry = lib.grouped_gemv_bf16
     monkeypatch.setattr(lib, "grouped_gemv_bf16", lambda *a: calls.append(1) or entry(*a))
     monkeypatch.setenv(cpu_experts.DOT_SWITCH, "0")
-    monkeypatch.delitem(cpu_experts._state, "dot", raising=False)
+    cpu_experts.BF16_DOT.reread()
     g = torch.Generator().manual_seed(10)
     w = (torch.randn(2, 24, 64, generator=g) * 0.05).to(torch.bfloat16)
     x = torch.randn(3, 64, generator=g).to(torch.bfloat16)
     try:
         got = cpu_experts.grouped_gemv(x, cpu_experts.Groups([1, 2]), w)
     finally:
-        cpu_experts._state.pop("dot", None)
+        cpu_experts.BF16_DOT.reread()
     assert not calls and rel_err(got, _oracle(x, [1, 2], w)) < 1e-6
 
 
@@ -136,8 +136,8 @@ def test_an_avx2_build_has_no_bf16_dot_product_and_widens(tmp_path):
     """A build without AVX-512 (an AVX2-only CPU, or ATEN_CPU_CAPABILITY=avx2) has no bf16 entry:
     bf16 activations are widened there, as before."""
     so = tmp_path / "avx2.so"
-    r = subprocess.run(["cc", "-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC", "-o", str(so),
-                        str(cpu_experts.SOURCE)], capture_output=True, text=True)
+    flags = ["-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC"]
+    r = subprocess.run(cpu_experts.compile_command("cc", flags, so), capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lib = cpu_experts._load(so)
     assert not cpu_experts.has_bf16_dot(lib)
@@ -220,8 +220,8 @@ def test_the_kernel_is_built_once_per_source_compiler_and_cpu(tmp_path, monkeypa
     monkeypatch.setattr(cpu_experts, "_state", {})
     with caplog.at_level("INFO", logger=cpu_experts.log.name):
         assert cpu_experts.library() is not None
-    built = list((tmp_path / "kernels").glob("expert_gemv-*.so"))
-    assert len(built) == 1 and "built the CPU expert kernel" in caplog.text
+    built = list((tmp_path / "kernels").glob("cpu_kernels-*.so"))
+    assert len(built) == 1 and "built the CPU kernels" in caplog.text
     mtime = built[0].stat().st_mtime_ns
     monkeypatch.setattr(cpu_experts, "_state", {})
     assert cpu_experts.library() is not None and built[0].stat().st_mtime_ns == mtime
@@ -235,7 +235,7 @@ def test_the_kernel_is_built_once_per_source_compiler_and_cpu(tmp_path, monkeypa
                 m.setenv(k, v)
             m.setattr(cpu_experts, "_state", {})
             assert cpu_experts.library() is None
-            assert "CPU expert kernel unavailable" in caplog.text and why in caplog.text
+            assert "CPU kernels unavailable" in caplog.text and why in caplog.text
             x = torch.randn(2, 16)
             assert not cpu_experts.applies(x, torch.zeros(1, 8, 16), torch.zeros(1, 16, 4), [2])
 
@@ -252,7 +252,7 @@ def test_an_isa_cap_for_torch_caps_the_kernels_build(tmp_path, monkeypatch, capl
     with caplog.at_level("INFO", logger=cpu_experts.log.name):
         lib = cpu_experts.library()
     assert lib is not None and "-mno-avx512f" in caplog.text
-    assert len(list((tmp_path / "kernels").glob("expert_gemv-*.so"))) == 2
+    assert len(list((tmp_path / "kernels").glob("cpu_kernels-*.so"))) == 2
     g = torch.Generator().manual_seed(6)
     counts = [1, 3, 0, 2]
     w = (torch.randn(len(counts), 40, 48, generator=g) * 0.05).to(torch.bfloat16)
@@ -270,7 +270,7 @@ def test_an_unwritable_cache_builds_in_the_temporary_directory(tmp_path, monkeyp
     monkeypatch.setattr(cpu_experts, "_state", {})
     assert cpu_experts.library() is not None
     assert "building it in" in caplog.text
-    assert list((tmp_path / "tmp" / "expertpool-kernels").glob("expert_gemv-*.so"))
+    assert list((tmp_path / "tmp" / "expertpool-kernels").glob("cpu_kernels-*.so"))
 
 
 def test_a_compiler_error_leaves_no_library_and_names_the_failure(tmp_path, monkeypatch, caplog):

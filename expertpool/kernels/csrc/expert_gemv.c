@@ -10,75 +10,14 @@
    becomes AVX-512 or AVX2 code on the CPU it is built for. OpenMP resolves to the libgomp torch has
    already loaded (same soname), so this kernel and torch's ops share one thread team. */
 
-#include <stdint.h>
-#include <string.h>
+#include "vec.h"
 
-#if defined(__AVX512F__)
-#define L 16         /* fp32 lanes per vector: one zmm */
-#else
-#define L 8          /* one ymm (AVX2; 16 registers, so the accumulators below stay in registers) */
-#endif
 #define MB 4         /* rows that share one pass over a weight row */
 #define KS 2         /* accumulators per row over k */
 #define PF 64        /* weight elements prefetched ahead: two cache lines of bf16 (64 bench-mini experts from
                         DRAM, 2 threads: 256 gave 14.8-15.7 GB/s at 2 rows per expert and 18.1-18.7 at
                         4 rows; 64 gave 16.2-16.4 and 20.8-21.2; 1 row the same) */
 #define NB 16        /* weight rows per work item */
-
-typedef float vf __attribute__((vector_size(L * 4), aligned(4), may_alias));
-typedef uint16_t vh __attribute__((vector_size(L * 2), aligned(2), may_alias));
-typedef uint32_t vu __attribute__((vector_size(L * 4)));
-
-#if defined(__AVX512F__) || defined(__AVX2__)
-#include <immintrin.h>
-#endif
-
-/* L bf16 values widened to fp32 (exact: a bf16 is the top half of an fp32) */
-static inline vf widen_bf16(const uint16_t *p) {
-#if defined(__AVX512F__)
-    return (vf)_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
-#elif defined(__AVX2__)
-    return (vf)_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
-#else
-    vu u = __builtin_convertvector(*(const vh *)p, vu) << 16;
-    vf f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-#endif
-}
-
-static inline float bf16_to_f(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-static inline float hsum(vf v) {
-    /* fixed order: lanes added pairwise in a tree, t[i] += t[i + w] for w = L/2, ..., 1. The intrinsic
-       forms add the same pairs in registers (the upper half onto the lower one at each level), so
-       they give the bits of the scalar loop (checked on bench-mini shapes at 1-8 rows) without its
-       trip through memory: a layer's w13 at 4 rows per expert went from 5.3-5.4 to 3.7-3.9 ms */
-#if defined(__AVX512F__)
-    __m512 z = (__m512)v;
-    __m256 y = _mm256_add_ps(_mm512_castps512_ps256(z),
-                             _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(z), 1)));
-#elif defined(__AVX2__)
-    __m256 y = (__m256)v;
-#endif
-#if defined(__AVX512F__) || defined(__AVX2__)
-    __m128 x = _mm_add_ps(_mm256_castps256_ps128(y), _mm256_extractf128_ps(y, 1));
-    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
-    x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
-    return _mm_cvtss_f32(x);
-#else
-    float t[L];
-    memcpy(t, &v, sizeof t);
-    for (int w = L / 2; w >= 1; w /= 2)
-        for (int i = 0; i < w; i++) t[i] += t[i + w];
-    return t[0];
-#endif
-}
 
 /* One weight row (fp32 or bf16, widened in registers) times MBR rows of x, packed as
    [K / L][MBR][L] so that a k-chunk's MBR vectors are adjacent. KS accumulators per row hide the FMA

@@ -1,0 +1,159 @@
+"""The CPU decode attention (``kernels.cpu_attention``, ``csrc/mla_decode.c``): against the fp64
+softmax attention over each row's context, the torch path's contract (paged cache, block tables,
+lengths), rows that do not depend on their batch, the dispatch and its switches, bad tables refused,
+and the AVX2 build."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from expertpool import kernels
+from expertpool.kernels import cpu_attention, cpu_experts
+from expertpool.kernels import reference as ref
+
+pytestmark = pytest.mark.skipif(shutil.which("cc") is None or cpu_experts.library() is None,
+                                reason="needs a C compiler to build the CPU kernels")
+
+
+def _case(B, H, C, R, bs, q_dtype, c_dtype, lens, seed=0):
+    """Random queries and a paged cache whose blocks are shuffled (a row's blocks are not adjacent),
+    with spare blocks and a block table padded past each row's last block."""
+    g = torch.Generator().manual_seed(seed)
+    lens_B = torch.tensor(lens, dtype=torch.int32)
+    M = (max(lens) + bs - 1) // bs + 1
+    nblk = B * M + 5
+    table = torch.randperm(nblk, generator=g)[:B * M].view(B, M).to(torch.int32)
+    cache = torch.randn(nblk * bs, C + R, generator=g).to(c_dtype)
+    q_abs = (torch.randn(B, H, C, generator=g) * 0.2).to(q_dtype)
+    q_pe = (torch.randn(B, H, R, generator=g) * 0.2).to(q_dtype)
+    return q_abs, q_pe, cache, table, lens_B, (C + R) ** -0.5 * 4
+
+
+def _oracle(q_abs, q_pe, cache, table, lens, scale, bs):
+    B, H, C = q_abs.shape
+    out = torch.empty(B, H, C, dtype=torch.float64)
+    for b in range(B):
+        t = torch.arange(int(lens[b]))
+        ctx = cache[table[b, t // bs].long() * bs + t % bs].double()
+        p = torch.softmax(torch.cat([q_abs[b], q_pe[b]], -1).double() @ ctx.T * scale, -1)
+        out[b] = p @ ctx[:, :C]
+    return out
+
+
+def _check_against_oracle(got, want, dtype):
+    assert got.dtype == dtype and got.shape == want.shape
+    err = (got.double() - want).abs()
+    if dtype == torch.float32:
+        assert err.max() < 2e-6 * want.abs().max(), err.max()
+    else:  # the fp32 result rounded once to bf16: within one bf16 ulp of the exact value
+        assert (err <= want.abs() * 2.0 ** -8 + 1e-30).all(), (err / want.abs()).max()
+
+
+@pytest.mark.parametrize("q_dtype,c_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.float32, torch.bfloat16)])
+@pytest.mark.parametrize("shape", [
+    # B, H, C, R, block size, lengths
+    (4, 8, 512, 64, 16, [1, 17, 96, 33]),        # bench-mini / DeepSeek-V3 head geometry
+    (3, 11, 40, 6, 4, [200, 5, 131]),            # heads past a group of 8, C and C + R not whole vectors,
+                                                 # contexts over several tiles of the weighted sum
+    (2, 4, 32, 8, 8, [1, 64]),                   # the tiny model's shapes
+])
+def test_equals_softmax_attention_in_fp64(q_dtype, c_dtype, shape):
+    B, H, C, R, bs, lens = shape
+    q_abs, q_pe, cache, table, lens_B, scale = _case(B, H, C, R, bs, q_dtype, c_dtype, lens)
+    got = cpu_attention.mla_decode(q_abs, q_pe, cache, table, lens_B, scale, bs)
+    _check_against_oracle(got, _oracle(q_abs, q_pe, cache, table, lens_B, scale, bs), q_dtype)
+
+
+def test_scores_stay_fp32_where_the_torch_path_rounds_them():
+    """With bf16 compute the torch path's batched GEMM rounds the scores to bf16 before the softmax;
+    the kernel keeps them fp32, so its error against fp64 is the output's rounding alone."""
+    q_abs, q_pe, cache, table, lens, scale = _case(8, 8, 512, 64, 16, torch.bfloat16, torch.bfloat16,
+                                                   [96] * 8, seed=3)
+    want = _oracle(q_abs, q_pe, cache, table, lens, scale, 16)
+    got = cpu_attention.mla_decode(q_abs, q_pe, cache, table, lens, scale, 16)
+    torch_path = ref.paged_mla_decode_ref(q_abs, q_pe, cache, table, lens, scale, 16, table.shape[1] * 16)
+    err_kernel, err_torch = ((x.double() - want).abs().mean() for x in (got, torch_path))
+    assert err_kernel < err_torch
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_does_not_depend_on_its_batch(dtype):
+    """Each row alone, and beside rows of other lengths, gives the same bits (a replay after a failure
+    continues exactly)."""
+    q_abs, q_pe, cache, table, lens, scale = _case(6, 8, 512, 64, 16, dtype, dtype, [3, 90, 1, 47, 16, 70], seed=1)
+    together = cpu_attention.mla_decode(q_abs, q_pe, cache, table, lens, scale, 16)
+    for b in range(6):
+        alone = cpu_attention.mla_decode(q_abs[b:b + 1], q_pe[b:b + 1], cache, table[b:b + 1], lens[b:b + 1], scale, 16)
+        assert torch.equal(alone[0], together[b])
+    with _threads(1):
+        one_thread = cpu_attention.mla_decode(q_abs, q_pe, cache, table, lens, scale, 16)
+    assert torch.equal(one_thread, together)
+
+
+class _threads:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def test_the_cpu_decode_step_takes_the_kernel_and_the_switches_keep_the_torch_path(monkeypatch):
+    q_abs, q_pe, cache, table, lens, scale = _case(3, 8, 64, 16, 16, torch.float32, torch.float32, [5, 20, 9])
+    calls = []
+    kernel = cpu_attention.mla_decode
+    monkeypatch.setattr(cpu_attention, "mla_decode", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    max_len = table.shape[1] * 16
+    with torch.no_grad():
+        fast = kernels.paged_mla_decode(q_abs, q_pe, cache, table, lens, scale, 16, max_len)
+        assert calls == [1]
+        with cpu_attention.switched_off():
+            slow = kernels.paged_mla_decode(q_abs, q_pe, cache, table, lens, scale, 16, max_len)
+        with kernels.use_backend("torch"):  # the reference path of the parity tests
+            kernels.paged_mla_decode(q_abs, q_pe, cache, table, lens, scale, 16, max_len)
+        monkeypatch.setenv(cpu_attention.ENV_SWITCH, "0")
+        cpu_attention.SWITCH.reread()
+        try:
+            kernels.paged_mla_decode(q_abs, q_pe, cache, table, lens, scale, 16, max_len)
+        finally:
+            monkeypatch.delenv(cpu_attention.ENV_SWITCH)
+            cpu_attention.SWITCH.reread()
+    assert calls == [1]
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    # autograd (training, scoring with gradients) keeps the torch path
+    q = q_abs.clone().requires_grad_()
+    kernels.paged_mla_decode(q, q_pe, cache, table, lens, scale, 16, max_len).sum().backward()
+    assert calls == [1] and q.grad is not None
+
+
+def test_a_length_or_block_outside_the_cache_is_refused_before_reading():
+    q_abs, q_pe, cache, table, lens, scale = _case(2, 8, 64, 16, 16, torch.float32, torch.float32, [5, 20])
+    with pytest.raises(IndexError, match="context length"):
+        cpu_attention.mla_decode(q_abs, q_pe, cache, table, torch.tensor([5, 0], dtype=torch.int32), scale, 16)
+    with pytest.raises(IndexError, match="context length"):
+        cpu_attention.mla_decode(q_abs, q_pe, cache, table, torch.tensor([5, 10_000], dtype=torch.int32), scale, 16)
+    bad = table.clone()
+    bad[1, 1] = cache.shape[0] // 16  # one block past the cache
+    with pytest.raises(IndexError, match="block outside"):
+        cpu_attention.mla_decode(q_abs, q_pe, cache, bad, lens, scale, 16)
+
+
+@pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text(), reason="needs a CPU with AVX2 to run the build")
+def test_the_avx2_build_equals_softmax_attention_in_fp64(tmp_path):
+    so = tmp_path / "avx2.so"
+    flags = ["-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC"]
+    r = subprocess.run(cpu_experts.compile_command("cc", flags, so), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lib = cpu_experts._load(so)
+    for dtype in (torch.float32, torch.bfloat16):
+        q_abs, q_pe, cache, table, lens, scale = _case(3, 11, 40, 6, 4, dtype, dtype, [70, 1, 9], seed=2)
+        got = cpu_attention.mla_decode(q_abs, q_pe, cache, table, lens, scale, 4, lib=lib)
+        _check_against_oracle(got, _oracle(q_abs, q_pe, cache, table, lens, scale, 4), dtype)
