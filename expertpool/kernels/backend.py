@@ -222,12 +222,13 @@ def paged_mla_decode(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens_B, 
                      max_len: int, padded=None):
     """Absorbed-MLA decode attention over a paged latent cache (see ``mla_decode``); ``padded()``
     supplies the torch path's (slots_BT, valid_BT) when the caller caches them across layers."""
+    if not torch.is_grad_enabled() and fast_paths() and cpu_attention.applies(q_abs_BHC, q_pe_BHR, cache_PX):
+        _log_once("paged_mla_decode", "the CPU kernel", f"csrc/mla_decode.c; {cpu_attention.ENV_SWITCH}=0 for torch")
+        return cpu_attention.mla_decode(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens_B, scale, block_size)
     if _choose("paged_mla_decode", q_abs_BHC.device, fp8=False) == "triton":
         from expertpool.kernels import mla_decode
         return mla_decode.paged_mla_decode(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens_B, scale,
                                            block_size)
-    if not torch.is_grad_enabled() and fast_paths() and cpu_attention.applies(q_abs_BHC, q_pe_BHR, cache_PX):
-        return cpu_attention.mla_decode(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens_B, scale, block_size)
     return ref.paged_mla_decode_ref(q_abs_BHC, q_pe_BHR, cache_PX, block_table_BM, seq_lens_B, scale, block_size,
                                     max_len, padded)
 
