@@ -89,21 +89,13 @@ def test_a_row_does_not_depend_on_its_batch(dtype):
     for b in range(6):
         alone = cpu_attention.mla_decode(q_abs[b:b + 1], q_pe[b:b + 1], cache, table[b:b + 1], lens[b:b + 1], scale, 16)
         assert torch.equal(alone[0], together[b])
-    with _threads(1):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         one_thread = cpu_attention.mla_decode(q_abs, q_pe, cache, table, lens, scale, 16)
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(one_thread, together)
-
-
-class _threads:
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
 
 
 def test_the_cpu_decode_step_takes_the_kernel_and_the_switches_keep_the_torch_path(monkeypatch):

@@ -18,7 +18,6 @@
 
 #include <math.h>
 #include <stdlib.h>
-#include <omp.h>
 
 #include "vec.h"
 
@@ -35,32 +34,28 @@ static inline float load_one(const void *p, int bf16, int64_t i) {
     return bf16 ? bf16_to_f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* fp32 -> bf16, rounded to nearest even, NaN kept quiet: torch's conversion */
-static inline uint16_t to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
-static inline void store_one(void *p, int bf16, int64_t i, float v) {
-    if (bf16) ((uint16_t *)p)[i] = to_bf16(v);
-    else ((float *)p)[i] = v;
-}
-
-/* L lanes stored at p + i as fp32 or bf16 (to_bf16's rounding, lane by lane in vector registers) */
-static inline void store_vec(void *p, int bf16, int64_t i, vf v) {
-    if (!bf16) {
-        memcpy((float *)p + i, &v, sizeof v);
-        return;
-    }
+/* L lanes to bf16, rounded to nearest even, NaN kept quiet: torch's conversion, in vector registers */
+static inline vh to_bf16(vf v) {
     vu u;
     memcpy(&u, &v, sizeof u);
     const vu nan = (vu)((u & 0x7fffffffu) > 0x7f800000u);
     const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, q = (u >> 16) | 0x40u;
-    const vh h = __builtin_convertvector((nan & q) | (~nan & r), vh);
-    memcpy((uint16_t *)p + i, &h, sizeof h);
+    return __builtin_convertvector((nan & q) | (~nan & r), vh);
+}
+
+/* the first n <= L lanes of src stored at p + i as fp32 or bf16 (whole vectors as register moves) */
+static inline void store(void *p, int bf16, int64_t i, const float *src, int64_t n) {
+    vf v = (vf){0};
+    if (n == L) memcpy(&v, src, sizeof v);
+    else memcpy(&v, src, sizeof(float) * n);
+    if (!bf16) {
+        if (n == L) memcpy((float *)p + i, &v, sizeof v);
+        else memcpy((float *)p + i, &v, sizeof(float) * n);
+        return;
+    }
+    const vh h = to_bf16(v);
+    if (n == L) memcpy((uint16_t *)p + i, &h, sizeof h);
+    else memcpy((uint16_t *)p + i, &h, sizeof(uint16_t) * n);
 }
 
 /* exp of L lanes, each x <= 0 (a score minus its row's max): x = n ln2 + r with |r| <= ln2 / 2, e^r
@@ -129,8 +124,8 @@ SCORES_FN(scores_2, 2)
 
 /* One item: row b, heads h0 .. h0 + nh - 1 (nh <= HG). Scratch: qf [HG][XS] fp32 (heads past nh are
    zeros and their results dropped, so every item runs the same register-resident loops), pt [HG][T]
-   scores then probabilities, rows [T] context row pointers, oa [HG][CS] the fp32 output (XS, CS: X, C rounded up to whole vectors). Inlined per dtype pair (the flags are
-   constants there). */
+   scores then probabilities, rows [T] context row pointers, oa [HG][CS] the fp32 output (XS, CS: X
+   and C rounded up to whole vectors). Inlined per dtype pair (the flags are constants there). */
 static inline __attribute__((always_inline)) void item(
         const void *q_abs, const void *q_pe, const int q_bf16, const char *cache, const int c_bf16,
         const int32_t *table, int64_t M, int64_t T, int64_t b, int64_t h0, int64_t nh, int64_t H, int64_t C,
@@ -212,11 +207,9 @@ static inline __attribute__((always_inline)) void item(
                 oa[h * CS + c] = a;
             }
     }
-    for (int64_t h = 0; h < nh; h++) {
-        const int64_t o = (b * H + h0 + h) * C;
-        for (int64_t c = 0; c < C - C % L; c += L) store_vec(out, q_bf16, o + c, *(const vf *)(oa + h * CS + c));
-        for (int64_t c = C - C % L; c < C; c++) store_one(out, q_bf16, o + c, oa[h * CS + c]);
-    }
+    for (int64_t h = 0; h < nh; h++)
+        for (int64_t c = 0; c < C; c += L)
+            store(out, q_bf16, (b * H + h0 + h) * C + c, oa + h * CS + c, C - c < L ? C - c : L);
 }
 
 /* item() with its two dtype flags made constants: four specialized copies */
@@ -268,8 +261,8 @@ int mla_decode(const void *q_abs, const void *q_pe, int q_bf16, const void *cach
             for (int64_t i = 0; i < items; i++) {
                 const int64_t b = i / groups, h0 = (i % groups) * HG;
                 const int64_t nh = H - h0 < HG ? H - h0 : HG;
-                item_any(q_abs, q_pe, q_bf16, (const char *)cache, c_bf16, table, M, lens[b], b, h0, nh, H, C, R, bs,
-                     scale, out, qf, pt, rows, oa);
+                item_any(q_abs, q_pe, q_bf16, (const char *)cache, c_bf16, table, M, lens[b], b, h0, nh, H, C, R,
+                         bs, scale, out, qf, pt, rows, oa);
             }
         }
         free(qf);
