@@ -6,7 +6,7 @@
 #   docker build -t registry.example.com/expertpool:0.1.0 .
 #   docker build --build-arg BASE=rayproject/ray:2.60.0-py311-gpu -t registry.example.com/expertpool:0.1.0-gpu .
 #
-# CPU actors build the routed-expert kernel with cc at start (expertpool/kernels/csrc); DeepSpeed JIT-compiles
+# CPU actors build the CPU kernels (routed experts, decode attention) with cc at start (expertpool/kernels/csrc); DeepSpeed JIT-compiles
 # a small C++ op (g++ and ninja): both are present in the Ray images. Set
 # DS_BUILD_SHM_COMM=1 below to build DeepSpeed's op here instead.
 ARG BASE=rayproject/ray:2.60.0-py311
