@@ -11,6 +11,17 @@ import subprocess
 import time
 
 
+def scratch_dir(prefix: str = "expertpool-bench-") -> str:
+    """A temporary directory removed when the benchmark exits (a bench-mini checkpoint is ~0.5 GB)."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -24,7 +24,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -202,7 +201,7 @@ def main():
     print(f"CPU: {common.cpu_flags_line()}; load average {os.getloadavg()[0]:.2f}", flush=True)
     if a.model is None:
         from expertpool.model.embedded import init_model
-        a.model = tempfile.mkdtemp()
+        a.model = common.scratch_dir()
         init_model("bench-mini", a.model, seed=0)
     layouts = a.layouts.split(",")
     res: dict[str, list[dict]] = {k: [] for k in layouts}

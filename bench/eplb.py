@@ -31,7 +31,6 @@ default skew (a random hot set per layer) the default placement is already near 
 import argparse
 import asyncio
 import sys
-import tempfile
 import time
 
 import common
@@ -123,7 +122,7 @@ def main():
     from expertpool.platform.config import parse_config
     from expertpool.platform.engine import build_engine
 
-    model_dir = tempfile.mkdtemp(prefix="bench-mini-")
+    model_dir = common.scratch_dir("bench-mini-")
     print(f"building bench-mini in {model_dir} ...", flush=True)
     init_model("bench-mini", model_dir, seed=0)
     from expertpool.model.args import ModelArgs

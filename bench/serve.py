@@ -181,7 +181,7 @@ def run_speculative(a, flags: str) -> None:
     import torch
 
     from expertpool.model.embedded import init_model
-    model_dir = os.path.join(tempfile.mkdtemp(), "bench-mini-mtp")
+    model_dir = os.path.join(common.scratch_dir(), "bench-mini-mtp")
     print(f"creating bench-mini with one MTP module (random weights) in {model_dir} ...", flush=True)
     init_model("bench-mini", model_dir, seed=0, mtp_layers=1)
     print(f"calibrating its MTP module: mode mtp, {a.mtp_steps} steps ...", flush=True)
@@ -227,7 +227,7 @@ def run_prefix(a, flags: str) -> None:
     import random
 
     from expertpool.model.embedded import init_model
-    model_dir = os.path.join(tempfile.mkdtemp(), "bench-mini")
+    model_dir = os.path.join(common.scratch_dir(), "bench-mini")
     init_model("bench-mini", model_dir, seed=0)
     rng = random.Random(0)
     system = [rng.randint(5, 2000) for _ in range(SYSTEM)]
@@ -424,7 +424,7 @@ def main():
         return
 
     from expertpool.model.embedded import init_model
-    tmp = tempfile.mkdtemp()
+    tmp = common.scratch_dir()
     model_dir = os.path.join(tmp, "bench-mini")
     print(f"creating bench-mini (random weights) in {model_dir} ...", flush=True)
     init_model("bench-mini", model_dir, seed=0, fp8=a.fp8)
