@@ -11,7 +11,10 @@ async scheduling and is never needed after a recovery (the engine sends explicit
 ``load`` (dense weights plus only its routed experts, and its KV cache; no collectives), ``join``
 (torch.distributed group: gloo on CPU, NCCL on GPU, collectives bounded by a timeout; tearing down
 any earlier group first, so a group is re-formed by calling ``join`` on every rank again) and
-``step``. Attention is data-parallel: each worker holds the latent cache of the sequences the engine
+``step``. Steps and releases normally come over the replica's step channel
+(``platform.step_channel``: one TCP connection, served on one thread of the actor) rather than as Ray
+actor tasks; the methods that touch the runner hold one lock, so a step never overlaps them.
+Attention is data-parallel: each worker holds the latent cache of the sequences the engine
 assigned to it. All workers of a group run every step (with an empty batch if need be) because MoE
 layers are collectives. ``ping`` and ``abort_group`` run in their own concurrency group, so a
 liveness check is answered even while a step runs, and a step stuck in an NCCL collective can be
@@ -20,8 +23,10 @@ released.
 The executors that drive a runner or a group of these actors are in ``platform.executor``.
 """
 
+import functools
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -415,6 +420,16 @@ def _cuda_device_index() -> int:
     return 0
 
 
+def _one_at_a_time(method):
+    """Run the actor method under the worker's lock: the step channel's thread runs steps beside Ray's
+    task threads, and nothing that touches the runner or the group may overlap a step."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
+
+
 class ExpertWorker:
     """Ray actor body (wrapped with ray.remote by ``executor.RayExecutor``)."""
 
@@ -434,7 +449,10 @@ class ExpertWorker:
         self.backend = "gloo"
         self.generation = -1
         self.exchange = None  # model.shm_exchange.ShmExchange of the current group, or None (the group's gloo)
+        self._lock = threading.RLock()  # held by whatever touches the runner or the group (``_one_at_a_time``)
+        self._channel = None  # step_channel.ChannelServer, once the replica asks for it
 
+    @_one_at_a_time
     def load(self, spec: WorkerSpec, experts: ExpertIds = None) -> dict[str, Any]:
         """Load the dense weights and this rank's experts (``experts``: the rank's slots of the group's
         placement, per layer where layers differ; default: its contiguous range) (and the KV cache when
@@ -489,10 +507,12 @@ class ExpertWorker:
                 "device": self.device, "experts": self.experts, "dtype": choice.dtype, "dtype_reason": choice.reason,
                 "free_bytes": free}
 
+    @_one_at_a_time
     def allocate_cache(self, num_blocks: int) -> None:
         self.runner = ModelRunner(self.model, num_blocks, self.spec.block_size, self.device, self.tokenizer,
                                   self.spec.spec_tokens, self.spec.scratch_blocks)
 
+    @_one_at_a_time
     def enable_decode_graphs(self) -> str:
         """After the warm-up: capture decode steps per batch bucket where the forward allows it."""
         from expertpool.model.decode_graphs import decode_buckets
@@ -511,6 +531,7 @@ class ExpertWorker:
             port = s.getsockname()[1]
         return ray.util.get_node_ip_address(), port
 
+    @_one_at_a_time
     def join(self, master_addr: str, master_port: int, generation: int) -> int:
         """(Re-)form the group: leave any earlier one, then rendezvous with every rank at the address.
         Collectives wait at most ``collective_timeout_s`` for a peer, so a dead peer is detected."""
@@ -545,21 +566,26 @@ class ExpertWorker:
                  how, time.time() - t0)
         return generation
 
+    @_one_at_a_time
     def step(self, items: list[StepItem]) -> list[int | None]:
         return self.runner.step(items)
 
+    @_one_at_a_time
     def release(self, seq_ids: list[str]) -> None:
         self.runner.release(seq_ids)
 
+    @_one_at_a_time
     def expert_load(self) -> dict[int, list[int]]:
         return self.runner.expert_load()
 
+    @_one_at_a_time
     def expert_cost(self) -> float:
         """``ModelRunner.expert_cost``, measured once the group is warm; logged."""
         cost = self.runner.expert_cost()
         log.info("worker %d: one expert weight read costs as much as %.1f rows (EPLB load model)", self.rank, cost)
         return cost
 
+    @_one_at_a_time
     def load_patch(self, patch_dir: str) -> int:
         from expertpool.model.patch import read_patch
 
@@ -597,6 +623,7 @@ class ExpertWorker:
         log.info("worker %d: prepared experts %s in %.1fs", self.rank, expert_span(experts), dt)
         return dt
 
+    @_one_at_a_time
     def commit_placement(self, rank: int, world: int, replicas, regroup: bool = True) -> dict[str, Any]:
         """At a step boundary (nothing in flight): take rank ``rank`` of ``world``, swap in the prepared
         experts if any, and take the copies table: at the next ``join`` (``regroup``), or at once when
@@ -643,6 +670,28 @@ class ExpertWorker:
             if moe.layer_id in per_layer:
                 moe.dispatcher = AllToAllDispatcher(self.n_experts, replicas=per_layer[moe.layer_id],
                                                     exchange=self.exchange)
+
+    def open_step_channel(self) -> tuple[tuple[str, int], bytes]:
+        """Start (once) the step channel's listener on this node's address; returns its address and the
+        token a connection must send first (``step_channel``)."""
+        from expertpool.platform.step_channel import ChannelServer
+
+        if self._channel is None:
+            on_gpu = self.device.startswith("cuda")
+            self._channel = ChannelServer(
+                lambda items: self.runner.step(items), lambda ids: self.runner.release(ids), self._lock,
+                ray.util.get_node_ip_address(),
+                on_thread_start=(lambda: torch.cuda.set_device(self.device)) if on_gpu else None,
+                name=f"step-channel-{self.rank}")
+            log.info("worker %d: step channel listening on %s:%d", self.rank, *self._channel.address)
+        return self._channel.address, self._channel.token
+
+    @ray.method(concurrency_group=CONTROL)
+    def drop_steps(self, conn_id: bytes) -> None:
+        """The steps still queued on the step channel connection ``conn_id`` are answered without running
+        (a step of the group failed; they would run against a broken group)."""
+        if self._channel is not None:
+            self._channel.drop(conn_id)
 
     @ray.method(concurrency_group=CONTROL)
     def ping(self) -> int:

@@ -104,9 +104,10 @@ async def _kill_rank(app: str, rank: int) -> int:
     return pid
 
 
-async def _stream(client, prompt, **kw):
-    """One streaming completion: (text, finish_reason, usage, error, token arrival times)."""
-    text, finish, usage, times = [], None, None, []
+async def _stream(client, prompt, times=None, **kw):
+    """One streaming completion: (text, finish_reason, usage, error, token arrival times); ``times``: the
+    list to record arrivals in as they come (default: a new one)."""
+    text, finish, usage, times = [], None, None, [] if times is None else times
     try:
         stream = await client.completions.create(model="expertpool-tiny", prompt=prompt, stream=True,
                                                  stream_options={"include_usage": True}, **kw)
@@ -128,18 +129,15 @@ def _prompts(n):
 
 
 async def _run(base, prompts, kw_of, faults=None):
-    """Run the streams; ``faults`` (an async callable taking the per-stream progress lists) runs beside them."""
+    """Run the streams; ``faults`` (an async callable taking each stream's token arrival times so far)
+    runs beside them."""
     client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=300)
-    progress = [[] for _ in prompts]
+    arrivals = [[] for _ in prompts]
 
-    async def one(i, p):
-        r = await _stream(client, p, **kw_of(i))
-        progress[i].append(r)
-        return r
     async with client:
-        tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
+        tasks = [asyncio.ensure_future(_stream(client, p, arrivals[i], **kw_of(i))) for i, p in enumerate(prompts)]
         if faults is not None:
-            await faults()
+            await faults(arrivals)
         return await asyncio.gather(*tasks)
 
 
@@ -183,7 +181,7 @@ def test_actor_killed_under_8_streams_loses_nothing(heal, kind):
     _assert_complete_and_equal(reference, reference)
     before = _stats("heal")
 
-    async def fault():
+    async def fault(_):
         await _after_tokens("heal", 1)
     faulty = asyncio.run(_run(heal, prompts, kw, fault))
     _assert_complete_and_equal(faulty, reference)
@@ -242,7 +240,7 @@ def test_each_rank_in_turn_and_two_kills_in_a_row(heal):
     reference = asyncio.run(_run(heal, prompts, _greedy))
     r0 = _stats("heal")["recoveries"]
 
-    async def faults():
+    async def faults(_):
         for n, rank in enumerate((0, 1, 0)):  # rank 0 hosts the rendezvous; then two back to back
             await _after_tokens("heal", rank)
             while (await _astats("heal"))["recoveries"] < r0 + n + 1:
@@ -319,14 +317,15 @@ def test_downscale_2_to_1_finishes_every_stream(serve_base):
 
         downscaled = []
 
-        async def faults():
-            await asyncio.sleep(3)  # streams running on both replicas
+        async def faults(arrivals):
+            while min(len(a) for a in arrivals) < 5:  # every stream under way (on both replicas)
+                await asyncio.sleep(0.01)
             downscaled.append(time.monotonic())
             _deploy(cfg, num_replicas=1)
-        res = asyncio.run(_run(base, _prompts(8), lambda i: dict(max_tokens=150, temperature=0,
+        res = asyncio.run(_run(base, _prompts(8), lambda i: dict(max_tokens=400, temperature=0,
                                                                    extra_body={"ignore_eos": True}), faults))
         for text, finish, usage, err, times in res:
-            assert err is None and finish == "length" and usage == 150
+            assert err is None and finish == "length" and usage == 400
             assert times[-1] > downscaled[0], "a stream ended before the downscale: nothing was drained"
         _wait_for(lambda: _replica_count("down") == 1, what="the downscale to 1 replica")
     finally:
