@@ -77,7 +77,7 @@ class ChannelServer:
         self._step, self._release, self._lock = step, release, lock
         self._on_thread_start = on_thread_start
         self.token = secrets.token_bytes(_TOKEN_BYTES)
-        self._sock = socket.create_server((host, 0))
+        self._sock = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.address = (host, self._sock.getsockname()[1])
         self._conn_id = b""  # the connection being served (sent by the client after the token)
         self._dropping = False

@@ -192,3 +192,22 @@ def test_steps_hold_the_lock_the_actor_methods_hold(server):
         assert asyncio.run(main()) == [2]
     finally:
         srv.close()
+
+
+def test_which_groups_step_over_the_channel(monkeypatch):
+    """auto: groups of several actors and GPU actors; a single CPU actor keeps Ray actor tasks."""
+    from types import SimpleNamespace
+
+    from expertpool.platform.executor import RayExecutor
+
+    spec = SimpleNamespace(collective_timeout_s=1.0)
+    for mode, world, device, want in [("auto", 2, "cpu", True), ("auto", 1, "cpu", False), ("auto", 1, "cuda:0", True),
+                                      ("", 1, "cpu", False), ("0", 2, "cpu", False), ("1", 1, "cpu", True)]:
+        monkeypatch.setenv("EXPERTPOOL_STEP_CHANNEL", mode)
+        ex = RayExecutor(spec, [{}] * world)
+        for s in ex.slots:
+            s.info["device"] = device
+        assert ex.use_channels is want, (mode, world, device)
+    monkeypatch.setenv("EXPERTPOOL_STEP_CHANNEL", "yes")
+    with pytest.raises(ValueError, match="use 1, 0 or auto"):
+        RayExecutor(spec, [{}])
