@@ -131,10 +131,9 @@ class RayExecutor:
 
     Steps and releases go over each actor's step channel (``platform.step_channel``: one TCP connection
     per actor; ~0.06 ms round trip and ~0.06 ms of CPU per step against ~1.1 ms and ~1.2 ms for a Ray
-    actor task, 2 CPUs) when the group has several actors or GPU actors; a single CPU actor, or
-    ``EXPERTPOOL_STEP_CHANNEL=0``, or a channel that cannot be opened (logged), keeps Ray actor tasks
-    (``=1`` uses channels for every group). Channels are connected at the first step after the group
-    forms, and closed when it changes.
+    actor task, 2 CPUs); ``EXPERTPOOL_STEP_CHANNEL=0``, or a channel that cannot be opened (logged),
+    keeps Ray actor tasks. Channels are connected at the first step after the group forms, and closed
+    when it changes.
 
     Failure handling: a step waits for every rank's result; when one fails (a dead actor's call
     raises ``ActorDiedError`` within about a second; its peers' collectives then fail on the closed
@@ -163,12 +162,11 @@ class RayExecutor:
         self._expert_cost: float | None = None  # rank 0's measurement, on first use (``expert_cost``)
         self.generation = 0
         self._cls = ray.remote(concurrency_groups={CONTROL: 1, PREPARE: 1})(ExpertWorker)
-        # "1": every group steps over the step channels; "0": Ray actor tasks; "auto" (default): channels
-        # for groups of several actors or GPU actors, actor tasks for one CPU actor (served slower on 2 CPUs
-        # over the channel, unexplained: docs/benchmarks.md)
-        self.channel_mode = os.environ.get("EXPERTPOOL_STEP_CHANNEL", "auto").strip().lower() or "auto"
-        if self.channel_mode not in ("0", "1", "auto"):
-            raise ValueError(f"EXPERTPOOL_STEP_CHANNEL={self.channel_mode!r}: use 1, 0 or auto")
+        # "1" (default): the group steps over the step channels; "0": Ray actor tasks
+        self.channel_mode = os.environ.get("EXPERTPOOL_STEP_CHANNEL", "1").strip() or "1"
+        if self.channel_mode not in ("0", "1"):
+            raise ValueError(f"EXPERTPOOL_STEP_CHANNEL={self.channel_mode!r}: "
+                             "use 1 (step channels) or 0 (Ray actor tasks)")
         self._channels: list[ChannelClient] | None = None  # connected at the first step of a group
         self._channels_failed = False  # a channel of this group would not open: Ray actor tasks until it changes
 
@@ -215,7 +213,7 @@ class RayExecutor:
         ray.get([s.actor.commit_placement.remote(r, self.world, replicas) for r, s in enumerate(self.slots)])
         addr, port = ray.get(self.slots[0].actor.rendezvous_address.remote())
         ray.get([s.actor.join.remote(addr, port, self.generation) for s in self.slots])
-        if self.channel_mode != "0":  # listeners on every actor: a group that widens later uses them
+        if self.use_channels:
             for slot, where in zip(self.slots, ray.get([s.actor.open_step_channel.remote() for s in self.slots])):
                 slot.channel = where
         self.warmup()
@@ -257,14 +255,12 @@ class RayExecutor:
     # ---- the step channels
     @property
     def use_channels(self) -> bool:
-        """Whether this group steps over the step channels (``channel_mode``, the group's width and device)."""
-        if self.channel_mode != "auto":
-            return self.channel_mode == "1"
-        return self.world > 1 or any(str(s.info.get("device", "cpu")).startswith("cuda") for s in self.slots)
+        """Whether this group steps over the step channels (``EXPERTPOOL_STEP_CHANNEL``, default 1)."""
+        return self.channel_mode == "1"
 
     async def _open_channel_listeners(self) -> None:
         """Ask the actors that have none yet for their step channel (a new actor: start, recovery, resize)."""
-        if self.channel_mode == "0":
+        if not self.use_channels:
             return
         new = [s for s in self.slots if s.channel is None]
         for slot, where in zip(new, await asyncio.gather(*[_await(s.actor.open_step_channel.remote()) for s in new])):

@@ -13,7 +13,8 @@ async scheduling and is never needed after a recovery (the engine sends explicit
 any earlier group first, so a group is re-formed by calling ``join`` on every rank again) and
 ``step``. Steps and releases normally come over the replica's step channel
 (``platform.step_channel``: one TCP connection, served on one thread of the actor) rather than as Ray
-actor tasks; the methods that touch the runner hold one lock, so a step never overlaps them.
+actor tasks; every method that touches the runner or the group, and every channel frame, runs on one
+compute thread of the actor, one at a time.
 Attention is data-parallel: each worker holds the latent cache of the sequences the engine
 assigned to it. All workers of a group run every step (with an empty batch if need be) because MoE
 layers are collectives. ``ping`` and ``abort_group`` run in their own concurrency group, so a
@@ -28,6 +29,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -421,13 +423,16 @@ def _cuda_device_index() -> int:
 
 
 def _one_at_a_time(method):
-    """Run the actor method under the worker's lock: the step channel's thread runs steps beside Ray's
-    task threads, and nothing that touches the runner or the group may overlap a step."""
+    """Run the actor method on the worker's compute thread, one at a time (the worker's lock): every
+    torch op of the actor runs on that one thread, whether Ray or the step channel asked for it. Two
+    threads running OpenMP regions would give the process two OpenMP teams, and with more libgomp
+    threads than CPUs libgomp stops spin-waiting between regions (each of a step's ~1,000 regions then
+    wakes a sleeping thread). Called on the compute thread itself (one method calling another), it runs
+    directly."""
     @functools.wraps(method)
-    def locked(self, *args, **kwargs):
-        with self._lock:
-            return method(self, *args, **kwargs)
-    return locked
+    def on_compute(self, *args, **kwargs):
+        return self._on_compute(method, self, *args, **kwargs)
+    return on_compute
 
 
 class ExpertWorker:
@@ -449,8 +454,17 @@ class ExpertWorker:
         self.backend = "gloo"
         self.generation = -1
         self.exchange = None  # model.shm_exchange.ShmExchange of the current group, or None (the group's gloo)
-        self._lock = threading.RLock()  # held by whatever touches the runner or the group (``_one_at_a_time``)
+        self._lock = threading.RLock()  # held while a Ray method or a channel frame waits for the compute thread
+        self._compute = ThreadPoolExecutor(1, thread_name_prefix="expertpool-compute")  # ``_one_at_a_time``
+        self._compute_thread = self._compute.submit(threading.current_thread).result()
         self._channel = None  # step_channel.ChannelServer, once the replica asks for it
+
+    def _on_compute(self, fn, *args, **kwargs):
+        """``fn(*args, **kwargs)`` on the compute thread (directly when already on it), one caller at a time."""
+        if threading.current_thread() is self._compute_thread:
+            return fn(*args, **kwargs)
+        with self._lock:
+            return self._compute.submit(fn, *args, **kwargs).result()
 
     @_one_at_a_time
     def load(self, spec: WorkerSpec, experts: ExpertIds = None) -> dict[str, Any]:
@@ -677,12 +691,10 @@ class ExpertWorker:
         from expertpool.platform.step_channel import ChannelServer
 
         if self._channel is None:
-            on_gpu = self.device.startswith("cuda")
-            self._channel = ChannelServer(
-                lambda items: self.runner.step(items), lambda ids: self.runner.release(ids), self._lock,
-                ray.util.get_node_ip_address(),
-                on_thread_start=(lambda: torch.cuda.set_device(self.device)) if on_gpu else None,
-                name=f"step-channel-{self.rank}")
+            self._channel = ChannelServer(  # frames are read on the channel's thread, run on the compute thread
+                lambda items: self._on_compute(lambda: self.runner.step(items)),
+                lambda ids: self._on_compute(lambda: self.runner.release(ids)), self._lock,
+                ray.util.get_node_ip_address(), name=f"step-channel-{self.rank}")
             log.info("worker %d: step channel listening on %s:%d", self.rank, *self._channel.address)
         return self._channel.address, self._channel.token
 

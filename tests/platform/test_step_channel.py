@@ -194,20 +194,18 @@ def test_steps_hold_the_lock_the_actor_methods_hold(server):
         srv.close()
 
 
-def test_which_groups_step_over_the_channel(monkeypatch):
-    """auto: groups of several actors and GPU actors; a single CPU actor keeps Ray actor tasks."""
+def test_the_switch_between_channels_and_actor_tasks(monkeypatch):
+    """Step channels by default and for 1; Ray actor tasks for 0; anything else is refused."""
     from types import SimpleNamespace
 
     from expertpool.platform.executor import RayExecutor
 
     spec = SimpleNamespace(collective_timeout_s=1.0)
-    for mode, world, device, want in [("auto", 2, "cpu", True), ("auto", 1, "cpu", False), ("auto", 1, "cuda:0", True),
-                                      ("", 1, "cpu", False), ("0", 2, "cpu", False), ("1", 1, "cpu", True)]:
+    for mode, world, want in [("", 1, True), ("1", 2, True), ("0", 1, False), ("0", 2, False)]:
         monkeypatch.setenv("EXPERTPOOL_STEP_CHANNEL", mode)
-        ex = RayExecutor(spec, [{}] * world)
-        for s in ex.slots:
-            s.info["device"] = device
-        assert ex.use_channels is want, (mode, world, device)
-    monkeypatch.setenv("EXPERTPOOL_STEP_CHANNEL", "yes")
-    with pytest.raises(ValueError, match="use 1, 0 or auto"):
+        assert RayExecutor(spec, [{}] * world).use_channels is want, (mode, world)
+    monkeypatch.delenv("EXPERTPOOL_STEP_CHANNEL")
+    assert RayExecutor(spec, [{}]).use_channels
+    monkeypatch.setenv("EXPERTPOOL_STEP_CHANNEL", "auto")
+    with pytest.raises(ValueError, match="use 1 .step channels. or 0"):
         RayExecutor(spec, [{}])
