@@ -73,9 +73,8 @@ class ChannelServer:
     ``step(items)`` and ``release(ids)`` run on that thread, under ``lock``."""
 
     def __init__(self, step: Callable[[list], Any], release: Callable[[list], None], lock: threading.RLock,
-                 host: str, on_thread_start: Callable[[], None] | None = None, name: str = "step-channel"):
+                 host: str, name: str = "step-channel"):
         self._step, self._release, self._lock = step, release, lock
-        self._on_thread_start = on_thread_start
         self.token = secrets.token_bytes(_TOKEN_BYTES)
         self._sock = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         self.address = (host, self._sock.getsockname()[1])
@@ -99,8 +98,6 @@ class ChannelServer:
             pass
 
     def _serve(self) -> None:
-        if self._on_thread_start is not None:
-            self._on_thread_start()
         while not self._closed:
             try:
                 conn, peer = self._sock.accept()

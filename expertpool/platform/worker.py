@@ -691,10 +691,9 @@ class ExpertWorker:
         from expertpool.platform.step_channel import ChannelServer
 
         if self._channel is None:
-            self._channel = ChannelServer(  # frames are read on the channel's thread, run on the compute thread
-                lambda items: self._on_compute(lambda: self.runner.step(items)),
-                lambda ids: self._on_compute(lambda: self.runner.release(ids)), self._lock,
-                ray.util.get_node_ip_address(), name=f"step-channel-{self.rank}")
+            # frames are read on the channel's thread; step and release run on the compute thread
+            self._channel = ChannelServer(self.step, self.release, self._lock, ray.util.get_node_ip_address(),
+                                          name=f"step-channel-{self.rank}")
             log.info("worker %d: step channel listening on %s:%d", self.rank, *self._channel.address)
         return self._channel.address, self._channel.token
 
