@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "expert_gemv.c"
 # one library for the CPU kernels: the experts' products here, the decode attention (cpu_attention)
-SOURCES = [SOURCE, CSRC / "mla_decode.c"]
+SOURCES = [SOURCE, CSRC / "mla_decode.c", CSRC / "small_gemm.c"]
 HEADERS = [CSRC / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV_SWITCH = "EXPERTPOOL_CPU_EXPERT_KERNEL"
@@ -80,6 +80,14 @@ class Switch:
             if not self._env_on:
                 log.info("%s=0: %s", self.env, self.off_means)
         return self._env_on
+
+    def env_on(self) -> bool:
+        """Whether the environment leaves the path on (a block's ``off()`` aside)."""
+        blocked, self._blocked = self._blocked, False
+        try:
+            return self.on()
+        finally:
+            self._blocked = blocked
 
     def reread(self) -> None:
         """Read the environment variable again at the next ``on()`` (tests)."""
@@ -181,7 +189,11 @@ def _load(path: Path):
     lib.mla_decode.argtypes = [P, P, ctypes.c_int, P, ctypes.c_int, I64, P, I64, P, I64, I64, I64, I64, I64,
                                ctypes.c_float, P, ctypes.c_int]
     lib.mla_decode.restype = ctypes.c_int
+    gemm = [P, I64, I64, I64, I64, P, I64, I64, P, I64, I64, ctypes.c_int]
+    lib.grouped_gemm_f32.argtypes, lib.grouped_gemm_f32.restype = gemm, None
+    lib.grouped_gemm_lanes.argtypes, lib.grouped_gemm_lanes.restype = [], ctypes.c_int
     if has_bf16_dot(lib):  # built where the compiler targets AVX512_BF16
+        lib.grouped_gemm_bf16.argtypes, lib.grouped_gemm_bf16.restype = gemm, None
         lib.grouped_gemv_bf16.argtypes = [P, I64, P, P, P, I64, P, I64, P, P, ctypes.c_int]
         lib.grouped_gemv_bf16.restype = None
     return lib

@@ -37,6 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expertpool import kernels
+from expertpool.kernels import cpu_gemm
 from expertpool.model.args import ModelArgs
 from expertpool.model.layers import Linear, RMSNorm, apply_rope
 
@@ -163,13 +164,17 @@ def causal_attention(q_HSD: torch.Tensor, k_HTD: torch.Tensor, v_HTD: torch.Tens
     return out
 
 
-def _per_head(x_BHK: torch.Tensor, w_HKN: torch.Tensor) -> torch.Tensor:
-    """``x[b, h] @ w[h]`` for every row b and head h: [B, H, N]. On the CPU in bfloat16 (oneDNN), in
+def _per_head(x_BHK: torch.Tensor, w_HKN: torch.Tensor, packed: cpu_gemm.Packed | None = None) -> torch.Tensor:
+    """``x[b, h] @ w[h]`` for every row b and head h: [B, H, N]. On the CPU with ``packed`` (``w`` in the
+    layout of ``kernels.cpu_gemm``), the CPU kernel: x read in place, each row batch-independent.
+    Otherwise ``torch.bmm``: on the CPU in bfloat16 (oneDNN), in
     batch-invariant mode (``kernels.set_batch_invariant``), the rows are padded to a multiple of
     ``kernels.ROW_TILE``: the batched GEMM rounds a row differently at some row counts (measured: 3 rows
     against 1), and a decode row must come out the same in any batch for a replay after a failure to
     continue exactly (tests/platform/test_engine_local). fp32 (MKL) keeps its own kernels, which the
     W8A8 path's tests pin down to the last bit."""
+    if kernels.fast_paths() and cpu_gemm.applies(x_BHK, packed):
+        return cpu_gemm.per_head(x_BHK, packed)
     B = x_BHK.shape[0]
     cpu_bf16 = x_BHK.device.type == "cpu" and x_BHK.dtype != torch.float32
     if cpu_bf16 and kernels.batch_invariant():
@@ -198,7 +203,9 @@ class MLA(nn.Module):
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, args.rms_norm_eps)
         self.kv_b_proj = Linear(self.kv_lora_rank, h * (self.nope + self.v_dim))
         self.o_proj = Linear(h * self.v_dim, d)
-        self._kv_b: tuple | None = None  # (key, dense kv_b weight, W_UK [H, Dn, C], W_UV^T [H, C, Dv]) for inference
+        # (key, dense kv_b weight, W_UK [H, Dn, C], W_UV^T [H, C, Dv], both packed for the CPU kernel or
+        # None) for inference
+        self._kv_b: tuple | None = None
 
     def _q(self, x):
         if self.q_lora_rank is None:
@@ -223,12 +230,13 @@ class MLA(nn.Module):
                 # the layouts the decode's batched matmuls read without a copy per call
                 w_uk = w_HxC[:, :self.nope].contiguous()                               # [H, Dn, C]
                 w_uv_t = w_HxC[:, self.nope:].transpose(1, 2).contiguous()            # [H, C, Dv]
-            self._kv_b = (key, dense, w_uk, w_uv_t)
+                packed = (cpu_gemm.pack(w_uk), cpu_gemm.pack(w_uv_t))
+            self._kv_b = (key, dense, w_uk, w_uv_t, packed)
         return self._kv_b[1:]
 
     def absorbed_weights(self, dtype):
         """(W_UK [H, Dn, C], W_UV^T [H, C, Dv]) for inference (cached)."""
-        _, w_uk, w_uv_t = self._kv_b_cached(dtype)
+        _, w_uk, w_uv_t, _ = self._kv_b_cached(dtype)
         return w_uk, w_uv_t
 
     def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor],
@@ -299,8 +307,8 @@ class MLA(nn.Module):
         return o.transpose(0, 1).flatten(1)
 
     def _decode(self, q_nope_BHd, q_pe_BHR, cache_PC, d: Decode):
-        w_uk, w_uv_t = self.absorbed_weights(q_nope_BHd.dtype)
-        q_abs = _per_head(q_nope_BHd, w_uk)                                       # [B, H, C]
+        _, w_uk, w_uv_t, (uk_packed, uv_packed) = self._kv_b_cached(q_nope_BHd.dtype)
+        q_abs = _per_head(q_nope_BHd, w_uk, uk_packed)                            # [B, H, C]
         o_BHC = kernels.paged_mla_decode(q_abs.contiguous(), q_pe_BHR.contiguous(), cache_PC, d.block_table_BM,
                                          d.seq_lens_B, self.scale, d.block_size, d.max_len, d.padded_slots)
-        return _per_head(o_BHC, w_uv_t).flatten(1)                                # [B, H*Dv]
+        return _per_head(o_BHC, w_uv_t, uv_packed).flatten(1)                     # [B, H*Dv]

@@ -4,8 +4,6 @@ lengths), rows that do not depend on their batch, the dispatch and its switches,
 and the AVX2 build."""
 
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -138,13 +136,8 @@ def test_a_length_or_block_outside_the_cache_is_refused_before_reading():
         cpu_attention.mla_decode(q_abs, q_pe, cache, bad, lens, scale, 16)
 
 
-@pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text(), reason="needs a CPU with AVX2 to run the build")
-def test_the_avx2_build_equals_softmax_attention_in_fp64(tmp_path):
-    so = tmp_path / "avx2.so"
-    flags = ["-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC"]
-    r = subprocess.run(cpu_experts.compile_command("cc", flags, so), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    lib = cpu_experts._load(so)
+def test_the_avx2_build_equals_softmax_attention_in_fp64(avx2_lib):
+    lib = avx2_lib
     for dtype in (torch.float32, torch.bfloat16):
         q_abs, q_pe, cache, table, lens, scale = _case(3, 11, 40, 6, 4, dtype, dtype, [70, 1, 9], seed=2)
         got = cpu_attention.mla_decode(q_abs, q_pe, cache, table, lens, scale, 4, lib=lib)

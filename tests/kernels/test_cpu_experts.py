@@ -3,8 +3,6 @@ products against an fp64 oracle, row independence (a row's bits do not depend on
 routed-expert layer it serves against the reference, and how it is built and switched off."""
 
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -40,15 +38,10 @@ def test_grouped_gemv_equals_the_fp64_products(wdt, K, N):
     assert rel_err(got, _oracle(x, counts, w)) < 1e-6
 
 
-@pytest.mark.skipif("avx2" not in Path("/proc/cpuinfo").read_text(), reason="needs a CPU with AVX2 to run the build")
-def test_the_avx2_build_equals_the_fp64_products(tmp_path):
+def test_the_avx2_build_equals_the_fp64_products(avx2_lib):
     """The kernel built for an AVX2-only CPU (generic vectors, 8-lane halves; bf16 widened without the
     AVX-512 intrinsic), which is where fp32 compute with bf16 weights matters most, run here."""
-    so = tmp_path / "avx2.so"
-    flags = ["-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC"]
-    r = subprocess.run(cpu_experts.compile_command("cc", flags, so), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    lib = cpu_experts._load(so)
+    lib = avx2_lib
     g = torch.Generator().manual_seed(5)
     counts = [2, 0, 1, 5, 3]
     for wdt in (torch.float32, torch.bfloat16):
@@ -132,22 +125,17 @@ def test_the_environment_switch_keeps_the_widening_path(monkeypatch):
     assert not calls and rel_err(got, _oracle(x, [1, 2], w)) < 1e-6
 
 
-def test_an_avx2_build_has_no_bf16_dot_product_and_widens(tmp_path):
+def test_an_avx2_build_has_no_bf16_dot_product_and_widens(avx2_lib):
     """A build without AVX-512 (an AVX2-only CPU, or ATEN_CPU_CAPABILITY=avx2) has no bf16 entry:
     bf16 activations are widened there, as before."""
-    so = tmp_path / "avx2.so"
-    flags = ["-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp", "-shared", "-fPIC"]
-    r = subprocess.run(cpu_experts.compile_command("cc", flags, so), capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    lib = cpu_experts._load(so)
+    lib = avx2_lib
     assert not cpu_experts.has_bf16_dot(lib)
-    if "avx2" in Path("/proc/cpuinfo").read_text():
-        g = torch.Generator().manual_seed(8)
-        counts = [2, 1, 3]
-        w = (torch.randn(3, 24, 64, generator=g) * 0.05).to(torch.bfloat16)
-        x = torch.randn(6, 64, generator=g).to(torch.bfloat16)
-        got = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), w, lib=lib)
-        assert rel_err(got, _oracle(x, counts, w)) < 1e-6
+    g = torch.Generator().manual_seed(8)
+    counts = [2, 1, 3]
+    w = (torch.randn(3, 24, 64, generator=g) * 0.05).to(torch.bfloat16)
+    x = torch.randn(6, 64, generator=g).to(torch.bfloat16)
+    got = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), w, lib=lib)
+    assert rel_err(got, _oracle(x, counts, w)) < 1e-6
 
 
 def _layer(g, t, e=8, d=256, f=64, k=2, wdt=torch.bfloat16):
