@@ -44,7 +44,8 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "expert_gemv.c"
 # one library for the CPU kernels: the experts' products here, the decode attention (cpu_attention)
-SOURCES = [SOURCE, CSRC / "mla_decode.c", CSRC / "small_gemm.c"]
+SOURCES = [SOURCE, CSRC / "mla_decode.c", CSRC / "small_gemm.c", CSRC / "rms_norm.c",
+           CSRC / "router.c"]
 HEADERS = [CSRC / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV_SWITCH = "EXPERTPOOL_CPU_EXPERT_KERNEL"
@@ -189,6 +190,11 @@ def _load(path: Path):
     lib.mla_decode.argtypes = [P, P, ctypes.c_int, P, ctypes.c_int, I64, P, I64, P, I64, I64, I64, I64, I64,
                                ctypes.c_float, P, ctypes.c_int]
     lib.mla_decode.restype = ctypes.c_int
+    lib.rms_norm.argtypes = [P, I64, ctypes.c_int, P, I64, I64, ctypes.c_float, P]
+    lib.rms_norm.restype = None
+    lib.route_sigmoid.argtypes = [P, I64, ctypes.c_int, I64, I64, P, P, I64, I64, I64, I64, ctypes.c_int,
+                                  ctypes.c_float, P, P, P, ctypes.c_int]
+    lib.route_sigmoid.restype = ctypes.c_int
     gemm = [P, I64, I64, I64, I64, P, I64, I64, P, I64, I64, ctypes.c_int]
     lib.grouped_gemm_f32.argtypes, lib.grouped_gemm_f32.restype = gemm, None
     lib.grouped_gemm_lanes.argtypes, lib.grouped_gemm_lanes.restype = [], ctypes.c_int

@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expertpool import kernels
+from expertpool.kernels import cpu_norm
 from expertpool.model.args import ModelArgs, yarn_get_mscale
 
 
@@ -23,6 +24,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == "cpu" and kernels.fast_paths() and cpu_norm.applies(x, self.weight):
+            return cpu_norm.rms_norm(x, self.weight, self.eps)  # the same expression in one call
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

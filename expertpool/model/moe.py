@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expertpool import kernels
+from expertpool.kernels import cpu_router
 from expertpool.kernels.reference import int8_weight_quant
 from expertpool.model.args import ModelArgs
 from expertpool.model.dispatch import Dispatcher, LocalDispatcher
@@ -32,6 +33,11 @@ def route(x_TD: torch.Tensor, weight_ED: torch.Tensor, bias_E: torch.Tensor | No
           need_scores: bool = True):
     """Returns (weights_TK fp32, ids_TK, scores_TE fp32 or None): the exact V3 router in fp32
     (``kernels.reference.route_ref``; a fused kernel on the GPU when no scores or gradients are needed)."""
+    if not need_scores and x_TD.device.type == "cpu" and kernels.fast_paths() and cpu_router.applies(
+            x_TD, weight_ED, bias_E, args.n_group, args.topk_group, args.num_experts_per_tok, args.scoring_func):
+        w_TK, ids_TK = cpu_router.route(x_TD, weight_ED, bias_E, args.n_group, args.topk_group,
+                                        args.num_experts_per_tok, args.norm_topk_prob, args.routed_scaling_factor)
+        return w_TK, ids_TK, None
     x_TD32, T = x_TD.float(), x_TD.shape[0]
     if x_TD.device.type == "cpu":
         # MKL's fp32 GEMM rounds a row differently at some row counts (1 and 9 among them); at a multiple of

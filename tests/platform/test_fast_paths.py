@@ -3,8 +3,9 @@
 Fast paths (``kernels.fast_paths()``, on by default): oneDNN-packed dense linears, the grouped C
 expert kernel at decode row counts (``kernels.cpu_experts``; fp32 or bf16 weights, also bf16 weights
 under fp32 compute), the expert loop that takes W @ x^T for fp32 at more rows, the int8 expert kernel
-(``torch._weight_int8pack_mm``), the decode attention and absorbed per-head products in C
-(``kernels.cpu_attention``, ``kernels.cpu_gemm``) and decode steps from static buffers padded to a bucket. The
+(``torch._weight_int8pack_mm``), the decode attention, absorbed per-head products, RMSNorm and router
+in C (``kernels.cpu_attention``, ``cpu_gemm``, ``cpu_norm``, ``cpu_router``) and decode steps from
+static buffers padded to a bucket. The
 reference path is the same weights through ``kernels.use_backend("torch")``: plain ``F.linear`` and
 ``moe_experts_ref`` (the quantized formats dequantized exactly). Both run the in-process engine
 (chunked prefill, then decode) on the tiny model and on a bench-mini-shaped one (hidden 1024, 64

@@ -69,4 +69,34 @@ static inline float hsum(vf v) {
 #endif
 }
 
+/* exp of L lanes, each x <= 0 (a score minus its row's max): x = n ln2 + r with |r| <= ln2 / 2, e^r
+   from Cephes' expf polynomial (~1 ulp), times 2^n built in the exponent bits. Below -87.3 (where
+   2^n would leave the normal range) it returns e^-87.3, ~1e-38: a probability that rounds to nothing
+   beside the row's max term, which is 1 (mla_decode.c); a sigmoid's e^-|x| that leaves 1 + e^-|x| = 1
+   (router.c). */
+static inline vf vexp(vf x) {
+    const vf lo = (vf){0} - 87.3f, magic = (vf){0} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    vu xi, li;
+    memcpy(&xi, &x, sizeof xi);
+    memcpy(&li, &lo, sizeof li);
+    const vu below = (vu)(x < lo); /* all ones where x < lo: the max of x and lo, lane by lane */
+    xi = (li & below) | (xi & ~below);
+    memcpy(&x, &xi, sizeof x);
+    const vf t = x * 1.44269504088896341f + magic;
+    const vf n = t - magic;
+    const vf r = x - n * 0.693359375f - n * -2.12194440e-4f;
+    vf p = r * 1.9875691500E-4f + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * r * r + r + 1.0f;
+    vu ti, pi;
+    memcpy(&ti, &t, sizeof ti);
+    memcpy(&pi, &p, sizeof pi);
+    pi += (ti - 0x4B400000u) << 23; /* n, from t's low mantissa bits, added to p's exponent */
+    memcpy(&p, &pi, sizeof p);
+    return p;
+}
+
 #endif
