@@ -17,7 +17,17 @@
 #define PF 64        /* weight elements prefetched ahead: two cache lines of bf16 (64 bench-mini experts from
                         DRAM, 2 threads: 256 gave 14.8-15.7 GB/s at 2 rows per expert and 18.1-18.7 at
                         4 rows; 64 gave 16.2-16.4 and 20.8-21.2; 1 row the same) */
-#define NB 16        /* weight rows per work item */
+/* Weight rows per work item and items per dynamic hand-out (overridable with -D for experiments).
+   Decode-like layer, 50 active bench-mini experts from DRAM, bf16, 2 threads: 16 rows x 4 items gave
+   w13 1,265-1,458 us and w2 707-869 us; 128 x 1 gave 1,175-1,321 and 565-651 (w2's 0.5 KB rows made
+   ~3,200 items of 8 KB a layer, and two threads interleaving 32 KB chunks left its streams short);
+   256 x 1 the same, 512 x 1 w13 slower (1,484). One thread: no difference. */
+#ifndef NB
+#define NB 128
+#endif
+#ifndef CHUNK
+#define CHUNK 1
+#endif
 
 /* One weight row (fp32 or bf16, widened in registers) times MBR rows of x, packed as
    [K / L][MBR][L] so that a k-chunk's MBR vectors are adjacent. KS accumulators per row hide the FMA
@@ -179,9 +189,9 @@ static void grouped(const void *x_PK, int x_bf16, int64_t K, const int64_t *star
                 pack_rows((const float *)x_PK + r * K, K, mbr, (float *)xp_scratch + r * Kp);
             }
 /* dynamic: a thread that another process preempts (the serving replica, on a shared CPU) leaves its
-   items to the others instead of holding the whole region up (measured: 5.6 vs 6.7 ms for a layer's
-   w13 at 2 rows per expert beside a 33%-busy neighbour, the same when quiet) */
-#pragma omp for schedule(dynamic, 4)
+   items to the others instead of holding the whole region up (measured at 16-row items: 5.6 vs 6.7 ms
+   for a layer's w13 at 2 rows per expert beside a 33%-busy neighbour, the same when quiet) */
+#pragma omp for schedule(dynamic, CHUNK)
         for (int64_t it = 0; it < n_active * blocks; it++) {
             const int64_t j = it / blocks, b = it % blocks;
             const int64_t n0 = b * NB, n1 = n0 + NB < N ? n0 + NB : N;
