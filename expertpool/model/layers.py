@@ -46,7 +46,7 @@ class Linear(nn.Module):
         self.act_scale_fmt = act_scale_fmt
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_buffer("weight_scale_inv", None)  # set for FP8 weights
-        self._packed: tuple | None = None  # (key of the weight it was made from, oneDNN-packed weight)
+        self._packed: tuple | None = None  # (key of the weight it was made from, its packed form)
 
     def set_fp8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         self.weight = nn.Parameter(weight, requires_grad=False)
@@ -56,13 +56,15 @@ class Linear(nn.Module):
         p = self._packed
         if p is not None and not torch.is_grad_enabled() and x.dtype == self.weight.dtype and \
                 p[0] == (self.weight.data_ptr(), self.weight._version) and kernels.fast_paths():
-            return kernels.packed_linear(x, p[1])
+            y = kernels.packed_linear(x, p[1])
+            if y is not None:
+                return y
         return kernels.linear(x, self.weight, self.weight_scale_inv, self.act_scale_fmt)
 
     def pack_for_cpu(self) -> bool:
-        """Pre-pack a dense CPU weight for oneDNN (inference; see ``kernels.pack_weight``); used while the
-        weight is unchanged (same storage and version) and autograd is off. Costs a second copy of the
-        weight. Returns whether it packed."""
+        """Pre-pack a dense CPU weight (the bf16 kernel's layout or oneDNN's, see ``kernels.pack_weight``);
+        used while the weight is unchanged (same storage and version) and autograd is off. Costs a second
+        copy of the weight. Returns whether it packed."""
         w = self.weight
         if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
             return False

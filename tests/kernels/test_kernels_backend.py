@@ -53,22 +53,59 @@ def test_env_var_and_context_manager(monkeypatch):
             pass
 
 
-def test_packed_linear_pads_rows_to_a_bucket_without_changing_them():
+def test_packed_linear_pads_rows_to_a_bucket_without_changing_them(monkeypatch):
     """Row counts above 16 run padded to ``shape_bucket`` (few oneDNN kernel shapes); the rows kept
     equal the unpadded product bit for bit (each output row depends on its own input row only), for
-    flat and batched inputs."""
-    dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
-    for dt in dtypes:
-        w = torch.randn(96, 64).to(dt)
-        packed = K.pack_weight(w)
-        assert packed is not None
-        x = torch.randn(150, 64).to(dt)
-        for n in (1, 16, 17, 33, 100, 150):
-            assert K.shape_bucket(n) > n or n in (1, 16)
-            want = torch.ops.mkldnn._linear_pointwise(x[:n], packed, None, "none", [], "")
-            assert torch.equal(K.packed_linear(x[:n], packed), want), (dt, n)
-        assert torch.equal(K.packed_linear(x[:100].view(4, 25, 64), packed).view(100, 96),
-                           K.packed_linear(x[:100], packed))
+    flat and batched inputs. bf16 goes to oneDNN here with the bf16 kernel switched off."""
+    from expertpool.kernels import cpu_gemm
+    monkeypatch.setenv(cpu_gemm.ENV_SWITCH, "0")
+    cpu_gemm.SWITCH.reread()
+    try:
+        dtypes = [torch.float32] + ([torch.bfloat16] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [])
+        for dt in dtypes:
+            w = torch.randn(96, 64).to(dt)
+            packed = K.pack_weight(w)
+            assert packed is not None and not isinstance(packed, cpu_gemm.Packed)
+            x = torch.randn(150, 64).to(dt)
+            for n in (1, 16, 17, 33, 100, 150):
+                assert K.shape_bucket(n) > n or n in (1, 16)
+                want = torch.ops.mkldnn._linear_pointwise(x[:n], packed, None, "none", [], "")
+                assert torch.equal(K.packed_linear(x[:n], packed), want), (dt, n)
+            assert torch.equal(K.packed_linear(x[:100].view(4, 25, 64), packed).view(100, 96),
+                               K.packed_linear(x[:100], packed))
+    finally:
+        monkeypatch.delenv(cpu_gemm.ENV_SWITCH)
+        cpu_gemm.SWITCH.reread()
+
+
+def test_bf16_weights_pack_for_the_cpu_kernel_where_the_cpu_has_the_bf16_dot_product():
+    """With AVX512_BF16 a bf16 weight packs for ``cpu_gemm`` (no padding: each row's sums in one order
+    whatever the batch), the product within bf16 rounding of the fp64 one; switched off in a block,
+    ``packed_linear`` answers None and the layer takes its plain weight."""
+    from expertpool.kernels import cpu_experts, cpu_gemm
+    from expertpool.model.layers import Linear
+    lib = cpu_experts.library()
+    if lib is None or not cpu_experts.has_bf16_dot(lib):
+        pytest.skip("needs the CPU kernels built with the bf16 dot product (AVX512_BF16)")
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(96, 64, generator=g) * 0.1).bfloat16()
+    packed = K.pack_weight(w)
+    assert isinstance(packed, cpu_gemm.Packed)
+    x = torch.randn(150, 64, generator=g).bfloat16()
+    y = K.packed_linear(x, packed)
+    exact = x.double() @ w.double().T
+    assert ((y.double() - exact).abs() <= exact.abs() * 2.0 ** -8 + 1e-30).all()
+    for n in (1, 3, 17, 100):
+        assert torch.equal(K.packed_linear(x[:n], packed), y[:n])
+    assert torch.equal(K.packed_linear(x[:100].view(4, 25, 64), packed).view(100, 96), y[:100])
+    lin = Linear(64, 96)
+    lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    assert lin.pack_for_cpu()
+    with torch.no_grad():
+        assert torch.equal(lin(x), y)
+        with cpu_gemm.switched_off():
+            assert K.packed_linear(x, packed) is None
+            torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w))
 
 
 def test_forced_triton_on_cpu_without_interpreter_raises():

@@ -20,9 +20,11 @@
 #include "vec.h"
 
 #define NT 2         /* output vectors per work item (32 outputs with AVX-512, 16 with AVX2) */
-#define PFK 16       /* k steps a weight stream is prefetched ahead (each stream's end prefetches the next
+#ifndef PFK
+#define PFK 32       /* k steps a weight stream is prefetched ahead (each stream's end prefetches the next
                         one's start). Weights from DRAM, bf16, 16 rows x 8 heads x 128 x 512: 2 threads
                         53-54 us without, 40-41 with; 1 thread 103-109 against 74-76 */
+#endif
 #if L == 16
 #define MT 12        /* rows per tile: MT * NT accumulators + NT weights + 1 broadcast <= 32 zmm */
 #else
