@@ -45,7 +45,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "expert_gemv.c"
 # one library for the CPU kernels: the experts' products here, the decode attention (cpu_attention)
 SOURCES = [SOURCE, CSRC / "mla_decode.c", CSRC / "small_gemm.c", CSRC / "rms_norm.c",
-           CSRC / "router.c"]
+           CSRC / "router.c", CSRC / "moe_ops.c"]
 HEADERS = [CSRC / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV_SWITCH = "EXPERTPOOL_CPU_EXPERT_KERNEL"
@@ -107,7 +107,10 @@ class Switch:
 EXPERTS = Switch(None, "routed experts run through torch's GEMMs")
 # bf16 activations through the bf16 dot product; off: widened as fp32 compute does (A/B, a suspect CPU)
 BF16_DOT = Switch(DOT_SWITCH, "bf16 routed experts are widened to fp32 in the kernel")
+# SwiGLU and the weighted combine around the kernel's two products in one C call each (moe_ops.c)
+EPILOGUE = Switch(None, "the steps between and after the experts' products run as torch ops")
 switched_off = EXPERTS.off  # run the experts through torch's GEMMs inside the block
+without_fused_steps = EPILOGUE.off  # the kernel's products, the steps around them as torch ops
 without_bf16_dot = BF16_DOT.off  # bf16 activations take the widening fp32 path inside the block
 
 def _cpu_flags() -> str:
@@ -192,6 +195,9 @@ def _load(path: Path):
     lib.mla_decode.restype = ctypes.c_int
     lib.rms_norm.argtypes = [P, I64, ctypes.c_int, P, I64, I64, ctypes.c_float, P]
     lib.rms_norm.restype = None
+    lib.moe_swiglu.argtypes, lib.moe_swiglu.restype = [P, I64, I64, ctypes.c_int, P], None
+    lib.moe_combine.argtypes = [P, P, P, I64, I64, I64, I64, ctypes.c_int, P, P]
+    lib.moe_combine.restype = None
     lib.route_sigmoid.argtypes = [P, I64, ctypes.c_int, I64, I64, P, P, I64, I64, I64, I64, ctypes.c_int,
                                   ctypes.c_float, P, P, P, ctypes.c_int]
     lib.route_sigmoid.restype = ctypes.c_int
@@ -279,4 +285,30 @@ def grouped_gemv(x_PK: torch.Tensor, groups: Groups, w_ENK: torch.Tensor, lib=No
     lib.grouped_gemv(x.data_ptr(), K, groups.start.data_ptr(), groups.count.data_ptr(), groups.experts.data_ptr(),
                      groups.experts.numel(), w_ENK.data_ptr(), int(w_ENK.dtype == torch.bfloat16), N,
                      out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+    return out
+
+
+def swiglu(h_P2F: torch.Tensor, dtype: torch.dtype, lib=None) -> torch.Tensor:
+    """SwiGLU of the first product's fp32 output [P, 2F] (gate | up) in the compute dtype ``dtype``, with
+    the roundings of ``reference.moe_experts_inference`` (``csrc/moe_ops.c``)."""
+    lib = lib or library()
+    P, F2 = h_P2F.shape
+    h = h_P2F.contiguous()
+    a = torch.empty(P, F2 // 2, dtype=dtype)
+    lib.moe_swiglu(h.data_ptr(), P, F2 // 2, int(dtype == torch.bfloat16), a.data_ptr())
+    return a
+
+
+def combine(y_QD: torch.Tensor, w_Q: torch.Tensor, pair_idx_Q: torch.Tensor, num_tokens: int, top_k: int,
+            lib=None) -> torch.Tensor:
+    """``reference.combine_pairs`` of the second product's fp32 output rounded to ``w_Q``'s dtype (the
+    compute dtype) and weighted: [T, D] in that dtype (``csrc/moe_ops.c``)."""
+    lib = lib or library()
+    Q, D = y_QD.shape
+    dtype = w_Q.dtype
+    y, w, idx = y_QD.contiguous(), w_Q.contiguous(), pair_idx_Q.to(torch.int64).contiguous()
+    out = torch.empty(num_tokens, D, dtype=dtype)
+    slot = torch.empty(num_tokens * top_k, dtype=torch.int64)
+    lib.moe_combine(y.data_ptr(), w.data_ptr(), idx.data_ptr(), Q, num_tokens, top_k, D,
+                    int(dtype == torch.bfloat16), slot.data_ptr(), out.data_ptr())
     return out

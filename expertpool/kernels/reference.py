@@ -285,7 +285,8 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
     cost. Dense fp32 / bf16 weights with at most ``cpu_experts.MAX_ROWS`` rows per expert (decode
     steps) go to the grouped C kernel (``cpu_experts``: one call per product for the layer, bf16
     weights widened in registers, fp32 accumulation in another summation order than oneDNN's, the
-    reference's bf16 roundings of the intermediates kept), except in batch-invariant mode. Otherwise,
+    reference's bf16 roundings of the intermediates kept; SwiGLU and the weighted combine one C call
+    each, ``cpu_experts.swiglu`` / ``combine``), except in batch-invariant mode. Otherwise,
     with bf16 activations it runs the reference's kernels in its order (bit-identical) for dense
     and fp8 weights; fp32 activations take W @ x^T at few rows (another summation order, ~1e-6
     relative; fp8 weights dequantized exactly first, so an fp8-resident model equals an fp32 one
@@ -302,6 +303,9 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
         # silu * up: a product of two bf16 values is exact in fp32), without bf16 elementwise kernels
         groups = cpu_experts.Groups(counts)
         h_P2F = cpu_experts.grouped_gemv(x_sorted, groups, w13_E2FD)
+        if x_TD.dtype in (torch.float32, torch.bfloat16) and cpu_experts.EPILOGUE.on():  # one C call each
+            a_PF = cpu_experts.swiglu(h_P2F, x_TD.dtype)
+            return cpu_experts.combine(cpu_experts.grouped_gemv(a_PF, groups, w2_EDF), w_sorted, pair_idx, T, K)
         low = x_TD.dtype != torch.float32
         gate, up = (h_P2F.to(x_TD.dtype).float() if low else h_P2F).chunk(2, dim=-1)
         silu = F.silu(gate)

@@ -271,3 +271,54 @@ def test_a_compiler_error_leaves_no_library_and_names_the_failure(tmp_path, monk
     assert cpu_experts.library() is None
     assert "error: broken" in caplog.text
     assert not list((tmp_path / "cache" / "kernels").glob("*"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_fused_steps_around_the_products_equal_torchs(dtype):
+    """SwiGLU between the kernel's products and the weighted combine after them (``moe_ops.c``), one C
+    call each, against the torch ops they replace: bf16 bit for bit (same roundings), fp32 within a few
+    ulps (silu through another exp, torch's summation order in a row's tail); slots without a pair
+    (another rank's experts) add nothing, and a token's slots are summed in slot order."""
+    g = torch.Generator().manual_seed(11)
+    P, F2, D, T, K = 45, 2 * 72, 200, 9, 6  # F and D not whole vectors
+    h = torch.randn(P, F2, generator=g) * 3
+    gate, up = (h.to(dtype).float() if dtype != torch.float32 else h).chunk(2, dim=-1)
+    silu = torch.nn.functional.silu(gate)
+    want_a = silu.to(dtype).float().mul_(up).to(dtype) if dtype != torch.float32 else silu.mul(up)
+    got_a = cpu_experts.swiglu(h, dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got_a, want_a, rtol=4 * 2.0 ** -24, atol=1e-30)
+    else:
+        assert torch.equal(got_a, want_a)
+    y = torch.randn(P, D, generator=g)
+    w = torch.rand(P, generator=g).to(dtype)
+    idx = torch.randperm(T * K, generator=g)[:P]  # 9 of the 54 slots without a pair
+    weighted = y.clone().to(dtype).mul_(w[:, None])
+    got = cpu_experts.combine(y, w, idx, T, K)
+    slots = torch.zeros(T * K, D, dtype=dtype).index_copy(0, idx, weighted).view(T, K, D).float()
+    in_order = slots[:, 0]
+    for k in range(1, K):
+        in_order = in_order + slots[:, k]
+    assert torch.equal(got, in_order.to(dtype))
+    # torch's own reduction adds the slots in that order too, except past the last 16 columns of a row
+    # whose length is not a multiple of 16 in fp32 (its tail loop): within the rounding of K fp32 sums there
+    bound = K * 2.0 ** -24 * slots.abs().sum(1)
+    assert ((got.float() - ref.combine_pairs(weighted, idx, T, K).float()).abs() <= bound).all()
+    if dtype == torch.bfloat16:
+        assert torch.equal(got, ref.combine_pairs(weighted, idx, T, K))
+
+
+def test_the_decode_layer_takes_the_fused_steps_and_they_keep_its_result():
+    g = torch.Generator().manual_seed(12)
+    t, e, d, f, k = 12, 8, 256, 64, 3
+    x = torch.randn(t, d, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    ids[2, 1] = -1  # a slot routed to another rank
+    wts = torch.rand(t, k, generator=g)
+    w13 = (torch.randn(e, 2 * f, d, generator=g) * 0.05).bfloat16()
+    w2 = (torch.randn(e, d, f, generator=g) * 0.05).bfloat16()
+    with torch.no_grad():
+        fused = ref.moe_experts_inference(x, ids, wts, w13, None, w2, None)
+        with cpu_experts.without_fused_steps():
+            ops = ref.moe_experts_inference(x, ids, wts, w13, None, w2, None)
+    assert torch.equal(fused, ops)

@@ -99,4 +99,30 @@ static inline vf vexp(vf x) {
     return p;
 }
 
+/* bf16 rounding (rms_norm.c, moe_ops.c) */
+/* fp32 -> bf16, round to nearest even; NaN stays NaN (quiet) */
+static inline uint16_t f_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_f(f_to_bf16(f)); }
+
+/* L fp32 values rounded to bf16 (nearest even, NaN kept quiet), as the upper halves of fp32 lanes */
+static inline vu round_bf16_vec(vf f) {
+    vu u;
+    memcpy(&u, &f, sizeof u);
+    const vu nearest = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+    const vu nan = (vu)((u & 0x7fffffffu) > 0x7f800000u);  /* all ones where NaN */
+    return (nearest & ~nan) | (((u & 0xffff0000u) | 0x400000u) & nan);
+}
+
+static inline vf as_vf(vu u) {
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
 #endif
