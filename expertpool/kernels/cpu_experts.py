@@ -19,8 +19,9 @@ The same library holds the decode attention (``csrc/mla_decode.c``, called throu
 so a cluster of mixed CPUs builds one per kind. A cap on torch's vector ISA
 (``ATEN_CPU_CAPABILITY=avx2`` or ``default``) caps the build the same way, so an AVX-512 machine can
 run the code an AVX2-only one would (``isa_cap_flags``). Without a compiler, or with
-``EXPERTPOOL_CPU_EXPERT_KERNEL=0``, the experts and the decode attention run through torch (logged
-once).
+``EXPERTPOOL_CPU_EXPERT_KERNEL=0``, every kernel of the library is off: the experts, the decode
+attention, the per-head products, norms and router run through torch, the bf16 linears through oneDNN
+(logged once).
 """
 
 from __future__ import annotations
@@ -236,8 +237,8 @@ def library():
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
                 lib, why = None, str(e)
         if lib is None:
-            log.warning("CPU kernels unavailable (%s): routed experts and decode attention run through torch, "
-                        "slower at decode batch sizes", why)
+            log.warning("CPU kernels unavailable (%s): routed experts, decode attention, norms and router run "
+                        "through torch, slower at decode batch sizes", why)
         _state["lib"] = lib
         return lib
 
