@@ -74,22 +74,16 @@ class Switch:
         self._env_on: bool | None = None
 
     def on(self) -> bool:
-        if self._blocked:
-            return False
+        return not self._blocked and self.env_on()
+
+    def env_on(self) -> bool:
+        """Whether the environment leaves the path on (a block's ``off()`` aside)."""
         if self._env_on is None:
             value = os.environ.get(self.env, "1") if self.env else "1"
             self._env_on = value.strip().lower() not in ("0", "false", "no", "off")
             if not self._env_on:
                 log.info("%s=0: %s", self.env, self.off_means)
         return self._env_on
-
-    def env_on(self) -> bool:
-        """Whether the environment leaves the path on (a block's ``off()`` aside)."""
-        blocked, self._blocked = self._blocked, False
-        try:
-            return self.on()
-        finally:
-            self._blocked = blocked
 
     def reread(self) -> None:
         """Read the environment variable again at the next ``on()`` (tests)."""

@@ -31,11 +31,6 @@ class Packed:
     groups: int
     k: int
     n: int
-    lanes: int  # fp32: the build's vector lanes; bf16: 16 lanes of pairs
-
-
-def _lib(lib=None):
-    return lib or cpu_experts.library()
 
 
 def pack(w_GKN: torch.Tensor, lib=None) -> Packed | None:
@@ -44,7 +39,7 @@ def pack(w_GKN: torch.Tensor, lib=None) -> Packed | None:
     multiple of the lanes). Packs inside a ``switched_off()`` block too: the block decides per call."""
     if w_GKN.device.type != "cpu" or w_GKN.dim() != 3 or not SWITCH.env_on():
         return None
-    lib = _lib(lib)
+    lib = lib or cpu_experts.library()
     if lib is None:
         return None
     G, K, N = w_GKN.shape
@@ -54,13 +49,13 @@ def pack(w_GKN: torch.Tensor, lib=None) -> Packed | None:
             return None
         # [G, K/2, 2, N/16, 16] -> [G, N/16, K/2, 16, 2]: a lane holds the pair (W[k, n], W[k+1, n])
         data = w.reshape(G, K // 2, 2, N // 16, 16).permute(0, 3, 1, 4, 2).contiguous()
-        return Packed(data, G, K, N, 16)
+        return Packed(data, G, K, N)
     if w.dtype == torch.float32:
         lanes = lib.grouped_gemm_lanes()
         if N % lanes:
             return None
         data = w.reshape(G, K, N // lanes, lanes).permute(0, 2, 1, 3).contiguous()
-        return Packed(data, G, K, N, lanes)
+        return Packed(data, G, K, N)
     return None
 
 
@@ -76,7 +71,7 @@ def applies(x_MGK: torch.Tensor, packed: Packed | None) -> bool:
 def per_head(x_MGK: torch.Tensor, packed: Packed, lib=None) -> torch.Tensor:
     """``out[m, g] = x[m, g] @ W[g]`` ([M, G, N], x's dtype) with W packed by ``pack``; x may be a strided
     view (unit stride along k). ``lib``: another build of the library (tests)."""
-    lib = _lib(lib)
+    lib = lib or cpu_experts.library()
     M, G, K = x_MGK.shape
     assert applies(x_MGK, packed), (x_MGK.shape, x_MGK.dtype, x_MGK.stride())
     out = torch.empty(M, G, packed.n, dtype=x_MGK.dtype)

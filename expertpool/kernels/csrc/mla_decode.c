@@ -34,30 +34,6 @@ static inline float load_one(const void *p, int bf16, int64_t i) {
     return bf16 ? bf16_to_f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* L lanes to bf16, rounded to nearest even, NaN kept quiet: torch's conversion, in vector registers */
-static inline vh to_bf16(vf v) {
-    vu u;
-    memcpy(&u, &v, sizeof u);
-    const vu nan = (vu)((u & 0x7fffffffu) > 0x7f800000u);
-    const vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16, q = (u >> 16) | 0x40u;
-    return __builtin_convertvector((nan & q) | (~nan & r), vh);
-}
-
-/* the first n <= L lanes of src stored at p + i as fp32 or bf16 (whole vectors as register moves) */
-static inline void store(void *p, int bf16, int64_t i, const float *src, int64_t n) {
-    vf v = (vf){0};
-    if (n == L) memcpy(&v, src, sizeof v);
-    else memcpy(&v, src, sizeof(float) * n);
-    if (!bf16) {
-        if (n == L) memcpy((float *)p + i, &v, sizeof v);
-        else memcpy((float *)p + i, &v, sizeof(float) * n);
-        return;
-    }
-    const vh h = to_bf16(v);
-    if (n == L) memcpy((uint16_t *)p + i, &h, sizeof h);
-    else memcpy((uint16_t *)p + i, &h, sizeof(uint16_t) * n);
-}
-
 /* scores of context rows t0 .. t0 + NR - 1 for the HG heads: per head the lanes over X, the lane
    tree, then the scalar tail; NR rows share each load of the query */
 #define SCORES_FN(NAME, NR)                                                                           \
@@ -179,8 +155,10 @@ static inline __attribute__((always_inline)) void item(
             }
     }
     for (int64_t h = 0; h < nh; h++)
-        for (int64_t c = 0; c < C; c += L)
-            store(out, q_bf16, (b * H + h0 + h) * C + c, oa + h * CS + c, C - c < L ? C - c : L);
+        for (int64_t c = 0; c < C; c += L) {
+            const int64_t n = C - c < L ? C - c : L;
+            store_n(out, q_bf16, (b * H + h0 + h) * C + c, load_n(oa + h * CS + c, n), n);
+        }
 }
 
 /* item() with its two dtype flags made constants: four specialized copies */

@@ -8,48 +8,16 @@
    compute dtype: bf16 nearest even, or none for fp32); silu uses the vectorized exp (~1 ulp), not
    torch's, so a silu can differ in its last fp32 bit. */
 
-#include <math.h>
-
 #include "vec.h"
 
 /* L lanes rounded to the compute dtype (bf16: nearest even; fp32: as they are) */
 static inline vf rnd_vec(vf x, int bf16) { return bf16 ? as_vf(round_bf16_vec(x)) : x; }
 
-/* n <= L lanes stored in the compute dtype (already rounded: bf16 takes the upper halves) */
-static inline void store(void *out, int64_t i, vf v, int64_t n, int bf16) {
-    if (bf16) {
-        vu u;
-        memcpy(&u, &v, sizeof u);
-        const vh h = __builtin_convertvector(u >> 16, vh);
-        memcpy((uint16_t *)out + i, &h, n * sizeof(uint16_t));
-    } else {
-        memcpy((float *)out + i, &v, n * sizeof(float));
-    }
-}
-
-static inline vf load_n(const float *p, int64_t n) {
-    vf v = (vf){0};
-    memcpy(&v, p, n * sizeof(float));
-    return v;
-}
-
-/* silu(x) = x / (1 + e^-x), e^-x from e^-|x| <= 1 (vexp) */
+/* silu(x) = x / (1 + e^-x), from e = e^-|x| <= 1: x / (1 + e) where x >= 0, x e / (1 + e) below */
 static inline vf vsilu(vf x) {
-    vu xi;
-    memcpy(&xi, &x, sizeof xi);
-    const vu neg = (vu)(x < (vf){0});
-    vu ai = xi & 0x7fffffffu;
-    vf a;
-    memcpy(&a, &ai, sizeof a);
-    const vf e = vexp((vf){0} - a), one = (vf){0} + 1.0f;
-    const vf pos = x / (one + e), negv = x * e / (one + e);  /* x >= 0: x / (1 + e^-x); x < 0: x e^x / (1 + e^x) */
-    vu pu, nu;
-    memcpy(&pu, &pos, sizeof pu);
-    memcpy(&nu, &negv, sizeof nu);
-    const vu r = (nu & neg) | (pu & ~neg);
-    vf out;
-    memcpy(&out, &r, sizeof out);
-    return out;
+    vu neg;
+    const vf e = exp_neg_abs(x, &neg), one = (vf){0} + 1.0f;
+    return blend(neg, x * e / (one + e), x / (one + e));
 }
 
 /* a[p, f] = round(round(silu(round(h[p, f]))) * round(h[p, F + f])) for bf16 compute (each product of
@@ -61,9 +29,8 @@ void moe_swiglu(const float *h, int64_t P, int64_t F, int bf16, void *a) {
         const float *gate = h + p * 2 * F, *up = gate + F;
         for (int64_t f0 = 0; f0 < F; f0 += L) {
             const int64_t n = F - f0 < L ? F - f0 : L;
-            const vf g = rnd_vec(n == L ? *(const vf *)(gate + f0) : load_n(gate + f0, n), bf16);
-            const vf u = rnd_vec(n == L ? *(const vf *)(up + f0) : load_n(up + f0, n), bf16);
-            store(a, p * F + f0, rnd_vec(rnd_vec(vsilu(g), bf16) * u, bf16), n, bf16);
+            const vf g = rnd_vec(load_n(gate + f0, n), bf16), u = rnd_vec(load_n(up + f0, n), bf16);
+            store_n(a, bf16, p * F + f0, rnd_vec(vsilu(g), bf16) * u, n);  /* rounded as stored */
         }
     }
 }
@@ -89,8 +56,8 @@ void moe_combine(const float *y, const void *w, const int64_t *pair_idx, int64_t
                 }
                 const float wq = bf16 ? bf16_to_f(((const uint16_t *)w)[q]) : ((const float *)w)[q];
                 const float *yq = y + q * D + d0;
-                acc += rnd_vec(rnd_vec(n == L ? *(const vf *)yq : load_n(yq, n), bf16) * wq, bf16);
+                acc += rnd_vec(rnd_vec(load_n(yq, n), bf16) * wq, bf16);
             }
-            store(out, t * D + d0, rnd_vec(acc, bf16), n, bf16);
+            store_n(out, bf16, t * D + d0, acc, n);
         }
 }

@@ -42,8 +42,7 @@ void rms_norm(const void *x, int64_t xs, int x_bf16, const void *w, int64_t T, i
             uint16_t *o = (uint16_t *)out + t * D;
             for (int64_t d = 0; d < Dv; d += L) {
                 const vf y = as_vf(round_bf16_vec(widen_bf16(xh + d) * rv));
-                const vu z = round_bf16_vec(widen_bf16(wh + d) * y) >> 16;
-                *(vh *)(o + d) = __builtin_convertvector(z, vh);
+                *(vh *)(o + d) = to_bf16(widen_bf16(wh + d) * y);
             }
             for (int64_t d = Dv; d < D; d++)
                 o[d] = f_to_bf16(bf16_to_f(wh[d]) * round_bf16(bf16_to_f(xh[d]) * r));

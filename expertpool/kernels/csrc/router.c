@@ -44,20 +44,10 @@ static void top(const float *v, int64_t n, int64_t k, int64_t *out) {
 static void sigmoid(float *v, int64_t n) {
     const int64_t nv = n - n % L;
     for (int64_t i = 0; i < nv; i += L) {
-        const vf x = *(vf *)(v + i);
-        vu xi;
-        memcpy(&xi, &x, sizeof xi);
-        const vu neg = (vu)(x < (vf){0}); /* all ones where negative */
-        vu ai = xi & 0x7fffffffu;
-        vf a;
-        memcpy(&a, &ai, sizeof a);
-        const vf e = vexp((vf){0} - a);
-        const vf one = (vf){0} + 1.0f, pos = one / (one + e), negv = e / (one + e);
-        vu pu, nu;
-        memcpy(&pu, &pos, sizeof pu);
-        memcpy(&nu, &negv, sizeof nu);
-        const vu r = (nu & neg) | (pu & ~neg);
-        memcpy(v + i, &r, sizeof r);
+        vu neg;
+        const vf e = exp_neg_abs(*(vf *)(v + i), &neg), one = (vf){0} + 1.0f;
+        const vf s = blend(neg, e / (one + e), one / (one + e));
+        memcpy(v + i, &s, sizeof s);
     }
     for (int64_t i = nv; i < n; i++) {
         const float e = expf(-fabsf(v[i]));

@@ -69,6 +69,21 @@ static inline float hsum(vf v) {
 #endif
 }
 
+static inline vf as_vf(vu u) {
+    vf f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline vu as_vu(vf f) {
+    vu u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* the lanes of a where m is all ones, of b where it is zero */
+static inline vf blend(vu m, vf a, vf b) { return as_vf((as_vu(a) & m) | (as_vu(b) & ~m)); }
+
 /* exp of L lanes, each x <= 0 (a score minus its row's max): x = n ln2 + r with |r| <= ln2 / 2, e^r
    from Cephes' expf polynomial (~1 ulp), times 2^n built in the exponent bits. Below -87.3 (where
    2^n would leave the normal range) it returns e^-87.3, ~1e-38: a probability that rounds to nothing
@@ -76,12 +91,7 @@ static inline float hsum(vf v) {
    (router.c). */
 static inline vf vexp(vf x) {
     const vf lo = (vf){0} - 87.3f, magic = (vf){0} + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
-    vu xi, li;
-    memcpy(&xi, &x, sizeof xi);
-    memcpy(&li, &lo, sizeof li);
-    const vu below = (vu)(x < lo); /* all ones where x < lo: the max of x and lo, lane by lane */
-    xi = (li & below) | (xi & ~below);
-    memcpy(&x, &xi, sizeof x);
+    x = blend((vu)(x < lo), lo, x); /* the max of x and lo, lane by lane */
     const vf t = x * 1.44269504088896341f + magic;
     const vf n = t - magic;
     const vf r = x - n * 0.693359375f - n * -2.12194440e-4f;
@@ -99,7 +109,14 @@ static inline vf vexp(vf x) {
     return p;
 }
 
-/* bf16 rounding (rms_norm.c, moe_ops.c) */
+/* e^-|x| (~1 ulp) and, in *neg, all ones in the lanes where x < 0: the halves of a sigmoid that never
+   overflow (router.c's sigmoid, moe_ops.c's silu) */
+static inline vf exp_neg_abs(vf x, vu *neg) {
+    *neg = (vu)(x < (vf){0});
+    return vexp((vf){0} - as_vf(as_vu(x) & 0x7fffffffu));
+}
+
+/* bf16 rounding (mla_decode.c, rms_norm.c, moe_ops.c) */
 /* fp32 -> bf16, round to nearest even; NaN stays NaN (quiet) */
 static inline uint16_t f_to_bf16(float f) {
     uint32_t u;
@@ -112,17 +129,33 @@ static inline float round_bf16(float f) { return bf16_to_f(f_to_bf16(f)); }
 
 /* L fp32 values rounded to bf16 (nearest even, NaN kept quiet), as the upper halves of fp32 lanes */
 static inline vu round_bf16_vec(vf f) {
-    vu u;
-    memcpy(&u, &f, sizeof u);
+    const vu u = as_vu(f);
     const vu nearest = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
     const vu nan = (vu)((u & 0x7fffffffu) > 0x7f800000u);  /* all ones where NaN */
     return (nearest & ~nan) | (((u & 0xffff0000u) | 0x400000u) & nan);
 }
 
-static inline vf as_vf(vu u) {
-    vf f;
-    memcpy(&f, &u, sizeof f);
-    return f;
+/* L fp32 values rounded to bf16 */
+static inline vh to_bf16(vf v) { return __builtin_convertvector(round_bf16_vec(v) >> 16, vh); }
+
+/* the first n <= L floats at p, the other lanes zero (a whole vector as one load) */
+static inline vf load_n(const float *p, int64_t n) {
+    vf v = (vf){0};
+    if (n == L) memcpy(&v, p, sizeof v);
+    else memcpy(&v, p, sizeof(float) * n);
+    return v;
+}
+
+/* the first n <= L lanes of v stored at p + i as fp32 or, rounded, as bf16 (whole vectors as one store) */
+static inline void store_n(void *p, int bf16, int64_t i, vf v, int64_t n) {
+    if (!bf16) {
+        if (n == L) memcpy((float *)p + i, &v, sizeof v);
+        else memcpy((float *)p + i, &v, sizeof(float) * n);
+        return;
+    }
+    const vh h = to_bf16(v);
+    if (n == L) memcpy((uint16_t *)p + i, &h, sizeof h);
+    else memcpy((uint16_t *)p + i, &h, sizeof(uint16_t) * n);
 }
 
 #endif
