@@ -144,8 +144,9 @@ class ExpertPoolServer:
 
     async def __del__(self):
         """Serve calls this once the replica has drained (its in-flight requests finished, or
-        serving.graceful_shutdown_timeout_s passed): stop the engine and its actor group."""
-        shutdown = getattr(self.engine, "shutdown", None)
+        serving.graceful_shutdown_timeout_s passed): stop the engine and its actor group. A replica whose
+        constructor failed has no engine: nothing to stop (its error was already reported)."""
+        shutdown = getattr(getattr(self, "engine", None), "shutdown", None)
         if shutdown is not None:
             await shutdown()
         logger.info("replica stopped")

@@ -728,3 +728,20 @@ def test_prefix_and_speculative_metrics_follow_the_engine_counters():
     assert [v for v, _ in m.prefix_queries.values] == [100, 50] and [v for v, _ in m.prefix_hits.values] == [64]
     assert [v for v, _ in m.spec_accepted.values] == [13, 3]
     assert [(v, t["position"]) for v, t in m.spec_accepted_per_pos.values] == [(8, "0"), (5, "1"), (2, "0"), (1, "1")]
+
+
+def test_a_replica_whose_constructor_failed_stops_without_a_second_error():
+    """Serve calls the replica's ``__del__`` even when its constructor raised (a bad model path, say):
+    with no engine there is nothing to stop, and no AttributeError buries the first error in the logs."""
+    import types
+
+    from expertpool.platform.app import ExpertPoolServer
+    ours = next(c for c in ExpertPoolServer.func_or_class.__mro__
+                if getattr(vars(c).get("__del__"), "__qualname__", "") == "ExpertPoolServer.__del__")
+    asyncio.run(vars(ours)["__del__"](types.SimpleNamespace()))  # raised AttributeError: no 'engine'
+    stopped = []
+
+    async def shutdown():
+        stopped.append(True)
+    asyncio.run(vars(ours)["__del__"](types.SimpleNamespace(engine=types.SimpleNamespace(shutdown=shutdown))))
+    assert stopped == [True]
