@@ -54,8 +54,11 @@ DOT_SWITCH = "EXPERTPOOL_CPU_BF16_DOT"
 # the widest vector of the source (L: 16 fp32 lanes with AVX-512): the packed-row scratch is sized for it
 MAX_LANES = 16
 # experts with more rows than this in a layer send the layer to oneDNN / MKL, whose GEMMs win once the
-# weights are reused over many rows (prefill chunks)
-MAX_ROWS = 8
+# weights are reused over many rows (long prefill chunks). Measured per layer on bench-mini's experts
+# (64 x 1024 x 256, 2 threads, Zen 5): the kernel took 0.3-0.9x the per-expert oneDNN loop's time at
+# 9-128 rows per expert, in bf16 (bf16 dot), fp32 on bf16 or fp32 weights, and the AVX2 build against
+# oneDNN capped at AVX2; at 256 rows 0.7-1.1x (docs/benchmarks.md, session 18)
+MAX_ROWS = 128
 
 # ATen's ISA cap (ATEN_CPU_CAPABILITY) -> the compiler flags that keep the kernel within it
 ISA_CAP_FLAGS = {"avx2": ["-mno-avx512f"], "default": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}

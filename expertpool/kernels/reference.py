@@ -283,14 +283,15 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
     through ``torch._weight_int8pack_mm``, fp32 at few rows as W @ x^T). Decode steps touch most
     experts with one or two rows each, so per-expert overhead and bytes read per expert are what
     cost. Dense fp32 / bf16 weights with at most ``cpu_experts.MAX_ROWS`` rows per expert (decode
-    steps) go to the grouped C kernel (``cpu_experts``: one call per product for the layer, bf16
-    weights widened in registers, fp32 accumulation in another summation order than oneDNN's, the
-    reference's bf16 roundings of the intermediates kept; SwiGLU and the weighted combine one C call
-    each, ``cpu_experts.swiglu`` / ``combine``), except in batch-invariant mode. Otherwise,
-    with bf16 activations it runs the reference's kernels in its order (bit-identical) for dense
-    and fp8 weights; fp32 activations take W @ x^T at few rows (another summation order, ~1e-6
-    relative; fp8 weights dequantized exactly first, so an fp8-resident model equals an fp32 one
-    holding the dequantized weights), int8 weights the int8 kernel (bf16 activations)."""
+    steps and prefill chunks of up to a few hundred tokens) go to the grouped C kernel
+    (``cpu_experts``: one call per product for the layer, bf16 weights widened in registers, fp32
+    accumulation in another summation order than oneDNN's, the reference's bf16 roundings of the
+    intermediates kept; SwiGLU and the weighted combine one C call each, ``cpu_experts.swiglu`` /
+    ``combine``), except in batch-invariant mode. Otherwise, with bf16 activations it runs the
+    reference's kernels in its order (bit-identical) for dense and fp8 weights; fp32 activations
+    take W @ x^T at few rows (another summation order, ~1e-6 relative; fp8 weights dequantized
+    exactly first, so in this loop an fp8-resident model equals an fp32 one holding the dequantized
+    weights), int8 weights the int8 kernel (bf16 activations)."""
     T, K = topk_ids_TK.shape
     grouped = _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD.shape[0])
     if grouped is None:

@@ -180,11 +180,40 @@ def test_the_routed_experts_through_the_kernel_equal_the_reference(xdt, wdt, mon
         assert rel_err(got, oracle) < 1.5 * rel_err(want, oracle)
 
 
+@pytest.mark.parametrize("xdt,wdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+def test_a_prefill_chunk_takes_the_kernel_and_keeps_the_reference_s_accuracy(xdt, wdt, monkeypatch):
+    """A short prefill chunk gives experts tens of rows: still the kernel's two calls (it outran the
+    per-expert oneDNN loop up to 128 rows per expert), each row as close to the fp64 oracle as the
+    reference's (fp32: summation order only; bf16: the same roundings of the intermediates)."""
+    g = torch.Generator().manual_seed(5)
+    x, ids, w, w13, w2 = _layer(g, t=96, e=4, wdt=wdt)
+    xd = x.to(xdt)
+    counts = torch.bincount(ids[ids >= 0], minlength=4)
+    assert counts.min() > 16 and counts.max() <= cpu_experts.MAX_ROWS
+    calls = []
+    kernel = cpu_experts.grouped_gemv
+    monkeypatch.setattr(cpu_experts, "grouped_gemv", lambda *a: calls.append(a[2].shape) or kernel(*a))
+    with torch.no_grad():
+        got = ref.moe_experts_inference(xd, ids, w, w13, None, w2, None)
+        want = ref.moe_experts_ref(xd, ids, w, w13, None, w2, None)
+        oracle = ref.moe_experts_ref(xd.double(), ids, w.double(), w13.double(), None, w2.double(), None)
+    assert calls == [w13.shape, w2.shape]
+    if xdt == torch.float32:
+        assert rel_err(got, want) < 1e-6
+    else:
+        assert rel_err(got, oracle) < 1e-2 and rel_err(got, oracle) < 1.5 * rel_err(want, oracle)
+    # each row depends on its own input row only: the chunk's first rows alone give the same rows
+    head = ids[:10]
+    with torch.no_grad():
+        alone = ref.moe_experts_inference(xd[:10], head, w[:10], w13, None, w2, None)
+    assert torch.equal(alone, got[:10])
+
+
 def test_many_rows_and_batch_invariant_mode_take_the_torch_loop():
-    """More than MAX_ROWS rows on an expert (a prefill chunk), or batch-invariant mode (whole-tile
+    """More than MAX_ROWS rows on an expert (a long prefill chunk), or batch-invariant mode (whole-tile
     oneDNN products everywhere), keep the torch loop: bit for bit the reference in bf16."""
     g = torch.Generator().manual_seed(3)
-    x, ids, w, w13, w2 = _layer(g, t=40, e=4)
+    x, ids, w, w13, w2 = _layer(g, t=2 * cpu_experts.MAX_ROWS + 40, e=4)
     xb = x.to(torch.bfloat16)
     assert torch.bincount(ids[ids >= 0]).max() > cpu_experts.MAX_ROWS
     with torch.no_grad():
