@@ -148,18 +148,22 @@ def _layer(g, t, e=8, d=256, f=64, k=2, wdt=torch.bfloat16):
     return x, ids, w, w13, w2
 
 
+@pytest.mark.parametrize("t", [12, 96])  # decode row counts; a short prefill chunk (tens of rows per expert)
 @pytest.mark.parametrize("xdt,wdt", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                                      (torch.bfloat16, torch.bfloat16)])
-def test_the_routed_experts_through_the_kernel_equal_the_reference(xdt, wdt, monkeypatch):
-    """``moe_experts_inference`` takes the kernel at decode row counts. fp32 compute (fp32 or bf16
-    weights) differs from the reference only in summation order (~1e-7). In bf16 both paths round the
-    same intermediates to bf16 (the products, silu, silu * up, the outputs): their distance to the fp64
-    oracle is that rounding (a few 2**-9), and the kernel is as close to it as the torch loop."""
+def test_the_routed_experts_through_the_kernel_equal_the_reference(xdt, wdt, t, monkeypatch):
+    """``moe_experts_inference`` takes the kernel at decode row counts and for short prefill chunks (it
+    outran the per-expert oneDNN loop up to 128 rows per expert). fp32 compute (fp32 or bf16 weights)
+    differs from the reference only in summation order (~1e-7). In bf16 both paths round the same
+    intermediates to bf16 (the products, silu, silu * up, the outputs): their distance to the fp64
+    oracle is that rounding (a few 2**-9), and the kernel is as close to it as the torch loop. Each
+    row depends on its own input row only."""
     g = torch.Generator().manual_seed(2)
-    x, ids, w, w13, w2 = _layer(g, t=12, wdt=wdt)
+    x, ids, w, w13, w2 = _layer(g, t=t, wdt=wdt)
     xd = x.to(xdt)
     counts = torch.bincount(ids[ids >= 0], minlength=8)
     assert 0 < counts.max() <= cpu_experts.MAX_ROWS
+    assert t == 12 or counts.min() > 16  # the chunk: more rows on every expert than a decode gives
     calls = []
     kernel = cpu_experts.grouped_gemv
     monkeypatch.setattr(cpu_experts, "grouped_gemv", lambda *a: calls.append(a[2].shape) or kernel(*a))
@@ -169,44 +173,17 @@ def test_the_routed_experts_through_the_kernel_equal_the_reference(xdt, wdt, mon
     with torch.no_grad():
         want = ref.moe_experts_ref(xd, ids, w, w13, None, w2, None)
         oracle = ref.moe_experts_ref(xd.double(), ids, w.double(), w13.double(), None, w2.double(), None)
+        alone = ref.moe_experts_inference(xd[:5], ids[:5], w[:5], w13, None, w2, None)
     with cpu_experts.switched_off(), torch.no_grad():
         loop = ref.moe_experts_inference(xd, ids, w, w13, None, w2, None)
     assert got.dtype == xdt
+    assert torch.equal(alone, got[:5])  # the first rows alone give the same rows
     if xdt == torch.float32:
         assert rel_err(got, want) < 1e-6
     else:
         assert torch.equal(loop, want)  # the torch loop runs the reference's kernels
         assert rel_err(got, oracle) < 1e-2 and rel_err(want, oracle) < 1e-2
         assert rel_err(got, oracle) < 1.5 * rel_err(want, oracle)
-
-
-@pytest.mark.parametrize("xdt,wdt", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
-def test_a_prefill_chunk_takes_the_kernel_and_keeps_the_reference_s_accuracy(xdt, wdt, monkeypatch):
-    """A short prefill chunk gives experts tens of rows: still the kernel's two calls (it outran the
-    per-expert oneDNN loop up to 128 rows per expert), each row as close to the fp64 oracle as the
-    reference's (fp32: summation order only; bf16: the same roundings of the intermediates)."""
-    g = torch.Generator().manual_seed(5)
-    x, ids, w, w13, w2 = _layer(g, t=96, e=4, wdt=wdt)
-    xd = x.to(xdt)
-    counts = torch.bincount(ids[ids >= 0], minlength=4)
-    assert counts.min() > 16 and counts.max() <= cpu_experts.MAX_ROWS
-    calls = []
-    kernel = cpu_experts.grouped_gemv
-    monkeypatch.setattr(cpu_experts, "grouped_gemv", lambda *a: calls.append(a[2].shape) or kernel(*a))
-    with torch.no_grad():
-        got = ref.moe_experts_inference(xd, ids, w, w13, None, w2, None)
-        want = ref.moe_experts_ref(xd, ids, w, w13, None, w2, None)
-        oracle = ref.moe_experts_ref(xd.double(), ids, w.double(), w13.double(), None, w2.double(), None)
-    assert calls == [w13.shape, w2.shape]
-    if xdt == torch.float32:
-        assert rel_err(got, want) < 1e-6
-    else:
-        assert rel_err(got, oracle) < 1e-2 and rel_err(got, oracle) < 1.5 * rel_err(want, oracle)
-    # each row depends on its own input row only: the chunk's first rows alone give the same rows
-    head = ids[:10]
-    with torch.no_grad():
-        alone = ref.moe_experts_inference(xd[:10], head, w[:10], w13, None, w2, None)
-    assert torch.equal(alone, got[:10])
 
 
 def test_many_rows_and_batch_invariant_mode_take_the_torch_loop():
