@@ -1,8 +1,9 @@
 """The pieces of a CPU expert-parallel step that the group adds (issue 14), on this host:
 
 - one ``all_to_all_single`` between two 1-thread processes, over gloo and through shared memory
-  (``model.shm_exchange``), at the sizes a bench-mini decode step exchanges: the split counts, and
-  rows of 1024 bf16 + 8 id bytes for 1, 24 and 48 (token, expert) pairs per peer;
+  (``model.shm_exchange``: its C loop, and the Python loop it falls back to), at the sizes a
+  bench-mini decode step exchanges: the split counts, and rows of 1024 bf16 + 8 id bytes for 1, 24
+  and 48 (token, expert) pairs per peer;
 - the output head on one thread: the whole lm_head for a rank's 8 rows, against the vocabulary slice
   of a 2-rank group for all 16 rows (``model.vocab_parallel``), bf16 and fp32.
 
@@ -55,7 +56,12 @@ def child(rank: int, port: int, iters: int) -> dict:
         out = torch.empty_like(x)
         res[name] = {"gloo": _median_us(lambda: dist.all_to_all_single(out, x, splits, splits), iters, dist.barrier)}
         if ex is not None:
+            lib = ex._lib
             res[name]["shm"] = _median_us(lambda: ex.all_to_all_single(out, x, splits, splits), iters, dist.barrier)
+            ex._lib = None  # the Python loop (no C compiler, or EXPERTPOOL_SHM_C_LOOP=0)
+            res[name]["shm-python"] = _median_us(lambda: ex.all_to_all_single(out, x, splits, splits), iters,
+                                                 dist.barrier)
+            ex._lib = lib
     dist.destroy_process_group()
     return res
 
@@ -97,9 +103,10 @@ def main():
     assert all(p.returncode == 0 for p in procs), "a child failed"
     res = json.loads(outs[0].strip().splitlines()[-1])
     print("\none all_to_all_single between two 1-thread processes (median us):")
-    print("| message | gloo | shared memory |\n|---|---:|---:|")
+    print("| message | gloo | shared memory, Python loop | shared memory, C loop |\n|---|---:|---:|---:|")
     for name, r in res.items():
-        print(f"| {name} | {r['gloo']:.0f} | {r.get('shm', float('nan')):.0f} |")
+        print(f"| {name} | {r['gloo']:.0f} | {r.get('shm-python', float('nan')):.0f} | "
+              f"{r.get('shm', float('nan')):.0f} |")
     print("\nthe output head on one thread (median ms):")
     print("| dtype | whole head, a rank's 8 rows | half head, the group's 16 rows |\n|---|---:|---:|")
     for dt, r in head(a.iters).items():

@@ -3,8 +3,9 @@
 On CPU the MoE layer's exchanges go over gloo, whose every collective is a TCP round trip handled by
 a background thread: 0.2-0.5 ms per ``all_to_all_single`` on loopback between two 1-thread ranks,
 however small the message, three per MoE layer. Ranks on one host can instead copy rows through a
-shared-memory segment (what vLLM's and SGLang's CPU backends do for their collectives): 40-80 µs
-(``bench/ep_exchange.py``; most of it Python and the waits' naps).
+shared-memory segment (what vLLM's and SGLang's CPU backends do for their collectives): 16-22 µs
+with the C loop below, 24-32 µs with the Python one, when both ranks arrive together
+(``bench/ep_exchange.py``).
 
 Layout of the segment (a file in ``/dev/shm``, created by rank 0 and unlinked once every rank has
 mapped it, so nothing is left behind when a process dies):
@@ -22,14 +23,21 @@ each rank passes the sizes it expects, and a pair with nothing to send sends no 
 is copied before the counter that publishes it is stored, and x86's stores become visible in program
 order (TSO); other architectures keep gloo (``supported``).
 
-Waiting: spin for 64 polls, then sleep ``EXPERTPOOL_SHM_NAP_US`` (20 µs; measured ~95 µs here)
-between polls, so a waiting rank gives its core to the replica and Ray processes that share the
-machine (gloo's waits block too); 0 = ``sched_yield`` instead, for hosts whose cores the actors have
-to themselves. Every 32 naps (256 yields) it checks that the peers it waits for are
-alive (a dead rank raises at once, as gloo's closed socket does), the group's abort flag
-(``abort``: the executor releasing a stuck step) and the timeout.
+Waiting. The loop runs in C (``kernels/csrc/shm_ring.c``, in the CPU kernels' library): a waiting
+rank spins ``EXPERTPOOL_SHM_SPIN_US`` (1000 µs), then sleeps on a futex until a peer that publishes a
+piece for it, or frees one of its slots, wakes it. Both ends matter on a VM: waking a sleeping rank
+took ~100 µs here (an idle vCPU), so with a 20 µs spin most exchanges took that long and bench-mini's
+in-process expert-parallel step grew to 25.7-30.1 ms (20.6-22.7 with a 200 µs spin, 20.2-21.3 with
+the Python loop, alternated); a rank asleep leaves its core to the replica and Ray processes of a
+full machine. Every 10 ms of waiting the call returns to Python, which checks that the
+peers it waits for are alive (a dead rank raises at once, as gloo's closed socket does), the group's
+abort flag (``abort``: the executor releasing a stuck step) and the timeout. Without the library (no C
+compiler, or ``EXPERTPOOL_SHM_C_LOOP=0``) the same protocol runs as a Python loop: 64 polls, then
+``EXPERTPOOL_SHM_NAP_US`` (20 µs; ~95 µs in practice) sleeps between polls (0: ``sched_yield``), and
+the same checks every 32 naps (256 yields).
 """
 
+import ctypes
 import logging
 import math
 import mmap
@@ -40,9 +48,19 @@ import time
 
 import torch
 
+from expertpool.kernels import cpu_experts
+
 log = logging.getLogger(__name__)
 
 _REC = 64  # bytes per rank record and per pair header (one cache line each: no false sharing)
+_SLICE_NS = 10_000_000  # the C loop returns this often while it waits (liveness, abort, timeout checks)
+C_LOOP = cpu_experts.Switch("EXPERTPOOL_SHM_C_LOOP", "the shared-memory exchange polls and naps in Python")
+
+
+def _ring_library():
+    """The C loop (``kernels/csrc/shm_ring.c``, in the CPU kernels' library), or None: switched off, or
+    no library (no compiler); then the Python loop."""
+    return cpu_experts.library() if C_LOOP.on() else None
 
 
 def supported() -> bool:
@@ -81,8 +99,18 @@ class ShmExchange:
         self._bytes = torch.frombuffer(self._mm, dtype=torch.uint8)
         self.aborted = False
         self._nap = float(os.environ.get("EXPERTPOOL_SHM_NAP_US", "20")) * 1e-6
+        self._spin_ns = int(float(os.environ.get("EXPERTPOOL_SHM_SPIN_US", "1000")) * 1000)
+        self._lib = _ring_library()
+        self._arrays = tuple((ctypes.c_int64 * world)() for _ in range(4))  # s_end, r_end, tx, rx
         self._pids: list[int] = []
         self._q[rank * _REC // 8] = os.getpid()
+
+    def describe_wait(self) -> str:
+        """How a waiting rank waits, for the logs."""
+        if self._lib is not None:
+            return f"C loop: spins {self._spin_ns / 1e3:g} us, then sleeps until a peer wakes it"
+        return (f"Python loop: polls, then naps {self._nap * 1e6:g} us" if self._nap
+                else "Python loop: polls and yields")
 
     @staticmethod
     def segment_bytes(world: int, slot_bytes: int) -> int:
@@ -166,6 +194,8 @@ class ShmExchange:
             r_off[r + 1] = r_off[r] + recv_counts[r] * row
         if s_off[me + 1] > s_off[me]:
             dst_b[r_off[me]:r_off[me + 1]].copy_(src_b[s_off[me]:s_off[me + 1]])
+        if self._lib is not None:
+            return self._exchange_c(out, src_b, dst_b, s_off, r_off)
         q, buf, slot = self._q, self._bytes, self.slot_bytes
         tx = {d: s_off[d] for d in range(W) if d != me and s_off[d + 1] > s_off[d]}  # next byte to send
         rx = {s: r_off[s] for s in range(W) if s != me and r_off[s + 1] > r_off[s]}  # next byte to take
@@ -215,6 +245,25 @@ class ShmExchange:
                 if not t_wait:
                     t_wait = now
                 self._check(set(tx) | set(rx), now - t_wait)
+        return out
+
+    def _exchange_c(self, out, src_b, dst_b, s_off, r_off) -> torch.Tensor:
+        """The loop in one C call (``kernels/csrc/shm_ring.c``), returning every ``_SLICE_NS`` while it
+        waits so the peers' liveness, the abort flag and the timeout are checked here."""
+        W, me, a = self.world, self.rank, self._arrays
+        s_end, r_end, tx, rx = a
+        for d in range(W):
+            s_end[d], r_end[d] = s_off[d + 1], r_off[d + 1]
+            tx[d], rx[d] = (s_off[d + 1], r_off[d + 1]) if d == me else (s_off[d], r_off[d])
+        base = self._bytes.data_ptr()
+        t_wait = 0.0
+        while self._lib.shm_a2a(base, self._hdr0, self._slot0, self.slot_bytes, W, me, src_b.data_ptr(),
+                                dst_b.data_ptr(), s_end, r_end, tx, rx, self._spin_ns, _SLICE_NS):
+            now = time.monotonic()
+            if not t_wait:
+                t_wait = now - _SLICE_NS * 1e-9
+            self._check({d for d in range(W) if d != me and (tx[d] < s_end[d] or rx[d] < r_end[d])},
+                        now - t_wait)
         return out
 
     def _check(self, peers: set[int], waited_s: float) -> None:

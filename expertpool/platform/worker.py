@@ -570,7 +570,8 @@ class ExpertWorker:
             slot = slot_bytes_for(self.world)
             self.exchange = join_group(slot_bytes=slot, timeout_s=self.spec.collective_timeout_s,
                                        tag=f"g{generation}")
-            how = (f"gloo, MoE exchanges through /dev/shm ({self.world ** 2 * 2 * slot >> 20} MiB)"
+            how = (f"gloo, MoE exchanges through /dev/shm ({self.world ** 2 * 2 * slot >> 20} MiB, "
+                   f"{self.exchange.describe_wait()})"
                    if self.exchange is not None else "gloo; /dev/shm not shared by every rank, exchanges on gloo")
         if self.exchange is not None:
             how += f"; output head split by vocabulary, this rank's slice 1/{self.world}"

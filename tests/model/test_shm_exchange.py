@@ -12,17 +12,25 @@ import time
 import pytest
 import torch
 
+from expertpool.kernels import cpu_experts
 from expertpool.model.shm_exchange import PeerGone, ShmExchange, slot_bytes_for, supported
 
 x86_only = pytest.mark.skipif(not supported(), reason="shared-memory exchange: x86 with /dev/shm only")
+# the loop in C (kernels/csrc/shm_ring.c: futex waits) and the Python loop (naps), the same protocol
+LOOPS = pytest.mark.parametrize("loop", ["c", "python"])
 
 
-def _group(world: int, slot_bytes: int, timeout_s: float = 30.0) -> list[ShmExchange]:
+def _group(world: int, slot_bytes: int, timeout_s: float = 30.0, loop: str = "c") -> list[ShmExchange]:
+    if loop == "c" and cpu_experts.library() is None:
+        pytest.skip("no C compiler: the CPU kernels' library (and the exchange's C loop) is not built")
     path = f"/dev/shm/expertpool-test-{os.getpid()}-{time.monotonic_ns()}"
     ex0 = ShmExchange.create(path, world, slot_bytes, timeout_s)
     group = [ex0] + [ShmExchange.attach(path, r, world, slot_bytes, ex0.token, timeout_s) for r in range(1, world)]
     for ex in group:
         ex.ready()
+        if loop == "python":
+            ex._lib = None
+        assert (ex._lib is not None) == (loop == "c")
     assert not os.path.exists(path)  # unlinked once all mapped: nothing left behind
     return group
 
@@ -47,15 +55,16 @@ def _run_all(fns) -> list:
 
 
 @x86_only
+@LOOPS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
-def test_rows_arrive_where_all_to_all_puts_them(dtype):
+def test_rows_arrive_where_all_to_all_puts_them(dtype, loop):
     world, D = 3, 37
     g = torch.Generator().manual_seed(0)
     # counts[s][d]: rows s sends d; zeros included (a pair with nothing to send sends no piece), and
     # pairs far larger than the 4 KiB slots (many pieces through a ring of two, both directions at once)
     counts = [[5, 0, 300], [0, 1, 0], [260, 7, 2]]
     sends = [(torch.randn(sum(counts[s]), D, generator=g) * 100).to(dtype) for s in range(world)]
-    group = _group(world, slot_bytes=4096)
+    group = _group(world, slot_bytes=4096, loop=loop)
     for _ in range(3):  # the rings carry on from call to call
         outs = [torch.empty(sum(counts[s][d] for s in range(world)), D, dtype=dtype) for d in range(world)]
         _run_all([lambda d=d: group[d].all_to_all_single(outs[d], sends[d], [counts[s][d] for s in range(world)],
@@ -76,8 +85,9 @@ def test_rows_arrive_where_all_to_all_puts_them(dtype):
 
 
 @x86_only
-def test_a_dead_peer_an_abort_and_a_timeout_raise():
-    a, b = _group(2, slot_bytes=4096, timeout_s=1.0)
+@LOOPS
+def test_a_dead_peer_an_abort_and_a_timeout_raise(loop):
+    a, b = _group(2, slot_bytes=4096, timeout_s=1.0, loop=loop)
     x, out = torch.ones(4, 8), torch.empty(4, 8)
     # rank 1's process has exited (a reaped pid): rank 0 waiting for its rows says so at once
     gone = subprocess.Popen(["true"])
@@ -89,19 +99,45 @@ def test_a_dead_peer_an_abort_and_a_timeout_raise():
     assert time.monotonic() - t0 < 1.0
     a._pids[1] = os.getpid()
     # a live peer that never sends: the collective timeout
-    a2, b2 = _group(2, slot_bytes=4096, timeout_s=0.3)
+    a2, b2 = _group(2, slot_bytes=4096, timeout_s=0.3, loop=loop)
     t0 = time.monotonic()
     with pytest.raises(PeerGone, match="ranks \\[1\\] sent nothing"):
         a2.all_to_all_single(out, x, [2, 2], [2, 2])
     assert 0.3 <= time.monotonic() - t0 < 5
     # the executor's abort releases a rank stuck waiting, from another thread
-    a3, b3 = _group(2, slot_bytes=4096, timeout_s=60.0)
+    a3, b3 = _group(2, slot_bytes=4096, timeout_s=60.0, loop=loop)
     threading.Timer(0.2, a3.abort).start()
     t0 = time.monotonic()
     with pytest.raises(PeerGone, match="aborted"):
         a3.all_to_all_single(out, x, [2, 2], [2, 2])
     assert time.monotonic() - t0 < 5
     for ex in (a, b, a2, b2, a3, b3):
+        ex.close()
+
+
+@x86_only
+def test_a_sleeping_rank_is_woken_by_its_peer_not_by_its_timeout():
+    """With no spinning every wait sleeps on the futex; each exchange's sleeper must be woken by the
+    other rank's doorbell (microseconds), not by the 2 ms timeout its sleep also has: 200 exchanges
+    would take >= ~0.4 s that way."""
+    group = _group(2, slot_bytes=4096, loop="c")
+    for ex in group:
+        ex._spin_ns = 0
+    n = 200
+    x = [torch.full((2, 16), float(r)) for r in range(2)]
+    outs = [torch.empty(2, 16) for _ in range(2)]
+
+    def ping(r):
+        for _ in range(n):
+            group[r].all_to_all_single(outs[r], x[r])
+        return outs[r]
+    _run_all([lambda: ping(0), lambda: ping(1)])  # warm-up (thread start, first-touch of the slots)
+    t0 = time.perf_counter()
+    got = _run_all([lambda: ping(0), lambda: ping(1)])
+    elapsed = time.perf_counter() - t0
+    assert [g[:, 0].tolist() for g in got] == [[0.0, 1.0], [0.0, 1.0]]
+    assert elapsed < 0.2, f"{n} exchanges took {elapsed:.3f} s: the waits end by timeout, not by the doorbell"
+    for ex in group:
         ex.close()
 
 
