@@ -87,8 +87,10 @@ def resident_bytes(args: ModelArgs, experts_per_layer: int, weight_dtype: str | 
     """Bytes one serving process holds after ``load_checkpoint(..., with_mtp=False)`` with
     ``experts_per_layer`` routed experts per MoE layer, by ``resident_dtype`` (the loader's own rule;
     no weights read): "experts" (routed, with their scales), "dense" (attention, dense MLPs, shared
-    experts, routers, norms, and the dense copy of kv_b_proj that absorbed attention caches when the
-    resident kv_b is not in the compute dtype), "embed_head"."""
+    experts, routers, norms, and what absorbed attention caches from kv_b_proj at load: its W_UK and
+    W_UV^T layouts in the compute dtype, and a dense copy when the resident kv_b is not in the compute
+    dtype), "embed_head". Not counted: the CPU kernels' packed copies of the dense linears and of W_UK /
+    W_UV^T (``Transformer.prepare_for_inference`` on CPU; no memory check applies to CPU actors)."""
     stored = FP8 if args.fp8 else torch.bfloat16
 
     def size(t: torch.dtype) -> int:
@@ -115,6 +117,7 @@ def resident_bytes(args: ModelArgs, experts_per_layer: int, weight_dtype: str | 
              + linear("linear", d, h * args.v_head_dim))
     if resident_dtype("linear", stored, weight_dtype, dtype) != dtype:
         attn += kvb_n * kvb_k * size(dtype)  # MLA.kv_b_weight: dense in the compute dtype, cached at load
+    attn += kvb_n * kvb_k * size(dtype)  # MLA.absorbed_weights: W_UK [H, Dn, C] and W_UV^T [H, C, Dv] copies
     block = attn + 2 * d * norm  # + the two layer norms
     moe = (args.n_shared_experts * (2 * linear("linear", f, d) + linear("linear", d, f))
            + args.n_routed_experts * (d + 1) * 4)  # shared experts; router weight and bias in fp32

@@ -273,8 +273,9 @@ def test_save_is_atomic(tmp_path, monkeypatch):
 
 def test_resident_bytes_is_what_the_loader_holds(tmp_path):
     """The memory plan's weight bytes (``resident_bytes``, computed from the config) equal the bytes
-    of the tensors ``load_checkpoint`` leaves resident, plus the dense kv_b copy absorbed attention
-    caches at load, for BF16 and FP8 checkpoints in every resident format, with a subset of experts."""
+    of the tensors ``load_checkpoint`` leaves resident, plus what absorbed attention caches at load
+    (the dense kv_b copy, W_UK and W_UV^T), for BF16 and FP8 checkpoints in every resident format, with
+    a subset of experts."""
     from expertpool.model.attention import MLA
     from expertpool.model.checkpoint import resident_bytes
     from expertpool.model.embedded import init_model
@@ -290,6 +291,8 @@ def test_resident_bytes_is_what_the_loader_holds(tmp_path):
                        if not n.endswith(runtime))
             held += sum(a._kv_b[1].numel() * a._kv_b[1].element_size() for a in m.modules()
                         if isinstance(a, MLA) and a._kv_b[1].data_ptr() != a.kv_b_proj.weight.data_ptr())
+            held += sum(t.numel() * t.element_size() for a in m.modules() if isinstance(a, MLA)
+                        for t in a.absorbed_weights(dt))
             assert held == sum(resident_bytes(m.args, 64, wd, dt).values()), (fp8, wd, dt)
 
 

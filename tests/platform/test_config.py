@@ -540,6 +540,7 @@ def _v3_expected_bytes(actors: int) -> dict:
                  + fp8(128 * 192, 1536)                                 # q_b
                  + fp8(576, 7168) + 512 * 2                             # kv_a + kv_a_layernorm
                  + fp8(128 * 256, 512) + 128 * 256 * 512 * 2            # kv_b + its dense bf16 copy (absorbed)
+                 + 128 * 256 * 512 * 2                                  # W_UK + W_UV^T copies (absorbed decode)
                  + fp8(7168, 128 * 128)                                 # o
                  + 2 * 7168 * 2)                                        # input/post-attention norms
     moe_dense = expert + 256 * 7168 * 4 + 256 * 4                       # shared expert, router weight + bias (fp32)
