@@ -250,8 +250,8 @@ class ShmExchange:
     def _exchange_c(self, out, src_b, dst_b, s_off, r_off) -> torch.Tensor:
         """The loop in one C call (``kernels/csrc/shm_ring.c``), returning every ``_SLICE_NS`` while it
         waits so the peers' liveness, the abort flag and the timeout are checked here."""
-        W, me, a = self.world, self.rank, self._arrays
-        s_end, r_end, tx, rx = a
+        W, me = self.world, self.rank
+        s_end, r_end, tx, rx = self._arrays
         for d in range(W):
             s_end[d], r_end[d] = s_off[d + 1], r_off[d + 1]
             tx[d], rx[d] = (s_off[d + 1], r_off[d + 1]) if d == me else (s_off[d], r_off[d])

@@ -6,7 +6,8 @@
    counter that publishes it is stored (release), and read after the counter is loaded (acquire).
 
    What C adds is the wait. Python polled and slept 20 us between polls (~95 us in practice), so a rank
-   learnt of its peer's rows up to ~100 us late, and each call cost ~20 us of interpreter time besides.
+   learnt of its peer's rows up to ~100 us late, and a call whose peer was already there took 24-32 us
+   against 16-22 here (bench/ep_exchange.py).
    Here a waiting rank spins for `spin_ns`, then sleeps on a futex: its doorbell, a 32-bit counter in
    its own 64-byte rank record (offset 16; offset 20: "asleep"). A rank that publishes a piece for d, or
    frees one of d's slots, increments d's doorbell and, if d is asleep, wakes it. The sleeper reads its
