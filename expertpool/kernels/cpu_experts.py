@@ -1,16 +1,19 @@
 """The routed experts' few-row products on CPU: ``csrc/expert_gemv.c``, built on first use.
 
-A decode step gives most experts one to three rows. oneDNN and MKL spend more on packing and
-dispatch than on reading weights at that size: on bench-mini (1024 x 512 weights) the per-expert
-bf16 products read ~10 GB/s where the machine streams ~25-40. This kernel streams each weight
-row once, widens bf16 weights to fp32 in registers (bf16 storage with fp32 compute costs no extra
-pass) and accumulates in fp32; one call covers every active expert of a layer and shares torch's
-OpenMP threads. Each output row is summed in one order whatever else is in the batch. With bf16
-activations and weights (bf16 compute) on a CPU with AVX512_BF16, a second entry takes both as they
-are through the CPU's bf16 dot product (``vdpbf16ps``: exact products, fp32 sums, pairs of k first),
-without the widening instructions: at one thread on Zen 5, 64 experts from DRAM, 29-33 against 26-29
-GB/s at one row per expert, 20-28 against 13-19 at two (``has_bf16_dot``; ``without_bf16_dot`` or
-``EXPERTPOOL_CPU_BF16_DOT=0`` for the widening path).
+A decode step gives most experts one to three rows. oneDNN and MKL spend more on packing and dispatch
+than on reading weights at that size: on bench-mini (1024 x 512 weights) the per-expert bf16 products
+read ~10 GB/s where the machine streams ~25-40. This kernel streams each weight row once, widens bf16
+weights to fp32 in registers (bf16 storage with fp32 compute costs no extra pass) and accumulates in
+fp32; one call covers every active expert of a layer and shares torch's OpenMP threads. Weight-only
+int8 experts (``weight_dtype: int8``: codes and one bf16 scale per row) take the same fp32 path: the
+codes are widened in registers (exactly) and each row's sum is scaled once, so they stream half of
+bf16's bytes (bench-mini, one decode-like layer at 2 threads: 0.7-0.9x bf16's time through the dot
+product below; the widening, not the memory, bounds it). Each output row is summed in one order
+whatever else is in the batch. With bf16 activations and weights (bf16 compute) on a CPU with
+AVX512_BF16, a second entry takes both as they are through the CPU's bf16 dot product (``vdpbf16ps``:
+exact products, fp32 sums, pairs of k first), without the widening instructions: at one thread on Zen
+5, 64 experts from DRAM, 29-33 against 26-29 GB/s at one row per expert, 20-28 against 13-19 at two
+(``has_bf16_dot``; ``without_bf16_dot`` or ``EXPERTPOOL_CPU_BF16_DOT=0`` for the widening path).
 
 The same library holds the decode attention (``csrc/mla_decode.c``, called through
 ``cpu_attention``); this module builds and loads it. Built with the machine's C compiler (``cc -O3
@@ -186,7 +189,7 @@ def _load(path: Path):
     lib = ctypes.CDLL(str(path))
     fn = lib.grouped_gemv
     P, I64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [P, I64, P, P, P, I64, P, ctypes.c_int, I64, P, P, ctypes.c_int]
+    fn.argtypes = [P, I64, P, P, P, I64, P, ctypes.c_int, P, I64, P, P, ctypes.c_int]
     fn.restype = None
     lib.mla_decode.argtypes = [P, P, ctypes.c_int, P, ctypes.c_int, I64, P, I64, P, I64, I64, I64, I64, I64,
                                ctypes.c_float, P, ctypes.c_int]
@@ -242,14 +245,27 @@ def library():
         return lib
 
 
-def applies(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int]) -> bool:
+def applies(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[int],
+            w13_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None) -> bool:
     """Whether ``grouped_gemv`` serves a layer's two products: CPU tensors, fp32 or bf16 activations,
-    contiguous fp32 or bf16 weights (no scales: the caller passes dense ones only), at most
-    ``MAX_ROWS`` rows per expert, and the kernel available."""
+    contiguous weights, either fp32 or bf16 without scales or weight-only int8 with one bf16 scale per
+    output row (``reference.int8_weight_quant``), at most ``MAX_ROWS`` rows per expert, and the kernel
+    available."""
     dense = (torch.float32, torch.bfloat16)
+
+    def fits(w, s):
+        if w.device.type != "cpu" or not w.is_contiguous():
+            return False
+        if s is None:
+            return w.dtype in dense
+        return (w.dtype == torch.int8 and s.dtype == torch.bfloat16 and s.device.type == "cpu"
+                and s.shape == w.shape[:2] and s.is_contiguous())
     return (EXPERTS.on() and x.device.type == "cpu" and x.dtype in dense and max(counts) <= MAX_ROWS
-            and all(w.device.type == "cpu" and w.dtype in dense and w.is_contiguous() for w in (w13, w2))
-            and library() is not None)
+            and fits(w13, w13_scale) and fits(w2, w2_scale) and library() is not None)
+
+
+# the fp32 entry's weight formats (csrc/expert_gemv.c: W_F32, W_BF16, W_I8)
+_W_FORMAT = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}
 
 
 class Groups:
@@ -263,11 +279,16 @@ class Groups:
         self.rows = int(sum(counts))
 
 
-def grouped_gemv(x_PK: torch.Tensor, groups: Groups, w_ENK: torch.Tensor, lib=None) -> torch.Tensor:
+def grouped_gemv(x_PK: torch.Tensor, groups: Groups, w_ENK: torch.Tensor, lib=None,
+                 scale_EN: torch.Tensor | None = None) -> torch.Tensor:
     """``out[p] = x[p] @ W[e(p)].T`` in fp32 for rows sorted by expert (``groups``); ``w_ENK`` fp32 or
-    bf16, contiguous. ``lib``: another build of the kernel (tests build the AVX2 code path)."""
+    bf16, contiguous, or int8 with its bf16 row scales ``scale_EN`` (W = w * scale[:, None]: each row's
+    sum over k is scaled once; activations in fp32, bf16 ones widened exactly). ``lib``: another build
+    of the kernel (tests build the AVX2 code path)."""
     lib = lib or library()
     assert lib is not None and w_ENK.is_contiguous() and w_ENK.dim() == 3
+    int8 = w_ENK.dtype == torch.int8
+    assert int8 == (scale_EN is not None), "int8 weights take their row scales, other formats none"
     P, K = x_PK.shape
     assert P == groups.rows and w_ENK.shape[2] == K, (x_PK.shape, groups.rows, w_ENK.shape)
     N = w_ENK.shape[1]
@@ -283,8 +304,9 @@ def grouped_gemv(x_PK: torch.Tensor, groups: Groups, w_ENK: torch.Tensor, lib=No
     x = x_PK.to(torch.float32).contiguous()
     scratch = torch.empty(P, -(-K // MAX_LANES) * MAX_LANES, dtype=torch.float32)
     lib.grouped_gemv(x.data_ptr(), K, groups.start.data_ptr(), groups.count.data_ptr(), groups.experts.data_ptr(),
-                     groups.experts.numel(), w_ENK.data_ptr(), int(w_ENK.dtype == torch.bfloat16), N,
-                     out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+                     groups.experts.numel(), w_ENK.data_ptr(), _W_FORMAT[w_ENK.dtype],
+                     scale_EN.data_ptr() if int8 else None, N, out.data_ptr(), scratch.data_ptr(),
+                     torch.get_num_threads())
     return out
 
 

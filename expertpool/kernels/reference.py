@@ -283,35 +283,41 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
     through ``torch._weight_int8pack_mm``, fp32 at few rows as W @ x^T). Decode steps touch most
     experts with one or two rows each, so per-expert overhead and bytes read per expert are what
     cost. Dense fp32 / bf16 weights with at most ``cpu_experts.MAX_ROWS`` rows per expert (decode
-    steps and prefill chunks of up to a few hundred tokens) go to the grouped C kernel
-    (``cpu_experts``: one call per product for the layer, bf16 weights widened in registers, fp32
+    steps and prefill chunks of up to a few hundred tokens), and int8 ones with their row scales, go
+    to the grouped C kernel (``cpu_experts``: one call per product for the layer, bf16 weights and
+    int8 codes widened in registers, fp32
     accumulation in another summation order than oneDNN's, the reference's bf16 roundings of the
     intermediates kept; SwiGLU and the weighted combine one C call each, ``cpu_experts.swiglu`` /
     ``combine``), except in batch-invariant mode. Otherwise, with bf16 activations it runs the
     reference's kernels in its order (bit-identical) for dense and fp8 weights; fp32 activations
     take W @ x^T at few rows (another summation order, ~1e-6 relative; fp8 weights dequantized
     exactly first, so in this loop an fp8-resident model equals an fp32 one holding the dequantized
-    weights), int8 weights the int8 kernel (bf16 activations)."""
+    weights), int8 weights (past ``MAX_ROWS`` or in batch-invariant mode) ``torch._weight_int8pack_mm``
+    (bf16 activations)."""
     T, K = topk_ids_TK.shape
     grouped = _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD.shape[0])
     if grouped is None:
         return torch.zeros_like(x_TD)
     counts, pair_idx, x_sorted, w_sorted = grouped
-    if w13_scale is None and w2_scale is None and not _BATCH_INVARIANT[0] and cpu_experts.applies(
-            x_sorted, w13_E2FD, w2_EDF, counts):
-        # few rows per expert (decode): one grouped call per product, weights streamed once;
-        # SwiGLU in fp32 with the reference's roundings to the compute dtype (the products, silu, and
-        # silu * up: a product of two bf16 values is exact in fp32), without bf16 elementwise kernels
+    int8 = w13_E2FD.dtype == torch.int8
+    if (int8 or (w13_scale is None and w2_scale is None)) and not _BATCH_INVARIANT[0] and cpu_experts.applies(
+            x_sorted, w13_E2FD, w2_EDF, counts, w13_scale if int8 else None, w2_scale if int8 else None):
+        # few rows per expert (decode): one grouped call per product, weights streamed once (int8 ones
+        # widened in registers and each row's sum scaled once); SwiGLU in fp32 with the reference's
+        # roundings to the compute dtype (the products, silu, and silu * up: a product of two bf16
+        # values is exact in fp32), without bf16 elementwise kernels
         groups = cpu_experts.Groups(counts)
-        h_P2F = cpu_experts.grouped_gemv(x_sorted, groups, w13_E2FD)
+        s13, s2 = (w13_scale, w2_scale) if int8 else (None, None)
+        h_P2F = cpu_experts.grouped_gemv(x_sorted, groups, w13_E2FD, scale_EN=s13)
         if x_TD.dtype in (torch.float32, torch.bfloat16) and cpu_experts.EPILOGUE.on():  # one C call each
             a_PF = cpu_experts.swiglu(h_P2F, x_TD.dtype)
-            return cpu_experts.combine(cpu_experts.grouped_gemv(a_PF, groups, w2_EDF), w_sorted, pair_idx, T, K)
+            return cpu_experts.combine(cpu_experts.grouped_gemv(a_PF, groups, w2_EDF, scale_EN=s2), w_sorted,
+                                       pair_idx, T, K)
         low = x_TD.dtype != torch.float32
         gate, up = (h_P2F.to(x_TD.dtype).float() if low else h_P2F).chunk(2, dim=-1)
         silu = F.silu(gate)
         a_PF = silu.to(x_TD.dtype).float().mul_(up).to(x_TD.dtype) if low else silu.mul_(up)
-        y_PD = cpu_experts.grouped_gemv(a_PF, groups, w2_EDF).to(x_TD.dtype)
+        y_PD = cpu_experts.grouped_gemv(a_PF, groups, w2_EDF, scale_EN=s2).to(x_TD.dtype)
         y_PD.mul_(w_sorted[:, None])
         return combine_pairs(y_PD, pair_idx, T, K)
     (P, D), F2 = x_sorted.shape, w13_E2FD.shape[1]

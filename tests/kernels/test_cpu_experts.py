@@ -14,6 +14,17 @@ from tests.kernels.kernel_oracles import rel_err
 pytestmark = pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler (cc) to build the CPU kernel")
 
 
+def _weights(shape, g, wdt):
+    """Random expert weights in ``wdt``; int8 as ``reference.int8_weight_quant`` makes them: (codes,
+    bf16 row scales). Returns (weights, scales or None, the exact weights the kernel multiplies by)."""
+    w = torch.randn(*shape, generator=g) * 0.05
+    if wdt == torch.int8:
+        q, s = ref.int8_weight_quant(w)
+        return q, s, ref.int8_dequant(q, s, torch.float64)
+    w = w.to(wdt)
+    return w, None, w
+
+
 def _oracle(x_PK, counts, w_ENK):
     out, s = [], 0
     for e, n in enumerate(counts):
@@ -23,19 +34,36 @@ def _oracle(x_PK, counts, w_ENK):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdt", [torch.float32, torch.bfloat16, torch.int8])
 @pytest.mark.parametrize("K,N", [(1024, 512), (256, 1024), (48, 40), (40, 17)])
 def test_grouped_gemv_equals_the_fp64_products(wdt, K, N):
     """Every row count the kernel blocks differently (1-3, a whole block of 4, 5-8: two passes), an
     idle expert, K with a vector tail (48 = 3 x 16) and without whole vectors (40: packed with zeros),
-    N not a multiple of the work item: fp32 accumulation of exact widened weights, ~1e-7 relative."""
+    N not a multiple of the work item: fp32 accumulation of exact widened weights, ~1e-7 relative.
+    int8 weights: each row's sum of exact int8 products times its bf16 scale equals the product with
+    the dequantized weights (code x scale, exact in fp64) to the same rounding."""
     g = torch.Generator().manual_seed(0)
     counts = [1, 0, 2, 3, 4, 5, 8, 1]
-    w = (torch.randn(len(counts), N, K, generator=g) * 0.05).to(wdt)
+    w, scale, exact = _weights((len(counts), N, K), g, wdt)
     x = torch.randn(sum(counts), K, generator=g)
-    got = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), w)
+    got = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), w, scale_EN=scale)
     assert got.dtype == torch.float32 and got.shape == (sum(counts), N)
-    assert rel_err(got, _oracle(x, counts, w)) < 1e-6
+    assert rel_err(got, _oracle(x, counts, exact)) < 1e-6
+
+
+def test_int8_weights_need_their_row_scales():
+    """int8 codes without their scales (or scales for a dense weight) are a caller's bug, not a
+    product with unit scales; a layer whose int8 scales do not have one per row stays off the kernel."""
+    g = torch.Generator().manual_seed(11)
+    q, s, _ = _weights((2, 32, 64), g, torch.int8)
+    x = torch.randn(3, 64, generator=g)
+    with pytest.raises(AssertionError, match="row scales"):
+        cpu_experts.grouped_gemv(x, cpu_experts.Groups([1, 2]), q)
+    with pytest.raises(AssertionError, match="row scales"):
+        cpu_experts.grouped_gemv(x, cpu_experts.Groups([1, 2]), q.float(), scale_EN=s)
+    assert cpu_experts.applies(x, q, q, [1, 2], s, s)
+    assert not cpu_experts.applies(x, q, q, [1, 2])  # no scales
+    assert not cpu_experts.applies(x, q, q, [1, 2], s[:, :16], s)  # not one per row
 
 
 def test_the_avx2_build_equals_the_fp64_products(avx2_lib):
@@ -44,22 +72,23 @@ def test_the_avx2_build_equals_the_fp64_products(avx2_lib):
     lib = avx2_lib
     g = torch.Generator().manual_seed(5)
     counts = [2, 0, 1, 5, 3]
-    for wdt in (torch.float32, torch.bfloat16):
-        w = (torch.randn(len(counts), 40, 48, generator=g) * 0.05).to(wdt)
+    for wdt in (torch.float32, torch.bfloat16, torch.int8):
+        w, scale, exact = _weights((len(counts), 40, 48), g, wdt)
         x = torch.randn(sum(counts), 48, generator=g)
-        got = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), w, lib=lib)
-        assert rel_err(got, _oracle(x, counts, w)) < 1e-6
+        got = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), w, lib=lib, scale_EN=scale)
+        assert rel_err(got, _oracle(x, counts, exact)) < 1e-6, wdt
 
 
-def test_a_rows_result_does_not_depend_on_its_batch():
+@pytest.mark.parametrize("wdt", [torch.bfloat16, torch.int8])
+def test_a_rows_result_does_not_depend_on_its_batch(wdt):
     """The kernel sums each row in one order whatever shares its expert: every row alone gives the
     same bits as in a group of up to 8 rows (each position in a block of 4, and the second block)."""
     g = torch.Generator().manual_seed(1)
-    w = (torch.randn(2, 96, 256, generator=g) * 0.05).to(torch.bfloat16)
+    w, scale, _ = _weights((2, 96, 256), g, wdt)
     x = torch.randn(8, 256, generator=g)
-    together = cpu_experts.grouped_gemv(x, cpu_experts.Groups([0, 8]), w)
+    together = cpu_experts.grouped_gemv(x, cpu_experts.Groups([0, 8]), w, scale_EN=scale)
     for r in range(8):
-        alone = cpu_experts.grouped_gemv(x[r:r + 1], cpu_experts.Groups([0, 1]), w)
+        alone = cpu_experts.grouped_gemv(x[r:r + 1], cpu_experts.Groups([0, 1]), w, scale_EN=scale)
         assert torch.equal(alone[0], together[r]), r
 
 
@@ -166,7 +195,7 @@ def test_the_routed_experts_through_the_kernel_equal_the_reference(xdt, wdt, t, 
     assert t == 12 or counts.min() > 16  # the chunk: more rows on every expert than a decode gives
     calls = []
     kernel = cpu_experts.grouped_gemv
-    monkeypatch.setattr(cpu_experts, "grouped_gemv", lambda *a: calls.append(a[2].shape) or kernel(*a))
+    monkeypatch.setattr(cpu_experts, "grouped_gemv", lambda *a, **k: calls.append(a[2].shape) or kernel(*a, **k))
     with torch.no_grad():
         got = ref.moe_experts_inference(xd, ids, w, w13, None, w2, None)
     assert calls == [w13.shape, w2.shape]  # one call per product for the whole layer
@@ -184,6 +213,37 @@ def test_the_routed_experts_through_the_kernel_equal_the_reference(xdt, wdt, t, 
         assert torch.equal(loop, want)  # the torch loop runs the reference's kernels
         assert rel_err(got, oracle) < 1e-2 and rel_err(want, oracle) < 1e-2
         assert rel_err(got, oracle) < 1.5 * rel_err(want, oracle)
+
+
+@pytest.mark.parametrize("t", [12, 96])
+@pytest.mark.parametrize("xdt", [torch.float32, torch.bfloat16])
+def test_int8_routed_experts_through_the_kernel(xdt, t, monkeypatch):
+    """Weight-only int8 experts (``weight_dtype: int8``) take the kernel too, one call per product with
+    the row scales; before, each expert went through ``torch._weight_int8pack_mm``, which takes bf16
+    activations only. Against the fp64 oracle of the dequantized weights (code x scale): fp32
+    compute ~1e-7 (the loop rounds x to bf16 first, ~1e-3); bf16 compute rounds the same
+    intermediates as the loop and is as close to the oracle. Rows depend on their own input only."""
+    g = torch.Generator().manual_seed(12)
+    x, ids, w, w13, w2 = _layer(g, t=t, wdt=torch.float32)
+    (q13, s13), (q2, s2) = ref.int8_weight_quant(w13), ref.int8_weight_quant(w2)
+    xd = x.to(xdt)
+    calls = []
+    kernel = cpu_experts.grouped_gemv
+    monkeypatch.setattr(cpu_experts, "grouped_gemv", lambda *a, **k: calls.append(a[2].dtype) or kernel(*a, **k))
+    with torch.no_grad():
+        got = ref.moe_experts_inference(xd, ids, w, q13, s13, q2, s2)
+        alone = ref.moe_experts_inference(xd[:5], ids[:5], w[:5], q13, s13, q2, s2)
+        oracle = ref.moe_experts_ref(xd.double(), ids, w.double(), ref.int8_dequant(q13, s13, torch.float64), None,
+                                     ref.int8_dequant(q2, s2, torch.float64), None)
+        with cpu_experts.switched_off():
+            loop = ref.moe_experts_inference(xd, ids, w, q13, s13, q2, s2)
+    assert calls[:2] == [torch.int8, torch.int8] and len(calls) == 4  # two per call, loop excluded
+    assert got.dtype == xdt and torch.equal(alone, got[:5])
+    if xdt == torch.float32:
+        assert rel_err(got, oracle) < 1e-6 < rel_err(loop, oracle)
+    else:
+        assert rel_err(got, oracle) < 1e-2 and rel_err(loop, oracle) < 1e-2
+        assert rel_err(got, oracle) < 1.5 * rel_err(loop, oracle)
 
 
 def test_many_rows_and_batch_invariant_mode_take_the_torch_loop():

@@ -1,9 +1,9 @@
 """Greedy parity of the CPU decode fast paths against the reference path (issue 14).
 
 Fast paths (``kernels.fast_paths()``, on by default): oneDNN-packed dense linears, the grouped C
-expert kernel at decode row counts (``kernels.cpu_experts``; fp32 or bf16 weights, also bf16 weights
-under fp32 compute), the expert loop that takes W @ x^T for fp32 at more rows, the int8 expert kernel
-(``torch._weight_int8pack_mm``), the decode attention, absorbed per-head products, RMSNorm and router
+expert kernel at decode row counts (``kernels.cpu_experts``; fp32, bf16 or weight-only int8 weights,
+also bf16 and int8 weights under fp32 compute), the expert loop that takes W @ x^T for fp32 at more
+rows, the decode attention, absorbed per-head products, RMSNorm and router
 in C (``kernels.cpu_attention``, ``cpu_gemm``, ``cpu_norm``, ``cpu_router``) and decode steps from
 static buffers padded to a bucket. The
 reference path is the same weights through ``kernels.use_backend("torch")``: plain ``F.linear`` and
@@ -13,11 +13,12 @@ experts top-6, MLA with 8 heads of 192/128, kv_lora 512; two layers and a 2,048-
 keep it small).
 
 Where the two paths run the same arithmetic in another order (fp32 compute), greedy output must be
-identical. Where the fast path rounds differently (bf16 products in other blockings, the int8 kernel's
-bf16 activations), a divergence is allowed only at a near-tie: at the first differing token, the
-reference's top-two margin must be within ``NEAR_TIE_ULPS`` bf16 ulps of its top logit, and the
-two paths' logits on that prefix must agree within bf16 rounding.
-"""
+identical (int8 experts included: the kernel multiplies exact int8 codes by fp32 activations and scales
+each row's sum, where the reference multiplies by the dequantized weights, which are exact in fp32
+too). Where the fast path rounds differently (bf16 products in other blockings), a divergence is
+allowed only at a near-tie: at the first differing token, the reference's top-two margin must be within
+``NEAR_TIE_ULPS`` bf16 ulps of its top logit, and the two paths' logits on that prefix must agree
+within bf16 rounding. """
 
 import pytest
 import torch
@@ -75,7 +76,7 @@ def _logits(model, ids):
 CASES = [  # (compute dtype, resident weights, exact): exact where only the summation order differs
     (torch.float32, "fp32", True),
     (torch.float32, "bf16", True),     # bf16 storage, fp32 compute
-    (torch.float32, "int8", False),    # the int8 kernel takes bf16 activations
+    (torch.float32, "int8", True),     # int8 codes widened in registers, x kept fp32, rows scaled once
     (torch.bfloat16, "bf16", False),   # packed vs plain bf16 products: other roundings
     (torch.bfloat16, "int8", False),
 ]

@@ -3,8 +3,10 @@
    out[p, n] = sum_k x[p, k] * W[e(p), n, k] for the rows p of each active expert e (rows sorted by
    expert). A decode step gives most experts one to three rows, where a GEMM library spends more time
    packing and dispatching than reading the weights; this loop streams each weight row once, widens
-   bf16 weights to fp32 in registers and accumulates in fp32. Every output row is summed in the same
-   order whatever the other rows are, so a row's result does not depend on its batch.
+   bf16 or int8 weights to fp32 in registers and accumulates in fp32. int8 weights (weight-only,
+   symmetric) carry one bf16 scale per output row: the row's sum over k is multiplied by it once at the
+   end, so they stream half the bytes of bf16 with no dequantizing pass. Every output row is summed in
+   the same order whatever the other rows are, so a row's result does not depend on its batch.
 
    Built at first use with the machine's compiler (-O3 -march=native -fopenmp); the vector type below
    becomes AVX-512 or AVX2 code on the CPU it is built for. OpenMP resolves to the libgomp torch has
@@ -14,6 +16,16 @@
 
 #define MB 4         /* rows that share one pass over a weight row */
 #define KS 2         /* accumulators per row over k */
+#ifndef KS8
+#if L == 16
+#define KS8 4        /* accumulators per row over k for int8 weights: their widening is two instructions per
+                        vector, so more independent chains (one decode-like bench-mini layer from DRAM,
+                        alternated: 1.16-1.22 against 1.23-1.27 ms at 1 thread x 8 tokens, 1.42-1.43
+                        against 1.46-1.55 at 2 x 16) */
+#else
+#define KS8 2        /* AVX2: 16 ymm registers hold 4 rows x 2 accumulators and the weights, not x 4 */
+#endif
+#endif
 #define PF 64        /* weight elements prefetched ahead: two cache lines of bf16 (64 bench-mini experts from
                         DRAM, 2 threads: 256 gave 14.8-15.7 GB/s at 2 rows per expert and 18.1-18.7 at
                         4 rows; 64 gave 16.2-16.4 and 20.8-21.2; 1 row the same) */
@@ -29,27 +41,37 @@
 #define CHUNK 1
 #endif
 
-/* One weight row (fp32 or bf16, widened in registers) times MBR rows of x, packed as
+/* weight formats of the fp32 path */
+#define W_F32 0
+#define W_BF16 1
+#define W_I8 2
+
+/* One weight row (fp32, bf16 or int8, widened in registers) times MBR rows of x, packed as
    [K / L][MBR][L] so that a k-chunk's MBR vectors are adjacent. KS accumulators per row hide the FMA
    latency; their tree-sum and the lane tree-sum are the same for every MBR, so a row's result does
-   not depend on how many rows share its expert. */
+   not depend on how many rows share its expert. wt is a constant wherever this is inlined. */
 static inline __attribute__((always_inline)) void row_dot(const float *xp, int64_t K, const void *w,
-                                                           int w_bf16, const int mbr, float *res) {
-    const int64_t Kv = K - K % (L * KS);
+                                                           const int wt, const int mbr, float *res) {
+    const int ks = wt == W_I8 ? KS8 : KS;
+    const int64_t Kv = K - K % (L * ks);
     const uint16_t *h = (const uint16_t *)w;
     const float *g = (const float *)w;
-    vf acc[MB][KS];
+    const int8_t *q = (const int8_t *)w;
+    vf acc[MB][KS8];
 #pragma GCC unroll 4
     for (int i = 0; i < mbr; i++)
 #pragma GCC unroll 4
-        for (int j = 0; j < KS; j++) acc[i][j] = (vf){0};
-    for (int64_t k = 0; k < Kv; k += L * KS) {
+        for (int j = 0; j < ks; j++) acc[i][j] = (vf){0};
+    for (int64_t k = 0; k < Kv; k += L * ks) {
         /* the weight stream prefetched ahead (measured on an earlier tiling of 4 weight rows per pass:
-           4 rows per expert ~1.9x faster, 1 row unchanged) */
-        __builtin_prefetch(w_bf16 ? (const void *)(h + k + PF) : (const void *)(g + k + PF));
+           4 rows per expert ~1.9x faster, 1 row unchanged); int8 4 * PF codes (256 bytes) ahead: 2, 4
+           and 8 * PF gave 1.89, 1.83 and 1.81 ms for a decode-like layer, within the noise */
+        __builtin_prefetch(wt == W_BF16 ? (const void *)(h + k + PF)
+                           : wt == W_I8 ? (const void *)(q + k + 4 * PF) : (const void *)(g + k + PF));
 #pragma GCC unroll 4
-        for (int j = 0; j < KS; j++) {
-            const vf wv = w_bf16 ? widen_bf16(h + k + j * L) : *(const vf *)(g + k + j * L);
+        for (int j = 0; j < ks; j++) {
+            const vf wv = wt == W_BF16 ? widen_bf16(h + k + j * L)
+                          : wt == W_I8 ? widen_i8(q + k + j * L) : *(const vf *)(g + k + j * L);
             const float *xk = xp + (k + j * L) * mbr;
 #pragma GCC unroll 4
             for (int i = 0; i < mbr; i++) acc[i][j] += wv * *(const vf *)(xk + i * L);
@@ -59,24 +81,30 @@ static inline __attribute__((always_inline)) void row_dot(const float *xp, int64
     for (int i = 0; i < mbr; i++) {
         vf a = acc[i][0];
 #pragma GCC unroll 4
-        for (int j = 1; j < KS; j++) a += acc[i][j];
+        for (int j = 1; j < ks; j++) a += acc[i][j];
         float s = hsum(a);
         for (int64_t k = Kv; k < K; k++) {
-            const float wk = w_bf16 ? bf16_to_f(h[k]) : g[k];
+            const float wk = wt == W_BF16 ? bf16_to_f(h[k]) : wt == W_I8 ? (float)q[k] : g[k];
             s += wk * xp[(k / L) * L * mbr + i * L + k % L];
         }
         res[i] = s;
     }
 }
 
+/* rows [n0, n1) of one expert's weights w (format wt; int8 rows scaled by scale[n], bf16) */
 #define ROWS_FN(MBR)                                                                                  \
-    static void rows_##MBR(const float *xp, int64_t K, const void *w, int w_bf16, int64_t n0,          \
-                           int64_t n1, float *out, int64_t N) {                                        \
-        const size_t rb = (size_t)K * (w_bf16 ? 2 : 4);                                               \
+    static void rows_##MBR(const float *xp, int64_t K, const void *w, int wt, const uint16_t *scale,   \
+                           int64_t n0, int64_t n1, float *out, int64_t N) {                            \
+        const size_t rb = (size_t)K * (wt == W_F32 ? 4 : wt == W_BF16 ? 2 : 1);                       \
         for (int64_t n = n0; n < n1; n++) {                                                           \
             float res[MB];                                                                            \
-            if (w_bf16) row_dot(xp, K, (const char *)w + n * rb, 1, MBR, res);                        \
-            else row_dot(xp, K, (const char *)w + n * rb, 0, MBR, res);                               \
+            const void *wn = (const char *)w + n * rb;                                                \
+            if (wt == W_BF16) row_dot(xp, K, wn, W_BF16, MBR, res);                                   \
+            else if (wt == W_I8) {                                                                    \
+                row_dot(xp, K, wn, W_I8, MBR, res);                                                   \
+                const float sc = bf16_to_f(scale[n]);                                                 \
+                for (int i = 0; i < MBR; i++) res[i] *= sc;                                           \
+            } else row_dot(xp, K, wn, W_F32, MBR, res);                                               \
             for (int i = 0; i < MBR; i++) out[i * N + n] = res[i];                                    \
         }                                                                                             \
     }
@@ -159,11 +187,12 @@ PACK_FN(pack_rows_bf16, uint16_t, LB)
 
 /* The one driver of both entries. x_PK: rows sorted by expert, fp32 (x_bf16 = 0) or, where built,
    bf16 (x_bf16 = 1: the dot-product path, bf16 weights); for active expert j: rows [start[j], start[j]
-   + count[j]) use weight slot expert[j] of w_ENK (bf16 if w_bf16, else fp32); out_PN fp32. xp_scratch:
+   + count[j]) use weight slot expert[j] of w_ENK (format wt: W_F32, W_BF16, or W_I8 with the bf16
+   row scales scale_EN; the bf16 entry takes bf16 only); out_PN fp32. xp_scratch:
    P * (K rounded up to the path's lanes) elements of x's type. */
 static void grouped(const void *x_PK, int x_bf16, int64_t K, const int64_t *start, const int64_t *count,
-                    const int64_t *expert, int64_t n_active, const void *w_ENK, int w_bf16, int64_t N,
-                    float *out_PN, void *xp_scratch, int nthreads) {
+                    const int64_t *expert, int64_t n_active, const void *w_ENK, int wt,
+                    const uint16_t *scale_EN, int64_t N, float *out_PN, void *xp_scratch, int nthreads) {
 #if defined(__AVX512BF16__)
     const int64_t lanes = x_bf16 ? LB : L;
 #else
@@ -171,7 +200,7 @@ static void grouped(const void *x_PK, int x_bf16, int64_t K, const int64_t *star
 #endif
     const int64_t Kp = (K + lanes - 1) / lanes * lanes;
     const int64_t blocks = (N + NB - 1) / NB;
-    const size_t esize = w_bf16 ? 2 : 4, xsize = x_bf16 ? 2 : 4;
+    const size_t esize = wt == W_F32 ? 4 : wt == W_BF16 ? 2 : 1, xsize = x_bf16 ? 2 : 4;
     /* every (expert, block of MB rows) packed once: block of rows [start + m0, ...) at (start + m0) * Kp */
 #pragma omp parallel num_threads(nthreads)
     {
@@ -196,6 +225,7 @@ static void grouped(const void *x_PK, int x_bf16, int64_t K, const int64_t *star
             const int64_t j = it / blocks, b = it % blocks;
             const int64_t n0 = b * NB, n1 = n0 + NB < N ? n0 + NB : N;
             const void *w = (const char *)w_ENK + (size_t)expert[j] * (size_t)N * (size_t)K * esize;
+            const uint16_t *sc = scale_EN ? scale_EN + (size_t)expert[j] * (size_t)N : 0;
             for (int64_t m0 = 0, mbr = 0; m0 < count[j]; m0 += mbr) {
                 mbr = blk(count[j] - m0);
                 const void *xp = (const char *)xp_scratch + (size_t)((start[j] + m0) * Kp) * xsize;
@@ -211,20 +241,22 @@ static void grouped(const void *x_PK, int x_bf16, int64_t K, const int64_t *star
                 }
 #endif
                 switch (mbr) {
-                case 1: rows_1(xp, K, w, w_bf16, n0, n1, o, N); break;
-                case 3: rows_3(xp, K, w, w_bf16, n0, n1, o, N); break;
-                default: rows_4(xp, K, w, w_bf16, n0, n1, o, N);
+                case 1: rows_1(xp, K, w, wt, sc, n0, n1, o, N); break;
+                case 3: rows_3(xp, K, w, wt, sc, n0, n1, o, N); break;
+                default: rows_4(xp, K, w, wt, sc, n0, n1, o, N);
                 }
             }
         }
     }
 }
 
-/* fp32 x_PK (weights fp32 or bf16, widened in registers); xp_scratch: P * (K rounded up to L) floats. */
+/* fp32 x_PK; weights w_ENK in format wt (0 fp32, 1 bf16, 2 int8 with bf16 row scales scale_EN [E, N];
+   scale_EN unused otherwise), widened in registers; xp_scratch: P * (K rounded up to L) floats. */
 void grouped_gemv(const float *x_PK, int64_t K, const int64_t *start, const int64_t *count,
-                  const int64_t *expert, int64_t n_active, const void *w_ENK, int w_bf16, int64_t N,
-                  float *out_PN, float *xp_scratch, int nthreads) {
-    grouped(x_PK, 0, K, start, count, expert, n_active, w_ENK, w_bf16, N, out_PN, xp_scratch, nthreads);
+                  const int64_t *expert, int64_t n_active, const void *w_ENK, int wt, const uint16_t *scale_EN,
+                  int64_t N, float *out_PN, float *xp_scratch, int nthreads) {
+    grouped(x_PK, 0, K, start, count, expert, n_active, w_ENK, wt, wt == W_I8 ? scale_EN : 0, N, out_PN,
+            xp_scratch, nthreads);
 }
 
 #if defined(__AVX512BF16__)
@@ -232,6 +264,6 @@ void grouped_gemv(const float *x_PK, int64_t K, const int64_t *start, const int6
 void grouped_gemv_bf16(const uint16_t *x_PK, int64_t K, const int64_t *start, const int64_t *count,
                        const int64_t *expert, int64_t n_active, const uint16_t *w_ENK, int64_t N,
                        float *out_PN, uint16_t *xp_scratch, int nthreads) {
-    grouped(x_PK, 1, K, start, count, expert, n_active, w_ENK, 1, N, out_PN, xp_scratch, nthreads);
+    grouped(x_PK, 1, K, start, count, expert, n_active, w_ENK, W_BF16, 0, N, out_PN, xp_scratch, nthreads);
 }
 #endif

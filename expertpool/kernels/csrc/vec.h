@@ -1,6 +1,6 @@
 /* Vector helpers shared by the CPU kernels (expert_gemv.c, mla_decode.c): the fp32 vector of the
-   CPU the library is built for (AVX-512: 16 lanes, AVX2: 8), bf16 widening, and the fixed-order lane
-   sum. Built with -O3 -march=native -fopenmp (expertpool.kernels.cpu_experts). */
+   CPU the library is built for (AVX-512: 16 lanes, AVX2: 8), bf16 and int8 widening, and the
+   fixed-order lane sum. Built with -O3 -march=native -fopenmp (expertpool.kernels.cpu_experts). */
 
 #ifndef EXPERTPOOL_VEC_H
 #define EXPERTPOOL_VEC_H
@@ -33,6 +33,18 @@ static inline vf widen_bf16(const uint16_t *p) {
     vf f;
     memcpy(&f, &u, sizeof f);
     return f;
+#endif
+}
+
+/* L int8 values widened to fp32 (exact) */
+static inline vf widen_i8(const int8_t *p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#elif defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+#else
+    typedef int8_t vi8 __attribute__((vector_size(L), aligned(1)));
+    return __builtin_convertvector(*(const vi8 *)p, vf);
 #endif
 }
 
