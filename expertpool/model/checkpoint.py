@@ -33,7 +33,9 @@ log = logging.getLogger(__name__)
 
 FP8 = torch.float8_e4m3fn
 # resident formats (weight_dtype). "int8": the routed experts weight-only int8 with one bf16 scale per
-# row (``kernels.reference.int8_weight_quant``), every other linear bf16: the CPU decode fast path.
+# row (``kernels.reference.int8_weight_quant``), every other linear bf16 under bf16 compute and in the
+# compute dtype otherwise (a bf16 linear under fp32 compute is widened on every call): the CPU decode
+# fast path.
 WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
 # dtypes by name: the compute dtype (cluster.yaml model.dtype, the CLI) and the dtype of patch tensors
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,7 +77,7 @@ def resident_dtype(kind: str, stored: torch.dtype, weight_dtype: str | None, dty
         if kind == "expert" and keep_bf16_experts and stored == torch.bfloat16:
             target = torch.bfloat16
     elif weight_dtype == "int8":
-        target = torch.int8 if kind == "expert" else torch.bfloat16
+        target = torch.int8 if kind == "expert" else (torch.bfloat16 if dtype == torch.bfloat16 else dtype)
     else:
         target = WEIGHT_DTYPES[weight_dtype]
     if kind == "head" and target == FP8:
