@@ -298,6 +298,7 @@ def test_an_isa_cap_for_torch_caps_the_kernels_build(tmp_path, monkeypatch, capl
     """``ATEN_CPU_CAPABILITY=avx2`` (how an AVX-512 machine runs as an AVX2-only one) builds a second
     library without AVX-512, which still computes the products."""
     assert cpu_experts.isa_cap_flags({}) == [] and cpu_experts.isa_cap_flags({"ATEN_CPU_CAPABILITY": "AVX512"}) == []
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)  # the first build uncapped, whatever the shell set
     monkeypatch.setenv("EXPERTPOOL_CACHE", str(tmp_path))
     monkeypatch.setattr(cpu_experts, "_state", {})
     assert cpu_experts.library() is not None
