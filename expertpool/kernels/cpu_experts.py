@@ -250,7 +250,7 @@ def applies(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[i
     """Whether ``grouped_gemv`` serves a layer's two products: CPU tensors, fp32 or bf16 activations,
     contiguous weights, either fp32 or bf16 without scales or weight-only int8 with one bf16 scale per
     output row (``reference.int8_weight_quant``), at most ``MAX_ROWS`` rows per expert, and the kernel
-    available."""
+    available. Any other weight format with its scales (FP8 and its block scales) does not apply."""
     dense = (torch.float32, torch.bfloat16)
 
     def fits(w, s):

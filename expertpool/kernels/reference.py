@@ -299,25 +299,22 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
     if grouped is None:
         return torch.zeros_like(x_TD)
     counts, pair_idx, x_sorted, w_sorted = grouped
-    int8 = w13_E2FD.dtype == torch.int8
-    if (int8 or (w13_scale is None and w2_scale is None)) and not _BATCH_INVARIANT[0] and cpu_experts.applies(
-            x_sorted, w13_E2FD, w2_EDF, counts, w13_scale if int8 else None, w2_scale if int8 else None):
+    if not _BATCH_INVARIANT[0] and cpu_experts.applies(x_sorted, w13_E2FD, w2_EDF, counts, w13_scale, w2_scale):
         # few rows per expert (decode): one grouped call per product, weights streamed once (int8 ones
         # widened in registers and each row's sum scaled once); SwiGLU in fp32 with the reference's
         # roundings to the compute dtype (the products, silu, and silu * up: a product of two bf16
         # values is exact in fp32), without bf16 elementwise kernels
         groups = cpu_experts.Groups(counts)
-        s13, s2 = (w13_scale, w2_scale) if int8 else (None, None)
-        h_P2F = cpu_experts.grouped_gemv(x_sorted, groups, w13_E2FD, scale_EN=s13)
+        h_P2F = cpu_experts.grouped_gemv(x_sorted, groups, w13_E2FD, scale_EN=w13_scale)
         if x_TD.dtype in (torch.float32, torch.bfloat16) and cpu_experts.EPILOGUE.on():  # one C call each
             a_PF = cpu_experts.swiglu(h_P2F, x_TD.dtype)
-            return cpu_experts.combine(cpu_experts.grouped_gemv(a_PF, groups, w2_EDF, scale_EN=s2), w_sorted,
+            return cpu_experts.combine(cpu_experts.grouped_gemv(a_PF, groups, w2_EDF, scale_EN=w2_scale), w_sorted,
                                        pair_idx, T, K)
         low = x_TD.dtype != torch.float32
         gate, up = (h_P2F.to(x_TD.dtype).float() if low else h_P2F).chunk(2, dim=-1)
         silu = F.silu(gate)
         a_PF = silu.to(x_TD.dtype).float().mul_(up).to(x_TD.dtype) if low else silu.mul_(up)
-        y_PD = cpu_experts.grouped_gemv(a_PF, groups, w2_EDF, scale_EN=s2).to(x_TD.dtype)
+        y_PD = cpu_experts.grouped_gemv(a_PF, groups, w2_EDF, scale_EN=w2_scale).to(x_TD.dtype)
         y_PD.mul_(w_sorted[:, None])
         return combine_pairs(y_PD, pair_idx, T, K)
     (P, D), F2 = x_sorted.shape, w13_E2FD.shape[1]

@@ -18,7 +18,8 @@ each row's sum, where the reference multiplies by the dequantized weights, which
 too). Where the fast path rounds differently (bf16 products in other blockings), a divergence is
 allowed only at a near-tie: at the first differing token, the reference's top-two margin must be within
 ``NEAR_TIE_ULPS`` bf16 ulps of its top logit, and the two paths' logits on that prefix must agree
-within bf16 rounding. """
+within bf16 rounding.
+"""
 
 import pytest
 import torch

@@ -225,7 +225,7 @@ static void grouped(const void *x_PK, int x_bf16, int64_t K, const int64_t *star
             const int64_t j = it / blocks, b = it % blocks;
             const int64_t n0 = b * NB, n1 = n0 + NB < N ? n0 + NB : N;
             const void *w = (const char *)w_ENK + (size_t)expert[j] * (size_t)N * (size_t)K * esize;
-            const uint16_t *sc = scale_EN ? scale_EN + (size_t)expert[j] * (size_t)N : 0;
+            const uint16_t *sc = wt == W_I8 ? scale_EN + (size_t)expert[j] * (size_t)N : 0;
             for (int64_t m0 = 0, mbr = 0; m0 < count[j]; m0 += mbr) {
                 mbr = blk(count[j] - m0);
                 const void *xp = (const char *)xp_scratch + (size_t)((start[j] + m0) * Kp) * xsize;
@@ -251,12 +251,11 @@ static void grouped(const void *x_PK, int x_bf16, int64_t K, const int64_t *star
 }
 
 /* fp32 x_PK; weights w_ENK in format wt (0 fp32, 1 bf16, 2 int8 with bf16 row scales scale_EN [E, N];
-   scale_EN unused otherwise), widened in registers; xp_scratch: P * (K rounded up to L) floats. */
+   read only for int8), widened in registers; xp_scratch: P * (K rounded up to L) floats. */
 void grouped_gemv(const float *x_PK, int64_t K, const int64_t *start, const int64_t *count,
                   const int64_t *expert, int64_t n_active, const void *w_ENK, int wt, const uint16_t *scale_EN,
                   int64_t N, float *out_PN, float *xp_scratch, int nthreads) {
-    grouped(x_PK, 0, K, start, count, expert, n_active, w_ENK, wt, wt == W_I8 ? scale_EN : 0, N, out_PN,
-            xp_scratch, nthreads);
+    grouped(x_PK, 0, K, start, count, expert, n_active, w_ENK, wt, scale_EN, N, out_PN, xp_scratch, nthreads);
 }
 
 #if defined(__AVX512BF16__)
