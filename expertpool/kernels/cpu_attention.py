@@ -8,6 +8,11 @@ heads and once per latent chunk for the weighted sum, keeps scores and probabili
 torch path rounds bf16 scores before the softmax) and computes each (row, head group) in one fixed
 order on one thread: a row's result does not depend on its batch. ``switched_off()`` or
 ``EXPERTPOOL_CPU_ATTENTION_KERNEL=0`` keeps the torch path (tests, A/B benchmarks).
+
+``prep`` (``csrc/mla_prep.c``) runs the steps between a layer's down-projections and its attention in
+one call: RoPE of the queries' RoPE part, the latent's RMSNorm and the shared key's RoPE written to
+the cache slots of the step's tokens (~12 torch ops per layer otherwise), in torch's roundings. The
+same switch turns it off (``without_prep()`` alone).
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from expertpool.kernels import cpu_experts
 ENV_SWITCH = "EXPERTPOOL_CPU_ATTENTION_KERNEL"
 SWITCH = cpu_experts.Switch(ENV_SWITCH, "decode attention runs through the torch path")
 switched_off = SWITCH.off  # the torch path inside the block (tests and A/B benchmarks)
+# prep alone off inside a block (tests and A/B benchmarks; the decode attention keeps its kernel)
+PREP = cpu_experts.Switch(None, "RoPE, the latent's norm and the cache write run as torch ops")
+without_prep = PREP.off
 
 
 def applies(q_abs_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, cache_PX: torch.Tensor) -> bool:
@@ -57,4 +65,46 @@ def mla_decode(q_abs_BHC: torch.Tensor, q_pe_BHR: torch.Tensor, cache_PX: torch.
     if rc != 0:
         raise MemoryError(f"the CPU decode attention could not allocate its scratch ({H} heads, "
                           f"contexts up to {int(lens.max())})")
+    return out
+
+
+def prep_applies(q_NHD: torch.Tensor, kv_NX: torch.Tensor, cos_NR: torch.Tensor, sin_NR: torch.Tensor,
+                 norm_w: torch.Tensor, slots_N: torch.Tensor, cache_PX: torch.Tensor) -> bool:
+    """Whether ``prep`` serves this call: CPU tensors, q, kv and the cache in one dtype (fp32 or bf16;
+    the norm weight is taken in it), unit stride along the last dims (q's heads may be a strided view), cos / sin
+    fp32 [N, R/2] contiguous, the cache contiguous, no autograd, not switched off, library built."""
+    dtype = q_NHD.dtype
+    return (q_NHD.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and q_NHD.dim() == 3
+            and kv_NX.dim() == 2 and kv_NX.dtype == dtype == cache_PX.dtype
+            and q_NHD.stride(2) == 1 and kv_NX.stride(1) == 1 and norm_w.dim() == 1
+            and cache_PX.is_contiguous() and cache_PX.device.type == "cpu" and kv_NX.device.type == "cpu"
+            and cos_NR.dtype == sin_NR.dtype == torch.float32 and cos_NR.is_contiguous() and sin_NR.is_contiguous()
+            and cos_NR.shape == sin_NR.shape == (q_NHD.shape[0], (cache_PX.shape[1] - norm_w.shape[0]) // 2)
+            and slots_N.device.type == "cpu"
+            and not (torch.is_grad_enabled() and (q_NHD.requires_grad or kv_NX.requires_grad or norm_w.requires_grad))
+            and SWITCH.on() and PREP.on() and cpu_experts.library() is not None)
+
+
+def prep(q_NHD: torch.Tensor, rope_dim: int, kv_NX: torch.Tensor, cos_NR: torch.Tensor, sin_NR: torch.Tensor,
+         norm_w: torch.Tensor, eps: float, slots_N: torch.Tensor, cache_PX: torch.Tensor, lib=None) -> torch.Tensor:
+    """Writes each token's normalized latent and roped shared key (``kv``: [N, C + R], the latent first)
+    to its cache slot, and returns the roped RoPE part of every head's query ([N, H, R], q's dtype; the
+    last ``rope_dim`` of each head of ``q``), as ``layers.apply_rope`` and ``RMSNorm`` compute them."""
+    lib = lib or cpu_experts.library()
+    N, H, D = q_NHD.shape
+    C = norm_w.shape[0]
+    R = rope_dim
+    assert kv_NX.shape == (N, C + R) and cache_PX.shape[1] == C + R and slots_N.shape == (N,), (
+        q_NHD.shape, kv_NX.shape, cache_PX.shape, slots_N.shape)
+    out = torch.empty(N, H, R, dtype=q_NHD.dtype)
+    if N == 0:
+        return out
+    slots = slots_N.to(torch.int64).contiguous()
+    w = norm_w.to(q_NHD.dtype).contiguous()
+    rc = lib.mla_prep(q_NHD.data_ptr(), q_NHD.stride(0), q_NHD.stride(1), D - R, H, kv_NX.data_ptr(),
+                      kv_NX.stride(0), C, R, N, int(q_NHD.dtype == torch.bfloat16), cos_NR.data_ptr(),
+                      sin_NR.data_ptr(), w.data_ptr(), float(eps), slots.data_ptr(), cache_PX.data_ptr(),
+                      cache_PX.shape[0], out.data_ptr())
+    if rc != 0:
+        raise IndexError(f"a cache slot outside the cache's {cache_PX.shape[0]} (slots {slots.tolist()})")
     return out

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "expert_gemv.c"
 # one library for the CPU kernels: the experts' products here, the decode attention (cpu_attention)
-SOURCES = [SOURCE, CSRC / "mla_decode.c", CSRC / "small_gemm.c", CSRC / "rms_norm.c",
+SOURCES = [SOURCE, CSRC / "mla_decode.c", CSRC / "mla_prep.c", CSRC / "small_gemm.c", CSRC / "rms_norm.c",
            CSRC / "router.c", CSRC / "moe_ops.c", CSRC / "shm_ring.c"]
 HEADERS = [CSRC / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
@@ -194,6 +194,9 @@ def _load(path: Path):
     lib.mla_decode.argtypes = [P, P, ctypes.c_int, P, ctypes.c_int, I64, P, I64, P, I64, I64, I64, I64, I64,
                                ctypes.c_float, P, ctypes.c_int]
     lib.mla_decode.restype = ctypes.c_int
+    lib.mla_prep.argtypes = [P, I64, I64, I64, I64, P, I64, I64, I64, I64, ctypes.c_int, P, P, P, ctypes.c_float,
+                             P, P, I64, P]
+    lib.mla_prep.restype = ctypes.c_int
     lib.rms_norm.argtypes = [P, I64, ctypes.c_int, P, I64, I64, ctypes.c_float, P]
     lib.rms_norm.restype = None
     lib.moe_swiglu.argtypes, lib.moe_swiglu.restype = [P, I64, I64, ctypes.c_int, P], None

@@ -37,9 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from expertpool import kernels
-from expertpool.kernels import cpu_gemm
+from expertpool.kernels import cpu_attention, cpu_gemm
 from expertpool.model.args import ModelArgs
-from expertpool.model.layers import Linear, RMSNorm, apply_rope
+from expertpool.model.layers import Linear, MergedPack, RMSNorm, apply_rope
 
 PREFILL_TILE = 256  # query rows per fused-attention call on CPU: bounds the mask at PREFILL_TILE x T
 
@@ -206,11 +206,19 @@ class MLA(nn.Module):
         # (key, dense kv_b weight, W_UK [H, Dn, C], W_UV^T [H, C, Dv], both packed for the CPU kernel or
         # None) for inference
         self._kv_b: tuple | None = None
+        self.merged_pack = MergedPack()  # q_a (or q) and kv_a together on CPU
 
-    def _q(self, x):
+    def merged(self) -> list[Linear]:
+        """The down-projections of x, packed together for inference (``layers.MergedPack``)."""
+        first = self.q_proj if self.q_lora_rank is None else self.q_a_proj
+        return [first, self.kv_a_proj_with_mqa]
+
+    def _q_kv(self, x):
+        """(the query [.., H * (Dn + R)], kv_a_proj_with_mqa's output [.., C + R]) of x."""
+        a, kv = self.merged_pack(self.merged(), x)
         if self.q_lora_rank is None:
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            return a, kv
+        return self.q_b_proj(self.q_a_layernorm(a)), kv
 
     def kv_b_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """kv_b_proj's weight [H * (Dn + Dv), C] dense in ``dtype``: dequantized once and cached for
@@ -262,9 +270,10 @@ class MLA(nn.Module):
     def _forward_full(self, x, cos_sin):
         B, S, _ = x.shape
         H = self.n_heads
-        q = self._q(x).view(B, S, H, self.qk_dim)                                  # [B, S, H, Dn+R]
+        q, kv = self._q_kv(x)
+        q = q.view(B, S, H, self.qk_dim)                                           # [B, S, H, Dn+R]
         q_nope, q_pe = q.split([self.nope, self.rope_dim], -1)
-        c, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], -1)
+        c, k_pe = kv.split([self.kv_lora_rank, self.rope_dim], -1)
         cos, sin = cos_sin
         q_pe = apply_rope(q_pe, cos[..., None, :], sin[..., None, :])
         k_pe = apply_rope(k_pe, cos, sin)                                          # [B, S, R]
@@ -276,14 +285,22 @@ class MLA(nn.Module):
     def _forward_batch(self, x_ND, cos_sin, batch: AttnBatch):
         N = x_ND.shape[0]
         H, C = self.n_heads, self.kv_lora_rank
-        q = self._q(x_ND).view(N, H, self.qk_dim)
+        q, kv = self._q_kv(x_ND)
+        q = q.view(N, H, self.qk_dim)
         q_nope, q_pe = q.split([self.nope, self.rope_dim], -1)
-        c, k_pe = self.kv_a_proj_with_mqa(x_ND).split([C, self.rope_dim], -1)
         cos, sin = cos_sin                                                         # [N, R/2]
-        q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])                        # [N, H, R]
-        k_pe = apply_rope(k_pe, cos, sin)                                          # [N, R]
         cache_PC = batch.cache.kv_LPC[self.layer_id]
-        cache_PC.index_copy_(0, batch.slot_mapping_N, torch.cat([self.kv_a_layernorm(c), k_pe], -1).to(cache_PC.dtype))
+        norm = self.kv_a_layernorm
+        if kernels.fast_paths() and cpu_attention.prep_applies(q, kv, cos, sin, norm.weight, batch.slot_mapping_N,
+                                                                cache_PC):
+            # RoPE, the latent's norm and the cache write in one call (csrc/mla_prep.c), torch's roundings
+            q_pe = cpu_attention.prep(q, self.rope_dim, kv, cos, sin, norm.weight, norm.eps, batch.slot_mapping_N,
+                                      cache_PC)                                    # [N, H, R]
+        else:
+            c, k_pe = kv.split([C, self.rope_dim], -1)
+            q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])                    # [N, H, R]
+            k_pe = apply_rope(k_pe, cos, sin)                                      # [N, R]
+            cache_PC.index_copy_(0, batch.slot_mapping_N, torch.cat([norm(c), k_pe], -1).to(cache_PC.dtype))
         d = batch.decode
         if d is not None and not batch.prefills and d.rows_B is None:             # a pure decode step
             return self.o_proj(self._decode(q_nope, q_pe, cache_PC, d))

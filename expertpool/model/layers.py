@@ -84,6 +84,50 @@ class Linear(nn.Module):
         return f"{self.in_features}, {self.out_features}, dtype={self.weight.dtype}{fmt}"
 
 
+class MergedPack:
+    """Linear layers that read the same input (MLA's two down-projections, an MLP's gate and up), packed
+    once as one product on the CPU, as SGLang fuses DeepSeek's q_a / kv_a projections and vLLM merges
+    gate and up: one call and one weight stream instead of two, whose cold start does not overlap at a
+    decode batch (bench-mini, 16 rows: q_a and kv_a alone ~65-70 us each from DRAM, together ~100). The
+    layers keep their own weights (checkpoint names, training, the fallback); the pack replaces their
+    separate packed copies (``Transformer.prepare_for_inference``), so it costs no more memory. Used
+    while every weight is unchanged (same storage and version) and autograd is off. The bf16 kernel
+    (``cpu_gemm``) computes each output column alone, so the merged product equals the separate ones
+    bit for bit; oneDNN's fp32 GEMM may round the last bit differently."""
+
+    def __init__(self):
+        self._packed: tuple | None = None  # (keys of the weights it was made from, packed concatenation)
+
+    @staticmethod
+    def _key(linears) -> tuple:
+        return tuple((m.weight.data_ptr(), m.weight._version) for m in linears)
+
+    def pack(self, linears) -> bool:
+        """Pack the concatenation of the layers' weights (dense CPU fp32 or bf16, one dtype); whether it
+        packed."""
+        ws = [m.weight for m in linears]
+        if any(w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or w.dtype != ws[0].dtype
+               for w in ws):
+            self._packed = None
+            return False
+        key = self._key(linears)
+        if self._packed is not None and self._packed[0] == key:
+            return True
+        packed = kernels.pack_weight(torch.cat([w.detach() for w in ws], 0))
+        self._packed = None if packed is None else (key, packed)
+        return packed is not None
+
+    def __call__(self, linears, x: torch.Tensor) -> list[torch.Tensor]:
+        """Each layer's output of ``x`` (views of one product where the pack applies)."""
+        p = self._packed
+        if p is not None and not torch.is_grad_enabled() and x.dtype == linears[0].weight.dtype and \
+                kernels.fast_paths() and p[0] == self._key(linears):
+            y = kernels.packed_linear(x, p[1])
+            if y is not None:
+                return list(y.split([m.out_features for m in linears], -1))
+        return [m(x) for m in linears]
+
+
 class MLP(nn.Module):
     """SwiGLU feed-forward: dense layers and the shared experts."""
 
@@ -92,9 +136,15 @@ class MLP(nn.Module):
         self.gate_proj = Linear(dim, inter)
         self.up_proj = Linear(dim, inter)
         self.down_proj = Linear(inter, dim)
+        self.merged_pack = MergedPack()  # gate and up together on CPU
+
+    def merged(self) -> list[Linear]:
+        """The layers packed together for inference (``MergedPack``)."""
+        return [self.gate_proj, self.up_proj]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.merged_pack(self.merged(), x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 def yarn_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:

@@ -91,13 +91,25 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def prepare_for_inference(self) -> int:
         """One-time work before serving (at load, never per step): cache kv_b_proj's dense weight and
-        the absorbed W_UK / W_UV layouts, and on CPU pre-pack every dense linear for oneDNN (kv_b_proj
-        excepted: it is used through those caches). Returns the number of packed linears."""
-        packed = 0
-        for name, m in self.named_modules():
+        the absorbed W_UK / W_UV layouts, and on CPU pre-pack every dense linear (kv_b_proj excepted: it is
+        used through those caches): the linears that read the same input together (MLA's q_a and kv_a,
+        an MLP's gate and up: ``layers.MergedPack``, which then replaces their own packed copies), the
+        others alone. Returns the number of packed linears."""
+        packed, merged = 0, set()
+        for m in self.modules():
             if isinstance(m, MLA):
                 m.absorbed_weights(self.compute_dtype)
-            elif isinstance(m, Linear) and not name.endswith("kv_b_proj") and m.weight.dtype == self.compute_dtype:
+            if isinstance(m, (MLA, MLP)):
+                group = m.merged()
+                if all(lin.weight.dtype == self.compute_dtype for lin in group) and \
+                        m.merged_pack.pack(group):
+                    for lin in group:
+                        lin._packed = None
+                        merged.add(id(lin))
+                    packed += len(group)
+        for name, m in self.named_modules():
+            if isinstance(m, Linear) and id(m) not in merged and not name.endswith("kv_b_proj") and \
+                    m.weight.dtype == self.compute_dtype:
                 packed += m.pack_for_cpu()
         return packed
 

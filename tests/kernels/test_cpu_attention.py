@@ -1,7 +1,8 @@
 """The CPU decode attention (``kernels.cpu_attention``, ``csrc/mla_decode.c``): against the fp64
 softmax attention over each row's context, the torch path's contract (paged cache, block tables,
 lengths), rows that do not depend on their batch, the dispatch and its switches, bad tables refused,
-and the AVX2 build."""
+and the AVX2 build. Then ``prep`` (``csrc/mla_prep.c``): the torch ops' bits, its refusals, the AVX2
+build."""
 
 import shutil
 
@@ -142,3 +143,64 @@ def test_the_avx2_build_equals_softmax_attention_in_fp64(avx2_lib):
         q_abs, q_pe, cache, table, lens, scale = _case(3, 11, 40, 6, 4, dtype, dtype, [70, 1, 9], seed=2)
         got = cpu_attention.mla_decode(q_abs, q_pe, cache, table, lens, scale, 4, lib=lib)
         _check_against_oracle(got, _oracle(q_abs, q_pe, cache, table, lens, scale, 4), dtype)
+
+
+def _prep_case(N, H, Dn, R, C, P, dtype, seed=0):
+    """q rows of H heads [Dn | R] as the strided view a serving step hands over (a slice of a wider
+    projection output), kv_a's output [C | R] as a view of the merged down-projection, RoPE tables of
+    distinct positions, distinct slots in a cache of P."""
+    g = torch.Generator().manual_seed(seed)
+    q_wide = torch.randn(N, H * (Dn + R) + 24, generator=g).to(dtype)
+    q = q_wide[:, :H * (Dn + R)].view(N, H, Dn + R)
+    kv = torch.randn(N, 40 + C + R, generator=g).to(dtype)[:, 40:]
+    ang = torch.rand(N, R // 2, generator=g) * 50
+    cos, sin = ang.cos() * 1.3, ang.sin() * 1.3
+    w = (torch.rand(C, generator=g) + 0.5).to(dtype)
+    slots = torch.randperm(P, generator=g)[:N]
+    cache = torch.randn(P, C + R, generator=g).to(dtype)
+    return q, kv, cos, sin, w, slots, cache
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,H,Dn,R,C", [(16, 8, 128, 64, 512), (3, 5, 6, 8, 12), (1, 1, 2, 2, 3)])
+def test_prep_equals_the_torch_ops_bit_for_bit(dtype, N, H, Dn, R, C):
+    """RoPE of every head's query, the latent's norm and the shared key's RoPE in the cache: the same
+    bits as layers.apply_rope, RMSNorm (its CPU kernel) and index_copy_; other slots untouched."""
+    from expertpool.model.layers import RMSNorm, apply_rope
+    q, kv, cos, sin, w, slots, cache = _prep_case(N, H, Dn, R, C, 3 * N + 5, dtype)
+    norm = RMSNorm(C, 1e-6)
+    norm.weight.data.copy_(w.float())
+    want_cache = cache.clone()
+    with torch.no_grad():
+        want_q = apply_rope(q[..., Dn:], cos[:, None], sin[:, None])
+        c, k_pe = kv.split([C, R], -1)
+        want_cache.index_copy_(0, slots, torch.cat([norm(c), apply_rope(k_pe, cos, sin)], -1))
+        assert cpu_attention.prep_applies(q, kv, cos, sin, norm.weight, slots, cache)
+        got_q = cpu_attention.prep(q, R, kv, cos, sin, norm.weight, 1e-6, slots, cache)
+    assert got_q.dtype == dtype and torch.equal(got_q, want_q)
+    assert torch.equal(cache, want_cache)
+
+
+def test_prep_refuses_a_slot_outside_the_cache_and_what_it_does_not_take():
+    q, kv, cos, sin, w, slots, cache = _prep_case(4, 2, 4, 4, 8, 10, torch.float32)
+    bad = slots.clone()
+    bad[2] = cache.shape[0]
+    with pytest.raises(IndexError, match="cache slot"):
+        cpu_attention.prep(q, 4, kv, cos, sin, w, 1e-6, bad, cache)
+    assert not cpu_attention.prep_applies(q.bfloat16(), kv, cos, sin, w, slots, cache)  # mixed dtypes
+    assert not cpu_attention.prep_applies(q, kv, cos[:, :1], sin[:, :1], w, slots, cache)  # tables of another R
+    with cpu_attention.switched_off():
+        assert not cpu_attention.prep_applies(q, kv, cos, sin, w, slots, cache)
+    assert not cpu_attention.prep_applies(q.requires_grad_(), kv, cos, sin, w, slots, cache)
+
+
+def test_the_avx2_build_of_prep_equals_the_native_one(avx2_lib):
+    for dtype in (torch.float32, torch.bfloat16):
+        q, kv, cos, sin, w, slots, cache = _prep_case(5, 3, 8, 16, 37, 20, dtype, seed=3)
+        other = cache.clone()
+        a = cpu_attention.prep(q, 16, kv, cos, sin, w, 1e-6, slots, cache)
+        b = cpu_attention.prep(q, 16, kv, cos, sin, w, 1e-6, slots, other, lib=avx2_lib)
+        assert torch.equal(a, b)  # RoPE is elementwise: the same bits on any vector width
+        # the norm's sum of squares runs over 8 lanes instead of 16: its last bit may differ
+        tol = dict(rtol=2.0 ** -7, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(cache, other, **tol)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import expertpool.kernels as K
-from expertpool.kernels import backend, reference as ref, tuned
+from expertpool.kernels import backend, cpu_gemm, reference as ref, tuned
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CPU = torch.device("cpu")
@@ -106,6 +106,71 @@ def test_bf16_weights_pack_for_the_cpu_kernel_where_the_cpu_has_the_bf16_dot_pro
         with cpu_gemm.switched_off():
             assert K.packed_linear(x, packed) is None
             torch.testing.assert_close(lin(x), torch.nn.functional.linear(x, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_linears_equal_their_separate_products(dtype):
+    """MergedPack: two layers of one input as one packed product. With the bf16 kernel each output
+    column is computed alone, so the merge changes no bit; oneDNN's fp32 GEMM may round the last bit.
+    A changed weight, autograd or the fast paths off take the separate layers."""
+    from expertpool.model.layers import Linear, MergedPack
+    g = torch.Generator().manual_seed(1)
+    a, b = Linear(64, 96), Linear(64, 40)
+    for lin in (a, b):
+        lin.weight = torch.nn.Parameter((torch.randn(lin.out_features, 64, generator=g) * 0.1).to(dtype),
+                                        requires_grad=False)
+    merged = MergedPack()
+    if not merged.pack([a, b]):
+        pytest.skip(f"nothing packs {dtype} on this machine")
+    x = torch.randn(16, 64, generator=g).to(dtype)
+    with torch.no_grad():
+        got = merged([a, b], x)
+        want = [lin(x) for lin in (a, b)]
+        bf16_kernel = isinstance(merged._packed[1], cpu_gemm.Packed)
+        for y, w in zip(got, want):
+            if bf16_kernel:
+                assert torch.equal(y, w)
+            else:
+                torch.testing.assert_close(y, w, rtol=1e-5, atol=1e-6)
+        calls = []
+        real = K.packed_linear
+        try:
+            K.packed_linear = lambda *args: calls.append(1) or real(*args)
+            b.weight.add_(1.0)  # a rewritten weight (a patch): the stale pack is not used
+            for y, lin in zip(merged([a, b], x), (a, b)):
+                assert torch.equal(y, lin(x))
+            assert calls == []  # neither the pack nor a layer's own (none) ran
+            assert merged.pack([a, b])  # packed again from the new weights
+            merged([a, b], x)
+            assert calls == [1]
+            with K.use_backend("torch"):
+                merged([a, b], x)
+            with torch.enable_grad():  # training: the layers' own products
+                merged([a, b], x)
+            assert calls == [1]
+        finally:
+            K.packed_linear = real
+
+
+def test_the_model_packs_q_a_with_kv_a_and_gate_with_up(tiny_dir):
+    """prepare_for_inference packs MLA's down-projections and every MLP's gate / up together and drops
+    those layers' own packed copies (no second copy); a decode of the tiny model is unchanged by it."""
+    from expertpool.model.attention import MLA
+    from expertpool.model.checkpoint import load_checkpoint
+    from expertpool.model.layers import MLP
+    m = load_checkpoint(tiny_dir, dtype=torch.float32, with_mtp=False)
+    n = m.prepare_for_inference()
+    groups = [mod for mod in m.modules() if isinstance(mod, (MLA, MLP))]
+    assert groups and n > 0
+    for mod in groups:
+        assert mod.merged_pack._packed is not None
+        assert all(lin._packed is None for lin in mod.merged())
+    ids = torch.tensor([[3, 14, 15, 9, 2, 6]])
+    with torch.no_grad():
+        fast = m(ids)
+        with K.use_backend("torch"):
+            slow = m(ids)
+    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-4)
 
 
 def test_forced_triton_on_cpu_without_interpreter_raises():

@@ -24,7 +24,8 @@ def materialized_absorbed(mla, x_ND, cos_sin, cache_PC, batch: AttnBatch, seqs):
     sequence, the whole [S, H, T] score tensor built, masked with -inf, softmax in fp32. ``seqs``:
     (rows, context slots, start) per sequence. Reads the cache the new path already wrote."""
     N, H, C = x_ND.shape[0], mla.n_heads, mla.kv_lora_rank
-    q = mla._q(x_ND).view(N, H, mla.qk_dim)
+    q = (mla.q_proj(x_ND) if mla.q_lora_rank is None
+         else mla.q_b_proj(mla.q_a_layernorm(mla.q_a_proj(x_ND)))).view(N, H, mla.qk_dim)
     q_nope, q_pe = q.split([mla.nope, mla.rope_dim], -1)
     cos, sin = cos_sin
     q_pe = apply_rope(q_pe, cos[:, None], sin[:, None])
@@ -82,6 +83,39 @@ def test_mixed_step_equals_the_materialized_formula():
         got_rows = mla(x, cos_sin, as_rows)
     assert len(as_rows.prefills) == 1 and as_rows.decode.seq_lens_B.tolist() == [11, 6, 7, 8, 9, 10, 11, 8, 20]
     torch.testing.assert_close(got_rows, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_serving_step_takes_the_cpu_prep_and_it_changes_no_bit(dtype, monkeypatch):
+    """A serving step on CPU writes the cache and ropes the queries in one C call (cpu_attention.prep),
+    after MLA's merged down-projection; the layer's output and the cache it wrote equal the torch ops'
+    (``without_prep``) bit for bit, for prefill chunks and decodes."""
+    from expertpool.kernels import cpu_attention, cpu_experts
+    if cpu_experts.library() is None:
+        pytest.skip("needs a C compiler to build the CPU kernels")
+    torch.manual_seed(0)
+    m = random_model("tiny").to(dtype)
+    m.prepare_for_inference()
+    mla = m.model.layers[0].self_attn
+    a = m.args
+    caches, outs = [], []
+    calls = []
+    real = cpu_attention.prep
+    monkeypatch.setattr(cpu_attention, "prep", lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    x = torch.randn(17, a.hidden_size).to(dtype)
+    for off in (False, True):
+        cache = PagedLatentCache(a.num_hidden_layers, 24, 4, a.kv_cache_dim, dtype=dtype)
+        batch = AttnBatch.build(cache, [list(range(0, 8)), list(range(8, 14)), list(range(14, 20))], [0, 10, 5],
+                                [9, 1, 7])
+        with torch.no_grad():
+            if off:
+                with cpu_attention.without_prep():
+                    outs.append(mla(x, m.rope(batch.positions_N), batch))
+            else:
+                outs.append(mla(x, m.rope(batch.positions_N), batch))
+        caches.append(cache.kv_LPC[0])
+    assert calls == [1]
+    assert torch.equal(outs[0], outs[1]) and torch.equal(caches[0], caches[1])
 
 
 PEAK_SCRIPT = textwrap.dedent("""
