@@ -11,7 +11,10 @@ streamed token (``/proc`` accounting of each process over the run). Variants (``
 - ``same-loop``: ``RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0`` (the replica's user code on Serve's
   main event loop: one thread hop less per chunk);
 - ``direct``: ``RAY_SERVE_ENABLE_DIRECT_INGRESS=1``, clients connect to the replica's own HTTP port
-  (no proxy hop and no Ray object per chunk; in production this needs a load balancer in front).
+  (no proxy hop and no Ray object per chunk; in production this needs a load balancer in front:
+  ``serving.ingress: haproxy`` puts HAProxy there).
+
+Variants combine with ``+`` (``direct+same-loop``).
 
     python bench/serve_path.py [--streams 16] [--tokens 64] [--step-ms 0] [--variants default,same-loop,direct]
 """
@@ -135,9 +138,13 @@ def run_variant(variant: str, streams: int, tokens: int, step_ms: float, rounds:
     from common import free_port
 
     env = {"PACED_STEP_S": str(step_ms / 1000), "PYTHONPATH": f"{REPO}:{HERE}"}
-    if variant == "same-loop":
+    parts = variant.split("+")  # variants combine: direct+same-loop
+    unknown = set(parts) - {"default", "same-loop", "direct"}
+    if unknown:
+        raise SystemExit(f"unknown variant part(s) {sorted(unknown)}: use default, same-loop, direct, joined by +")
+    if "same-loop" in parts:
         env["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
-    if variant == "direct":
+    if "direct" in parts:
         env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     os.environ.update(env)  # the controller and proxy are started by this process
     port = free_port()
@@ -153,7 +160,7 @@ def run_variant(variant: str, streams: int, tokens: int, step_ms: float, rounds:
         while serve.status().applications["paced"].status != "RUNNING":
             time.sleep(0.2)
         url = f"http://127.0.0.1:{port}"
-        if variant == "direct":
+        if "direct" in parts:
             url = _direct_url()
         replica = _pids("ServeReplica:paced")
         proxy = _pids("ProxyActor")
@@ -189,11 +196,13 @@ def _direct_url() -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--streams", type=int, default=16)
-    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--streams", type=int, default=16, help="concurrent streaming clients (default 16)")
+    ap.add_argument("--tokens", type=int, default=64, help="tokens each request streams (default 64)")
     ap.add_argument("--step-ms", type=float, default=0.0, help="engine step period (0: as fast as the path goes)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--variants", default="default,same-loop,direct")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds per variant, the median reported (default 3)")
+    ap.add_argument("--variants", default="default,same-loop,direct",
+                    help="comma-separated variants, each default, same-loop, direct or a +-joined combination "
+                         "(default: default,same-loop,direct)")
     ap.add_argument("--variant", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.variant:  # one variant per process: Serve reads its env at import
