@@ -46,33 +46,23 @@ class Linear(nn.Module):
         self.act_scale_fmt = act_scale_fmt
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
         self.register_buffer("weight_scale_inv", None)  # set for FP8 weights
-        self._packed: tuple | None = None  # (key of the weight it was made from, its packed form)
+        self.packed = PackedWeights()  # the CPU kernels' packed copy (``pack_for_cpu``)
 
     def set_fp8(self, weight: torch.Tensor, scale: torch.Tensor) -> None:
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.register_buffer("weight_scale_inv", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self._packed
-        if p is not None and not torch.is_grad_enabled() and x.dtype == self.weight.dtype and \
-                p[0] == (self.weight.data_ptr(), self.weight._version) and kernels.fast_paths():
-            y = kernels.packed_linear(x, p[1])
-            if y is not None:
-                return y
+        y = self.packed.linear([self.weight], x)
+        if y is not None:
+            return y
         return kernels.linear(x, self.weight, self.weight_scale_inv, self.act_scale_fmt)
 
     def pack_for_cpu(self) -> bool:
         """Pre-pack a dense CPU weight (the bf16 kernel's layout or oneDNN's, see ``kernels.pack_weight``);
         used while the weight is unchanged (same storage and version) and autograd is off. Costs a second
         copy of the weight. Returns whether it packed."""
-        w = self.weight
-        if w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16):
-            return False
-        if self._packed is not None and self._packed[0] == (w.data_ptr(), w._version):
-            return True  # already packed from this weight
-        packed = kernels.pack_weight(w)
-        self._packed = None if packed is None else ((w.data_ptr(), w._version), packed)
-        return packed is not None
+        return self.packed.pack([self.weight])
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.weight.dtype == torch.float8_e4m3fn:
@@ -84,6 +74,52 @@ class Linear(nn.Module):
         return f"{self.in_features}, {self.out_features}, dtype={self.weight.dtype}{fmt}"
 
 
+class PackedWeights:
+    """The CPU kernels' packed copy of dense weights [N_i, K] (one linear's, or several concatenated
+    along N), made once by ``kernels.pack_weight`` and used through ``kernels.packed_linear`` while every
+    weight it was made from is unchanged (same storage and version), autograd is off, the activations
+    have the weights' dtype and the fast paths are on. A rewritten weight (a patch) is never read
+    through a stale pack: ``Transformer.prepare_for_inference`` packs again."""
+
+    def __init__(self):
+        self._packed: tuple | None = None  # (keys of the weights it was made from, packed form)
+
+    @staticmethod
+    def _key(weights) -> tuple:
+        return tuple((w.data_ptr(), w._version) for w in weights)
+
+    def pack(self, weights: list[torch.Tensor]) -> bool:
+        """Pack ``weights`` (dense CPU fp32 or bf16, one dtype), concatenated along N; whether it packed."""
+        if any(w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or w.dtype != weights[0].dtype
+               for w in weights):
+            self._packed = None
+            return False
+        key = self._key(weights)
+        if self._packed is not None and self._packed[0] == key:
+            return True  # already packed from these weights
+        w = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights], 0)
+        packed = kernels.pack_weight(w)
+        self._packed = None if packed is None else (key, packed)
+        return packed is not None
+
+    def clear(self) -> None:
+        """Drop the packed copy (another pack took its place)."""
+        self._packed = None
+
+    @property
+    def form(self):
+        """The packed form (``kernels.pack_weight``'s), or None."""
+        return None if self._packed is None else self._packed[1]
+
+    def linear(self, weights: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor | None:
+        """``x`` times the concatenated weights through the pack, or None where it does not apply."""
+        p = self._packed
+        if p is None or torch.is_grad_enabled() or x.dtype != weights[0].dtype or not kernels.fast_paths() \
+                or p[0] != self._key(weights):
+            return None
+        return kernels.packed_linear(x, p[1])
+
+
 class MergedPack:
     """Linear layers that read the same input (MLA's two down-projections, an MLP's gate and up), packed
     once as one product on the CPU, as SGLang fuses DeepSeek's q_a / kv_a projections and vLLM merges
@@ -91,41 +127,23 @@ class MergedPack:
     decode batch (bench-mini, 16 rows: q_a and kv_a alone ~65-70 us each from DRAM, together ~100). The
     layers keep their own weights (checkpoint names, training, the fallback); the pack replaces their
     separate packed copies (``Transformer.prepare_for_inference``), so it costs no more memory. Used
-    while every weight is unchanged (same storage and version) and autograd is off. The bf16 kernel
-    (``cpu_gemm``) computes each output column alone, so the merged product equals the separate ones
-    bit for bit; oneDNN's fp32 GEMM may round the last bit differently."""
+    as ``PackedWeights`` are. The bf16 kernel (``cpu_gemm``) computes each output column alone, so the
+    merged product equals the separate ones bit for bit; oneDNN's fp32 GEMM may round the last bit
+    differently."""
 
     def __init__(self):
-        self._packed: tuple | None = None  # (keys of the weights it was made from, packed concatenation)
-
-    @staticmethod
-    def _key(linears) -> tuple:
-        return tuple((m.weight.data_ptr(), m.weight._version) for m in linears)
+        self.packed = PackedWeights()
 
     def pack(self, linears) -> bool:
-        """Pack the concatenation of the layers' weights (dense CPU fp32 or bf16, one dtype); whether it
-        packed."""
-        ws = [m.weight for m in linears]
-        if any(w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or w.dtype != ws[0].dtype
-               for w in ws):
-            self._packed = None
-            return False
-        key = self._key(linears)
-        if self._packed is not None and self._packed[0] == key:
-            return True
-        packed = kernels.pack_weight(torch.cat([w.detach() for w in ws], 0))
-        self._packed = None if packed is None else (key, packed)
-        return packed is not None
+        """Pack the concatenation of the layers' weights; whether it packed."""
+        return self.packed.pack([m.weight for m in linears])
 
     def __call__(self, linears, x: torch.Tensor) -> list[torch.Tensor]:
         """Each layer's output of ``x`` (views of one product where the pack applies)."""
-        p = self._packed
-        if p is not None and not torch.is_grad_enabled() and x.dtype == linears[0].weight.dtype and \
-                kernels.fast_paths() and p[0] == self._key(linears):
-            y = kernels.packed_linear(x, p[1])
-            if y is not None:
-                return list(y.split([m.out_features for m in linears], -1))
-        return [m(x) for m in linears]
+        y = self.packed.linear([m.weight for m in linears], x)
+        if y is None:
+            return [m(x) for m in linears]
+        return list(y.split([m.out_features for m in linears], -1))
 
 
 class MLP(nn.Module):

@@ -104,7 +104,7 @@ class Transformer(nn.Module):
                 if all(lin.weight.dtype == self.compute_dtype for lin in group) and \
                         m.merged_pack.pack(group):
                     for lin in group:
-                        lin._packed = None
+                        lin.packed.clear()
                         merged.add(id(lin))
                     packed += len(group)
         for name, m in self.named_modules():

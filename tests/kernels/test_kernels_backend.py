@@ -126,7 +126,7 @@ def test_merged_linears_equal_their_separate_products(dtype):
     with torch.no_grad():
         got = merged([a, b], x)
         want = [lin(x) for lin in (a, b)]
-        bf16_kernel = isinstance(merged._packed[1], cpu_gemm.Packed)
+        bf16_kernel = isinstance(merged.packed.form, cpu_gemm.Packed)
         for y, w in zip(got, want):
             if bf16_kernel:
                 assert torch.equal(y, w)
@@ -163,8 +163,8 @@ def test_the_model_packs_q_a_with_kv_a_and_gate_with_up(tiny_dir):
     groups = [mod for mod in m.modules() if isinstance(mod, (MLA, MLP))]
     assert groups and n > 0
     for mod in groups:
-        assert mod.merged_pack._packed is not None
-        assert all(lin._packed is None for lin in mod.merged())
+        assert mod.merged_pack.packed.form is not None
+        assert all(lin.packed.form is None for lin in mod.merged())
     ids = torch.tensor([[3, 14, 15, 9, 2, 6]])
     with torch.no_grad():
         fast = m(ids)
