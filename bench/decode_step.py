@@ -185,7 +185,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory (default: bench-mini random weights in a temp dir)")
     ap.add_argument("--dtype", default="auto", help="compute dtype: auto, float32 or bfloat16 (default auto)")
-    ap.add_argument("--weight-dtype", default=None, help="resident weight format (fp32, bf16, int8, fp8; "
+    ap.add_argument("--weight-dtype", default=None, help="resident weight format (fp32, bf16, int8, w8a8, fp8; "
                     "default: as stored)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     ap.add_argument("--batch", type=int, default=16, help="decoding sequences (default 16)")

@@ -375,7 +375,7 @@ def main():
                     "(data parallel; default 1)")
     ap.add_argument("--dtype", default="fastest", choices=["fastest", "auto", "float32", "bfloat16"],
                     help="serving compute dtype; fastest = time both in process first (default)")
-    ap.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32", "int8"],
+    ap.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32", "int8", "w8a8"],
                     help="resident weight format (default: as stored)")
     ap.add_argument("--config", default=None, help="cluster.yaml to start from (default: ./cluster.yaml if present)")
     ap.add_argument("--no-append", action="store_true", help="print only; do not append to docs/benchmarks.md")

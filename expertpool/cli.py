@@ -245,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=None, help="sampling seed")
     s.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                    help="compute dtype (default auto: bfloat16 on CPUs with AVX-512 BF16 or AMX, else float32)")
-    s.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32", "int8"],
+    s.add_argument("--weight-dtype", default=None, choices=["fp8", "bf16", "fp32", "int8", "w8a8"],
                    help="resident weight format (default: as stored, non-fp8 in --dtype; int8: routed experts "
-                   "weight-only int8, the fastest CPU decode)")
+                   "weight-only int8; w8a8: int8, and the dense linears int8 with int8 activations on CPUs with "
+                   "AVX512_VNNI, the fastest CPU decode, with more logit error)")
     s.set_defaults(fn=_cmd_generate)
 
     s = command("serve", help="deploy the OpenAI-compatible expert-parallel server on Ray Serve")

@@ -26,7 +26,7 @@ from contextvars import ContextVar
 import torch
 import torch.nn.functional as F
 
-from expertpool.kernels import cpu_attention, cpu_gemm
+from expertpool.kernels import cpu_attention, cpu_gemm, cpu_w8a8
 from expertpool.kernels import reference as ref
 from expertpool.kernels._triton import interpreting, triton_import_error
 
@@ -106,6 +106,11 @@ def _log_once(op: str, backend: str, reason: str) -> None:
     logger.info("expertpool.kernels.%s: using %s (%s)", op, backend, reason)
 
 
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning("expertpool.kernels: %s", message)
+
+
 def _choose(op: str, device: torch.device, fp8: bool = True) -> str:
     backend, reason = select_backend(device, fp8)
     _log_once(op, backend, reason)
@@ -180,14 +185,22 @@ def fast_paths() -> bool:
     return requested_backend() != "torch"
 
 
-def pack_weight(w_NK: torch.Tensor) -> torch.Tensor | cpu_gemm.Packed | None:
+def pack_weight(w_NK: torch.Tensor, w8a8: bool = False) -> torch.Tensor | cpu_gemm.Packed | cpu_w8a8.Packed8 | None:
     """A dense [N, K] CPU weight packed once for ``packed_linear``, None (logged once) where nothing can
     pack it. bf16 where the CPU has the bf16 dot product (AVX512_BF16): ``cpu_gemm``'s layout (the
     kernel reads the weights once per row tile with software prefetch; at 16 rows 0.74-0.99x oneDNN's
     time on bench-mini's projections and head, 0.97-1.01x at 64-512 rows). Otherwise oneDNN's layout
     (fp32: oneDNN is 1.05-1.3x faster than the kernel's fp32 path at 16 rows, 1.4-1.6x at 256). Packing
     once at load instead of inside every call: measured 1.3x (bf16) to 2.4x (fp32) on bench-mini's
-    lm_head and attention projections at decode batch sizes."""
+    lm_head and attention projections at decode batch sizes. ``w8a8``: int8 weights for the int8 dot
+    product (``cpu_w8a8``, ``weight_dtype: w8a8``) where it can take them; else as above, logged once."""
+    if w8a8:
+        packed8 = cpu_w8a8.pack(w_NK)
+        if packed8 is not None:
+            return packed8
+        why = ("the CPU kernels have no AVX512_VNNI build" if not cpu_w8a8.available() else
+               f"a [{w_NK.shape[0]}, {w_NK.shape[-1]}] weight (needs K % 128 == 0 and N % 16 == 0)")
+        _warn_once(f"weight_dtype w8a8: {why}; this linear keeps the compute dtype's pack")
     if w_NK.dtype == torch.bfloat16 and w_NK.device.type == "cpu" and w_NK.dim() == 2:
         packed = cpu_gemm.pack(w_NK.detach().t().unsqueeze(0))
         if packed is not None:
@@ -204,6 +217,8 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor | cpu_gemm.Packed) -> to
     is switched off (``cpu_gemm.switched_off()``: the caller takes the plain weight). oneDNN's rows are
     padded to a ``row_bucket`` (``reference.pad_rows``) so that oneDNN sees few problem shapes; the
     kernel's rows do not depend on their batch and need no padding."""
+    if isinstance(packed, cpu_w8a8.Packed8):
+        return cpu_w8a8.linear(x, packed)
     x2 = x.reshape(-1, x.shape[-1])
     if isinstance(packed, cpu_gemm.Packed):
         x3 = x2[:, None]

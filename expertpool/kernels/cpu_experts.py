@@ -49,7 +49,7 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCE = CSRC / "expert_gemv.c"
 # one library for the CPU kernels: the experts' products here, the decode attention (cpu_attention)
 SOURCES = [SOURCE, CSRC / "mla_decode.c", CSRC / "mla_prep.c", CSRC / "small_gemm.c", CSRC / "rms_norm.c",
-           CSRC / "router.c", CSRC / "moe_ops.c", CSRC / "shm_ring.c"]
+           CSRC / "router.c", CSRC / "moe_ops.c", CSRC / "shm_ring.c", CSRC / "w8a8_gemm.c"]
 HEADERS = [CSRC / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV_SWITCH = "EXPERTPOOL_CPU_EXPERT_KERNEL"
@@ -210,6 +210,11 @@ def _load(path: Path):
     lib.grouped_gemm_lanes.argtypes, lib.grouped_gemm_lanes.restype = [], ctypes.c_int
     lib.shm_a2a.argtypes = [P, I64, I64, I64, ctypes.c_int, ctypes.c_int, P, P, P, P, P, P, I64, I64]
     lib.shm_a2a.restype = ctypes.c_int
+    if hasattr(lib, "w8a8_gemm"):  # built where the compiler targets AVX512_VNNI (cpu_w8a8)
+        lib.w8a8_quant_rows.argtypes = [P, ctypes.c_int, I64, I64, I64, P, P]
+        lib.w8a8_quant_rows.restype = None
+        lib.w8a8_gemm.argtypes = [P, P, I64, I64, P, P, P, I64, P, I64, ctypes.c_int, ctypes.c_int]
+        lib.w8a8_gemm.restype = None
     if has_bf16_dot(lib):  # built where the compiler targets AVX512_BF16
         lib.grouped_gemm_bf16.argtypes, lib.grouped_gemm_bf16.restype = gemm, None
         lib.grouped_gemv_bf16.argtypes = [P, I64, P, P, P, I64, P, I64, P, P, ctypes.c_int]

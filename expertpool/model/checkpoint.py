@@ -36,7 +36,10 @@ FP8 = torch.float8_e4m3fn
 # row (``kernels.reference.int8_weight_quant``), every other linear bf16 under bf16 compute and in the
 # compute dtype otherwise (a bf16 linear under fp32 compute is widened on every call): the CPU decode
 # fast path.
-WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8}
+# "w8a8": resident as "int8"; on CPU the dense linears (attention projections, dense and shared MLPs, the
+# output head) are packed as int8 too and run with int8 activations (kernels.cpu_w8a8: Transformer.w8a8).
+WEIGHT_DTYPES = {"fp8": FP8, "bf16": torch.bfloat16, "fp32": torch.float32, "int8": torch.int8,
+                 "w8a8": torch.int8}
 # dtypes by name: the compute dtype (cluster.yaml model.dtype, the CLI) and the dtype of patch tensors
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,7 +72,10 @@ def resident_dtype(kind: str, stored: torch.dtype, weight_dtype: str | None, dty
     V3 checkpoints, kept dense) or "embedding" (rows cast on lookup). ``stored``: the checkpoint's
     dtype; ``weight_dtype``: the requested resident format (None = as stored, non-FP8 in ``dtype``,
     except that with ``keep_bf16_experts`` routed experts stored in bf16 stay bf16: lossless, and
-    the CPU expert kernel widens them in registers, so fp32 compute reads half the bytes)."""
+    the CPU expert kernel widens them in registers, so fp32 compute reads half the bytes). "w8a8" keeps
+    the formats of "int8" (its int8 copies of the dense linears are packed at ``prepare_for_inference``)."""
+    if weight_dtype == "w8a8":
+        weight_dtype = "int8"
     if kind == "embedding":  # a compact resident format applies to the (vocab x hidden) embedding too
         return torch.bfloat16 if weight_dtype in ("fp8", "bf16", "int8") else dtype
     if weight_dtype is None:
@@ -167,7 +173,8 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
     """Load an HF-format DeepSeek-V3 checkpoint directory.
 
     dtype: compute dtype. weight_dtype: resident linear-weight format, "fp8" | "bf16" | "fp32" | "int8"
-    (routed experts int8, other linears bf16), or None (FP8 tensors stay FP8, others take ``dtype``;
+    (routed experts int8, other linears bf16) | "w8a8" (as int8, the dense linears run W8A8 on CPU), or None
+    (FP8 tensors stay FP8, others take ``dtype``;
     ``keep_bf16_experts``: bf16 routed experts stay bf16, see ``resident_dtype``; serving only, where
     no optimizer updates them).
     experts: global routed-expert ids to load (None = all; a list: the same in every MoE layer; per
@@ -221,6 +228,7 @@ def load_checkpoint(path, *, dtype: torch.dtype = torch.bfloat16, device="cpu", 
     leftover = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     assert not leftover, f"loader left tensors unset: {leftover[:5]}"
     r.close()
+    model.w8a8 = weight_dtype == "w8a8"
     _release_freed_memory()
     return model.eval()
 

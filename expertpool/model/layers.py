@@ -58,11 +58,11 @@ class Linear(nn.Module):
             return y
         return kernels.linear(x, self.weight, self.weight_scale_inv, self.act_scale_fmt)
 
-    def pack_for_cpu(self) -> bool:
+    def pack_for_cpu(self, w8a8: bool = False) -> bool:
         """Pre-pack a dense CPU weight (the bf16 kernel's layout or oneDNN's, see ``kernels.pack_weight``);
         used while the weight is unchanged (same storage and version) and autograd is off. Costs a second
-        copy of the weight. Returns whether it packed."""
-        return self.packed.pack([self.weight])
+        copy of the weight (int8 with ``w8a8``: ``PackedWeights.pack``). Returns whether it packed."""
+        return self.packed.pack([self.weight], w8a8)
 
     def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self.weight.dtype == torch.float8_e4m3fn:
@@ -83,22 +83,26 @@ class PackedWeights:
 
     def __init__(self):
         self._packed: tuple | None = None  # (keys of the weights it was made from, packed form)
+        self._w8a8 = False  # the form asked for at the last pack
 
     @staticmethod
     def _key(weights) -> tuple:
         return tuple((w.data_ptr(), w._version) for w in weights)
 
-    def pack(self, weights: list[torch.Tensor]) -> bool:
-        """Pack ``weights`` (dense CPU fp32 or bf16, one dtype), concatenated along N; whether it packed."""
+    def pack(self, weights: list[torch.Tensor], w8a8: bool = False) -> bool:
+        """Pack ``weights`` (dense CPU fp32 or bf16, one dtype), concatenated along N; whether it packed.
+        ``w8a8``: as int8 weights for the int8 dot product where the kernel takes them
+        (``weight_dtype: w8a8``, ``kernels.cpu_w8a8``)."""
         if any(w.device.type != "cpu" or w.dtype not in (torch.float32, torch.bfloat16) or w.dtype != weights[0].dtype
                for w in weights):
             self._packed = None
             return False
         key = self._key(weights)
-        if self._packed is not None and self._packed[0] == key:
-            return True  # already packed from these weights
+        if self._packed is not None and self._packed[0] == key and self._w8a8 == w8a8:
+            return True  # already packed from these weights, in this form
         w = weights[0] if len(weights) == 1 else torch.cat([w.detach() for w in weights], 0)
-        packed = kernels.pack_weight(w)
+        packed = kernels.pack_weight(w, w8a8=w8a8)
+        self._w8a8 = w8a8
         self._packed = None if packed is None else (key, packed)
         return packed is not None
 
@@ -134,9 +138,9 @@ class MergedPack:
     def __init__(self):
         self.packed = PackedWeights()
 
-    def pack(self, linears) -> bool:
+    def pack(self, linears, w8a8: bool = False) -> bool:
         """Pack the concatenation of the layers' weights; whether it packed."""
-        return self.packed.pack([m.weight for m in linears])
+        return self.packed.pack([m.weight for m in linears], w8a8)
 
     def __call__(self, linears, x: torch.Tensor) -> list[torch.Tensor]:
         """Each layer's output of ``x`` (views of one product where the pack applies)."""

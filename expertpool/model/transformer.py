@@ -77,6 +77,9 @@ class Transformer(nn.Module):
         # serving in an expert-parallel group on CPU: the head split by vocabulary over the ranks
         # (model.vocab_parallel.VocabParallelHead, set by the worker); None: this process's whole lm_head
         self.vocab_parallel = None
+        # weight_dtype w8a8 (set by the loader): prepare_for_inference packs the dense linears as int8
+        # for the CPU's int8 dot product, activations quantized per call (kernels.cpu_w8a8)
+        self.w8a8 = False
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.lm_head(h) if self.vocab_parallel is None else self.vocab_parallel(h)
@@ -94,7 +97,8 @@ class Transformer(nn.Module):
         the absorbed W_UK / W_UV layouts, and on CPU pre-pack every dense linear (kv_b_proj excepted: it is
         used through those caches): the linears that read the same input together (MLA's q_a and kv_a,
         an MLP's gate and up: ``layers.MergedPack``, which then replaces their own packed copies), the
-        others alone. Returns the number of packed linears."""
+        others alone; with ``w8a8`` as int8 (``kernels.cpu_w8a8``) where the kernel takes them. Returns the
+        number of packed linears."""
         packed, merged = 0, set()
         for m in self.modules():
             if isinstance(m, MLA):
@@ -102,7 +106,7 @@ class Transformer(nn.Module):
             if isinstance(m, (MLA, MLP)):
                 group = m.merged()
                 if all(lin.weight.dtype == self.compute_dtype for lin in group) and \
-                        m.merged_pack.pack(group):
+                        m.merged_pack.pack(group, self.w8a8):
                     for lin in group:
                         lin.packed.clear()
                         merged.add(id(lin))
@@ -110,7 +114,7 @@ class Transformer(nn.Module):
         for name, m in self.named_modules():
             if isinstance(m, Linear) and id(m) not in merged and not name.endswith("kv_b_proj") and \
                     m.weight.dtype == self.compute_dtype:
-                packed += m.pack_for_cpu()
+                packed += m.pack_for_cpu(self.w8a8)
         return packed
 
     def set_dispatcher(self, dispatcher) -> None:

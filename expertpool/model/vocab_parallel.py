@@ -29,7 +29,7 @@ class VocabParallelHead:
     docstring). The whole head stays loaded (a re-formed group of another width slices it again); this
     rank's slice is a view of it, pre-packed for oneDNN."""
 
-    def __init__(self, head: Linear, rank: int, world: int, exchange=None, group=None):
+    def __init__(self, head: Linear, rank: int, world: int, exchange=None, group=None, w8a8: bool = False):
         V = head.out_features
         self.bounds = [r * V // world for r in range(world + 1)]
         self.head, self.rank, self.world = head, rank, world
@@ -37,7 +37,7 @@ class VocabParallelHead:
         v0, v1 = self.bounds[rank], self.bounds[rank + 1]
         self.shard = Linear(head.in_features, v1 - v0)
         self.shard.weight = nn.Parameter(head.weight.detach()[v0:v1], requires_grad=False)
-        self.shard.pack_for_cpu()
+        self.shard.pack_for_cpu(w8a8)  # int8 under weight_dtype w8a8, as the whole head
 
     def __call__(self, x_ND: torch.Tensor) -> torch.Tensor:
         W, D, a2a = self.world, x_ND.shape[-1], self.exchange.all_to_all_single

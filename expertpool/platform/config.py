@@ -87,14 +87,18 @@ class ModelConfig(Closed):
         "actor's hardware runs it natively (a CPU with AVX-512 BF16 or AMX, unless "
         "ONEDNN_MAX_CPU_ISA caps oneDNN below AVX512_CORE_BF16; a GPU of compute capability >= 8.0), "
         "float32 elsewhere; each actor decides on its own device and logs the choice and the reason.")
-    weight_dtype: Literal["fp8", "bf16", "fp32", "int8"] | None = Field(
+    weight_dtype: Literal["fp8", "bf16", "fp32", "int8", "w8a8"] | None = Field(
         None, description="Resident format of the expert and linear weights. None = as stored in the checkpoint. "
         "int8 = routed experts weight-only int8 with one scale per row (the fastest CPU decode: the expert kernel "
         "widens the codes in registers; logits differ from bf16 weights by ~1e-2 relative, see docs/benchmarks.md), "
         "other linears bf16 under bfloat16 compute and float32 under float32 compute. Under float32 compute on a "
         "CPU, None keeps bf16-stored routed experts bf16 (the expert kernel widens them in registers) and loads "
         "the other linears as fp32; bf16 leaves the other linears bf16, widened on every call (2.7-2.9x slower "
-        "generation than None under an AVX2 cap in docs/benchmarks.md): use it with bfloat16 compute.")
+        "generation than None under an AVX2 cap in docs/benchmarks.md): use it with bfloat16 compute. w8a8 = as int8, "
+        "and on a CPU with AVX512_VNNI the dense linears (attention projections, dense and shared MLPs, output head) "
+        "also run on int8 weights with int8 activations quantized per row and 128 columns (the int8 dot product "
+        "does twice the bf16 dot product's multiplies; more logit error than int8, see docs/architecture.md); "
+        "elsewhere it is int8, logged.")
     tokenizer: str | None = Field(None, description="Where the tokenizer (tokenizer.json) is: any location `path` "
                                   "accepts. Default: `path`; for the embedded model, its embedded tokenizer.")
 

@@ -678,7 +678,7 @@ class ExpertWorker:
             if not (vp is not None and vp.head is self.model.lm_head and vp.exchange is self.exchange
                     and (vp.rank, vp.world) == (self.rank, self.world)):
                 self.model.vocab_parallel = VocabParallelHead(self.model.lm_head, self.rank, self.world,
-                                                              self.exchange)
+                                                              self.exchange, w8a8=self.model.w8a8)
         rest, per_layer = self.replicas if self.replicas is not None else (None, {})
         self.model.set_dispatcher(AllToAllDispatcher(self.n_experts, replicas=rest, exchange=self.exchange))
         for moe in self.model.moe_layers():
