@@ -95,6 +95,9 @@ def test_switched_off_runs_the_reference():
 
 
 def test_shapes_it_cannot_take_keep_the_compute_dtypes_pack(caplog):
+    from expertpool.kernels import backend
+
+    backend._warn_once.cache_clear()  # warned once per message and process: earlier tests may have
     for shape in ((40, 128), (64, 96)):  # N % 16, K % 128
         w = torch.randn(*shape).bfloat16()
         assert cpu_w8a8.pack(w) is None
@@ -102,7 +105,8 @@ def test_shapes_it_cannot_take_keep_the_compute_dtypes_pack(caplog):
             packed = kernels.pack_weight(w, w8a8=True)
         assert not isinstance(packed, cpu_w8a8.Packed8)
         assert packed is None or isinstance(packed, cpu_gemm.Packed) or isinstance(packed, torch.Tensor)
-    assert "w8a8" in caplog.text and "K % 128 == 0 and N % 16 == 0" in caplog.text
+    why = "K % 128 == 0 and N % 16 == 0" if cpu_w8a8.available() else "no AVX512_VNNI build"
+    assert "weight_dtype w8a8" in caplog.text and why in caplog.text
 
 
 @needs_vnni
@@ -124,3 +128,18 @@ def test_merged_product_equals_the_separate_ones():
         ya, yb = merged([a, b], x)
         assert torch.equal(ya, a(x)) and torch.equal(yb, b(x))
         assert torch.equal(a(x), cpu_w8a8.linear(x, a.packed.form))
+
+
+def test_a_cpu_without_vnni_keeps_the_compute_dtypes_pack(monkeypatch, caplog):
+    """An AVX2-only CPU (the kernel is compiled only for AVX512_VNNI): the linear keeps the pack it would
+    have without w8a8, and says why once."""
+    from expertpool.kernels import backend
+
+    backend._warn_once.cache_clear()
+    monkeypatch.setattr(cpu_w8a8, "available", lambda lib=None: False)
+    w = torch.randn(64, 256).bfloat16()
+    assert cpu_w8a8.pack(w) is None
+    with caplog.at_level(logging.WARNING, logger="expertpool.kernels"):
+        packed = kernels.pack_weight(w, w8a8=True)
+    assert type(packed) is type(kernels.pack_weight(w))
+    assert "no AVX512_VNNI build" in caplog.text
