@@ -52,22 +52,24 @@ def available(lib=None) -> bool:
     return lib is not None and hasattr(lib, "w8a8_gemm")
 
 
-def quantize_weight(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes int8 [N, K], scale fp32 [N]): symmetric per output row, s = amax / 127 (1 for a zero row),
-    q = round-half-even(w / s) clamped to [-127, 127]."""
-    w = w_NK.detach().float()
-    amax = w.abs().amax(1)
+def _symmetric_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8, scales fp32) of fp32 ``x`` along its last dim: s = amax / 127 (1 where all zero),
+    q = round-half-even(x / s) clamped to [-127, 127]; the kernel's rule for activations too."""
+    amax = x.abs().amax(-1)
     s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
+    return torch.round(x / s[..., None]).clamp(-127, 127).to(torch.int8), s
+
+
+def quantize_weight(w_NK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 [N, K], scale fp32 [N]): symmetric per output row (``_symmetric_int8``)."""
+    return _symmetric_int8(w_NK.detach().float())
 
 
 def quantize_rows_ref(x_MK: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The kernel's activation quantization in torch: (codes int8 [M, K], scales fp32 [M, K / 128])."""
     M, K = x_MK.shape
-    x = x_MK.float().view(M, K // BLOCK, BLOCK)
-    amax = x.abs().amax(-1)
-    s = torch.where(amax > 0, amax / 127, torch.ones_like(amax))
-    return torch.round(x / s[..., None]).clamp(-127, 127).to(torch.int8).view(M, K), s
+    q, s = _symmetric_int8(x_MK.float().view(M, K // BLOCK, BLOCK))
+    return q.view(M, K), s
 
 
 def pack(w_NK: torch.Tensor, lib=None) -> Packed8 | None:

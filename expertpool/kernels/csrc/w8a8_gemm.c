@@ -21,8 +21,6 @@
    scale: the same operations in the same order whatever the other rows, the tiling or the threads, so a
    row's result does not depend on its batch. Compiled only where the compiler targets AVX512_VNNI. */
 
-#include <math.h>
-
 #include "vec.h"
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
