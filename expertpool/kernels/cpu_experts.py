@@ -13,7 +13,13 @@ whatever else is in the batch. With bf16 activations and weights (bf16 compute) 
 AVX512_BF16, a second entry takes both as they are through the CPU's bf16 dot product (``vdpbf16ps``:
 exact products, fp32 sums, pairs of k first), without the widening instructions: at one thread on Zen
 5, 64 experts from DRAM, 29-33 against 26-29 GB/s at one row per expert, 20-28 against 13-19 at two
-(``has_bf16_dot``; ``without_bf16_dot`` or ``EXPERTPOOL_CPU_BF16_DOT=0`` for the widening path).
+(``has_bf16_dot``; ``without_bf16_dot`` or ``EXPERTPOOL_CPU_BF16_DOT=0`` for the widening path). A
+third entry takes int8 codes with bf16 activations (bf16 compute, ``weight_dtype: int8``) through the
+same dot product where the CPU also has AVX512_VBMI: 64 codes become two bf16 vectors by a table
+lookup (exact: a code has 7 significant bits), and two rows of an expert share one pass (one
+decode-like bench-mini layer, alternated: 0.93-0.97x the widening path's time at 2 threads x 16
+tokens, 0.83-0.88x at one thread; ``has_i8_dot``; ``without_i8_dot`` or ``EXPERTPOOL_CPU_I8_DOT=0``
+for the widening path). ``group`` sorts a layer's (token, slot) pairs by expert in one C call.
 
 The same library holds the decode attention (``csrc/mla_decode.c``, called through
 ``cpu_attention``); this module builds and loads it. Built with the machine's C compiler (``cc -O3
@@ -54,6 +60,7 @@ HEADERS = [CSRC / "vec.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
 ENV_SWITCH = "EXPERTPOOL_CPU_EXPERT_KERNEL"
 DOT_SWITCH = "EXPERTPOOL_CPU_BF16_DOT"
+I8_DOT_SWITCH = "EXPERTPOOL_CPU_I8_DOT"
 # the widest vector of the source (L: 16 fp32 lanes with AVX-512): the packed-row scratch is sized for it
 MAX_LANES = 16
 # experts with more rows than this in a layer send the layer to oneDNN / MKL, whose GEMMs win once the
@@ -113,6 +120,9 @@ EPILOGUE = Switch(None, "the steps between and after the experts' products run a
 switched_off = EXPERTS.off  # run the experts through torch's GEMMs inside the block
 without_fused_steps = EPILOGUE.off  # the kernel's products, the steps around them as torch ops
 without_bf16_dot = BF16_DOT.off  # bf16 activations take the widening fp32 path inside the block
+# int8 codes with bf16 activations through the bf16 dot product; off: widened to fp32 (A/B, a suspect CPU)
+I8_DOT = Switch(I8_DOT_SWITCH, "int8 routed experts under bf16 compute are widened to fp32 in the kernel")
+without_i8_dot = I8_DOT.off  # int8 codes with bf16 activations take the widening fp32 path inside the block
 
 def _cpu_flags() -> str:
     try:
@@ -202,6 +212,8 @@ def _load(path: Path):
     lib.moe_swiglu.argtypes, lib.moe_swiglu.restype = [P, I64, I64, ctypes.c_int, P], None
     lib.moe_combine.argtypes = [P, P, P, I64, I64, I64, I64, ctypes.c_int, P, P]
     lib.moe_combine.restype = None
+    lib.moe_group.argtypes = [P, I64, I64, I64, P, I64, P, I64, P, P, P, P, P, P, P, P, P]
+    lib.moe_group.restype = I64
     lib.route_sigmoid.argtypes = [P, I64, ctypes.c_int, I64, I64, P, P, I64, I64, I64, I64, ctypes.c_int,
                                   ctypes.c_float, P, P, P, ctypes.c_int]
     lib.route_sigmoid.restype = ctypes.c_int
@@ -219,6 +231,9 @@ def _load(path: Path):
         lib.grouped_gemm_bf16.argtypes, lib.grouped_gemm_bf16.restype = gemm, None
         lib.grouped_gemv_bf16.argtypes = [P, I64, P, P, P, I64, P, I64, P, P, ctypes.c_int]
         lib.grouped_gemv_bf16.restype = None
+    if has_i8_dot(lib):  # and AVX512_VBMI (the codes' bf16 lookup)
+        lib.grouped_gemv_i8bf16.argtypes = [P, I64, P, P, P, I64, P, P, I64, P, P, ctypes.c_int]
+        lib.grouped_gemv_i8bf16.restype = None
     return lib
 
 
@@ -226,6 +241,12 @@ def has_bf16_dot(lib) -> bool:
     """Whether this build of the kernel has the bf16 dot-product entry (``grouped_gemv_bf16``: compiled
     only where the target CPU has AVX512_BF16, e.g. AMD Zen 4/5, Intel Cooper Lake and later)."""
     return hasattr(lib, "grouped_gemv_bf16")
+
+
+def has_i8_dot(lib) -> bool:
+    """Whether this build has the entry that takes int8 codes and bf16 activations through the bf16 dot
+    product (``grouped_gemv_i8bf16``: compiled where the target CPU has AVX512_BF16 and AVX512_VBMI)."""
+    return hasattr(lib, "grouped_gemv_i8bf16")
 
 
 def library():
@@ -259,6 +280,12 @@ def applies(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[i
     contiguous weights, either fp32 or bf16 without scales or weight-only int8 with one bf16 scale per
     output row (``reference.int8_weight_quant``), at most ``MAX_ROWS`` rows per expert, and the kernel
     available. Any other weight format with its scales (FP8 and its block scales) does not apply."""
+    return max(counts) <= MAX_ROWS and applies_to_weights(x, w13, w2, w13_scale, w2_scale)
+
+
+def applies_to_weights(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                       w2_scale: torch.Tensor | None = None) -> bool:
+    """``applies`` but for the rows per expert (``group`` gives them)."""
     dense = (torch.float32, torch.bfloat16)
 
     def fits(w, s):
@@ -268,7 +295,7 @@ def applies(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, counts: list[i
             return w.dtype in dense
         return (w.dtype == torch.int8 and s.dtype == torch.bfloat16 and s.device.type == "cpu"
                 and s.shape == w.shape[:2] and s.is_contiguous())
-    return (EXPERTS.on() and x.device.type == "cpu" and x.dtype in dense and max(counts) <= MAX_ROWS
+    return (EXPERTS.on() and x.device.type == "cpu" and x.dtype in dense
             and fits(w13, w13_scale) and fits(w2, w2_scale) and library() is not None)
 
 
@@ -285,6 +312,41 @@ class Groups:
         self.count = torch.tensor([n for _, n in act], dtype=torch.int64)
         self.start = torch.cumsum(self.count, 0) - self.count
         self.rows = int(sum(counts))
+        self.max_count = max(counts, default=0)
+
+    @classmethod
+    def of(cls, experts: torch.Tensor, start: torch.Tensor, count: torch.Tensor, rows: int, max_count: int):
+        g = cls.__new__(cls)
+        g.experts, g.start, g.count, g.rows, g.max_count = experts, start, count, rows, max_count
+        return g
+
+
+def group(x_TD: torch.Tensor, topk_ids_TK: torch.Tensor, topk_weights_TK: torch.Tensor, n_experts: int, lib=None):
+    """``reference._pairs_by_expert`` for the kernel, in one C call (``csrc/moe_ops.c``): the valid
+    (token, slot) pairs sorted by expert, stably, as (``Groups``, pair_idx, x_sorted, w_sorted in x's
+    dtype); None if no slot is valid (-1: another rank's). The same pairs in the same order as the torch
+    ops, without their ~9 dispatches and the Python loop over the experts."""
+    lib = lib or library()
+    T, K = topk_ids_TK.shape
+    ids = topk_ids_TK.to(torch.int64).contiguous()
+    x = x_TD.contiguous()
+    w = topk_weights_TK.to(x.dtype).contiguous()
+    E, TK, D = n_experts, T * K, x.shape[1]
+    i64 = torch.empty(3 * E + E + TK + 2, dtype=torch.int64)  # expert, start, count, scratch, pair_idx, P / max
+    x_sorted = torch.empty(TK, D, dtype=x.dtype)
+    w_sorted = torch.empty(TK, dtype=x.dtype)
+    base, es = i64.data_ptr(), 8
+    n = lib.moe_group(ids.data_ptr(), T, K, E, x.data_ptr(), D * x.element_size(), w.data_ptr(), w.element_size(),
+                      base + 3 * E * es, base, base + E * es, base + 2 * E * es, base + 4 * E * es,
+                      x_sorted.data_ptr(), w_sorted.data_ptr(), base + (4 * E + TK) * es,
+                      base + (4 * E + TK + 1) * es)
+    if n < 0:
+        raise ValueError(f"routed expert ids out of range: the layer has {E} experts, ids must be in [-1, {E})")
+    P, mx = i64[4 * E + TK:].tolist()
+    if P == 0:
+        return None
+    groups = Groups.of(i64[:n], i64[E:E + n], i64[2 * E:2 * E + n], P, mx)
+    return groups, i64[4 * E:4 * E + P], x_sorted[:P], w_sorted[:P]
 
 
 def grouped_gemv(x_PK: torch.Tensor, groups: Groups, w_ENK: torch.Tensor, lib=None,
@@ -308,6 +370,16 @@ def grouped_gemv(x_PK: torch.Tensor, groups: Groups, w_ENK: torch.Tensor, lib=No
         lib.grouped_gemv_bf16(x.data_ptr(), K, groups.start.data_ptr(), groups.count.data_ptr(),
                               groups.experts.data_ptr(), groups.experts.numel(), w_ENK.data_ptr(), N,
                               out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
+        return out
+    if (int8 and x_PK.dtype == torch.bfloat16 and K % 64 == 0 and has_i8_dot(lib) and BF16_DOT.on()
+            and I8_DOT.on()):
+        # int8 codes looked up as bf16 (exact) and through the bf16 dot product with the activations as
+        # they are: exact products, fp32 sums, each row's sum scaled once
+        x = x_PK.contiguous()
+        scratch = torch.empty(P, K, dtype=torch.bfloat16)
+        lib.grouped_gemv_i8bf16(x.data_ptr(), K, groups.start.data_ptr(), groups.count.data_ptr(),
+                                groups.experts.data_ptr(), groups.experts.numel(), w_ENK.data_ptr(),
+                                scale_EN.data_ptr(), N, out.data_ptr(), scratch.data_ptr(), torch.get_num_threads())
         return out
     x = x_PK.to(torch.float32).contiguous()
     scratch = torch.empty(P, -(-K // MAX_LANES) * MAX_LANES, dtype=torch.float32)

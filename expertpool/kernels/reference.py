@@ -103,7 +103,8 @@ def int8_weight_quant(w: torch.Tensor):
     """Weight-only int8, symmetric, one scale per output row: [..., N, K] -> (int8 [..., N, K],
     bf16 [..., N]). The scale is rounded to bf16 first and the codes are taken against that rounded
     scale, so every path (the CPU kernel, which takes bf16 scales, and ``int8_dequant``) multiplies
-    by the same value."""
+    by the same value. Codes lie in [-127, 127], never -128: the CPU kernel's bf16 lookup of the codes
+    (``cpu_experts``, bf16 compute) relies on it."""
     amax = w.float().abs().amax(-1).clamp_min(AMAX_FLOOR)
     s = (amax / INT8_MAX).to(torch.bfloat16)
     q = (w.float() / s.float().unsqueeze(-1)).round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
@@ -295,16 +296,18 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
     weights), int8 weights (past ``MAX_ROWS`` or in batch-invariant mode) ``torch._weight_int8pack_mm``
     (bf16 activations)."""
     T, K = topk_ids_TK.shape
-    grouped = _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD.shape[0])
-    if grouped is None:
-        return torch.zeros_like(x_TD)
-    counts, pair_idx, x_sorted, w_sorted = grouped
-    if not _BATCH_INVARIANT[0] and cpu_experts.applies(x_sorted, w13_E2FD, w2_EDF, counts, w13_scale, w2_scale):
+    kernel = not _BATCH_INVARIANT[0] and cpu_experts.applies_to_weights(x_TD, w13_E2FD, w2_EDF, w13_scale, w2_scale)
+    if kernel:  # the pairs by expert in one C call (the same pairs, in the same order)
+        grouped = cpu_experts.group(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD.shape[0])
+        if grouped is None:
+            return torch.zeros_like(x_TD)
+        groups, pair_idx, x_sorted, w_sorted = grouped
+        kernel = groups.max_count <= cpu_experts.MAX_ROWS
+    if kernel:
         # few rows per expert (decode): one grouped call per product, weights streamed once (int8 ones
         # widened in registers and each row's sum scaled once); SwiGLU in fp32 with the reference's
         # roundings to the compute dtype (the products, silu, and silu * up: a product of two bf16
         # values is exact in fp32), without bf16 elementwise kernels
-        groups = cpu_experts.Groups(counts)
         h_P2F = cpu_experts.grouped_gemv(x_sorted, groups, w13_E2FD, scale_EN=w13_scale)
         if x_TD.dtype in (torch.float32, torch.bfloat16) and cpu_experts.EPILOGUE.on():  # one C call each
             a_PF = cpu_experts.swiglu(h_P2F, x_TD.dtype)
@@ -317,6 +320,10 @@ def moe_experts_inference(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD, w13_scal
         y_PD = cpu_experts.grouped_gemv(a_PF, groups, w2_EDF, scale_EN=w2_scale).to(x_TD.dtype)
         y_PD.mul_(w_sorted[:, None])
         return combine_pairs(y_PD, pair_idx, T, K)
+    grouped = _pairs_by_expert(x_TD, topk_ids_TK, topk_weights_TK, w13_E2FD.shape[0])
+    if grouped is None:
+        return torch.zeros_like(x_TD)
+    counts, pair_idx, x_sorted, w_sorted = grouped
     (P, D), F2 = x_sorted.shape, w13_E2FD.shape[1]
     h_P2F = x_TD.new_empty(P, F2)
     y_PD = x_TD.new_empty(P, D)

@@ -154,6 +154,95 @@ def test_the_environment_switch_keeps_the_widening_path(monkeypatch):
     assert not calls and rel_err(got, _oracle(x, [1, 2], w)) < 1e-6
 
 
+needs_i8_dot = pytest.mark.skipif(
+    shutil.which("cc") is None or cpu_experts.library() is None or not cpu_experts.has_i8_dot(cpu_experts.library())
+    or not (cpu_experts.BF16_DOT.on() and cpu_experts.I8_DOT.on()),
+    reason=f"the kernel's int8 x bf16 dot-product entry needs a CPU (and compiler target) with AVX512_BF16 and "
+           f"AVX512_VBMI (and {cpu_experts.DOT_SWITCH}, {cpu_experts.I8_DOT_SWITCH} not 0)")
+
+
+def _spy(monkeypatch, name):
+    lib, calls = cpu_experts.library(), []
+    entry = getattr(lib, name)
+    monkeypatch.setattr(lib, name, lambda *a: calls.append(1) or entry(*a))
+    return calls
+
+
+@needs_i8_dot
+@pytest.mark.parametrize("K,N", [(1024, 512), (256, 1024), (64, 40), (192, 17)])
+def test_int8_codes_through_the_bf16_dot_product_equal_the_fp64_products(K, N, monkeypatch):
+    """bf16 activations against int8 codes (bf16 compute, ``weight_dtype: int8``) take the entry that
+    looks the codes up as bf16 and uses the bf16 dot product: code x activation is exact in fp32, so
+    only the fp32 sums round (~1e-7 relative), at every row blocking (1-8 rows), with an odd number of
+    64-code chunks (64, 192) and N not a multiple of the work item. It agrees with the widening fp32
+    path to that rounding."""
+    g = torch.Generator().manual_seed(13)
+    counts = [1, 0, 2, 3, 4, 5, 8, 1]
+    q, s, exact = _weights((len(counts), N, K), g, torch.int8)
+    x = torch.randn(sum(counts), K, generator=g).to(torch.bfloat16)
+    calls = _spy(monkeypatch, "grouped_gemv_i8bf16")
+    got = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), q, scale_EN=s)
+    assert calls == [1] and got.dtype == torch.float32 and got.shape == (sum(counts), N)
+    assert rel_err(got, _oracle(x, counts, exact)) < 1e-6
+    with cpu_experts.without_i8_dot():
+        widened = cpu_experts.grouped_gemv(x, cpu_experts.Groups(counts), q, scale_EN=s)
+    assert calls == [1] and rel_err(got, widened) < 1e-6
+
+
+@needs_i8_dot
+def test_every_int8_code_reads_as_itself_through_the_bf16_lookup():
+    """The lookup that turns codes into bf16 (sign, then the low and high bytes of bf16(|q|)) is exact
+    for every code the quantizer makes, -127..127: with unit scales and one-hot activations each output
+    is one code, at every position of a 64-code chunk (the unpack order of the packed activations)."""
+    K = 128
+    codes = torch.arange(-127, 128, dtype=torch.int64)  # 255 codes, spread over the rows and positions
+    n = -(-codes.numel() * 3 // K)
+    q = codes.repeat(3)[: n * K]
+    q = torch.cat([q, codes[: n * K - q.numel()]]).reshape(1, n, K).to(torch.int8)
+    s = torch.ones(1, n, dtype=torch.bfloat16)
+    x = torch.eye(K).to(torch.bfloat16)  # row k picks column k
+    for rows in (1, 2, 3, 4):  # every blocking of the rows
+        for r0 in range(0, K, rows):
+            m = min(rows, K - r0)
+            got = cpu_experts.grouped_gemv(x[r0:r0 + m], cpu_experts.Groups([m]), q, scale_EN=s)
+            assert torch.equal(got, q[0, :, r0:r0 + m].T.float()), (rows, r0)
+
+
+@needs_i8_dot
+def test_a_rows_result_does_not_depend_on_its_batch_through_the_int8_lookup():
+    """The int8 x bf16 entry sums each row in one order whatever shares its expert: a row alone gives
+    the same bits as in a group of 8 (one block of 4 and another of 4, or any remainder)."""
+    g = torch.Generator().manual_seed(14)
+    q, s, _ = _weights((2, 96, 320), g, torch.int8)
+    x = torch.randn(8, 320, generator=g).to(torch.bfloat16)
+    for n in (2, 3, 5, 8):
+        together = cpu_experts.grouped_gemv(x[:n], cpu_experts.Groups([0, n]), q, scale_EN=s)
+        for r in range(n):
+            alone = cpu_experts.grouped_gemv(x[r:r + 1], cpu_experts.Groups([0, 1]), q, scale_EN=s)
+            assert torch.equal(alone[0], together[r]), (n, r)
+
+
+@needs_i8_dot
+def test_int8_codes_with_k_off_the_64_chunk_and_the_switch_widen(monkeypatch):
+    """K not a multiple of 64 (the lookup converts 64 codes at a time), and EXPERTPOOL_CPU_I8_DOT=0 (read
+    once per process), keep the widening fp32 path: the entry is not called and the products hold."""
+    g = torch.Generator().manual_seed(15)
+    calls = _spy(monkeypatch, "grouped_gemv_i8bf16")
+    q, s, exact = _weights((2, 24, 96), g, torch.int8)
+    x = torch.randn(3, 96, generator=g).to(torch.bfloat16)
+    got = cpu_experts.grouped_gemv(x, cpu_experts.Groups([1, 2]), q, scale_EN=s)
+    assert not calls and rel_err(got, _oracle(x, [1, 2], exact)) < 1e-6
+    q, s, exact = _weights((2, 24, 128), g, torch.int8)
+    x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
+    monkeypatch.setenv(cpu_experts.I8_DOT_SWITCH, "0")
+    cpu_experts.I8_DOT.reread()
+    try:
+        got = cpu_experts.grouped_gemv(x, cpu_experts.Groups([1, 2]), q, scale_EN=s)
+    finally:
+        cpu_experts.I8_DOT.reread()
+    assert not calls and rel_err(got, _oracle(x, [1, 2], exact)) < 1e-6
+
+
 def test_an_avx2_build_has_no_bf16_dot_product_and_widens(avx2_lib):
     """A build without AVX-512 (an AVX2-only CPU, or ATEN_CPU_CAPABILITY=avx2) has no bf16 entry:
     bf16 activations are widened there, as before."""
@@ -389,3 +478,27 @@ def test_the_decode_layer_takes_the_fused_steps_and_they_keep_its_result():
         with cpu_experts.without_fused_steps():
             ops = ref.moe_experts_inference(x, ids, wts, w13, None, w2, None)
     assert torch.equal(fused, ops)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouping_the_pairs_in_c_equals_the_torch_ops(dtype):
+    """``cpu_experts.group`` (one C call) gives the pairs of ``reference._pairs_by_expert`` in the same
+    stable order, their rows and routing weights (in x's dtype) bit for bit, and the kernel's groups;
+    slots of another rank (-1) are skipped, a layer with none valid gives None, and an id past the
+    layer's experts is refused by name."""
+    g = torch.Generator().manual_seed(16)
+    for T, K, E in ((16, 6, 64), (5, 2, 8), (1, 3, 4)):
+        x = torch.randn(T, 40, generator=g).to(dtype)
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        ids[0, 0] = -1
+        w = torch.rand(T, K, generator=g)
+        counts, pair_idx, xs, ws = ref._pairs_by_expert(x, ids, w, E)
+        groups, pair_idx2, xs2, ws2 = cpu_experts.group(x, ids, w, E)
+        assert torch.equal(pair_idx, pair_idx2) and torch.equal(xs, xs2) and torch.equal(ws, ws2)
+        want = cpu_experts.Groups(counts)
+        assert torch.equal(groups.experts, want.experts) and torch.equal(groups.start, want.start)
+        assert torch.equal(groups.count, want.count) and groups.rows == want.rows
+        assert groups.max_count == want.max_count == max(counts)
+    assert cpu_experts.group(x, torch.full((2, 1), -1), w[:2, :1], E) is None
+    with pytest.raises(ValueError, match=r"ids must be in \[-1, 4\)"):
+        cpu_experts.group(x, torch.tensor([[4]]), w[:1, :1], 4)

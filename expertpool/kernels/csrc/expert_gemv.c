@@ -126,6 +126,9 @@ ROWS_FN(4)
    passes; a decode-like mix of 16 tokens 2.29-2.33 against 2.00-2.08 ms. Same bits either way: a
    row's sums do not depend on its block. */
 static inline int64_t blk(int64_t left) { return left == 2 ? 1 : (left < MB ? left : MB); }
+#ifndef BLK_I8
+#define BLK_I8(left) ((left) < MB ? (left) : MB)
+#endif
 
 /* mbr rows of x (T, K per row) into the packed layout at xp: [K / LANES][mbr][LANES], zero-padded */
 #define PACK_FN(NAME, T, LANES)                                                                       \
@@ -191,6 +194,105 @@ ROWS_BF16_FN(3)
 ROWS_BF16_FN(4)
 
 PACK_FN(pack_rows_bf16, uint16_t, LB)
+
+#if defined(__AVX512VBMI__)
+/* int8 weights (weight-only, one bf16 scale per output row) against bf16 activations through the same
+   bf16 dot product. The fp32 path above spends two widening instructions per 16 codes and one FMA per
+   16 codes and row, which bounds it below the memory's rate (warm weights, one thread, Zen 5: 49 GB/s
+   of codes at one row per expert, 26 at two). Here 64 codes become two bf16 vectors in six
+   instructions: |q| (vpabsb) looks up the low and the high byte of bf16(|q|) in two 128-byte tables
+   (vpermi2b, AVX512_VBMI), the sign bit is or-ed into the high byte, and two byte unpacks interleave
+   them into bf16 words; each vector then takes one vdpbf16ps per row (32 codes). Exact: |q| <= 127
+   has 7 significant bits, a bf16 holds 8, and the products of a code and a bf16 activation are exact
+   in fp32, so only the summation order (pairs of k first, as the bf16 weights' path) differs from the
+   fp32 path. Codes must lie in [-127, 127] (reference.int8_weight_quant clamps there): -128 would
+   read as -0. The unpacks interleave within 128-bit lanes, so the activations are packed in that
+   order (pack_rows_i8bf16): bf16 lane w of vector h of a 64-code chunk holds code 16 (w / 8) + 8 h +
+   w % 8. */
+#define LQ 64        /* int8 codes per conversion (two bf16 vectors) */
+
+/* bf16(v) for v = 0..127 as two 128-byte tables: low bytes, then high bytes */
+static void i8_bf16_tables(uint8_t *tab) {
+    for (int v = 0; v < 128; v++) {
+        const float f = (float)v;
+        uint32_t u;
+        memcpy(&u, &f, sizeof u);
+        tab[v] = (uint8_t)(u >> 16);
+        tab[128 + v] = (uint8_t)(u >> 24);
+    }
+}
+
+static inline __attribute__((always_inline)) void widen_i8_bf16(const int8_t *p, const __m512i *t, __m512i *a,
+                                                                __m512i *b) {
+    const __m512i q = _mm512_loadu_si512((const void *)p);
+    const __m512i m = _mm512_abs_epi8(q);
+    const __m512i lo = _mm512_permutex2var_epi8(t[0], m, t[1]);
+    /* hi | (q & 0x80): ternary logic 0xF8 = A | (B & C) */
+    const __m512i hi = _mm512_ternarylogic_epi32(_mm512_permutex2var_epi8(t[2], m, t[3]), q,
+                                                 _mm512_set1_epi8((char)0x80), 0xF8);
+    *a = _mm512_unpacklo_epi8(lo, hi);
+    *b = _mm512_unpackhi_epi8(lo, hi);
+}
+
+/* one int8 weight row (K % 64 == 0) times mbr packed bf16 rows: [K / 64][2][mbr][32]. Two chunks of 64
+   codes per iteration (four accumulators per row: at one row the dot product's latency, not the
+   conversion, bounds a chain); an odd last chunk adds into the first two. */
+static inline __attribute__((always_inline)) void row_dot_i8bf16(const uint16_t *xp, int64_t K, const int8_t *w,
+                                                                  const __m512i *t, const int mbr, float *res) {
+    __m512 acc[MB][4];
+#pragma GCC unroll 4
+    for (int i = 0; i < mbr; i++) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = _mm512_setzero_ps();
+    const int64_t K2 = K - K % (2 * LQ);
+#define I8_CHUNK(KK, A, B)                                                                            \
+    do {                                                                                              \
+        __builtin_prefetch(w + (KK) + 4 * PF);                                                        \
+        __m512i wa, wb;                                                                               \
+        widen_i8_bf16(w + (KK), t, &wa, &wb);                                                         \
+        const uint16_t *xk = xp + (KK) * mbr;                                                         \
+        _Pragma("GCC unroll 4") for (int i = 0; i < mbr; i++) {                                       \
+            acc[i][A] = _mm512_dpbf16_ps(acc[i][A], (__m512bh)wa,                                     \
+                                         (__m512bh)_mm512_loadu_si512((const void *)(xk + i * LB)));  \
+            acc[i][B] = _mm512_dpbf16_ps(acc[i][B], (__m512bh)wb,                                     \
+                                         (__m512bh)_mm512_loadu_si512((const void *)(xk + (mbr + i) * LB))); \
+        }                                                                                             \
+    } while (0)
+    for (int64_t k = 0; k < K2; k += 2 * LQ) {
+        I8_CHUNK(k, 0, 1);
+        I8_CHUNK(k + LQ, 2, 3);
+    }
+    if (K2 < K) I8_CHUNK(K2, 0, 1);
+#undef I8_CHUNK
+#pragma GCC unroll 4
+    for (int i = 0; i < mbr; i++)
+        res[i] = hsum((vf)_mm512_add_ps(_mm512_add_ps(acc[i][0], acc[i][1]), _mm512_add_ps(acc[i][2], acc[i][3])));
+}
+
+#define ROWS_I8BF16_FN(MBR)                                                                           \
+    static void rows_i8bf16_##MBR(const uint16_t *xp, int64_t K, const int8_t *w, const uint16_t *scale, \
+                                  const uint8_t *tab, int64_t n0, int64_t n1, float *out, int64_t N) { \
+        __m512i t[4];                                                                                 \
+        for (int j = 0; j < 4; j++) t[j] = _mm512_loadu_si512((const void *)(tab + 64 * j));          \
+        for (int64_t n = n0; n < n1; n++) {                                                           \
+            float res[MB];                                                                            \
+            row_dot_i8bf16(xp, K, w + n * K, t, MBR, res);                                            \
+            const float sc = bf16_to_f(scale[n]);                                                     \
+            for (int i = 0; i < MBR; i++) out[i * N + n] = res[i] * sc;                               \
+        }                                                                                             \
+    }
+ROWS_I8BF16_FN(1)
+ROWS_I8BF16_FN(2)
+ROWS_I8BF16_FN(3)
+ROWS_I8BF16_FN(4)
+
+/* mbr bf16 rows (K % 64 == 0) into [K / 64][2][mbr][32] in the unpack order above */
+static void pack_rows_i8bf16(const uint16_t *x, int64_t K, int mbr, uint16_t *xp) {
+    for (int64_t c = 0; c < K / LQ; c++)
+        for (int h = 0; h < 2; h++)
+            for (int i = 0; i < mbr; i++)
+                for (int wl = 0; wl < LB; wl++)
+                    xp[((c * 2 + h) * mbr + i) * LB + wl] = x[i * K + c * LQ + 16 * (wl / 8) + 8 * h + wl % 8];
+}
+#endif
 #endif
 
 /* The one driver of both entries. x_PK: rows sorted by expert, fp32 (x_bf16 = 0) or, where built,
@@ -201,9 +303,16 @@ PACK_FN(pack_rows_bf16, uint16_t, LB)
 static void grouped(const void *x_PK, int x_bf16, int64_t K, const int64_t *start, const int64_t *count,
                     const int64_t *expert, int64_t n_active, const void *w_ENK, int wt,
                     const uint16_t *scale_EN, int64_t N, float *out_PN, void *xp_scratch, int nthreads) {
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+    const int i8dot = x_bf16 && wt == W_I8;  /* int8 codes through the bf16 dot product (K % 64 == 0) */
+    uint8_t tab[256] __attribute__((aligned(64)));
+    if (i8dot) i8_bf16_tables(tab);
+    const int64_t lanes = i8dot ? LQ : x_bf16 ? LB : L;
+#elif defined(__AVX512BF16__)
+    const int i8dot = 0;
     const int64_t lanes = x_bf16 ? LB : L;
 #else
+    const int i8dot = 0;
     const int64_t lanes = L;
 #endif
     const int64_t Kp = (K + lanes - 1) / lanes * lanes;
@@ -217,8 +326,14 @@ static void grouped(const void *x_PK, int x_bf16, int64_t K, const int64_t *star
 #pragma omp for schedule(static)
         for (int64_t j = 0; j < n_active; j++)
             for (int64_t m0 = 0, mbr = 0; m0 < count[j]; m0 += mbr) {
-                mbr = blk(count[j] - m0);
+                mbr = i8dot ? BLK_I8(count[j] - m0) : blk(count[j] - m0);
                 const int64_t r = start[j] + m0;
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+                if (i8dot) {
+                    pack_rows_i8bf16((const uint16_t *)x_PK + r * K, K, mbr, (uint16_t *)xp_scratch + r * Kp);
+                    continue;
+                }
+#endif
 #if defined(__AVX512BF16__)
                 if (x_bf16) {
                     pack_rows_bf16((const uint16_t *)x_PK + r * K, K, mbr, (uint16_t *)xp_scratch + r * Kp);
@@ -237,9 +352,20 @@ static void grouped(const void *x_PK, int x_bf16, int64_t K, const int64_t *star
             const void *w = (const char *)w_ENK + (size_t)expert[j] * (size_t)N * (size_t)K * esize;
             const uint16_t *sc = wt == W_I8 ? scale_EN + (size_t)expert[j] * (size_t)N : 0;
             for (int64_t m0 = 0, mbr = 0; m0 < count[j]; m0 += mbr) {
-                mbr = blk(count[j] - m0);
+                mbr = i8dot ? BLK_I8(count[j] - m0) : blk(count[j] - m0);
                 const void *xp = (const char *)xp_scratch + (size_t)((start[j] + m0) * Kp) * xsize;
                 float *o = out_PN + (start[j] + m0) * N;
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+                if (i8dot) {
+                    switch (mbr) {
+                    case 1: rows_i8bf16_1(xp, K, w, sc, tab, n0, n1, o, N); break;
+                    case 2: rows_i8bf16_2(xp, K, w, sc, tab, n0, n1, o, N); break;
+                    case 3: rows_i8bf16_3(xp, K, w, sc, tab, n0, n1, o, N); break;
+                    default: rows_i8bf16_4(xp, K, w, sc, tab, n0, n1, o, N);
+                    }
+                    continue;
+                }
+#endif
 #if defined(__AVX512BF16__)
                 if (x_bf16) {
                     switch (mbr) {  /* 1, 3 or 4 (blk) */
@@ -274,5 +400,15 @@ void grouped_gemv_bf16(const uint16_t *x_PK, int64_t K, const int64_t *start, co
                        const int64_t *expert, int64_t n_active, const uint16_t *w_ENK, int64_t N,
                        float *out_PN, uint16_t *xp_scratch, int nthreads) {
     grouped(x_PK, 1, K, start, count, expert, n_active, w_ENK, W_BF16, 0, N, out_PN, xp_scratch, nthreads);
+}
+#endif
+
+#if defined(__AVX512BF16__) && defined(__AVX512VBMI__)
+/* bf16 x_PK against int8 codes w_ENK (in [-127, 127], K % 64 == 0) with their bf16 row scales, through
+   the bf16 dot product; xp_scratch: P * K bf16 */
+void grouped_gemv_i8bf16(const uint16_t *x_PK, int64_t K, const int64_t *start, const int64_t *count,
+                         const int64_t *expert, int64_t n_active, const int8_t *w_ENK, const uint16_t *scale_EN,
+                         int64_t N, float *out_PN, uint16_t *xp_scratch, int nthreads) {
+    grouped(x_PK, 1, K, start, count, expert, n_active, w_ENK, W_I8, scale_EN, N, out_PN, xp_scratch, nthreads);
 }
 #endif

@@ -61,3 +61,40 @@ void moe_combine(const float *y, const void *w, const int64_t *pair_idx, int64_t
             store_n(out, bf16, t * D + d0, acc, n);
         }
 }
+
+/* The valid (token, slot) pairs of a layer sorted by expert, stably (as reference._pairs_by_expert:
+   argsort of the ids, stable), with the kernel's groups, in one pass instead of ~9 torch ops and a
+   Python loop over the experts (~170 us per bench-mini decode layer at two threads). ids: T * K
+   expert ids (-1: a slot another rank owns); x: T rows of row_bytes; w: T * K routing weights of
+   w_bytes each. Out: expert, start, count for each active expert in ascending expert order (E
+   entries at most), pair_idx (t * K + k), x_sorted (each pair's input row) and w_sorted (its weight)
+   for the P valid pairs, *n_pairs = P, *max_count the largest group. Returns the number of active
+   experts, or -1 if an id is >= E or < -1 (nothing valid is written then). cnt: E scratch. */
+int64_t moe_group(const int64_t *ids, int64_t T, int64_t K, int64_t E, const void *x, int64_t row_bytes,
+                  const void *w, int64_t w_bytes, int64_t *cnt, int64_t *expert, int64_t *start, int64_t *count,
+                  int64_t *pair_idx, void *x_sorted, void *w_sorted, int64_t *n_pairs, int64_t *max_count) {
+    for (int64_t e = 0; e < E; e++) cnt[e] = 0;
+    for (int64_t s = 0; s < T * K; s++) {
+        const int64_t e = ids[s];
+        if (e < -1 || e >= E) return -1;
+        if (e >= 0) cnt[e]++;
+    }
+    int64_t n_active = 0, P = 0, mx = 0;
+    for (int64_t e = 0; e < E; e++) {
+        if (!cnt[e]) continue;
+        expert[n_active] = e, start[n_active] = P, count[n_active] = cnt[e];
+        mx = cnt[e] > mx ? cnt[e] : mx;
+        cnt[e] = P;  /* from here: the next free place of expert e */
+        P += count[n_active++];
+    }
+    for (int64_t s = 0; s < T * K; s++) {
+        const int64_t e = ids[s];
+        if (e < 0) continue;
+        const int64_t q = cnt[e]++;
+        pair_idx[q] = s;
+        memcpy((char *)x_sorted + q * row_bytes, (const char *)x + (s / K) * row_bytes, (size_t)row_bytes);
+        memcpy((char *)w_sorted + q * w_bytes, (const char *)w + s * w_bytes, (size_t)w_bytes);
+    }
+    *n_pairs = P, *max_count = mx;
+    return n_active;
+}
