@@ -210,6 +210,9 @@ PACK_FN(pack_rows_bf16, uint16_t, LB)
    order (pack_rows_i8bf16): bf16 lane w of vector h of a 64-code chunk holds code 16 (w / 8) + 8 h +
    w % 8. */
 #define LQ 64        /* int8 codes per conversion (two bf16 vectors) */
+#ifndef PFQ
+#define PFQ (4 * PF) /* codes prefetched ahead */
+#endif
 
 /* bf16(v) for v = 0..127 as two 128-byte tables: low bytes, then high bytes */
 static void i8_bf16_tables(uint8_t *tab) {
@@ -245,7 +248,7 @@ static inline __attribute__((always_inline)) void row_dot_i8bf16(const uint16_t 
     const int64_t K2 = K - K % (2 * LQ);
 #define I8_CHUNK(KK, A, B)                                                                            \
     do {                                                                                              \
-        __builtin_prefetch(w + (KK) + 4 * PF);                                                        \
+        __builtin_prefetch(w + (KK) + PFQ);                                                           \
         __m512i wa, wb;                                                                               \
         widen_i8_bf16(w + (KK), t, &wa, &wb);                                                         \
         const uint16_t *xk = xp + (KK) * mbr;                                                         \
