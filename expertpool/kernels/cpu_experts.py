@@ -117,6 +117,8 @@ EXPERTS = Switch(None, "routed experts run through torch's GEMMs")
 BF16_DOT = Switch(DOT_SWITCH, "bf16 routed experts are widened to fp32 in the kernel")
 # SwiGLU and the weighted combine around the kernel's two products in one C call each (moe_ops.c)
 EPILOGUE = Switch(None, "the steps between and after the experts' products run as torch ops")
+# expert parallelism's pack and combine around the all-to-all in one C call each (moe_ops.c)
+EP_OPS = Switch("EXPERTPOOL_CPU_EP_OPS", "the expert-parallel pack and combine run as torch ops")
 switched_off = EXPERTS.off  # run the experts through torch's GEMMs inside the block
 without_fused_steps = EPILOGUE.off  # the kernel's products, the steps around them as torch ops
 without_bf16_dot = BF16_DOT.off  # bf16 activations take the widening fp32 path inside the block
@@ -214,6 +216,10 @@ def _load(path: Path):
     lib.moe_combine.restype = None
     lib.moe_group.argtypes = [P, I64, I64, I64, P, I64, P, I64, P, P, P, P, P, P, P, P, P]
     lib.moe_group.restype = I64
+    lib.ep_pack.argtypes = [P, I64, I64, I64, P, P, P, I64, I64, P, I64, I64, P, I64, P, P, P, P]
+    lib.ep_pack.restype = I64
+    lib.ep_combine.argtypes = [P, I64, P, P, I64, I64, I64, ctypes.c_int, P, P]
+    lib.ep_combine.restype = None
     lib.route_sigmoid.argtypes = [P, I64, ctypes.c_int, I64, I64, P, P, I64, I64, I64, I64, ctypes.c_int,
                                   ctypes.c_float, P, P, P, ctypes.c_int]
     lib.route_sigmoid.restype = ctypes.c_int
@@ -413,4 +419,58 @@ def combine(y_QD: torch.Tensor, w_Q: torch.Tensor, pair_idx_Q: torch.Tensor, num
     slot = torch.empty(num_tokens * top_k, dtype=torch.int64)
     lib.moe_combine(y.data_ptr(), w.data_ptr(), idx.data_ptr(), Q, num_tokens, top_k, D,
                     int(dtype == torch.bfloat16), slot.data_ptr(), out.data_ptr())
+    return out
+
+
+def ep_pack(x_TD: torch.Tensor, ids_TK: torch.Tensor, n_routed: int, world: int, owner_E: torch.Tensor,
+            copies_EC: torch.Tensor | None = None, ncopies_E: torch.Tensor | None = None, with_ids: bool = True,
+            lib=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One rank's (token, slot) pairs packed for the expert-parallel all-to-all in one C call
+    (``csrc/moe_ops.c``), as ``model.dispatch.AllToAllDispatcher``'s torch ops do it: (send [P, D + c],
+    order_P, counts_W). Pairs are ordered by the rank of their expert (``owner_E``, or copy ``p mod
+    copies`` of a replicated one, ``copies_EC`` / ``ncopies_E``), stably; send row q is token
+    ``order[q] // K``'s row of ``x_TD`` followed, if ``with_ids``, by the pair's expert id's 8 bytes as c
+    columns of x's dtype; ``counts_W[r]``: the pairs for rank r (int64)."""
+    lib = lib or library()
+    T, K = ids_TK.shape
+    x = x_TD.contiguous()
+    ids = ids_TK.to(torch.int64).contiguous()
+    D, es = x.shape[1], x.element_size()
+    c = 8 // es if with_ids else 0
+    P = T * K
+    send = torch.empty(P, D + c, dtype=x.dtype)
+    i64 = torch.empty(2 * P + 2 * world, dtype=torch.int64)  # order, dest, counts, pos
+    base = i64.data_ptr()
+    owner = owner_E.to(torch.int64).contiguous()
+    copies = ncopies = None
+    width = 0
+    if copies_EC is not None:
+        copies, ncopies = copies_EC.to(torch.int64).contiguous(), ncopies_E.to(torch.int64).contiguous()
+        width = copies.shape[1]
+    rc = lib.ep_pack(ids.data_ptr(), T, K, n_routed, owner.data_ptr(), None if copies is None else copies.data_ptr(),
+                     None if ncopies is None else ncopies.data_ptr(), width, world, x.data_ptr(), D * es, 8 if c else 0,
+                     send.data_ptr(), (D + c) * es, base, base + 2 * P * 8, base + (2 * P + world) * 8,
+                     base + P * 8)
+    if rc < 0:
+        raise ValueError(f"expert ids must be non-negative and their owners in [0, {world}): ids in "
+                         f"[{int(ids.min())}, {int(ids.max())}]")
+    return send, i64[:P], i64[2 * P:2 * P + world]
+
+
+def ep_combine(back_PD: torch.Tensor, weights_TK: torch.Tensor, order_P: torch.Tensor, lib=None) -> torch.Tensor:
+    """The origin's combine of expert parallelism in one C call (``csrc/moe_ops.c``): each pair's
+    returned row (``back_PD``, in packed order, the compute dtype; a column slice of a wider buffer is
+    fine) times its routing weight in the compute dtype, each token's slots summed in fp32 in slot
+    order, rounded: ``reference.combine_pairs(back_PD * weights[order], order, T, K)``, bit for bit."""
+    lib = lib or library()
+    T, K = weights_TK.shape
+    P, D = back_PD.shape
+    assert P == T * K and back_PD.stride(1) == 1 and back_PD.dtype in (torch.float32, torch.bfloat16), \
+        (back_PD.shape, back_PD.stride(), back_PD.dtype, T, K)
+    w = weights_TK.to(torch.float32).contiguous()
+    order = order_P.to(torch.int64).contiguous()
+    out = torch.empty(T, D, dtype=back_PD.dtype)
+    slot = torch.empty(P, dtype=torch.int64)
+    lib.ep_combine(back_PD.data_ptr(), back_PD.stride(0), w.data_ptr(), order.data_ptr(), T, K, D,
+                   int(back_PD.dtype == torch.bfloat16), slot.data_ptr(), out.data_ptr())
     return out

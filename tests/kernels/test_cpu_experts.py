@@ -502,3 +502,52 @@ def test_grouping_the_pairs_in_c_equals_the_torch_ops(dtype):
     assert cpu_experts.group(x, torch.full((2, 1), -1), w[:2, :1], E) is None
     with pytest.raises(ValueError, match=r"ids must be in \[-1, 4\)"):
         cpu_experts.group(x, torch.tensor([[4]]), w[:1, :1], 4)
+
+
+def _ep_torch(x, ids, w, d):
+    """Expert parallelism's pack and combine as ``AllToAllDispatcher``'s torch ops do them, for one rank
+    whose pairs come straight back (``back``: the packed rows themselves)."""
+    T, K = ids.shape
+    flat = ids.reshape(-1)
+    dest = d.destinations(flat)
+    order = torch.argsort(dest, stable=True)
+    counts = torch.zeros(d.world, dtype=torch.long).scatter_add_(0, dest, torch.ones_like(dest))
+    rows = x.index_select(0, torch.div(order, K, rounding_mode="floor"))
+    send = torch.cat([rows, flat[order].view(x.dtype).view(len(order), 8 // x.element_size())], 1)
+    return send, order, counts
+
+
+@pytest.mark.parametrize("lib_kind", ["native", "avx2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_expert_parallel_pack_and_combine_in_c_equal_the_torch_ops(dtype, lib_kind, request):
+    """``cpu_experts.ep_pack`` packs a rank's pairs as the dispatcher's torch ops do (destinations by
+    owner or by copy p mod copies, stable order, rows, the ids' bytes, counts), and ``ep_combine``
+    equals ``combine_pairs`` of the rows times their weights in the compute dtype, bit for bit, also at
+    a hidden size off the vector width and for rows that are a column slice of the packed buffer
+    (the id columns beside them). Negative ids are refused by name."""
+    from unittest import mock
+
+    from expertpool.model.dispatch import AllToAllDispatcher
+    lib = request.getfixturevalue("avx2_lib") if lib_kind == "avx2" else cpu_experts.library()
+    g = torch.Generator().manual_seed(17)
+    E = 8
+    replicas = [[0, 2], [1], [2], [3, 0, 1], [0], [1], [2], [3]]
+    for world, reps in ((2, None), (4, None), (4, replicas)):
+        with mock.patch("torch.distributed.get_world_size", return_value=world), \
+                mock.patch("torch.distributed.get_rank", return_value=0):
+            d = AllToAllDispatcher(E, replicas=reps)
+        for T, K, D in ((16, 6, 64), (5, 3, 40), (1, 2, 16), (0, 6, 32)):
+            x = torch.randn(T, D, generator=g).to(dtype)
+            ids = torch.randint(0, 2 * E, (T, K), generator=g)  # variant-offset ids too (e + E)
+            w = torch.rand(T, K, generator=g)
+            want_send, want_order, want_counts = _ep_torch(x, ids, w, d)
+            copies = (d.copies_EC, d.ncopies_E) if d.replicated else (None, None)
+            send, order, counts = cpu_experts.ep_pack(x, ids, E, world, d.owner_E, *copies, lib=lib)
+            assert torch.equal(send, want_send) and torch.equal(order, want_order), (world, reps, T, K, D)
+            assert torch.equal(counts, want_counts)
+            back = (send * 3 - 1)[:, :D]  # a column slice of a wider buffer (as the exchange returns rows)
+            want = ref.combine_pairs(back * w.reshape(-1)[order].unsqueeze(1).to(dtype), order, T, K)
+            got = cpu_experts.ep_combine(back, w, order, lib=lib)
+            assert got.dtype == dtype and torch.equal(got, want), (world, reps, T, K, D)
+    with pytest.raises(ValueError, match="non-negative"):
+        cpu_experts.ep_pack(x[:1], torch.tensor([[-1, 0]]), E, 2, d.owner_E, lib=lib)

@@ -1,12 +1,14 @@
 """The all-to-all dispatcher at inference, two gloo ranks on CPU: each rank's output equals the local
 dispatcher's over all experts (rows and ids exchanged in one collective; the combine in fp32, in a
-fixed order), and through the shared-memory exchange it is the gloo output, bit for bit."""
+fixed order), and through the shared-memory exchange it is the gloo output, bit for bit, as it is
+with its pack and combine as torch ops instead of the C calls."""
 
 import socket
 
 import torch
 import torch.multiprocessing as mp
 
+from expertpool.kernels import cpu_experts
 from expertpool.model.dispatch import AllToAllDispatcher, owned_experts
 from expertpool.platform.placement import Placement
 from tests.model.helpers import random_model
@@ -29,6 +31,8 @@ def _rank(rank: int, world: int, port: int, dtype, results, redundant: int = 0) 
         x = torch.randint(0, full.args.vocab_size, (2, 9 + rank), generator=torch.Generator().manual_seed(rank))
         with torch.no_grad():
             results[rank] = (mine(x).float(), full(x).float())
+            with cpu_experts.EP_OPS.off():  # the pack and combine as torch ops: the same bits
+                results[f"ops{rank}"] = mine(x).float()
             # a step where this rank has no tokens at all (its sequences finished) while the other has some:
             # it must still take part in every exchange, with empty sends
             x_idle = x[:, :0] if rank == 1 else x
@@ -81,6 +85,7 @@ def test_all_to_all_equals_local_dispatch_at_inference():
             # bf16: the same products rounded to bf16 in other groupings, ~2**-8 per element
             assert ((got - want).norm() / want.norm()).item() < bound, (dtype, r)
         for r in (0, 1):
+            assert torch.equal(results[f"ops{r}"], results[r][0]), (dtype, r)
             for name in ("gloo", "shm"):
                 if f"head-{name}{r}" not in results:
                     continue
@@ -111,6 +116,7 @@ def test_replicated_experts_spread_pairs_over_copies_and_equal_local_dispatch():
                 got, want = results[(redundant, r)]
                 assert ((got - want).norm() / want.norm()).item() < 1e-5, (world, redundant, r)
                 assert torch.equal(got.argmax(-1), want.argmax(-1)), (world, redundant, r)  # greedy: same tokens
+                assert torch.equal(results[("ops", redundant, r)], got), (world, redundant, r)
 
 
 def _rank_matrix(rank: int, world: int, port: int, results, n_experts: int) -> None:
@@ -131,6 +137,8 @@ def _rank_matrix(rank: int, world: int, port: int, results, n_experts: int) -> N
                     moe.experts.global_to_local[ids] = torch.tensor(ids)
                 mine.set_dispatcher(AllToAllDispatcher(n_experts, replicas=placement.replicas()))
                 results[(redundant, rank)] = (mine(x).float(), want)
+                with cpu_experts.EP_OPS.off():  # the pack and combine as torch ops: the same bits
+                    results[("ops", redundant, rank)] = mine(x).float()
     finally:
         dist.destroy_process_group()
 
