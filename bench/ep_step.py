@@ -12,7 +12,9 @@ the prefill, interleaved ``--rounds`` times, medians reported:
   ``gloo-whole-head`` / ``shm-whole-head`` give every rank the whole head. The actors run ``shm``, or
   ``gloo-whole-head`` where the ranks do not share memory;
 - ``ray``: the 2-actor layout through ``RayExecutor`` (the serving path minus HTTP, shared-memory
-  exchanges): what the Ray calls add per step is ``ray`` minus ``shm``.
+  exchanges), its steps over the step channels one at a time as the served engine drives them: what
+  the serving path adds per step is ``ray`` minus ``shm``; ``ray-single``: the 1-actor layout the same
+  way (against ``single``). The KV cache is sized for the run (no timed step waits for blocks).
 
     python bench/ep_step.py [--dtype bfloat16] [--weight-dtype int8] [--steps 30] [--rounds 3]
 """
@@ -39,7 +41,7 @@ def _prompts(n):
     return torch.randint(5, 2000, (BATCH, PROMPT), generator=g).tolist()[:n]
 
 
-def _core(runner, world, batch):
+def _core(runner, world, batch, steps):
     from expertpool.platform.scheduler import EngineCore
 
     class OneRank:  # drives one rank's runner as if it were the whole group (the other rank mirrors it)
@@ -52,7 +54,7 @@ def _core(runner, world, batch):
         def release(self, finished):
             runner.release([s for _, s in finished])
     return EngineCore(OneRank(), num_blocks=runner.num_blocks, block_size=16, max_batch_size=batch,
-                      max_seq_len=PROMPT + 400, max_num_batched_tokens=batch * PROMPT, eos_token_id=None)
+                      max_seq_len=PROMPT + steps + 24, max_num_batched_tokens=batch * PROMPT, eos_token_id=None)
 
 
 def _time_steps(core, steps):
@@ -107,11 +109,11 @@ def child(a) -> dict:
         if not a.whole_head:  # as the serving actors do (model.vocab_parallel)
             from expertpool.model.vocab_parallel import VocabParallelHead
             model.vocab_parallel = VocabParallelHead(model.lm_head, a.rank, a.world, exchange)
-    runner = ModelRunner(model, num_blocks=192, block_size=16)
+    runner = ModelRunner(model, num_blocks=_blocks(a.steps, BATCH // a.world), block_size=16)
     batch = BATCH // a.world
-    t_step = _time_steps(_core(runner, a.world, batch), a.steps)
+    t_step = _time_steps(_core(runner, a.world, batch, a.steps), a.steps)
     in_collectives[0] = 0.0
-    core = _core(runner, a.world, batch)
+    core = _core(runner, a.world, batch, a.steps)
     t0 = time.perf_counter()
     _time_steps(core, a.steps)
     total = time.perf_counter() - t0
@@ -143,33 +145,58 @@ def run_processes(a, world, exchange="gloo", whole_head=False):
             "collective_share": statistics.mean(o["collective_share"] for o in outs)}
 
 
-def run_ray(a):
-    """The 2-actor layout through RayExecutor (no Serve, no HTTP)."""
+def _blocks(steps: int, seqs: int) -> int:
+    """KV blocks for ``seqs`` sequences of the prompt plus ``steps`` + 8 tokens (16-token blocks), one
+    block of slack each: no timed step waits for cache."""
+    return seqs * (-(-(PROMPT + steps + 8) // 16) + 1)
+
+
+async def _time_steps_served(core, steps):
+    """``_time_steps`` as the served engine drives a step (``platform.engine``): plan, submit over the
+    step channels (``executor.run_async``), finish, one step at a time (depth 1)."""
+    from expertpool.model.sampling import SamplingParams
+    for i, p in enumerate(_prompts(core.max_batch_size)):
+        core.add_request(f"s{i}", p, SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
+
+    async def one():
+        events = {}
+        plans, items = core.begin_step(events)
+        core.end_step(plans, await core.executor.run_async(items), events)
+    while any(s.num_cached < len(s.tokens) - 1 for s in core.running) or core.waiting:
+        await one()
+    await one()
+    times = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        await one()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def run_ray(a, actors: int = 2):
+    """The layout through ``RayExecutor`` (no Serve, no HTTP): ``actors`` of 2 // actors CPUs, the steps
+    over the step channels as served."""
+    import asyncio
+
     import ray
 
-    from expertpool.platform.config import parse_config
-    from expertpool.platform.engine import kv_blocks_per_worker
-    from expertpool.model.args import ModelArgs
-    from expertpool.platform.scheduler import EngineCore
     from expertpool.platform.executor import RayExecutor
+    from expertpool.platform.scheduler import EngineCore
     from expertpool.platform.worker import WorkerSpec
 
-    cfg = parse_config({"model": {"path": a.model, "dtype": a.dtype, "weight_dtype": a.weight_dtype},
-                        "pool": {"actors_per_replica": 2, "actor_resources": {"cpu": 1}},
-                        "serving": {"max_batch_size": BATCH, "max_seq_len": PROMPT + 400,
-                                    "max_num_batched_tokens": BATCH * PROMPT, "kv_cache": {"num_blocks": 128}}})
-    args = ModelArgs.from_dir(a.model)
+    cpus, max_len = 2 // actors, PROMPT + a.steps + 24
     ray.init(address="local", num_cpus=3, include_dashboard=False, logging_level="WARNING")
     try:
-        spec = WorkerSpec(a.model, a.dtype, a.weight_dtype, None, 16, "gloo", 1, 60.0, max_seq_len=PROMPT + 400,
-                          max_num_batched_tokens=BATCH * PROMPT, max_batch_size=BATCH)
-        ex = RayExecutor(spec, [{"num_cpus": 1}, {"num_cpus": 1}])
-        ex.start(size_kv=lambda infos: kv_blocks_per_worker(cfg, args, infos))
-        core = EngineCore(ex, num_blocks=ex.spec.num_blocks, block_size=16, max_batch_size=BATCH,
-                          max_seq_len=PROMPT + 400, max_num_batched_tokens=BATCH * PROMPT, eos_token_id=None)
-        ms = _time_steps(core, a.steps)
+        spec = WorkerSpec(a.model, a.dtype, a.weight_dtype, _blocks(a.steps, BATCH // actors), 16, "gloo", cpus, 60.0,
+                          max_seq_len=max_len, max_num_batched_tokens=BATCH * PROMPT, max_batch_size=BATCH)
+        ex = RayExecutor(spec, [{"num_cpus": cpus}] * actors)
+        ex.start()
+        core = EngineCore(ex, num_blocks=spec.num_blocks, block_size=16, max_batch_size=BATCH, max_seq_len=max_len,
+                          max_num_batched_tokens=BATCH * PROMPT, eos_token_id=None)
+        ms = asyncio.run(_time_steps_served(core, a.steps))
+        channels = ex._channels is not None
         ex.shutdown()
-        return {"step_ms": ms}
+        return {"step_ms": ms, "steps_over": "step channels" if channels else "Ray actor tasks"}
     finally:
         ray.shutdown()
 
@@ -185,7 +212,8 @@ def main():
                     help="comma-separated: single (1 process, 2 threads), gloo / shm (2 processes of 1 thread, the "
                          "MoE exchanges over gloo / through shared memory; with the suffix -whole-head each rank "
                          "computes its rows' logits over the whole lm_head instead of the vocabulary-parallel "
-                         "head the actors use), ray (2 actors via RayExecutor)")
+                         "head the actors use), ray (2 actors via RayExecutor, steps over the step channels as "
+                         "served), ray-single (1 actor of 2 CPUs, the same way)")
     ap.add_argument("--whole-head", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--exchange", default="gloo", help=argparse.SUPPRESS)
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -209,6 +237,7 @@ def main():
         for k in layouts:
             exchange, _, whole = k.partition("-")
             out = (run_processes(a, 1) if k == "single" else run_ray(a) if k == "ray"
+                   else run_ray(a, actors=1) if k == "ray-single"
                    else run_processes(a, 2, exchange, whole_head=whole == "whole-head"))
             res[k].append(out)
             print(f"round {r + 1} {k}: {out}", flush=True)
