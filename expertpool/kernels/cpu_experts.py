@@ -424,13 +424,14 @@ def combine(y_QD: torch.Tensor, w_Q: torch.Tensor, pair_idx_Q: torch.Tensor, num
 
 def ep_pack(x_TD: torch.Tensor, ids_TK: torch.Tensor, n_routed: int, world: int, owner_E: torch.Tensor,
             copies_EC: torch.Tensor | None = None, ncopies_E: torch.Tensor | None = None, with_ids: bool = True,
-            lib=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            counts_out: torch.Tensor | None = None, lib=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One rank's (token, slot) pairs packed for the expert-parallel all-to-all in one C call
     (``csrc/moe_ops.c``), as ``model.dispatch.AllToAllDispatcher``'s torch ops do it: (send [P, D + c],
     order_P, counts_W). Pairs are ordered by the rank of their expert (``owner_E``, or copy ``p mod
     copies`` of a replicated one, ``copies_EC`` / ``ncopies_E``), stably; send row q is token
     ``order[q] // K``'s row of ``x_TD`` followed, if ``with_ids``, by the pair's expert id's 8 bytes as c
-    columns of x's dtype; ``counts_W[r]``: the pairs for rank r (int64)."""
+    columns of x's dtype; ``counts_W[r]``: the pairs for rank r (int64; written into ``counts_out``, a
+    contiguous int64 [W], when given)."""
     lib = lib or library()
     T, K = ids_TK.shape
     x = x_TD.contiguous()
@@ -439,8 +440,10 @@ def ep_pack(x_TD: torch.Tensor, ids_TK: torch.Tensor, n_routed: int, world: int,
     c = 8 // es if with_ids else 0
     P = T * K
     send = torch.empty(P, D + c, dtype=x.dtype)
-    i64 = torch.empty(2 * P + 2 * world, dtype=torch.int64)  # order, dest, counts, pos
+    i64 = torch.empty(2 * P + world, dtype=torch.int64)  # order, dest, pos
     base = i64.data_ptr()
+    counts = torch.empty(world, dtype=torch.int64) if counts_out is None else counts_out
+    assert counts.dtype == torch.int64 and counts.shape == (world,) and counts.is_contiguous()
     owner = owner_E.to(torch.int64).contiguous()
     copies = ncopies = None
     width = 0
@@ -449,12 +452,11 @@ def ep_pack(x_TD: torch.Tensor, ids_TK: torch.Tensor, n_routed: int, world: int,
         width = copies.shape[1]
     rc = lib.ep_pack(ids.data_ptr(), T, K, n_routed, owner.data_ptr(), None if copies is None else copies.data_ptr(),
                      None if ncopies is None else ncopies.data_ptr(), width, world, x.data_ptr(), D * es, 8 if c else 0,
-                     send.data_ptr(), (D + c) * es, base, base + 2 * P * 8, base + (2 * P + world) * 8,
-                     base + P * 8)
+                     send.data_ptr(), (D + c) * es, base, counts.data_ptr(), base + 2 * P * 8, base + P * 8)
     if rc < 0:
         raise ValueError(f"expert ids must be non-negative and their owners in [0, {world}): ids in "
                          f"[{int(ids.min())}, {int(ids.max())}]")
-    return send, i64[:P], i64[2 * P:2 * P + world]
+    return send, i64[:P], counts
 
 
 def ep_combine(back_PD: torch.Tensor, weights_TK: torch.Tensor, order_P: torch.Tensor, lib=None) -> torch.Tensor:

@@ -171,12 +171,12 @@ class AllToAllDispatcher:
 
     def _call_c(self, x_TD, ids_TK, weights_TK, experts: ExpertGroup) -> torch.Tensor:
         owner_E, copies_EC, ncopies_E = self._tables(x_TD.device)
-        send, order_P, counts_W = cpu_experts.ep_pack(
+        counts_2W = torch.empty(2, self.world, dtype=torch.long)  # sent, received
+        send, order_P, _ = cpu_experts.ep_pack(
             x_TD, ids_TK, self.n_routed, self.world, owner_E, copies_EC if self.replicated else None,
-            ncopies_E if self.replicated else None)
-        recv_counts_W = torch.empty_like(counts_W)
-        self.exchange.all_to_all_single(recv_counts_W, counts_W)
-        send_counts, recv_counts = counts_W.tolist(), recv_counts_W.tolist()  # the layer's one host read
+            ncopies_E if self.replicated else None, counts_out=counts_2W[0])
+        self.exchange.all_to_all_single(counts_2W[1], counts_2W[0])
+        send_counts, recv_counts = counts_2W.tolist()  # the layer's one host read: the split sizes
         D = x_TD.shape[1]
         packed = self._exchange(send, send_counts, recv_counts)
         recv_x_RD, recv_ids_R = packed[:, :D], packed[:, D:].contiguous().view(torch.int64).view(-1)
