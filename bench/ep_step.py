@@ -35,10 +35,13 @@ import expertpool  # noqa: E402,F401  (expertpool before torch, per house style)
 PROMPT, BATCH = 32, 16
 
 
-def _prompts(n):
+def _prompts(n, rank: int = 0):
+    """Rank ``rank``'s ``n`` of the run's ``BATCH`` prompts: the ranks of a layout hold different
+    sequences, as the actors do (with the same ones, every rank's tokens would route alike and the
+    layer would touch fewer experts than a real batch)."""
     import torch
     g = torch.Generator().manual_seed(0)
-    return torch.randint(5, 2000, (BATCH, PROMPT), generator=g).tolist()[:n]
+    return torch.randint(5, 2000, (BATCH, PROMPT), generator=g).tolist()[rank * n:(rank + 1) * n]
 
 
 def _core(runner, world, batch, steps):
@@ -57,9 +60,9 @@ def _core(runner, world, batch, steps):
                       max_seq_len=PROMPT + steps + 24, max_num_batched_tokens=batch * PROMPT, eos_token_id=None)
 
 
-def _time_steps(core, steps):
+def _time_steps(core, steps, rank: int = 0):
     from expertpool.model.sampling import SamplingParams
-    for i, p in enumerate(_prompts(core.max_batch_size)):
+    for i, p in enumerate(_prompts(core.max_batch_size, rank)):
         core.add_request(f"s{i}", p, SamplingParams(max_tokens=steps + 8, temperature=0, ignore_eos=True))
     while any(s.num_cached < len(s.tokens) - 1 for s in core.running) or core.waiting:
         core.step()
@@ -111,11 +114,11 @@ def child(a) -> dict:
             model.vocab_parallel = VocabParallelHead(model.lm_head, a.rank, a.world, exchange)
     runner = ModelRunner(model, num_blocks=_blocks(a.steps, BATCH // a.world), block_size=16)
     batch = BATCH // a.world
-    t_step = _time_steps(_core(runner, a.world, batch, a.steps), a.steps)
+    t_step = _time_steps(_core(runner, a.world, batch, a.steps), a.steps, a.rank)
     in_collectives[0] = 0.0
     core = _core(runner, a.world, batch, a.steps)
     t0 = time.perf_counter()
-    _time_steps(core, a.steps)
+    _time_steps(core, a.steps, a.rank)
     total = time.perf_counter() - t0
     out = {"step_ms": t_step, "collective_share": in_collectives[0] / total if a.world > 1 else 0.0}
     if a.world > 1:
