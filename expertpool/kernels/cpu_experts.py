@@ -216,7 +216,7 @@ def _load(path: Path):
     lib.moe_combine.restype = None
     lib.moe_group.argtypes = [P, I64, I64, I64, P, I64, P, I64, P, P, P, P, P, P, P, P, P]
     lib.moe_group.restype = I64
-    lib.ep_pack.argtypes = [P, I64, I64, I64, P, P, P, I64, I64, P, I64, I64, P, I64, P, P, P, P]
+    lib.ep_pack.argtypes = [P, I64, I64, I64, P, P, P, I64, I64, P, I64, P, I64, P, P, P, P]
     lib.ep_pack.restype = I64
     lib.ep_combine.argtypes = [P, I64, P, P, I64, I64, I64, ctypes.c_int, P, P]
     lib.ep_combine.restype = None
@@ -423,21 +423,21 @@ def combine(y_QD: torch.Tensor, w_Q: torch.Tensor, pair_idx_Q: torch.Tensor, num
 
 
 def ep_pack(x_TD: torch.Tensor, ids_TK: torch.Tensor, n_routed: int, world: int, owner_E: torch.Tensor,
-            copies_EC: torch.Tensor | None = None, ncopies_E: torch.Tensor | None = None, with_ids: bool = True,
+            copies_EC: torch.Tensor | None = None, ncopies_E: torch.Tensor | None = None,
             counts_out: torch.Tensor | None = None, lib=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One rank's (token, slot) pairs packed for the expert-parallel all-to-all in one C call
     (``csrc/moe_ops.c``), as ``model.dispatch.AllToAllDispatcher``'s torch ops do it: (send [P, D + c],
     order_P, counts_W). Pairs are ordered by the rank of their expert (``owner_E``, or copy ``p mod
     copies`` of a replicated one, ``copies_EC`` / ``ncopies_E``), stably; send row q is token
-    ``order[q] // K``'s row of ``x_TD`` followed, if ``with_ids``, by the pair's expert id's 8 bytes as c
-    columns of x's dtype; ``counts_W[r]``: the pairs for rank r (int64; written into ``counts_out``, a
+    ``order[q] // K``'s row of ``x_TD`` followed by the pair's expert id's 8 bytes as c columns of x's
+    dtype (fp32 or bf16); ``counts_W[r]``: the pairs for rank r (int64; written into ``counts_out``, a
     contiguous int64 [W], when given)."""
     lib = lib or library()
     T, K = ids_TK.shape
     x = x_TD.contiguous()
     ids = ids_TK.to(torch.int64).contiguous()
     D, es = x.shape[1], x.element_size()
-    c = 8 // es if with_ids else 0
+    c = 8 // es
     P = T * K
     send = torch.empty(P, D + c, dtype=x.dtype)
     i64 = torch.empty(2 * P + world, dtype=torch.int64)  # order, dest, pos
@@ -451,7 +451,7 @@ def ep_pack(x_TD: torch.Tensor, ids_TK: torch.Tensor, n_routed: int, world: int,
         copies, ncopies = copies_EC.to(torch.int64).contiguous(), ncopies_E.to(torch.int64).contiguous()
         width = copies.shape[1]
     rc = lib.ep_pack(ids.data_ptr(), T, K, n_routed, owner.data_ptr(), None if copies is None else copies.data_ptr(),
-                     None if ncopies is None else ncopies.data_ptr(), width, world, x.data_ptr(), D * es, 8 if c else 0,
+                     None if ncopies is None else ncopies.data_ptr(), width, world, x.data_ptr(), D * es,
                      send.data_ptr(), (D + c) * es, base, counts.data_ptr(), base + 2 * P * 8, base + P * 8)
     if rc < 0:
         raise ValueError(f"expert ids must be non-negative and their owners in [0, {world}): ids in "

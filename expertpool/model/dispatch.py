@@ -177,13 +177,24 @@ class AllToAllDispatcher:
             ncopies_E if self.replicated else None, counts_out=counts_2W[0])
         self.exchange.all_to_all_single(counts_2W[1], counts_2W[0])
         send_counts, recv_counts = counts_2W.tolist()  # the layer's one host read: the split sizes
-        D = x_TD.shape[1]
-        packed = self._exchange(send, send_counts, recv_counts)
-        recv_x_RD, recv_ids_R = packed[:, :D], packed[:, D:].contiguous().view(torch.int64).view(-1)
-        local_R1 = experts.global_to_local[recv_ids_R].unsqueeze(1)
-        y_RD = experts(recv_x_RD, local_R1, torch.ones(local_R1.shape, dtype=torch.float32))
-        back_PD = self._exchange(y_RD, recv_counts, send_counts)
+        back_PD = self._experts_and_back(self._exchange(send, send_counts, recv_counts), x_TD.shape[1], experts,
+                                         send_counts, recv_counts)
         return cpu_experts.ep_combine(back_PD, weights_TK, order_P)
+
+    def _experts_and_back(self, packed: torch.Tensor, D: int, experts: ExpertGroup, send_counts: list[int],
+                          recv_counts: list[int]) -> torch.Tensor:
+        """The received rows (each with its expert id's 8 bytes as extra columns past ``D``) through this
+        rank's experts, unweighted, and their outputs back along the reverse splits."""
+        recv_x_RD, recv_ids_R = packed[:, :D], packed[:, D:].contiguous().view(torch.int64).view(-1)
+        return self._experts_and_back_rows(recv_x_RD, recv_ids_R, experts, send_counts, recv_counts)
+
+    def _experts_and_back_rows(self, recv_x_RD: torch.Tensor, recv_ids_R: torch.Tensor, experts: ExpertGroup,
+                               send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        # every received id has a copy here (same tables on every rank): the table gives its slot
+        local_R1 = experts.global_to_local[recv_ids_R].unsqueeze(1)
+        ones_R1 = torch.ones(local_R1.shape, dtype=torch.float32, device=recv_x_RD.device)
+        y_RD = experts(recv_x_RD, local_R1, ones_R1)
+        return self._exchange(y_RD, recv_counts, send_counts)
 
     def __call__(self, x_TD: torch.Tensor, ids_TK: torch.Tensor, weights_TK: torch.Tensor,
                  experts: ExpertGroup) -> torch.Tensor:
@@ -203,18 +214,12 @@ class AllToAllDispatcher:
         if rows_PD.requires_grad or 8 % rows_PD.element_size():
             recv_ids_R = self._exchange(ids_P, send_counts, recv_counts)
             recv_x_RD = self._exchange(rows_PD, send_counts, recv_counts)
+            back_PD = self._experts_and_back_rows(recv_x_RD, recv_ids_R, experts, send_counts, recv_counts)
         else:  # one exchange: each row carries its expert id's 8 bytes as extra columns (bit-exact, no arithmetic)
-            D = rows_PD.shape[1]
             # (explicit width: a rank with no pairs this step has an empty id list, and view(0, -1) raises)
             id_cols_P2 = ids_P.view(rows_PD.dtype).view(len(ids_P), 8 // rows_PD.element_size())
-            packed = self._exchange(torch.cat([rows_PD, id_cols_P2], 1),
-                                    send_counts, recv_counts)
-            recv_x_RD, recv_ids_R = packed[:, :D], packed[:, D:].contiguous().view(torch.int64).view(-1)
-        # every received id has a copy here (same tables on every rank): the table gives its slot
-        local_R1 = experts.global_to_local[recv_ids_R].unsqueeze(1)
-        ones_R1 = torch.ones(local_R1.shape, dtype=torch.float32, device=x_TD.device)
-        y_RD = experts(recv_x_RD, local_R1, ones_R1)
-        back_PD = self._exchange(y_RD, recv_counts, send_counts)
+            packed = self._exchange(torch.cat([rows_PD, id_cols_P2], 1), send_counts, recv_counts)
+            back_PD = self._experts_and_back(packed, rows_PD.shape[1], experts, send_counts, recv_counts)
         w_P1 = weights_TK.reshape(-1)[order_P].unsqueeze(1).to(back_PD.dtype)
         # each pair's row back to its (token, slot) place, slots summed in fp32 in a fixed order
         return combine_pairs(back_PD * w_P1, order_P, T, K)

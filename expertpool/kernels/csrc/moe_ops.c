@@ -105,12 +105,11 @@ int64_t moe_group(const int64_t *ids, int64_t T, int64_t K, int64_t E, const voi
    copies (replicated experts) copies[e * width + s mod ncopies[e]] (pair s takes copy s mod copies, as
    the torch path does). Pairs are ordered by destination rank, stably (argsort(dest, stable)): order[q]
    = s for the q-th packed pair; counts[r] the pairs for rank r. Packed row q: token s / K's x row
-   (row_bytes), then, if id_bytes is 8, the pair's id (its 8 bytes as they are); send rows are
-   send_row_bytes apart. Returns 0, or -1 if an id is negative or a destination is outside [0, W)
+   (row_bytes), then the pair's id (its 8 bytes as they are); send rows are send_row_bytes apart. Returns 0, or -1 if an id is negative or a destination is outside [0, W)
    (nothing is sent then). pos: W scratch. */
 int64_t ep_pack(const int64_t *ids, int64_t T, int64_t K, int64_t E, const int64_t *owner,
                 const int64_t *copies, const int64_t *ncopies, int64_t width, int64_t W, const void *x,
-                int64_t row_bytes, int64_t id_bytes, void *send, int64_t send_row_bytes, int64_t *order,
+                int64_t row_bytes, void *send, int64_t send_row_bytes, int64_t *order,
                 int64_t *counts, int64_t *pos, int64_t *dest) {
     for (int64_t r = 0; r < W; r++) counts[r] = 0;
     for (int64_t s = 0; s < T * K; s++) {
@@ -127,7 +126,7 @@ int64_t ep_pack(const int64_t *ids, int64_t T, int64_t K, int64_t E, const int64
         char *row = (char *)send + q * send_row_bytes;
         order[q] = s;
         memcpy(row, (const char *)x + (s / K) * row_bytes, (size_t)row_bytes);
-        if (id_bytes) memcpy(row + row_bytes, ids + s, 8);
+        memcpy(row + row_bytes, ids + s, 8);
     }
     return 0;
 }
