@@ -242,14 +242,21 @@ class AsyncEngine:
         scheduling, detokenizing and streaming all overlap the next step's compute). A decode in
         step k+1 whose token comes out of step k carries ``PLACEHOLDER``; the worker fills it in.
         When step k ends a sequence (EOS, stop id), its decode in step k+1 was computed ahead for
-        nothing and is dropped. Without it (depth 1) each step's tokens are streamed before the next
-        step is planned: the replica and the workers take turns. With ``scheduler_steps`` > 1 a turn
-        is a chain of steps planned and submitted together (``_submit_chain``), streamed step by step."""
+        nothing and is dropped. Without it (depth 1) the replica and the workers take turns: step k's
+        result is applied and step k+1 planned from it, but step k+1 is submitted before step k's
+        tokens go to their streams (``held``), so the streams' work (detokenizing, SSE framing, the
+        writes) runs while the workers compute, not in the gap between steps. A stream that a stop
+        string ends has one more token computed (the step already submitted), which it drops. With
+        ``scheduler_steps`` > 1 a turn is a chain of steps planned and submitted together
+        (``_submit_chain``), streamed step by step."""
         core = self.core
         inflight: deque = deque()  # (plans, future of per-worker results), oldest first
+        held: dict[str, TokenEvent] = {}  # the last step's events, streamed once the next step is submitted
         while True:
             events: dict[str, TokenEvent] = {}
             try:
+                if held and (self._ops or not core.has_work()):  # no next step to submit first
+                    held = self._emit(held)
                 if self._ops and not inflight:  # a layout change: at a step boundary, nothing in flight
                     fn, fut = self._ops.popleft()
                     try:
@@ -273,6 +280,8 @@ class AsyncEngine:
                         submitted = any(items)
                         if submitted:
                             inflight.append((plans, asyncio.ensure_future(core.executor.run_async(items))))
+                if held:  # the next step is on its way: stream the last one's tokens while it runs
+                    held = self._emit(held)
                 if inflight and (len(inflight) >= self.depth or not submitted):
                     done_plans, fut = inflight[0]
                     t_step = time.monotonic()
@@ -285,6 +294,7 @@ class AsyncEngine:
                 elif not submitted and not events:  # requests wait for blocks: let finishing streams free some
                     await asyncio.sleep(0.005)
             except (StepFailed, RayError, _WorkersLost) as e:
+                held = self._emit(held)
                 async with self._step_lock:
                     ok = await self._recover(e, inflight)
                 inflight.clear()
@@ -292,10 +302,14 @@ class AsyncEngine:
                     self._emit(events)
                     return
             except Exception as e:  # a bug, not a lost worker: fail every request, loudly
+                held = self._emit(held)
                 log.exception("engine step failed")
                 self._fail(EngineUnavailable(f"engine step failed: {type(e).__name__}: {e}"), inflight)
                 return
-            self._emit(events)
+            if events and self.depth == 1 and self.scheduler_steps == 1 and not inflight and core.has_work():
+                held = events  # streamed after the next step's submission, at the top of the next turn
+            else:
+                self._emit(events)
             await asyncio.sleep(0)
 
     def _submit_chain(self, events: dict[str, TokenEvent], inflight: deque) -> bool:
@@ -317,11 +331,13 @@ class AsyncEngine:
         inflight.extend((plans, fut) for (plans, _), fut in zip(chain, futs))
         return True
 
-    def _emit(self, events: dict[str, TokenEvent]) -> None:
+    def _emit(self, events: dict[str, TokenEvent]) -> dict[str, TokenEvent]:
+        """Hand ``events`` to their streams; returns an empty dict (for ``held = self._emit(held)``)."""
         for rid, ev in events.items():
             q = self._queues.get(rid)
             if q is not None:
                 q.put_nowait(ev)
+        return {}
 
     def _fail(self, err: EngineUnavailable, inflight=()) -> None:
         self._failed = err

@@ -264,3 +264,48 @@ def test_a_replay_continues_bit_for_bit_in_bfloat16(temperature, batch_invariant
     assert all(len(w) == 24 for w in want)
     for lose_after in (3, 12, 21):
         assert _run(engine(), prompts, params, lose_after=lose_after) == want, lose_after
+
+
+def test_turns_submit_the_next_step_before_streaming_the_last_steps_tokens():
+    """Depth 1 (no async scheduling): step k + 1 goes to the workers before step k's tokens reach their
+    streams, so the streaming overlaps the next step's compute; the last step's tokens are streamed at
+    once (nothing to submit first), and every token arrives, in order, exactly once."""
+    import asyncio
+
+    from expertpool.platform.engine import AsyncEngine
+
+    m = random_model("tiny")
+    core = local_engine(m, max_batch_size=4, max_seq_len=64)
+    log: list[tuple] = []
+    run_async = core.executor.run_async
+
+    async def logged(items):
+        log.append(("submit", sum(len(w) for w in items)))
+        return await run_async(items)
+    core.executor.run_async = logged
+    n_new = 6
+    prompts = [[3, 4, 5], [6, 7, 8, 9]]
+    params = SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True)
+
+    async def main():
+        engine = AsyncEngine(core, "m", core.max_seq_len, async_scheduling=False)
+
+        async def one(i, p):
+            toks = []
+            async for ev in engine.generate(f"r{i}", p, params):
+                toks += ev.token_ids
+                log.append(("token", i, len(toks), ev.finish_reason))
+            return toks
+        return await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
+    outs = asyncio.run(main())
+    for p, o in zip(prompts, outs):
+        assert o == _greedy_reference(m, p, n_new)
+    submits = [k for k, e in enumerate(log) if e[0] == "submit"]
+    assert len(submits) == n_new  # one prefill step for both prompts, then a decode step per token
+    for i in range(len(prompts)):
+        got = [k for k, e in enumerate(log) if e[0] == "token" and e[1] == i]
+        assert [log[k][2] for k in got] == list(range(1, n_new + 1))
+        for j, k in enumerate(got[:-1]):  # token j + 1 comes out of step j; step j + 1 was submitted first
+            assert submits[j + 1] < k, log
+        assert log[got[-1]][3] == "length" and got[-1] > submits[-1]
+    assert core.kv_blocks_used() == 0 and not core.has_work()
