@@ -37,6 +37,7 @@ from expertpool.platform.elastic import ElasticGroup, ElasticPolicy, first_line,
 from expertpool.platform.executor import LocalExecutor, StepFailed
 from expertpool.platform.placement import summed
 from expertpool.platform.scheduler import EngineCore, EngineUnavailable, TokenEvent
+from expertpool.platform.step_trace import StepTrace
 from expertpool.platform.worker import ModelRunner
 
 log = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class AsyncEngine:
         self.step_seconds = 0.0             # summed duration of completed steps (width autoscaling)
         self.last_request = time.monotonic()
         self.width_changes = 0
+        self.trace = StepTrace.from_env()   # EXPERTPOOL_STEP_TRACE (platform/step_trace.py), else None
 
     def model_ids(self) -> list[str]:
         return [self.base_model_id] + list(self._variants)
@@ -268,6 +270,8 @@ class AsyncEngine:
                         fut.set_exception(e)
                     continue
                 if not inflight and not core.has_work():
+                    if self.trace is not None:
+                        self.trace.flush()  # complete whenever the engine is idle
                     await self._idle()
                     continue
                 async with self._step_lock:  # a patch load runs between submissions
@@ -276,16 +280,21 @@ class AsyncEngine:
                     elif self.scheduler_steps > 1:
                         submitted = not inflight and self._submit_chain(events, inflight)
                     else:
+                        t_plan = time.monotonic()
                         plans, items = core.begin_step(events)
                         submitted = any(items)
                         if submitted:
                             inflight.append((plans, asyncio.ensure_future(core.executor.run_async(items))))
+                            if self.trace is not None:
+                                self.trace.submitted(t_plan, time.monotonic(), items)
                 if held:  # the next step is on its way: stream the last one's tokens while it runs
                     held = self._emit(held)
                 if inflight and (len(inflight) >= self.depth or not submitted):
                     done_plans, fut = inflight[0]
                     t_step = time.monotonic()
                     results = await fut
+                    if self.trace is not None:
+                        self.trace.finished(t_step, time.monotonic())
                     self.step_seconds += time.monotonic() - t_step
                     inflight.popleft()
                     core.end_step(done_plans, results, events)
@@ -320,6 +329,7 @@ class AsyncEngine:
         come. A request that arrives meanwhile is admitted when the chain ends; a sequence that ends
         early (EOS, stop id, stop string, abort) has its remaining steps computed and dropped."""
         chain = []
+        t_plan = time.monotonic()
         for _ in range(self.scheduler_steps):
             plans, items = self.core.begin_step(events)
             if not any(items):
@@ -329,6 +339,10 @@ class AsyncEngine:
             return False
         futs = self.core.executor.submit_many([items for _, items in chain])
         inflight.extend((plans, fut) for (plans, _), fut in zip(chain, futs))
+        if self.trace is not None:
+            t = time.monotonic()
+            for _, items in chain:
+                self.trace.submitted(t_plan, t, items)
         return True
 
     def _emit(self, events: dict[str, TokenEvent]) -> dict[str, TokenEvent]:
@@ -461,6 +475,8 @@ class AsyncEngine:
         for t in (self._task, self._refresh_task, self._autoscale_task):
             if t is not None:
                 t.cancel()
+        if self.trace is not None:
+            self.trace.flush()
         self.elastic_group.cancel()
         shutdown = getattr(self.core.executor, "shutdown", None)
         if shutdown is not None:

@@ -309,3 +309,39 @@ def test_turns_submit_the_next_step_before_streaming_the_last_steps_tokens():
             assert submits[j + 1] < k, log
         assert log[got[-1]][3] == "length" and got[-1] > submits[-1]
     assert core.kv_blocks_used() == 0 and not core.has_work()
+
+
+def test_step_trace_records_every_step_and_summarises_the_loop(tmp_path, monkeypatch):
+    """EXPERTPOOL_STEP_TRACE: one submit and one result line per step (platform/step_trace.py), and the
+    summary accounts for the prompt step, the decode steps with their batch, and the gaps."""
+    import asyncio
+
+    from expertpool.platform.engine import AsyncEngine
+    from expertpool.platform.step_trace import ENV, read, steps, summarize
+
+    monkeypatch.setenv(ENV, str(tmp_path))
+    m = random_model("tiny")
+    core = local_engine(m, max_batch_size=4, max_seq_len=64)
+    n_new = 5
+
+    async def main():
+        engine = AsyncEngine(core, "m", core.max_seq_len)
+
+        async def one(i, p):
+            return [t async for ev in engine.generate(f"r{i}", p, SamplingParams(
+                max_tokens=n_new, temperature=0, ignore_eos=True)) for t in ev.token_ids]
+        outs = await asyncio.gather(*[one(i, p) for i, p in enumerate([[3, 4, 5], [6, 7, 8, 9]])])
+        await engine.shutdown()
+        return outs
+    outs = asyncio.run(main())
+    assert [len(o) for o in outs] == [n_new, n_new]
+    (records,) = read(tmp_path)
+    pairs = steps(records)
+    assert len(pairs) == n_new == core.steps  # one prompt step (both prompts), then a decode step per token
+    assert [(s["tokens"], s["decodes"], s["seqs"]) for s, _ in pairs] == [(7, 0, 2)] + [(2, 2, 2)] * (n_new - 1)
+    assert all(s["plan"] <= s["t"] <= r["wait"] <= r["t"] for s, r in pairs)
+    summary = summarize(pairs)
+    assert summary["prompt"]["steps"] == 1 and summary["decode"]["steps"] == n_new - 1
+    assert summary["decode"]["mean_batch"] == 2 and summary["gap"]["count"] == n_new - 1
+    parts = summary["decode"]["seconds"] + summary["prompt"]["seconds"] + summary["gap"]["seconds"]
+    assert 0 < parts <= summary["span_s"] + 1e-9

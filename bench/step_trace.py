@@ -1,0 +1,39 @@
+"""Summarise an engine step trace (``EXPERTPOOL_STEP_TRACE=DIR`` while serving; platform/step_trace.py).
+
+    EXPERTPOOL_STEP_TRACE=/tmp/trace python bench/serve.py --skip-hf --no-append --levels 16
+    python bench/step_trace.py /tmp/trace --skip 70
+
+prints, per replica process, where the step loop's time went: decode steps, steps with prompt tokens
+and the gaps between a result and the next submission.
+"""
+
+import argparse
+
+from expertpool.platform.step_trace import read, steps, summarize
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trace", help="the trace directory (or one steps-<pid>.jsonl file)")
+    ap.add_argument("--skip", type=int, default=0,
+                    help="leave out each file's first SKIP steps (a warm-up: bench/serve.py's first request "
+                         "runs alone for 64 steps)")
+    a = ap.parse_args()
+    for i, records in enumerate(read(a.trace)):
+        s = summarize(steps(records)[a.skip:])
+        if not s["steps"]:
+            print(f"file {i}: no steps")
+            continue
+        print(f"file {i}: {s['steps']} steps over {s['span_s']:.2f} s")
+        print("| part | count | time (s) | share | mean (ms) |\n|---|---:|---:|---:|---:|")
+        d, p, g = s["decode"], s["prompt"], s["gap"]
+        print(f"| decode steps (mean batch {d['mean_batch']:.1f}) | {d['steps']} | {d['seconds']:.2f} | "
+              f"{100 * d['share']:.1f}% | {d['mean_ms']:.2f} |")
+        print(f"| steps with prompt tokens | {p['steps']} | {p['seconds']:.2f} | {100 * p['share']:.1f}% | "
+              f"{p['mean_ms']:.2f} |")
+        print(f"| result to next submission | {g['count']} | {g['seconds']:.2f} | {100 * g['share']:.1f}% | "
+              f"{g['mean_ms']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
