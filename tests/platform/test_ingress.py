@@ -21,12 +21,23 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
 
-def _listener(port: int):
+def _listener(port: int, wait_s: float = 30.0) -> tuple[str, list[str]] | None:
+    """(name, command line) of the process listening on ``port``. HAProxy reloads when Serve's routes
+    change: a new process takes the socket over and the old one exits, so a listener found a moment
+    ago may be gone when it is read (a CI run once failed on that); look again until one is read whole."""
     import psutil
-    for c in psutil.net_connections(kind="tcp"):
-        if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
-            return psutil.Process(c.pid)
-    return None
+    deadline = time.monotonic() + wait_s
+    while True:
+        for c in psutil.net_connections(kind="tcp"):
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid:
+                try:
+                    p = psutil.Process(c.pid)
+                    return p.name(), p.cmdline()
+                except psutil.NoSuchProcess:
+                    pass
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
 
 
 def _haproxies(config: str) -> list[int]:
@@ -68,8 +79,8 @@ def test_expertpool_serve_behind_haproxy(tiny_dir, tmp_path):
                 pass
             time.sleep(1)
         listener = _listener(port)
-        assert listener is not None and listener.name() == "haproxy", listener
-        cmd = listener.cmdline()
+        assert listener is not None and listener[0] == "haproxy", listener
+        cmd = listener[1]
         config = cmd[cmd.index("-f") + 1]  # this run's HAProxy config: checked below that none outlives it
 
         chunks = []
@@ -96,6 +107,7 @@ def test_expertpool_serve_behind_haproxy(tiny_dir, tmp_path):
             proc.wait()
     # only this run's HAProxy: an unrelated leftover on the machine is not this test's failure
     deadline = time.monotonic() + 30
-    while _listener(port) is not None or _haproxies(config):
-        assert time.monotonic() < deadline, ("HAProxy outlived expertpool serve", _listener(port), _haproxies(config))
+    while _listener(port, wait_s=0) is not None or _haproxies(config):
+        assert time.monotonic() < deadline, ("HAProxy outlived expertpool serve", _listener(port, wait_s=0),
+                                             _haproxies(config))
         time.sleep(0.5)
