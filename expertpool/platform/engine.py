@@ -258,7 +258,8 @@ class AsyncEngine:
             events: dict[str, TokenEvent] = {}
             try:
                 if held and (self._ops or not core.has_work()):  # no next step to submit first
-                    held = self._emit(held)
+                    self._emit(held)
+                    held = {}
                 if self._ops and not inflight:  # a layout change: at a step boundary, nothing in flight
                     fn, fut = self._ops.popleft()
                     try:
@@ -288,14 +289,16 @@ class AsyncEngine:
                             if self.trace is not None:
                                 self.trace.submitted(t_plan, time.monotonic(), items)
                 if held:  # the next step is on its way: stream the last one's tokens while it runs
-                    held = self._emit(held)
+                    self._emit(held)
+                    held = {}
                 if inflight and (len(inflight) >= self.depth or not submitted):
                     done_plans, fut = inflight[0]
                     t_step = time.monotonic()
                     results = await fut
+                    t_done = time.monotonic()
                     if self.trace is not None:
-                        self.trace.finished(t_step, time.monotonic())
-                    self.step_seconds += time.monotonic() - t_step
+                        self.trace.finished(t_step, t_done)
+                    self.step_seconds += t_done - t_step
                     inflight.popleft()
                     core.end_step(done_plans, results, events)
                     self._attempts = 0
@@ -303,7 +306,8 @@ class AsyncEngine:
                 elif not submitted and not events:  # requests wait for blocks: let finishing streams free some
                     await asyncio.sleep(0.005)
             except (StepFailed, RayError, _WorkersLost) as e:
-                held = self._emit(held)
+                self._emit(held)
+                held = {}
                 async with self._step_lock:
                     ok = await self._recover(e, inflight)
                 inflight.clear()
@@ -311,7 +315,8 @@ class AsyncEngine:
                     self._emit(events)
                     return
             except Exception as e:  # a bug, not a lost worker: fail every request, loudly
-                held = self._emit(held)
+                self._emit(held)
+                held = {}
                 log.exception("engine step failed")
                 self._fail(EngineUnavailable(f"engine step failed: {type(e).__name__}: {e}"), inflight)
                 return
@@ -345,13 +350,11 @@ class AsyncEngine:
                 self.trace.submitted(t_plan, t, items)
         return True
 
-    def _emit(self, events: dict[str, TokenEvent]) -> dict[str, TokenEvent]:
-        """Hand ``events`` to their streams; returns an empty dict (for ``held = self._emit(held)``)."""
+    def _emit(self, events: dict[str, TokenEvent]) -> None:
         for rid, ev in events.items():
             q = self._queues.get(rid)
             if q is not None:
                 q.put_nowait(ev)
-        return {}
 
     def _fail(self, err: EngineUnavailable, inflight=()) -> None:
         self._failed = err

@@ -105,8 +105,9 @@ int64_t moe_group(const int64_t *ids, int64_t T, int64_t K, int64_t E, const voi
    copies (replicated experts) copies[e * width + s mod ncopies[e]] (pair s takes copy s mod copies, as
    the torch path does). Pairs are ordered by destination rank, stably (argsort(dest, stable)): order[q]
    = s for the q-th packed pair; counts[r] the pairs for rank r. Packed row q: token s / K's x row
-   (row_bytes), then the pair's id (its 8 bytes as they are); send rows are send_row_bytes apart. Returns 0, or -1 if an id is negative or a destination is outside [0, W)
-   (nothing is sent then). pos: W scratch. */
+   (row_bytes), then the pair's id (its 8 bytes as they are); send rows are send_row_bytes apart.
+   Returns 0, or -1 if an id is negative or a destination is outside [0, W) (nothing is sent then).
+   pos: W scratch. */
 int64_t ep_pack(const int64_t *ids, int64_t T, int64_t K, int64_t E, const int64_t *owner,
                 const int64_t *copies, const int64_t *ncopies, int64_t width, int64_t W, const void *x,
                 int64_t row_bytes, void *send, int64_t send_row_bytes, int64_t *order,
