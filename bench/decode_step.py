@@ -1,7 +1,8 @@
 """Decode-step breakdown (issues 14 and 16): where one decode step of the in-process engine goes.
 
 Builds bench-mini (random weights, or ``--model DIR``), admits ``--batch`` requests with 32-token
-prompts, runs until every sequence decodes, then times ``--steps`` decode steps of the engine
+prompts (``--prompt-len``: longer contexts, where the decode attention grows), runs until every
+sequence decodes, then times ``--steps`` decode steps of the engine
 (``EngineCore.step``: scheduling, the ``ModelRunner`` step the actors also run, sampling). Module
 hooks split the step into attention, dense MLP, MoE (router, routed experts, shared expert, the
 rest: dispatch and combine), lm_head, the rest of the forward (embedding, norms, residuals), the
@@ -12,7 +13,8 @@ random: its drafts are rarely accepted, so this times what a speculative step co
 and drafting, and its tokens per step show the acceptance).
 
     python bench/decode_step.py [--dtype auto|float32|bfloat16] [--weight-dtype ...] [--threads N]
-                                [--batch 16] [--steps 30] [--count] [--spec-tokens K] [--model DIR] [--json]
+                                [--batch 16] [--steps 30] [--prompt-len 32] [--count] [--spec-tokens K]
+                                [--model DIR] [--json]
 
 Hooks cost a few microseconds per module call; the step total is measured without them in a second
 pass, and both are printed.
@@ -70,15 +72,15 @@ class Timer:
         return lambda: setattr(obj, attr, fn)
 
 
-def build(model_dir, dtype, weight_dtype, batch, max_new, spec_tokens=0):
+def build(model_dir, dtype, weight_dtype, batch, max_new, spec_tokens=0, prompt_len=PROMPT):
     from expertpool.model.sampling import SamplingParams
     from expertpool.platform.engine import local_engine
     from expertpool.platform.worker import load_model
     model = load_model(model_dir, dtype, weight_dtype, with_mtp=spec_tokens > 0)  # as a serving actor loads it
-    core = local_engine(model, max_batch_size=batch, max_seq_len=PROMPT + max_new + 8,
-                        max_num_batched_tokens=batch * PROMPT, spec_tokens=spec_tokens)
+    core = local_engine(model, max_batch_size=batch, max_seq_len=prompt_len + max_new + 8,
+                        max_num_batched_tokens=batch * min(prompt_len, 256), spec_tokens=spec_tokens)
     g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(5, 2000, (batch, PROMPT), generator=g).tolist()
+    prompts = torch.randint(5, 2000, (batch, prompt_len), generator=g).tolist()
     sp = SamplingParams(max_tokens=max_new, temperature=0, ignore_eos=True)
     for i, p in enumerate(prompts):
         core.add_request(f"r{i}", p, sp)
@@ -112,7 +114,7 @@ def run(a) -> dict:
         from expertpool.model.dtype import resolve_dtype
         dtype = resolve_dtype("auto", "cpu").dtype
     model, core = build(a.model, dtype, a.weight_dtype, a.batch, a.steps * 2 * (1 + a.spec_tokens) + 8,
-                        a.spec_tokens)
+                        a.spec_tokens, a.prompt_len)
     runner = core.executor.runner
 
     # pass 1: step totals without hooks
@@ -157,6 +159,7 @@ def run(a) -> dict:
         "scheduler (EngineCore)": med("step") - med("runner.step"),
     }
     out = {"dtype": dtype, "weight_dtype": a.weight_dtype, "threads": a.threads, "batch": a.batch,
+           "prompt_len": a.prompt_len,
            "step_ms_median": statistics.median(totals) * 1e3, "step_ms_min": min(totals) * 1e3,
            "step_ms_max": max(totals) * 1e3, "hooked_step_ms_median": med("step"), "rows": rows,
            "spec_tokens": a.spec_tokens, "tokens_per_step": tokens / a.steps, "tok_s": tokens / sum(totals)}
@@ -190,6 +193,8 @@ def main():
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
     ap.add_argument("--batch", type=int, default=16, help="decoding sequences (default 16)")
     ap.add_argument("--steps", type=int, default=30, help="timed decode steps (default 30)")
+    ap.add_argument("--prompt-len", type=int, default=PROMPT, help="tokens per prompt: the context the timed "
+                    "steps start from (default 32)")
     ap.add_argument("--count", action="store_true", help="also count ops and host reads of one step")
     ap.add_argument("--spec-tokens", type=int, default=0, help="MTP speculative decoding with this many drafts "
                     "per step (bench-mini gets a random MTP module; default 0: off)")
@@ -207,7 +212,8 @@ def main():
         print(json.dumps(out))
         return
     print(f"CPU: {common.cpu_flags_line()}")
-    print(f"bench-mini decode step, batch {a.batch}, compute {out['dtype']}, weights {a.weight_dtype or 'as stored'}, "
+    print(f"bench-mini decode step, batch {a.batch}, {a.prompt_len}-token prompts, compute {out['dtype']}, "
+          f"weights {a.weight_dtype or 'as stored'}, "
           f"{a.threads} threads: median {out['step_ms_median']:.1f} ms (min {out['step_ms_min']:.1f}, "
           f"max {out['step_ms_max']:.1f}) -> {out['tok_s']:.0f} tok/s ({out['tokens_per_step']:.2f} tokens per step"
           f"{f', {a.spec_tokens} MTP drafts' if a.spec_tokens else ''}); "
