@@ -74,10 +74,41 @@ SCORES_FN(scores_2, 2)
 #define PC 1
 #endif
 
-/* context position t of row b: its cache row through the block table */
-static inline const char *row_at(const char *cache, const int32_t *table, int64_t M, int64_t b, int64_t t, int64_t bs,
-                                 size_t row_bytes) {
-    return cache + ((int64_t)table[b * M + t / bs] * bs + t % bs) * row_bytes;
+/* chunk c0 of a row's latent (PC vectors) as fp32 for the weighted sum. bf16 on AVX-512 (PC = 2): the
+   32 channels' even ones, then their odd ones (one load, a shift and a mask: a bf16 is the top half of
+   an fp32; widening in order takes two zero-extends and two shifts, which share ports with the FMAs);
+   the sums of a chunk are kept in that order and put back in order once, at the end (unpermute) */
+static inline __attribute__((always_inline)) void load_chunk(vf *v, const char *row, const int c_bf16, int64_t c0) {
+#if L == 16
+    if (c_bf16) {
+        const __m512i x = _mm512_loadu_si512((const void *)((const uint16_t *)row + c0));
+        v[0] = (vf)_mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+        v[1] = (vf)_mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xffff0000u)));
+        return;
+    }
+#endif
+    for (int j = 0; j < PC; j++) v[j] = load_vec(row, c_bf16, c0 + j * L);
+}
+
+#if L == 16
+/* channels half .. half + 15 (half: 0 or 16) of a chunk that load_chunk split into even and odd */
+static inline vf unpermute(const float *chunk, int64_t half) {
+    const int h8 = half ? 8 : 0;
+    const __m512i idx = _mm512_set_epi32(16 + h8 + 7, h8 + 7, 16 + h8 + 6, h8 + 6, 16 + h8 + 5, h8 + 5, 16 + h8 + 4,
+                                         h8 + 4, 16 + h8 + 3, h8 + 3, 16 + h8 + 2, h8 + 2, 16 + h8 + 1, h8 + 1,
+                                         16 + h8, h8);
+    return (vf)_mm512_permutex2var_ps(_mm512_loadu_ps(chunk), idx, _mm512_loadu_ps(chunk + 16));
+}
+#endif
+
+/* the cache rows of context positions t0 .. t0 + n - 1 of the row whose block-table row is table_b:
+   one division per block of bs positions, not per position */
+static inline void fill_rows(const char **rows, const char *cache, const int32_t *table_b, int64_t t0, int64_t n,
+                             int64_t bs, size_t row_bytes) {
+    for (int64_t i = 0, t = t0; i < n;) {
+        const char *block = cache + (int64_t)table_b[t / bs] * bs * (int64_t)row_bytes;
+        for (int64_t o = t % bs; o < bs && i < n; o++, i++, t++) rows[i] = block + o * (int64_t)row_bytes;
+    }
 }
 
 #if defined(__AVX512BF16__)
@@ -176,7 +207,7 @@ static inline __attribute__((always_inline)) void item(
         const int64_t n = T - t0 < TT ? T - t0 : TT, nv = n - n % L;
         const char **cur = rows + (t0 / TT % 2) * TT, **nxt = rows + (t0 / TT % 2 ? 0 : TT);
         if (!t0)
-            for (int64_t i = 0; i < n; i++) cur[i] = row_at(cache, table, M, b, i, bs, row_bytes);
+            fill_rows(cur, cache, table + b * M, 0, n, bs, row_bytes);
         /* later tiles were fetched into L2 while the tile before them was summed (prefetching the
            first tile's rows ahead of the scores measured slower than the demand loads) */
         int64_t i = 0;
@@ -197,7 +228,7 @@ static inline __attribute__((always_inline)) void item(
                 continue;
             }
             float mn = m[h];
-            for (int64_t j = 0; j < n; j++) mn = fmaxf(mn, ph[j]);
+            for (int64_t j = 0; j < n; j++) mn = ph[j] > mn ? ph[j] : mn;  /* fmaxf is a libm call here */
             alpha[h] = expf(m[h] - mn);  /* 0 on the first tile (m = -inf) */
             vf vs = (vf){0};
             for (int64_t j = 0; j < nv; j += L) {
@@ -221,7 +252,7 @@ static inline __attribute__((always_inline)) void item(
            order: per PC chunks of C the HG x PC accumulators in registers, the tile's rows read from
            L1/L2 once per chunk pass */
         const int64_t nn = T - t0 - TT < TT ? T - t0 - TT : TT, passes = Cv / (L * PC);  /* nn <= 0: last tile */
-        for (int64_t j = 0; j < nn; j++) nxt[j] = row_at(cache, table, M, b, t0 + TT + j, bs, row_bytes);
+        if (nn > 0) fill_rows(nxt, cache, table + b * M, t0 + TT, nn, bs, row_bytes);
         /* the next tile's lines into L2, spread evenly over the sum's row steps (bursts stall on the
            misses in flight) */
         const int64_t lines = (int64_t)(row_bytes + 63) / 64;
@@ -239,8 +270,7 @@ static inline __attribute__((always_inline)) void item(
                     if (++pl == lines) pl = 0, pr++;
                 }
                 vf v[PC];
-#pragma GCC unroll 2
-                for (int j = 0; j < PC; j++) v[j] = load_vec(cur[r], c_bf16, c0 + j * L);
+                load_chunk(v, cur[r], c_bf16, c0);
 #pragma GCC unroll 8
                 for (int h = 0; h < HG; h++) {
                     const float p = pt[h * TT + r];
@@ -264,7 +294,11 @@ static inline __attribute__((always_inline)) void item(
         const float inv = 1.0f / l[h];
         for (int64_t c = 0; c < C; c += L) {
             const int64_t n = C - c < L ? C - c : L;
-            store_n(out, q_bf16, (b * H + h0 + h) * C + c, load_n(oa + h * CS + c, n) * inv, n);
+            vf o = load_n(oa + h * CS + c, n);
+#if L == 16
+            if (c_bf16 && c < Cv) o = unpermute(oa + h * CS + c - c % 32, c % 32);
+#endif
+            store_n(out, q_bf16, (b * H + h0 + h) * C + c, o * inv, n);
         }
     }
 }
