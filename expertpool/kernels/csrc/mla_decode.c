@@ -294,7 +294,9 @@ static inline __attribute__((always_inline)) void item(
         const float inv = 1.0f / l[h];
         for (int64_t c = 0; c < C; c += L) {
             const int64_t n = C - c < L ? C - c : L;
-            vf o = load_n(oa + h * CS + c, n);
+            /* a whole vector loaded as one (load_n's copy went through the stack in the AVX2 build: two
+               16-byte stores, then a 32-byte load that could not be forwarded from them) */
+            vf o = n == L ? *(const vf *)(oa + h * CS + c) : load_n(oa + h * CS + c, n);
 #if L == 16
             if (c_bf16 && c < Cv) o = unpermute(oa + h * CS + c - c % 32, c % 32);
 #endif
