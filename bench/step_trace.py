@@ -26,13 +26,11 @@ def main() -> None:
             continue
         print(f"file {i}: {s['steps']} steps over {s['span_s']:.2f} s")
         print("| part | count | time (s) | share | mean (ms) |\n|---|---:|---:|---:|---:|")
-        d, p, g = s["decode"], s["prompt"], s["gap"]
-        print(f"| decode steps (mean batch {d['mean_batch']:.1f}) | {d['steps']} | {d['seconds']:.2f} | "
-              f"{100 * d['share']:.1f}% | {d['mean_ms']:.2f} |")
-        print(f"| steps with prompt tokens | {p['steps']} | {p['seconds']:.2f} | {100 * p['share']:.1f}% | "
-              f"{p['mean_ms']:.2f} |")
-        print(f"| result to next submission | {g['count']} | {g['seconds']:.2f} | {100 * g['share']:.1f}% | "
-              f"{g['mean_ms']:.2f} |")
+        for key, label in (("decode", f"decode steps (mean batch {s['decode']['mean_batch']:.1f})"),
+                           ("prompt", "steps with prompt tokens"), ("gap", "result to next submission")):
+            part = s[key]
+            print(f"| {label} | {part['count']} | {part['seconds']:.2f} | {100 * part['share']:.1f}% | "
+                  f"{part['mean_ms']:.2f} |")
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def summarize(pairs: list[tuple[dict, dict]]) -> dict:
     (every item one sampled token), ``prompt`` steps (any prompt tokens), and ``gap``, from a result
     to the next submission when that one was planned after the result (the workers idle; with async
     scheduling or multi-step chains the next step is usually submitted before, and there is no gap).
-    Per kind: steps, seconds, share of the span, mean ms, and for decode steps the mean batch."""
+    Per kind: count, seconds, share of the span, mean ms, and for decode steps the mean batch."""
     if not pairs:
         return {"span_s": 0.0, "steps": 0}
     span = pairs[-1][1]["t"] - pairs[0][0]["plan"]
@@ -83,7 +83,7 @@ def summarize(pairs: list[tuple[dict, dict]]) -> dict:
     for kind in ("decode", "prompt"):
         sel = [(s, r) for s, r in pairs if (s["tokens"] == s["decodes"]) == (kind == "decode")]
         secs = sum(r["t"] - s["t"] for s, r in sel)
-        out[kind] = {"steps": len(sel), "seconds": secs, "share": secs / span if span else 0.0,
+        out[kind] = {"count": len(sel), "seconds": secs, "share": secs / span if span else 0.0,
                      "mean_ms": 1e3 * secs / len(sel) if sel else 0.0}
         if kind == "decode":
             out[kind]["mean_batch"] = sum(s["decodes"] for s, _ in sel) / len(sel) if sel else 0.0

@@ -341,7 +341,7 @@ def test_step_trace_records_every_step_and_summarises_the_loop(tmp_path, monkeyp
     assert [(s["tokens"], s["decodes"], s["seqs"]) for s, _ in pairs] == [(7, 0, 2)] + [(2, 2, 2)] * (n_new - 1)
     assert all(s["plan"] <= s["t"] <= r["wait"] <= r["t"] for s, r in pairs)
     summary = summarize(pairs)
-    assert summary["prompt"]["steps"] == 1 and summary["decode"]["steps"] == n_new - 1
+    assert summary["prompt"]["count"] == 1 and summary["decode"]["count"] == n_new - 1
     assert summary["decode"]["mean_batch"] == 2 and summary["gap"]["count"] == n_new - 1
     parts = summary["decode"]["seconds"] + summary["prompt"]["seconds"] + summary["gap"]["seconds"]
     assert 0 < parts <= summary["span_s"] + 1e-9
