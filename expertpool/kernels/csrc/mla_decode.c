@@ -171,9 +171,9 @@ static inline void scores_dp(const char **rows, int64_t i, int64_t n, const uint
    probabilities relative to the new max, the sums so far rescaled by e^(m_old - m_new)), then the
    weighted latent of the tile onto the fp32 accumulators oa (rescaled alike as they are loaded); at
    the end oa / l. Scratch: qf [HG][XS] fp32 (heads past nh are zeros and their results dropped, so
-   every item runs the same register-resident loops), pt [HG][TT] scores then exponentials, rows [TT]
-   the tile's row pointers, oa [HG][CS] (XS, CS: X and C rounded up to whole vectors). Inlined per
-   dtype pair (the flags are constants there). */
+   every item runs the same register-resident loops), pt [HG][TT] scores then exponentials, rows
+   [2][TT] the row pointers of this tile and the next, oa [HG][CS] (XS, CS: X and C rounded up to
+   whole vectors). Inlined per dtype pair (the flags are constants there). */
 static inline __attribute__((always_inline)) void item(
         const void *q_abs, const void *q_pe, const int q_bf16, const char *cache, const int c_bf16,
         const int32_t *table, int64_t M, int64_t T, int64_t b, int64_t h0, int64_t nh, int64_t H, int64_t C,
@@ -294,9 +294,7 @@ static inline __attribute__((always_inline)) void item(
         const float inv = 1.0f / l[h];
         for (int64_t c = 0; c < C; c += L) {
             const int64_t n = C - c < L ? C - c : L;
-            /* a whole vector loaded as one (load_n's copy went through the stack in the AVX2 build: two
-               16-byte stores, then a 32-byte load that could not be forwarded from them) */
-            vf o = n == L ? *(const vf *)(oa + h * CS + c) : load_n(oa + h * CS + c, n);
+            vf o = load_n(oa + h * CS + c, n);
 #if L == 16
             if (c_bf16 && c < Cv) o = unpermute(oa + h * CS + c - c % 32, c % 32);
 #endif
