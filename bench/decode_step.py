@@ -78,6 +78,7 @@ def build(model_dir, dtype, weight_dtype, batch, max_new, spec_tokens=0, prompt_
     from expertpool.platform.worker import load_model
     model = load_model(model_dir, dtype, weight_dtype, with_mtp=spec_tokens > 0)  # as a serving actor loads it
     core = local_engine(model, max_batch_size=batch, max_seq_len=prompt_len + max_new + 8,
+                        # long prompts prefill in chunks of up to 256 tokens a sequence, not one huge step
                         max_num_batched_tokens=batch * min(prompt_len, 256), spec_tokens=spec_tokens)
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(5, 2000, (batch, prompt_len), generator=g).tolist()
